@@ -1,0 +1,3 @@
+"""metal-agent: run llama-server natively on Apple Silicon for a Kubernetes cluster."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The pure core: parsing, validation, argv, hashing, estimates. No I/O here."""
