@@ -4,6 +4,7 @@
 # repo. The cache key is the hash of the two pinning modules, so bumping a
 # version in tests/controlplane/*/go.mod rebuilds and nothing else does.
 #
+# With METAL_AGENT_NO_BUILD set it only looks up the cache (exit 3 on a miss).
 # Prints the directory holding `kube-apiserver` and `etcd` on stdout.
 set -euo pipefail
 
@@ -19,6 +20,11 @@ DEST="$CACHE_ROOT/controlplane-$k8s_version-$key"
 if [[ -x "$DEST/kube-apiserver" && -x "$DEST/etcd" ]]; then
   echo "$DEST"
   exit 0
+fi
+
+if [[ -n "${METAL_AGENT_NO_BUILD:-}" ]]; then
+  echo "not built yet: run $0 (or make dev)" >&2
+  exit 3
 fi
 
 mkdir -p "$DEST.tmp"

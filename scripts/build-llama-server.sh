@@ -8,6 +8,7 @@
 # so that only the llama-server target is compiled (statically, so no
 # shared-library symlinks are needed) and the Web UI is never fetched.
 #
+# With METAL_AGENT_NO_BUILD set it only looks up the cache (exit 3 on a miss).
 # Prints the path of the cached binary on stdout; everything else on stderr.
 set -euo pipefail
 
@@ -19,6 +20,11 @@ JOBS="${BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 if [[ -x "$DEST/bin/llama-server" && -f "$DEST/models/ggml-vocab-llama-spm.gguf" ]]; then
   echo "$DEST/bin/llama-server"
   exit 0
+fi
+
+if [[ -n "${METAL_AGENT_NO_BUILD:-}" ]]; then
+  echo "not built yet: run $0 (or make dev)" >&2
+  exit 3
 fi
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/llama-build.XXXXXX")"

@@ -1,0 +1,130 @@
+"""Session fixtures: the real parts every integration test runs against.
+
+Assets (kube-apiserver, etcd, llama-server) are built by `make dev` /
+`.ci/run` into ~/.cache/metal-agent; the fixtures only look them up, through
+the same scripts, so the suite never starts an eight-minute compile by
+surprise. Missing assets skip the tests that need them, unless
+METAL_AGENT_REQUIRE_ASSETS=1 (set by `make test` and CI), where a missing
+asset is an error: CI must never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from tests.support import tiny_model as tiny_models
+from tests.support.controlplane import Binaries, ControlPlane
+from tests.support.kube import api_client, apply, create_namespace, delete_namespace, load_documents, wait_crds_established
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "manifests"
+CRD_NAMES = ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev")
+
+
+def _missing(what: str, hint: str):
+    message = f"{what} is not available: {hint}"
+    if os.environ.get("METAL_AGENT_REQUIRE_ASSETS") == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def _cached_asset(script: str) -> Path | None:
+    """Ask a build script where its cached output is, without building."""
+    env = dict(os.environ, METAL_AGENT_NO_BUILD="1")
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / script)], env=env, capture_output=True, text=True, check=False
+    )
+    return Path(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else None
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`../shared` beside the repo: present for developers and CI, absent in users' clones."""
+    path = REPO.parent / "shared"
+    if not path.is_dir():
+        pytest.skip("../shared is not present (only developers and CI have it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    path = Path(os.environ["METAL_AGENT_LLAMA_SERVER"]) if os.environ.get("METAL_AGENT_LLAMA_SERVER") else _cached_asset("build-llama-server.sh")
+    if not path or not os.access(path, os.X_OK):
+        _missing("llama-server", "run `make dev` (scripts/build-llama-server.sh) to build it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_vocab(llama_server_bin: Path) -> Path:
+    return llama_server_bin.parent.parent / "models" / "ggml-vocab-llama-spm.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(llama_vocab: Path) -> Path:
+    """A 2-layer llama GGUF with random weights (head dim 32): loads in ~0.1 s."""
+    return tiny_models.ensure_model(tiny_models.DEFAULT, llama_vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_bad_head_dim(llama_vocab: Path) -> Path:
+    """Like `tiny_model` but head dim 16, which quantized KV caches cannot divide."""
+    return tiny_models.ensure_model(tiny_models.BAD_HEAD_DIM, llama_vocab)
+
+
+@pytest.fixture(scope="session")
+def controlplane_binaries() -> Binaries:
+    directory = Path(os.environ["METAL_AGENT_CONTROLPLANE"]) if os.environ.get("METAL_AGENT_CONTROLPLANE") else _cached_asset("build-controlplane.sh")
+    binaries = Binaries.in_dir(directory) if directory else None
+    if not binaries or not binaries.exist():
+        _missing("kube-apiserver/etcd", "run `make dev` (scripts/build-controlplane.sh) to build them")
+    return binaries
+
+
+@pytest.fixture(scope="session")
+async def control_plane(controlplane_binaries: Binaries, tmp_path_factory) -> AsyncIterator[ControlPlane]:
+    """etcd + kube-apiserver (RBAC on) with our CRDs and the agent's role installed."""
+    cp = ControlPlane(controlplane_binaries, tmp_path_factory.mktemp("controlplane"))
+    try:
+        await cp.start()
+        admin = await api_client(cp.admin_kubeconfig)
+        try:
+            await apply(admin, load_documents([MANIFESTS / "crds"]))
+            await wait_crds_established(admin, CRD_NAMES)
+            await apply(admin, load_documents([MANIFESTS / "rbac" / "metal-agent.yaml"]))
+        finally:
+            await admin.close()
+        yield cp
+    finally:
+        await cp.stop()
+
+
+@pytest.fixture(scope="session")
+async def admin_api(control_plane: ControlPlane):
+    api = await api_client(control_plane.admin_kubeconfig)
+    yield api
+    await api.close()
+
+
+@pytest.fixture(scope="session")
+async def agent_api(control_plane: ControlPlane):
+    """A client authenticated as the agent identity (User `metal-agent`)."""
+    api = await api_client(control_plane.agent_kubeconfig)
+    yield api
+    await api.close()
+
+
+@pytest.fixture
+async def namespace(admin_api) -> AsyncIterator[str]:
+    name = await create_namespace(admin_api)
+    yield name
+    await delete_namespace(admin_api, name)
