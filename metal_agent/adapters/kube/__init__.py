@@ -1,0 +1,1 @@
+"""Kubernetes adapters: watching, status and Event writing, registration."""

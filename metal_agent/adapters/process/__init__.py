@@ -1,0 +1,1 @@
+"""Spawning, watching, adopting and stopping native llama-server processes."""

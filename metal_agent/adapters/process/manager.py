@@ -1,0 +1,139 @@
+"""All supervised llama-servers of this agent, and the ones a previous agent left.
+
+At start-up the records of the previous agent are checked against the
+running processes (`live_process`: pid, create time and command line must
+all match). A verified process is *adoptable*: the reconciler adopts it when
+its InferenceService still wants exactly that spec, which costs no reload.
+Records whose process is gone are dropped; verified processes nobody wants
+are stopped once the cluster state is known. A pid that fails verification
+is never signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+import structlog
+
+from metal_agent.adapters.process.exitwatch import wait_exit
+from metal_agent.adapters.process.logfile import ServiceLog
+from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
+from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
+from metal_agent.core.process import Snapshot, SupervisorEvent
+
+log = structlog.get_logger(__name__)
+
+OnChange = Callable[[str, Snapshot, SupervisorEvent | None], None]
+
+
+def log_file_name(key: str) -> str:
+    return key.replace("/", "__") + ".log"
+
+
+async def terminate_recorded(record: ProcessRecord, grace: float) -> None:
+    """Stop a process from a record, only if it provably is that process."""
+    if live_process(record) is None:
+        return
+    waiter = asyncio.ensure_future(wait_exit(record.pid))
+    try:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(record.pid, sig)
+            done, _ = await asyncio.wait({waiter}, timeout=wait)
+            if done:
+                return
+    finally:
+        waiter.cancel()
+
+
+class ProcessManager:
+    def __init__(
+        self,
+        *,
+        records: RecordStore,
+        log_dir: Path,
+        http: aiohttp.ClientSession,
+        on_change: OnChange,
+        settings: SupervisorSettings = SupervisorSettings(),
+        log_max_bytes: int = 20 * 1024 * 1024,
+    ) -> None:
+        self.records = records
+        self.log_dir = log_dir
+        self.http = http
+        self.on_change = on_change
+        self.settings = settings
+        self.log_max_bytes = log_max_bytes
+        self.supervisors: dict[str, Supervisor] = {}
+        self.adoptable: dict[str, ProcessRecord] = {}
+
+    def load_adoptable(self) -> None:
+        for record in self.records.load_all():
+            if live_process(record) is not None:
+                self.adoptable[record.key] = record
+                log.info("found llama-server from a previous agent", service=record.key, pid=record.pid)
+            else:
+                self.records.remove(record.key)
+
+    def service_log(self, key: str) -> ServiceLog:
+        return ServiceLog(self.log_dir / log_file_name(key), max_bytes=self.log_max_bytes)
+
+    def get(self, key: str) -> Supervisor | None:
+        return self.supervisors.get(key)
+
+    async def start(self, plan: LaunchPlan) -> Supervisor:
+        """Supervise `plan`: adopt the matching previous process, or spawn a new one."""
+        if plan.key in self.supervisors:
+            raise RuntimeError(f"{plan.key} is already supervised")
+        supervisor = Supervisor(
+            plan, log_file=self.service_log(plan.key), records=self.records, http=self.http,
+            on_change=lambda snap, event, key=plan.key: self.on_change(key, snap, event), settings=self.settings,
+        )
+        record = self.adoptable.pop(plan.key, None)
+        if record is not None:
+            matches = record.uid == plan.uid and record.spec_hash == plan.spec_hash and record.host == plan.host
+            if matches and live_process(record) is not None:
+                self.supervisors[plan.key] = supervisor
+                supervisor.adopt(record)
+                return supervisor
+            log.info("previous llama-server runs another spec; replacing it", service=plan.key, pid=record.pid)
+            await terminate_recorded(record, self.settings.stop_grace)
+            self.records.remove(plan.key)
+        self.supervisors[plan.key] = supervisor
+        supervisor.start()
+        return supervisor
+
+    async def stop(self, key: str) -> None:
+        supervisor = self.supervisors.pop(key, None)
+        if supervisor is not None:
+            await supervisor.stop()
+        record = self.adoptable.pop(key, None)
+        if record is not None:
+            await terminate_recorded(record, self.settings.stop_grace)
+            self.records.remove(key)
+
+    async def stop_unwanted_adoptable(self, wanted: Callable[[str], bool]) -> None:
+        """Stop processes of a previous agent whose service is gone or changed hands."""
+        for key, record in list(self.adoptable.items()):
+            if not wanted(key):
+                log.info("stopping llama-server no longer wanted", service=key, pid=record.pid)
+                del self.adoptable[key]
+                await terminate_recorded(record, self.settings.stop_grace)
+                self.records.remove(key)
+
+    async def shutdown(self, *, stop_processes: bool) -> None:
+        """Agent exit: by default leave llama-servers running for the next agent to adopt."""
+        supervisors, self.supervisors = list(self.supervisors.values()), {}
+        if stop_processes:
+            await asyncio.gather(*(s.stop() for s in supervisors))
+        else:
+            await asyncio.gather(*(s.detach() for s in supervisors))
+
+    async def rotate_logs(self) -> None:
+        for key in list(self.supervisors):
+            await asyncio.to_thread(self.service_log(key).rotate_if_needed)

@@ -1,0 +1,328 @@
+"""Supervise one llama-server: start, readiness, liveness, restart with back-off, stop.
+
+One `Supervisor` per InferenceService, each an independent asyncio task, so a
+five-minute model load or a crash loop in one service never delays another.
+Exit is awaited, not polled: the moment llama-server dies the supervisor
+knows, marks it not ready (the reconciler flips the EndpointSlice) and
+schedules the restart. Every transition is reported through `on_change` with
+an optional event, which is all the reconciler needs to keep status, Events
+and registration true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import aiohttp
+import psutil
+import structlog
+
+from metal_agent.adapters.process.exitwatch import wait_exit
+from metal_agent.adapters.process.logfile import ServiceLog
+from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.llama_log import parse_acceleration, problem_lines
+from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State, SupervisorEvent
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What to run for one service. `build_argv(port)` returns the full argv."""
+
+    key: str
+    uid: str
+    spec_hash: str
+    host: str
+    build_argv: Callable[[int], Sequence[str]]
+    port: int = 0  # 0: pick a free port on `host`
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    startup_timeout: float = 600.0  # big models take minutes to load
+    liveness_interval: float = 5.0
+    liveness_timeout: float = 3.0
+    liveness_failures: int = 3
+    stop_grace: float = 10.0
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+OnChange = Callable[[Snapshot, SupervisorEvent | None], None]
+
+
+class _Running:
+    """A live llama-server, spawned by us or adopted from a previous agent."""
+
+    def __init__(self, pid: int, create_time: float, child: asyncio.subprocess.Process | None) -> None:
+        self.pid = pid
+        self.create_time = create_time
+        self.child = child
+        self.exited = asyncio.ensure_future(child.wait() if child else wait_exit(pid))
+
+    @property
+    def returncode(self) -> int | None:
+        return self.child.returncode if self.child else None
+
+
+def pick_port(host: str, preferred: int = 0) -> int:
+    """`preferred` if it can be bound on `host`, else a port the kernel hands out."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in ((preferred, 0) if preferred else (0,)):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise OSError(f"no free port on {host}")
+
+
+def _health_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class Supervisor:
+    def __init__(
+        self,
+        plan: LaunchPlan,
+        *,
+        log_file: ServiceLog,
+        records: RecordStore,
+        http: aiohttp.ClientSession,
+        on_change: OnChange,
+        settings: SupervisorSettings = SupervisorSettings(),
+    ) -> None:
+        self.plan = plan
+        self.log_file = log_file
+        self.records = records
+        self.http = http
+        self.on_change = on_change
+        self.settings = settings
+        self._snapshot = Snapshot(key=plan.key, spec_hash=plan.spec_hash, state=State.STOPPED, host=plan.host)
+        self._task: asyncio.Task | None = None
+        self._running: _Running | None = None
+        self._port = plan.port
+        self._log = log.bind(service=plan.key)
+
+    # -- public API -------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def start(self) -> None:
+        """Begin supervising: spawn now, restart on failure until stopped."""
+        self._begin(adopt=None)
+
+    def adopt(self, record: ProcessRecord) -> None:
+        """Take over a llama-server a previous agent started (the caller verified it with `live_process`)."""
+        self._port = record.port
+        self._begin(adopt=_Running(record.pid, record.create_time, None))
+
+    async def stop(self) -> None:
+        """Stop supervising and terminate the process; forget its record."""
+        await self._cancel_task()
+        running = self._running
+        if running is not None and not running.exited.done():
+            await self._terminate(running)
+        self._running = None
+        self.records.remove(self.plan.key)
+        self._set(replace(self._snapshot, state=State.STOPPED, pid=None, ready_at=None, next_start_at=None))
+
+    async def detach(self) -> None:
+        """Stop supervising but leave the process running for the next agent to adopt."""
+        await self._cancel_task()
+        if self._running is not None:
+            self._running.exited.cancel()
+
+    # -- the loop ---------------------------------------------------------
+
+    def _begin(self, adopt: _Running | None) -> None:
+        if self._task is not None:
+            raise RuntimeError(f"{self.plan.key} is already supervised")
+        self._task = asyncio.create_task(self._run(adopt), name=f"supervise {self.plan.key}")
+
+    async def _cancel_task(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self, adopted: _Running | None) -> None:
+        failures = 0
+        restarts = 0
+        while True:
+            if adopted is not None:
+                running, adopted = adopted, None
+                self._running = running
+                self._set(replace(self._snapshot, state=State.STARTING, pid=running.pid, port=self._port,
+                                  adopted=True, started_at=time.time(), next_start_at=None))
+                self._log.info("adopted running llama-server", pid=running.pid, port=self._port)
+                # Its load happened under the previous agent: look at the whole recent log.
+                exit_info, healthy_for = await self._watch(running, mark=0)
+            else:
+                mark = self.log_file.mark()
+                try:
+                    running = await self._spawn()
+                except OSError as err:
+                    exit_info, healthy_for = ExitInfo(ExitReason.SPAWN_FAILED, None, (str(err),), time.time()), 0.0
+                else:
+                    exit_info, healthy_for = await self._watch(running, mark)
+            self._running = None
+            self.records.remove(self.plan.key)
+            failures = self.settings.backoff.failures_after_run(failures, healthy_for)
+            delay = self.settings.backoff.delay(failures)
+            restarts += 1
+            self._set(
+                replace(self._snapshot, state=State.BACKOFF, pid=None, ready_at=None, adopted=False,
+                        last_exit=exit_info, restarts=restarts, next_start_at=time.time() + delay),
+                SupervisorEvent(exit_info.reason.value, exit_info.describe(), warning=True),
+            )
+            self._log.warning("llama-server failed; restarting after back-off", reason=exit_info.reason.value,
+                              code=exit_info.code, delay_s=delay, stderr=list(exit_info.stderr_tail))
+            await asyncio.sleep(delay)  # the back-off itself; cancelled by stop()
+            self._set(self._snapshot, SupervisorEvent("Restarting", f"restart #{restarts} after {delay:g}s back-off"))
+
+    async def _spawn(self) -> _Running:
+        port = pick_port(self.plan.host, self._port)
+        self._port = port
+        argv = [str(a) for a in self.plan.build_argv(port)]
+        fd = self.log_file.open_for_child()
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+            )
+        finally:
+            os.close(fd)
+        try:
+            create_time = psutil.Process(child.pid).create_time()
+        except psutil.Error:
+            create_time = 0.0
+        running = _Running(child.pid, create_time, child)
+        self._running = running
+        self.records.save(ProcessRecord(
+            key=self.plan.key, uid=self.plan.uid, pid=child.pid, create_time=create_time,
+            spec_hash=self.plan.spec_hash, port=port, host=self.plan.host, argv_digest=argv_digest(argv),
+        ))
+        self._set(
+            replace(self._snapshot, state=State.STARTING, pid=child.pid, port=port, adopted=False,
+                    started_at=time.time(), ready_at=None, next_start_at=None),
+            SupervisorEvent("Started", f"llama-server started (pid {child.pid}, port {port}); loading model"),
+        )
+        self._log.info("llama-server started", pid=child.pid, port=port)
+        return running
+
+    async def _watch(self, running: _Running, mark: int) -> tuple[ExitInfo, float]:
+        """Readiness then liveness, until the process is gone; returns why and how long it was healthy."""
+        base = f"http://{_health_host(self.plan.host)}:{self._port}"
+        reason = ExitReason.PROCESS_EXITED
+        healthy_since: float | None = None
+        if not await self._await_ready(running, base):
+            if not running.exited.done():
+                reason = ExitReason.STARTUP_TIMEOUT
+                await self._terminate(running)
+        else:
+            healthy_since = time.monotonic()
+            text = await asyncio.to_thread(self.log_file.read_since, mark)
+            accel = parse_acceleration(text)
+            self._set(
+                replace(self._snapshot, state=State.READY, ready_at=time.time(), acceleration=accel or self._snapshot.acceleration),
+                SupervisorEvent("Ready", f"llama-server ready on port {self._port}"
+                                + (f" ({accel.device}, {accel.layers_offloaded}/{accel.layers_total} layers offloaded)" if accel else "")),
+            )
+            self._log.info("llama-server ready", pid=running.pid, port=self._port)
+            if not await self._live(running, base):
+                reason = ExitReason.UNHEALTHY
+                await self._terminate(running)
+        await running.exited
+        healthy_for = time.monotonic() - healthy_since if healthy_since else 0.0
+        text = await asyncio.to_thread(self.log_file.read_since, mark)
+        return ExitInfo(reason, running.returncode, tuple(problem_lines(text)), time.time()), healthy_for
+
+    async def _healthy(self, base: str) -> bool:
+        try:
+            async with self.http.get(f"{base}/health",
+                                     timeout=aiohttp.ClientTimeout(total=self.settings.liveness_timeout)) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def _await_ready(self, running: _Running, base: str) -> bool:
+        """Poll /health fast at first (50 ms), backing off to 1 s; False on exit or timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.startup_timeout
+        interval = 0.05
+        while not running.exited.done():
+            if await self._healthy(base):
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await asyncio.wait({running.exited}, timeout=min(interval, remaining))
+            interval = min(interval * 2, 1.0)
+        return False
+
+    async def _live(self, running: _Running, base: str) -> bool:
+        """Probe until the process exits (True) or fails N probes in a row (False)."""
+        failures = 0
+        while True:
+            done, _ = await asyncio.wait({running.exited}, timeout=self.settings.liveness_interval)
+            if done:
+                return True
+            if await self._healthy(base):
+                if failures:
+                    failures = 0
+                    self._set(replace(self._snapshot, state=State.READY), SupervisorEvent("Recovered", "llama-server answers /health again"))
+                continue
+            failures += 1
+            if failures == 1:
+                self._set(replace(self._snapshot, state=State.UNHEALTHY),
+                          SupervisorEvent("Unhealthy", "llama-server did not answer /health", warning=True))
+            if failures >= self.settings.liveness_failures:
+                return False
+
+    async def _terminate(self, running: _Running) -> None:
+        """SIGTERM the process group, SIGKILL after the grace period."""
+        if running.child is None:
+            record = ProcessRecord(self.plan.key, self.plan.uid, running.pid, running.create_time,
+                                   self.plan.spec_hash, self._port or 0, self.plan.host, "")
+            proc = _still_same(record)
+            if proc is None:
+                return
+        for sig, wait in ((signal.SIGTERM, self.settings.stop_grace), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(running.pid, sig)
+            done, _ = await asyncio.wait({running.exited}, timeout=wait)
+            if done:
+                return
+
+    def _set(self, snapshot: Snapshot, event: SupervisorEvent | None = None) -> None:
+        self._snapshot = snapshot
+        try:
+            self.on_change(snapshot, event)
+        except Exception:  # a broken observer must not kill supervision
+            self._log.exception("on_change callback failed")
+
+
+def _still_same(record: ProcessRecord) -> psutil.Process | None:
+    """For adopted processes: is the pid still the process we adopted (create time)?"""
+    try:
+        proc = psutil.Process(record.pid)
+        return proc if abs(proc.create_time() - record.create_time) <= 0.01 else None
+    except psutil.Error:
+        return None

@@ -1,0 +1,199 @@
+"""The daemon: wires informers, reconciler, supervisors, HTTP and power sampler together.
+
+This is the composition root's runtime half (the CLI parses flags into an
+`AgentConfig` and calls `run_agent`). Nothing here holds business rules; it
+builds the parts, starts them in the right order, and shuts them down so
+that, by default, llama-servers outlive the agent and are adopted by the
+next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+from aiohttp import web
+from kubernetes_asyncio import client, config
+from prometheus_client import CollectorRegistry
+
+from metal_agent import __version__
+from metal_agent.adapters import host_cpu, llama_binary
+from metal_agent.adapters.http_server import create_app, serve
+from metal_agent.adapters.kube.events import EventRecorder
+from metal_agent.adapters.kube.informer import CustomResource, Informer
+from metal_agent.adapters.kube.status_writer import StatusWriter
+from metal_agent.adapters.model_files import ModelFiles
+from metal_agent.adapters.process.manager import ProcessManager
+from metal_agent.adapters.process.records import RecordStore
+from metal_agent.adapters.process.supervisor import SupervisorSettings
+from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
+from metal_agent.metrics import AgentMetrics
+from metal_agent.paths import AgentPaths
+from metal_agent.reconciler import LaunchSettings, Reconciler
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    llama_server: str
+    paths: AgentPaths
+    kubeconfig: str | None = None
+    context: str | None = None
+    namespaces: tuple[str, ...] = ()  # empty: all namespaces
+    host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"
+    http_port: int = 9090
+    threads: int | None = None
+    mlock: bool = True
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    stop_on_exit: bool = False
+    api_unreachable_limit: float = 600.0
+    resync_period: float = 600.0
+    concurrency: int = 8
+
+
+class AgentExit(Exception):
+    """A subsystem failed for good; the agent exits non-zero so launchd restarts it."""
+
+    def __init__(self, subsystem: str, message: str) -> None:
+        super().__init__(message)
+        self.subsystem = subsystem
+
+
+async def _api_client(cfg: AgentConfig) -> client.ApiClient:
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=cfg.kubeconfig, context=cfg.context, client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def _services_view(reconciler: Reconciler) -> list[dict]:
+    """What `metal-agent status` shows: one row per supervised service."""
+    import psutil
+
+    now = time.time()
+    rows = []
+    for key, supervisor in sorted(reconciler.processes.supervisors.items()):
+        snap = supervisor.snapshot
+        rss = None
+        if snap.pid:
+            with contextlib.suppress(psutil.Error):
+                rss = psutil.Process(snap.pid).memory_info().rss
+        rows.append({
+            "service": key, "state": snap.state.value, "pid": snap.pid, "port": snap.port,
+            "uptime_s": round(now - snap.started_at, 1) if snap.started_at and snap.pid else None,
+            "restarts": snap.restarts, "rss_bytes": rss, "spec_hash": snap.spec_hash[:12],
+            "adopted": snap.adopted,
+        })
+    return rows
+
+
+async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set or SIGTERM/SIGINT arrives; raise AgentExit on fatal failure."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    info = await llama_binary.probe(cfg.llama_server)
+    threads = cfg.threads or await host_cpu.performance_core_count()
+    log.info("starting metal-agent", version=__version__, llama_server=info.path, llama_version=info.version,
+             threads=threads, namespaces=list(cfg.namespaces) or "all", host=cfg.host)
+    for directory in (cfg.paths.state, cfg.paths.logs, cfg.paths.models):
+        directory.mkdir(parents=True, exist_ok=True)
+
+    registry = CollectorRegistry()
+    metrics = AgentMetrics(registry)
+    api = await _api_client(cfg)
+    http = aiohttp.ClientSession()
+    reconciler: Reconciler | None = None
+
+    def on_isvc(old, new):
+        reconciler.on_isvc_change(old, new)
+
+    def on_model(old, new):
+        reconciler.on_model_change(old, new)
+
+    def on_watch_failure(resource: str):
+        def record(failures: int) -> None:
+            metrics.watch_consecutive_failures.set(failures)
+            if failures:
+                metrics.watch_failures.labels(resource).inc()
+        return record
+
+    isvcs = Informer(api, CustomResource(GROUP, VERSION, ISVC_PLURAL), on_isvc, namespaces=cfg.namespaces or None,
+                     resync_period=cfg.resync_period, on_failure=on_watch_failure(ISVC_PLURAL))
+    models = Informer(api, CustomResource(GROUP, VERSION, MODEL_PLURAL), on_model, namespaces=cfg.namespaces or None,
+                      resync_period=cfg.resync_period, on_failure=on_watch_failure(MODEL_PLURAL))
+    processes = ProcessManager(
+        records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
+        on_change=lambda key, snap, event: reconciler.on_process_change(key, snap, event), settings=cfg.supervisor,
+    )
+    processes.load_adoptable()
+    reconciler = Reconciler(
+        isvcs=isvcs, models=models, processes=processes, model_files=ModelFiles(cfg.paths.models),
+        status=StatusWriter(api), events=EventRecorder(api), metrics=metrics,
+        launch=LaunchSettings(llama_server=info.path, host=cfg.host, threads=threads, mlock=cfg.mlock,
+                              mlock_style=info.mlock_style),
+        concurrency=cfg.concurrency,
+    )
+
+    app = create_app(registry, ready=lambda: isvcs.synced.is_set() and models.synced.is_set())
+
+    async def services(_: web.Request) -> web.Response:
+        return web.json_response({"version": __version__, "services": _services_view(reconciler)})
+
+    app.router.add_get("/v1/services", services)
+
+    async def after_sync() -> None:
+        await isvcs.synced.wait()
+        await models.synced.wait()
+        await reconciler.queue.wait_idle()
+        await reconciler.sweep_unwanted()
+        log.info("initial sync complete", services=len(processes.supervisors))
+
+    async def api_watchdog() -> None:
+        while True:
+            await asyncio.sleep(5)
+            since = [i.unreachable_since for i in (isvcs, models) if i.unreachable_since is not None]
+            if since and time.monotonic() - min(since) > cfg.api_unreachable_limit:
+                raise AgentExit("watch", f"API server unreachable for more than {cfg.api_unreachable_limit:.0f}s")
+
+    async def rotate_logs() -> None:
+        while True:
+            await asyncio.sleep(60)
+            await processes.rotate_logs()
+
+    fatal: AgentExit | None = None
+    try:
+        async with serve(app, cfg.http_host, cfg.http_port):
+            reconciler.queue.start()
+            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run(), api_watchdog(), rotate_logs())]
+            sync = asyncio.create_task(after_sync())
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    fatal = exc if isinstance(exc, AgentExit) else AgentExit("internal", repr(exc))
+                    if not isinstance(exc, AgentExit):
+                        log.error("internal task failed", error=repr(exc))
+            for task in [stopper, sync, *tasks]:
+                task.cancel()
+            for task in [stopper, sync, *tasks]:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await reconciler.shutdown(stop_processes=cfg.stop_on_exit)
+    finally:
+        await http.close()
+        await api.close()
+    if fatal is not None:
+        metrics.fatal_exits.labels(fatal.subsystem).inc()
+        raise fatal
+    log.info("metal-agent stopped", left_running=not cfg.stop_on_exit)

@@ -1,0 +1,85 @@
+"""`metal-agent run`: the daemon's flags (each also a METAL_AGENT_* variable)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from metal_agent.adapters.llama_binary import LlamaServerMissing
+from metal_agent.adapters.process.supervisor import SupervisorSettings
+from metal_agent.agent import AgentConfig, AgentExit, run_agent
+from metal_agent.logging_setup import configure_logging
+from metal_agent.paths import AgentPaths, default_paths, find_llama_server
+
+EXIT_FATAL = 3  # launchd restarts the agent on a non-zero exit
+
+
+def _env(name: str) -> str:
+    return f"METAL_AGENT_{name}"
+
+
+def run(
+    kubeconfig: Optional[Path] = typer.Option(None, envvar=["METAL_AGENT_KUBECONFIG", "KUBECONFIG"], help="Kubeconfig file (default: ~/.kube/config)."),
+    context: Optional[str] = typer.Option(None, envvar=_env("CONTEXT"), help="Kubeconfig context to use."),
+    namespace: List[str] = typer.Option([], "--namespace", "-n", envvar=_env("NAMESPACES"), help="Namespace to watch (repeat for several; default: all)."),
+    llama_server: Optional[str] = typer.Option(None, envvar=_env("LLAMA_SERVER"), help="llama-server binary (default: Homebrew's, then PATH)."),
+    host: str = typer.Option("127.0.0.1", envvar=_env("HOST"), help="Address llama-server listens on."),
+    state_dir: Optional[Path] = typer.Option(None, envvar=_env("STATE_DIR"), help="Process records for adoption across restarts."),
+    log_dir: Optional[Path] = typer.Option(None, envvar=_env("LOG_DIR"), help="Per-service llama-server logs."),
+    model_dir: Optional[Path] = typer.Option(None, envvar=_env("MODEL_DIR"), help="Downloaded models."),
+    listen: str = typer.Option("127.0.0.1:9090", envvar=_env("LISTEN"), help="host:port for /metrics, /healthz, /readyz and the local status API."),
+    threads: Optional[int] = typer.Option(None, min=1, envvar=_env("THREADS"), help="llama-server --threads (default: performance-core count)."),
+    mlock: bool = typer.Option(True, "--mlock/--no-mlock", envvar=_env("MLOCK"), help="Pin model memory (llama-server --mlock)."),
+    startup_timeout: float = typer.Option(600.0, min=1, envvar=_env("STARTUP_TIMEOUT"), help="Seconds a model may take to load."),
+    liveness_interval: float = typer.Option(5.0, min=0.1, envvar=_env("LIVENESS_INTERVAL"), help="Seconds between /health probes of a ready server."),
+    liveness_failures: int = typer.Option(3, min=1, envvar=_env("LIVENESS_FAILURES"), help="Failed probes in a row before a restart."),
+    stop_on_exit: bool = typer.Option(False, "--stop-on-exit", envvar=_env("STOP_ON_EXIT"), help="Stop llama-servers when the agent exits (default: leave them for the next agent to adopt)."),
+    api_unreachable_limit: float = typer.Option(600.0, min=1, envvar=_env("API_UNREACHABLE_LIMIT"), help="Exit non-zero after the API server has been unreachable this many seconds."),
+    log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
+    log_format: str = typer.Option("auto", envvar=_env("LOG_FORMAT"), help="auto (text on a TTY, else JSON), json or text."),
+) -> None:
+    """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
+    try:
+        configure_logging(log_level, log_format)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--log-level")
+    http_host, _, http_port = listen.rpartition(":")
+    if not http_host or not http_port.isdigit():
+        raise typer.BadParameter("expected host:port, e.g. 127.0.0.1:9090", param_hint="--listen")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise typer.BadParameter(f"{host!r} is not an IP address", param_hint="--host")
+    defaults = default_paths()
+    binary = find_llama_server(llama_server)
+    if binary is None:
+        typer.echo("error: llama-server not found; install llama.cpp (brew install llama.cpp) or pass --llama-server PATH", err=True)
+        raise typer.Exit(2)
+    cfg = AgentConfig(
+        llama_server=binary,
+        paths=AgentPaths(model_dir or defaults.models, log_dir or defaults.logs, state_dir or defaults.state),
+        kubeconfig=str(kubeconfig) if kubeconfig else None,
+        context=context,
+        namespaces=tuple(n for item in namespace for n in item.split(",") if n),
+        host=host,
+        http_host=http_host.strip("[]"),
+        http_port=int(http_port),
+        threads=threads,
+        mlock=mlock,
+        supervisor=SupervisorSettings(startup_timeout=startup_timeout, liveness_interval=liveness_interval,
+                                      liveness_failures=liveness_failures),
+        stop_on_exit=stop_on_exit,
+        api_unreachable_limit=api_unreachable_limit,
+    )
+    try:
+        asyncio.run(run_agent(cfg))
+    except LlamaServerMissing as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    except AgentExit as err:
+        typer.echo(f"error: {err.subsystem}: {err}", err=True)
+        raise typer.Exit(EXIT_FATAL)

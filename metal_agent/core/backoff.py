@@ -1,0 +1,31 @@
+"""Restart back-off for crashed processes.
+
+A model that crashes on load would otherwise be respawned in a tight loop,
+re-reading gigabytes each time. Delays double from `initial` up to `cap`; a
+process that stayed healthy for `reset_after` seconds earns a clean slate, so
+one crash a week never turns into a five-minute outage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 1.0
+    factor: float = 2.0
+    cap: float = 300.0
+    reset_after: float = 120.0
+
+    def delay(self, consecutive_failures: int) -> float:
+        """Seconds to wait before the next start after `consecutive_failures` (≥ 1) failures."""
+        if consecutive_failures <= 0:
+            return 0.0
+        return min(self.cap, self.initial * self.factor ** (consecutive_failures - 1))
+
+    def failures_after_run(self, previous_failures: int, healthy_seconds: float) -> int:
+        """The failure count after a run that ended, given how long it was healthy."""
+        if healthy_seconds >= self.reset_after:
+            return 1
+        return previous_failures + 1

@@ -1,0 +1,270 @@
+"""The control loop: make each InferenceService's process match its spec.
+
+Level-triggered: every event (spec or Model change, process transition,
+resync) only queues the service's key; `reconcile(key)` then looks at the
+whole picture (cached objects, supervised process) and does what is missing.
+It never waits on a model load or a download, so keys stay independent.
+
+Rules that protect users' models:
+- An invalid spec never spawns anything; if the service runs, it keeps its
+  last valid spec, marked Degraded/InvalidSpec, until the next valid change.
+- A Model that disappears from a synced cache while its service runs keeps
+  the process (Degraded/ModelNotFound): deleting a Model by mistake or
+  re-creating it is not an outage. A Model that changes hands (accelerator
+  no longer metal) stops it.
+- A changed spec hash respawns exactly once, stopping the old process first
+  so two copies of a model never share the Mac's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from metal_agent.adapters.kube.events import EventRecorder
+from metal_agent.adapters.kube.informer import Informer, object_key
+from metal_agent.adapters.kube.status_writer import StatusWriter, utc_now
+from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
+from metal_agent.adapters.process.manager import ProcessManager
+from metal_agent.adapters.process.supervisor import LaunchPlan
+from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.claim import Workload, evaluate, wanted_model
+from metal_agent.core.flags import MlockStyle
+from metal_agent.core.process import Snapshot, State, SupervisorEvent
+from metal_agent.core.result import Invalid, NotOurs
+from metal_agent.core.spec_hash import spec_hash
+from metal_agent.core.status import Blocker, StatusInputs, compute_status
+from metal_agent.metrics import AgentMetrics
+from metal_agent.workqueue import WorkQueue
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Agent-level inputs to every llama-server command line."""
+
+    llama_server: str
+    host: str = "127.0.0.1"
+    threads: int | None = None
+    mlock: bool = True
+    mlock_style: MlockStyle = MlockStyle.FLAG
+
+
+@dataclass
+class _Managed:
+    workload: Workload
+    spec_hash: str
+    uid: str
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        isvcs: Informer,
+        models: Informer,
+        processes: ProcessManager,
+        model_files: ModelFiles,
+        status: StatusWriter,
+        events: EventRecorder,
+        metrics: AgentMetrics,
+        launch: LaunchSettings,
+        endpoint_for: Callable[[str], str | None] = lambda key: None,
+        concurrency: int = 8,
+    ) -> None:
+        self.isvcs = isvcs
+        self.models = models
+        self.processes = processes
+        self.model_files = model_files
+        self.status = status
+        self.events = events
+        self.metrics = metrics
+        self.launch = launch
+        self.endpoint_for = endpoint_for
+        self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
+        self.managed: dict[str, _Managed] = {}
+        self._invalid_reported: dict[str, tuple] = {}
+        self._last_written: dict[str, tuple[str | None, dict]] = {}
+
+    # -- event intake -----------------------------------------------------
+
+    def on_isvc_change(self, old: dict | None, new: dict | None) -> None:
+        self.queue.add(object_key(new or old))
+
+    def on_model_change(self, old: dict | None, new: dict | None) -> None:
+        """A Model edit re-reconciles every InferenceService that refers to it."""
+        model_key = object_key(new or old)
+        for isvc in self.isvcs.items():
+            ref = wanted_model(isvc)
+            if ref and f"{ref[0]}/{ref[1]}" == model_key:
+                self.queue.add(object_key(isvc))
+
+    def on_process_change(self, key: str, snap: Snapshot, event: SupervisorEvent | None) -> None:
+        namespace, name = key.split("/", 1)
+        self.metrics.process_healthy.labels(name, namespace).set(1 if snap.ready else 0)
+        self.metrics.managed_processes.set(len(self.processes.supervisors))
+        if event is not None:
+            if snap.state is State.BACKOFF:
+                self.metrics.process_restarts.labels(name, namespace).inc()
+            if event.reason == "Ready" and snap.started_at and not snap.adopted:
+                self.metrics.startup_seconds.observe(max(0.0, (snap.ready_at or 0) - snap.started_at))
+            raw = self.isvcs.get(key)
+            if raw is not None:
+                self.events.emit(raw["metadata"], event.reason, event.message, warning=event.warning)
+        self.queue.add(key)
+
+    # -- reconcile --------------------------------------------------------
+
+    async def reconcile(self, key: str) -> float | None:
+        raw = self.isvcs.get(key)
+        managed = self.managed.get(key)
+        if raw is None:
+            if managed is not None or self.processes.get(key):
+                log.info("InferenceService deleted; stopping llama-server", service=key)
+                await self._stop(key)
+            self._forget(key)
+            return None
+
+        ref = wanted_model(raw)
+        model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+        verdict = evaluate(raw, model_raw)
+
+        if isinstance(verdict, NotOurs):
+            if managed is None:
+                return None
+            if model_raw is None and ref is not None:
+                await self._write_status(key, raw, managed.workload.isvc.spec.wants_process, degraded=Blocker(
+                    "ModelNotFound", f"Model {ref[1]} was not found; still serving the last valid spec"))
+                return None
+            log.info("InferenceService is no longer ours; stopping llama-server", service=key, why=verdict.reason)
+            await self._stop(key)
+            return None
+
+        if isinstance(verdict, Invalid):
+            errors = tuple(e.describe() for e in verdict.errors)
+            marker = (raw["metadata"].get("generation"), errors)
+            if self._invalid_reported.get(key) != marker:
+                self._invalid_reported[key] = marker
+                log.warning("invalid spec", service=key, errors=list(errors))
+                self.events.emit(raw["metadata"], "InvalidSpec", "; ".join(errors), warning=True)
+            wants = managed.workload.isvc.spec.wants_process if managed else True
+            await self._write_status(key, raw, wants, spec_errors=errors)
+            return None
+        self._invalid_reported.pop(key, None)
+
+        workload = verdict.value
+        spec = workload.isvc.spec
+        if not spec.wants_process:
+            if managed is not None:
+                log.info("scaled to zero or suspended; stopping llama-server", service=key)
+                await self._stop(key)
+            await self._write_status(key, raw, False, suspended=spec.suspend)
+            return None
+
+        digest = spec_hash(workload).value
+        uid = raw["metadata"].get("uid") or ""
+        if managed is not None and (managed.spec_hash != digest or managed.uid != uid):
+            log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
+            self.events.emit(raw["metadata"], "Respawning",
+                                     f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]}); restarting llama-server")
+            namespace, name = key.split("/", 1)
+            self.metrics.respawns.labels(name, namespace).inc()
+            await self._stop(key)
+            managed = None
+
+        if managed is None:
+            found = self.model_files.lookup(workload.model)
+            if isinstance(found, Blocker):
+                await self._write_status(key, raw, True, blocker=found)
+                return 30.0
+            if isinstance(found, ModelPending):
+                await self._write_status(key, raw, True, blocker=Blocker("ModelDownloading", found.message, phase="Creating"))
+                return None
+            await self._start(key, workload, digest, uid, found)
+
+        await self._write_status(key, raw, True)
+        return None
+
+    async def _start(self, key: str, workload: Workload, digest: str, uid: str, found: ModelReady) -> None:
+        launch = self.launch
+
+        def argv_for(port: int) -> tuple[str, ...]:
+            return build_argv(workload, AgentArgvOptions(
+                binary=launch.llama_server, model_path=str(found.path), host=launch.host, port=port,
+                threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
+            ))
+
+        plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=launch.host, build_argv=argv_for)
+        self.managed[key] = _Managed(workload, digest, uid)
+        await self.processes.start(plan)
+        self.metrics.managed_processes.set(len(self.processes.supervisors))
+
+    async def _stop(self, key: str) -> None:
+        self.managed.pop(key, None)
+        await self.processes.stop(key)
+        namespace, name = key.split("/", 1)
+        self.metrics.process_healthy.labels(name, namespace).set(0)
+        self.metrics.managed_processes.set(len(self.processes.supervisors))
+
+    def _forget(self, key: str) -> None:
+        self._invalid_reported.pop(key, None)
+        self._last_written.pop(key, None)
+        namespace, name = key.split("/", 1)
+        self.metrics.forget_service(namespace, name)
+
+    async def _write_status(
+        self, key: str, raw: dict, wants_process: bool, *, suspended: bool = False,
+        spec_errors: tuple[str, ...] = (), blocker: Blocker | None = None, degraded: Blocker | None = None,
+    ) -> None:
+        supervisor = self.processes.get(key)
+        managed = self.managed.get(key)
+        inputs = StatusInputs(
+            generation=raw["metadata"].get("generation"),
+            wants_process=wants_process,
+            suspended=suspended,
+            spec_errors=spec_errors,
+            degraded=degraded,
+            blocker=blocker,
+            process=supervisor.snapshot if supervisor else None,
+            endpoint=self.endpoint_for(key) if supervisor else None,
+            spec_hash=managed.spec_hash if managed else None,
+        )
+        live_status = raw.get("status")
+        wanted = compute_status(inputs, live_status, utc_now())
+        rv = raw["metadata"].get("resourceVersion")
+        if self._last_written.get(key) == (rv, wanted):
+            return  # our previous write has not come back through the watch yet
+        namespace, name = key.split("/", 1)
+        if await self.status.write(namespace, name, live_status, wanted):
+            self.metrics.status_writes.inc()
+        self._last_written[key] = (rv, wanted)
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def sweep_unwanted(self) -> None:
+        """After the first full sync: stop a previous agent's processes nobody wants any more."""
+        def wanted(key: str) -> bool:
+            raw = self.isvcs.get(key)
+            if raw is None:
+                return False
+            ref = wanted_model(raw)
+            model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+            verdict = evaluate(raw, model_raw)
+            return not isinstance(verdict, NotOurs) and (
+                isinstance(verdict, Invalid) or verdict.value.isvc.spec.wants_process
+            )
+
+        await self.processes.stop_unwanted_adoptable(wanted)
+
+    async def shutdown(self, *, stop_processes: bool) -> None:
+        await self.queue.stop()
+        await self.processes.shutdown(stop_processes=stop_processes)
+        try:
+            await asyncio.wait_for(self.events.flush(), 5)
+        except asyncio.TimeoutError:
+            pass
+        await self.events.close()

@@ -1,0 +1,301 @@
+"""The control loop end to end: real API server (agent identity under RBAC), real agent, real llama-server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from metal_agent.adapters.process.records import RecordStore, live_process
+from tests.support.agent import AgentOptions, AgentProcess
+from tests.support.isvc import Cluster
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def env(control_plane, admin_api, namespace, llama_server_bin, tiny_model, tmp_path):
+    """A namespace, a metal Model on the tiny GGUF, and a factory for agents watching it."""
+    cluster = Cluster(admin_api, namespace)
+    await cluster.create_model("tiny", f"file://{tiny_model}")
+    agents: list[AgentProcess] = []
+
+    def make_agent(*extra: str) -> AgentProcess:
+        agent = AgentProcess(AgentOptions(
+            kubeconfig=control_plane.agent_kubeconfig, llama_server=llama_server_bin, workdir=tmp_path,
+            namespaces=(namespace,), extra_args=("--liveness-interval", "0.5", "--liveness-failures", "2", *extra),
+        ))
+        agents.append(agent)
+        return agent
+
+    yield cluster, make_agent
+    for agent in agents:
+        if agent.process and agent.process.running:
+            await agent.stop()
+    # Safety net: never leave a llama-server behind, even when a test failed half-way.
+    for record in RecordStore(tmp_path / "state" / "processes").load_all():
+        if live_process(record):
+            os.killpg(record.pid, signal.SIGKILL)
+
+
+async def service_pid(agent: AgentProcess, key: str, state: str | None = "Ready") -> int | None:
+    for row in await agent.services():
+        if row["service"] == key and (state is None or row["state"] == state):
+            return row["pid"]
+    return None
+
+
+def cmdline(pid: int) -> list[str]:
+    return psutil.Process(pid).cmdline()
+
+
+async def test_create_ready_scale_and_delete(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/chat"
+    await cluster.create_isvc("chat", "tiny", contextSize=512)
+    status = await cluster.wait_phase("chat", "Ready")
+    assert status["readyReplicas"] == 1 and status["desiredReplicas"] == 1
+    available = await cluster.condition("chat", "Available")
+    assert available["status"] == "True"
+    pid = await service_pid(agent, key)
+    assert "--ctx-size" in cmdline(pid) and cmdline(pid)[cmdline(pid).index("--ctx-size") + 1] == "512"
+    assert {"Started", "Ready"} <= set(await cluster.event_reasons("chat"))
+
+    # replicas 1 -> 2 changes nothing on a Mac: same process.
+    await cluster.patch_isvc("chat", {"replicas": 2})
+    gen = (await cluster.isvc("chat"))["metadata"]["generation"]
+    await wait_for(lambda: _observed(cluster, "chat", gen), timeout=10, what="observedGeneration")
+    assert await service_pid(agent, key) == pid
+
+    # replicas 0 -> process gone, phase Stopped.
+    await cluster.patch_isvc("chat", {"replicas": 0})
+    await cluster.wait_phase("chat", "Stopped")
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert await agent.services() == []
+
+    # back to 1 -> a new process, Ready again.
+    await cluster.patch_isvc("chat", {"replicas": 1})
+    await cluster.wait_phase("chat", "Ready")
+    pid = await service_pid(agent, key)
+
+    # delete -> process gone within a second.
+    await cluster.delete_isvc("chat")
+    started = time.monotonic()
+    await wait_for(lambda: not psutil.pid_exists(pid), timeout=5, what="llama-server to exit", interval=0.01)
+    assert time.monotonic() - started <= 1.0
+
+
+async def _observed(cluster: Cluster, name: str, generation: int) -> bool:
+    return (await cluster.status(name)).get("observedGeneration") == generation
+
+
+async def test_spec_drift_respawns_exactly_once(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/drift"
+    await cluster.create_isvc("drift", "tiny", contextSize=512)
+    await cluster.wait_phase("drift", "Ready")
+    old_pid = await service_pid(agent, key)
+
+    await cluster.patch_isvc("drift", {"contextSize": 1024})
+    new_pid = await wait_for(lambda: _new_ready_pid(agent, key, old_pid), timeout=30, what="respawned llama-server")
+    argv = cmdline(new_pid)
+    assert argv[argv.index("--ctx-size") + 1] == "1024"
+    assert not psutil.pid_exists(old_pid)
+    await cluster.wait_phase("drift", "Ready")
+    assert (await cluster.event_reasons("drift")).count("Respawning") == 1
+    assert await agent.metric("llmkube_metal_agent_respawns_total", {"name": "drift", "namespace": cluster.ns}) == 1
+    assert await agent.metric("llmkube_metal_agent_process_restarts_total", {"name": "drift", "namespace": cluster.ns}) in (None, 0)
+
+
+async def _new_ready_pid(agent: AgentProcess, key: str, old_pid: int) -> int | None:
+    pid = await service_pid(agent, key)
+    return pid if pid and pid != old_pid else None
+
+
+async def test_crash_is_restarted_with_backoff_and_reported(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/crashy"
+    await cluster.create_isvc("crashy", "tiny", contextSize=256)
+    await cluster.wait_phase("crashy", "Ready")
+    pid = await service_pid(agent, key)
+
+    os.kill(pid, signal.SIGKILL)
+    new_pid = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="restarted llama-server")
+    assert new_pid != pid
+    await cluster.wait_phase("crashy", "Ready")
+    reasons = await cluster.event_reasons("crashy")
+    assert "ProcessExited" in reasons and "Restarting" in reasons
+    restarts = await agent.metric("llmkube_metal_agent_process_restarts_total", {"name": "crashy", "namespace": cluster.ns})
+    assert restarts == 1
+    exited = [e for e in await cluster.events("crashy") if e.reason == "ProcessExited"]
+    assert "SIGKILL" in exited[0].message
+
+
+async def test_unsupported_cache_type_fails_with_stderr_line(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("turbo", "tiny", contextSize=256, cacheTypeCustomK="turbo3", cacheTypeCustomV="turbo3")
+    await cluster.wait_phase("turbo", "Failed")
+    available = await cluster.condition("turbo", "Available")
+    assert available["status"] == "False" and available["reason"] == "ProcessExited"
+    assert "turbo3" in available["message"]  # llama-server's own line naming the unsupported type
+    degraded = await cluster.condition("turbo", "Degraded")
+    assert degraded["reason"] == "CrashLoopBackOff"
+
+
+async def test_owned_flag_in_extra_args_keeps_serving_degraded(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/typo"
+    await cluster.create_isvc("typo", "tiny", contextSize=256)
+    await cluster.wait_phase("typo", "Ready")
+    pid = await service_pid(agent, key)
+
+    await cluster.patch_isvc("typo", {"extraArgs": ["--port=1234"]})
+
+    async def degraded():
+        cond = await cluster.condition("typo", "Degraded")
+        return cond if cond and cond["reason"] == "InvalidSpec" else None
+
+    cond = await wait_for(degraded, timeout=15, what="Degraded/InvalidSpec")
+    assert "spec.extraArgs[0]" in cond["message"]
+    assert (await cluster.status("typo"))["phase"] == "Ready"
+    assert await service_pid(agent, key) == pid
+    assert "InvalidSpec" in await cluster.event_reasons("typo")
+
+    # The next valid change is acted on.
+    await cluster.patch_isvc("typo", {"extraArgs": []})
+    async def healed():
+        cond = await cluster.condition("typo", "Degraded")
+        return cond and cond["status"] == "False"
+    await wait_for(healed, timeout=15, what="Degraded cleared")
+    assert await service_pid(agent, key) == pid  # extraArgs [] == unset: same spec hash
+
+
+async def test_invalid_spec_never_spawns(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("bad", "tiny", extraArgs=["--host", "0.0.0.0"])
+    status = await cluster.wait_phase("bad", "Failed")
+    available = next(c for c in status["conditions"] if c["type"] == "Available")
+    assert available["reason"] == "InvalidSpec" and "spec.extraArgs[0]" in available["message"]
+    assert await agent.services() == []
+
+
+async def test_model_leaving_metal_stops_the_process(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/moved"
+    await cluster.create_isvc("moved", "tiny", contextSize=256)
+    await cluster.wait_phase("moved", "Ready")
+    pid = await service_pid(agent, key)
+    await cluster.patch_model("tiny", {"hardware": {"accelerator": "cuda"}})
+    await wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="llama-server stopped")
+    assert await agent.services() == []
+
+
+async def test_agent_restart_adopts_without_reload(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/keep"
+    await cluster.create_isvc("keep", "tiny", contextSize=256)
+    await cluster.wait_phase("keep", "Ready")
+    pid = await service_pid(agent, key)
+
+    agent.kill()
+    await agent.process.wait(timeout=10)
+    assert psutil.pid_exists(pid)
+
+    await agent.start()
+    adopted = await wait_for(lambda: service_pid(agent, key), timeout=20, what="adopted service Ready")
+    assert adopted == pid
+    rows = await agent.services()
+    assert rows[0]["adopted"] is True
+    reasons = await cluster.event_reasons("keep")
+    assert reasons.count("Started") == 1  # no second spawn: zero model reloads
+
+
+async def test_spec_change_while_agent_down_respawns_once(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/offline"
+    await cluster.create_isvc("offline", "tiny", contextSize=256)
+    await cluster.wait_phase("offline", "Ready")
+    pid = await service_pid(agent, key)
+
+    agent.kill()
+    await agent.process.wait(timeout=10)
+    await cluster.patch_isvc("offline", {"contextSize": 768})
+    await agent.start()
+    new_pid = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="respawned service")
+    argv = cmdline(new_pid)
+    assert argv[argv.index("--ctx-size") + 1] == "768"
+    assert not psutil.pid_exists(pid)
+    assert (await cluster.event_reasons("offline")).count("Started") == 2
+
+
+async def test_two_services_are_independent(env, tmp_path):
+    """A service stuck loading does not hold up another one."""
+    cluster, make_agent = env
+    agent = make_agent("--startup-timeout", "600")
+    await agent.start()
+    # A huge context with f32 KV caches makes this one slow to allocate and warm up.
+    await cluster.create_isvc("slow", "tiny", contextSize=2097152, cacheTypeK="f32", cacheTypeV="f32",
+                              parallelSlots=64, flashAttention=False)
+    await cluster.create_isvc("fast", "tiny", contextSize=256)
+    await cluster.wait_phase("fast", "Ready", timeout=30)
+    slow = await cluster.status("slow")
+    assert slow.get("phase") in (None, "Creating", "Progressing", "Ready")
+
+
+async def test_api_outage_restarts_nothing_and_status_converges(env, control_plane):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/steady"
+    await cluster.create_isvc("steady", "tiny", contextSize=256)
+    await cluster.wait_phase("steady", "Ready")
+    pid = await service_pid(agent, key)
+
+    await control_plane.stop_apiserver()
+    try:
+        # While the API is gone the agent notices (watch failures) but keeps serving.
+        await wait_for(lambda: _watch_failing(agent), timeout=30, what="watch failures counted")
+        outage_started = time.monotonic()
+        os.kill(pid, signal.SIGKILL)  # something to report once the API is back
+        new_pid = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="restart during outage")
+        remaining = 20 - (time.monotonic() - outage_started)
+        if remaining > 0:
+            await asyncio.sleep(remaining)  # the outage itself lasts 20 s; nothing waits on it
+    finally:
+        await control_plane.start_apiserver()
+
+    async def converged():
+        status = await cluster.status("steady")
+        return status.get("phase") == "Ready" and status.get("conditions") and \
+            (await agent.metric("llmkube_metal_agent_watch_consecutive_failures")) == 0
+    await wait_for(converged, timeout=60, what="status to converge after the outage")
+    assert await service_pid(agent, key) == new_pid  # no restart beyond the one we caused
+    assert await agent.metric("llmkube_metal_agent_process_restarts_total", {"name": "steady", "namespace": cluster.ns}) == 1
+    assert "ProcessExited" in await cluster.event_reasons("steady")
+
+
+async def _watch_failing(agent: AgentProcess) -> bool:
+    return ((await agent.metric("llmkube_metal_agent_watch_consecutive_failures")) or 0) > 0

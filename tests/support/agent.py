@@ -1,0 +1,112 @@
+"""Run the real metal-agent daemon as a child process, the way launchd would.
+
+The agent runs as its own process (not in the test's event loop) so tests
+can SIGKILL it and start a new one, exactly the situation adoption is for.
+It authenticates with the agent identity's kubeconfig, so every API call it
+makes passes through the real RBAC authorizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import aiohttp
+
+from tests.support.ports import free_port
+from tests.support.procs import ManagedProcess
+from tests.support.wait import wait_for
+
+
+@dataclass
+class AgentOptions:
+    kubeconfig: Path
+    llama_server: Path
+    workdir: Path
+    namespaces: Sequence[str] = ()
+    host: str = "127.0.0.1"
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class AgentProcess:
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.starts = 0
+        self.process: ManagedProcess | None = None
+
+    def argv(self) -> list[str]:
+        o = self.options
+        argv = [
+            sys.executable, "-m", "metal_agent", "run",
+            "--kubeconfig", str(o.kubeconfig),
+            "--llama-server", str(o.llama_server),
+            "--state-dir", str(o.workdir / "state"),
+            "--log-dir", str(o.workdir / "logs"),
+            "--model-dir", str(o.workdir / "models"),
+            "--listen", f"127.0.0.1:{self.port}",
+            "--host", o.host,
+            "--threads", "1",
+            "--no-mlock",
+            "--log-format", "json",
+            "--log-level", "debug",
+            *o.extra_args,
+        ]
+        for ns in o.namespaces:
+            argv += ["--namespace", ns]
+        return argv
+
+    async def start(self, wait_ready: bool = True) -> None:
+        self.starts += 1
+        env = dict(os.environ, **self.options.env)
+        self.process = ManagedProcess("metal-agent", self.argv(), self.options.workdir / f"agent-{self.starts}.log", env=env)
+        await self.process.start()
+        if wait_ready:
+            await wait_for(self.ready, timeout=60, what="metal-agent /readyz", on_timeout=self.process.tail)
+
+    async def _get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(self.url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                return resp.status, await resp.text()
+
+    async def ready(self) -> bool:
+        if self.process is None or not self.process.running:
+            raise RuntimeError(f"metal-agent exited\n{self.process.tail() if self.process else ''}")
+        try:
+            return (await self._get("/readyz"))[0] == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    async def metrics(self) -> str:
+        return (await self._get("/metrics"))[1]
+
+    async def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        wanted = "{" + ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items())) + "}" if labels else ""
+        for line in (await self.metrics()).splitlines():
+            if line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            if series == name + wanted or (not labels and series == name):
+                return float(value)
+        return None
+
+    async def services(self) -> list[dict]:
+        return json.loads((await self._get("/v1/services"))[1])["services"]
+
+    def log_text(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.options.workdir.glob("agent-*.log"))
+        )
+
+    async def stop(self) -> int | None:
+        return await self.process.stop(grace=20) if self.process else None
+
+    def kill(self) -> None:
+        """SIGKILL the agent alone (not its process group): its llama-servers must survive."""
+        os.kill(self.process.pid, 9)

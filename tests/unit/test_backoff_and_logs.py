@@ -1,0 +1,56 @@
+"""Back-off arithmetic and llama-server log reading."""
+
+from __future__ import annotations
+
+import pytest
+
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.llama_log import parse_acceleration, problem_lines
+
+
+@pytest.mark.parametrize("failures,delay", [(0, 0), (1, 1), (2, 2), (3, 4), (9, 256), (10, 300), (50, 300)])
+def test_delay_doubles_to_the_cap(failures, delay):
+    assert Backoff(initial=1, factor=2, cap=300).delay(failures) == delay
+
+
+def test_healthy_stretch_resets_the_count():
+    b = Backoff(reset_after=120)
+    assert b.failures_after_run(5, healthy_seconds=10) == 6
+    assert b.failures_after_run(5, healthy_seconds=121) == 1
+
+
+METAL_LOG = """
+load_tensors: loading model tensors, this can take a while... (mmap = true)
+load_tensors: offloading 32 repeating layers to GPU
+load_tensors: offloaded 33/33 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =   281.81 MiB
+load_tensors: Metal_Mapped model buffer size =  4403.49 MiB
+"""
+
+CPU_LOG = """
+load_tensors: offloaded 0/3 layers to GPU
+load_tensors:   CPU_Mapped model buffer size =    16.63 MiB
+"""
+
+
+def test_metal_offload_is_parsed():
+    accel = parse_acceleration(METAL_LOG)
+    assert (accel.device, accel.layers_offloaded, accel.layers_total) == ("Metal", 33, 33)
+
+
+def test_cpu_fallback_is_visible():
+    accel = parse_acceleration(CPU_LOG)
+    assert (accel.device, accel.layers_offloaded, accel.layers_total) == ("CPU", 0, 3)
+
+
+def test_no_offload_line_means_unknown():
+    assert parse_acceleration("main: server is listening\n") is None
+
+
+def test_problem_lines_prefer_errors():
+    text = "a\nb\nllama_init_from_model: failed to create context\nmain: exiting due to model loading error\nc\n"
+    assert problem_lines(text, limit=2) == [
+        "llama_init_from_model: failed to create context",
+        "main: exiting due to model loading error",
+    ]
+    assert problem_lines("x\ny\nz\n", limit=2) == ["y", "z"]
