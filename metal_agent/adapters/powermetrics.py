@@ -1,0 +1,478 @@
+"""Live Apple SoC power gauges from a supervised ``sudo -n powermetrics`` process.
+
+The sampler runs the one argv :func:`metal_agent.core.sudoers.sampler_argv`
+builds (absolute paths; the sudoers grant names exactly that vector), feeds
+its stdout to :class:`~metal_agent.core.powermetrics.PowerParser` and
+publishes every complete sample to unlabelled gauges, in watts, that
+InferCost scrapes.
+
+InferCost reads a combined value of 0 as "sampler off" and falls back to an
+estimate, so the one thing this module must never do is leave a stale value
+standing: the power gauges drop to 0 as soon as powermetrics exits, and a
+watchdog drops them when no sample has arrived for three intervals. LLMKube's
+Go agent got this wrong, and never restarted its sampler either: here a dead
+powermetrics is restarted with exponential backoff, a silent one is presumed
+hung after ten intervals and killed (then restarted), and each distinct
+failure is logged once, with the tail of its stderr, instead of per retry.
+
+The powermetrics path is not configurable: a grant for a path the user can
+choose would be a root escalation. The only way to run something else is the
+``executable_override_for_tests`` constructor seam, which exists because
+powermetrics cannot exist on the Linux machines the tests run on; nothing in
+the CLI or the configuration reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.powermetrics import PowerParser, PowerSample
+from metal_agent.core.sudoers import (
+    POWERMETRICS_PATH,
+    SUDO_PATH,
+    SudoersError,
+    powermetrics_argv,
+    sampler_argv,
+    validate_interval_ms,
+)
+
+__all__ = [
+    "PowerConfigError",
+    "PowerGauges",
+    "PowerSampler",
+    "PowerSamplerSettings",
+    "SudoGrant",
+    "check_sudo_grant",
+]
+
+log = structlog.get_logger(__name__)
+
+METRIC_PREFIX = "llmkube_metal_agent_apple_power_"
+_READ_CHUNK = 64 * 1024
+# A powermetrics line is a few KB at most; a megabyte means garbage, not data.
+_MAX_LINE = 1024 * 1024
+_STDERR_TAIL_LINES = 20
+_TERMINATE_GRACE_S = 5.0
+_SUDO_CHECK_TIMEOUT_S = 15.0
+# Restart quickly at first, but never wait more than a minute: while the
+# sampler is down InferCost falls back to a TDP estimate. A minute of
+# delivering samples counts as healthy and resets the delay.
+DEFAULT_BACKOFF = Backoff(initial=1.0, factor=2.0, cap=60.0, reset_after=60.0)
+DEFAULT_INTERVAL_MS = 1000
+
+
+class PowerConfigError(ValueError):
+    """Power sampler configuration the agent refuses to start with."""
+
+
+@dataclass(frozen=True, slots=True)
+class PowerSamplerSettings:
+    """What an operator may configure about the sampler: on/off and the interval.
+
+    The command itself is deliberately absent; :meth:`from_mapping` turns any
+    attempt to set it into a start-up error rather than ignoring it, so a
+    config that tries is noticed instead of silently not doing what it says.
+    """
+
+    enabled: bool = True
+    interval_ms: int = DEFAULT_INTERVAL_MS
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, object]) -> PowerSamplerSettings:
+        """Validate a ``power:`` config section (e.g. parsed YAML)."""
+        for key in raw:
+            lowered = str(key).lower()
+            if any(word in lowered for word in ("path", "powermetrics", "sudo", "argv", "command", "exec", "bin")):
+                fixed = " ".join(sampler_argv(DEFAULT_INTERVAL_MS)[:-1])
+                raise PowerConfigError(
+                    f"power.{key}: the powermetrics command is fixed to `{fixed} <interval_ms>` "
+                    "because the sudoers grant names exactly that; it cannot be configured"
+                )
+            if key not in ("enabled", "interval_ms"):
+                raise PowerConfigError(f"power.{key}: unknown setting (known: enabled, interval_ms)")
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise PowerConfigError(f"power.enabled must be true or false, got {enabled!r}")
+        interval = raw.get("interval_ms", DEFAULT_INTERVAL_MS)
+        try:
+            validate_interval_ms(interval)  # type: ignore[arg-type]
+        except SudoersError as exc:
+            raise PowerConfigError(f"power.interval_ms: {exc}") from None
+        return cls(enabled=enabled, interval_ms=interval)  # type: ignore[arg-type]
+
+
+class PowerGauges:
+    """The power gauges on a caller-owned registry (the daemon's, or a test's).
+
+    ``sampler_up`` is 1 only while samples are arriving: it goes to 0 when
+    powermetrics exits or stalls, together with the four power gauges.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(suffix: str, doc: str) -> Gauge:
+            return Gauge(METRIC_PREFIX + suffix, doc, registry=registry)
+
+        self.combined = gauge("combined_watts", "CPU+GPU+ANE power from powermetrics, watts; 0 when the sampler is off.")
+        self.gpu = gauge("gpu_watts", "GPU power from powermetrics, watts; 0 when the sampler is off.")
+        self.cpu = gauge("cpu_watts", "CPU power from powermetrics, watts; 0 when the sampler is off.")
+        self.ane = gauge("ane_watts", "Neural Engine power from powermetrics, watts; 0 when the sampler is off.")
+        self.up = gauge("sampler_up", "1 while powermetrics is running and delivering samples, else 0.")
+        self.last_sample = gauge(
+            "last_sample_timestamp_seconds", "Unix time the last powermetrics sample was received; 0 if never."
+        )
+
+    def publish(self, sample: PowerSample, received_at: float) -> None:
+        self.combined.set(sample.combined_w)
+        self.gpu.set(sample.gpu_w)
+        self.cpu.set(sample.cpu_w)
+        self.ane.set(sample.ane_w)
+        self.last_sample.set(received_at)
+        self.up.set(1)
+
+    def off(self) -> None:
+        """No fresh data: zero the power gauges (never leave a stale value) and mark down."""
+        for g in (self.combined, self.gpu, self.cpu, self.ane, self.up):
+            g.set(0)
+
+
+@dataclass(frozen=True, slots=True)
+class _RunOutcome:
+    returncode: int | None  # None: could not be started at all
+    stderr_tail: str
+    samples: int
+    healthy_s: float  # from the first sample to the exit; 0 if none arrived
+
+    def signature(self) -> tuple[int | None, str]:
+        """What makes two failures "the same" for logging purposes."""
+        return (self.returncode, self.stderr_tail)
+
+
+def _hint(outcome: _RunOutcome) -> str | None:
+    tail = outcome.stderr_tail.lower()
+    if "password" in tail or "not allowed" in tail or "sudoers" in tail:
+        return "the sudo grant for powermetrics is missing or stale: run `make install-powermetrics-sudo`"
+    if outcome.returncode is None:
+        return f"could not execute the sampler command; powermetrics exists only on macOS at {POWERMETRICS_PATH}"
+    return None
+
+
+class PowerSampler:
+    """Supervises powermetrics and keeps the power gauges honest. Run with :meth:`run`."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        interval_ms: int = DEFAULT_INTERVAL_MS,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        stale_intervals: int = 3,
+        hung_intervals: int = 10,
+        on_sample: Callable[[PowerSample], None] | None = None,
+        executable_override_for_tests: Sequence[str] | None = None,
+    ) -> None:
+        """Build a sampler; nothing runs until :meth:`run` is awaited.
+
+        ``backoff`` paces restarts; its ``reset_after`` is measured from the
+        first sample of a run, so a powermetrics that starts but never
+        delivers keeps backing off.
+
+        After ``stale_intervals`` intervals without a sample the gauges read
+        0; after ``hung_intervals`` (counted from the start or the last
+        sample) the process is presumed hung, killed and restarted.
+
+        ``on_sample`` is called after the gauges are updated with each sample
+        (for other consumers such as energy accounting; exceptions are logged).
+
+        ``executable_override_for_tests`` replaces only the executable part of
+        the argv (``/usr/bin/sudo -n /usr/bin/powermetrics``) with a stand-in;
+        the powermetrics arguments are kept so the stand-in sees exactly what
+        the real one would. It exists because powermetrics cannot exist on
+        Linux, where the tests run. Never wire it to configuration or the CLI.
+        """
+        self._interval_ms = validate_interval_ms(interval_ms)
+        if not 1 <= stale_intervals <= hung_intervals:
+            raise ValueError("need 1 <= stale_intervals <= hung_intervals")
+        self._stale_after_s = stale_intervals * interval_ms / 1000.0
+        self._hung_after_s = hung_intervals * interval_ms / 1000.0
+        self._backoff = backoff
+        self._on_sample = on_sample
+        if executable_override_for_tests is None:
+            self._argv = tuple(sampler_argv(interval_ms))
+            self._is_stand_in = False
+        else:
+            if not executable_override_for_tests:
+                raise ValueError("executable_override_for_tests must not be empty")
+            self._argv = (*executable_override_for_tests, *powermetrics_argv(interval_ms)[1:])
+            self._is_stand_in = True
+        self.gauges = PowerGauges(registry)
+        self.starts = 0
+        self._fresh = asyncio.Event()
+        self._live = False
+        self._first_sample_at: float | None = None
+        self._last_sample_at = 0.0
+        self._last_failure: tuple[int | None, str] | None = None
+        self._log = log.bind(interval_ms=interval_ms)
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._argv
+
+    async def run(self) -> None:
+        """Sample until cancelled, restarting powermetrics whenever it exits."""
+        if self._is_stand_in:
+            self._log.warning("power sampler runs a stand-in, not powermetrics", argv=list(self._argv))
+        self.gauges.off()
+        watchdog = asyncio.create_task(self._watchdog(), name="power-sampler-watchdog")
+        failures = 0
+        try:
+            while True:
+                self.starts += 1
+                outcome = await self._run_once()
+                self._set_off()
+                failures = self._backoff.failures_after_run(failures, outcome.healthy_s)
+                if outcome.healthy_s >= self._backoff.reset_after:
+                    self._last_failure = None  # a recurrence after a good stretch is news again
+                delay = self._backoff.delay(failures)
+                self._report_exit(outcome, delay)
+                await asyncio.sleep(delay)
+        finally:
+            watchdog.cancel()
+            with suppress(asyncio.CancelledError):
+                await watchdog
+            self._set_off()
+
+    async def _run_once(self) -> _RunOutcome:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            return _RunOutcome(None, f"{type(exc).__name__}: {exc}", 0, 0.0)
+        self._first_sample_at = None
+        self._last_sample_at = time.monotonic()  # the hung clock starts at the start
+        assert proc.stdout is not None and proc.stderr is not None
+        tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        stderr_task = asyncio.create_task(_collect_tail(proc.stderr, tail))
+        consume = asyncio.create_task(self._consume(proc.stdout))
+        try:
+            await self._until_done_or_hung(consume)
+            if consume.done():
+                # stdout closed: the process is exiting; give it a moment, then make sure.
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), timeout=self._stale_after_s)
+        finally:
+            await _reap(proc)  # also ends `consume`: stdout reaches EOF
+            await asyncio.wait({consume, stderr_task}, timeout=1.0)
+            consume.cancel()
+            stderr_task.cancel()
+        samples = 0
+        if consume.done() and not consume.cancelled():
+            if consume.exception() is None:
+                samples = consume.result()
+            else:  # a bug must cost one run (restarted with backoff), not the sampler
+                self._log.error("reading powermetrics output failed", exc_info=consume.exception())
+        healthy_s = time.monotonic() - self._first_sample_at if self._first_sample_at is not None else 0.0
+        return _RunOutcome(proc.returncode, "\n".join(tail), samples, healthy_s)
+
+    async def _until_done_or_hung(self, consume: asyncio.Task[int]) -> None:
+        """Wait for stdout to end, or for ``hung_intervals`` without a sample."""
+        while not consume.done():
+            remaining = self._last_sample_at + self._hung_after_s - time.monotonic()
+            if remaining <= 0:
+                self._log.warning("powermetrics stopped delivering samples; restarting it", hung_after_s=self._hung_after_s)
+                return
+            await asyncio.wait({consume}, timeout=remaining)
+
+    async def _consume(self, stdout: asyncio.StreamReader) -> int:
+        parser = PowerParser()
+        count = 0
+        async for line in _lines(stdout):
+            for sample in parser.feed(line):
+                count += 1
+                self._publish(sample, first=count == 1)
+        parser.finish()
+        return count
+
+    def _publish(self, sample: PowerSample, *, first: bool) -> None:
+        self.gauges.publish(sample, time.time())
+        self._last_sample_at = time.monotonic()
+        self._live = True
+        self._fresh.set()
+        if first:
+            self._first_sample_at = time.monotonic()
+            self._log.info("power sampler delivering samples", combined_w=sample.combined_w)
+        if self._on_sample is not None:
+            try:
+                self._on_sample(sample)
+            except Exception:
+                self._log.exception("power sample consumer failed")
+
+    def _set_off(self) -> None:
+        self.gauges.off()
+        self._live = False
+
+    async def _watchdog(self) -> None:
+        """Zero the gauges when no sample arrived for ``stale_intervals`` intervals."""
+        while True:
+            try:
+                await asyncio.wait_for(self._fresh.wait(), timeout=self._stale_after_s)
+            except TimeoutError:
+                if self._live:
+                    self._log.warning("no powermetrics sample; power gauges set to 0", stale_after_s=self._stale_after_s)
+                self._set_off()
+                await self._fresh.wait()  # nothing to do until samples flow again
+            self._fresh.clear()
+
+    def _report_exit(self, outcome: _RunOutcome, restart_in_s: float) -> None:
+        fields = {
+            "returncode": outcome.returncode,
+            "samples": outcome.samples,
+            "restart_in_s": restart_in_s,
+        }
+        if outcome.signature() == self._last_failure:
+            self._log.debug("powermetrics exited again", **fields)
+            return
+        self._last_failure = outcome.signature()
+        self._log.warning(
+            "powermetrics exited",
+            argv=list(self._argv),
+            stderr_tail=outcome.stderr_tail,
+            hint=_hint(outcome),
+            **fields,
+        )
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
+    """Split a byte stream into text lines without StreamReader's 64 KiB line limit.
+
+    A line longer than ``_MAX_LINE`` is dropped whole (it cannot be data we
+    read) rather than ending the stream.
+    """
+    buf = bytearray()
+    skipping = False
+    while chunk := await stream.read(_READ_CHUNK):
+        buf += chunk
+        start = 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            if not skipping:
+                yield buf[start:end].decode("utf-8", errors="replace")
+            skipping = False
+            start = end + 1
+        del buf[:start]
+        if len(buf) > _MAX_LINE:
+            if not skipping:
+                log.warning("dropping an over-long powermetrics line", limit_bytes=_MAX_LINE)
+            buf.clear()
+            skipping = True
+    if buf and not skipping:
+        yield buf.decode("utf-8", errors="replace")
+
+
+async def _collect_tail(stream: asyncio.StreamReader, tail: deque[str]) -> None:
+    async for line in _lines(stream):
+        if line.strip():
+            tail.append(line.rstrip())
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Make sure the child is gone: SIGTERM (sudo relays it), then SIGKILL."""
+    if proc.returncode is None:
+        with suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=_TERMINATE_GRACE_S)
+        except TimeoutError:
+            with suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class SudoGrant:
+    """Whether sudo lets a user run the sampler's exact powermetrics command.
+
+    ``status`` is ``granted``; ``stale`` (a powermetrics grant exists but for
+    other arguments, typically another interval); ``missing``; or
+    ``unavailable`` (sudo could not be asked). ``fix`` says what to run.
+    """
+
+    status: Literal["granted", "stale", "missing", "unavailable"]
+    user: str
+    command: str
+    detail: str
+    fix: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "granted"
+
+
+async def check_sudo_grant(interval_ms: int, *, user: str | None = None) -> SudoGrant:
+    """Ask sudo (``sudo -n -l <command>``) whether the grant for ``interval_ms`` is in place.
+
+    With ``user``, root checks another user's grant (``sudo -l -U user``), e.g.
+    right after installing it; by default the current user is checked.
+    """
+    target = ["-U", user] if user else []
+    who = user or pwd.getpwuid(os.geteuid()).pw_name
+    command = powermetrics_argv(interval_ms)
+    shown = " ".join(command)
+    fix = (
+        f"run `make install-powermetrics-sudo INTERVAL_MS={interval_ms}` in the metal-agent checkout "
+        f"(or review the fragment first: `metal-agent render-sudoers --user {who} --interval-ms {interval_ms}`)"
+    )
+    try:
+        rc, out, err = await _run_quiet([SUDO_PATH, "-n", "-l", *target, *command])
+        if rc == 0:
+            return SudoGrant("granted", who, shown, out.strip() or shown, None)
+        rc_list, listing, _ = await _run_quiet([SUDO_PATH, "-n", "-l", *target])
+    except (OSError, TimeoutError) as exc:
+        return SudoGrant("unavailable", who, shown, f"could not ask {SUDO_PATH}: {exc!r}", fix)
+    others = [ln for ln in _sudo_list_entries(listing) if POWERMETRICS_PATH in ln] if rc_list == 0 else []
+    if others:
+        detail = f"{who} may run powermetrics only as: {'; '.join(others)}; the agent needs `{shown}`"
+        return SudoGrant("stale", who, shown, detail, fix)
+    reason = err.strip() or f"sudo -l exited {rc}"
+    return SudoGrant("missing", who, shown, f"{who} may not run `{shown}` without a password ({reason})", fix)
+
+
+def _sudo_list_entries(listing: str) -> list[str]:
+    """Entries of ``sudo -l`` output, re-joining the lines sudo wraps at 80 columns."""
+    entries: list[str] = []
+    for line in listing.splitlines():
+        if line.startswith("        ") and entries:  # continuation of a wrapped entry
+            entries[-1] += " " + line.strip()
+        elif line.strip():
+            entries.append(line.strip())
+    return [e.replace("\\,", ",") for e in entries]
+
+
+async def _run_quiet(argv: list[str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=_SUDO_CHECK_TIMEOUT_S)
+    finally:
+        await _reap(proc)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

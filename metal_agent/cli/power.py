@@ -1,0 +1,98 @@
+"""`metal-agent power ...` and `metal-agent render-sudoers`: the Apple power tooling.
+
+``power parse`` runs recorded or live powermetrics text through the same
+parser the daemon uses, which is how one checks a new macOS release or chip
+before trusting its gauges (``sudo powermetrics --samplers cpu_power,gpu_power
+-i 1000 | metal-agent power parse -``). ``render-sudoers`` prints the grant
+the install script checks with visudo and installs; printing it separately
+lets an admin read exactly what they are about to grant.
+
+Deliberately absent: any way to run the sampler against another binary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import typer
+
+from metal_agent.core.powermetrics import PowerParser, PowerSample
+from metal_agent.core.sudoers import SudoersError, render_sudoers as _render
+
+__all__ = ["power_app", "render_sudoers", "sample_to_json"]
+
+power_app = typer.Typer(
+    help="Apple SoC power readings from powermetrics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def sample_to_json(sample: PowerSample) -> str:
+    """One sample as a JSON object (one line).
+
+    Keys: ``timestamp`` (the sample date exactly as powermetrics printed it),
+    ``elapsed_ms`` (length of the sample window), and ``cpu_watts``,
+    ``gpu_watts``, ``ane_watts``, ``combined_watts`` (power in watts, the
+    values the ``llmkube_metal_agent_apple_power_*_watts`` gauges get).
+    """
+    return json.dumps(
+        {
+            "timestamp": sample.timestamp,
+            "elapsed_ms": sample.elapsed_ms,
+            "cpu_watts": sample.cpu_w,
+            "gpu_watts": sample.gpu_w,
+            "ane_watts": sample.ane_w,
+            "combined_watts": sample.combined_w,
+        }
+    )
+
+
+def _stream(source: TextIO) -> None:
+    parser = PowerParser()
+    for line in source:
+        for sample in parser.feed(line):
+            typer.echo(sample_to_json(sample))
+            sys.stdout.flush()  # live input: show each sample as it completes
+    parser.finish()
+
+
+@power_app.command("parse")
+def parse(
+    source: str = typer.Argument(..., metavar="FILE|-", help="powermetrics text output; '-' reads stdin."),
+) -> None:
+    """Print one JSON object per complete sample (keys: timestamp, elapsed_ms,
+    cpu_watts, gpu_watts, ane_watts, combined_watts; power in watts).
+
+    A sample cut off at the end of the input is not printed.
+    """
+    if source == "-":
+        _stream(sys.stdin)
+        return
+    try:
+        with Path(source).open(encoding="utf-8", errors="replace") as handle:
+            _stream(handle)
+    except OSError as exc:
+        typer.echo(f"error: cannot read {source}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def render_sudoers(
+    user: str = typer.Option(..., "--user", help="The user the agent runs as (not root)."),
+    interval_ms: int = typer.Option(1000, "--interval-ms", help="Sampling interval; the grant pins this exact value."),
+) -> None:
+    """Print the sudoers fragment that lets USER run the agent's powermetrics command.
+
+    Install it with `make install-powermetrics-sudo` (visudo-checked, mode 0440)
+    as /etc/sudoers.d/llmkube-powermetrics rather than by hand.
+    """
+    try:
+        text = _render(user, interval_ms)
+    except SudoersError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text, nl=False)
