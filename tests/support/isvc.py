@@ -10,6 +10,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.support.wait import wait_for
 
 GROUP, VERSION = "inference.llmkube.dev", "v1alpha1"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class Cluster:
@@ -33,10 +34,10 @@ class Cluster:
 
     async def patch_isvc(self, name: str, spec: dict) -> dict:
         return await self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.ns, "inferenceservices", name, {"spec": spec})
+            GROUP, VERSION, self.ns, "inferenceservices", name, {"spec": spec}, _content_type=MERGE_PATCH)
 
     async def patch_model(self, name: str, spec: dict) -> dict:
-        return await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, "models", name, {"spec": spec})
+        return await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, "models", name, {"spec": spec}, _content_type=MERGE_PATCH)
 
     async def delete_isvc(self, name: str) -> None:
         await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, "inferenceservices", name)

@@ -64,6 +64,22 @@ async def wait_crds_established(api: client.ApiClient, names: Iterable[str], tim
 
     for name in names:
         await wait_for(lambda n=name: established(n), timeout=timeout, what=f"CRD {name} Established")
+        # Established is not the end: the resource's storage may still answer
+        # 429 "storage is (re)initializing" for a moment. Wait until a list works.
+        plural, group = name.split(".", 1)
+        crd = await ext.read_custom_resource_definition(name)
+        version = crd.spec.versions[0].name
+
+        async def listable(g=group, v=version, p=plural) -> bool:
+            try:
+                await client.CustomObjectsApi(api).list_cluster_custom_object(g, v, p, limit=1)
+                return True
+            except ApiException as err:
+                if err.status == 429:
+                    return False
+                raise
+
+        await wait_for(listable, timeout=timeout, what=f"{name} storage ready")
 
 
 async def create_namespace(api: client.ApiClient, prefix: str = "t") -> str:

@@ -20,6 +20,8 @@ from metal_agent.core.names import GROUP, ISVC_PLURAL, VERSION
 
 log = structlog.get_logger(__name__)
 
+MERGE_PATCH = "application/merge-patch+json"  # the client would pick strategic merge, which CRDs refuse
+
 OWNED_FIELDS = (
     "phase", "readyReplicas", "replicas", "desiredReplicas", "conditions", "observedGeneration",
     "endpoint", "specHash", "acceleration", "schedulingStatus", "schedulingMessage",
@@ -55,7 +57,8 @@ class StatusWriter:
         patch["lastUpdated"] = utc_now()
         try:
             await self.api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, ISVC_PLURAL, name, {"status": patch}
+                GROUP, VERSION, namespace, ISVC_PLURAL, name, {"status": patch},
+                _content_type=MERGE_PATCH,
             )
         except ApiException as err:
             if err.status == 404:  # deleted meanwhile: nothing to report on
