@@ -25,7 +25,9 @@ from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
 from metal_agent.adapters.http_server import create_app, serve
 from metal_agent.adapters.kube.events import EventRecorder
+from metal_agent.adapters.host_address import detect_host_ip
 from metal_agent.adapters.kube.informer import CustomResource, Informer
+from metal_agent.adapters.kube.registrar import Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.adapters.process.manager import ProcessManager
@@ -46,7 +48,10 @@ class AgentConfig:
     kubeconfig: str | None = None
     context: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
-    host: str = "127.0.0.1"
+    host_ip: str | None = None  # registered in EndpointSlices; None: auto-detect
+    bind_all: bool = False  # llama-server listens on every interface instead of host_ip only
+    register: bool = True  # publish Service + EndpointSlice for each service
+    heartbeat_interval: float = 30.0
     http_host: str = "127.0.0.1"
     http_port: int = 9090
     threads: int | None = None
@@ -103,8 +108,15 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
 
     info = await llama_binary.probe(cfg.llama_server)
     threads = cfg.threads or await host_cpu.performance_core_count()
+    if cfg.host_ip:
+        host_ip, why = cfg.host_ip, "given by --host-ip"
+    else:
+        choice = detect_host_ip()
+        host_ip, why = choice.address, choice.reason
+    bind = ("::" if ":" in host_ip else "0.0.0.0") if cfg.bind_all else host_ip
     log.info("starting metal-agent", version=__version__, llama_server=info.path, llama_version=info.version,
-             threads=threads, namespaces=list(cfg.namespaces) or "all", host=cfg.host)
+             threads=threads, namespaces=list(cfg.namespaces) or "all", host_ip=host_ip, host_ip_reason=why,
+             bind=bind, register=cfg.register)
     for directory in (cfg.paths.state, cfg.paths.logs, cfg.paths.models):
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -136,12 +148,13 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
         on_change=lambda key, snap, event: reconciler.on_process_change(key, snap, event), settings=cfg.supervisor,
     )
     processes.load_adoptable()
+    registrar = Registrar(api, agent_version=__version__)
     reconciler = Reconciler(
         isvcs=isvcs, models=models, processes=processes, model_files=ModelFiles(cfg.paths.models),
         status=StatusWriter(api), events=EventRecorder(api), metrics=metrics,
-        launch=LaunchSettings(llama_server=info.path, host=cfg.host, threads=threads, mlock=cfg.mlock,
-                              mlock_style=info.mlock_style),
-        concurrency=cfg.concurrency,
+        launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
+                              mlock_style=info.mlock_style, register_address=host_ip if cfg.register else None),
+        registrar=registrar, concurrency=cfg.concurrency,
     )
 
     app = create_app(registry, ready=lambda: isvcs.synced.is_set() and models.synced.is_set())
@@ -155,8 +168,22 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
         await isvcs.synced.wait()
         await models.synced.wait()
         await reconciler.queue.wait_idle()
-        await reconciler.sweep_unwanted()
+        delay = 1.0
+        while True:
+            try:
+                await reconciler.sweep_unwanted(cfg.namespaces or None)
+                break
+            except Exception as err:  # noqa: BLE001 - API trouble: try again, never give up on cleanup
+                log.warning("start-up cleanup failed; retrying", error=f"{type(err).__name__}: {err}", retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60)
         log.info("initial sync complete", services=len(processes.supervisors))
+
+    async def heartbeats() -> None:
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval)
+            if cfg.register:
+                await registrar.heartbeat()
 
     async def api_watchdog() -> None:
         while True:
@@ -174,7 +201,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
     try:
         async with serve(app, cfg.http_host, cfg.http_port):
             reconciler.queue.start()
-            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run(), api_watchdog(), rotate_logs())]
+            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run(), api_watchdog(), rotate_logs(), heartbeats())]
             sync = asyncio.create_task(after_sync())
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable
 
 import structlog
 
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
+from metal_agent.adapters.kube.registrar import Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter, utc_now
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.adapters.process.manager import ProcessManager
@@ -34,6 +34,7 @@ from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import Workload, evaluate, wanted_model
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.process import Snapshot, State, SupervisorEvent
+from metal_agent.core.registration import Registration, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
@@ -52,6 +53,7 @@ class LaunchSettings:
     threads: int | None = None
     mlock: bool = True
     mlock_style: MlockStyle = MlockStyle.FLAG
+    register_address: str | None = None  # the address put in EndpointSlices; None: do not register
 
 
 @dataclass
@@ -73,7 +75,7 @@ class Reconciler:
         events: EventRecorder,
         metrics: AgentMetrics,
         launch: LaunchSettings,
-        endpoint_for: Callable[[str], str | None] = lambda key: None,
+        registrar: Registrar | None = None,
         concurrency: int = 8,
     ) -> None:
         self.isvcs = isvcs
@@ -84,11 +86,12 @@ class Reconciler:
         self.events = events
         self.metrics = metrics
         self.launch = launch
-        self.endpoint_for = endpoint_for
+        self.registrar = registrar if launch.register_address else None
         self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
         self.managed: dict[str, _Managed] = {}
         self._invalid_reported: dict[str, tuple] = {}
         self._last_written: dict[str, tuple[str | None, dict]] = {}
+        self._registration_failures: dict[str, int] = {}
 
     # -- event intake -----------------------------------------------------
 
@@ -126,6 +129,7 @@ class Reconciler:
             if managed is not None or self.processes.get(key):
                 log.info("InferenceService deleted; stopping llama-server", service=key)
                 await self._stop(key)
+            await self._unregister(key)
             self._forget(key)
             return None
 
@@ -142,6 +146,7 @@ class Reconciler:
                 return None
             log.info("InferenceService is no longer ours; stopping llama-server", service=key, why=verdict.reason)
             await self._stop(key)
+            await self._unregister(key)
             return None
 
         if isinstance(verdict, Invalid):
@@ -162,6 +167,7 @@ class Reconciler:
             if managed is not None:
                 log.info("scaled to zero or suspended; stopping llama-server", service=key)
                 await self._stop(key)
+            await self._unregister(key)
             await self._write_status(key, raw, False, suspended=spec.suspend)
             return None
 
@@ -186,8 +192,9 @@ class Reconciler:
                 return None
             await self._start(key, workload, digest, uid, found)
 
-        await self._write_status(key, raw, True)
-        return None
+        problem, retry = await self._register(key, raw)
+        await self._write_status(key, raw, True, degraded=problem)
+        return retry
 
     async def _start(self, key: str, workload: Workload, digest: str, uid: str, found: ModelReady) -> None:
         launch = self.launch
@@ -210,9 +217,46 @@ class Reconciler:
         self.metrics.process_healthy.labels(name, namespace).set(0)
         self.metrics.managed_processes.set(len(self.processes.supervisors))
 
+    async def _register(self, key: str, raw: dict) -> tuple[Blocker | None, float | None]:
+        """Publish the service's endpoint; never lets a failure touch the process.
+
+        Returns a problem for status (if the name cannot be registered) and a
+        retry delay when the API refused or failed the write.
+        """
+        supervisor = self.processes.get(key)
+        if self.registrar is None or supervisor is None or supervisor.snapshot.port is None:
+            return None, None
+        name = raw["metadata"]["name"]
+        if problem := service_name_problem(name):
+            return Blocker("RegistrationFailed", problem), None
+        snap = supervisor.snapshot
+        reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name, isvc_uid=raw["metadata"].get("uid") or "",
+                           address=self.launch.register_address, port=snap.port, ready=snap.ready)
+        try:
+            await self.registrar.ensure(reg)
+        except Exception as err:  # noqa: BLE001 - API errors and outages alike: retry, keep serving
+            failures = self._registration_failures[key] = self._registration_failures.get(key, 0) + 1
+            delay = min(30.0, 0.5 * 2 ** (failures - 1))
+            log.warning("registration failed; retrying", service=key, error=f"{type(err).__name__}: {err}", retry_in_s=delay)
+            return None, delay
+        self._registration_failures.pop(key, None)
+        return None, None
+
+    async def _unregister(self, key: str) -> None:
+        if self.registrar is not None:
+            namespace, name = key.split("/", 1)
+            await self.registrar.remove(namespace, name)
+
+    def endpoint_for(self, key: str) -> str | None:
+        if self.registrar is None or not self.registrar.registered(key):
+            return None
+        namespace, name = key.split("/", 1)
+        return endpoint_url(namespace, name)
+
     def _forget(self, key: str) -> None:
         self._invalid_reported.pop(key, None)
         self._last_written.pop(key, None)
+        self._registration_failures.pop(key, None)
         namespace, name = key.split("/", 1)
         self.metrics.forget_service(namespace, name)
 
@@ -245,8 +289,9 @@ class Reconciler:
 
     # -- lifecycle --------------------------------------------------------
 
-    async def sweep_unwanted(self) -> None:
-        """After the first full sync: stop a previous agent's processes nobody wants any more."""
+    async def sweep_unwanted(self, namespaces: tuple[str, ...] | None = None) -> None:
+        """After the first full sync: stop a previous agent's processes nobody wants any more,
+        and delete Services/EndpointSlices (and legacy Endpoints) left for services we no longer serve."""
         def wanted(key: str) -> bool:
             raw = self.isvcs.get(key)
             if raw is None:
@@ -259,6 +304,10 @@ class Reconciler:
             )
 
         await self.processes.stop_unwanted_adoptable(wanted)
+        if self.registrar is not None:
+            removed = await self.registrar.cleanup(namespaces, lambda ns, name: wanted(f"{ns}/{name}"))
+            if removed:
+                log.info("removed leftover registrations", count=removed)
 
     async def shutdown(self, *, stop_processes: bool) -> None:
         await self.queue.stop()

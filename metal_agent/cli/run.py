@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,6 +11,7 @@ import typer
 from metal_agent.adapters.llama_binary import LlamaServerMissing
 from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.agent import AgentConfig, AgentExit, run_agent
+from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
 from metal_agent.logging_setup import configure_logging
 from metal_agent.paths import AgentPaths, default_paths, find_llama_server
 
@@ -27,7 +27,10 @@ def run(
     context: Optional[str] = typer.Option(None, envvar=_env("CONTEXT"), help="Kubeconfig context to use."),
     namespace: List[str] = typer.Option([], "--namespace", "-n", envvar=_env("NAMESPACES"), help="Namespace to watch (repeat for several; default: all)."),
     llama_server: Optional[str] = typer.Option(None, envvar=_env("LLAMA_SERVER"), help="llama-server binary (default: Homebrew's, then PATH)."),
-    host: str = typer.Option("127.0.0.1", envvar=_env("HOST"), help="Address llama-server listens on."),
+    host_ip: Optional[str] = typer.Option(None, envvar=_env("HOST_IP"), help="This Mac's address as the cluster reaches it (default: Tailscale, then the default route's interface)."),
+    bind_all: bool = typer.Option(False, "--bind-all", envvar=_env("BIND_ALL"), help="llama-server listens on all interfaces (default: only on --host-ip)."),
+    register: bool = typer.Option(True, "--register/--no-register", envvar=_env("REGISTER"), help="Publish a Service and EndpointSlice per model (off: supervise only, e.g. for local use)."),
+    heartbeat_interval: float = typer.Option(30.0, min=1, envvar=_env("HEARTBEAT_INTERVAL"), help="Seconds between EndpointSlice heartbeats (LLMKube calls a slice stale after 180)."),
     state_dir: Optional[Path] = typer.Option(None, envvar=_env("STATE_DIR"), help="Process records for adoption across restarts."),
     log_dir: Optional[Path] = typer.Option(None, envvar=_env("LOG_DIR"), help="Per-service llama-server logs."),
     model_dir: Optional[Path] = typer.Option(None, envvar=_env("MODEL_DIR"), help="Downloaded models."),
@@ -50,10 +53,12 @@ def run(
     http_host, _, http_port = listen.rpartition(":")
     if not http_host or not http_port.isdigit():
         raise typer.BadParameter("expected host:port, e.g. 127.0.0.1:9090", param_hint="--listen")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise typer.BadParameter(f"{host!r} is not an IP address", param_hint="--host")
+    if host_ip is not None:
+        try:
+            # Without registration nothing outside this Mac needs the address: loopback is fine.
+            host_ip = validate_host_ip(host_ip, registered=register)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--host-ip")
     defaults = default_paths()
     binary = find_llama_server(llama_server)
     if binary is None:
@@ -65,7 +70,10 @@ def run(
         kubeconfig=str(kubeconfig) if kubeconfig else None,
         context=context,
         namespaces=tuple(n for item in namespace for n in item.split(",") if n),
-        host=host,
+        host_ip=host_ip,
+        bind_all=bind_all,
+        register=register,
+        heartbeat_interval=heartbeat_interval,
         http_host=http_host.strip("[]"),
         http_port=int(http_port),
         threads=threads,
@@ -77,7 +85,7 @@ def run(
     )
     try:
         asyncio.run(run_agent(cfg))
-    except LlamaServerMissing as err:
+    except (LlamaServerMissing, NoUsableAddress) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     except AgentExit as err:

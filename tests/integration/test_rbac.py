@@ -46,6 +46,9 @@ DENIED = [
     ("", "endpoints", "", "create"),
     ("", "namespaces", "", "create"),
     ("rbac.authorization.k8s.io", "clusterrolebindings", "", "create"),
+    ("coordination.k8s.io", "leases", "", "create"),
+    ("", "services", "", "watch"),
+    (GROUP, "inferenceservices", "status", "update"),
 ]
 
 

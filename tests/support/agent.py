@@ -17,6 +17,7 @@ from typing import Sequence
 
 import aiohttp
 
+from tests.support.netns import NetNS
 from tests.support.ports import free_port
 from tests.support.procs import ManagedProcess
 from tests.support.wait import wait_for
@@ -28,16 +29,20 @@ class AgentOptions:
     llama_server: Path
     workdir: Path
     namespaces: Sequence[str] = ()
-    host: str = "127.0.0.1"
+    host_ip: str | None = None  # None: supervise only (--no-register, llama-server on 127.0.0.1)
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
+    netns: NetNS | None = None  # run the agent (and so its llama-servers) inside this namespace
 
 
 class AgentProcess:
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # Inside a namespace the agent's HTTP API listens on the namespace's
+        # address, so the test (in the root namespace) can reach it.
+        self.listen_host = options.netns.inner_ip if options.netns else "127.0.0.1"
+        self.url = f"http://{self.listen_host}:{self.port}"
         self.starts = 0
         self.process: ManagedProcess | None = None
 
@@ -50,8 +55,8 @@ class AgentProcess:
             "--state-dir", str(o.workdir / "state"),
             "--log-dir", str(o.workdir / "logs"),
             "--model-dir", str(o.workdir / "models"),
-            "--listen", f"127.0.0.1:{self.port}",
-            "--host", o.host,
+            "--listen", f"{self.listen_host}:{self.port}",
+            *(["--host-ip", o.host_ip] if o.host_ip else ["--host-ip", "127.0.0.1", "--no-register"]),
             "--threads", "1",
             "--no-mlock",
             "--log-format", "json",
@@ -60,7 +65,7 @@ class AgentProcess:
         ]
         for ns in o.namespaces:
             argv += ["--namespace", ns]
-        return argv
+        return o.netns.wrap(argv) if o.netns else argv
 
     async def start(self, wait_ready: bool = True) -> None:
         self.starts += 1

@@ -78,3 +78,77 @@ async def network_namespace() -> AsyncIterator[NetNS]:
         with contextlib.suppress(NetNSError):
             await _ip("link", "del", outer_if)
         await _ip("netns", "del", name)
+
+
+# -- sockets inside a namespace -------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+
+
+def _in_netns(name: str, fn):
+    """Run `fn` on a fresh thread that has joined the namespace (setns is per thread)."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    outcome: dict = {}
+
+    def run() -> None:
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            outcome["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+async def forward_into(ns: NetNS, target_port: int, target_host: str = "127.0.0.1"):
+    """Serve 127.0.0.1:<port> *inside* `ns`, forwarding to target_host:target_port in the root namespace.
+
+    This is how an agent running in the namespace reaches the test API
+    server, which listens on the root namespace's loopback only. Returns
+    (asyncio server, port inside the namespace).
+    """
+    import socket
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        sock.setblocking(False)
+        return sock
+
+    listener = await asyncio.to_thread(_in_netns, ns.name, make)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(target_host, target_port)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(pipe(client_reader, upstream_writer), pipe(upstream_reader, client_writer))
+
+    server = await asyncio.start_server(handle, sock=listener)
+    return server, listener.getsockname()[1]

@@ -13,6 +13,11 @@ def test_delay_doubles_to_the_cap(failures, delay):
     assert Backoff(initial=1, factor=2, cap=300).delay(failures) == delay
 
 
+@pytest.mark.parametrize("failures,delay", [(1, 0), (2, 1), (3, 2), (4, 4), (20, 300)])
+def test_first_retry_can_be_immediate(failures, delay):
+    assert Backoff(initial=1, factor=2, cap=300, first_immediate=True).delay(failures) == delay
+
+
 def test_healthy_stretch_resets_the_count():
     b = Backoff(reset_after=120)
     assert b.failures_after_run(5, healthy_seconds=10) == 6

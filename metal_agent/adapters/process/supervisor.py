@@ -53,7 +53,7 @@ class SupervisorSettings:
     liveness_timeout: float = 3.0
     liveness_failures: int = 3
     stop_grace: float = 10.0
-    backoff: Backoff = field(default_factory=Backoff)
+    backoff: Backoff = field(default_factory=lambda: Backoff(first_immediate=True))
 
 
 OnChange = Callable[[Snapshot, SupervisorEvent | None], None]

@@ -1,0 +1,242 @@
+"""Control-loop figures against real parts: latency, API load, adoption, footprint.
+
+Runs a real etcd + kube-apiserver (RBAC on), the real agent as a child
+process with its least-privilege identity, and real llama-servers on the
+tiny test model. Prints a table and writes JSON to bench/results/.
+
+    .venv/bin/python bench/control_loop.py [--applies 20] [--idle-seconds 60]
+
+Figures (goals from the control-loop issue):
+  apply -> llama-server exec, p50/p95           (goal p50 <= 50 ms; LLMKube polls every 5 s)
+  kill -9 -> restart begun, p50                 (goal <= 1 s)
+  API requests/min idle, 200 ISVCs, 10 ours     (goal <= 10), with and without registration
+  agent restart with 5 services: reloads, failed client requests (goal 0, 0)
+  agent RSS and idle CPU with 10 services       (goal <= 60 MB, <= 0.2 % of a core)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from metal_agent.adapters.process.records import RecordStore, live_process  # noqa: E402
+from tests.support import tiny_model  # noqa: E402
+from tests.support.agent import AgentOptions, AgentProcess  # noqa: E402
+from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
+from tests.support.isvc import Cluster  # noqa: E402
+from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+
+
+def cached(script: str) -> Path:
+    import subprocess
+
+    out = subprocess.run(["bash", str(REPO / "scripts" / script)], env=dict(os.environ, METAL_AGENT_NO_BUILD="1"),
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+async def exec_time_of_new_process(agent: AgentProcess, key: str, exclude: set[int], timeout: float = 30) -> tuple[int, float]:
+    async def found():
+        for row in await agent.services():
+            if row["service"] == key and row["pid"] and row["pid"] not in exclude:
+                return row["pid"]
+        return None
+    pid = await wait_for(found, timeout=timeout, what=f"process for {key}", interval=0.005)
+    return pid, psutil.Process(pid).create_time()
+
+
+async def api_requests(cp: ControlPlane) -> float:
+    """Resource requests served so far (non-resource paths like /metrics excluded)."""
+    total = 0.0
+    for line in (await cp.metrics_text()).splitlines():
+        if line.startswith("apiserver_request_total{") and 'resource=""' not in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def bench_apply_latency(cluster: Cluster, agent: AgentProcess, n: int) -> list[float]:
+    latencies = []
+    for i in range(n):
+        name = f"lat-{i}"
+        t0 = time.time()
+        await cluster.create_isvc(name, "tiny", contextSize=256)
+        pid, exec_at = await exec_time_of_new_process(agent, f"{cluster.ns}/{name}", set())
+        latencies.append((exec_at - t0) * 1000)
+        await cluster.delete_isvc(name)
+        await wait_for(lambda p=pid: not psutil.pid_exists(p), timeout=15, what="stopped", interval=0.01)
+    return latencies
+
+
+async def bench_restart_latency(cluster: Cluster, agent: AgentProcess, n: int) -> list[float]:
+    key = f"{cluster.ns}/crash"
+    await cluster.create_isvc("crash", "tiny", contextSize=256)
+    await cluster.wait_phase("crash", "Ready")
+    latencies = []
+    for _ in range(n):
+        pid = (await exec_time_of_new_process(agent, key, set()))[0]
+        await cluster.wait_phase("crash", "Ready")
+        killed = time.time()
+        os.kill(pid, signal.SIGKILL)
+        _, exec_at = await exec_time_of_new_process(agent, key, {pid})
+        latencies.append((exec_at - killed) * 1000)
+        # Let the healthy stretch reset the back-off so each sample is a "first crash".
+        await cluster.wait_phase("crash", "Ready")
+    await cluster.delete_isvc("crash")
+    return latencies
+
+
+async def hammer(urls: list[str], stop: asyncio.Event) -> tuple[int, int]:
+    ok = failed = 0
+    async with aiohttp.ClientSession() as http:
+        while not stop.is_set():
+            for url in urls:
+                try:
+                    async with http.get(url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        ok += resp.status == 200
+                        failed += resp.status != 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    failed += 1
+            await asyncio.sleep(0.02)
+    return ok, failed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description="control-loop benchmark")
+    parser.add_argument("--applies", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--idle-seconds", type=float, default=60)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "control_loop.json")
+    args = parser.parse_args()
+
+    llama = cached("build-llama-server.sh")
+    model = tiny_model.ensure_model(tiny_model.DEFAULT, llama.parent.parent / "models" / "ggml-vocab-llama-spm.gguf")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "mem_gib": round(psutil.virtual_memory().total / 2**30, 1)}}
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmp = Path(tmp)
+        cp = ControlPlane(Binaries.in_dir(cached("build-controlplane.sh")), tmp / "cp")
+        await cp.start()
+        admin = await api_client(cp.admin_kubeconfig)
+        agents: list[AgentProcess] = []
+
+        def make_agent(ns: str, workdir: Path, *extra: str) -> AgentProcess:
+            agent = AgentProcess(AgentOptions(kubeconfig=cp.agent_kubeconfig, llama_server=llama, workdir=workdir,
+                                              namespaces=(ns,), extra_args=extra))
+            agents.append(agent)
+            return agent
+
+        try:
+            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
+            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
+            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+
+            # 1-2: latency
+            ns = await create_namespace(admin, "bench")
+            cluster = Cluster(admin, ns)
+            await cluster.create_model("tiny", f"file://{model}")
+            agent = make_agent(ns, tmp / "a1")
+            await agent.start()
+            applies = await bench_apply_latency(cluster, agent, args.applies)
+            kills = await bench_restart_latency(cluster, agent, args.kills)
+            results["apply_to_exec_ms"] = {"n": len(applies), "p50": pct(applies, .5), "p95": pct(applies, .95)}
+            results["kill_to_restart_ms"] = {"n": len(kills), "p50": pct(kills, .5), "p95": pct(kills, .95)}
+            await agent.stop()
+
+            # 3-5: a namespace with 200 ISVCs, 10 of them ours
+            ns = await create_namespace(admin, "idle")
+            cluster = Cluster(admin, ns)
+            await cluster.create_model("tiny", f"file://{model}")
+            await cluster.create_model("gpu", "https://example.invalid/m.gguf", accelerator="cuda")
+            for i in range(190):
+                await cluster.create_isvc(f"other-{i}", "gpu")
+            for i in range(10):
+                await cluster.create_isvc(f"ours-{i}", "tiny", contextSize=256)
+            agent = make_agent(ns, tmp / "a2")
+            await agent.start()
+            for i in range(10):
+                await cluster.wait_phase(f"ours-{i}", "Ready", timeout=120)
+            await asyncio.sleep(5)  # settle: the measurement window below starts after start-up writes
+            before, t0 = await api_requests(cp), time.monotonic()
+            proc = psutil.Process(agent.process.pid)
+            cpu0 = sum(proc.cpu_times()[:2])
+            await asyncio.sleep(args.idle_seconds)  # the idle period being measured
+            cpu1 = sum(proc.cpu_times()[:2])
+            elapsed = time.monotonic() - t0
+            after = await api_requests(cp)
+            results["idle_api_requests_per_min_no_register"] = round((after - before) * 60 / elapsed, 2)
+            results["agent_rss_mb_10_services"] = round(proc.memory_info().rss / 2**20, 1)
+            results["agent_idle_cpu_percent_of_core"] = round(100 * (cpu1 - cpu0) / elapsed, 3)
+
+            # agent restart with 5 services running, a client hammering them
+            pids = {r["service"]: r["pid"] for r in await agent.services()}
+            urls = [f"http://127.0.0.1:{r['port']}" for r in (await agent.services())[:5]]
+            stop = asyncio.Event()
+            client = asyncio.create_task(hammer(urls, stop))
+            agent.kill()
+            await agent.process.wait(timeout=10)
+            await agent.start()
+            await wait_for(lambda: _all_ready(agent, 10), timeout=60, what="all services adopted")
+            stop.set()
+            ok, failed = await client
+            after_pids = {r["service"]: r["pid"] for r in await agent.services()}
+            results["agent_restart"] = {
+                "services": len(pids), "model_reloads": sum(1 for k in pids if after_pids.get(k) != pids[k]),
+                "client_requests_ok": ok, "client_requests_failed": failed,
+            }
+            await agent.stop()
+        finally:
+            for agent in agents:
+                if agent.process and agent.process.running:
+                    await agent.stop()
+                for record in RecordStore(agent.options.workdir / "state" / "processes").load_all():
+                    if live_process(record):
+                        os.killpg(record.pid, signal.SIGKILL)
+            await admin.close()
+            await cp.stop()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    rows = [
+        ("apply -> exec p50 / p95 (ms)", f"{results['apply_to_exec_ms']['p50']:.0f} / {results['apply_to_exec_ms']['p95']:.0f}", "p50 <= 50"),
+        ("kill -> restart p50 / p95 (ms)", f"{results['kill_to_restart_ms']['p50']:.0f} / {results['kill_to_restart_ms']['p95']:.0f}", "p50 <= 1000"),
+        ("idle API req/min (200 ISVC, 10 ours, no registration)", str(results["idle_api_requests_per_min_no_register"]), "<= 10"),
+        ("agent restart: reloads / failed requests", f"{results['agent_restart']['model_reloads']} / {results['agent_restart']['client_requests_failed']}"
+         f" (of {results['agent_restart']['client_requests_ok'] + results['agent_restart']['client_requests_failed']})", "0 / 0"),
+        ("agent RSS, 10 services (MB)", str(results["agent_rss_mb_10_services"]), "<= 60"),
+        ("agent idle CPU (% of a core)", str(results["agent_idle_cpu_percent_of_core"]), "<= 0.2"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure'.ljust(width)}  {'measured':>24}  goal")
+    for name, value, goal in rows:
+        print(f"{name.ljust(width)}  {value:>24}  {goal}")
+    print(f"\nwritten to {args.out}")
+
+
+async def _all_ready(agent: AgentProcess, n: int) -> bool:
+    rows = await agent.services()
+    return len(rows) == n and all(r["state"] == "Ready" for r in rows)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

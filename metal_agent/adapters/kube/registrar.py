@@ -1,0 +1,149 @@
+"""Apply, refresh and remove each service's Service and EndpointSlice.
+
+Writes are server-side applies with our field manager: idempotent, made
+only when the desired content changed, and never a delete-and-recreate, so
+the ClusterIP survives respawns. The heartbeat is one small merge patch per
+slice per interval, which is what LLMKube's controller reads to tell a live
+Mac from a dead one. Deletes check our managed-by label first: an object of
+the same name that someone else made is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Callable, Iterable
+
+import structlog
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from metal_agent.core.registration import (
+    HEARTBEAT_ANNOTATION,
+    ISVC_LABEL,
+    MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE,
+    Registration,
+    desired_service,
+    desired_slice,
+    service_name,
+    slice_name,
+)
+
+log = structlog.get_logger(__name__)
+
+FIELD_MANAGER = "metal-agent"
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+
+
+def rfc3339_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _ours(meta) -> bool:
+    return (meta.labels or {}).get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE
+
+
+class Registrar:
+    def __init__(self, api: client.ApiClient, *, agent_version: str) -> None:
+        self.core = client.CoreV1Api(api)
+        self.discovery = client.DiscoveryV1Api(api)
+        self.agent_version = agent_version
+        self._applied: dict[str, Registration] = {}  # "namespace/isvc" -> last applied
+
+    def registered(self, key: str) -> bool:
+        return key in self._applied
+
+    async def ensure(self, reg: Registration) -> bool:
+        """Make the cluster match `reg`; True if anything was written."""
+        key = f"{reg.namespace}/{reg.isvc_name}"
+        if self._applied.get(key) == reg:
+            return False
+        previous = self._applied.get(key)
+        if previous is None or (previous.port, previous.isvc_uid) != (reg.port, reg.isvc_uid):
+            await self.core.patch_namespaced_service(
+                service_name(reg.isvc_name), reg.namespace, desired_service(reg),
+                field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+            )
+        await self.discovery.patch_namespaced_endpoint_slice(
+            slice_name(reg.isvc_name), reg.namespace,
+            desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version),
+            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+        )
+        self._applied[key] = reg
+        return True
+
+    async def heartbeat(self) -> None:
+        """Refresh the heartbeat annotation of every slice we registered."""
+        body = {"metadata": {"annotations": {HEARTBEAT_ANNOTATION: rfc3339_now()}}}
+        for key, reg in list(self._applied.items()):
+            try:
+                await self.discovery.patch_namespaced_endpoint_slice(
+                    slice_name(reg.isvc_name), reg.namespace, body, _content_type=MERGE
+                )
+            except ApiException as err:
+                if err.status == 404:  # deleted behind our back: re-apply on the next reconcile
+                    self._applied.pop(key, None)
+                log.warning("heartbeat failed", service=key, status=err.status)
+            except (OSError, asyncio.TimeoutError) as err:
+                log.warning("heartbeat failed", service=key, error=str(err))
+                return  # the API is unreachable: the next tick tries again
+
+    async def remove(self, namespace: str, isvc_name: str) -> None:
+        """Delete the Service and slice of one InferenceService, if they are ours."""
+        self._applied.pop(f"{namespace}/{isvc_name}", None)
+        await self._delete_if_ours(self.discovery.read_namespaced_endpoint_slice,
+                                   self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name), namespace)
+        await self._delete_if_ours(self.core.read_namespaced_service, self.core.delete_namespaced_service,
+                                   service_name(isvc_name), namespace)
+
+    async def _delete_if_ours(self, read, delete, name: str, namespace: str) -> None:
+        try:
+            obj = await read(name, namespace)
+            if not _ours(obj.metadata):
+                log.warning("not deleting an object we do not manage", kind=obj.kind, name=f"{namespace}/{name}")
+                return
+            await delete(name, namespace, body=client.V1DeleteOptions(
+                preconditions=client.V1Preconditions(uid=obj.metadata.uid)))
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise
+
+    async def cleanup(self, namespaces: Iterable[str] | None, wanted: Callable[[str, str], bool]) -> int:
+        """Delete our objects whose InferenceService is not wanted, and legacy Endpoints. Returns deletions."""
+        deleted = 0
+        scopes = list(namespaces) if namespaces else [None]
+        for ns in scopes:
+            for lister, deleter in (
+                (self.core.list_service_for_all_namespaces if ns is None else self.core.list_namespaced_service,
+                 self.core.delete_namespaced_service),
+                (self.discovery.list_endpoint_slice_for_all_namespaces if ns is None else self.discovery.list_namespaced_endpoint_slice,
+                 self.discovery.delete_namespaced_endpoint_slice),
+            ):
+                listing = await (lister(label_selector=MANAGED_SELECTOR) if ns is None else lister(ns, label_selector=MANAGED_SELECTOR))
+                for obj in listing.items:
+                    meta = obj.metadata
+                    isvc = (meta.labels or {}).get(ISVC_LABEL, "")
+                    if isvc and wanted(meta.namespace, isvc):
+                        continue
+                    await self._delete(deleter, meta)
+                    self._applied.pop(f"{meta.namespace}/{isvc}", None)
+                    deleted += 1
+            # Endpoints written by old agents get mirrored into extra slices that blackhole traffic.
+            endpoints = await (self.core.list_endpoints_for_all_namespaces(label_selector=MANAGED_SELECTOR) if ns is None
+                               else self.core.list_namespaced_endpoints(ns, label_selector=MANAGED_SELECTOR))
+            for obj in endpoints.items:
+                await self._delete(self.core.delete_namespaced_endpoints, obj.metadata)
+                deleted += 1
+        return deleted
+
+    async def _delete(self, deleter, meta) -> None:
+        try:
+            await deleter(meta.name, meta.namespace, body=client.V1DeleteOptions(
+                preconditions=client.V1Preconditions(uid=meta.uid)))
+            log.info("deleted leftover object", name=f"{meta.namespace}/{meta.name}")
+        except ApiException as err:
+            if err.status not in (404, 409):
+                raise

@@ -1,0 +1,117 @@
+"""The Service and EndpointSlice that make a Mac's llama-server reachable in the cluster.
+
+LLMKube's controller and kubectl read these objects, so names, labels,
+annotations and ports follow the wire contract to the letter. The Service
+has no selector (nothing in the cluster runs the model); the EndpointSlice
+points it at the Mac. Both are built here as plain dicts, applied by the
+adapter with server-side apply, which updates them in place: the Service is
+never deleted and re-created, so its ClusterIP survives every respawn.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+MANAGED_BY_LABEL = "llmkube.ai/managed-by"
+MANAGED_BY_VALUE = "metal-agent"
+ISVC_LABEL = "llmkube.ai/inference-service"
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SLICE_MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+HEARTBEAT_ANNOTATION = "llmkube.ai/agent-heartbeat"
+VERSION_ANNOTATION = "llmkube.ai/agent-version"
+SERVICE_PORT = 8080
+PORT_NAME = "http"
+
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Everything that decides the two objects' content (heartbeat aside)."""
+
+    namespace: str
+    isvc_name: str
+    isvc_uid: str
+    address: str
+    port: int
+    ready: bool
+
+
+def service_name(isvc_name: str) -> str:
+    """LLMKube's rule: the InferenceService name with dots replaced by dashes."""
+    return isvc_name.replace(".", "-")
+
+
+def service_name_problem(isvc_name: str) -> str | None:
+    """Why the derived Service name is not a valid DNS-1035 label, if it is not."""
+    name = service_name(isvc_name)
+    if len(name) > 63:
+        return f"Service name {name!r} is longer than 63 characters; shorten the InferenceService name"
+    if not _DNS_1035.match(name):
+        return f"Service name {name!r} must start with a letter (DNS-1035); rename the InferenceService"
+    return None
+
+
+def slice_name(isvc_name: str) -> str:
+    return f"{service_name(isvc_name)}-metal"
+
+
+def address_type(address: str) -> str:
+    return "IPv6" if ipaddress.ip_address(address).version == 6 else "IPv4"
+
+
+def endpoint_url(namespace: str, isvc_name: str) -> str:
+    return f"http://{service_name(isvc_name)}.{namespace}.svc.cluster.local:{SERVICE_PORT}"
+
+
+def _labels(isvc_name: str) -> dict[str, str]:
+    return {"app": isvc_name, MANAGED_BY_LABEL: MANAGED_BY_VALUE, ISVC_LABEL: isvc_name}
+
+
+def _owner(reg: Registration) -> list[dict]:
+    # Lets the cluster's garbage collector clean up if the ISVC is deleted while no agent runs.
+    return [{
+        "apiVersion": "inference.llmkube.dev/v1alpha1", "kind": "InferenceService",
+        "name": reg.isvc_name, "uid": reg.isvc_uid, "controller": False, "blockOwnerDeletion": False,
+    }] if reg.isvc_uid else []
+
+
+def desired_service(reg: Registration) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(reg.isvc_name),
+            "namespace": reg.namespace,
+            "labels": _labels(reg.isvc_name),
+            "annotations": {"llmkube.ai/metal-accelerated": "true", "llmkube.ai/native-process": "true"},
+            "ownerReferences": _owner(reg),
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": reg.port, "protocol": "TCP"}],
+        },
+    }
+
+
+def desired_slice(reg: Registration, *, heartbeat: str, agent_version: str) -> dict:
+    svc = service_name(reg.isvc_name)
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": slice_name(reg.isvc_name),
+            "namespace": reg.namespace,
+            "labels": {**_labels(reg.isvc_name), SERVICE_NAME_LABEL: svc, SLICE_MANAGED_BY_LABEL: "metal-agent.llmkube.ai"},
+            "annotations": {HEARTBEAT_ANNOTATION: heartbeat, VERSION_ANNOTATION: agent_version},
+            "ownerReferences": _owner(reg),
+        },
+        "addressType": address_type(reg.address),
+        "endpoints": [{
+            "addresses": [reg.address],
+            "conditions": {"ready": reg.ready, "serving": reg.ready, "terminating": False},
+        }],
+        "ports": [{"name": PORT_NAME, "port": reg.port, "protocol": "TCP"}],
+    }

@@ -1,0 +1,236 @@
+"""Registration end to end: the "Mac" is a network namespace with a real, reachable address.
+
+The agent and its llama-servers run inside the namespace and register the
+namespace's address; the test, in the root namespace, plays a cluster client:
+it reads the EndpointSlice and talks to llama-server at the registered
+address. The agent reaches the API server through a forwarder on the
+namespace's loopback and authenticates as the least-privilege identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import signal
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+from kubernetes_asyncio import client
+
+from metal_agent.adapters.process.records import RecordStore, live_process
+from tests.support import netns
+from tests.support.agent import AgentOptions, AgentProcess
+from tests.support.isvc import Cluster
+from tests.support.wait import wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
+]
+
+MANAGED = "llmkube.ai/managed-by=metal-agent"
+
+
+@pytest.fixture
+async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model, tmp_path):
+    """(cluster helper, namespace handle, agent factory) with the agent inside a network namespace."""
+    cluster = Cluster(admin_api, namespace)
+    await cluster.create_model("tiny", f"file://{tiny_model}")
+    async with netns.network_namespace() as ns:
+        forwarder, inner_port = await netns.forward_into(ns, control_plane.port)
+        config = yaml.safe_load(control_plane.agent_kubeconfig.read_text())
+        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
+        kubeconfig = tmp_path / "agent-in-netns.kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump(config))
+        agents: list[AgentProcess] = []
+
+        def make_agent(*extra: str) -> AgentProcess:
+            agent = AgentProcess(AgentOptions(
+                kubeconfig=kubeconfig, llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
+                host_ip=ns.inner_ip, netns=ns,
+                extra_args=("--liveness-interval", "0.5", "--liveness-failures", "2", "--heartbeat-interval", "1", *extra),
+            ))
+            agents.append(agent)
+            return agent
+
+        try:
+            yield cluster, ns, make_agent
+        finally:
+            for agent in agents:
+                if agent.process and agent.process.running:
+                    await agent.stop()
+            for record in RecordStore(tmp_path / "state" / "processes").load_all():
+                if live_process(record):
+                    os.killpg(record.pid, signal.SIGKILL)
+            forwarder.close()
+
+
+async def read_slice(cluster: Cluster, name: str):
+    discovery = client.DiscoveryV1Api(cluster.api)
+    slices = await discovery.list_namespaced_endpoint_slice(cluster.ns, label_selector=f"kubernetes.io/service-name={name}")
+    return slices.items[0] if slices.items else None
+
+
+async def slice_ready(cluster: Cluster, name: str) -> bool | None:
+    found = await read_slice(cluster, name)
+    return found.endpoints[0].conditions.ready if found and found.endpoints else None
+
+
+async def test_service_and_slice_follow_the_contract_and_serve(mac):
+    cluster, ns, make_agent = mac
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("qwen.chat", "tiny", contextSize=256)
+    status = await cluster.wait_phase("qwen.chat", "Ready")
+    assert status["endpoint"] == f"http://qwen-chat.{cluster.ns}.svc.cluster.local:8080"
+
+    svc = await cluster.core.read_namespaced_service("qwen-chat", cluster.ns)
+    pid = (await agent.services())[0]["pid"]
+    port = (await agent.services())[0]["port"]
+    assert svc.spec.selector is None
+    assert [(p.name, p.port, p.target_port, p.protocol) for p in svc.spec.ports] == [("http", 8080, port, "TCP")]
+    assert svc.metadata.labels == {"app": "qwen.chat", "llmkube.ai/managed-by": "metal-agent",
+                                   "llmkube.ai/inference-service": "qwen.chat"}
+    assert svc.metadata.annotations["llmkube.ai/metal-accelerated"] == "true"
+    assert svc.metadata.annotations["llmkube.ai/native-process"] == "true"
+
+    found = await wait_for(lambda: _ready_slice(cluster, "qwen-chat"), timeout=10, what="ready slice")
+    assert found.address_type == "IPv4"
+    assert found.metadata.labels["kubernetes.io/service-name"] == "qwen-chat"
+    assert found.metadata.labels["llmkube.ai/managed-by"] == "metal-agent"
+    assert found.metadata.labels["app"] == "qwen.chat"
+    assert found.metadata.annotations["llmkube.ai/agent-version"]
+    dt.datetime.fromisoformat(found.metadata.annotations["llmkube.ai/agent-heartbeat"].replace("Z", "+00:00"))
+    endpoint = found.endpoints[0]
+    assert endpoint.addresses == [ns.inner_ip]
+    assert [(p.name, p.port) for p in found.ports] == [("http", port)]
+
+    # A cluster client: look up the slice, go to the registered address.
+    address, target = endpoint.addresses[0], found.ports[0].port
+    async with aiohttp.ClientSession() as http:
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+        async with http.post(f"http://{address}:{target}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"]
+
+    # llama-server listens on the registered address only, not on every interface.
+    listeners = {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == "LISTEN"}
+    assert listeners == {ns.inner_ip}
+
+
+async def _ready_slice(cluster: Cluster, name: str):
+    found = await read_slice(cluster, name)
+    return found if found and found.endpoints and found.endpoints[0].conditions.ready else None
+
+
+async def test_cluster_ip_survives_respawn_and_ready_follows_the_process(mac):
+    cluster, ns, make_agent = mac
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("steady", "tiny", contextSize=256)
+    await cluster.wait_phase("steady", "Ready")
+    cluster_ip = (await cluster.core.read_namespaced_service("steady", cluster.ns)).spec.cluster_ip
+    assert cluster_ip
+
+    old_pid = (await agent.services())[0]["pid"]
+    await cluster.patch_isvc("steady", {"contextSize": 512})
+    await wait_for(lambda: _ready_pid_other_than(agent, old_pid), timeout=30, what="respawn")
+    await wait_for(lambda: _ready_slice(cluster, "steady"), timeout=10, what="slice ready after respawn")
+    assert (await cluster.core.read_namespaced_service("steady", cluster.ns)).spec.cluster_ip == cluster_ip
+
+    # kill -9: the slice says not ready within a second, then ready again after the restart.
+    pid = (await agent.services())[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    killed = asyncio.get_running_loop().time()
+    await wait_for(lambda: _not_ready(cluster, "steady"), timeout=5, what="slice not ready", interval=0.02)
+    assert asyncio.get_running_loop().time() - killed <= 1.0
+    await wait_for(lambda: _ready_slice(cluster, "steady"), timeout=30, what="slice ready after restart")
+    assert (await cluster.core.read_namespaced_service("steady", cluster.ns)).spec.cluster_ip == cluster_ip
+
+    # The heartbeat advances while the service runs.
+    first = (await read_slice(cluster, "steady")).metadata.annotations["llmkube.ai/agent-heartbeat"]
+    await wait_for(lambda: _heartbeat_after(cluster, "steady", first), timeout=10, what="heartbeat to advance")
+
+
+async def _ready_pid_other_than(agent: AgentProcess, pid: int) -> int | None:
+    rows = [r for r in await agent.services() if r["state"] == "Ready" and r["pid"] != pid]
+    return rows[0]["pid"] if rows else None
+
+
+async def _not_ready(cluster: Cluster, name: str) -> bool:
+    return await slice_ready(cluster, name) is False
+
+
+async def _heartbeat_after(cluster: Cluster, name: str, previous: str) -> bool:
+    found = await read_slice(cluster, name)
+    return found.metadata.annotations["llmkube.ai/agent-heartbeat"] > previous
+
+
+async def test_cleanup_touches_only_what_we_manage(mac):
+    cluster, ns, make_agent = mac
+    core, discovery = cluster.core, client.DiscoveryV1Api(cluster.api)
+    ours = {"llmkube.ai/managed-by": "metal-agent", "llmkube.ai/inference-service": "ghost", "app": "ghost"}
+    await core.create_namespaced_endpoints(cluster.ns, client.V1Endpoints(metadata=client.V1ObjectMeta(name="legacy", labels=ours)))
+    await core.create_namespaced_endpoints(cluster.ns, client.V1Endpoints(metadata=client.V1ObjectMeta(name="bystander")))
+    port = [client.V1ServicePort(name="http", port=8080, target_port=9999)]
+    await core.create_namespaced_service(cluster.ns, client.V1Service(
+        metadata=client.V1ObjectMeta(name="ghost", labels=ours), spec=client.V1ServiceSpec(ports=port)))
+    await discovery.create_namespaced_endpoint_slice(cluster.ns, client.V1EndpointSlice(
+        metadata=client.V1ObjectMeta(name="ghost-metal", labels={**ours, "kubernetes.io/service-name": "ghost"}),
+        address_type="IPv4", endpoints=[client.V1Endpoint(addresses=[ns.inner_ip])]))
+    await core.create_namespaced_service(cluster.ns, client.V1Service(
+        metadata=client.V1ObjectMeta(name="bystander"), spec=client.V1ServiceSpec(ports=port)))
+
+    agent = make_agent()
+    await agent.start()
+
+    async def cleaned() -> bool:
+        names = {s.metadata.name for s in (await core.list_namespaced_service(cluster.ns)).items}
+        endpoints = {e.metadata.name for e in (await core.list_namespaced_endpoints(cluster.ns)).items}
+        slices = {s.metadata.name for s in (await discovery.list_namespaced_endpoint_slice(cluster.ns)).items}
+        return "ghost" not in names and "legacy" not in endpoints and "ghost-metal" not in slices
+    await wait_for(cleaned, timeout=20, what="orphans and legacy Endpoints removed")
+    assert "bystander" in {s.metadata.name for s in (await core.list_namespaced_service(cluster.ns)).items}
+    assert "bystander" in {e.metadata.name for e in (await core.list_namespaced_endpoints(cluster.ns)).items}
+
+    # Deleting a served InferenceService removes its registration.
+    await cluster.create_isvc("brief", "tiny", contextSize=256)
+    await cluster.wait_phase("brief", "Ready")
+    await cluster.delete_isvc("brief")
+
+    async def unregistered() -> bool:
+        names = {s.metadata.name for s in (await core.list_namespaced_service(cluster.ns, label_selector=MANAGED)).items}
+        return "brief" not in names and await read_slice(cluster, "brief") is None
+    await wait_for(unregistered, timeout=10, what="registration removed with the InferenceService")
+
+
+async def test_api_outage_mid_respawn_converges_without_extra_restarts(mac, control_plane):
+    cluster, ns, make_agent = mac
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("outage", "tiny", contextSize=256)
+    await cluster.wait_phase("outage", "Ready")
+    old = (await agent.services())[0]
+
+    await cluster.patch_isvc("outage", {"contextSize": 512})
+    await wait_for(lambda: not psutil.pid_exists(old["pid"]), timeout=20, what="respawn to begin", interval=0.01)
+    await control_plane.stop_apiserver()
+    try:
+        new_pid = await wait_for(lambda: _ready_pid_other_than(agent, old["pid"]), timeout=30, what="respawned during outage")
+        await asyncio.sleep(20)  # the outage under test lasts 20 s; every check after it waits on state
+    finally:
+        await control_plane.start_apiserver()
+
+    async def converged():
+        found = await _ready_slice(cluster, "outage")
+        status = await cluster.status("outage")
+        row = (await agent.services())[0]
+        return found and status.get("phase") == "Ready" and found.ports[0].port == row["port"]
+    await wait_for(converged, timeout=60, what="slice and status to converge")
+    assert (await agent.services())[0]["pid"] == new_pid
+    labels = {"name": "outage", "namespace": cluster.ns}
+    assert await agent.metric("llmkube_metal_agent_respawns_total", labels) == 1
+    assert await agent.metric("llmkube_metal_agent_process_restarts_total", labels) in (None, 0)

@@ -1,0 +1,89 @@
+"""Service/EndpointSlice bodies and host-address choice, against the wire contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from metal_agent.core.host_address import NoUsableAddress, choose_host_ip, validate_host_ip
+from metal_agent.core.registration import (
+    Registration,
+    desired_service,
+    desired_slice,
+    endpoint_url,
+    service_name,
+    service_name_problem,
+)
+
+REG = Registration(namespace="ml", isvc_name="qwen.coder", isvc_uid="u-1", address="100.101.1.2", port=41234, ready=True)
+
+
+def test_service_is_selectorless_with_contract_labels_and_port():
+    svc = desired_service(REG)
+    assert svc["metadata"]["name"] == "qwen-coder"
+    assert "selector" not in svc["spec"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": 41234, "protocol": "TCP"}]
+    assert svc["metadata"]["labels"] == {
+        "app": "qwen.coder", "llmkube.ai/managed-by": "metal-agent", "llmkube.ai/inference-service": "qwen.coder"}
+    assert svc["metadata"]["annotations"] == {
+        "llmkube.ai/metal-accelerated": "true", "llmkube.ai/native-process": "true"}
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+def test_slice_points_at_the_mac():
+    body = desired_slice(REG, heartbeat="2026-11-27T10:00:00Z", agent_version="0.1.0")
+    assert body["metadata"]["labels"]["kubernetes.io/service-name"] == "qwen-coder"
+    assert body["metadata"]["annotations"] == {
+        "llmkube.ai/agent-heartbeat": "2026-11-27T10:00:00Z", "llmkube.ai/agent-version": "0.1.0"}
+    assert body["addressType"] == "IPv4"
+    assert body["endpoints"] == [{"addresses": ["100.101.1.2"],
+                                  "conditions": {"ready": True, "serving": True, "terminating": False}}]
+    assert body["ports"] == [{"name": "http", "port": 41234, "protocol": "TCP"}]
+
+
+def test_ipv6_and_not_ready():
+    body = desired_slice(Registration("ml", "a", "", "fd7a:115c::1", 1, False), heartbeat="t", agent_version="v")
+    assert body["addressType"] == "IPv6"
+    assert body["endpoints"][0]["conditions"]["ready"] is False
+    assert body["metadata"]["ownerReferences"] == []
+
+
+@pytest.mark.parametrize("name,problem", [("a.b.c", None), ("9lives", "must start with a letter"),
+                                          ("x" * 64, "longer than 63")])
+def test_service_name_rules(name, problem):
+    found = service_name_problem(name)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_endpoint_url():
+    assert endpoint_url("ml", "qwen.coder") == "http://qwen-coder.ml.svc.cluster.local:8080"
+    assert service_name("a.b") == "a-b"
+
+
+ADDRS = [("lo0", "127.0.0.1"), ("en0", "fe80::1%en0"), ("bridge100", "192.168.65.3"), ("docker0", "172.17.0.1"),
+         ("en0", "192.168.1.20"), ("utun4", "100.100.7.9"), ("en1", "10.97.0.4")]
+
+
+@pytest.mark.parametrize("addresses,primary,expected,why", [
+    (ADDRS, "192.168.1.20", "100.100.7.9", "Tailscale"),
+    ([a for a in ADDRS if a[0] != "utun4"], "192.168.1.20", "192.168.1.20", "default route"),
+    ([("lo0", "127.0.0.1"), ("en5", "fd00::5"), ("en0", "192.168.1.20")], None, "192.168.1.20", "first routable"),
+], ids=["tailscale-first", "default-route", "first-routable-v4"])
+def test_host_ip_preference(addresses, primary, expected, why):
+    choice = choose_host_ip(addresses, primary)
+    assert choice.address == expected and why in choice.reason
+
+
+def test_no_usable_address():
+    with pytest.raises(NoUsableAddress):
+        choose_host_ip([("lo0", "127.0.0.1"), ("docker0", "172.17.0.1"), ("en1", "10.100.0.1")], None)
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "::1", "0.0.0.0", "169.254.1.1", "mac.local", "300.1.1.1"])
+def test_registered_host_ip_is_rejected(value):
+    with pytest.raises(ValueError):
+        validate_host_ip(value)
+
+
+def test_loopback_is_fine_without_registration():
+    assert validate_host_ip("127.0.0.1", registered=False) == "127.0.0.1"
+    assert validate_host_ip("fd7a:115c:a1e0::1") == "fd7a:115c:a1e0::1"
