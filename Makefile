@@ -28,6 +28,14 @@ assets: venv ## Build/cache kube-apiserver, etcd, llama-server and the tiny test
 .PHONY: dev
 dev: venv assets ## Everything needed to develop and run the tests
 
+.PHONY: demo
+demo: dev ## Run the whole loop locally: control plane, agent, a sample model, a chat completion, clean-up
+	$(BIN)/python scripts/demo.py
+
+.PHONY: bench
+bench: dev ## Control-loop figures (latency, API load, adoption, footprint); table + bench/results/*.json
+	$(BIN)/python bench/control_loop.py
+
 .PHONY: test
 test: venv ## Run the whole test suite against real parts (run `make dev` first)
 	METAL_AGENT_REQUIRE_ASSETS=1 $(BIN)/pytest
@@ -43,3 +51,11 @@ install-powermetrics-sudo: ## Grant this user password-less sudo for the exact p
 .PHONY: uninstall-powermetrics-sudo
 uninstall-powermetrics-sudo: ## Remove that grant
 	scripts/uninstall-powermetrics-sudo.sh
+
+.PHONY: install-metal-agent
+install-metal-agent: ## Install (or upgrade) the agent as a LaunchAgent: own venv, plist, launchctl bootstrap + kickstart
+	scripts/install-metal-agent.sh
+
+.PHONY: uninstall-metal-agent
+uninstall-metal-agent: ## Unload the LaunchAgent, remove its plist and venv (STOP_MODELS=1 also stops llama-servers)
+	scripts/uninstall-metal-agent.sh

@@ -30,6 +30,7 @@ from metal_agent.adapters.kube.informer import CustomResource, Informer
 from metal_agent.adapters.kube.registrar import Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.model_files import ModelFiles
+from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
@@ -52,6 +53,8 @@ class AgentConfig:
     bind_all: bool = False  # llama-server listens on every interface instead of host_ip only
     register: bool = True  # publish Service + EndpointSlice for each service
     heartbeat_interval: float = 30.0
+    power: bool = False  # sample Apple SoC power with `sudo powermetrics` (macOS only)
+    power_interval_ms: int = 1000
     http_host: str = "127.0.0.1"
     http_port: int = 9090
     threads: int | None = None
@@ -132,9 +135,12 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
     def on_model(old, new):
         reconciler.on_model_change(old, new)
 
+    informers: list[Informer] = []
+
     def on_watch_failure(resource: str):
         def record(failures: int) -> None:
-            metrics.watch_consecutive_failures.set(failures)
+            # One gauge for both watches: the worse of the two is what matters.
+            metrics.watch_consecutive_failures.set(max(i.consecutive_failures for i in informers))
             if failures:
                 metrics.watch_failures.labels(resource).inc()
         return record
@@ -143,6 +149,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
                      resync_period=cfg.resync_period, on_failure=on_watch_failure(ISVC_PLURAL))
     models = Informer(api, CustomResource(GROUP, VERSION, MODEL_PLURAL), on_model, namespaces=cfg.namespaces or None,
                       resync_period=cfg.resync_period, on_failure=on_watch_failure(MODEL_PLURAL))
+    informers += [isvcs, models]
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
         on_change=lambda key, snap, event: reconciler.on_process_change(key, snap, event), settings=cfg.supervisor,
@@ -192,6 +199,13 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
             if since and time.monotonic() - min(since) > cfg.api_unreachable_limit:
                 raise AgentExit("watch", f"API server unreachable for more than {cfg.api_unreachable_limit:.0f}s")
 
+    async def power() -> None:
+        grant = await check_sudo_grant(cfg.power_interval_ms)
+        if not grant.ok:
+            log.error("powermetrics sudo grant is not usable; power gauges stay at 0 until it is",
+                      status=grant.status, detail=grant.detail, fix=grant.fix)
+        await PowerSampler(registry, interval_ms=cfg.power_interval_ms).run()
+
     async def rotate_logs() -> None:
         while True:
             await asyncio.sleep(60)
@@ -201,7 +215,10 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
     try:
         async with serve(app, cfg.http_host, cfg.http_port):
             reconciler.queue.start()
-            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run(), api_watchdog(), rotate_logs(), heartbeats())]
+            jobs = [isvcs.run(), models.run(), api_watchdog(), rotate_logs(), heartbeats()]
+            if cfg.power:
+                jobs.append(power())
+            tasks = [asyncio.create_task(c) for c in jobs]
             sync = asyncio.create_task(after_sync())
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)

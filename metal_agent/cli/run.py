@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -42,6 +43,8 @@ def run(
     liveness_failures: int = typer.Option(3, min=1, envvar=_env("LIVENESS_FAILURES"), help="Failed probes in a row before a restart."),
     stop_on_exit: bool = typer.Option(False, "--stop-on-exit", envvar=_env("STOP_ON_EXIT"), help="Stop llama-servers when the agent exits (default: leave them for the next agent to adopt)."),
     api_unreachable_limit: float = typer.Option(600.0, min=1, envvar=_env("API_UNREACHABLE_LIMIT"), help="Exit non-zero after the API server has been unreachable this many seconds."),
+    power: Optional[bool] = typer.Option(None, "--power/--no-power", envvar=_env("POWER"), help="Sample Apple SoC power with the pinned `sudo powermetrics` command (default: on for macOS; see make install-powermetrics-sudo)."),
+    power_interval_ms: int = typer.Option(1000, min=100, max=60000, envvar=_env("POWER_INTERVAL_MS"), help="powermetrics sample interval; must equal the interval in the sudoers grant."),
     log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
     log_format: str = typer.Option("auto", envvar=_env("LOG_FORMAT"), help="auto (text on a TTY, else JSON), json or text."),
 ) -> None:
@@ -82,6 +85,8 @@ def run(
                                       liveness_failures=liveness_failures),
         stop_on_exit=stop_on_exit,
         api_unreachable_limit=api_unreachable_limit,
+        power=sys.platform == "darwin" if power is None else power,
+        power_interval_ms=power_interval_ms,
     )
     try:
         asyncio.run(run_agent(cfg))

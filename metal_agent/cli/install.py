@@ -1,0 +1,138 @@
+"""`metal-agent render-plist` and `metal-agent stop-all`: the install lifecycle's Python half.
+
+``scripts/install-metal-agent.sh`` renders the LaunchAgent plist through
+``render-plist`` (so the plist is built in one place, `metal_agent.launchd`,
+never by shell string pasting), and ``scripts/uninstall-metal-agent.sh``
+with ``STOP_MODELS=1`` calls ``stop-all``. Both are also usable by hand:
+``render-plist`` shows exactly what would be installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from metal_agent.adapters.process.manager import terminate_recorded
+from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
+from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError
+from metal_agent.launchd import render_plist as _render_plist
+from metal_agent.paths import default_paths
+
+__all__ = ["render_plist", "stop_all"]
+
+
+def _absolute(path: Path) -> str:
+    """Expand ~ and make absolute now: launchd would do neither."""
+    return os.path.abspath(path.expanduser())
+
+
+def _default_agent_path() -> Path:
+    # The `metal-agent` script installed beside this interpreter (the venv's bin).
+    # sys.executable is not resolved: a venv's python is a symlink out of the venv.
+    return Path(os.path.abspath(sys.executable)).parent / "metal-agent"
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Replace `target` in one step: launchd must never read a half-written plist."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # launchd refuses group/world-writable job files
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def render_plist(
+    agent_path: Annotated[Path | None, typer.Option(help="The metal-agent executable launchd runs (default: the one beside this Python).")] = None,
+    kubeconfig: Annotated[Path | None, typer.Option(help="Kubeconfig the agent uses (default: the agent's own default, ~/.kube/config).")] = None,
+    namespace: Annotated[list[str] | None, typer.Option("--namespace", "-n", help="Namespace to watch (repeat for several; default: all).")] = None,
+    llama_server: Annotated[Path | None, typer.Option(help="llama-server binary (default: the agent finds Homebrew's).")] = None,
+    extra_arg: Annotated[list[str] | None, typer.Option("--extra-arg", help="Another argument for `metal-agent run`, e.g. --extra-arg=--threads=8 (repeatable, kept in order).")] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Agent and llama-server logs (default: ~/Library/Logs/metal-agent).")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Process records and working directory (default: ~/Library/Application Support/metal-agent).")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write (atomically), or '-' for stdout.")] = "-",
+) -> None:
+    """Print the LaunchAgent plist (com.llmkube.metal-agent) that runs `metal-agent run`.
+
+    Directories default to the macOS layout whatever the host, since only
+    launchd reads this file.
+    """
+    mac = default_paths(platform="darwin")
+    if agent_path is None:
+        agent_path = _default_agent_path()
+        if not os.access(agent_path, os.X_OK):
+            typer.echo(f"error: no metal-agent executable at {agent_path}; pass --agent-path", err=True)
+            raise typer.Exit(2)
+    try:
+        settings = LaunchAgentSettings(
+            agent_path=_absolute(agent_path),
+            log_dir=_absolute(log_dir or mac.logs),
+            state_dir=_absolute(state_dir or mac.state),
+            kubeconfig=_absolute(kubeconfig) if kubeconfig else None,
+            namespaces=tuple(namespace or ()),
+            llama_server=_absolute(llama_server) if llama_server else None,
+            extra_args=tuple(extra_arg or ()),
+        )
+    except LaunchdConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    data = _render_plist(settings)
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        _write_atomically(Path(output), data)
+    except OSError as exc:
+        typer.echo(f"error: cannot write {output}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+async def _stop_one(store: RecordStore, record: ProcessRecord, grace: float) -> tuple[str, bool]:
+    """Stop one recorded llama-server; a pid that fails verification is never signalled."""
+    if live_process(record) is None:
+        store.remove(record.key)
+        return f"{record.key}: pid {record.pid} is not running (or is no longer that process); record removed", True
+    await terminate_recorded(record, grace)
+    if live_process(record) is not None:
+        return f"{record.key}: pid {record.pid} did not exit; record kept", False
+    store.remove(record.key)
+    return f"{record.key}: stopped pid {record.pid}", True
+
+
+async def _stop_all(store: RecordStore, grace: float) -> bool:
+    records = store.load_all()
+    if not records:
+        typer.echo(f"no llama-server records in {store.dir}")
+        return True
+    results = await asyncio.gather(*(_stop_one(store, r, grace) for r in records))
+    for line, _ in results:
+        typer.echo(line)
+    return all(ok for _, ok in results)
+
+
+def stop_all(
+    state_dir: Annotated[Path | None, typer.Option(envvar="METAL_AGENT_STATE_DIR", help="The agent's state directory (default: the platform's).")] = None,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+) -> None:
+    """Stop the llama-servers an agent left running (e.g. before uninstalling).
+
+    Reads the agent's process records and signals only processes whose pid,
+    start time and command line still match a record, so a reused pid is
+    never hit. Stop the agent first, or it starts them again.
+    """
+    store = RecordStore((state_dir or default_paths().state) / "processes")
+    if not asyncio.run(_stop_all(store, grace)):
+        raise typer.Exit(1)

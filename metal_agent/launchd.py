@@ -1,0 +1,127 @@
+"""The LaunchAgent job that runs `metal-agent run` at login and restarts it on failure.
+
+The plist is built here with `plistlib`, the single source of truth: the
+install script renders it through `metal-agent render-plist`, and
+`launchd/com.llmkube.metal-agent.plist.example` is only a rendered copy for
+readers (a unit test keeps it in sync; regenerate it with the command in
+that test's docstring). Building the dictionary in code rather than filling
+a text template means paths with spaces, `&` or `<` can never produce a
+broken or different plist.
+
+Why each key (see launchd.plist(5)):
+
+- ``KeepAlive = {SuccessfulExit: false}``: restart only after a failure. The
+  agent exits non-zero when a subsystem fails for good (e.g. the API server
+  unreachable for too long), and zero when asked to stop, which must stick.
+- ``ThrottleInterval = 30``: a crash loop (bad kubeconfig) costs one attempt
+  every 30 s instead of launchd's 10 s default, and keeps agent.log readable.
+- ``AbandonProcessGroup = true``: when the agent exits, launchd must not kill
+  what it started. llama-servers outlive the agent on purpose, so the next
+  agent adopts them instead of reloading a 40 GB model.
+- ``ProcessType = Interactive``: without it (or with ``Standard``, which is
+  the same) launchd applies "light resource limits, throttling CPU usage and
+  I/O bandwidth" to the job, and llama-server inherits them: slower model
+  loads (I/O) and fewer tokens per second (CPU scheduling). ``Interactive``
+  runs with an app's limits, i.e. none. ``Adaptive`` needs XPC activity,
+  which this job has none of.
+- ``EnvironmentVariables.PATH``: launchd's default PATH lacks Homebrew's
+  prefixes, where llama-server lives.
+- ``METAL_AGENT_LOG_FORMAT=json``: stdout is a file, not a TTY; JSON lines
+  are what log shippers parse.
+- ``WorkingDirectory``: the state directory, never ``/`` (launchd's default),
+  so nothing stray is written at the root of the disk.
+"""
+
+from __future__ import annotations
+
+import plistlib
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+LABEL = "com.llmkube.metal-agent"
+PLIST_NAME = f"{LABEL}.plist"
+AGENT_LOG_NAME = "agent.log"
+THROTTLE_INTERVAL_S = 30
+# Homebrew on Apple Silicon, then Intel, then the system directories.
+LAUNCHD_PATH = "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class LaunchdConfigError(ValueError):
+    """Settings that would give launchd a job it cannot run as intended."""
+
+
+@dataclass(frozen=True)
+class LaunchAgentSettings:
+    """What differs between installations; everything else is fixed policy.
+
+    Paths must be absolute: launchd expands neither ``~`` nor relative paths
+    (the working directory is the state directory, not the installer's).
+    """
+
+    agent_path: str
+    log_dir: str
+    state_dir: str
+    kubeconfig: str | None = None
+    namespaces: tuple[str, ...] = ()
+    llama_server: str | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for flag, value in (
+            ("--agent-path", self.agent_path),
+            ("--log-dir", self.log_dir),
+            ("--state-dir", self.state_dir),
+            ("--kubeconfig", self.kubeconfig),
+            ("--llama-server", self.llama_server),
+        ):
+            if value is not None and not PurePosixPath(value).is_absolute():
+                raise LaunchdConfigError(f"{flag} must be an absolute path (launchd does not expand ~), got {value!r}")
+        for namespace in self.namespaces:
+            if len(namespace) > 63 or not _NAMESPACE.fullmatch(namespace):
+                raise LaunchdConfigError(f"--namespace {namespace!r} is not a valid namespace name")
+        for value in (self.agent_path, self.log_dir, self.state_dir, self.kubeconfig, self.llama_server,
+                      *self.namespaces, *self.extra_args):
+            if value is not None and "\0" in value:
+                raise LaunchdConfigError("arguments cannot contain NUL characters")
+
+
+def agent_log_path(settings: LaunchAgentSettings) -> str:
+    return str(PurePosixPath(settings.log_dir) / AGENT_LOG_NAME)
+
+
+def program_arguments(settings: LaunchAgentSettings) -> list[str]:
+    """`metal-agent run` with explicit directories, so the agent and launchd agree on them."""
+    argv = [settings.agent_path, "run", "--log-dir", settings.log_dir, "--state-dir", settings.state_dir]
+    if settings.kubeconfig:
+        argv += ["--kubeconfig", settings.kubeconfig]
+    for namespace in settings.namespaces:
+        argv += ["--namespace", namespace]
+    if settings.llama_server:
+        argv += ["--llama-server", settings.llama_server]
+    return argv + list(settings.extra_args)
+
+
+def job(settings: LaunchAgentSettings) -> dict[str, object]:
+    """The job as a dictionary (what `render_plist` serialises)."""
+    log_path = agent_log_path(settings)
+    return {
+        "Label": LABEL,
+        "ProgramArguments": program_arguments(settings),
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False},
+        "ThrottleInterval": THROTTLE_INTERVAL_S,
+        "AbandonProcessGroup": True,
+        "ProcessType": "Interactive",
+        "WorkingDirectory": settings.state_dir,
+        "StandardOutPath": log_path,
+        "StandardErrorPath": log_path,
+        "EnvironmentVariables": {"PATH": LAUNCHD_PATH, "METAL_AGENT_LOG_FORMAT": "json"},
+    }
+
+
+def render_plist(settings: LaunchAgentSettings) -> bytes:
+    """The LaunchAgent plist as XML bytes (deterministic: keys sorted)."""
+    return plistlib.dumps(job(settings), fmt=plistlib.FMT_XML, sort_keys=True)

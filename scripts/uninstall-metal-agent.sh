@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Remove the metal-agent LaunchAgent installed by install-metal-agent.sh:
+# unload it (launchctl bootout), delete its plist and its venv.
+#
+# llama-servers keep running by default (as on any agent restart), and the
+# process records and logs stay, so a later install adopts them without
+# reloading any model. STOP_MODELS=1 stops them too, via `metal-agent
+# stop-all`, which signals only processes it can prove the agent started.
+#
+# Environment: STOP_MODELS=1; METAL_AGENT_VENV (the venv an install was told
+# to use: used for stop-all, never deleted); METAL_AGENT_INSTALL_ROOT and
+# LAUNCHCTL as for install-metal-agent.sh (required off macOS).
+set -euo pipefail
+
+case "${1:-}" in
+  "") ;;
+  -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+  *) echo "unknown argument: $1" >&2; exit 2 ;;
+esac
+
+label=com.llmkube.metal-agent
+install_root="${METAL_AGENT_INSTALL_ROOT:-}"
+launchctl="${LAUNCHCTL:-/bin/launchctl}"
+if [[ "$(uname -s)" != Darwin && ( -z "$install_root" || -z "${LAUNCHCTL:-}" ) ]]; then
+  echo "metal-agent installs as a macOS LaunchAgent; this is $(uname -s)." >&2
+  echo "To try the uninstall elsewhere, set METAL_AGENT_INSTALL_ROOT=DIR and LAUNCHCTL=STAND-IN." >&2
+  exit 1
+fi
+
+if [[ -z "$install_root" && "$(id -u)" -eq 0 ]]; then
+  echo "run this as the user the agent runs as, not root (a LaunchAgent lives in a user's gui/UID domain)" >&2
+  exit 1
+fi
+
+home="${install_root:-${HOME:-}}"
+if [[ -z "$home" || "$home" != /* ]]; then
+  echo "need an absolute HOME (or METAL_AGENT_INSTALL_ROOT), got '${home}'" >&2
+  exit 1
+fi
+uid="$(id -u)"
+service="gui/$uid/$label"
+state_dir="$home/Library/Application Support/metal-agent"
+log_dir="$home/Library/Logs/metal-agent"
+plist="$home/Library/LaunchAgents/$label.plist"
+own_venv="$state_dir/venv"
+agent="${METAL_AGENT_VENV:-$own_venv}/bin/metal-agent"
+
+stop_models="${STOP_MODELS:-0}"
+if [[ "$stop_models" == 1 && ! -x "$agent" ]]; then
+  echo "STOP_MODELS=1 needs $agent to find the llama-servers safely; it is missing, so nothing was changed" >&2
+  exit 1
+fi
+
+# Unload first, so the agent cannot start anything again meanwhile.
+if bootout_err="$("$launchctl" bootout "$service" 2>&1)"; then
+  echo "unloaded $service"
+elif "$launchctl" print "$service" >/dev/null 2>&1; then
+  echo "launchctl bootout $service failed and the job is still loaded: $bootout_err" >&2
+  exit 1
+else
+  echo "$service was not loaded"
+fi
+
+if [[ "$stop_models" == 1 ]]; then
+  "$agent" stop-all --state-dir "$state_dir"
+fi
+
+rm -f -- "$plist"
+echo "removed $plist"
+# Only the venv the installer made, and only if it is one.
+if [[ -f "$own_venv/pyvenv.cfg" && "${METAL_AGENT_VENV:-}" != "$own_venv" ]]; then
+  rm -rf -- "$own_venv"
+  echo "removed $own_venv"
+fi
+
+if [[ "$stop_models" == 1 ]]; then
+  echo "kept logs in $log_dir"
+else
+  echo "llama-servers left running are adopted by a later install; STOP_MODELS=1 stops them"
+  echo "kept process records in $state_dir and logs in $log_dir"
+fi

@@ -1,0 +1,185 @@
+"""`metal-agent doctor`: each check on its own, then the command as a user runs it.
+
+These run on Linux: the Mac-only checks must say "skipped", never fail.
+Where a check needs a Mac tool (launchctl) or llama-server, a tiny script
+stands in for it; the cluster checks run against a real API server in the
+integration test at the end (skipped when the control plane is not built).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metal_agent.cli.doctor import (
+    REQUIRED_PERMISSIONS,
+    Status,
+    check_agent,
+    check_apple_silicon,
+    check_launchd,
+    check_llama_server,
+    check_memory,
+    check_metal,
+    check_sudo,
+    cluster_checks,
+    memory_result,
+)
+from tests.support.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GiB = 2**30
+linux_only = pytest.mark.skipif(platform.system() == "Darwin", reason="checks what a non-Mac reports")
+
+
+def script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def kubeconfig(path: Path, server: str, token: str = "s3cret-token-do-not-print") -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))  # fmt: skip
+    return path
+
+
+@linux_only
+@pytest.mark.parametrize("check", [check_apple_silicon, check_metal, check_launchd, lambda: check_sudo(1000)])
+async def test_mac_only_checks_are_skipped(check):
+    result = await check()
+    assert result.status is Status.SKIP
+    assert "only on macOS" in result.detail
+
+
+async def test_launchd_loaded(tmp_path: Path):
+    launchctl = script(tmp_path / "launchctl", 'echo "gui/$(id -u)/com.llmkube.metal-agent = {"\n'
+                       'echo "\tstate = running"\necho "\tpid = 4242"\n')
+    result = await check_launchd(system="Darwin", launchctl=str(launchctl))
+    assert result.status is Status.OK
+    assert "state running" in result.detail and "pid 4242" in result.detail
+
+
+async def test_launchd_not_loaded(tmp_path: Path):
+    launchctl = script(tmp_path / "launchctl", 'echo "Could not find service" >&2\nexit 113\n')
+    result = await check_launchd(system="Darwin", launchctl=str(launchctl))
+    assert result.status is Status.FAIL
+    assert "make install-metal-agent" in result.fix
+
+
+@pytest.mark.parametrize("total,available,status,budget", [
+    (64 * GiB, 40 * GiB, Status.OK, "48.0 GiB (0.75"),
+    (32 * GiB, 30 * GiB, Status.OK, "21.4 GiB (0.67"),  # capped by the budget
+    (16 * GiB, 1 * GiB, Status.FAIL, "10.7 GiB (0.67"),
+])  # fmt: skip
+def test_memory(total, available, status, budget):
+    result = memory_result(total, available)
+    assert result.status is status and budget in result.detail
+    assert (result.fix is None) == (status is Status.OK)
+
+
+async def test_memory_on_this_host():
+    assert (await check_memory()).status in (Status.OK, Status.FAIL)
+
+
+async def test_llama_server_missing(tmp_path: Path):
+    result = await check_llama_server(str(tmp_path / "llama-server"))
+    assert result.status is Status.FAIL
+    assert "brew install llama.cpp" in result.fix
+
+
+async def test_llama_server_version(tmp_path: Path):
+    binary = script(tmp_path / "llama-server",
+                    'case "$1" in --version) echo "version: 6500 (abc1234)";; *) echo "--mlock  keep the model in RAM";; esac\n')
+    result = await check_llama_server(str(binary))
+    assert result.status is Status.OK
+    assert result.detail == f"{binary} (version 6500 (abc1234))"
+
+
+async def test_kubeconfig_missing(tmp_path: Path):
+    api, crds, perms = await cluster_checks(str(tmp_path / "nope.yaml"), None, ())
+    assert api.status is Status.FAIL and "no kubeconfig file" in api.detail and "--kubeconfig" in api.fix
+    assert crds.status is perms.status is Status.SKIP
+
+
+async def test_kubeconfig_unloadable(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: Config\n")
+    api, _, _ = await cluster_checks(str(bad), None, ())
+    assert api.status is Status.FAIL and "cannot load" in api.detail
+
+
+async def test_api_not_answering(tmp_path: Path):
+    config = kubeconfig(tmp_path / "kc.yaml", f"https://127.0.0.1:{free_port()}")
+    api, crds, perms = await cluster_checks(str(config), None, ())
+    assert api.status is Status.FAIL
+    assert "no answer from https://127.0.0.1:" in api.detail
+    assert "server address" in api.fix
+    assert "s3cret" not in api.detail + api.fix
+    assert crds.status is perms.status is Status.SKIP
+
+
+async def test_agent_not_answering():
+    result = await check_agent(f"127.0.0.1:{free_port()}")
+    assert result.status is Status.FAIL and "metal-agent run" in result.fix
+
+
+def _granted(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+def test_role_grants_every_required_permission():
+    """What the doctor asks for is what manifests/rbac/metal-agent.yaml grants."""
+    docs = list(yaml.safe_load_all((REPO / "manifests" / "rbac" / "metal-agent.yaml").read_text()))
+    rules = next(d for d in docs if d["kind"] == "ClusterRole")["rules"]
+    for perm in REQUIRED_PERMISSIONS:
+        resource = f"{perm.resource}/{perm.subresource}" if perm.subresource else perm.resource
+        assert _granted(rules, perm.group, resource, perm.verb), f"ClusterRole lacks {perm}"
+
+
+async def test_doctor_command_fails_with_bad_kubeconfig(tmp_path: Path):
+    config = kubeconfig(tmp_path / "kc.yaml", f"https://127.0.0.1:{free_port()}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "metal_agent", "doctor", "--kubeconfig", str(config),
+        "--listen", f"127.0.0.1:{free_port()}", "--llama-server", str(tmp_path / "none"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 1, text + err.decode()
+    assert "✗ Kubernetes API: no answer from" in text
+    assert "\n    fix: check the server address" in text
+    assert "– CRDs: skipped" in text
+    if platform.system() != "Darwin":
+        assert "– Apple Silicon: skipped" in text and "– launchd job: skipped" in text
+    assert "s3cret" not in text + err.decode()
+    assert text.rstrip().splitlines()[-1].endswith("skipped")
+
+
+@pytest.mark.integration
+async def test_cluster_checks_against_real_api_server(control_plane, tmp_path: Path):
+    from tests.support.controlplane import write_kubeconfig
+
+    api, crds, perms = await cluster_checks(str(control_plane.agent_kubeconfig), None, ())
+    assert [api.status, crds.status, perms.status] == [Status.OK] * 3, (api, crds, perms)
+    assert "all namespaces" in perms.detail
+    _, _, perms = await cluster_checks(str(control_plane.agent_kubeconfig), None, ("team-a",))
+    assert perms.status is Status.OK and "team-a" in perms.detail
+
+    nobody = control_plane.pki.client("nobody", "nobody")
+    config = write_kubeconfig(tmp_path / "nobody.kubeconfig", control_plane.url, control_plane.pki.ca_cert,
+                              nobody.cert, nobody.key, "nobody")
+    api, crds, perms = await cluster_checks(str(config), None, ())
+    assert api.status is Status.OK and crds.status is Status.OK  # discovery is open to every user
+    assert perms.status is Status.FAIL
+    assert "list inferenceservices.inference.llmkube.dev" in perms.detail and "kubectl apply" in perms.fix
