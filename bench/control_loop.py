@@ -40,6 +40,7 @@ from tests.support.agent import AgentOptions, AgentProcess  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
 from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+from tests.support.procs import process_gone
 from tests.support.wait import wait_for  # noqa: E402
 
 
@@ -84,7 +85,7 @@ async def bench_apply_latency(cluster: Cluster, agent: AgentProcess, n: int) -> 
         pid, exec_at = await exec_time_of_new_process(agent, f"{cluster.ns}/{name}", set())
         latencies.append((exec_at - t0) * 1000)
         await cluster.delete_isvc(name)
-        await wait_for(lambda p=pid: not psutil.pid_exists(p), timeout=15, what="stopped", interval=0.01)
+        await wait_for(lambda p=pid: process_gone(p), timeout=15, what="stopped", interval=0.01)
     return latencies
 
 

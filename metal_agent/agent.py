@@ -35,7 +35,7 @@ from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
-from metal_agent.metrics import AgentMetrics
+from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
 
@@ -153,6 +153,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
         on_change=lambda key, snap, event: reconciler.on_process_change(key, snap, event), settings=cfg.supervisor,
+        on_probe=lambda key, seconds: metrics.health_check_duration.labels(**service_labels(key)).observe(seconds),
     )
     processes.load_adoptable()
     registrar = Registrar(api, agent_version=__version__)
@@ -206,16 +207,20 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
                       status=grant.status, detail=grant.detail, fix=grant.fix)
         await PowerSampler(registry, interval_ms=cfg.power_interval_ms).run()
 
-    async def rotate_logs() -> None:
+    async def housekeeping() -> None:
+        """Once a minute: cap llama-server log sizes, refresh per-process RSS."""
         while True:
             await asyncio.sleep(60)
             await processes.rotate_logs()
+            for row in _services_view(reconciler):
+                if row["rss_bytes"] is not None:
+                    metrics.process_rss.labels(**service_labels(row["service"])).set(row["rss_bytes"])
 
     fatal: AgentExit | None = None
     try:
         async with serve(app, cfg.http_host, cfg.http_port):
             reconciler.queue.start()
-            jobs = [isvcs.run(), models.run(), api_watchdog(), rotate_logs(), heartbeats()]
+            jobs = [isvcs.run(), models.run(), api_watchdog(), housekeeping(), heartbeats()]
             if cfg.power:
                 jobs.append(power())
             tasks = [asyncio.create_task(c) for c in jobs]

@@ -12,6 +12,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from metal_agent.core.names import METRIC_PREFIX as P
 
 
+def service_labels(key: str) -> dict[str, str]:
+    """Label values for a "namespace/name" service key."""
+    namespace, name = key.split("/", 1)
+    return {"name": name, "namespace": namespace}
+
+
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.managed_processes = Gauge(P + "managed_processes", "llama-server processes supervised by this agent", registry=registry)
@@ -22,6 +28,11 @@ class AgentMetrics:
             P + "process_startup_seconds", "llama-server spawn to first healthy /health",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=registry,
         )
+        self.health_check_duration = Histogram(
+            P + "health_check_duration_seconds", "llama-server /health probe latency", ["name", "namespace"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=registry,
+        )
+        self.process_rss = Gauge(P + "process_rss_bytes", "resident memory of the service's llama-server", ["name", "namespace"], registry=registry)
         self.watch_consecutive_failures = Gauge(P + "watch_consecutive_failures", "consecutive failed list/watch attempts against the API server", registry=registry)
         self.watch_failures = Counter(P + "watch_failures", "failed list/watch attempts", ["resource"], registry=registry)
         self.reconciles = Counter(P + "reconciles", "reconciles by outcome", ["outcome"], registry=registry)
@@ -30,7 +41,7 @@ class AgentMetrics:
 
     def forget_service(self, namespace: str, name: str) -> None:
         """Drop a deleted service's series so dashboards do not show ghosts."""
-        for metric in (self.process_healthy, self.process_restarts, self.respawns):
+        for metric in (self.process_healthy, self.process_restarts, self.respawns, self.health_check_duration, self.process_rss):
             try:
                 metric.remove(name, namespace)
             except KeyError:

@@ -38,7 +38,7 @@ from metal_agent.core.registration import Registration, endpoint_url, service_na
 from metal_agent.core.result import Invalid, NotOurs
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
-from metal_agent.metrics import AgentMetrics
+from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.workqueue import WorkQueue
 
 log = structlog.get_logger(__name__)
@@ -107,12 +107,12 @@ class Reconciler:
                 self.queue.add(object_key(isvc))
 
     def on_process_change(self, key: str, snap: Snapshot, event: SupervisorEvent | None) -> None:
-        namespace, name = key.split("/", 1)
-        self.metrics.process_healthy.labels(name, namespace).set(1 if snap.ready else 0)
+        labels = service_labels(key)
+        self.metrics.process_healthy.labels(**labels).set(1 if snap.ready else 0)
         self.metrics.managed_processes.set(len(self.processes.supervisors))
         if event is not None:
-            if snap.state is State.BACKOFF:
-                self.metrics.process_restarts.labels(name, namespace).inc()
+            if event.reason == "Restarting":
+                self.metrics.process_restarts.labels(**labels).inc()
             if event.reason == "Ready" and snap.started_at and not snap.adopted:
                 self.metrics.startup_seconds.observe(max(0.0, (snap.ready_at or 0) - snap.started_at))
             raw = self.isvcs.get(key)
@@ -177,8 +177,7 @@ class Reconciler:
             log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
             self.events.emit(raw["metadata"], "Respawning",
                                      f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]}); restarting llama-server")
-            namespace, name = key.split("/", 1)
-            self.metrics.respawns.labels(name, namespace).inc()
+            self.metrics.respawns.labels(**service_labels(key)).inc()
             await self._stop(key)
             managed = None
 
@@ -213,8 +212,7 @@ class Reconciler:
     async def _stop(self, key: str) -> None:
         self.managed.pop(key, None)
         await self.processes.stop(key)
-        namespace, name = key.split("/", 1)
-        self.metrics.process_healthy.labels(name, namespace).set(0)
+        self.metrics.process_healthy.labels(**service_labels(key)).set(0)
         self.metrics.managed_processes.set(len(self.processes.supervisors))
 
     async def _register(self, key: str, raw: dict) -> tuple[Blocker | None, float | None]:

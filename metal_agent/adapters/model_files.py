@@ -1,28 +1,79 @@
-"""Find the GGUF file a Model names, on this Mac.
+"""Find the GGUF file a Model names, on this Mac, fetching it when needed.
 
 The reconciler asks `lookup()` and gets one of three answers without ever
 waiting on I/O longer than a `stat`: the file is ready, it is on its way
 (a download runs in the background and calls back when done), or it cannot
-be had, with a reason the user can act on. Local sources (`file://`,
-absolute paths) are used in place; sources that only make sense inside the
-cluster (`pvc://`, `s3://`) are refused.
+be had, with a reason the user can act on. A download of one model never
+delays the lookup of another (LLMKube's agent downloaded inside its one
+loop, so one slow model stalled every service).
+
+Sources:
+* `file://` and absolute paths: used in place.
+* `http(s)://` and `hf://org/repo[@rev]/path/file.gguf`: downloaded into
+  `<cache>/<sha256(url)[:16]>/<file name>` by `adapters.downloads`, one task
+  per destination however many services wait for it. An optional bearer
+  token comes from the Secret named by `spec.sourceSecretRef`.
+* `pvc://`, `s3://` and bare catalogue names: refused, with the reason.
+
+Callbacks (all take the waiting service's key and must not block):
+* `on_ready(key)` when a download the service waits for has finished, for
+  good or ill: look the model up again.
+* `on_progress(key)` at most every `progress_interval` seconds (default 2)
+  while it runs, so the status message and the byte gauges stay fresh.
+
+A download that failed for good is remembered (the lookup returns its
+Blocker) for `failure_hold` seconds, or `integrity_failure_hold` when the
+bytes were wrong (re-downloading soon would fetch the same wrong bytes);
+`retry(model)` forgets it at once, e.g. when the Model is edited.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from metal_agent.core.api import Model, SourceKind
+import aiohttp
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+
+from metal_agent.adapters.downloads import (
+    DEFAULT_BACKOFF,
+    DEFAULT_MAX_FAILURES,
+    DEFAULT_TIMEOUT,
+    HF_ENDPOINT,
+    REASON_FAILED,
+    CachePaths,
+    Download,
+    DownloadError,
+    SecretRef,
+    TokenProvider,
+    TokenUnavailable,
+    Verified,
+    resolve_source,
+    safe_file_name,
+)
+from metal_agent.core.api import InferenceServiceSpec, Model, SourceKind
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
+from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
+
+log = structlog.get_logger(__name__)
+
+HEADER_FIRST_READ = 8 << 20
+HEADER_MAX_READ = 128 << 20
 
 
 @dataclass(frozen=True)
 class ModelReady:
     path: Path
+    sha256: str | None = None  # known for downloaded files
 
 
 @dataclass(frozen=True)
@@ -49,12 +100,129 @@ def _check_local_file(path: Path) -> Blocker | None:
     return None
 
 
+class DownloadMetrics:
+    """Per-service download progress, in bytes, labelled like LLMKube's per-service metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.done = Gauge(P + "model_download_bytes", "bytes of the service's model file downloaded so far",
+                          ["name", "namespace"], registry=registry)
+        self.total = Gauge(P + "model_download_total_bytes", "size of the service's model file being downloaded "
+                           "(0 while unknown)", ["name", "namespace"], registry=registry)
+
+    def set(self, key: str, done: int, total: int | None) -> None:
+        namespace, name = key.split("/", 1)
+        self.done.labels(name, namespace).set(done)
+        self.total.labels(name, namespace).set(total or 0)
+
+    def forget(self, key: str) -> None:
+        namespace, name = key.split("/", 1)
+        for gauge in (self.done, self.total):
+            try:
+                gauge.remove(name, namespace)
+            except KeyError:
+                pass
+
+
+class _Throttle:
+    """Call `fire` at most once per `interval`; a call inside the window is deferred
+    to its end (never dropped), so the last state is always reported."""
+
+    def __init__(self, interval: float, fire: Callable[[], None]) -> None:
+        self.interval = interval
+        self.fire = fire
+        self.last = float("-inf")
+        self.pending: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        if self.pending is not None:
+            return
+        wait = self.last + self.interval - time.monotonic()
+        if wait <= 0:
+            self._run()
+        else:
+            self.pending = asyncio.get_running_loop().call_later(wait, self._run)
+
+    def _run(self) -> None:
+        self.pending = None
+        self.last = time.monotonic()
+        self.fire()
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+
+
+@dataclass(eq=False)
+class _Job:
+    paths: CachePaths
+    expected: str | None
+    download: Download
+    waiters: set[str] = field(default_factory=set)
+    task: asyncio.Task | None = None
+    throttle: _Throttle | None = None
+
+
+@dataclass(frozen=True)
+class _Failure:
+    blocker: Blocker
+    until: float
+
+
 class ModelFiles:
-    def __init__(self, cache_dir: Path, on_ready: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        on_ready: Callable[[str], None] | None = None,
+        *,
+        on_progress: Callable[[str], None] | None = None,
+        registry: CollectorRegistry | None = None,
+        token_provider: TokenProvider | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        max_failures: int = DEFAULT_MAX_FAILURES,
+        progress_interval: float = 2.0,
+        failure_hold: float = 600.0,
+        integrity_failure_hold: float = 6 * 3600.0,
+        hf_endpoint: str = HF_ENDPOINT,
+        timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+    ) -> None:
         self.cache_dir = cache_dir
         self.on_ready = on_ready
+        self.on_progress = on_progress
+        self.metrics = DownloadMetrics(registry) if registry is not None else None
+        self.token_provider = token_provider
+        self.backoff = backoff
+        self.max_failures = max_failures
+        self.progress_interval = progress_interval
+        self.failure_hold = failure_hold
+        self.integrity_failure_hold = integrity_failure_hold
+        self.hf_endpoint = hf_endpoint
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._jobs: dict[Path, _Job] = {}
+        self._ready: dict[Path, Verified] = {}
+        self._failures: dict[tuple[Path, str | None], _Failure] = {}
+        self._waiting_on: dict[str, Path] = {}
 
-    def lookup(self, model: Model) -> Lookup:
+    # -- the reconciler's entry point ---------------------------------------------
+
+    def lookup(self, model: Model, key: str | None = None, *, secret_ref: SecretRef | None = None) -> Lookup:
+        """Where the model file is, or why not yet, or why never. Never awaits.
+
+        `key` is the InferenceService ("namespace/name") waiting for the
+        file; it receives `on_ready`/`on_progress` calls and the byte gauges.
+        `secret_ref` is the Model's `spec.sourceSecretRef`, read in the
+        Model's namespace when a download starts.
+        """
+        where = self._locate(model)
+        if isinstance(where, tuple):
+            return self._lookup_download(model, key, *where, secret_ref)
+        if key is not None:
+            self._wait_on(key, None)  # no download (any more) for this service
+        return where
+
+    def _locate(self, model: Model) -> Lookup | tuple[str, CachePaths]:
+        """A local file's answer, a refusal, or the (URL, cache paths) to download."""
         source = model.spec.source
         if source.kind in (SourceKind.FILE, SourceKind.PATH):
             path = Path(source.local_path)
@@ -66,6 +234,209 @@ class ModelFiles:
         if source.kind is SourceKind.NAME:
             return Blocker("ModelSourceUnsupported",
                            f"source {source.raw!r} is a bare name; give an https://, hf:// or file:// source")
-        return Blocker("ModelSourceUnsupported",
-                       f"{source.kind.value} sources are not downloaded by this agent version yet; "
-                       "download the file and use a file:// source")
+        url = resolve_source(source, self.hf_endpoint)
+        if isinstance(url, Blocker):
+            return url
+        if not safe_file_name(source.file_name):
+            return Blocker("ModelSourceInvalid", f"source {source.raw!r} does not end in a usable file name")
+        return url, CachePaths.for_url(self.cache_dir, url, source.file_name)
+
+    def _lookup_download(self, model: Model, key: str | None, url: str, paths: CachePaths,
+                         secret_ref: SecretRef | None) -> Lookup:
+        """Ready if verified and unchanged; else join the running download, repeat a
+        remembered failure, or start a download."""
+        expected = model.spec.sha256
+        if key is not None:
+            self._wait_on(key, paths.final)
+
+        ready = self._ready.get(paths.final)
+        if ready is not None:
+            if self._unchanged(ready):
+                if expected in (None, ready.sha256):
+                    return ModelReady(ready.path, ready.sha256)
+            else:
+                del self._ready[paths.final]
+
+        job = self._jobs.get(paths.final)
+        if job is not None:
+            if key is not None:
+                job.waiters.add(key)
+            if job.expected != expected:
+                return ModelPending("waiting for another download of the same URL (with a different sha256) to finish")
+            return ModelPending(job.download.message)
+
+        failure = self._failures.get((paths.final, expected))
+        if failure is not None:
+            if time.monotonic() < failure.until:
+                return failure.blocker
+            del self._failures[(paths.final, expected)]
+
+        self._start(model, key, url, paths, secret_ref)
+        return ModelPending(f"download of {paths.final.name} is starting")
+
+    def _unchanged(self, ready: Verified) -> bool:
+        """The verified file is still the one we verified (a tiny stat)."""
+        try:
+            st = ready.path.stat()
+        except OSError:
+            return False
+        return st.st_size == ready.size and st.st_mtime_ns == ready.mtime_ns
+
+    def _wait_on(self, key: str, dest: Path | None) -> None:
+        """Record what `key` waits for (None: no download); a service that switched
+        to another source stops waiting for the old download, and a download
+        nobody waits for any more is cancelled."""
+        previous = self._waiting_on.pop(key, None)
+        if dest is not None:
+            self._waiting_on[key] = dest
+        if previous is not None and previous != dest:
+            self._leave(key, previous)
+
+    def _leave(self, key: str, dest: Path) -> None:
+        job = self._jobs.get(dest)
+        if job is None:
+            return
+        job.waiters.discard(key)
+        if not job.waiters and job.task is not None:
+            log.info("nobody waits for this download any more; stopping it (the partial file is kept)",
+                     url=job.download.where)
+            job.task.cancel()
+
+    # -- background downloads ----------------------------------------------------------
+
+    def _session_for_downloads(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # auto_decompress off: byte counts, ranges and digests are about the file, not an encoding of it.
+            self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False)
+        return self._session
+
+    def _start(self, model: Model, key: str | None, url: str, paths: CachePaths, secret_ref: SecretRef | None) -> None:
+        namespace = model.meta.namespace
+
+        async def token() -> str | None:
+            if secret_ref is None or self.token_provider is None:
+                return None
+            return await self.token_provider(namespace, secret_ref)
+
+        job: _Job
+        download = Download(
+            url, paths, model.spec.sha256, session=self._session_for_downloads(), token=token,
+            backoff=self.backoff, max_failures=self.max_failures, on_update=lambda: job.throttle(),
+        )
+        job = _Job(paths, model.spec.sha256, download, waiters={key} if key is not None else set())
+        job.throttle = _Throttle(self.progress_interval, lambda: self._report(job))
+        self._jobs[paths.final] = job
+        log.info("model download started", url=download.where, path=str(paths.final),
+                 service=key, sha256=model.spec.sha256)
+        job.task = asyncio.get_running_loop().create_task(download.run(), name=f"download {paths.final}")
+        job.task.add_done_callback(lambda task: self._finished(job, task))
+
+    def _report(self, job: _Job) -> None:
+        progress = job.download.progress
+        for key in sorted(job.waiters):
+            if self.metrics is not None:
+                self.metrics.set(key, progress.done, progress.total)
+            self._call("on_progress", self.on_progress, key)
+
+    def _finished(self, job: _Job, task: asyncio.Task) -> None:
+        job.throttle.cancel()
+        if self._jobs.get(job.paths.final) is job:
+            del self._jobs[job.paths.final]
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is None:
+            verified: Verified = task.result()
+            self._ready[job.paths.final] = verified
+            for key in job.waiters:
+                if self.metrics is not None:
+                    self.metrics.set(key, verified.size, verified.size)
+        else:
+            hold = self.failure_hold
+            if isinstance(err, TokenUnavailable):
+                blocker = err.blocker
+            elif isinstance(err, DownloadError):
+                blocker = Blocker(err.reason, err.message)
+                if err.integrity:
+                    hold = self.integrity_failure_hold
+            else:
+                log.error("model download crashed", url=job.download.where, exc_info=err)
+                blocker = Blocker(REASON_FAILED, f"download from {job.download.where} failed: internal error "
+                                  f"({type(err).__name__}); see the agent's log")
+            log.warning("model download failed", url=job.download.where, reason=blocker.reason, error=blocker.message)
+            self._failures[(job.paths.final, job.expected)] = _Failure(blocker, time.monotonic() + hold)
+        for key in sorted(job.waiters):
+            self._call("on_ready", self.on_ready, key)
+
+    @staticmethod
+    def _call(what: str, fn: Callable[[str], None] | None, key: str) -> None:
+        if fn is None:
+            return
+        try:
+            fn(key)
+        except Exception:  # noqa: BLE001 - a callback bug must not kill the download
+            log.exception("model store callback failed", callback=what, service=key)
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def forget(self, key: str) -> None:
+        """The service is gone: drop its gauges and stop waiting (a download nobody
+        else waits for is cancelled; its partial file stays for next time)."""
+        dest = self._waiting_on.pop(key, None)
+        if dest is not None:
+            self._leave(key, dest)
+        if self.metrics is not None:
+            self.metrics.forget(key)
+
+    def retry(self, model: Model) -> None:
+        """Forget a remembered failure for this Model's file, so the next lookup tries again."""
+        where = self._locate(model) if model.spec.source.kind in (SourceKind.HTTP, SourceKind.HUGGINGFACE) else None
+        if isinstance(where, tuple):
+            self._failures.pop((where[1].final, model.spec.sha256), None)
+
+    def downloading(self) -> list[Path]:
+        """Destinations with a download in flight (for diagnostics and tests)."""
+        return list(self._jobs)
+
+    async def aclose(self) -> None:
+        """Cancel downloads (partials stay for the next start) and close the HTTP session."""
+        tasks = [job.task for job in self._jobs.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- memory estimate inputs --------------------------------------------------------
+
+    async def read_header(self, path: Path) -> tuple[GGUFHeader | GGUFError, int]:
+        """The GGUF header of `path` and the file's size, reading only the metadata
+        section (in a thread): a first read of 8 MiB, more only if the header is longer."""
+        return await asyncio.to_thread(read_gguf_header, path)
+
+    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        """What the service `spec` will need with the model at `path` (see core.memory)."""
+        header, size = await self.read_header(path)
+        return estimate_from_header(header, size, spec)
+
+
+def read_gguf_header(path: Path, first: int = HEADER_FIRST_READ, limit: int = HEADER_MAX_READ) -> tuple[GGUFHeader | GGUFError, int]:
+    """Blocking: call through `asyncio.to_thread`. Never reads past the metadata
+    (plus the slack of the last read) and never more than `limit` bytes."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            want = first
+            data = b""
+            while True:
+                if want > len(data):
+                    data += f.read(want - len(data))
+                header = parse_header(data)
+                if not (isinstance(header, GGUFError) and header.truncated) or len(data) >= size:
+                    return header, size
+                if len(data) >= limit:
+                    return GGUFError(f"the GGUF metadata is larger than {limit >> 20} MiB; not reading further"), size
+                want = min(limit, max(2 * len(data), (header.needed or 0) + (1 << 20)))
+    except OSError as err:
+        return GGUFError(f"cannot read {path}: {err.strerror or err}"), 0

@@ -5,6 +5,13 @@ from __future__ import annotations
 import typer
 
 from metal_agent import __version__
+from metal_agent.cli.doctor import doctor
+from metal_agent.cli.install import render_plist, stop_all
+from metal_agent.cli.power import power_app, render_sudoers
+from metal_agent.cli.render import render
+from metal_agent.cli.reference import config_reference
+from metal_agent.cli.run import run
+from metal_agent.cli.status import logs, status
 
 app = typer.Typer(
     name="metal-agent",
@@ -13,6 +20,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(power_app, name="power")
+app.command("render-sudoers")(render_sudoers)
+app.command("render")(render)
+app.command("run")(run)
+app.command("config-reference", hidden=True)(config_reference)
+app.command("render-plist")(render_plist)
+app.command("stop-all")(stop_all)
+app.command("doctor")(doctor)
+app.command("status")(status)
+app.command("logs")(logs)
 
 
 def _version(value: bool) -> None:

@@ -13,6 +13,7 @@ import pytest
 from metal_agent.adapters.process.records import RecordStore, live_process
 from tests.support.agent import AgentOptions, AgentProcess
 from tests.support.isvc import Cluster
+from tests.support.procs import process_gone
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ async def test_create_ready_scale_and_delete(env):
     # replicas 0 -> process gone, phase Stopped.
     await cluster.patch_isvc("chat", {"replicas": 0})
     await cluster.wait_phase("chat", "Stopped")
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert process_gone(pid)
     assert await agent.services() == []
 
     # back to 1 -> a new process, Ready again.
@@ -88,7 +89,7 @@ async def test_create_ready_scale_and_delete(env):
     # delete -> process gone within a second.
     await cluster.delete_isvc("chat")
     started = time.monotonic()
-    await wait_for(lambda: not psutil.pid_exists(pid), timeout=5, what="llama-server to exit", interval=0.01)
+    await wait_for(lambda: process_gone(pid), timeout=5, what="llama-server to exit", interval=0.01)
     assert time.monotonic() - started <= 1.0
 
 
@@ -109,7 +110,7 @@ async def test_spec_drift_respawns_exactly_once(env):
     new_pid = await wait_for(lambda: _new_ready_pid(agent, key, old_pid), timeout=30, what="respawned llama-server")
     argv = cmdline(new_pid)
     assert argv[argv.index("--ctx-size") + 1] == "1024"
-    assert not psutil.pid_exists(old_pid)
+    assert process_gone(old_pid)
     await cluster.wait_phase("drift", "Ready")
     assert (await cluster.event_reasons("drift")).count("Respawning") == 1
     assert await agent.metric("llmkube_metal_agent_respawns_total", {"name": "drift", "namespace": cluster.ns}) == 1
@@ -205,7 +206,7 @@ async def test_model_leaving_metal_stops_the_process(env):
     await cluster.wait_phase("moved", "Ready")
     pid = await service_pid(agent, key)
     await cluster.patch_model("tiny", {"hardware": {"accelerator": "cuda"}})
-    await wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="llama-server stopped")
+    await wait_for(lambda: process_gone(pid), timeout=10, what="llama-server stopped")
     assert await agent.services() == []
 
 
@@ -220,7 +221,7 @@ async def test_agent_restart_adopts_without_reload(env):
 
     agent.kill()
     await agent.process.wait(timeout=10)
-    assert psutil.pid_exists(pid)
+    assert not process_gone(pid)
 
     await agent.start()
     adopted = await wait_for(lambda: service_pid(agent, key), timeout=20, what="adopted service Ready")
@@ -247,7 +248,7 @@ async def test_spec_change_while_agent_down_respawns_once(env):
     new_pid = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="respawned service")
     argv = cmdline(new_pid)
     assert argv[argv.index("--ctx-size") + 1] == "768"
-    assert not psutil.pid_exists(pid)
+    assert process_gone(pid)
     assert (await cluster.event_reasons("offline")).count("Started") == 2
 
 

@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import os
 import signal
+import sys
 
 import aiohttp
 import psutil
@@ -24,6 +25,7 @@ from metal_agent.adapters.process.records import RecordStore, live_process
 from tests.support import netns
 from tests.support.agent import AgentOptions, AgentProcess
 from tests.support.isvc import Cluster
+from tests.support.procs import process_gone
 from tests.support.wait import wait_for
 
 pytestmark = [
@@ -116,9 +118,21 @@ async def test_service_and_slice_follow_the_contract_and_serve(mac):
             assert resp.status == 200
             assert (await resp.json())["choices"]
 
-    # llama-server listens on the registered address only, not on every interface.
-    listeners = {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == "LISTEN"}
-    assert listeners == {ns.inner_ip}
+    # llama-server listens on the registered address only: inside the "Mac",
+    # its own loopback gets a refusal on the same port.
+    assert cmdline_value(pid, "--host") == ns.inner_ip
+    probe = ("import socket,sys\n"
+             "try:\n socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3); print('open')\n"
+             "except ConnectionRefusedError:\n print('refused')\n")
+    proc = await asyncio.create_subprocess_exec(*ns.wrap([sys.executable, "-c", probe, str(port)]),
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert out.decode().strip() == "refused"
+
+
+def cmdline_value(pid: int, flag: str) -> str:
+    argv = psutil.Process(pid).cmdline()
+    return argv[argv.index(flag) + 1]
 
 
 async def _ready_slice(cluster: Cluster, name: str):
@@ -216,7 +230,7 @@ async def test_api_outage_mid_respawn_converges_without_extra_restarts(mac, cont
     old = (await agent.services())[0]
 
     await cluster.patch_isvc("outage", {"contextSize": 512})
-    await wait_for(lambda: not psutil.pid_exists(old["pid"]), timeout=20, what="respawn to begin", interval=0.01)
+    await wait_for(lambda: process_gone(old["pid"]), timeout=20, what="respawn to begin", interval=0.01)
     await control_plane.stop_apiserver()
     try:
         new_pid = await wait_for(lambda: _ready_pid_other_than(agent, old["pid"]), timeout=30, what="respawned during outage")

@@ -86,3 +86,14 @@ class ManagedProcess:
         except FileNotFoundError:
             return f"({self.name}: no log yet)"
         return f"--- last lines of {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited. A zombie counts as gone: an orphan whose
+    agent was killed is re-parented, and its new parent may reap it late."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -30,6 +30,7 @@ from metal_agent.core.process import Snapshot, SupervisorEvent
 log = structlog.get_logger(__name__)
 
 OnChange = Callable[[str, Snapshot, SupervisorEvent | None], None]
+OnProbe = Callable[[str, float], None]
 
 
 def log_file_name(key: str) -> str:
@@ -62,7 +63,9 @@ class ProcessManager:
         on_change: OnChange,
         settings: SupervisorSettings = SupervisorSettings(),
         log_max_bytes: int = 20 * 1024 * 1024,
+        on_probe: OnProbe | None = None,
     ) -> None:
+        self.on_probe = on_probe
         self.records = records
         self.log_dir = log_dir
         self.http = http
@@ -93,6 +96,7 @@ class ProcessManager:
         supervisor = Supervisor(
             plan, log_file=self.service_log(plan.key), records=self.records, http=self.http,
             on_change=lambda snap, event, key=plan.key: self.on_change(key, snap, event), settings=self.settings,
+            on_probe=(lambda seconds, key=plan.key: self.on_probe(key, seconds)) if self.on_probe else None,
         )
         record = self.adoptable.pop(plan.key, None)
         if record is not None:

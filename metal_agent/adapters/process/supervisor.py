@@ -105,8 +105,10 @@ class Supervisor:
         http: aiohttp.ClientSession,
         on_change: OnChange,
         settings: SupervisorSettings = SupervisorSettings(),
+        on_probe: Callable[[float], None] | None = None,
     ) -> None:
         self.plan = plan
+        self.on_probe = on_probe
         self.log_file = log_file
         self.records = records
         self.http = http
@@ -255,12 +257,16 @@ class Supervisor:
         return ExitInfo(reason, running.returncode, tuple(problem_lines(text)), time.time()), healthy_for
 
     async def _healthy(self, base: str) -> bool:
+        started = time.monotonic()
         try:
             async with self.http.get(f"{base}/health",
                                      timeout=aiohttp.ClientTimeout(total=self.settings.liveness_timeout)) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
+        finally:
+            if self.on_probe is not None:
+                self.on_probe(time.monotonic() - started)
 
     async def _await_ready(self, running: _Running, base: str) -> bool:
         """Poll /health fast at first (50 ms), backing off to 1 s; False on exit or timeout."""

@@ -1,0 +1,627 @@
+"""Download one model file over HTTP(S) into the cache: resumable, verified, atomic.
+
+Model files are tens of GB fetched over home and office links, so a download
+must survive dropped connections and agent restarts without starting over,
+and must never hand llama-server a file that is short, corrupt or not the
+one the Model names. The rules:
+
+* Bytes go to `<name>.partial` beside the final path; only a complete,
+  verified file is renamed into place (atomically), so a file at the final
+  path is always whole. The partial survives restarts.
+* Resume sends `Range: bytes=<size>-` (with `If-Range` when the server gave
+  a validator) and accepts the continuation only as `206` with a
+  `Content-Range` starting exactly there. A `200` means the server ignored
+  the range (or the file changed): start again from 0.
+* Lengths are cross-checked: the body may not exceed the announced span, and
+  every response must agree on the file's total size. A server that changes
+  its story is lying or serving a different file; the partial is discarded
+  and the download fails rather than splicing two files together.
+* SHA-256 is computed while writing (in worker threads, with the bytes of a
+  resumed prefix hashed once in a thread before continuing), compared with
+  the Model's `sha256` when given, and recorded in a sidecar
+  (`<name>.sha256.json`) with the size and mtime, so a restart trusts the
+  cached file without re-hashing gigabytes.
+* Network failures retry with back-off, keeping the partial; an attempt that
+  made progress resets the failure count. Refusals (HTTP 4xx), integrity
+  failures and local disk errors are final.
+
+File I/O and hashing run in threads (`asyncio.to_thread`); the event loop
+only moves buffers. Nothing here logs request headers: the bearer token
+lives in one dict for the duration of one request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import aiohttp
+import structlog
+
+from metal_agent.core.api import ModelSource, SourceKind
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.status import Blocker
+
+log = structlog.get_logger(__name__)
+
+HF_ENDPOINT = "https://huggingface.co"
+READ_CHUNK = 1 << 20
+WRITE_BATCH = 4 << 20  # hand the writer thread this much at a time
+HASH_BLOCK = 8 << 20
+DEFAULT_BACKOFF = Backoff(initial=2.0, factor=2.0, cap=60.0)
+DEFAULT_MAX_FAILURES = 5
+DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+RATE_WINDOW_S = 1.0
+
+REASON_FAILED = "ModelDownloadFailed"
+REASON_CHECKSUM = "ModelChecksumMismatch"
+REASON_LENGTH = "ModelLengthMismatch"
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_QUERY = re.compile(r"\?[^\s'\")]*")
+
+
+# -- credentials ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """`Model.spec.sourceSecretRef`: a Secret in the Model's namespace holding a bearer token."""
+
+    name: str
+    key: str = "token"
+
+
+class TokenUnavailable(Exception):
+    """The token could not be read; `blocker` says why, for the service's status.
+
+    `retryable` marks failures that may go away on their own (API server
+    unreachable), as opposed to a missing Secret or a missing RBAC grant.
+    """
+
+    def __init__(self, blocker: Blocker, *, retryable: bool = False) -> None:
+        super().__init__(blocker.message)
+        self.blocker = blocker
+        self.retryable = retryable
+
+
+TokenProvider = Callable[[str, SecretRef], Awaitable[str | None]]
+
+
+# -- where things go --------------------------------------------------------------
+
+
+def resolve_source(source: ModelSource, hf_endpoint: str = HF_ENDPOINT) -> str | Blocker:
+    """The HTTPS URL to fetch for an `http(s)://` or `hf://` source.
+
+    `hf://org/repo/path/file.gguf` → `<endpoint>/org/repo/resolve/main/path/file.gguf`;
+    a revision goes on the repository: `hf://org/repo@v1.0/file.gguf` (branch,
+    tag or commit; a revision containing "/" must be percent-encoded).
+    """
+    if source.kind is SourceKind.HTTP:
+        return source.raw
+    if source.kind is not SourceKind.HUGGINGFACE:
+        return Blocker("ModelSourceUnsupported", f"{source.kind.value} sources are not downloaded")
+    rest = source.raw.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) < 3:
+        return Blocker("ModelSourceInvalid",
+                       f"source {source.raw!r} names a repository, not a file; use hf://org/repo/path/model.gguf")
+    org, repo, path = parts[0], parts[1], parts[2:]
+    revision = "main"
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+        if not repo or not revision:
+            return Blocker("ModelSourceInvalid", f"source {source.raw!r}: write a revision as hf://org/repo@revision/file")
+    return f"{hf_endpoint.rstrip('/')}/{org}/{repo}/resolve/{quote(revision, safe='%')}/{'/'.join(path)}"
+
+
+def redact(url: str) -> str:
+    """The URL for logs and messages: no user-info, no query (signed URLs carry credentials there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class CachePaths:
+    """Files of one cached download. The directory is keyed by the URL, so two
+    Models whose URLs end in the same file name never share a file."""
+
+    final: Path
+
+    @classmethod
+    def for_url(cls, cache_dir: Path, url: str, file_name: str) -> CachePaths:
+        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+        return cls(cache_dir / digest / file_name)
+
+    @property
+    def directory(self) -> Path:
+        return self.final.parent
+
+    @property
+    def partial(self) -> Path:
+        return self.final.with_name(self.final.name + ".partial")
+
+    @property
+    def partial_meta(self) -> Path:
+        return self.final.with_name(self.final.name + ".partial.json")
+
+    @property
+    def sidecar(self) -> Path:
+        return self.final.with_name(self.final.name + ".sha256.json")
+
+
+def safe_file_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+# -- results and errors -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A complete file at its final path, with the digest of its bytes."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class DownloadError(Exception):
+    """An attempt failed. `permanent` errors end the download; others are retried.
+
+    `integrity` marks failures about the bytes themselves (length, digest):
+    retrying soon would only download the same wrong file again.
+    """
+
+    def __init__(self, message: str, *, permanent: bool, reason: str = REASON_FAILED,
+                 progressed: bool = False, integrity: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.permanent = permanent
+        self.reason = reason
+        self.progressed = progressed
+        self.integrity = integrity
+
+
+# -- progress -----------------------------------------------------------------------
+
+
+def human_size(n: float, unit_of: float | None = None) -> str:
+    ref = n if unit_of is None else unit_of
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if ref >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class Progress:
+    """What a download is doing, for `ModelPending.message` and the byte gauges."""
+
+    phase: str = "starting"  # starting, checking, hashing, connecting, downloading, retrying
+    done: int = 0
+    total: int | None = None
+    rate: float = 0.0  # bytes/s, smoothed
+    error: str | None = None
+    attempt: int = 0
+    retry_in: float | None = None
+    _mark: tuple[float, int] = field(default=(0.0, 0), repr=False)
+
+    def advance(self, done: int, now: float) -> None:
+        t0, d0 = self._mark
+        self.done = done
+        if not t0:
+            self._mark = (now, done)
+        elif now - t0 >= RATE_WINDOW_S:
+            current = (done - d0) / (now - t0)
+            self.rate = current if not self.rate else 0.5 * self.rate + 0.5 * current
+            self._mark = (now, done)
+
+    def reset_rate(self) -> None:
+        self.rate, self._mark = 0.0, (0.0, 0)
+
+    def amount(self) -> str:
+        if self.total:
+            unit = human_size(self.total)
+            return f"{human_size(self.done, self.total).split()[0]}/{unit}"
+        return human_size(self.done)
+
+    def message(self, where: str) -> str:
+        if self.phase == "checking":
+            return "checking the cached model file"
+        if self.phase == "hashing":
+            return f"verifying the {human_size(self.done)} already downloaded before resuming"
+        if self.phase == "retrying":
+            return (f"download from {where} failed (attempt {self.attempt}): {self.error}; "
+                    f"retrying in {self.retry_in:.0f} s, {self.amount()} kept")
+        if self.phase == "downloading":
+            rate = f" at {human_size(self.rate)}/s" if self.rate else ""
+            return f"downloading {self.amount()}{rate} from {where}"
+        return f"connecting to {where}"
+
+
+# -- file work (worker threads only) ------------------------------------------------
+
+
+def _hash_file(path: Path, limit: int | None = None) -> tuple[hashlib._Hash, int]:
+    """SHA-256 of the first `limit` bytes (all if None), and how many were read."""
+    h = hashlib.sha256()
+    read = 0
+    with path.open("rb") as f:
+        while limit is None or read < limit:
+            block = f.read(HASH_BLOCK if limit is None else min(HASH_BLOCK, limit - read))
+            if not block:
+                break
+            h.update(block)
+            read += len(block)
+    return h, read
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def inspect_cached(paths: CachePaths, url: str) -> Verified | None:
+    """The file at the final path with its digest, or None if there is none.
+
+    The sidecar is trusted when size and mtime still match; otherwise (a
+    crash between rename and sidecar, or a file put there by hand) the file
+    is hashed once and the sidecar written.
+    """
+    try:
+        st = paths.final.stat()
+    except FileNotFoundError:
+        return None
+    side = _read_json(paths.sidecar)
+    if (side and side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(side.get("sha256"), str) and _HEX64.match(side["sha256"])):
+        return Verified(paths.final, st.st_size, st.st_mtime_ns, side["sha256"])
+    h, _ = _hash_file(paths.final)
+    st = paths.final.stat()
+    _write_json(paths.sidecar, {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "url": url})
+    return Verified(paths.final, st.st_size, st.st_mtime_ns, h.hexdigest())
+
+
+def _partial_state(paths: CachePaths, url: str) -> tuple[int, dict | None]:
+    """(bytes already in the partial, its metadata) — a partial of another URL is dropped."""
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        size = paths.partial.stat().st_size
+    except FileNotFoundError:
+        return 0, None
+    meta = _read_json(paths.partial_meta)
+    if meta is not None and meta.get("url") != url:
+        _discard_partial(paths)
+        return 0, None
+    return size, meta
+
+
+def _discard_partial(paths: CachePaths) -> None:
+    for p in (paths.partial, paths.partial_meta):
+        p.unlink(missing_ok=True)
+
+
+class _Sink:
+    """The open partial file and the running digest of all its bytes."""
+
+    def __init__(self, path: Path, offset: int, hasher) -> None:
+        self.file = path.open("r+b" if offset else "wb")
+        if offset:
+            self.file.seek(offset)
+            self.file.truncate()
+        self.hasher = hasher
+        self.size = offset
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def close(self, sync: bool = False) -> None:
+        self.file.flush()
+        if sync:
+            os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def _finalize(paths: CachePaths, url: str, digest: str) -> Verified:
+    os.replace(paths.partial, paths.final)
+    st = paths.final.stat()
+    _write_json(paths.sidecar, {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "url": url})
+    paths.partial_meta.unlink(missing_ok=True)
+    return Verified(paths.final, st.st_size, st.st_mtime_ns, digest)
+
+
+async def _in_thread(fn, *args):
+    """`asyncio.to_thread`, except that a cancelled caller still waits for the thread,
+    so that two operations on the same file never overlap (a write and the close)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait({fut})
+        raise
+
+
+# -- the download ---------------------------------------------------------------------
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """(first, last, total) from `bytes a-b/N` or `bytes */N`; None if malformed."""
+    match = _CONTENT_RANGE.match(value or "")
+    if not match:
+        return None
+    first, last, total = match.groups()
+    return (int(first) if first else None, int(last) if last else None,
+            None if total == "*" else int(total))
+
+
+def _http_error(status: int, reason: str, where: str, has_token: bool) -> DownloadError:
+    text = f"HTTP {status} {reason} from {where}".rstrip()
+    if status in (401, 403):
+        hint = ("the token from spec.sourceSecretRef was refused" if has_token else
+                "the server wants credentials: put a bearer token in a Secret and name it in the Model's spec.sourceSecretRef")
+        return DownloadError(f"{text}; {hint}", permanent=True)
+    if status in (408, 425, 429) or status >= 500:
+        return DownloadError(text, permanent=False)
+    return DownloadError(text, permanent=True)
+
+
+@dataclass
+class _Tally:
+    bytes: int = 0
+
+
+class Download:
+    """Fetch `url` to `paths.final`, verifying `expected_sha256` when given. Run with `run()`."""
+
+    def __init__(
+        self,
+        url: str,
+        paths: CachePaths,
+        expected_sha256: str | None,
+        *,
+        session: aiohttp.ClientSession,
+        token: Callable[[], Awaitable[str | None]],
+        backoff: Backoff = DEFAULT_BACKOFF,
+        max_failures: int = DEFAULT_MAX_FAILURES,
+        on_update: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.url = url
+        self.where = redact(url)
+        self.paths = paths
+        self.expected = expected_sha256
+        self.session = session
+        self.token = token
+        self.backoff = backoff
+        self.max_failures = max_failures
+        self.on_update = on_update
+        self.progress = Progress()
+
+    @property
+    def message(self) -> str:
+        return self.progress.message(self.where)
+
+    def _set(self, **changes) -> None:
+        for name, value in changes.items():
+            setattr(self.progress, name, value)
+        self.on_update()
+
+    async def run(self) -> Verified:
+        """The verified file. Raises `DownloadError` (permanent) or `TokenUnavailable`."""
+        self._set(phase="checking")
+        try:
+            cached = await asyncio.to_thread(inspect_cached, self.paths, self.url)
+        except OSError as err:
+            raise DownloadError(f"cannot read the cached file {self.paths.final}: {err.strerror or err}",
+                                permanent=True) from None
+        if cached is not None and self.expected in (None, cached.sha256):
+            return cached
+        failures = 0
+        while True:
+            try:
+                return await self._attempt()
+            except TokenUnavailable as err:
+                if not err.retryable:
+                    raise
+                failure = DownloadError(err.blocker.message, permanent=False)
+            except DownloadError as err:
+                if err.permanent:
+                    raise
+                failure = err
+            except asyncio.TimeoutError:
+                failure = DownloadError("timed out reading the token or the cache", permanent=False)
+            except OSError as err:
+                raise DownloadError(f"model cache {self.paths.directory}: {err.strerror or err}",
+                                    permanent=True) from None
+            failures = 1 if failure.progressed else failures + 1
+            if failures >= self.max_failures:
+                raise DownloadError(f"download from {self.where} failed {failures} times in a row; "
+                                    f"last error: {failure.message}", permanent=True)
+            delay = self.backoff.delay(failures)
+            log.warning("model download attempt failed; will retry", url=self.where, error=failure.message,
+                        failures=failures, retry_in=round(delay, 2))
+            self._set(phase="retrying", error=failure.message, attempt=failures, retry_in=delay)
+            await asyncio.sleep(delay)
+
+    async def _attempt(self) -> Verified:
+        paths = self.paths
+        offset, meta = await asyncio.to_thread(_partial_state, paths, self.url)
+        known_total = meta.get("total") if meta else None
+        self.progress.reset_rate()
+        self._set(phase="connecting", done=offset, total=known_total, error=None, retry_in=None)
+
+        headers = {"Accept-Encoding": "identity"}
+        token = await self.token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            etag = (meta or {}).get("etag")
+            validator = etag if etag and not etag.startswith("W/") else (meta or {}).get("last_modified")
+            if validator:
+                headers["If-Range"] = validator
+
+        got = _Tally()
+        try:
+            async with self.session.get(self.url, headers=headers) as resp:
+                start, total, span = await self._accept(resp, offset, known_total, bool(token))
+                if start is None:  # 416 on resume: the partial already holds the whole file
+                    return await self._complete(offset, total)
+                if start == 0:
+                    await asyncio.to_thread(_write_json, paths.partial_meta, {
+                        "url": self.url, "total": total,
+                        "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified"),
+                    })
+                await self._check_disk(total, start)
+                digest, end = await self._stream(resp, start, total, span, got)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as err:
+            # aiohttp's text may quote a redirect target; its query can be a signature.
+            detail = _QUERY.sub("?…", str(err)) or type(err).__name__
+            raise DownloadError(f"connection to {self.where} failed: {detail}",
+                                permanent=False, progressed=got.bytes > 0) from None
+        except OSError as err:
+            raise DownloadError(f"cannot write {paths.partial}: {err.strerror or err}", permanent=True) from None
+        if total is not None and end < total:
+            # A server may answer a range with less than asked; ask for the rest.
+            raise DownloadError(f"{self.where} sent bytes up to {end} of {total}; continuing",
+                                permanent=False, progressed=True)
+        return await self._verify_and_finalize(digest)
+
+    async def _accept(self, resp: aiohttp.ClientResponse, offset: int, known_total: int | None,
+                      has_token: bool) -> tuple[int | None, int | None, int | None]:
+        """Check the response; (where its body starts, file total, body span).
+
+        start None: nothing to fetch, the partial is complete (416 on resume).
+        """
+        if resp.status == 416 and offset:
+            cr = _content_range(resp.headers.get("Content-Range"))
+            remote = cr[2] if cr else None
+            if remote is not None and known_total is not None and remote != known_total:
+                await self._length_lie(f"{self.where} first announced {known_total} bytes, now {remote}")
+            if remote == offset:
+                return None, remote, None
+            await asyncio.to_thread(_discard_partial, self.paths)
+            raise DownloadError(f"{self.where} refused to resume at byte {offset}; starting over", permanent=False)
+        if resp.status >= 300:
+            raise _http_error(resp.status, resp.reason or "", self.where, has_token)
+        if resp.status == 206:
+            cr = _content_range(resp.headers.get("Content-Range"))
+            if cr is None or cr[0] is None:
+                await self._length_lie(f"{self.where} answered 206 without a usable Content-Range")
+            first, last, total = cr
+            if first != offset:
+                await self._length_lie(f"{self.where} resumed at byte {first} instead of {offset}")
+            if last < first or (total is not None and last >= total):
+                await self._length_lie(f"{self.where} sent an impossible range {first}-{last}/{total}")
+            if known_total is not None and total is not None and total != known_total:
+                await self._length_lie(f"{self.where} first announced {known_total} bytes, now {total}")
+            span = last - first + 1
+            if resp.content_length is not None and resp.content_length != span:
+                await self._length_lie(f"{self.where} sent Content-Length {resp.content_length} "
+                                       f"for a {span}-byte range")
+            return first, total if total is not None else known_total, span
+        if resp.status != 200:
+            raise DownloadError(f"unexpected HTTP {resp.status} from {self.where}", permanent=True)
+        if offset:
+            log.info("server ignored the range request or the file changed; downloading from the start",
+                     url=self.where, had=offset)
+        return 0, resp.content_length, resp.content_length
+
+    async def _length_lie(self, what: str) -> None:
+        await asyncio.to_thread(_discard_partial, self.paths)
+        raise DownloadError(f"inconsistent length: {what}; the partial download was discarded",
+                            permanent=True, reason=REASON_LENGTH, integrity=True)
+
+    async def _check_disk(self, total: int | None, start: int) -> None:
+        if total is None:
+            return
+        free = (await asyncio.to_thread(shutil.disk_usage, self.paths.directory)).free
+        if total - start > free:
+            raise DownloadError(f"not enough disk space in {self.paths.directory}: need {human_size(total - start)} "
+                                f"more, {human_size(free)} free", permanent=True)
+
+    async def _stream(self, resp: aiohttp.ClientResponse, start: int, total: int | None,
+                      span: int | None, got: _Tally) -> tuple[str, int]:
+        """Append the body to the partial: (sha256 of the whole partial, its size)."""
+        paths = self.paths
+        if start:
+            self._set(phase="hashing", done=start, total=total)
+            hasher, have = await asyncio.to_thread(_hash_file, paths.partial, start)
+            if have != start:
+                raise DownloadError("the partial file shrank while resuming", permanent=False)
+        else:
+            hasher = hashlib.sha256()
+        sink = await _in_thread(_Sink, paths.partial, start, hasher)
+        buffer: list[bytes] = []
+        buffered = 0
+        overflow: str | None = None
+        self._set(phase="downloading", done=start, total=total)
+        try:
+            async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                got.bytes += len(chunk)
+                if span is not None and got.bytes > span:
+                    overflow = f"{self.where} sent more than the {span} bytes it announced"
+                    break
+                if total is not None and start + got.bytes > total:
+                    overflow = f"{self.where} sent more than the {total} bytes the file has"
+                    break
+                buffer.append(chunk)
+                buffered += len(chunk)
+                if buffered >= WRITE_BATCH:
+                    await _in_thread(sink.write, b"".join(buffer))
+                    buffer, buffered = [], 0
+                self.progress.advance(start + got.bytes, time.monotonic())
+                self.on_update()
+        finally:
+            # Whatever arrived before a dropped connection is a valid prefix: keep it.
+            if overflow is None and buffer:
+                await _in_thread(sink.write, b"".join(buffer))
+            await _in_thread(sink.close, overflow is None and total is not None and sink.size == total)
+        if overflow is not None:
+            await self._length_lie(overflow)
+        if span is not None and got.bytes < span:
+            raise DownloadError(f"{self.where} ended the response after {got.bytes} of {span} bytes",
+                                permanent=False, progressed=got.bytes > 0)
+        return hasher.hexdigest(), sink.size
+
+    async def _complete(self, size: int, total: int | None) -> Verified:
+        """The partial already holds the whole file (resume answered 416 at its end)."""
+        self._set(phase="hashing", done=size, total=total)
+        hasher, _ = await asyncio.to_thread(_hash_file, self.paths.partial)
+        return await self._verify_and_finalize(hasher.hexdigest())
+
+    async def _verify_and_finalize(self, digest: str) -> Verified:
+        if self.expected is not None and digest != self.expected:
+            await asyncio.to_thread(_discard_partial, self.paths)
+            raise DownloadError(f"sha256 mismatch for {self.where}: the Model expects {self.expected}, "
+                                f"the downloaded file has {digest}; the file was removed",
+                                permanent=True, reason=REASON_CHECKSUM, integrity=True)
+        verified = await asyncio.to_thread(_finalize, self.paths, self.url, digest)
+        log.info("model downloaded", url=self.where, path=str(verified.path), size=verified.size, sha256=digest)
+        return verified

@@ -1,0 +1,172 @@
+"""`metal-agent render`: show the llama-server command line for a manifest, offline.
+
+Runs the same claim, validation and argv code as the daemon, on YAML files
+instead of a cluster, so a manifest can be checked (and its command line
+reviewed) before it is applied. Output is a JSON array on stdout; problems
+go to stderr, one per line, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+
+from metal_agent.adapters.host_cpu import performance_core_count
+from metal_agent.adapters.llama_binary import LlamaServerMissing, probe
+from metal_agent.core.api import ModelSource
+from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.claim import evaluate, wanted_model
+from metal_agent.core.flags import MlockStyle
+from metal_agent.core.result import Invalid, NotOurs, Parsed
+
+API_GROUP = "inference.llmkube.dev/"
+EXIT_INVALID = 2
+
+#: Where downloaded models are shown to live; a display placeholder only.
+MODEL_CACHE_DISPLAY = "~/Library/Caches/metal-agent/models"
+
+
+class _Usage(Exception):
+    """A problem with the input files themselves, reported as one line."""
+
+
+def render(
+    model: Annotated[
+        list[Path] | None,
+        typer.Option("--model", "-m", help="YAML file with the Model.", dir_okay=False, exists=True),
+    ] = None,
+    isvc: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--isvc", "-i", help="YAML file with the InferenceService.", dir_okay=False, exists=True
+        ),
+    ] = None,
+    file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--file", "-f", help="Multi-document YAML with both objects.", dir_okay=False, exists=True
+        ),
+    ] = None,
+    model_path: Annotated[
+        str | None,
+        typer.Option(help="Model file to pass to --model (default: derived from spec.source)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address llama-server listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port llama-server listens on.", min=1, max=65535)] = 8080,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="--threads value (default: this host's performance cores).", min=1),
+    ] = None,
+    llama_server: Annotated[
+        str | None,
+        typer.Option(
+            help="llama-server binary for argv[0]; its --help decides how mlock is spelled."
+        ),
+    ] = None,
+    mlock: Annotated[bool, typer.Option(help="Lock the model in RAM.")] = True,
+) -> None:
+    """Print the llama-server argv for an InferenceService and its Model as JSON."""
+    paths = [*(model or []), *(isvc or []), *(file or [])]
+    if not paths:
+        _fail(["give the manifests with --model and --isvc, or -f"])
+    try:
+        isvc_doc, model_doc = _pick(_load(paths))
+    except _Usage as problem:
+        _fail([str(problem)])
+
+    outcome = evaluate(isvc_doc, model_doc)
+    if isinstance(outcome, NotOurs):
+        _fail([f"InferenceService {_key(isvc_doc)} is not served by metal-agent: {outcome.reason}"])
+    if isinstance(outcome, Invalid):
+        _fail([error.describe() for error in outcome.errors])
+    assert isinstance(outcome, Parsed)
+    workload = outcome.value
+
+    options = AgentArgvOptions(
+        binary=llama_server or "llama-server",
+        model_path=model_path or placeholder_model_path(workload.model.spec.source),
+        host=host,
+        port=port,
+        threads=threads if threads is not None else asyncio.run(performance_core_count()),
+        mlock=mlock,
+        mlock_style=_probe_mlock_style(llama_server) if llama_server and mlock else MlockStyle.FLAG,
+    )
+    typer.echo(json.dumps(list(build_argv(workload, options))))
+
+
+def placeholder_model_path(source: ModelSource) -> str:
+    """The file llama-server would be given, as far as we can tell offline.
+
+    Local sources are their own path; anything downloaded is shown under the
+    agent's cache with its file name, marked by the unexpanded `~` as a
+    placeholder rather than a file that exists.
+    """
+    return source.local_path or f"{MODEL_CACHE_DISPLAY}/{source.file_name or 'model.gguf'}"
+
+
+def _fail(lines: Iterable[str]) -> NoReturn:
+    for line in lines:
+        typer.echo(line, err=True)
+    raise typer.Exit(EXIT_INVALID)
+
+
+def _load(paths: list[Path]) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            loaded = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise _Usage(f"{path}: cannot read YAML: {exc}") from exc
+        for index, doc in enumerate(loaded):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise _Usage(f"{path}: document {index + 1} is not a mapping")
+            docs.append(doc)
+    return docs
+
+
+def _kind(doc: dict[str, Any]) -> str | None:
+    api_version = doc.get("apiVersion")
+    if not isinstance(api_version, str) or not api_version.startswith(API_GROUP):
+        return None
+    kind = doc.get("kind")
+    return kind if isinstance(kind, str) else None
+
+
+def _pick(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The one InferenceService, and the Model it names (or the only Model given)."""
+    isvcs = [doc for doc in docs if _kind(doc) == "InferenceService"]
+    models = [doc for doc in docs if _kind(doc) == "Model"]
+    if len(isvcs) != 1:
+        raise _Usage(f"expected exactly one InferenceService ({API_GROUP}v1alpha1), found {len(isvcs)}")
+    isvc = isvcs[0]
+    wanted = wanted_model(isvc)
+    named = [m for m in models if wanted is not None and _namespace_name(m) == wanted]
+    if named:
+        return isvc, named[0]
+    return isvc, models[0] if len(models) == 1 else None
+
+
+def _namespace_name(doc: dict[str, Any]) -> tuple[Any, Any]:
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    return (meta.get("namespace") or "default", meta.get("name"))
+
+
+def _key(doc: dict[str, Any]) -> str:
+    namespace, name = _namespace_name(doc)
+    return f"{namespace}/{name}"
+
+
+def _probe_mlock_style(binary: str) -> MlockStyle:
+    """Ask the binary which mlock spelling it knows; `--mlock` if it cannot say."""
+    try:
+        return asyncio.run(probe(binary)).mlock_style
+    except (LlamaServerMissing, OSError, TimeoutError):
+        return MlockStyle.FLAG

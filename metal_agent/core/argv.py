@@ -1,0 +1,175 @@
+"""The llama-server command line for one validated workload.
+
+Pure: everything that needs the outside world (which port is free, where the
+model file was cached, how many performance cores the Mac has, which flag
+dialect the binary speaks) is decided by the caller and passed in as
+`AgentArgvOptions`. The spec side comes from `Workload`, already validated,
+so this module never has to reject anything.
+
+Flag order follows LLMKube's Metal agent, which keeps diffs against its
+command lines readable; `extraArgs` come last so they can override any flag
+the agent does not own (llama-server lets the last occurrence win).
+
+Decisions worth knowing:
+
+* `--n-gpu-layers`: Model `gpu.layers` 0 or unset means "all layers" and is
+  sent as 999. LLMKube sends 99, which leaves layers on the CPU for models
+  deeper than 99 layers; newer llama-server builds also accept `all`, but
+  every build accepts an integer, and llama.cpp clamps it to the model's
+  depth. -1 is passed through unchanged, as LLMKube does; current
+  llama-server reads it as `auto` (fit the layers to free memory).
+* Sharding: `strategy` maps to `--split-mode`; `pipeline` becomes `layer`,
+  which is llama.cpp's pipelined split (layers and KV divided across devices).
+  `layerSplit` becomes `--tensor-split`. A Mac has one GPU, so these matter
+  only to forks or RPC setups, but they are passed faithfully.
+* `--flash-attn`: `on` when unset (LLMKube's default), and an explicit `off`
+  when the spec says false, rather than LLMKube's silence, which leaves
+  llama-server on `auto` and can still turn it on.
+* MoE: `moeCPUOffload` -> `--cpu-moe`, `moeCPULayers` > 0 -> `--n-cpu-moe N`,
+  each on its own as in LLMKube.
+* `reasoningBudget` 0 is omitted (LLMKube's rule), although llama-server
+  reads an explicit 0 as "no thinking"; the message is sent when non-empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
+from metal_agent.core.claim import Workload
+from metal_agent.core.flags import MlockStyle
+
+#: What "all layers" is sent as; see the module docstring.
+ALL_LAYERS = "999"
+
+_SPLIT_MODE = {
+    ShardingStrategy.NONE: "none",
+    ShardingStrategy.LAYER: "layer",
+    ShardingStrategy.PIPELINE: "layer",
+    ShardingStrategy.ROW: "row",
+    ShardingStrategy.TENSOR: "tensor",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentArgvOptions:
+    """The agent-level inputs of a command line, decided outside the core.
+
+    `threads` None omits `--threads` (llama-server picks); the agent passes
+    the performance-core count found by `adapters.host_cpu`. `mlock` is the
+    agent-wide opt-out of pinning model memory; `mlock_style` is the
+    spelling the target binary understands (see `core.flags`).
+    """
+
+    binary: str
+    model_path: str
+    host: str
+    port: int
+    threads: int | None = None
+    mlock: bool = True
+    mlock_style: MlockStyle = MlockStyle.FLAG
+
+    def __post_init__(self) -> None:
+        # Programming errors, not user input: fail loudly at construction.
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be positive, got {self.threads}")
+        for name in ("binary", "model_path", "host"):
+            value = getattr(self, name)
+            if not value or "\x00" in value:
+                raise ValueError(f"{name} must be a non-empty string without NUL")
+
+
+def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]:
+    """The full argv (argv[0] is the binary) to serve `workload`."""
+    spec = workload.isvc.spec
+    model = workload.model.spec
+    argv: list[str] = [
+        options.binary,
+        "--model", options.model_path,
+        "--host", options.host,
+        "--port", str(options.port),
+        "--n-gpu-layers", _gpu_layers(model),
+    ]
+    argv += _split_args(model)
+    argv += ["--ctx-size", str(spec.context_size)]
+    argv += _rope_args(spec)
+    if spec.parallel_slots > 1:
+        argv += ["--parallel", str(spec.parallel_slots)]
+    argv += ["--flash-attn", "on" if spec.flash_attention else "off"]
+    if options.mlock:
+        argv += options.mlock_style.args()
+    if cache_k := spec.effective_cache_type_k:
+        argv += ["--cache-type-k", cache_k]
+    if cache_v := spec.effective_cache_type_v:
+        argv += ["--cache-type-v", cache_v]
+    if spec.moe_cpu_offload:
+        argv.append("--cpu-moe")
+    if spec.moe_cpu_layers > 0:
+        argv += ["--n-cpu-moe", str(spec.moe_cpu_layers)]
+    if spec.no_kv_offload:
+        argv.append("--no-kv-offload")
+    for override in spec.tensor_overrides:
+        argv += ["--override-tensor", override]
+    for override in spec.metadata_overrides:
+        argv += ["--override-kv", override]
+    if options.threads is not None:
+        argv += ["--threads", str(options.threads)]
+    argv += ["--batch-size", str(spec.batch_size)]
+    if spec.ubatch_size is not None:
+        argv += ["--ubatch-size", str(spec.ubatch_size)]
+    if spec.no_warmup:
+        argv.append("--no-warmup")
+    if spec.reasoning_budget > 0:
+        argv += ["--reasoning-budget", str(spec.reasoning_budget)]
+    if spec.reasoning_budget_message:
+        argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
+    if spec.jinja:
+        argv.append("--jinja")
+    argv += _mode_args(spec.mode)
+    argv.append("--metrics")
+    argv += spec.extra_args
+    return tuple(argv)
+
+
+def _gpu_layers(model: ModelSpec) -> str:
+    layers = model.hardware.gpu.layers
+    return ALL_LAYERS if layers == 0 else str(layers)
+
+
+def _split_args(model: ModelSpec) -> list[str]:
+    sharding = model.hardware.gpu.sharding
+    if sharding is None:
+        return []
+    args: list[str] = []
+    if sharding.strategy is not None:
+        args += ["--split-mode", _SPLIT_MODE[sharding.strategy]]
+    if sharding.layer_split:
+        args += ["--tensor-split", ",".join(format(p, "f") for p in sharding.layer_split)]
+    return args
+
+
+def _rope_args(spec: InferenceServiceSpec) -> list[str]:
+    rope = spec.rope_scaling
+    if rope is None:
+        return []
+    args: list[str] = []
+    if rope.type is not None:
+        # Passed as written; upstream llama-server knows linear and yarn,
+        # and reads LongRoPE from the GGUF itself, so `longrope` only
+        # works on builds that accept it and fails loudly elsewhere.
+        args += ["--rope-scaling", rope.type.value]
+    if rope.factor is not None:
+        args += ["--rope-scale", rope.factor]
+    if rope.original_context is not None:
+        args += ["--yarn-orig-ctx", str(rope.original_context)]
+    return args
+
+
+def _mode_args(mode: Mode) -> list[str]:
+    if mode is Mode.EMBEDDING:
+        return ["--embedding", "--pooling", "last"]
+    if mode is Mode.RERANK:
+        return ["--reranking", "--embedding", "--pooling", "rank"]
+    return []

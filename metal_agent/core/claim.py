@@ -1,0 +1,121 @@
+"""Which InferenceServices this agent serves, and the full check of one that it does.
+
+The claim is decided on the *raw* objects, before validation, on purpose:
+a vLLM service whose `extraArgs` legitimately contain `--port` is not ours
+and must be left alone silently, not reported as invalid. Only once an
+object is ours do we hold it to every rule (see `evaluate`).
+
+Rule (LLMKube's): an InferenceService is ours when its `spec.modelRef`
+names a Model in the same namespace whose `spec.hardware.accelerator` is
+`metal`, and its `spec.runtime` is `llamacpp` or empty/absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from metal_agent.core.api import Accelerator, InferenceService, Model, Runtime
+from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
+from metal_agent.core.validation import (
+    DEFAULT_NAMESPACE,
+    check_servable,
+    parse_inference_service,
+    parse_model,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ours:
+    """The InferenceService is served by this agent (validity not yet checked)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A validated InferenceService together with the Model it serves."""
+
+    isvc: InferenceService
+    model: Model
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _namespace(obj: Any) -> str:
+    namespace = _get(obj, "metadata", "namespace")
+    return namespace if isinstance(namespace, str) and namespace else DEFAULT_NAMESPACE
+
+
+def wanted_model(isvc: Any) -> tuple[str, str] | None:
+    """(namespace, name) of the Model to fetch for `isvc`, or None if it names none."""
+    ref = _get(isvc, "spec", "modelRef")
+    if not isinstance(ref, str) or not ref:
+        return None
+    return _namespace(isvc), ref
+
+
+def claim(isvc: Any, model: Any | None) -> Ours | NotOurs:
+    """Decide whether `isvc` is ours, given the Model it refers to (None if not found).
+
+    Never raises and never reports errors: anything we cannot read as ours
+    is simply not ours, with a reason for logs and `metal-agent render`.
+    A missing Model is "not ours" too; whether that should stop a process
+    already running is the caller's decision (a transient lookup failure
+    must not be read as a delete).
+    """
+    runtime = _get(isvc, "spec", "runtime")
+    if runtime not in (None, "", Runtime.LLAMACPP.value):
+        return NotOurs(f"spec.runtime is {runtime!r}; metal-agent only runs llamacpp")
+
+    wanted = wanted_model(isvc)
+    if wanted is None:
+        return NotOurs("spec.modelRef is missing, so it names no Model")
+    namespace, ref = wanted
+    if model is None:
+        return NotOurs(f"Model {namespace}/{ref} was not found")
+
+    model_name = _get(model, "metadata", "name")
+    model_key = (_namespace(model), model_name)
+    if model_key != wanted:
+        return NotOurs(
+            f"spec.modelRef names Model {namespace}/{ref}, "
+            f"but the Model given is {model_key[0]}/{model_name}"
+        )
+
+    accelerator = _get(model, "spec", "hardware", "accelerator")
+    if accelerator in (None, ""):
+        accelerator = Accelerator.CPU.value
+    if accelerator != Accelerator.METAL.value:
+        return NotOurs(f"Model {namespace}/{ref} has accelerator {accelerator!r}, not 'metal'")
+    return Ours()
+
+
+def evaluate(isvc: Any, model: Any | None) -> NotOurs | Invalid | Parsed[Workload]:
+    """Claim, then validate both objects; every error of both is reported.
+
+    This is the one call the reconciler and `metal-agent render` need:
+    `NotOurs` -> ignore, `Invalid` -> report on the InferenceService's
+    status, `Parsed` -> build the argv and run it.
+    """
+    verdict = claim(isvc, model)
+    if isinstance(verdict, NotOurs):
+        return verdict
+
+    errors: list[FieldError] = []
+    parsed_model = parse_model(model)
+    parsed_isvc = parse_inference_service(isvc)
+    if isinstance(parsed_model, Invalid):
+        errors.extend(parsed_model.errors)
+    else:
+        errors.extend(check_servable(parsed_model.value))
+    if isinstance(parsed_isvc, Invalid):
+        errors.extend(parsed_isvc.errors)
+    if errors or not isinstance(parsed_model, Parsed) or not isinstance(parsed_isvc, Parsed):
+        return Invalid(tuple(errors))
+    return Parsed(Workload(isvc=parsed_isvc.value, model=parsed_model.value))

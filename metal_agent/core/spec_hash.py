@@ -1,0 +1,98 @@
+"""A digest of exactly what the running llama-server process depends on.
+
+The agent stores it with each process (and on the process it adopts after a
+restart); a different digest means "respawn to apply the new spec", an
+equal one means "leave it running". So it must change for every field that
+changes the command line or the weights, and for nothing else:
+
+* In: every argv-affecting InferenceService field, and the Model's source,
+  sha256, gpu layers and sharding.
+* Out: replicas (only zero versus non-zero matters, and that decides
+  whether a process exists at all, not which), suspend, priority,
+  evictionProtection, labels, annotations, and the agent-level options
+  (port, model path, threads), which are not part of the spec.
+
+It hashes the *normalised* typed values, so key order, defaults written out
+versus left implicit, "4" versus "4.0" and similar spellings do not matter.
+The payload carries a schema version: bump it when the meaning of a field
+changes. Unset values (None, empty lists) are left out of the payload, so a
+field added later with an unset default keeps every existing digest, and
+upgrading the agent does not restart every model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from metal_agent.core.api import InferenceServiceSpec, ModelSpec
+from metal_agent.core.claim import Workload
+
+SCHEMA_VERSION = 1
+SHORT_LENGTH = 12
+
+
+@dataclass(frozen=True, slots=True)
+class SpecHash:
+    """sha256 hex digest; `short` is for labels, logs and process names."""
+
+    value: str
+
+    @property
+    def short(self) -> str:
+        return self.value[:SHORT_LENGTH]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def spec_hash(workload: Workload) -> SpecHash:
+    payload = json.dumps(
+        _payload(workload.model.spec, workload.isvc.spec),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return SpecHash(hashlib.sha256(payload.encode("ascii")).hexdigest())
+
+
+def _payload(model: ModelSpec, spec: InferenceServiceSpec) -> dict[str, Any]:
+    gpu = model.hardware.gpu
+    sharding = gpu.sharding
+    rope = spec.rope_scaling
+    fields: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        # Model: what is loaded and where its layers go.
+        "model.source": model.source.raw,
+        "model.sha256": model.sha256,
+        "model.gpuLayers": gpu.layers,
+        "model.splitMode": sharding.strategy.value if sharding and sharding.strategy else None,
+        "model.layerSplit": [format(p, "f") for p in sharding.layer_split] if sharding else [],
+        # InferenceService: every field that reaches the command line.
+        "contextSize": spec.context_size,
+        "rope.type": rope.type.value if rope and rope.type else None,
+        "rope.factor": rope.factor if rope else None,
+        "rope.originalContext": rope.original_context if rope else None,
+        "parallelSlots": spec.parallel_slots,
+        "flashAttention": spec.flash_attention,
+        "jinja": spec.jinja,
+        # Resolved, so cacheTypeK q8_0 and cacheTypeCustomK q8_0 hash alike:
+        # they produce the same process.
+        "cacheTypeK": spec.effective_cache_type_k,
+        "cacheTypeV": spec.effective_cache_type_v,
+        "moeCPUOffload": spec.moe_cpu_offload,
+        "moeCPULayers": spec.moe_cpu_layers,
+        "noKvOffload": spec.no_kv_offload,
+        "noWarmup": spec.no_warmup,
+        "reasoningBudget": spec.reasoning_budget,
+        "reasoningBudgetMessage": spec.reasoning_budget_message,
+        "metadataOverrides": list(spec.metadata_overrides),
+        "tensorOverrides": list(spec.tensor_overrides),
+        "batchSize": spec.batch_size,
+        "uBatchSize": spec.ubatch_size,
+        "mode": spec.mode.value,
+        "extraArgs": list(spec.extra_args),
+    }
+    return {key: value for key, value in fields.items() if value is not None and value != []}

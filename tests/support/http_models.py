@@ -1,0 +1,158 @@
+"""A real HTTP server on 127.0.0.1 that serves model bytes and misbehaves on cue.
+
+Downloads are tested against real sockets and real bytes, not a mocked
+client: the server is aiohttp's, the misbehaviours are the ones model hosts
+and flaky links actually produce (connections dropped mid-file, a length
+that turns out to be false, a range request answered with too much, a slow
+trickle, a token requirement). Every request is recorded so tests can
+assert what the client sent (Range, If-Range, Authorization).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+_RANGE = re.compile(r"^bytes=(\d+)-$")
+
+
+def model_bytes(size: int, seed: int = 0) -> bytes:
+    """Deterministic incompressible bytes standing in for a model file."""
+    return random.Random(seed).randbytes(size)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Seen:
+    path: str
+    range: str | None
+    if_range: str | None
+    authorization: str | None
+
+
+@dataclass
+class Served:
+    """One file and how the server misbehaves when serving it.
+
+    drop_after: per response, in order, how many body bytes to send before
+        cutting the connection (consumed one per response; then behave).
+    lie_extra: full responses announce this many bytes more than exist,
+        send what exists and cut the connection.
+    overflow_on_range: ranged responses are chunked and carry this many bytes
+        more than their Content-Range says.
+    honour_range: answer Range with 206 (else ignore it and send 200).
+    trickle: (bytes per write, seconds between writes) to make a slow server.
+    token: required bearer token (401 without it).
+    gate: responses wait for this event before sending headers.
+    etag: sent as ETag (If-Range is honoured against it).
+    fail_with: per request, in order, an HTTP status to answer with instead
+        (consumed one per request; then behave).
+    """
+
+    data: bytes
+    drop_after: list[int] = field(default_factory=list)
+    lie_extra: int = 0
+    overflow_on_range: int = 0
+    honour_range: bool = True
+    trickle: tuple[int, float] | None = None
+    token: str | None = None
+    gate: asyncio.Event | None = None
+    etag: str | None = None
+    fail_with: list[int] = field(default_factory=list)
+
+
+class ModelHTTPServer:
+    def __init__(self) -> None:
+        self.files: dict[str, Served] = {}
+        self.requests: list[Seen] = []
+        self.responses_started = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> ModelHTTPServer:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def add(self, path: str, data: bytes, **behaviour) -> str:
+        self.files[path] = Served(data, **behaviour)
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def requests_for(self, path: str) -> list[Seen]:
+        return [r for r in self.requests if r.path == path]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        served = self.files.get(request.path)
+        self.requests.append(Seen(request.path, request.headers.get("Range"), request.headers.get("If-Range"),
+                                  request.headers.get("Authorization")))
+        if served is None:
+            return web.Response(status=404, text="no such model")
+        if served.token is not None and request.headers.get("Authorization") != f"Bearer {served.token}":
+            return web.Response(status=401, text="token required")
+        if served.fail_with:
+            return web.Response(status=served.fail_with.pop(0), text="scripted failure")
+        if served.gate is not None:
+            await served.gate.wait()
+
+        data = served.data
+        start, status = 0, 200
+        match = _RANGE.match(request.headers.get("Range", ""))
+        if_range = request.headers.get("If-Range")
+        range_applies = match and served.honour_range and (if_range is None or if_range == served.etag)
+        if range_applies:
+            start = int(match.group(1))
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            status = 206
+
+        body = data[start:]
+        resp = web.StreamResponse(status=status)
+        if served.etag:
+            resp.headers["ETag"] = served.etag
+        drop = served.drop_after.pop(0) if served.drop_after else None
+        if status == 206:
+            resp.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            if served.overflow_on_range:
+                resp.enable_chunked_encoding()
+                body += model_bytes(served.overflow_on_range, seed=99)
+            else:
+                resp.content_length = len(body)
+        else:
+            resp.content_length = len(body) + served.lie_extra
+            if served.lie_extra:
+                drop = len(body)
+        await resp.prepare(request)
+        self.responses_started += 1
+
+        to_send = body if drop is None else body[:drop]
+        step, pause = served.trickle or (256 * 1024, 0.0)
+        for i in range(0, len(to_send), step):
+            await resp.write(to_send[i:i + step])
+            if pause:
+                await asyncio.sleep(pause)
+        if drop is not None:
+            request.transport.close()  # cut the connection mid-body
+            return resp
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,245 @@
+"""Every spec field -> llama-server flag mapping, and the agent-level options."""
+
+from __future__ import annotations
+
+import pytest
+
+from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.flags import MlockStyle
+from tests.support.manifests import gpu, workload
+
+OPTIONS = AgentArgvOptions(
+    binary="/opt/homebrew/bin/llama-server",
+    model_path="/cache/tiny-llama.gguf",
+    host="127.0.0.1",
+    port=18080,
+    threads=8,
+)
+
+
+def argv_for(isvc_spec=None, options=OPTIONS, **model_spec) -> tuple[str, ...]:
+    return build_argv(workload(isvc_spec, **model_spec), options)
+
+
+def has_run(argv, run) -> bool:
+    """`run` appears in `argv` as consecutive elements."""
+    n = len(run)
+    return any(tuple(argv[i : i + n]) == tuple(run) for i in range(len(argv) - n + 1))
+
+
+def test_defaults():
+    assert argv_for() == (
+        "/opt/homebrew/bin/llama-server",
+        "--model", "/cache/tiny-llama.gguf",
+        "--host", "127.0.0.1",
+        "--port", "18080",
+        "--n-gpu-layers", "999",
+        "--ctx-size", "2048",
+        "--flash-attn", "on",
+        "--mlock",
+        "--threads", "8",
+        "--batch-size", "2048",
+        "--metrics",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("isvc_spec", "model_spec", "expected"),
+    [
+        pytest.param({"contextSize": 131072}, {}, ["--ctx-size", "131072"], id="contextSize"),
+        pytest.param({"parallelSlots": 4}, {}, ["--parallel", "4"], id="parallelSlots"),
+        pytest.param({"flashAttention": True}, {}, ["--flash-attn", "on"], id="flashAttention-true"),
+        pytest.param({"flashAttention": False}, {}, ["--flash-attn", "off"], id="flashAttention-false"),
+        pytest.param({"jinja": True}, {}, ["--jinja"], id="jinja"),
+        pytest.param({"cacheTypeK": "q8_0"}, {}, ["--cache-type-k", "q8_0"], id="cacheTypeK"),
+        pytest.param({"cacheTypeV": "q4_0"}, {}, ["--cache-type-v", "q4_0"], id="cacheTypeV"),
+        pytest.param({"cacheTypeCustomK": "turbo3"}, {}, ["--cache-type-k", "turbo3"], id="cacheTypeCustomK"),
+        pytest.param({"cacheTypeCustomV": "turbo4"}, {}, ["--cache-type-v", "turbo4"], id="cacheTypeCustomV"),
+        pytest.param({"cacheTypeK": "q8_0", "cacheTypeCustomK": "tbq3"}, {}, ["--cache-type-k", "tbq3"], id="custom-K-wins"),
+        pytest.param({"cacheTypeV": "f16", "cacheTypeCustomV": "tbqp3"}, {}, ["--cache-type-v", "tbqp3"], id="custom-V-wins"),
+        pytest.param({"moeCPUOffload": True}, {}, ["--cpu-moe"], id="moeCPUOffload"),
+        pytest.param({"moeCPULayers": 7}, {}, ["--n-cpu-moe", "7"], id="moeCPULayers"),
+        pytest.param({"noKvOffload": True}, {}, ["--no-kv-offload"], id="noKvOffload"),
+        pytest.param({"noWarmup": True}, {}, ["--no-warmup"], id="noWarmup"),
+        pytest.param({"reasoningBudget": 1024}, {}, ["--reasoning-budget", "1024"], id="reasoningBudget"),
+        pytest.param(
+            {"reasoningBudget": 8, "reasoningBudgetMessage": "Time is up.\nAnswer now."},
+            {},
+            ["--reasoning-budget-message", "Time is up.\nAnswer now."],
+            id="reasoningBudgetMessage",
+        ),
+        pytest.param(
+            {"metadataOverrides": ["a.b=int:1", "c=bool:false"]},
+            {},
+            ["--override-kv", "a.b=int:1", "--override-kv", "c=bool:false"],
+            id="metadataOverrides",
+        ),
+        pytest.param(
+            {"tensorOverrides": ["blk\\.[0-9]+\\.ffn_.*_exps=CPU", "token_embd=CPU"]},
+            {},
+            ["--override-tensor", "blk\\.[0-9]+\\.ffn_.*_exps=CPU", "--override-tensor", "token_embd=CPU"],
+            id="tensorOverrides",
+        ),
+        pytest.param({"batchSize": 512}, {}, ["--batch-size", "512"], id="batchSize"),
+        pytest.param({"uBatchSize": 256}, {}, ["--ubatch-size", "256"], id="uBatchSize"),
+        pytest.param({"mode": "embedding"}, {}, ["--embedding", "--pooling", "last"], id="mode-embedding"),
+        pytest.param(
+            {"mode": "rerank"}, {}, ["--reranking", "--embedding", "--pooling", "rank"], id="mode-rerank"
+        ),
+        pytest.param({"ropeScaling": {"type": "yarn"}}, {}, ["--rope-scaling", "yarn"], id="ropeScaling-type"),
+        pytest.param({"ropeScaling": {"type": "linear"}}, {}, ["--rope-scaling", "linear"], id="ropeScaling-linear"),
+        pytest.param({"ropeScaling": {"type": "longrope"}}, {}, ["--rope-scaling", "longrope"], id="ropeScaling-longrope"),
+        pytest.param({"ropeScaling": {"factor": "4.0"}}, {}, ["--rope-scale", "4"], id="ropeScaling-factor"),
+        pytest.param({"ropeScaling": {"factor": "0.50"}}, {}, ["--rope-scale", "0.5"], id="ropeScaling-factor-fraction"),
+        pytest.param(
+            {"ropeScaling": {"originalContext": 32768}}, {}, ["--yarn-orig-ctx", "32768"], id="ropeScaling-originalContext"
+        ),
+        pytest.param({"extraArgs": ["--temp", "0.2"]}, {}, ["--temp", "0.2"], id="extraArgs"),
+        pytest.param({}, {"hardware": gpu(layers=0)}, ["--n-gpu-layers", "999"], id="gpu-layers-0-is-all"),
+        pytest.param({}, {"hardware": gpu(layers=33)}, ["--n-gpu-layers", "33"], id="gpu-layers-33"),
+        pytest.param({}, {"hardware": gpu(layers=-1)}, ["--n-gpu-layers", "-1"], id="gpu-layers-auto"),
+        pytest.param({}, {"hardware": gpu(sharding={"strategy": "layer"})}, ["--split-mode", "layer"], id="split-layer"),
+        pytest.param({}, {"hardware": gpu(sharding={"strategy": "pipeline"})}, ["--split-mode", "layer"], id="split-pipeline"),
+        pytest.param({}, {"hardware": gpu(sharding={"strategy": "row"})}, ["--split-mode", "row"], id="split-row"),
+        pytest.param({}, {"hardware": gpu(sharding={"strategy": "tensor"})}, ["--split-mode", "tensor"], id="split-tensor"),
+        pytest.param({}, {"hardware": gpu(sharding={"strategy": "none"})}, ["--split-mode", "none"], id="split-none"),
+        pytest.param(
+            {},
+            {"hardware": gpu(count=3, sharding={"layerSplit": ["3", "1.0", "0"]})},
+            ["--tensor-split", "3,1,0"],
+            id="layerSplit",
+        ),
+        pytest.param(
+            {}, {"hardware": gpu(sharding={"layerSplit": ["100", "0.25"]})}, ["--tensor-split", "100,0.25"], id="layerSplit-no-exponent"
+        ),
+    ],
+)
+def test_field_maps_to_flag(isvc_spec, model_spec, expected):
+    argv = argv_for(isvc_spec, **model_spec)
+    assert has_run(argv, expected), argv
+
+
+@pytest.mark.parametrize(
+    ("isvc_spec", "absent"),
+    [
+        pytest.param({"parallelSlots": 1}, "--parallel", id="parallel-1"),
+        pytest.param({}, "--cache-type-k", id="no-cacheTypeK"),
+        pytest.param({}, "--cache-type-v", id="no-cacheTypeV"),
+        pytest.param({}, "--ubatch-size", id="no-uBatchSize"),
+        pytest.param({"reasoningBudget": 0}, "--reasoning-budget", id="reasoningBudget-0"),
+        pytest.param({}, "--reasoning-budget-message", id="no-message"),
+        pytest.param({"jinja": False}, "--jinja", id="jinja-false"),
+        pytest.param({"moeCPULayers": 0}, "--n-cpu-moe", id="moeCPULayers-0"),
+        pytest.param({}, "--cpu-moe", id="no-moe"),
+        pytest.param({}, "--rope-scaling", id="no-rope"),
+        pytest.param({"ropeScaling": {"factor": "2"}}, "--rope-scaling", id="rope-factor-only"),
+        pytest.param({"mode": "chat"}, "--embedding", id="chat-no-embedding"),
+        pytest.param({}, "--split-mode", id="no-split"),
+        pytest.param({}, "--tensor-split", id="no-tensor-split"),
+    ],
+)
+def test_unset_fields_emit_nothing(isvc_spec, absent):
+    assert absent not in argv_for(isvc_spec)
+
+
+def test_metrics_appears_exactly_once_and_extra_args_come_last():
+    argv = argv_for({"extraArgs": ["--temp", "0.2", "--ctx-size", "8192"], "mode": "rerank"})
+    assert argv.count("--metrics") == 1
+    assert argv[-4:] == ("--temp", "0.2", "--ctx-size", "8192")
+    assert argv.index("--metrics") == len(argv) - 5
+
+
+def test_agent_owned_flags_come_first():
+    argv = argv_for({"extraArgs": ["--alias", "x"]})
+    assert argv[:7] == (
+        OPTIONS.binary, "--model", OPTIONS.model_path, "--host", "127.0.0.1", "--port", "18080"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "present", "absent"),
+    [
+        pytest.param(
+            AgentArgvOptions(binary="b", model_path="m", host="0.0.0.0", port=1, threads=None),
+            ["--host", "0.0.0.0"],
+            "--threads",
+            id="threads-unset",
+        ),
+        pytest.param(
+            AgentArgvOptions(binary="b", model_path="m", host="h", port=65535, mlock=False),
+            ["--port", "65535"],
+            "--mlock",
+            id="mlock-opt-out",
+        ),
+        pytest.param(
+            AgentArgvOptions(binary="b", model_path="m", host="h", port=2, mlock_style=MlockStyle.LOAD_MODE),
+            ["--load-mode", "mmap+mlock"],
+            "--mlock",
+            id="mlock-load-mode",
+        ),
+        pytest.param(
+            AgentArgvOptions(binary="b", model_path="/p/m.gguf", host="h", port=3, threads=6),
+            ["--threads", "6"],
+            "--load-mode",
+            id="threads",
+        ),
+    ],
+)
+def test_agent_options(options, present, absent):
+    argv = argv_for(options=options)
+    assert argv[0] == "b"
+    assert has_run(argv, present)
+    assert absent not in argv
+
+
+def test_mlock_opt_out_removes_load_mode_too():
+    options = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, mlock=False, mlock_style=MlockStyle.LOAD_MODE)
+    argv = argv_for(options=options)
+    assert "--load-mode" not in argv and "--mlock" not in argv
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"port": 0},
+        {"port": 70000},
+        {"threads": 0},
+        {"model_path": ""},
+        {"binary": "llama\x00server"},
+    ],
+    ids=["port-0", "port-too-big", "threads-0", "empty-model-path", "nul-in-binary"],
+)
+def test_options_reject_programming_errors(bad):
+    fields = {"binary": "b", "model_path": "m", "host": "h", "port": 1} | bad
+    with pytest.raises(ValueError):
+        AgentArgvOptions(**fields)
+
+
+def test_turboquant_sample():
+    argv = argv_for(
+        {
+            "runtime": "llamacpp",
+            "contextSize": 262144,
+            "parallelSlots": 2,
+            "jinja": True,
+            "flashAttention": True,
+            "cacheTypeCustomK": "turbo3",
+            "cacheTypeCustomV": "turbo3",
+        }
+    )
+    assert argv[1:] == (
+        "--model", "/cache/tiny-llama.gguf",
+        "--host", "127.0.0.1",
+        "--port", "18080",
+        "--n-gpu-layers", "999",
+        "--ctx-size", "262144",
+        "--parallel", "2",
+        "--flash-attn", "on",
+        "--mlock",
+        "--cache-type-k", "turbo3",
+        "--cache-type-v", "turbo3",
+        "--threads", "8",
+        "--batch-size", "2048",
+        "--jinja",
+        "--metrics",
+    )  # fmt: skip

@@ -1,0 +1,159 @@
+"""Memory pressure decisions: levels with hysteresis, victim choice, the blocking state machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from metal_agent.core.api import Priority
+from metal_agent.core.pressure import (
+    SKIP_ALL_PROTECTED,
+    SKIP_EVICTION_IN_PROGRESS,
+    SKIP_LAST_RUNNING,
+    SKIP_NOTHING_RUNNING,
+    Evict,
+    EvictionSkipped,
+    Level,
+    LevelChanged,
+    MemoryReading,
+    PressureState,
+    ServiceMemory,
+    Skip,
+    Thresholds,
+    Unblock,
+    Victim,
+    choose_victim,
+    classify,
+    parse_vm_stat,
+    step,
+)
+
+N, W, C = Level.NORMAL, Level.WARNING, Level.CRITICAL
+
+
+@pytest.mark.parametrize("previous,available_pct,expected", [
+    (N, 50, N), (N, 15, N), (N, 14.9, W), (N, 8, W), (N, 7.9, C), (N, 0, C),
+    (W, 14, W), (W, 17.9, W), (W, 18, N),        # Warning ends only at ≥ 18 %
+    (W, 7, C),
+    (C, 9, C), (C, 10.9, C), (C, 11, W), (C, 17, W), (C, 18, N), (C, 60, N),  # Critical ends at ≥ 11 %
+])
+def test_levels_rise_at_once_and_fall_with_a_margin(previous, available_pct, expected):
+    assert classify(previous, int(available_pct * 1000), 100_000) is expected
+
+
+def test_a_reading_without_a_total_keeps_the_level():
+    assert classify(W, 0, 0) is W
+
+
+def test_thresholds_must_be_ordered():
+    with pytest.raises(ValueError):
+        Thresholds(warning=0.05, critical=0.08)
+
+
+def svc(key, priority=Priority.NORMAL, rss=1, started=0.0, protected=False) -> ServiceMemory:
+    return ServiceMemory(key, priority, rss, started, protected)
+
+
+@pytest.mark.parametrize("services,evicting,expected", [
+    ([], (), Skip(SKIP_NOTHING_RUNNING)),
+    ([svc("a")], (), Skip(SKIP_LAST_RUNNING)),
+    ([svc("a", protected=True), svc("b", protected=True)], (), Skip(SKIP_ALL_PROTECTED)),
+    ([svc("a"), svc("b")], {"b"}, Skip(SKIP_EVICTION_IN_PROGRESS)),
+    # priority first: batch < low < normal < high < critical
+    ([svc("c", Priority.CRITICAL), svc("h", Priority.HIGH), svc("b", Priority.BATCH, rss=1)], (), Victim("b")),
+    ([svc("n", Priority.NORMAL, rss=99), svc("l", Priority.LOW, rss=1)], (), Victim("l")),
+    ([svc("h", Priority.HIGH), svc("c", Priority.CRITICAL)], (), Victim("h")),
+    # then the largest RSS, then the newest
+    ([svc("small", rss=1), svc("big", rss=9)], (), Victim("big")),
+    ([svc("old", rss=5, started=1), svc("new", rss=5, started=2)], (), Victim("new")),
+    # protection is absolute, but the last *unprotected* one may go while others run
+    ([svc("p", Priority.BATCH, protected=True), svc("x", Priority.CRITICAL)], (), Victim("x")),
+])
+def test_choose_victim(services, evicting, expected):
+    assert choose_victim(services, evicting) == expected
+
+
+def reading(available_pct: float) -> MemoryReading:
+    return MemoryReading(total_bytes=100_000, available_bytes=int(available_pct * 1000))
+
+
+def test_state_machine_evicts_one_per_tick_blocks_and_unblocks_at_normal():
+    a = svc("ns/a", Priority.LOW, rss=10)
+    b = svc("ns/b", Priority.NORMAL, rss=20)
+    c = svc("ns/c", Priority.HIGH, rss=30)
+    state = PressureState()
+
+    state, actions = step(state, reading(12), [a, b, c])
+    assert actions == (LevelChanged(N, W),) and state.blocked == frozenset()
+
+    state, actions = step(state, reading(5), [a, b, c])
+    assert actions == (LevelChanged(W, C), Evict("ns/a")) and state.blocked == {"ns/a"}
+
+    # a is still shutting down: its memory is not back yet, so nothing else goes
+    state, actions = step(state, reading(5), [a, b, c])
+    assert actions == (EvictionSkipped(SKIP_EVICTION_IN_PROGRESS),)
+
+    state, actions = step(state, reading(6), [b, c])
+    assert actions == (Evict("ns/b"),) and state.blocked == {"ns/a", "ns/b"}
+
+    state, actions = step(state, reading(7), [c])
+    assert actions == (EvictionSkipped(SKIP_LAST_RUNNING),)
+
+    # recovering to Warning keeps them blocked; Normal releases all of them at once
+    state, actions = step(state, reading(12), [c])
+    assert actions == (LevelChanged(C, W),) and state.blocked == {"ns/a", "ns/b"}
+    state, actions = step(state, reading(16), [c])
+    assert actions == () and state.level is W
+    state, actions = step(state, reading(30), [c])
+    assert actions == (LevelChanged(W, N), Unblock(frozenset({"ns/a", "ns/b"})))
+    assert state == PressureState(N, frozenset())
+
+
+def test_forgetting_a_deleted_service_drops_its_block():
+    state = PressureState(C, frozenset({"ns/a", "ns/b"}))
+    assert state.forget("ns/a").blocked == {"ns/b"} and state.forget("ns/a").level is C
+
+
+# A synthetic sample in the format of macOS `vm_stat` (written for this test,
+# not captured from a machine): 16 KiB pages, as on Apple Silicon.
+VM_STAT_SYNTHETIC = """\
+Mach Virtual Memory Statistics: (page size of 16384 bytes)
+Pages free:                                4096.
+Pages active:                            500000.
+Pages inactive:                          480000.
+Pages speculative:                        12000.
+Pages throttled:                              0.
+Pages wired down:                        262144.
+Pages purgeable:                           3000.
+"Translation faults":                 987654321.
+Pages copy-on-write:                   12345678.
+Pages zero filled:                    234567890.
+Pages reactivated:                       123456.
+Pages purged:                             65432.
+File-backed pages:                       300000.
+Anonymous pages:                         692000.
+Pages stored in compressor:              100000.
+Pages occupied by compressor:             40000.
+Decompressions:                          111111.
+Compressions:                            222222.
+Pageins:                                 333333.
+Pageouts:                                     0.
+Swapins:                                      0.
+Swapouts:                                     0.
+"""
+
+
+def test_vm_stat_parse_gives_wired_bytes():
+    parsed = parse_vm_stat(VM_STAT_SYNTHETIC)
+    assert parsed.page_size == 16384
+    assert parsed.wired_bytes == 262144 * 16384 == 4 << 30
+    assert parsed.pages["Translation faults"] == 987654321
+    assert parsed.pages["Pages free"] == 4096
+
+
+@pytest.mark.parametrize("text", ["", "garbage\n", "Mach Virtual Memory Statistics: (page size of 4096 bytes)\n"])
+def test_vm_stat_parse_rejects_unusable_output(text):
+    assert parse_vm_stat(text) is None
+
+
+def test_vm_stat_without_wired_line_has_no_wired_figure():
+    assert parse_vm_stat("Mach Virtual Memory Statistics: (page size of 4096 bytes)\nPages free: 10.\n").wired_bytes is None
