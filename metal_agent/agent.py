@@ -14,6 +14,7 @@ import contextlib
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import aiohttp
 import structlog
@@ -29,12 +30,16 @@ from metal_agent.adapters.host_address import detect_host_ip
 from metal_agent.adapters.kube.informer import CustomResource, Informer
 from metal_agent.adapters.kube.registrar import Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
+from metal_agent.adapters.kube.secrets import SecretTokenReader
+from metal_agent.adapters.memory_watchdog import MemoryWatchdog, system_memory
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
+from metal_agent.core.pressure import MemoryReading
+from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
@@ -53,6 +58,11 @@ class AgentConfig:
     bind_all: bool = False  # llama-server listens on every interface instead of host_ip only
     register: bool = True  # publish Service + EndpointSlice for each service
     heartbeat_interval: float = 30.0
+    memory_fraction: float | None = None  # None: 0.67 of RAM up to 36 GiB, 0.75 above
+    memory_check_mode: str = "enforce"  # or "warn": admit when the estimate cannot be made
+    eviction: bool = False  # evict at Critical memory pressure (opt-in)
+    memory_interval: float = 5.0
+    memory_reader: Callable[[], Awaitable[MemoryReading]] | None = None  # tests inject readings
     power: bool = False  # sample Apple SoC power with `sudo powermetrics` (macOS only)
     power_interval_ms: int = 1000
     http_host: str = "127.0.0.1"
@@ -101,13 +111,14 @@ def _services_view(reconciler: Reconciler) -> list[dict]:
     return rows
 
 
-async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> None:
+async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, handle_signals: bool = True) -> None:
     """Run until `stop` is set or SIGTERM/SIGINT arrives; raise AgentExit on fatal failure."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
 
     info = await llama_binary.probe(cfg.llama_server)
     threads = cfg.threads or await host_cpu.performance_core_count()
@@ -157,13 +168,26 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
     )
     processes.load_adoptable()
     registrar = Registrar(api, agent_version=__version__)
+    model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api))
+    watchdog = MemoryWatchdog(
+        registry, services=lambda: reconciler.memory_view(), evict=lambda key: reconciler.evict(key),
+        unblock=lambda keys: reconciler.unblock(keys),
+        on_level_change=lambda old, new: reconciler.on_pressure_change(old, new),
+        on_eviction_skipped=lambda reason: reconciler.eviction_skipped(reason),
+        reader=cfg.memory_reader or system_memory, interval=cfg.memory_interval,
+        memory_fraction=cfg.memory_fraction, eviction_enabled=cfg.eviction,
+    )
+    memory = MemoryGuard(model_files, registry, mode=cfg.memory_check_mode, agent_fraction=cfg.memory_fraction,
+                         is_blocked=watchdog.is_blocked)
     reconciler = Reconciler(
-        isvcs=isvcs, models=models, processes=processes, model_files=ModelFiles(cfg.paths.models),
+        isvcs=isvcs, models=models, processes=processes, model_files=model_files, memory=memory,
         status=StatusWriter(api), events=EventRecorder(api), metrics=metrics,
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
                               mlock_style=info.mlock_style, register_address=host_ip if cfg.register else None),
         registrar=registrar, concurrency=cfg.concurrency,
     )
+
+    model_files.on_ready = model_files.on_progress = reconciler.queue.add
 
     app = create_app(registry, ready=lambda: isvcs.synced.is_set() and models.synced.is_set())
 
@@ -220,7 +244,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None) -> N
     try:
         async with serve(app, cfg.http_host, cfg.http_port):
             reconciler.queue.start()
-            jobs = [isvcs.run(), models.run(), api_watchdog(), housekeeping(), heartbeats()]
+            jobs = [isvcs.run(), models.run(), api_watchdog(), housekeeping(), heartbeats(), watchdog.run()]
             if cfg.power:
                 jobs.append(power())
             tasks = [asyncio.create_task(c) for c in jobs]

@@ -26,18 +26,23 @@ import structlog
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
 from metal_agent.adapters.kube.registrar import Registrar
+from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.kube.status_writer import StatusWriter, utc_now
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.conditions import Condition
 from metal_agent.core.claim import Workload, evaluate, wanted_model
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.process import Snapshot, State, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
+from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.spec_hash import spec_hash
+from metal_agent.core.validation import parse_model
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
+from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.workqueue import WorkQueue
 
@@ -75,6 +80,7 @@ class Reconciler:
         events: EventRecorder,
         metrics: AgentMetrics,
         launch: LaunchSettings,
+        memory: MemoryGuard,
         registrar: Registrar | None = None,
         concurrency: int = 8,
     ) -> None:
@@ -87,6 +93,11 @@ class Reconciler:
         self.metrics = metrics
         self.launch = launch
         self.registrar = registrar if launch.register_address else None
+        self.memory = memory
+        self.pressure = Level.NORMAL
+        self.evicted: set[str] = set()  # stopped by the watchdog; shown as MemoryPressure=Evicted
+        self._waiting_reported: dict[str, str] = {}
+        self._last_skip: str | None = None
         self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
         self.managed: dict[str, _Managed] = {}
         self._invalid_reported: dict[str, tuple] = {}
@@ -101,6 +112,10 @@ class Reconciler:
     def on_model_change(self, old: dict | None, new: dict | None) -> None:
         """A Model edit re-reconciles every InferenceService that refers to it."""
         model_key = object_key(new or old)
+        if new is not None and old is not None:
+            parsed = parse_model(new)
+            if not isinstance(parsed, Invalid):
+                self.model_files.retry(parsed.value)  # a fixed URL or sha256 must not wait out a remembered failure
         for isvc in self.isvcs.items():
             ref = wanted_model(isvc)
             if ref and f"{ref[0]}/{ref[1]}" == model_key:
@@ -182,18 +197,32 @@ class Reconciler:
             managed = None
 
         if managed is None:
-            found = self.model_files.lookup(workload.model)
+            found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
             if isinstance(found, Blocker):
                 await self._write_status(key, raw, True, blocker=found)
                 return 30.0
             if isinstance(found, ModelPending):
                 await self._write_status(key, raw, True, blocker=Blocker("ModelDownloading", found.message, phase="Creating"))
-                return None
+                return None  # the store re-queues the key on progress and when done
+            admission = await self.memory.check(key, workload, found.path)
+            if isinstance(admission, Waiting):
+                self._report_waiting(key, raw, admission)
+                await self._write_status(key, raw, True, blocker=admission.blocker, scheduling=admission.scheduling)
+                return None  # re-queued when memory is freed or pressure clears
+            self._waiting_reported.pop(key, None)
             await self._start(key, workload, digest, uid, found)
 
         problem, retry = await self._register(key, raw)
         await self._write_status(key, raw, True, degraded=problem)
         return retry
+
+    def _report_waiting(self, key: str, raw: dict, waiting: Waiting) -> None:
+        """One Event per distinct reason and message, not one per reconcile."""
+        b = waiting.blocker
+        if self._waiting_reported.get(key) != b.message:
+            self._waiting_reported[key] = b.message
+            log.warning("not starting: " + b.reason, service=key, why=b.message)
+            self.events.emit(raw["metadata"], b.reason, b.message, warning=True)
 
     async def _start(self, key: str, workload: Workload, digest: str, uid: str, found: ModelReady) -> None:
         launch = self.launch
@@ -213,6 +242,8 @@ class Reconciler:
         self.managed.pop(key, None)
         await self.processes.stop(key)
         self.metrics.process_healthy.labels(**service_labels(key)).set(0)
+        for waiting in self.memory.release(key):  # memory freed: those waiting may fit now
+            self.queue.add(waiting)
         self.metrics.managed_processes.set(len(self.processes.supervisors))
 
     async def _register(self, key: str, raw: dict) -> tuple[Blocker | None, float | None]:
@@ -252,6 +283,10 @@ class Reconciler:
         return endpoint_url(namespace, name)
 
     def _forget(self, key: str) -> None:
+        self.model_files.forget(key)
+        self.memory.forget(key)
+        self.evicted.discard(key)
+        self._waiting_reported.pop(key, None)
         self._invalid_reported.pop(key, None)
         self._last_written.pop(key, None)
         self._registration_failures.pop(key, None)
@@ -261,6 +296,7 @@ class Reconciler:
     async def _write_status(
         self, key: str, raw: dict, wants_process: bool, *, suspended: bool = False,
         spec_errors: tuple[str, ...] = (), blocker: Blocker | None = None, degraded: Blocker | None = None,
+        scheduling: tuple[str, str] | None = None,
     ) -> None:
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
@@ -270,6 +306,8 @@ class Reconciler:
             suspended=suspended,
             spec_errors=spec_errors,
             degraded=degraded,
+            scheduling=scheduling,
+            memory_pressure=self._pressure_condition(key),
             blocker=blocker,
             process=supervisor.snapshot if supervisor else None,
             endpoint=self.endpoint_for(key) if supervisor else None,
@@ -284,6 +322,65 @@ class Reconciler:
         if await self.status.write(namespace, name, live_status, wanted):
             self.metrics.status_writes.inc()
         self._last_written[key] = (rv, wanted)
+
+    # -- memory pressure (called by the watchdog) ---------------------------
+
+    def _pressure_condition(self, key: str) -> Condition:
+        if key in self.evicted:
+            return Condition("MemoryPressure", True, "Evicted",
+                             "stopped to relieve memory pressure; restarts when pressure is Normal")
+        level = self.pressure
+        return Condition("MemoryPressure", level is not Level.NORMAL, level.label, f"memory pressure on this Mac is {level.label}")
+
+    def _ours(self) -> set[str]:
+        return set(self.managed) | self.memory.waiting | self.evicted
+
+    def on_pressure_change(self, old: Level, new: Level) -> None:
+        self.pressure = new
+        self._last_skip = None
+        for key in self._ours():
+            raw = self.isvcs.get(key)
+            if raw is not None:
+                self.events.emit(raw["metadata"], "MemoryPressureLevelChanged",
+                                 f"memory pressure {old.label} -> {new.label}", warning=new is not Level.NORMAL)
+            self.queue.add(key)
+
+    async def evict(self, key: str) -> None:
+        raw = self.isvcs.get(key)
+        if raw is not None:
+            self.events.emit(raw["metadata"], "Evicted", "stopped llama-server to relieve critical memory pressure",
+                             warning=True)
+        self.evicted.add(key)
+        await self._stop(key)
+        self.queue.add(key)
+
+    def unblock(self, keys: frozenset[str]) -> None:
+        for key in keys:
+            self.evicted.discard(key)
+            self.queue.add(key)
+
+    def eviction_skipped(self, reason: str) -> None:
+        if reason == self._last_skip:
+            return  # once per reason while the pressure lasts, not every tick
+        self._last_skip = reason
+        for key in self.managed:
+            raw = self.isvcs.get(key)
+            if raw is not None:
+                self.events.emit(raw["metadata"], "EvictionSkipped", f"memory is critical but nothing was evicted: {reason}",
+                                 warning=True)
+
+    def memory_view(self) -> list[ServiceMemory]:
+        """The running services as the watchdog needs them."""
+        rows = []
+        for key, managed in self.managed.items():
+            supervisor = self.processes.get(key)
+            snap = supervisor.snapshot if supervisor else None
+            spec = managed.workload.isvc.spec
+            rows.append(ServiceMemory(key=key, priority=spec.priority,
+                                      rss_bytes=process_rss(snap.pid) if snap and snap.pid else 0,
+                                      started_at=(snap.started_at or 0.0) if snap else 0.0,
+                                      eviction_protection=spec.eviction_protection))
+        return rows
 
     # -- lifecycle --------------------------------------------------------
 
@@ -309,6 +406,7 @@ class Reconciler:
 
     async def shutdown(self, *, stop_processes: bool) -> None:
         await self.queue.stop()
+        await self.model_files.aclose()
         await self.processes.shutdown(stop_processes=stop_processes)
         try:
             await asyncio.wait_for(self.events.flush(), 5)

@@ -47,7 +47,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import aiohttp
 import structlog
 
-from metal_agent.core.api import ModelSource, SourceKind
+from metal_agent.core.api import ModelSource, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.status import Blocker
 
@@ -72,14 +72,6 @@ _QUERY = re.compile(r"\?[^\s'\")]*")
 
 
 # -- credentials ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """`Model.spec.sourceSecretRef`: a Secret in the Model's namespace holding a bearer token."""
-
-    name: str
-    key: str = "token"
 
 
 class TokenUnavailable(Exception):

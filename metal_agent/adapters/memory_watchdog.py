@@ -117,6 +117,7 @@ class MemoryWatchdog:
         interval: float = DEFAULT_INTERVAL_S,
         thresholds: Thresholds = Thresholds(),
         memory_fraction: float | None = None,
+        eviction_enabled: bool = True,
     ) -> None:
         """`services()` lists the services running now; `memory_fraction` is the
         agent's --memory-fraction (None: the RAM-dependent default), used for
@@ -131,6 +132,7 @@ class MemoryWatchdog:
         self.interval = interval
         self.thresholds = thresholds
         self.memory_fraction = memory_fraction
+        self.eviction_enabled = eviction_enabled
         self.state = PressureState()
         self.last_reading: MemoryReading | None = None
         self._last_error: str | None = None
@@ -163,7 +165,7 @@ class MemoryWatchdog:
         self.metrics.wired.set(reading.wired_bytes or 0)
         self.metrics.budget.set(memory_budget(None, reading.total_bytes, self.memory_fraction).bytes)
 
-        self.state, actions = step(self.state, reading, self.services(), self.thresholds)
+        self.state, actions = step(self.state, reading, self.services(), self.thresholds, evict=self.eviction_enabled)
         self.metrics.level.set(int(self.state.level))
         for action in actions:
             await self._execute(action, reading)

@@ -43,6 +43,10 @@ def run(
     liveness_failures: int = typer.Option(3, min=1, envvar=_env("LIVENESS_FAILURES"), help="Failed probes in a row before a restart."),
     stop_on_exit: bool = typer.Option(False, "--stop-on-exit", envvar=_env("STOP_ON_EXIT"), help="Stop llama-servers when the agent exits (default: leave them for the next agent to adopt)."),
     api_unreachable_limit: float = typer.Option(600.0, min=1, envvar=_env("API_UNREACHABLE_LIMIT"), help="Exit non-zero after the API server has been unreachable this many seconds."),
+    memory_fraction: Optional[float] = typer.Option(None, min=0.05, max=1.0, envvar=_env("MEMORY_FRACTION"), help="Share of RAM all models together may use (default: 0.67 up to 36 GiB RAM, 0.75 above); a Model's memoryBudget/memoryFraction wins."),
+    memory_check_mode: str = typer.Option("enforce", envvar=_env("MEMORY_CHECK_MODE"), help="enforce: refuse a model whose memory cannot be estimated; warn: start it anyway."),
+    eviction: bool = typer.Option(False, "--eviction-enabled/--eviction-disabled", envvar=_env("EVICTION_ENABLED"), help="At critical memory pressure, stop one service per check (lowest priority first) until pressure is Normal."),
+    memory_interval: float = typer.Option(5.0, min=0.5, envvar=_env("MEMORY_INTERVAL"), help="Seconds between memory pressure checks."),
     power: Optional[bool] = typer.Option(None, "--power/--no-power", envvar=_env("POWER"), help="Sample Apple SoC power with the pinned `sudo powermetrics` command (default: on for macOS; see make install-powermetrics-sudo)."),
     power_interval_ms: int = typer.Option(1000, min=100, max=60000, envvar=_env("POWER_INTERVAL_MS"), help="powermetrics sample interval; must equal the interval in the sudoers grant."),
     log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
@@ -53,6 +57,8 @@ def run(
         configure_logging(log_level, log_format)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--log-level")
+    if memory_check_mode not in ("enforce", "warn"):
+        raise typer.BadParameter("expected enforce or warn", param_hint="--memory-check-mode")
     http_host, _, http_port = listen.rpartition(":")
     if not http_host or not http_port.isdigit():
         raise typer.BadParameter("expected host:port, e.g. 127.0.0.1:9090", param_hint="--listen")
@@ -85,6 +91,10 @@ def run(
                                       liveness_failures=liveness_failures),
         stop_on_exit=stop_on_exit,
         api_unreachable_limit=api_unreachable_limit,
+        memory_fraction=memory_fraction,
+        memory_check_mode=memory_check_mode,
+        eviction=eviction,
+        memory_interval=memory_interval,
         power=sys.platform == "darwin" if power is None else power,
         power_interval_ms=power_interval_ms,
     )

@@ -192,11 +192,20 @@ class HardwareSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretRef:
+    """`spec.sourceSecretRef`: a Secret in the Model's namespace holding a bearer token for the download."""
+
+    name: str
+    key: str = "token"
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     source: ModelSource
     sha256: str | None = None  # lower-case hex when set
     format: ModelFormat = ModelFormat.GGUF
     hardware: HardwareSpec = HardwareSpec()
+    source_secret_ref: SecretRef | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,8 +178,11 @@ class PressureState:
 
 
 def step(state: PressureState, reading: MemoryReading, services: Sequence[ServiceMemory],
-         thresholds: Thresholds = Thresholds()) -> tuple[PressureState, tuple[Action, ...]]:
-    """Advance one tick. `services` are the ones running now (with a live process)."""
+         thresholds: Thresholds = Thresholds(), *, evict: bool = True) -> tuple[PressureState, tuple[Action, ...]]:
+    """Advance one tick. `services` are the ones running now (with a live process).
+
+    With `evict` False (the agent's default; eviction is opt-in) levels are
+    still tracked and reported, but nothing is stopped."""
     level = classify(state.level, reading.available_bytes, reading.total_bytes, thresholds)
     actions: list[Action] = []
     if level != state.level:
@@ -188,7 +191,7 @@ def step(state: PressureState, reading: MemoryReading, services: Sequence[Servic
     if level is Level.NORMAL and blocked:
         actions.append(Unblock(blocked))
         blocked = frozenset()
-    elif level is Level.CRITICAL:
+    elif level is Level.CRITICAL and evict:
         choice = choose_victim(services, evicting=blocked)
         if isinstance(choice, Victim):
             actions.append(Evict(choice.key))

@@ -35,6 +35,8 @@ class StatusInputs:
     endpoint: str | None = None
     spec_hash: str | None = None
     degraded: Blocker | None = None  # a problem a running process survives (e.g. its Model vanished)
+    scheduling: tuple[str, str] | None = None  # LLMKube's schedulingStatus/schedulingMessage (memory admission)
+    memory_pressure: Condition | None = None
 
 
 def _process_conditions(p: Snapshot) -> tuple[str, Condition, Condition, Condition]:
@@ -112,7 +114,8 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
         "readyReplicas": ready,
         "replicas": 1 if running else 0,
         "desiredReplicas": 1 if inputs.wants_process else 0,
-        "conditions": merge_conditions((previous or {}).get("conditions"), [available, progressing, degraded],
+        "conditions": merge_conditions((previous or {}).get("conditions"),
+                                       [available, progressing, degraded, *filter(None, [inputs.memory_pressure])],
                                        now, inputs.generation),
     }
     if inputs.generation is not None:
@@ -121,6 +124,8 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
         status["endpoint"] = inputs.endpoint
     if inputs.spec_hash:
         status["specHash"] = inputs.spec_hash
+    if inputs.scheduling is not None:
+        status["schedulingStatus"], status["schedulingMessage"] = inputs.scheduling
     if running and p.acceleration is not None:
         status["acceleration"] = p.acceleration.as_status()
     return status

@@ -47,6 +47,7 @@ from metal_agent.core.api import (
     RopeScaling,
     RopeScalingType,
     Runtime,
+    SecretRef,
     ShardingSpec,
     ShardingStrategy,
     SourceKind,
@@ -377,15 +378,34 @@ def parse_model(raw: Any) -> Parsed[Model] | Invalid:
             sha256 = None
     fmt = r.enum(spec, "format", "spec.format", ModelFormat, default=ModelFormat.GGUF)
     hardware = _read_hardware(r, spec)
+    secret_ref = _read_secret_ref(r, spec)
 
     if r.errors or source is None:
         return Invalid(tuple(r.errors))
     return Parsed(
         Model(
             meta=meta,
-            spec=ModelSpec(source=source, sha256=sha256, format=fmt or ModelFormat.GGUF, hardware=hardware),
+            spec=ModelSpec(source=source, sha256=sha256, format=fmt or ModelFormat.GGUF, hardware=hardware,
+                           source_secret_ref=secret_ref),
         )
     )
+
+
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
+def _read_secret_ref(r: _Reader, spec: Mapping[str, Any] | None) -> SecretRef | None:
+    """`spec.sourceSecretRef` (our extension): the Secret holding a download bearer token."""
+    ref = r.mapping(spec, "sourceSecretRef", "spec.sourceSecretRef")
+    if ref is None:
+        return None
+    name = r.string(ref, "name", "spec.sourceSecretRef.name", required=True)
+    if name:
+        _check_subdomain(r, name, "spec.sourceSecretRef.name")
+    key = r.string(ref, "key", "spec.sourceSecretRef.key") or "token"
+    if not _SECRET_KEY.fullmatch(key):
+        r.error("spec.sourceSecretRef.key", "must be a Secret data key: letters, digits, '-', '_' or '.'")
+    return SecretRef(name, key) if name else None
 
 
 def _read_source(r: _Reader, spec: Mapping[str, Any] | None) -> ModelSource | None:

@@ -67,7 +67,7 @@ async def test_create_ready_scale_and_delete(env):
     assert available["status"] == "True"
     pid = await service_pid(agent, key)
     assert "--ctx-size" in cmdline(pid) and cmdline(pid)[cmdline(pid).index("--ctx-size") + 1] == "512"
-    assert {"Started", "Ready"} <= set(await cluster.event_reasons("chat"))
+    assert "Started" in await cluster.wait_event("chat", "Ready")
 
     # replicas 1 -> 2 changes nothing on a Mac: same process.
     await cluster.patch_isvc("chat", {"replicas": 2})
@@ -112,7 +112,7 @@ async def test_spec_drift_respawns_exactly_once(env):
     assert argv[argv.index("--ctx-size") + 1] == "1024"
     assert process_gone(old_pid)
     await cluster.wait_phase("drift", "Ready")
-    assert (await cluster.event_reasons("drift")).count("Respawning") == 1
+    assert (await cluster.wait_event("drift", "Respawning")).count("Respawning") == 1
     assert await agent.metric("llmkube_metal_agent_respawns_total", {"name": "drift", "namespace": cluster.ns}) == 1
     assert await agent.metric("llmkube_metal_agent_process_restarts_total", {"name": "drift", "namespace": cluster.ns}) in (None, 0)
 
@@ -135,7 +135,7 @@ async def test_crash_is_restarted_with_backoff_and_reported(env):
     new_pid = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="restarted llama-server")
     assert new_pid != pid
     await cluster.wait_phase("crashy", "Ready")
-    reasons = await cluster.event_reasons("crashy")
+    reasons = await cluster.wait_event("crashy", "Restarting")
     assert "ProcessExited" in reasons and "Restarting" in reasons
     restarts = await agent.metric("llmkube_metal_agent_process_restarts_total", {"name": "crashy", "namespace": cluster.ns})
     assert restarts == 1
@@ -175,7 +175,7 @@ async def test_owned_flag_in_extra_args_keeps_serving_degraded(env):
     assert "spec.extraArgs[0]" in cond["message"]
     assert (await cluster.status("typo"))["phase"] == "Ready"
     assert await service_pid(agent, key) == pid
-    assert "InvalidSpec" in await cluster.event_reasons("typo")
+    await cluster.wait_event("typo", "InvalidSpec")
 
     # The next valid change is acted on.
     await cluster.patch_isvc("typo", {"extraArgs": []})
@@ -228,7 +228,7 @@ async def test_agent_restart_adopts_without_reload(env):
     assert adopted == pid
     rows = await agent.services()
     assert rows[0]["adopted"] is True
-    reasons = await cluster.event_reasons("keep")
+    reasons = await cluster.wait_event("keep", "Ready")
     assert reasons.count("Started") == 1  # no second spawn: zero model reloads
 
 
@@ -249,7 +249,7 @@ async def test_spec_change_while_agent_down_respawns_once(env):
     argv = cmdline(new_pid)
     assert argv[argv.index("--ctx-size") + 1] == "768"
     assert process_gone(pid)
-    assert (await cluster.event_reasons("offline")).count("Started") == 2
+    assert (await cluster.wait_event("offline", "Started", count=2)).count("Started") == 2
 
 
 async def test_two_services_are_independent(env, tmp_path):
@@ -295,7 +295,7 @@ async def test_api_outage_restarts_nothing_and_status_converges(env, control_pla
     await wait_for(converged, timeout=60, what="status to converge after the outage")
     assert await service_pid(agent, key) == new_pid  # no restart beyond the one we caused
     assert await agent.metric("llmkube_metal_agent_process_restarts_total", {"name": "steady", "namespace": cluster.ns}) == 1
-    assert "ProcessExited" in await cluster.event_reasons("steady")
+    await cluster.wait_event("steady", "ProcessExited")
 
 
 async def _watch_failing(agent: AgentProcess) -> bool:

@@ -73,3 +73,10 @@ class Cluster:
 
     async def event_reasons(self, name: str) -> list[str]:
         return [e.reason for e in await self.events(name) for _ in range(e.count or 1)]
+
+    async def wait_event(self, name: str, reason: str, count: int = 1, timeout: float = 15) -> list[str]:
+        """Events are sent in the background, after the state change they report: wait for them."""
+        async def enough():
+            reasons = await self.event_reasons(name)
+            return reasons if reasons.count(reason) >= count else None
+        return await wait_for(enough, timeout=timeout, what=f"{count} {reason} Event(s) on {self.ns}/{name}")

@@ -1,0 +1,93 @@
+"""Unified-memory bookkeeping for the reconciler: admission before a start, blocks after an eviction.
+
+The reconciler asks one question before spawning ("may this service start
+now?") and reports one thing after stopping ("it no longer holds memory").
+This class keeps the numbers in between: the estimate of every service the
+agent runs (the pure `core.admission` rule needs them all, which is what
+LLMKube's check missed), the services waiting for memory (re-queued when
+something stops), and whether the pressure watchdog has blocked a service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import psutil
+import structlog
+from prometheus_client import CollectorRegistry, Gauge
+
+from metal_agent.adapters.model_files import ModelFiles
+from metal_agent.core.claim import Workload
+from metal_agent.core.admission import Admit, Reject, admit
+from metal_agent.core.names import METRIC_PREFIX as P
+from metal_agent.core.status import Blocker
+from metal_agent.metrics import service_labels
+
+log = structlog.get_logger(__name__)
+
+RESPAWN_BLOCKED = "RespawnBlocked"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A service that may not start yet; `blocker` goes into its status."""
+
+    blocker: Blocker
+    scheduling: tuple[str, str] | None  # (schedulingStatus, schedulingMessage), LLMKube's fields
+
+
+class MemoryGuard:
+    def __init__(
+        self,
+        model_files: ModelFiles,
+        registry: CollectorRegistry,
+        *,
+        mode: Literal["enforce", "warn"] = "enforce",
+        agent_fraction: float | None = None,
+        is_blocked: Callable[[str], bool] = lambda key: False,
+        total_ram: Callable[[], int] = lambda: psutil.virtual_memory().total,
+    ) -> None:
+        self.model_files = model_files
+        self.mode = mode
+        self.agent_fraction = agent_fraction
+        self.is_blocked = is_blocked
+        self.total_ram = total_ram
+        self.committed: dict[str, int] = {}
+        self.waiting: set[str] = set()
+        self.estimated = Gauge(P + "memory_estimated_bytes", "estimated unified memory of a service (weights + KV cache + overhead)",
+                               ["name", "namespace"], registry=registry)
+
+    async def check(self, key: str, workload: Workload, path: Path) -> Admit | Waiting:
+        """May `key` start now with the model file at `path`?"""
+        if self.is_blocked(key):
+            self.waiting.discard(key)
+            return Waiting(Blocker(RESPAWN_BLOCKED, "evicted under memory pressure; it restarts on its own when "
+                                   "memory pressure is Normal again", phase="Pending"), None)
+        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec)
+        verdict = admit(key, estimate, self.committed, hardware=workload.model.spec.hardware,
+                        total_ram_bytes=self.total_ram(), agent_fraction=self.agent_fraction, mode=self.mode)
+        if isinstance(verdict, Reject):
+            self.waiting.add(key)
+            return Waiting(verdict.blocker(), (verdict.reason, verdict.message))
+        if verdict.warning:
+            log.warning("memory check", service=key, warning=verdict.warning)
+        self.waiting.discard(key)
+        self.committed[key] = verdict.needed_bytes
+        self.estimated.labels(**service_labels(key)).set(verdict.needed_bytes)
+        return verdict
+
+    def release(self, key: str) -> set[str]:
+        """`key` stopped: forget its memory; return the services that may fit now."""
+        freed = self.committed.pop(key, None)
+        self.waiting.discard(key)
+        try:
+            labels = service_labels(key)
+            self.estimated.remove(labels["name"], labels["namespace"])
+        except KeyError:
+            pass
+        return set(self.waiting) if freed else set()
+
+    def forget(self, key: str) -> None:
+        self.release(key)
