@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -34,9 +32,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from metal_agent.adapters.process.records import RecordStore, live_process  # noqa: E402
 from tests.support import tiny_model  # noqa: E402
-from tests.support.agent import AgentOptions, AgentProcess  # noqa: E402
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
 from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
@@ -90,20 +87,23 @@ async def bench_apply_latency(cluster: Cluster, agent: AgentProcess, n: int) -> 
 
 
 async def bench_restart_latency(cluster: Cluster, agent: AgentProcess, n: int) -> list[float]:
-    key = f"{cluster.ns}/crash"
-    await cluster.create_isvc("crash", "tiny", contextSize=256)
-    await cluster.wait_phase("crash", "Ready")
+    """First-crash restart latency: n services, each killed once (a second crash
+    of the same service would measure its back-off, by design)."""
+    names = [f"crash-{i}" for i in range(n)]
+    for name in names:
+        await cluster.create_isvc(name, "tiny", contextSize=256)
+    for name in names:
+        await cluster.wait_phase(name, "Ready", timeout=60)
     latencies = []
-    for _ in range(n):
+    for name in names:
+        key = f"{cluster.ns}/{name}"
         pid = (await exec_time_of_new_process(agent, key, set()))[0]
-        await cluster.wait_phase("crash", "Ready")
         killed = time.time()
         os.kill(pid, signal.SIGKILL)
         _, exec_at = await exec_time_of_new_process(agent, key, {pid})
         latencies.append((exec_at - killed) * 1000)
-        # Let the healthy stretch reset the back-off so each sample is a "first crash".
-        await cluster.wait_phase("crash", "Ready")
-    await cluster.delete_isvc("crash")
+    for name in names:
+        await cluster.delete_isvc(name)
     return latencies
 
 
@@ -210,9 +210,7 @@ async def main() -> None:
             for agent in agents:
                 if agent.process and agent.process.running:
                     await agent.stop()
-                for record in RecordStore(agent.options.workdir / "state" / "processes").load_all():
-                    if live_process(record):
-                        os.killpg(record.pid, signal.SIGKILL)
+                kill_recorded_processes(agent.options.workdir / "state")
             await admin.close()
             await cp.stop()
 

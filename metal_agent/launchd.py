@@ -35,9 +35,10 @@ Why each key (see launchd.plist(5)):
 from __future__ import annotations
 
 import plistlib
-import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+
+from metal_agent.core.names import is_dns1123_label
 
 LABEL = "com.llmkube.metal-agent"
 PLIST_NAME = f"{LABEL}.plist"
@@ -46,7 +47,6 @@ THROTTLE_INTERVAL_S = 30
 # Homebrew on Apple Silicon, then Intel, then the system directories.
 LAUNCHD_PATH = "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 class LaunchdConfigError(ValueError):
@@ -80,7 +80,7 @@ class LaunchAgentSettings:
             if value is not None and not PurePosixPath(value).is_absolute():
                 raise LaunchdConfigError(f"{flag} must be an absolute path (launchd does not expand ~), got {value!r}")
         for namespace in self.namespaces:
-            if len(namespace) > 63 or not _NAMESPACE.fullmatch(namespace):
+            if not is_dns1123_label(namespace):
                 raise LaunchdConfigError(f"--namespace {namespace!r} is not a valid namespace name")
         for value in (self.agent_path, self.log_dir, self.state_dir, self.kubeconfig, self.llama_server,
                       *self.namespaces, *self.extra_args):

@@ -35,7 +35,7 @@ from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.conditions import Condition
 from metal_agent.core.claim import Workload, evaluate, wanted_model
 from metal_agent.core.flags import MlockStyle
-from metal_agent.core.process import Snapshot, State, SupervisorEvent
+from metal_agent.core.process import Snapshot, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
 from metal_agent.core.pressure import Level, ServiceMemory

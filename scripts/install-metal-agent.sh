@@ -32,27 +32,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-label=com.llmkube.metal-agent
-install_root="${METAL_AGENT_INSTALL_ROOT:-}"
-launchctl="${LAUNCHCTL:-/bin/launchctl}"
-if [[ "$(uname -s)" != Darwin && ( -z "$install_root" || -z "${LAUNCHCTL:-}" ) ]]; then
-  echo "metal-agent installs as a macOS LaunchAgent; this is $(uname -s)." >&2
-  echo "To try the install elsewhere, set METAL_AGENT_INSTALL_ROOT=DIR and LAUNCHCTL=STAND-IN." >&2
-  exit 1
-fi
-
-if [[ -z "$install_root" && "$(id -u)" -eq 0 ]]; then
-  echo "run this as the user the agent runs as, not root (a LaunchAgent lives in a user's gui/UID domain)" >&2
-  exit 1
-fi
-
-home="${install_root:-${HOME:-}}"
-if [[ -z "$home" || "$home" != /* ]]; then
-  echo "need an absolute HOME (or METAL_AGENT_INSTALL_ROOT), got '${home}'" >&2
-  exit 1
-fi
+action=install
+# shellcheck source=lib/launchagent-env.sh
+source "$(dirname "$0")/lib/launchagent-env.sh"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-uid="$(id -u)"
 service="gui/$uid/$label"
 state_dir="$home/Library/Application Support/metal-agent"
 log_dir="$home/Library/Logs/metal-agent"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ import aiohttp
 import typer
 
 from metal_agent.adapters.process.manager import log_file_name
+from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
 from metal_agent.launchd import LABEL
 from metal_agent.paths import default_paths
 
@@ -28,8 +28,6 @@ __all__ = ["AgentUnreachable", "fetch_services", "format_bytes", "format_duratio
            "parse_service_key", "services_url", "status"]
 
 DEFAULT_LISTEN = "127.0.0.1:9090"
-_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _FOLLOW_INTERVAL_S = 0.25
 _READ_CHUNK = 64 * 1024
 
@@ -158,9 +156,9 @@ def parse_service_key(value: str) -> str:
     namespace, sep, name = value.partition("/")
     if not sep:
         raise ValueError(f"expected NAMESPACE/NAME, got {value!r}")
-    if len(namespace) > 63 or not _LABEL.fullmatch(namespace):
+    if not is_dns1123_label(namespace):
         raise ValueError(f"{namespace!r} is not a valid namespace (lower-case letters, digits and '-')")
-    if len(name) > 253 or not _SUBDOMAIN.fullmatch(name):
+    if not is_dns1123_subdomain(name):
         raise ValueError(f"{name!r} is not a valid name (lower-case letters, digits, '-' and '.')")
     return f"{namespace}/{name}"
 

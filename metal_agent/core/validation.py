@@ -53,6 +53,7 @@ from metal_agent.core.api import (
     SourceKind,
 )
 from metal_agent.core.flags import CACHE_TYPE_TOKEN, owned_flag
+from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
 from metal_agent.core.quantity import quantity_to_bytes
 from metal_agent.core.result import FieldError, Invalid, Parsed
 
@@ -64,10 +65,6 @@ MODEL_KIND = "Model"
 ISVC_KIND = "InferenceService"
 DEFAULT_NAMESPACE = "default"
 
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1123_SUBDOMAIN = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-)
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # Plain non-negative decimals: what a human writes for a proportion or
 # factor, and nothing llama-server's `stof` would read differently
@@ -327,7 +324,7 @@ def _check_subdomain(r: _Reader, value: str, path: str) -> None:
     """DNS-1123 subdomain: what Kubernetes requires of most object names."""
     if len(value) > 253:
         r.error(path, f"must be at most 253 characters, got {len(value)}")
-    elif not _DNS1123_SUBDOMAIN.fullmatch(value):
+    elif not is_dns1123_subdomain(value):
         r.error(
             path,
             f"{value!r} is not a valid name: use lower-case letters, digits, '-' and '.',"
@@ -339,7 +336,7 @@ def _check_label(r: _Reader, value: str, path: str) -> None:
     """DNS-1123 label: what Kubernetes requires of namespace names."""
     if len(value) > 63:
         r.error(path, f"must be at most 63 characters, got {len(value)}")
-    elif not _DNS1123_LABEL.fullmatch(value):
+    elif not is_dns1123_label(value):
         r.error(
             path,
             f"{value!r} is not a valid namespace: use lower-case letters, digits and '-',"

@@ -10,8 +10,7 @@ import time
 import psutil
 import pytest
 
-from metal_agent.adapters.process.records import RecordStore, live_process
-from tests.support.agent import AgentOptions, AgentProcess
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
 from tests.support.wait import wait_for
@@ -39,9 +38,7 @@ async def env(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
         if agent.process and agent.process.running:
             await agent.stop()
     # Safety net: never leave a llama-server behind, even when a test failed half-way.
-    for record in RecordStore(tmp_path / "state" / "processes").load_all():
-        if live_process(record):
-            os.killpg(record.pid, signal.SIGKILL)
+    kill_recorded_processes(tmp_path / "state")
 
 
 async def service_pid(agent: AgentProcess, key: str, state: str | None = "Ready") -> int | None:

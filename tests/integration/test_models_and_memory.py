@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
-import signal
 from pathlib import Path
 
 import pytest
 
-from metal_agent.adapters.process.records import RecordStore, live_process
+from metal_agent.adapters.process.records import RecordStore
 from metal_agent.agent import AgentConfig, run_agent
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.paths import AgentPaths
-from tests.support.agent import AgentOptions, AgentProcess
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.http_models import ModelHTTPServer
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
@@ -51,9 +49,7 @@ async def env(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
             if agent.process and agent.process.running:
                 await agent.stop()
         await server.stop()
-        for record in RecordStore(tmp_path / "state" / "processes").load_all():
-            if live_process(record):
-                os.killpg(record.pid, signal.SIGKILL)
+        kill_recorded_processes(tmp_path / "state")
 
 
 async def scheduling(cluster: Cluster, name: str, reason: str):
@@ -206,9 +202,7 @@ async def test_critical_pressure_evicts_the_right_victim_and_normal_brings_it_ba
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(agent, 30)
-        for record in RecordStore(tmp_path / "state" / "processes").load_all():
-            if live_process(record):
-                os.killpg(record.pid, signal.SIGKILL)
+        kill_recorded_processes(tmp_path / "state")
 
 
 async def _pid_from_status_log(state_dir: Path, name: str) -> int | None:

@@ -21,9 +21,8 @@ import pytest
 import yaml
 from kubernetes_asyncio import client
 
-from metal_agent.adapters.process.records import RecordStore, live_process
 from tests.support import netns
-from tests.support.agent import AgentOptions, AgentProcess
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
 from tests.support.wait import wait_for
@@ -64,9 +63,7 @@ async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
             for agent in agents:
                 if agent.process and agent.process.running:
                     await agent.stop()
-            for record in RecordStore(tmp_path / "state" / "processes").load_all():
-                if live_process(record):
-                    os.killpg(record.pid, signal.SIGKILL)
+            kill_recorded_processes(tmp_path / "state")
             forwarder.close()
 
 

@@ -115,3 +115,15 @@ class AgentProcess:
     def kill(self) -> None:
         """SIGKILL the agent alone (not its process group): its llama-servers must survive."""
         os.kill(self.process.pid, 9)
+
+
+def kill_recorded_processes(state_dir: Path) -> None:
+    """Teardown safety net: SIGKILL every llama-server an agent recorded under `state_dir`
+    that is provably still that process, so a failed test never leaves one behind."""
+    import signal
+
+    from metal_agent.adapters.process.records import RecordStore, live_process
+
+    for record in RecordStore(state_dir / "processes").load_all():
+        if live_process(record):
+            os.killpg(record.pid, signal.SIGKILL)

@@ -143,3 +143,11 @@ async def test_workqueue_retries_a_failing_key_later():
         assert len(attempts) == 2
     finally:
         await queue.stop()
+
+
+def test_llama_server_configuration_variables_never_reach_the_child():
+    from metal_agent.adapters.process.supervisor import child_environment
+
+    env = child_environment({"PATH": "/usr/bin", "LLAMA_ARG_PORT": "1", "LLAMA_ARG_HOST": "0.0.0.0",
+                             "LLAMA_API_KEY": "secret", "HOME": "/Users/me"})
+    assert env == {"PATH": "/usr/bin", "HOME": "/Users/me"}

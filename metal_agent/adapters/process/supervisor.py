@@ -87,6 +87,17 @@ def pick_port(host: str, preferred: int = 0) -> int:
     raise OSError(f"no free port on {host}")
 
 
+def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The agent's environment minus llama-server's own configuration variables.
+
+    llama-server reads `LLAMA_ARG_*` (one per flag) and `LLAMA_API_KEY`
+    before its command line; one left in the agent's environment would
+    silently override a flag the agent owns (port, host, model, API key).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_API_KEY"}
+
+
 def _health_host(host: str) -> str:
     if host in ("0.0.0.0", ""):
         return "127.0.0.1"
@@ -208,6 +219,7 @@ class Supervisor:
         try:
             child = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+                env=child_environment(),
             )
         finally:
             os.close(fd)
