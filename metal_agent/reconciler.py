@@ -26,22 +26,22 @@ import structlog
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
 from metal_agent.adapters.kube.registrar import Registrar
-from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.kube.status_writer import StatusWriter, utc_now
+from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.argv import AgentArgvOptions, build_argv
-from metal_agent.core.conditions import Condition
 from metal_agent.core.claim import Workload, evaluate, wanted_model
+from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
+from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.process import Snapshot, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
-from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.spec_hash import spec_hash
-from metal_agent.core.validation import parse_model
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
+from metal_agent.core.validation import parse_model
 from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.workqueue import WorkQueue

@@ -33,6 +33,7 @@ class AgentOptions:
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     netns: NetNS | None = None  # run the agent (and so its llama-servers) inside this namespace
+    log_level: str = "debug"  # tests want everything in the log they quote on failure; benches use info
 
 
 class AgentProcess:
@@ -60,7 +61,7 @@ class AgentProcess:
             "--threads", "1",
             "--no-mlock",
             "--log-format", "json",
-            "--log-level", "debug",
+            "--log-level", o.log_level,
             *o.extra_args,
         ]
         for ns in o.namespaces:

@@ -46,6 +46,16 @@ class _Gone(Exception):
     """Our resourceVersion is too old: relist."""
 
 
+def _slim(obj: dict) -> dict:
+    """Drop managedFields: server-side-apply bookkeeping, often the bulk of an
+    object, never read by the agent. Keeps the cache of a namespace with
+    hundreds of InferenceServices small."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
+
+
 def object_key(obj: dict) -> str:
     meta = obj.get("metadata") or {}
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
@@ -109,7 +119,7 @@ class Informer:
 
     async def _relist(self, scope: str | None) -> str:
         listing = await self._list(scope)
-        fresh = {object_key(item): item for item in listing.get("items") or []}
+        fresh = {object_key(item): _slim(item) for item in listing.get("items") or []}
         for key, item in fresh.items():
             kind = listing.get("kind", "").removesuffix("List")
             item.setdefault("kind", kind)
@@ -152,7 +162,7 @@ class Informer:
         return rv
 
     def _apply_event(self, event: dict) -> str | None:
-        kind, obj = event.get("type"), event.get("object") or {}
+        kind, obj = event.get("type"), _slim(event.get("object") or {})
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise _Gone()

@@ -12,9 +12,6 @@ is never signalled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +22,7 @@ from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
 from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
+from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.process import Snapshot, SupervisorEvent
 
 log = structlog.get_logger(__name__)
@@ -43,12 +41,7 @@ async def terminate_recorded(record: ProcessRecord, grace: float) -> None:
         return
     waiter = asyncio.ensure_future(wait_exit(record.pid))
     try:
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(record.pid, sig)
-            done, _ = await asyncio.wait({waiter}, timeout=wait)
-            if done:
-                return
+        await terminate_group(record.pid, waiter, grace)
     finally:
         waiter.cancel()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ import structlog
 from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest
+from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.llama_log import parse_acceleration, problem_lines
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State, SupervisorEvent
@@ -212,6 +212,17 @@ class Supervisor:
             self._set(self._snapshot, SupervisorEvent("Restarting", f"restart #{restarts} after {delay:g}s back-off"))
 
     async def _spawn(self) -> _Running:
+        """Start llama-server. The launch itself is shielded from cancellation: a
+        stop() that lands mid-spawn must still find the new process (in
+        `self._running`) and terminate it, never leave it running unrecorded."""
+        launch = asyncio.ensure_future(self._launch())
+        try:
+            return await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            await launch
+            raise
+
+    async def _launch(self) -> _Running:
         port = pick_port(self.plan.host, self._port)
         self._port = port
         argv = [str(a) for a in self.plan.build_argv(port)]
@@ -322,12 +333,7 @@ class Supervisor:
             proc = _still_same(record)
             if proc is None:
                 return
-        for sig, wait in ((signal.SIGTERM, self.settings.stop_grace), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(running.pid, sig)
-            done, _ = await asyncio.wait({running.exited}, timeout=wait)
-            if done:
-                return
+        await terminate_group(running.pid, running.exited, self.settings.stop_grace)
 
     def _set(self, snapshot: Snapshot, event: SupervisorEvent | None = None) -> None:
         self._snapshot = snapshot

@@ -1,0 +1,99 @@
+"""The supervisor on real processes: start/stop races, startup timeout, a hung server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import aiohttp
+import psutil
+import pytest
+
+from metal_agent.adapters.process.logfile import ServiceLog
+from metal_agent.adapters.process.records import RecordStore
+from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.process import ExitReason, State
+from tests.support.procs import process_gone
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.states: list[State] = []
+
+    def __call__(self, snap, event) -> None:
+        self.states.append(snap.state)
+        if event is not None:
+            self.events.append(event.reason)
+
+
+@pytest.fixture
+async def make(tmp_path):
+    http = aiohttp.ClientSession()
+    supervisors: list[Supervisor] = []
+
+    def factory(build_argv, **settings) -> tuple[Supervisor, Recorder]:
+        recorder = Recorder()
+        sup = Supervisor(
+            LaunchPlan(key="ns/svc", uid="u", spec_hash="h" * 64, host="127.0.0.1", build_argv=build_argv),
+            log_file=ServiceLog(tmp_path / "svc.log"), records=RecordStore(tmp_path / "records"), http=http,
+            on_change=recorder, settings=SupervisorSettings(**settings),
+        )
+        supervisors.append(sup)
+        return sup, recorder
+
+    yield factory
+    for sup in supervisors:
+        await sup.stop()
+    await http.close()
+
+
+def llama(binary, model):
+    return lambda port: [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+                         "--ctx-size", "256", "--threads", "1"]
+
+
+async def test_stop_right_after_start_leaves_nothing_running(make, llama_server_bin, tiny_model, tmp_path):
+    for _ in range(5):  # stop lands at different points of the spawn
+        sup, _ = make(llama(llama_server_bin, tiny_model))
+        sup.start()
+        await asyncio.sleep(0)
+        await sup.stop()
+        assert sup.snapshot.state is State.STOPPED
+        assert RecordStore(tmp_path / "records").load_all() == []
+    leftovers = [p for p in psutil.Process().children(recursive=True) if "llama-server" in " ".join(p.cmdline())]
+    assert all(process_gone(p.pid) for p in leftovers)
+
+
+async def test_startup_timeout_stops_the_process_and_backs_off(make):
+    # A real process that never serves /health stands in for a model that loads forever.
+    sup, rec = make(lambda port: [sys.executable, "-c", "import time; time.sleep(600)"],
+                    startup_timeout=0.5, backoff=Backoff(initial=30, first_immediate=False))
+    sup.start()
+    await wait_for(lambda: sup.snapshot.state is State.BACKOFF, timeout=10, what="back-off after timeout")
+    assert sup.snapshot.last_exit.reason is ExitReason.STARTUP_TIMEOUT
+    assert "StartupTimeout" in rec.events
+
+
+async def test_hung_server_is_detected_and_restarted(make, llama_server_bin, tiny_model):
+    sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=0.2, liveness_timeout=0.3,
+                    liveness_failures=2)
+    sup.start()
+    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="ready")
+    pid = sup.snapshot.pid
+    os.kill(pid, signal.SIGSTOP)  # alive but not answering: only liveness probes can tell
+    try:
+        await wait_for(lambda: sup.snapshot.state is State.READY and sup.snapshot.pid != pid, timeout=30,
+                       what="restart after liveness failures")
+    finally:
+        if not process_gone(pid):
+            os.kill(pid, signal.SIGCONT)
+    assert {"Unhealthy", "LivenessFailed", "Restarting"} <= set(rec.events)
+    assert sup.snapshot.last_exit.reason is ExitReason.UNHEALTHY
+    assert process_gone(pid)
