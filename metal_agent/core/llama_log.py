@@ -14,6 +14,9 @@ from dataclasses import dataclass
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 # e.g. "load_tensors:        Metal model buffer size = ..." or "CPU_Mapped model buffer size"
 _BUFFER = re.compile(r"load_tensors:\s+(\S+?)(?:_Mapped)? model buffer size")
+# Printed by builds without a usable GPU backend (or when Metal is unavailable):
+# every layer then runs on the CPU, whatever --n-gpu-layers says.
+_NO_GPU = re.compile(r"no usable GPU found")
 _PROBLEM = re.compile(r"\b(error|failed|failure|unsupported|invalid|unknown|cannot|can't|abort|terminate)", re.I)
 
 
@@ -24,18 +27,17 @@ class Acceleration:
     layers_total: int
 
     def as_status(self) -> dict:
-        return {
-            "device": self.device,
-            "layersOffloaded": self.layers_offloaded,
-            "layersTotal": self.layers_total,
-        }
+        status = {"device": self.device, "layersOffloaded": self.layers_offloaded}
+        if self.layers_total:  # 0: the log did not say
+            status["layersTotal"] = self.layers_total
+        return status
 
 
 def parse_acceleration(log_text: str) -> Acceleration | None:
     """Acceleration from the last load recorded in `log_text`, or None if it has none."""
     offloads = _OFFLOADED.findall(log_text)
     if not offloads:
-        return None
+        return Acceleration("CPU", 0, 0) if _NO_GPU.search(log_text) else None
     done, total = (int(v) for v in offloads[-1])
     devices = [d for d in _BUFFER.findall(log_text) if d.upper() != "CPU"]
     if done == 0:

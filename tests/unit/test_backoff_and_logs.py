@@ -48,6 +48,13 @@ def test_cpu_fallback_is_visible():
     assert (accel.device, accel.layers_offloaded, accel.layers_total) == ("CPU", 0, 3)
 
 
+def test_build_without_gpu_reports_cpu():
+    log = "warning: no usable GPU found, --gpu-layers option will be ignored\nllama_server: model loaded\n"
+    accel = parse_acceleration(log)
+    assert (accel.device, accel.layers_offloaded) == ("CPU", 0)
+    assert accel.as_status() == {"device": "CPU", "layersOffloaded": 0}
+
+
 def test_no_offload_line_means_unknown():
     assert parse_acceleration("main: server is listening\n") is None
 
