@@ -53,15 +53,17 @@ def asset(script: str) -> Path:
 
 
 async def show(cluster: Cluster, name: str) -> None:
-    obj = await cluster.isvc(name)
-    st = obj.get("status", {})
-    print(f"NAME   PHASE   READY   ENDPOINT\n{name}   {st.get('phase')}   {st.get('readyReplicas')}/{st.get('desiredReplicas')}   {st.get('endpoint', '-')}")
+    """Roughly what `kubectl get isvc` and `kubectl describe isvc` would print."""
+    st = (await cluster.isvc(name)).get("status", {})
+    ready = f"{st.get('readyReplicas')}/{st.get('desiredReplicas')}"
+    print(f"{'NAME':<12}{'PHASE':<10}{'READY':<7}ENDPOINT")
+    print(f"{name:<12}{st.get('phase', ''):<10}{ready:<7}{st.get('endpoint', '-')}")
     print("\nConditions:")
     for c in st.get("conditions", []):
-        print(f"  {c['type']:<12} {c['status']:<6} {c['reason']:<14} {c['message']}")
+        print(f"  {c['type']:<16}{c['status']:<7}{c['reason']:<14}{c['message']}")
     print("\nEvents:")
     for e in await cluster.events(name):
-        print(f"  {e.type:<8} {e.reason:<12} {e.message}")
+        print(f"  {e.type:<8}{e.reason:<12}{e.message}")
 
 
 async def main() -> None:

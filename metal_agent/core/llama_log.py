@@ -26,6 +26,11 @@ class Acceleration:
     layers_offloaded: int
     layers_total: int
 
+    def describe(self) -> str:
+        if not self.layers_total:
+            return self.device
+        return f"{self.device}, {self.layers_offloaded}/{self.layers_total} layers offloaded"
+
     def as_status(self) -> dict:
         status = {"device": self.device, "layersOffloaded": self.layers_offloaded}
         if self.layers_total:  # 0: the log did not say

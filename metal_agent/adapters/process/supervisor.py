@@ -268,7 +268,7 @@ class Supervisor:
             self._set(
                 replace(self._snapshot, state=State.READY, ready_at=time.time(), acceleration=accel or self._snapshot.acceleration),
                 SupervisorEvent("Ready", f"llama-server ready on port {self._port}"
-                                + (f" ({accel.device}, {accel.layers_offloaded}/{accel.layers_total} layers offloaded)" if accel else "")),
+                                + (f" ({accel.describe()})" if accel else "")),
             )
             self._log.info("llama-server ready", pid=running.pid, port=self._port)
             if not await self._live(running, base):
