@@ -76,6 +76,10 @@ class AgentConfig:
     concurrency: int = 8
 
 
+class StartupError(Exception):
+    """A configuration the agent cannot start with (bad kubeconfig, busy port): say so, exit 2."""
+
+
 class AgentExit(Exception):
     """A subsystem failed for good; the agent exits non-zero so launchd restarts it."""
 
@@ -86,7 +90,12 @@ class AgentExit(Exception):
 
 async def _api_client(cfg: AgentConfig) -> client.ApiClient:
     configuration = client.Configuration()
-    await config.load_kube_config(config_file=cfg.kubeconfig, context=cfg.context, client_configuration=configuration)
+    try:
+        await config.load_kube_config(config_file=cfg.kubeconfig, context=cfg.context,
+                                      client_configuration=configuration)
+    except Exception as err:  # noqa: BLE001 - YAML, missing files, exec plugins...: all mean "fix the kubeconfig"
+        where = cfg.kubeconfig or "~/.kube/config (or $KUBECONFIG)"
+        raise StartupError(f"cannot load kubeconfig {where}: {err}") from None
     return client.ApiClient(configuration)
 
 
@@ -242,7 +251,12 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     fatal: AgentExit | None = None
     try:
-        async with serve(app, cfg.http_host, cfg.http_port):
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(serve(app, cfg.http_host, cfg.http_port))
+            except OSError as err:
+                raise StartupError(f"cannot listen on {cfg.http_host}:{cfg.http_port} ({err.strerror}); "
+                                   "pass another --listen address") from None
             reconciler.queue.start()
             jobs = [isvcs.run(), models.run(), api_watchdog(), housekeeping(), heartbeats(), watchdog.run()]
             if cfg.power:

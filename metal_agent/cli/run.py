@@ -11,7 +11,7 @@ import typer
 
 from metal_agent.adapters.llama_binary import LlamaServerMissing
 from metal_agent.adapters.process.supervisor import SupervisorSettings
-from metal_agent.agent import AgentConfig, AgentExit, run_agent
+from metal_agent.agent import AgentConfig, AgentExit, StartupError, run_agent
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
 from metal_agent.logging_setup import configure_logging
 from metal_agent.paths import AgentPaths, default_paths, find_llama_server
@@ -100,7 +100,7 @@ def run(
     )
     try:
         asyncio.run(run_agent(cfg))
-    except (LlamaServerMissing, NoUsableAddress) as err:
+    except (LlamaServerMissing, NoUsableAddress, StartupError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
     except AgentExit as err:
