@@ -171,6 +171,10 @@ class Reconciler:
                 self._invalid_reported[key] = marker
                 log.warning("invalid spec", service=key, errors=list(errors))
                 self.events.emit(raw["metadata"], "InvalidSpec", "; ".join(errors), warning=True)
+            if managed is None and self.processes.get(key) is None:
+                # After an agent restart: keep the previous agent's process serving its last valid spec.
+                if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
+                    log.info("kept the running llama-server of the last valid spec", service=key)
             wants = managed.workload.isvc.spec.wants_process if managed else True
             await self._write_status(key, raw, wants, spec_errors=errors)
             return None
@@ -188,6 +192,11 @@ class Reconciler:
 
         digest = spec_hash(workload).value
         uid = raw["metadata"].get("uid") or ""
+        kept = self.processes.get(key)
+        if managed is None and kept is not None:
+            # Kept running as recorded while the spec was invalid: take it over if it
+            # runs this very spec, otherwise it is replaced like any changed spec.
+            managed = self.managed[key] = _Managed(workload, kept.plan.spec_hash, kept.plan.uid)
         if managed is not None and (managed.spec_hash != digest or managed.uid != uid):
             log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
             self.events.emit(raw["metadata"], "Respawning",

@@ -312,3 +312,35 @@ async def test_api_outage_restarts_nothing_and_status_converges(env, control_pla
 
 async def _watch_failing(agent: AgentProcess) -> bool:
     return ((await agent.metric("llmkube_metal_agent_watch_consecutive_failures")) or 0) > 0
+
+
+async def test_typo_made_while_agent_down_keeps_the_model_serving(env):
+    cluster, make_agent = env
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/sturdy"
+    await cluster.create_isvc("sturdy", "tiny", contextSize=256)
+    await cluster.wait_phase("sturdy", "Ready")
+    pid = await service_pid(agent, key)
+
+    agent.kill()
+    await agent.process.wait(timeout=10)
+    await cluster.patch_isvc("sturdy", {"extraArgs": ["--port=1"]})
+    await agent.start()
+
+    async def degraded():
+        cond = await cluster.condition("sturdy", "Degraded")
+        return cond if cond and cond["reason"] == "InvalidSpec" else None
+    cond = await wait_for(degraded, timeout=20, what="Degraded/InvalidSpec after restart")
+    assert "spec.extraArgs[0]" in cond["message"]
+    assert await wait_for(lambda: service_pid(agent, key), timeout=20, what="kept process Ready") == pid
+    status = await cluster.wait_phase("sturdy", "Ready")
+    assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "InvalidSpec"
+
+    await cluster.patch_isvc("sturdy", {"extraArgs": []})  # fixed: the same spec as the running process
+    async def healed():
+        cond = await cluster.condition("sturdy", "Degraded")
+        return cond and cond["status"] == "False"
+    await wait_for(healed, timeout=20, what="Degraded cleared")
+    assert await service_pid(agent, key) == pid
+    assert (await cluster.wait_event("sturdy", "Started")).count("Started") == 1

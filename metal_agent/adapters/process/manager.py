@@ -82,15 +82,18 @@ class ProcessManager:
     def get(self, key: str) -> Supervisor | None:
         return self.supervisors.get(key)
 
-    async def start(self, plan: LaunchPlan) -> Supervisor:
-        """Supervise `plan`: adopt the matching previous process, or spawn a new one."""
-        if plan.key in self.supervisors:
-            raise RuntimeError(f"{plan.key} is already supervised")
-        supervisor = Supervisor(
+    def _supervisor(self, plan: LaunchPlan) -> Supervisor:
+        return Supervisor(
             plan, log_file=self.service_log(plan.key), records=self.records, http=self.http,
             on_change=lambda snap, event, key=plan.key: self.on_change(key, snap, event), settings=self.settings,
             on_probe=(lambda seconds, key=plan.key: self.on_probe(key, seconds)) if self.on_probe else None,
         )
+
+    async def start(self, plan: LaunchPlan) -> Supervisor:
+        """Supervise `plan`: adopt the matching previous process, or spawn a new one."""
+        if plan.key in self.supervisors:
+            raise RuntimeError(f"{plan.key} is already supervised")
+        supervisor = self._supervisor(plan)
         record = self.adoptable.pop(plan.key, None)
         if record is not None:
             matches = record.uid == plan.uid and record.spec_hash == plan.spec_hash and record.host == plan.host
@@ -103,6 +106,25 @@ class ProcessManager:
             self.records.remove(plan.key)
         self.supervisors[plan.key] = supervisor
         supervisor.start()
+        return supervisor
+
+    def adopt_as_recorded(self, key: str, uid: str) -> Supervisor | None:
+        """Keep a previous agent's process running as it was, without a valid spec to check it against.
+
+        Used when the service's current spec is invalid: the recorded command
+        line is the last valid spec, and a typo must not cost a model reload.
+        Restarts after a crash reuse exactly that command line.
+        """
+        record = self.adoptable.get(key)
+        if record is None or record.uid != uid or not record.argv or live_process(record) is None:
+            return None
+        del self.adoptable[key]
+        argv = record.argv
+        plan = LaunchPlan(key=key, uid=uid, spec_hash=record.spec_hash, host=record.host,
+                          build_argv=lambda port: argv, port=record.port)
+        supervisor = self._supervisor(plan)
+        self.supervisors[key] = supervisor
+        supervisor.adopt(record)
         return supervisor
 
     async def stop(self, key: str) -> None:

@@ -38,6 +38,9 @@ class ProcessRecord:
     host: str
     argv_digest: str
     version: int = RECORD_VERSION
+    # The full command line, so a later agent can keep running this exact
+    # process (and restart it as it was) while the current spec is invalid.
+    argv: tuple[str, ...] = ()
 
 
 def _file_name(key: str) -> str:
@@ -74,6 +77,7 @@ class RecordStore:
                 data = json.loads(path.read_text())
                 if data.get("version") != RECORD_VERSION:
                     continue
+                data["argv"] = tuple(data.get("argv") or ())
                 records.append(ProcessRecord(**data))
             except (OSError, ValueError, TypeError):
                 continue

@@ -243,6 +243,7 @@ class Supervisor:
         self.records.save(ProcessRecord(
             key=self.plan.key, uid=self.plan.uid, pid=child.pid, create_time=create_time,
             spec_hash=self.plan.spec_hash, port=port, host=self.plan.host, argv_digest=argv_digest(argv),
+            argv=tuple(argv),
         ))
         self._set(
             replace(self._snapshot, state=State.STARTING, pid=child.pid, port=port, adopted=False,
