@@ -34,19 +34,27 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import os
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 
+from metal_agent.adapters.model_cache import (
+    CachePaths,
+    Verified,
+    discard_partial,
+    finalize,
+    hash_file,
+    partial_state,
+    PartialSink,
+    write_json,
+    inspect_cached,
+)
 from metal_agent.core.api import ModelSource, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.status import Blocker
@@ -56,7 +64,6 @@ log = structlog.get_logger(__name__)
 HF_ENDPOINT = "https://huggingface.co"
 READ_CHUNK = 1 << 20
 WRITE_BATCH = 4 << 20  # hand the writer thread this much at a time
-HASH_BLOCK = 8 << 20
 DEFAULT_BACKOFF = Backoff(initial=2.0, factor=2.0, cap=60.0)
 DEFAULT_MAX_FAILURES = 5
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
@@ -67,7 +74,6 @@ REASON_CHECKSUM = "ModelChecksumMismatch"
 REASON_LENGTH = "ModelLengthMismatch"
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _QUERY = re.compile(r"\?[^\s'\")]*")
 
 
@@ -127,50 +133,7 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-@dataclass(frozen=True, slots=True)
-class CachePaths:
-    """Files of one cached download. The directory is keyed by the URL, so two
-    Models whose URLs end in the same file name never share a file."""
-
-    final: Path
-
-    @classmethod
-    def for_url(cls, cache_dir: Path, url: str, file_name: str) -> CachePaths:
-        digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-        return cls(cache_dir / digest / file_name)
-
-    @property
-    def directory(self) -> Path:
-        return self.final.parent
-
-    @property
-    def partial(self) -> Path:
-        return self.final.with_name(self.final.name + ".partial")
-
-    @property
-    def partial_meta(self) -> Path:
-        return self.final.with_name(self.final.name + ".partial.json")
-
-    @property
-    def sidecar(self) -> Path:
-        return self.final.with_name(self.final.name + ".sha256.json")
-
-
-def safe_file_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-
-
 # -- results and errors -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Verified:
-    """A complete file at its final path, with the digest of its bytes."""
-
-    path: Path
-    size: int
-    mtime_ns: int
-    sha256: str
 
 
 class DownloadError(Exception):
@@ -245,108 +208,6 @@ class Progress:
             rate = f" at {human_size(self.rate)}/s" if self.rate else ""
             return f"downloading {self.amount()}{rate} from {where}"
         return f"connecting to {where}"
-
-
-# -- file work (worker threads only) ------------------------------------------------
-
-
-def _hash_file(path: Path, limit: int | None = None) -> tuple[hashlib._Hash, int]:
-    """SHA-256 of the first `limit` bytes (all if None), and how many were read."""
-    h = hashlib.sha256()
-    read = 0
-    with path.open("rb") as f:
-        while limit is None or read < limit:
-            block = f.read(HASH_BLOCK if limit is None else min(HASH_BLOCK, limit - read))
-            if not block:
-                break
-            h.update(block)
-            read += len(block)
-    return h, read
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def inspect_cached(paths: CachePaths, url: str) -> Verified | None:
-    """The file at the final path with its digest, or None if there is none.
-
-    The sidecar is trusted when size and mtime still match; otherwise (a
-    crash between rename and sidecar, or a file put there by hand) the file
-    is hashed once and the sidecar written.
-    """
-    try:
-        st = paths.final.stat()
-    except FileNotFoundError:
-        return None
-    side = _read_json(paths.sidecar)
-    if (side and side.get("size") == st.st_size and side.get("mtime_ns") == st.st_mtime_ns
-            and isinstance(side.get("sha256"), str) and _HEX64.match(side["sha256"])):
-        return Verified(paths.final, st.st_size, st.st_mtime_ns, side["sha256"])
-    h, _ = _hash_file(paths.final)
-    st = paths.final.stat()
-    _write_json(paths.sidecar, {"sha256": h.hexdigest(), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "url": url})
-    return Verified(paths.final, st.st_size, st.st_mtime_ns, h.hexdigest())
-
-
-def _partial_state(paths: CachePaths, url: str) -> tuple[int, dict | None]:
-    """(bytes already in the partial, its metadata) — a partial of another URL is dropped."""
-    paths.directory.mkdir(parents=True, exist_ok=True)
-    try:
-        size = paths.partial.stat().st_size
-    except FileNotFoundError:
-        return 0, None
-    meta = _read_json(paths.partial_meta)
-    if meta is not None and meta.get("url") != url:
-        _discard_partial(paths)
-        return 0, None
-    return size, meta
-
-
-def _discard_partial(paths: CachePaths) -> None:
-    for p in (paths.partial, paths.partial_meta):
-        p.unlink(missing_ok=True)
-
-
-class _Sink:
-    """The open partial file and the running digest of all its bytes."""
-
-    def __init__(self, path: Path, offset: int, hasher) -> None:
-        self.file = path.open("r+b" if offset else "wb")
-        if offset:
-            self.file.seek(offset)
-            self.file.truncate()
-        self.hasher = hasher
-        self.size = offset
-
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.hasher.update(data)
-        self.size += len(data)
-
-    def close(self, sync: bool = False) -> None:
-        self.file.flush()
-        if sync:
-            os.fsync(self.file.fileno())
-        self.file.close()
-
-
-def _finalize(paths: CachePaths, url: str, digest: str) -> Verified:
-    os.replace(paths.partial, paths.final)
-    st = paths.final.stat()
-    _write_json(paths.sidecar, {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "url": url})
-    paths.partial_meta.unlink(missing_ok=True)
-    return Verified(paths.final, st.st_size, st.st_mtime_ns, digest)
 
 
 async def _in_thread(fn, *args):
@@ -463,7 +324,7 @@ class Download:
 
     async def _attempt(self) -> Verified:
         paths = self.paths
-        offset, meta = await asyncio.to_thread(_partial_state, paths, self.url)
+        offset, meta = await asyncio.to_thread(partial_state, paths, self.url)
         known_total = meta.get("total") if meta else None
         self.progress.reset_rate()
         self._set(phase="connecting", done=offset, total=known_total, error=None, retry_in=None)
@@ -486,7 +347,7 @@ class Download:
                 if start is None:  # 416 on resume: the partial already holds the whole file
                     return await self._complete(offset, total)
                 if start == 0:
-                    await asyncio.to_thread(_write_json, paths.partial_meta, {
+                    await asyncio.to_thread(write_json, paths.partial_meta, {
                         "url": self.url, "total": total,
                         "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified"),
                     })
@@ -518,7 +379,7 @@ class Download:
                 await self._length_lie(f"{self.where} first announced {known_total} bytes, now {remote}")
             if remote == offset:
                 return None, remote, None
-            await asyncio.to_thread(_discard_partial, self.paths)
+            await asyncio.to_thread(discard_partial, self.paths)
             raise DownloadError(f"{self.where} refused to resume at byte {offset}; starting over", permanent=False)
         if resp.status >= 300:
             raise _http_error(resp.status, resp.reason or "", self.where, has_token)
@@ -546,7 +407,7 @@ class Download:
         return 0, resp.content_length, resp.content_length
 
     async def _length_lie(self, what: str) -> None:
-        await asyncio.to_thread(_discard_partial, self.paths)
+        await asyncio.to_thread(discard_partial, self.paths)
         raise DownloadError(f"inconsistent length: {what}; the partial download was discarded",
                             permanent=True, reason=REASON_LENGTH, integrity=True)
 
@@ -564,12 +425,12 @@ class Download:
         paths = self.paths
         if start:
             self._set(phase="hashing", done=start, total=total)
-            hasher, have = await asyncio.to_thread(_hash_file, paths.partial, start)
+            hasher, have = await asyncio.to_thread(hash_file, paths.partial, start)
             if have != start:
                 raise DownloadError("the partial file shrank while resuming", permanent=False)
         else:
             hasher = hashlib.sha256()
-        sink = await _in_thread(_Sink, paths.partial, start, hasher)
+        sink = await _in_thread(PartialSink, paths.partial, start, hasher)
         buffer: list[bytes] = []
         buffered = 0
         overflow: str | None = None
@@ -605,15 +466,15 @@ class Download:
     async def _complete(self, size: int, total: int | None) -> Verified:
         """The partial already holds the whole file (resume answered 416 at its end)."""
         self._set(phase="hashing", done=size, total=total)
-        hasher, _ = await asyncio.to_thread(_hash_file, self.paths.partial)
+        hasher, _ = await asyncio.to_thread(hash_file, self.paths.partial)
         return await self._verify_and_finalize(hasher.hexdigest())
 
     async def _verify_and_finalize(self, digest: str) -> Verified:
         if self.expected is not None and digest != self.expected:
-            await asyncio.to_thread(_discard_partial, self.paths)
+            await asyncio.to_thread(discard_partial, self.paths)
             raise DownloadError(f"sha256 mismatch for {self.where}: the Model expects {self.expected}, "
                                 f"the downloaded file has {digest}; the file was removed",
                                 permanent=True, reason=REASON_CHECKSUM, integrity=True)
-        verified = await asyncio.to_thread(_finalize, self.paths, self.url, digest)
+        verified = await asyncio.to_thread(finalize, self.paths, self.url, digest)
         log.info("model downloaded", url=self.where, path=str(verified.path), size=verified.size, sha256=digest)
         return verified

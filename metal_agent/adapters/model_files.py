@@ -47,17 +47,14 @@ from metal_agent.adapters.downloads import (
     DEFAULT_TIMEOUT,
     HF_ENDPOINT,
     REASON_FAILED,
-    CachePaths,
     Download,
     DownloadError,
-    SecretRef,
     TokenProvider,
     TokenUnavailable,
-    Verified,
     resolve_source,
-    safe_file_name,
 )
-from metal_agent.core.api import InferenceServiceSpec, Model, SourceKind
+from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
+from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header

@@ -14,7 +14,8 @@ import pytest
 from kubernetes_asyncio import client
 from structlog.testing import capture_logs
 
-from metal_agent.adapters.downloads import SecretRef, TokenUnavailable
+from metal_agent.adapters.downloads import TokenUnavailable
+from metal_agent.core.api import SecretRef
 from metal_agent.adapters.kube.secrets import RBAC_HINT, SecretTokenReader
 from tests.support.kube import apply, load_documents
 from tests.support.wait import wait_for

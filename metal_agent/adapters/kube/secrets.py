@@ -18,7 +18,8 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.downloads import SecretRef, TokenUnavailable
+from metal_agent.adapters.downloads import TokenUnavailable
+from metal_agent.core.api import SecretRef
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
