@@ -43,6 +43,17 @@ async def env(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
     kill_recorded_processes(tmp_path / "state")
 
 
+async def ready_service(cluster: Cluster, make_agent, name: str, **spec) -> tuple[AgentProcess, str, int]:
+    """Start an agent and one InferenceService on the tiny model; wait until Ready.
+    Returns the agent, the service key and the llama-server pid."""
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc(name, "tiny", **spec)
+    await cluster.wait_phase(name, "Ready")
+    key = f"{cluster.ns}/{name}"
+    return agent, key, await service_pid(agent, key)
+
+
 async def service_pid(agent: AgentProcess, key: str, state: str | None = "Ready") -> int | None:
     for row in await agent.services():
         if row["service"] == key and (state is None or row["state"] == state):
@@ -99,12 +110,7 @@ async def _observed(cluster: Cluster, name: str, generation: int) -> bool:
 
 async def test_spec_drift_respawns_exactly_once(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/drift"
-    await cluster.create_isvc("drift", "tiny", contextSize=512)
-    await cluster.wait_phase("drift", "Ready")
-    old_pid = await service_pid(agent, key)
+    agent, key, old_pid = await ready_service(cluster, make_agent, "drift", contextSize=512)
 
     await cluster.patch_isvc("drift", {"contextSize": 1024})
     new_pid = await wait_for(lambda: _new_ready_pid(agent, key, old_pid), timeout=30, what="respawned llama-server")
@@ -124,12 +130,7 @@ async def _new_ready_pid(agent: AgentProcess, key: str, old_pid: int) -> int | N
 
 async def test_crash_is_restarted_with_backoff_and_reported(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/crashy"
-    await cluster.create_isvc("crashy", "tiny", contextSize=256)
-    await cluster.wait_phase("crashy", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "crashy", contextSize=256)
 
     os.kill(pid, signal.SIGKILL)
     new_pid = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="restarted llama-server")
@@ -158,12 +159,7 @@ async def test_unsupported_cache_type_fails_with_stderr_line(env):
 
 async def test_owned_flag_in_extra_args_keeps_serving_degraded(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/typo"
-    await cluster.create_isvc("typo", "tiny", contextSize=256)
-    await cluster.wait_phase("typo", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "typo", contextSize=256)
 
     await cluster.patch_isvc("typo", {"extraArgs": ["--port=1234"]})
 
@@ -199,12 +195,7 @@ async def test_invalid_spec_never_spawns(env):
 
 async def test_model_leaving_metal_stops_the_process(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/moved"
-    await cluster.create_isvc("moved", "tiny", contextSize=256)
-    await cluster.wait_phase("moved", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "moved", contextSize=256)
     await cluster.patch_model("tiny", {"hardware": {"accelerator": "cuda"}})
     await wait_for(lambda: process_gone(pid), timeout=10, what="llama-server stopped")
     assert await agent.services() == []
@@ -212,12 +203,7 @@ async def test_model_leaving_metal_stops_the_process(env):
 
 async def test_agent_restart_adopts_without_reload(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/keep"
-    await cluster.create_isvc("keep", "tiny", contextSize=256)
-    await cluster.wait_phase("keep", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "keep", contextSize=256)
 
     agent.kill()
     await agent.process.wait(timeout=10)
@@ -234,12 +220,7 @@ async def test_agent_restart_adopts_without_reload(env):
 
 async def test_spec_change_while_agent_down_respawns_once(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/offline"
-    await cluster.create_isvc("offline", "tiny", contextSize=256)
-    await cluster.wait_phase("offline", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "offline", contextSize=256)
 
     agent.kill()
     await agent.process.wait(timeout=10)
@@ -280,12 +261,7 @@ async def run_cli(*args: str) -> str:
 
 async def test_api_outage_restarts_nothing_and_status_converges(env, control_plane):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/steady"
-    await cluster.create_isvc("steady", "tiny", contextSize=256)
-    await cluster.wait_phase("steady", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "steady", contextSize=256)
 
     await control_plane.stop_apiserver()
     try:
@@ -316,12 +292,7 @@ async def _watch_failing(agent: AgentProcess) -> bool:
 
 async def test_typo_made_while_agent_down_keeps_the_model_serving(env):
     cluster, make_agent = env
-    agent = make_agent()
-    await agent.start()
-    key = f"{cluster.ns}/sturdy"
-    await cluster.create_isvc("sturdy", "tiny", contextSize=256)
-    await cluster.wait_phase("sturdy", "Ready")
-    pid = await service_pid(agent, key)
+    agent, key, pid = await ready_service(cluster, make_agent, "sturdy", contextSize=256)
 
     agent.kill()
     await agent.process.wait(timeout=10)
