@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import aiohttp
+import psutil
 import structlog
 from aiohttp import web
 from kubernetes_asyncio import client, config
@@ -101,8 +102,6 @@ async def _api_client(cfg: AgentConfig) -> client.ApiClient:
 
 def _services_view(reconciler: Reconciler) -> list[dict]:
     """What `metal-agent status` shows: one row per supervised service."""
-    import psutil
-
     now = time.time()
     rows = []
     for key, supervisor in sorted(reconciler.processes.supervisors.items()):

@@ -138,6 +138,16 @@ class Reconciler:
     # -- reconcile --------------------------------------------------------
 
     async def reconcile(self, key: str) -> float | None:
+        """The work queue's handler: reconcile `key`, counting outcomes for `reconciles_total`."""
+        try:
+            requeue = await self._reconcile(key)
+        except Exception:
+            self.metrics.reconciles.labels("error").inc()
+            raise
+        self.metrics.reconciles.labels("ok" if requeue is None else "requeue").inc()
+        return requeue
+
+    async def _reconcile(self, key: str) -> float | None:
         raw = self.isvcs.get(key)
         managed = self.managed.get(key)
         if raw is None:

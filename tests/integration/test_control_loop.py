@@ -79,6 +79,7 @@ async def test_create_ready_scale_and_delete(env):
     pid = await service_pid(agent, key)
     assert "--ctx-size" in cmdline(pid) and cmdline(pid)[cmdline(pid).index("--ctx-size") + 1] == "512"
     assert "Started" in await cluster.wait_event("chat", "Ready")
+    assert (await agent.metric("llmkube_metal_agent_reconciles_total", {"outcome": "ok"}) or 0) >= 1
 
     # replicas 1 -> 2 changes nothing on a Mac: same process.
     await cluster.patch_isvc("chat", {"replicas": 2})
