@@ -78,9 +78,6 @@ class WorkQueue:
         """Until nothing is queued or running (timers excepted); for shutdown and tests."""
         await self._idle.wait()
 
-    def __len__(self) -> int:
-        return len(self._queued) + len(self._active)
-
     async def _work(self) -> None:
         while True:
             key = await self._ready.get()
