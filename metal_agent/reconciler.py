@@ -26,7 +26,7 @@ import structlog
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
 from metal_agent.adapters.kube.registrar import Registrar
-from metal_agent.adapters.kube.status_writer import StatusWriter, utc_now
+from metal_agent.adapters.kube.status_writer import StatusWriter, already_applied, utc_now
 from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.adapters.process.manager import ProcessManager
@@ -37,10 +37,11 @@ from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.process import Snapshot, SupervisorEvent
-from metal_agent.core.registration import Registration, endpoint_url, service_name_problem
+from metal_agent.core.registration import Registration, endpoint_path, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
+from metal_agent.core.status_owner import StatusMode, decide, model_not_ready, shows_controller
 from metal_agent.core.validation import parse_model
 from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
@@ -83,6 +84,7 @@ class Reconciler:
         memory: MemoryGuard,
         registrar: Registrar | None = None,
         concurrency: int = 8,
+        status_mode: StatusMode = StatusMode.AUTO,
     ) -> None:
         self.isvcs = isvcs
         self.models = models
@@ -101,7 +103,11 @@ class Reconciler:
         self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
         self.managed: dict[str, _Managed] = {}
         self._invalid_reported: dict[str, tuple] = {}
-        self._last_written: dict[str, tuple[str | None, dict]] = {}
+        self.status_mode = status_mode
+        self.controller_seen = False  # some object showed LLMKube's controller writing status
+        self._applied_status: dict[str, dict] = {}  # our last applied status intent, per key
+        self._ownership: dict[str, str] = {}  # per key: "full" or "shared", to log changes once
+        self._model_not_ready_reported: dict[str, str] = {}
         self._registration_failures: dict[str, int] = {}
 
     # -- event intake -----------------------------------------------------
@@ -163,11 +169,17 @@ class Reconciler:
         verdict = evaluate(raw, model_raw)
 
         if isinstance(verdict, NotOurs):
-            if managed is None:
+            model_missing = model_raw is None and ref is not None
+            if model_missing and managed is None and self.processes.get(key) is None:
+                # After an agent restart: the same rule as at run time, a vanished Model costs no reload.
+                if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
+                    log.info("kept the running llama-server although its Model is missing", service=key)
+            if managed is None and self.processes.get(key) is None:
                 return None
-            if model_raw is None and ref is not None:
-                await self._write_status(key, raw, managed.workload.isvc.spec.wants_process, degraded=Blocker(
-                    "ModelNotFound", f"Model {ref[1]} was not found; still serving the last valid spec"))
+            if model_missing:
+                await self._write_status(key, raw, managed.workload.isvc.spec.wants_process if managed else True,
+                                         degraded=Blocker("ModelNotFound",
+                                                          f"Model {ref[1]} was not found; still serving the last valid spec"))
                 return None
             log.info("InferenceService is no longer ours; stopping llama-server", service=key, why=verdict.reason)
             await self._stop(key)
@@ -196,7 +208,7 @@ class Reconciler:
             if managed is not None:
                 log.info("scaled to zero or suspended; stopping llama-server", service=key)
                 await self._stop(key)
-            await self._unregister(key)
+            await self._withdraw(key)
             await self._write_status(key, raw, False, suspended=spec.suspend)
             return None
 
@@ -215,17 +227,25 @@ class Reconciler:
             await self._stop(key)
             managed = None
 
+        if managed is not None and key in self.evicted:
+            log.warning("evicted: stopping llama-server to relieve memory pressure", service=key)
+            await self._stop(key)
+            managed = None
+
         if managed is None:
             found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
             if isinstance(found, Blocker):
+                await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=found)
                 return 30.0
             if isinstance(found, ModelPending):
+                await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=Blocker("ModelDownloading", found.message, phase="Creating"))
                 return None  # the store re-queues the key on progress and when done
             admission = await self.memory.check(key, workload, found.path)
             if isinstance(admission, Waiting):
                 self._report_waiting(key, raw, admission)
+                await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=admission.blocker, scheduling=admission.scheduling)
                 return None  # re-queued when memory is freed or pressure clears
             self._waiting_reported.pop(key, None)
@@ -295,11 +315,17 @@ class Reconciler:
             namespace, name = key.split("/", 1)
             await self.registrar.remove(namespace, name)
 
-    def endpoint_for(self, key: str) -> str | None:
+    async def _withdraw(self, key: str) -> None:
+        """Nothing serves this key now: no slice may say otherwise (the Service stays)."""
+        if self.registrar is not None:
+            namespace, name = key.split("/", 1)
+            await self.registrar.withdraw(namespace, name)
+
+    def endpoint_for(self, key: str, raw: dict, mode: str) -> str | None:
         if self.registrar is None or not self.registrar.registered(key):
             return None
         namespace, name = key.split("/", 1)
-        return endpoint_url(namespace, name)
+        return endpoint_url(namespace, name, endpoint_path(raw.get("spec"), mode))
 
     def _forget(self, key: str) -> None:
         self.model_files.forget(key)
@@ -307,7 +333,9 @@ class Reconciler:
         self.evicted.discard(key)
         self._waiting_reported.pop(key, None)
         self._invalid_reported.pop(key, None)
-        self._last_written.pop(key, None)
+        self._applied_status.pop(key, None)
+        self._ownership.pop(key, None)
+        self._model_not_ready_reported.pop(key, None)
         self._registration_failures.pop(key, None)
         namespace, name = key.split("/", 1)
         self.metrics.forget_service(namespace, name)
@@ -317,30 +345,51 @@ class Reconciler:
         spec_errors: tuple[str, ...] = (), blocker: Blocker | None = None, degraded: Blocker | None = None,
         scheduling: tuple[str, str] | None = None,
     ) -> None:
+        """Apply the status fields this agent owns, when what it means to say has changed."""
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
+        ref = wanted_model(raw)
+        model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+        self.controller_seen = self.controller_seen or shows_controller(raw, model_raw)
+        owner = decide(self.status_mode, raw, model_raw, controller_seen=self.controller_seen)
+        if self._ownership.get(key) != owner.label:
+            self._ownership[key] = owner.label
+            log.info("status ownership", service=key, mode=owner.label, why=owner.why)
+        not_ready = model_not_ready(model_raw) if owner.shared else None
+        spec = raw.get("spec") or {}
+        replicas = spec.get("replicas", 1)
         inputs = StatusInputs(
             generation=raw["metadata"].get("generation"),
             wants_process=wants_process,
             suspended=suspended,
+            desired_replicas=replicas if isinstance(replicas, int) else 1,
             spec_errors=spec_errors,
             degraded=degraded,
             scheduling=scheduling,
             memory_pressure=self._pressure_condition(key),
             blocker=blocker,
             process=supervisor.snapshot if supervisor else None,
-            endpoint=self.endpoint_for(key) if supervisor else None,
-            spec_hash=managed.spec_hash if managed else None,
+            endpoint=self.endpoint_for(key, raw, managed.workload.isvc.spec.mode.value if managed else "chat")
+            if supervisor else None,
+            model_not_accepted=Blocker(*not_ready) if not_ready else None,
+            shared=owner.shared,
         )
-        live_status = raw.get("status")
-        wanted = compute_status(inputs, live_status, utc_now())
-        rv = raw["metadata"].get("resourceVersion")
-        if self._last_written.get(key) == (rv, wanted):
-            return  # our previous write has not come back through the watch yet
+        last = self._applied_status.get(key)
+        # Our own conditions are what we last applied, whatever a stale cache says:
+        # a transition time must not move because our write has not come back yet.
+        intent = compute_status(inputs, last or raw.get("status"), utc_now())
+        if last == intent or (last is None and already_applied(raw, intent, stamped=("lastUpdated",))):
+            self._applied_status[key] = intent
+            return
+        if not_ready and self._model_not_ready_reported.get(key) != not_ready[1]:
+            self._model_not_ready_reported[key] = not_ready[1]
+            log.warning("LLMKube has not marked the Model Ready", service=key, why=not_ready[1])
+            self.events.emit(raw["metadata"], "ModelNotReady", not_ready[1], warning=True)
+        body = intent if owner.shared else {**intent, "lastUpdated": utc_now()}
         namespace, name = key.split("/", 1)
-        if await self.status.write(namespace, name, live_status, wanted):
+        if await self.status.apply(namespace, name, body) is not None:
             self.metrics.status_writes.inc()
-        self._last_written[key] = (rv, wanted)
+        self._applied_status[key] = intent
 
     # -- memory pressure (called by the watchdog) ---------------------------
 
@@ -370,8 +419,7 @@ class Reconciler:
             self.events.emit(raw["metadata"], "Evicted", "stopped llama-server to relieve critical memory pressure",
                              warning=True)
         self.evicted.add(key)
-        await self._stop(key)
-        self.queue.add(key)
+        self.queue.add(key)  # the stop happens in the key's own reconcile, never beside it
 
     def unblock(self, keys: frozenset[str]) -> None:
         for key in keys:
@@ -403,23 +451,38 @@ class Reconciler:
 
     # -- lifecycle --------------------------------------------------------
 
+    def wanted(self, key: str) -> bool:
+        """Should a process serve `key`? The one rule for start-up cleanup and run time.
+
+        Like `_reconcile`: an invalid spec keeps the running process (its last valid spec),
+        and so does a Model that vanished while a recorded process serves it.
+        """
+        raw = self.isvcs.get(key)
+        if raw is None:
+            return False
+        ref = wanted_model(raw)
+        model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+        verdict = evaluate(raw, model_raw)
+        if isinstance(verdict, NotOurs):
+            return model_raw is None and ref is not None and self.processes.has_record(key)
+        return isinstance(verdict, Invalid) or verdict.value.isvc.spec.wants_process
+
+    def ours(self, key: str) -> bool:
+        """Is `key` a service of this agent at all (running or scaled to zero)? Its Service stays."""
+        raw = self.isvcs.get(key)
+        if raw is None:
+            return False
+        ref = wanted_model(raw)
+        model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+        return not isinstance(evaluate(raw, model_raw), NotOurs) or self.wanted(key)
+
     async def sweep_unwanted(self, namespaces: tuple[str, ...] | None = None) -> None:
         """After the first full sync: stop a previous agent's processes nobody wants any more,
         and delete Services/EndpointSlices (and legacy Endpoints) left for services we no longer serve."""
-        def wanted(key: str) -> bool:
-            raw = self.isvcs.get(key)
-            if raw is None:
-                return False
-            ref = wanted_model(raw)
-            model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-            verdict = evaluate(raw, model_raw)
-            return not isinstance(verdict, NotOurs) and (
-                isinstance(verdict, Invalid) or verdict.value.isvc.spec.wants_process
-            )
-
-        await self.processes.stop_unwanted_adoptable(wanted)
+        await self.processes.stop_unwanted_adoptable(self.wanted)
         if self.registrar is not None:
-            removed = await self.registrar.cleanup(namespaces, lambda ns, name: wanted(f"{ns}/{name}"))
+            removed = await self.registrar.cleanup(namespaces, lambda ns, name: self.ours(f"{ns}/{name}"),
+                                                   lambda ns, name: self.wanted(f"{ns}/{name}"))
             if removed:
                 log.info("removed leftover registrations", count=removed)
 

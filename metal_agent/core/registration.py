@@ -62,8 +62,18 @@ def address_type(address: str) -> str:
     return "IPv6" if ipaddress.ip_address(address).version == 6 else "IPv4"
 
 
-def endpoint_url(namespace: str, isvc_name: str) -> str:
-    return f"http://{service_name(isvc_name)}.{namespace}.svc.cluster.local:{SERVICE_PORT}"
+_MODE_PATHS = {"chat": "/v1/chat/completions", "embedding": "/v1/embeddings", "rerank": "/v1/rerank"}
+
+
+def endpoint_path(raw_spec: dict | None, mode: str = "chat") -> str:
+    """The path `status.endpoint` ends with: `spec.endpoint.path` when given (as LLMKube
+    reads it), else the OpenAI-style path of the serving mode."""
+    given = ((raw_spec or {}).get("endpoint") or {}).get("path") if isinstance(raw_spec, dict) else None
+    return given if isinstance(given, str) and given.startswith("/") else _MODE_PATHS.get(mode, _MODE_PATHS["chat"])
+
+
+def endpoint_url(namespace: str, isvc_name: str, path: str = "") -> str:
+    return f"http://{service_name(isvc_name)}.{namespace}.svc.cluster.local:{SERVICE_PORT}{path}"
 
 
 def _labels(isvc_name: str) -> dict[str, str]:

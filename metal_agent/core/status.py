@@ -3,8 +3,22 @@
 Status is the user's only window onto a process on someone's Mac, so it must
 say exactly what is true: loading is not ready, a crash loop is not
 "progressing", and a typo in a running service's spec is a degraded service
-still serving its last good spec, not an outage. Keeping the rules here, free
-of I/O, lets them be tested case by case.
+still serving its last good spec, not an outage.
+
+What the agent may write depends on who else writes (see `status_owner`):
+- shared with LLMKube's controller: only what LLMKube's own Go agent writes
+  (the Stopped/Suspended phase, the scheduling fields, `acceleration`) plus
+  condition types of our own, which the controller keeps: `MetalProcessReady`
+  (is the Mac's llama-server serving, and if not, why: its stderr line, the
+  crash loop, the download, the memory wait) and `MetalSpecAccepted` (an
+  invalid spec, or a Model LLMKube refuses, with the fix);
+- alone (CRDs only): the whole status, in LLMKube's formats, so tools written
+  for LLMKube read it the same way.
+
+The result is the agent's *intent*: the writer applies it with server-side
+apply, so a field left out is a field the agent gives up, and zero values are
+left out (LLMKube's status fields are `omitempty`: a written 0 would differ
+from what its controller writes and start a tug of war).
 """
 
 from __future__ import annotations
@@ -13,6 +27,11 @@ from dataclasses import dataclass
 
 from metal_agent.core.conditions import Condition, merge_conditions
 from metal_agent.core.process import Snapshot, State
+
+PROCESS_READY = "MetalProcessReady"
+SPEC_ACCEPTED = "MetalSpecAccepted"
+MEMORY_PRESSURE = "MemoryPressure"
+AGENT_CONDITIONS = (PROCESS_READY, SPEC_ACCEPTED, MEMORY_PRESSURE)
 
 
 @dataclass(frozen=True)
@@ -29,101 +48,136 @@ class StatusInputs:
     generation: int | None
     wants_process: bool
     suspended: bool = False
+    desired_replicas: int = 1  # spec.replicas (LLMKube is Ready only when ready endpoints reach it)
     spec_errors: tuple[str, ...] = ()  # every problem in the current spec; empty when valid
     blocker: Blocker | None = None
     process: Snapshot | None = None
     endpoint: str | None = None
-    spec_hash: str | None = None
     degraded: Blocker | None = None  # a problem a running process survives (e.g. its Model vanished)
     scheduling: tuple[str, str] | None = None  # LLMKube's schedulingStatus/schedulingMessage (memory admission)
     memory_pressure: Condition | None = None
+    model_not_accepted: Blocker | None = None  # LLMKube's Model controller has not marked the Model Ready
+    shared: bool = False  # LLMKube's controller owns the rest of status
 
 
-def _process_conditions(p: Snapshot) -> tuple[str, Condition, Condition, Condition]:
-    """(phase, Available, Progressing, Degraded) for a supervised process."""
-    if p.state is State.READY:
-        return ("Ready",
-                Condition("Available", True, "Ready", f"llama-server is serving on port {p.port}"),
-                Condition("Progressing", False, "Ready", "model loaded"),
-                Condition("Degraded", False, "AsExpected"))
-    if p.state is State.STARTING:
-        what = "re-attached to running llama-server" if p.adopted else "llama-server is loading the model"
-        return ("Progressing",
-                Condition("Available", False, "ModelLoading", f"{what} (pid {p.pid})"),
-                Condition("Progressing", True, "ModelLoading", what),
-                Condition("Degraded", False, "AsExpected"))
-    if p.state is State.UNHEALTHY:
-        return ("Progressing",
-                Condition("Available", False, "Unhealthy", "llama-server does not answer /health"),
-                Condition("Progressing", False, "Unhealthy", "waiting for /health to recover before restarting"),
-                Condition("Degraded", True, "Unhealthy", "llama-server does not answer /health"))
-    if p.state is State.BACKOFF:
-        exit_reason = p.last_exit.reason.value if p.last_exit else "ProcessExited"
+def _process_condition(inputs: StatusInputs) -> Condition:
+    """`MetalProcessReady`: the plain truth about the llama-server on this Mac."""
+    p = inputs.process
+    if p is not None and p.state is not State.STOPPED:
+        if p.state is State.READY:
+            return Condition(PROCESS_READY, True, "Ready", f"llama-server is serving on port {p.port}")
+        if p.state is State.STARTING:
+            what = "re-attached to running llama-server" if p.adopted else "llama-server is loading the model"
+            return Condition(PROCESS_READY, False, "ModelLoading", f"{what} (pid {p.pid})")
+        if p.state is State.UNHEALTHY:
+            return Condition(PROCESS_READY, False, "Unhealthy", "llama-server does not answer /health")
         exit_message = p.last_exit.describe() if p.last_exit else "llama-server exited"
-        restart = f"restart #{p.restarts} pending after back-off"
-        return ("Failed",
-                Condition("Available", False, exit_reason, exit_message),
-                Condition("Progressing", False, "CrashLoopBackOff", restart),
-                Condition("Degraded", True, "CrashLoopBackOff", f"{restart}: {exit_message}"))
-    return ("Stopped",
-            Condition("Available", False, "Stopped", "llama-server is not running"),
-            Condition("Progressing", False, "Stopped", ""),
-            Condition("Degraded", False, "AsExpected"))
+        return Condition(PROCESS_READY, False, "CrashLoopBackOff",
+                         f"restart #{p.restarts} pending after back-off: {exit_message}")
+    if inputs.spec_errors:
+        return Condition(PROCESS_READY, False, "InvalidSpec", "nothing was started: the spec is invalid")
+    if not inputs.wants_process:
+        phase = "Suspended" if inputs.suspended else "Stopped"
+        return Condition(PROCESS_READY, False, phase, _stopped_why(inputs))
+    if inputs.blocker is not None:
+        return Condition(PROCESS_READY, False, inputs.blocker.reason, inputs.blocker.message)
+    return Condition(PROCESS_READY, False, "Creating", "preparing to start llama-server")
 
 
-def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dict:
-    """The status object to write (without `lastUpdated`, which the writer stamps)."""
+def _spec_condition(inputs: StatusInputs) -> Condition:
+    """`MetalSpecAccepted`: is there anything in the user's objects to fix?"""
+    running = inputs.process is not None and inputs.process.state is not State.STOPPED
+    if inputs.spec_errors:
+        errors = "; ".join(inputs.spec_errors)
+        prefix = "still serving the last valid spec; " if running else ""
+        return Condition(SPEC_ACCEPTED, False, "InvalidSpec", f"{prefix}the current spec is invalid: {errors}")
+    if inputs.model_not_accepted is not None:
+        return Condition(SPEC_ACCEPTED, False, inputs.model_not_accepted.reason, inputs.model_not_accepted.message)
+    if inputs.degraded is not None:
+        return Condition(SPEC_ACCEPTED, False, inputs.degraded.reason, inputs.degraded.message)
+    return Condition(SPEC_ACCEPTED, True, "Accepted", "")
+
+
+def _stopped_why(inputs: StatusInputs) -> str:
+    return ("spec.suspend=true; metal-agent has stopped llama-server; spec.replicas preserved" if inputs.suspended
+            else "spec.replicas=0; metal-agent has stopped llama-server")
+
+
+def _full_conditions(inputs: StatusInputs, ready: int, desired: int) -> tuple[str, list[Condition]]:
+    """Phase and LLMKube's own condition types, for when no controller writes them."""
     p = inputs.process
     running = p is not None and p.state is not State.STOPPED
     errors = "; ".join(inputs.spec_errors)
-
-    if running:
-        phase, available, progressing, degraded = _process_conditions(p)
-        if inputs.spec_errors:
-            degraded = Condition("Degraded", True, "InvalidSpec",
-                                 f"still serving the last valid spec; the current spec is invalid: {errors}")
-        elif inputs.degraded is not None:
-            degraded = Condition("Degraded", True, inputs.degraded.reason, inputs.degraded.message)
-    elif inputs.spec_errors:
-        phase = "Failed"
-        available = Condition("Available", False, "InvalidSpec", errors)
-        progressing = Condition("Progressing", False, "InvalidSpec", "fix the spec; nothing was started")
-        degraded = Condition("Degraded", True, "InvalidSpec", errors)
-    elif not inputs.wants_process:
+    process = _process_condition(inputs)
+    if not running and inputs.spec_errors:
+        return "Failed", [Condition("Available", False, "InvalidSpec", errors),
+                          Condition("Degraded", True, "InvalidSpec", errors)]
+    if not inputs.wants_process:
         phase = "Suspended" if inputs.suspended else "Stopped"
-        why = "spec.suspend is true" if inputs.suspended else "spec.replicas is 0"
-        available = Condition("Available", False, phase, why)
-        progressing = Condition("Progressing", False, phase, why)
-        degraded = Condition("Degraded", False, "AsExpected")
-    elif inputs.blocker is not None:
+        reason = "Suspended" if inputs.suspended else "ManuallyScaledToZero"
+        return phase, [Condition("Available", False, reason, _stopped_why(inputs))]
+    if running and p.state is State.READY:
+        phase = "Ready" if ready >= desired else "Progressing"
+        conds = [Condition("Available", True, "InferenceReady", "Inference service is ready and serving requests")]
+        if phase == "Progressing":
+            conds.append(Condition("Progressing", True, "Creating", f"{ready}/{desired} replicas ready"))
+        problem = inputs.spec_errors and f"still serving the last valid spec; the current spec is invalid: {errors}"
+        if problem or inputs.degraded is not None:
+            reason = "InvalidSpec" if problem else inputs.degraded.reason
+            conds.append(Condition("Degraded", True, reason, problem or inputs.degraded.message))
+        return phase, conds
+    if running and p.state is State.BACKOFF:
+        exit_reason = p.last_exit.reason.value if p.last_exit else "ProcessExited"
+        return "Failed", [Condition("Available", False, exit_reason, process.message),
+                          Condition("Degraded", True, "CrashLoopBackOff", process.message)]
+    if running:
+        degraded = [Condition("Degraded", True, "Unhealthy", process.message)] if p.state is State.UNHEALTHY else []
+        return "Progressing", [Condition("Available", False, process.reason, process.message),
+                               Condition("Progressing", True, process.reason, process.message), *degraded]
+    if inputs.blocker is not None:
         b = inputs.blocker
-        phase = b.phase
-        available = Condition("Available", False, b.reason, b.message)
-        progressing = Condition("Progressing", False, b.reason, b.message)
-        degraded = Condition("Degraded", b.phase == "Failed", b.reason if b.phase == "Failed" else "AsExpected",
-                             b.message if b.phase == "Failed" else "")
-    else:
-        phase = "Creating"
-        available = Condition("Available", False, "Creating", "preparing to start llama-server")
-        progressing = Condition("Progressing", True, "Creating", "preparing to start llama-server")
-        degraded = Condition("Degraded", False, "AsExpected")
+        conds = [Condition("Available", False, b.reason, b.message)]
+        if b.phase == "Failed":
+            conds.append(Condition("Degraded", True, b.reason, b.message))
+        else:
+            conds.append(Condition("Progressing", True, b.reason, b.message))
+        return b.phase, conds
+    return "Creating", [Condition("Available", False, "Creating", process.message),
+                        Condition("Progressing", True, "Creating", process.message)]
 
-    ready = 1 if running and p.state is State.READY else 0
-    status: dict = {
-        "phase": phase,
-        "readyReplicas": ready,
-        "replicas": 1 if running else 0,
-        "desiredReplicas": 1 if inputs.wants_process else 0,
-        "conditions": merge_conditions((previous or {}).get("conditions"),
-                                       [available, progressing, degraded, *filter(None, [inputs.memory_pressure])],
-                                       now, inputs.generation),
-    }
-    if inputs.generation is not None:
-        status["observedGeneration"] = inputs.generation
-    if inputs.endpoint:
-        status["endpoint"] = inputs.endpoint
-    if inputs.spec_hash:
-        status["specHash"] = inputs.spec_hash
+
+# LLMKube's condition types: in full mode the agent sets the ones that apply and
+# removes the others, as LLMKube's controller does.
+LLMKUBE_CONDITIONS = ("Available", "Progressing", "Degraded")
+
+
+def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dict:
+    """The status fields the agent applies (without `lastUpdated`, which the writer stamps)."""
+    p = inputs.process
+    running = p is not None and p.state is not State.STOPPED
+    agent = [_process_condition(inputs), _spec_condition(inputs), *filter(None, [inputs.memory_pressure])]
+    old = [c for c in (previous or {}).get("conditions") or [] if isinstance(c, dict)]
+    status: dict = {}
+
+    if inputs.shared:
+        if not inputs.wants_process and not running:
+            status["phase"] = "Suspended" if inputs.suspended else "Stopped"
+        wanted = agent
+    else:
+        ready = 1 if running and p.state is State.READY else 0
+        desired = max(0, inputs.desired_replicas) if inputs.wants_process else 0
+        phase, standard = _full_conditions(inputs, ready, desired)
+        status["phase"] = phase
+        if ready:
+            status["readyReplicas"] = ready
+        if desired:
+            status["replicas"] = status["desiredReplicas"] = desired
+        if inputs.endpoint:
+            status["endpoint"] = inputs.endpoint
+        wanted = [*standard, *agent]
+
+    own = {c.type for c in wanted}
+    status["conditions"] = [c for c in merge_conditions(old, wanted, now, inputs.generation) if c.get("type") in own]
     if inputs.scheduling is not None:
         status["schedulingStatus"], status["schedulingMessage"] = inputs.scheduling
     if running and p.acceleration is not None:

@@ -1,4 +1,5 @@
-"""Status rules: what the InferenceService says for each situation the agent can be in."""
+"""Status rules: what the InferenceService says for each situation the agent can be in,
+alone (CRDs only: the whole status) and beside LLMKube's controller (only its own fields)."""
 
 from __future__ import annotations
 
@@ -20,73 +21,124 @@ def conds(status: dict) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
 
 
+CRASH = snap(State.BACKOFF, pid=None, restarts=3,
+             last_exit=ExitInfo(ExitReason.PROCESS_EXITED, 1, ("error: unsupported cache type: turbo3",), 0.0))
+
+# (id, inputs, phase, expected conditions (absent: None), readyReplicas)
 CASES = [
     ("creating", StatusInputs(generation=1, wants_process=True), "Creating",
-     {"Available": ("False", "Creating"), "Progressing": ("True", "Creating"), "Degraded": ("False", "AsExpected")}, 0),
+     {"Available": ("False", "Creating"), "Progressing": ("True", "Creating"), "Degraded": None,
+      "MetalProcessReady": ("False", "Creating")}, None),
     ("loading", StatusInputs(generation=1, wants_process=True, process=snap(State.STARTING)), "Progressing",
-     {"Available": ("False", "ModelLoading"), "Progressing": ("True", "ModelLoading")}, 0),
+     {"Available": ("False", "ModelLoading"), "Progressing": ("True", "ModelLoading"),
+      "MetalProcessReady": ("False", "ModelLoading")}, None),
     ("ready", StatusInputs(generation=1, wants_process=True, process=snap(State.READY)), "Ready",
-     {"Available": ("True", "Ready"), "Degraded": ("False", "AsExpected")}, 1),
+     {"Available": ("True", "InferenceReady"), "Progressing": None, "Degraded": None,
+      "MetalProcessReady": ("True", "Ready"), "MetalSpecAccepted": ("True", "Accepted")}, 1),
+    ("ready-one-of-two", StatusInputs(generation=1, wants_process=True, desired_replicas=2, process=snap(State.READY)),
+     "Progressing", {"Available": ("True", "InferenceReady"), "Progressing": ("True", "Creating")}, 1),
     ("unhealthy", StatusInputs(generation=1, wants_process=True, process=snap(State.UNHEALTHY)), "Progressing",
-     {"Available": ("False", "Unhealthy"), "Degraded": ("True", "Unhealthy")}, 0),
-    ("crashloop", StatusInputs(generation=1, wants_process=True, process=snap(
-        State.BACKOFF, pid=None, restarts=3,
-        last_exit=ExitInfo(ExitReason.PROCESS_EXITED, 1, ("error: unsupported cache type: turbo3",), 0.0))),
-     "Failed", {"Available": ("False", "ProcessExited"), "Progressing": ("False", "CrashLoopBackOff"),
-                "Degraded": ("True", "CrashLoopBackOff")}, 0),
+     {"Available": ("False", "Unhealthy"), "Degraded": ("True", "Unhealthy"),
+      "MetalProcessReady": ("False", "Unhealthy")}, None),
+    ("crashloop", StatusInputs(generation=1, wants_process=True, process=CRASH), "Failed",
+     {"Available": ("False", "ProcessExited"), "Degraded": ("True", "CrashLoopBackOff"),
+      "MetalProcessReady": ("False", "CrashLoopBackOff")}, None),
     ("startup-timeout", StatusInputs(generation=1, wants_process=True, process=snap(
         State.BACKOFF, pid=None, last_exit=ExitInfo(ExitReason.STARTUP_TIMEOUT, -15, (), 0.0))),
-     "Failed", {"Available": ("False", "StartupTimeout")}, 0),
+     "Failed", {"Available": ("False", "StartupTimeout")}, None),
     ("invalid-nothing-running", StatusInputs(generation=2, wants_process=True, spec_errors=("spec.contextSize: too small",)),
-     "Failed", {"Available": ("False", "InvalidSpec"), "Degraded": ("True", "InvalidSpec")}, 0),
+     "Failed", {"Available": ("False", "InvalidSpec"), "Degraded": ("True", "InvalidSpec"),
+                "MetalSpecAccepted": ("False", "InvalidSpec")}, None),
     ("invalid-while-serving", StatusInputs(generation=2, wants_process=True, spec_errors=("spec.extraArgs[0]: owned",),
                                            process=snap(State.READY)),
-     "Ready", {"Available": ("True", "Ready"), "Degraded": ("True", "InvalidSpec")}, 1),
+     "Ready", {"Available": ("True", "InferenceReady"), "Degraded": ("True", "InvalidSpec"),
+               "MetalProcessReady": ("True", "Ready"), "MetalSpecAccepted": ("False", "InvalidSpec")}, 1),
     ("stopped", StatusInputs(generation=3, wants_process=False), "Stopped",
-     {"Available": ("False", "Stopped")}, 0),
+     {"Available": ("False", "ManuallyScaledToZero"), "MetalProcessReady": ("False", "Stopped")}, None),
     ("suspended", StatusInputs(generation=3, wants_process=False, suspended=True), "Suspended",
-     {"Available": ("False", "Suspended")}, 0),
+     {"Available": ("False", "Suspended"), "MetalProcessReady": ("False", "Suspended")}, None),
     ("blocked", StatusInputs(generation=1, wants_process=True, blocker=Blocker("ModelNotFound", "no file")), "Failed",
-     {"Available": ("False", "ModelNotFound"), "Degraded": ("True", "ModelNotFound")}, 0),
+     {"Available": ("False", "ModelNotFound"), "Degraded": ("True", "ModelNotFound"),
+      "MetalProcessReady": ("False", "ModelNotFound")}, None),
     ("model-gone-while-serving", StatusInputs(generation=1, wants_process=True, process=snap(State.READY),
                                               degraded=Blocker("ModelNotFound", "Model tiny was not found")),
-     "Ready", {"Available": ("True", "Ready"), "Degraded": ("True", "ModelNotFound")}, 1),
+     "Ready", {"Available": ("True", "InferenceReady"), "Degraded": ("True", "ModelNotFound"),
+               "MetalSpecAccepted": ("False", "ModelNotFound")}, 1),
 ]
 
 
 @pytest.mark.parametrize("inputs,phase,expected,ready", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_phase_and_conditions(inputs, phase, expected, ready):
+def test_full_status_phase_and_conditions(inputs, phase, expected, ready):
     status = compute_status(inputs, None, T0)
     assert status["phase"] == phase
     got = conds(status)
     for ctype, value in expected.items():
-        assert got[ctype] == value, ctype
-    assert status["readyReplicas"] == ready
-    assert status["observedGeneration"] == inputs.generation
+        assert got.get(ctype) == value, ctype
+    assert status.get("readyReplicas") == ready  # omitempty: a zero count is absent, as LLMKube writes it
+
+
+@pytest.mark.parametrize("inputs", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_shared_status_writes_only_agent_fields(inputs):
+    """Beside LLMKube's controller: none of its fields or condition types, ever."""
+    shared = StatusInputs(**{**inputs.__dict__, "shared": True})
+    status = compute_status(shared, None, T0)
+    assert set(status) <= {"phase", "conditions", "schedulingStatus", "schedulingMessage", "acceleration"}
+    assert {c["type"] for c in status["conditions"]} <= {"MetalProcessReady", "MetalSpecAccepted", "MemoryPressure"}
+    if inputs.wants_process:
+        assert "phase" not in status
+    else:
+        assert status["phase"] == ("Suspended" if inputs.suspended else "Stopped")
+
+
+def test_replica_counts_follow_spec_replicas_and_stopped_has_none():
+    ready = compute_status(StatusInputs(generation=1, wants_process=True, desired_replicas=3,
+                                        process=snap(State.READY)), None, T0)
+    assert (ready["readyReplicas"], ready["replicas"], ready["desiredReplicas"]) == (1, 3, 3)
+    stopped = compute_status(StatusInputs(generation=1, wants_process=False), None, T0)
+    assert not {"readyReplicas", "replicas", "desiredReplicas", "endpoint"} & set(stopped)
 
 
 def test_crashloop_message_carries_the_stderr_line():
-    inputs = CASES[4][1]
-    status = compute_status(inputs, None, T0)
-    available = next(c for c in status["conditions"] if c["type"] == "Available")
-    assert "unsupported cache type: turbo3" in available["message"]
-    assert "exited with code 1" in available["message"]
+    for shared in (False, True):
+        status = compute_status(StatusInputs(generation=1, wants_process=True, process=CRASH, shared=shared), None, T0)
+        process = next(c for c in status["conditions"] if c["type"] == "MetalProcessReady")
+        assert "unsupported cache type: turbo3" in process["message"]
+        assert "exited with code 1" in process["message"]
 
 
 def test_invalid_while_serving_names_the_field():
-    status = compute_status(CASES[7][1], None, T0)
-    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
-    assert "spec.extraArgs[0]" in degraded["message"] and "last valid spec" in degraded["message"]
+    status = compute_status(CASES[8][1], None, T0)
+    accepted = next(c for c in status["conditions"] if c["type"] == "MetalSpecAccepted")
+    assert "spec.extraArgs[0]" in accepted["message"] and "last valid spec" in accepted["message"]
 
 
-def test_acceleration_endpoint_and_hash_are_reported():
+def test_model_not_accepted_by_llmkube_is_an_agent_condition():
+    inputs = StatusInputs(generation=1, wants_process=True, process=snap(State.READY), shared=True,
+                          model_not_accepted=Blocker("ModelNotReady", "use --allowed-host-path-roots"))
+    accepted = next(c for c in compute_status(inputs, None, T0)["conditions"] if c["type"] == "MetalSpecAccepted")
+    assert (accepted["status"], accepted["reason"]) == ("False", "ModelNotReady")
+    assert "--allowed-host-path-roots" in accepted["message"]
+
+
+def test_acceleration_and_endpoint_are_reported():
     accel = Acceleration("Metal", 33, 33)
     inputs = StatusInputs(generation=1, wants_process=True, process=snap(State.READY, acceleration=accel),
-                          endpoint="http://a.ns.svc.cluster.local:8080", spec_hash="abc")
+                          endpoint="http://a.ns.svc.cluster.local:8080/v1/chat/completions")
     status = compute_status(inputs, None, T0)
     assert status["acceleration"] == {"device": "Metal", "layersOffloaded": 33, "layersTotal": 33}
-    assert status["endpoint"] == "http://a.ns.svc.cluster.local:8080"
-    assert status["specHash"] == "abc"
+    assert status["endpoint"] == "http://a.ns.svc.cluster.local:8080/v1/chat/completions"
+    assert "specHash" not in status and "observedGeneration" not in status  # not in LLMKube's CRD: pruned
+    shared = compute_status(StatusInputs(**{**inputs.__dict__, "shared": True}), None, T0)
+    assert shared["acceleration"] == status["acceleration"] and "endpoint" not in shared
+
+
+def test_scheduling_fields_are_written_while_waiting_for_memory():
+    inputs = StatusInputs(generation=1, wants_process=True, shared=True,
+                          blocker=Blocker("InsufficientMemory", "needs 9 GiB", phase="Pending"),
+                          scheduling=("InsufficientMemory", "needs 9 GiB"))
+    status = compute_status(inputs, None, T0)
+    assert (status["schedulingStatus"], status["schedulingMessage"]) == ("InsufficientMemory", "needs 9 GiB")
+    assert "schedulingStatus" not in compute_status(StatusInputs(generation=1, wants_process=True), None, T0)
 
 
 def test_transition_time_moves_only_when_status_flips():
@@ -94,11 +146,20 @@ def test_transition_time_moves_only_when_status_flips():
     second = compute_status(StatusInputs(generation=1, wants_process=True, process=snap(State.READY)), first, T1)
     by_type = {c["type"]: c for c in second["conditions"]}
     assert by_type["Available"]["lastTransitionTime"] == T1  # False -> True
-    assert by_type["Degraded"]["lastTransitionTime"] == T0  # False -> False
-    assert by_type["Progressing"]["lastTransitionTime"] == T1  # True -> False
+    assert by_type["MetalProcessReady"]["lastTransitionTime"] == T1  # False -> True
+    assert by_type["MetalSpecAccepted"]["lastTransitionTime"] == T0  # True -> True
 
 
-def test_conditions_of_other_writers_are_kept():
+def test_other_writers_conditions_are_not_part_of_the_intent():
+    """Server-side apply keeps them; applying them would make us their co-owner."""
+    previous = {"conditions": [{"type": "Suspended", "status": "False", "reason": "NotSuspended",
+                                "lastTransitionTime": T0}]}
+    for shared in (False, True):
+        status = compute_status(StatusInputs(generation=1, wants_process=True, shared=shared), previous, T1)
+        assert "Suspended" not in {c["type"] for c in status["conditions"]}
+
+
+def test_merge_conditions_keeps_other_types():
     previous = [{"type": "MemoryPressure", "status": "False", "reason": "Normal", "lastTransitionTime": T0}]
     merged = merge_conditions(previous, [Condition("Available", True, "Ready")], T1, 4)
     assert [c["type"] for c in merged] == ["Available", "MemoryPressure"]

@@ -47,12 +47,19 @@ class _Gone(Exception):
 
 
 def _slim(obj: dict) -> dict:
-    """Drop managedFields: server-side-apply bookkeeping, often the bulk of an
-    object, never read by the agent. Keeps the cache of a namespace with
-    hundreds of InferenceServices small."""
+    """Keep only the status entries of managedFields.
+
+    managedFields is server-side-apply bookkeeping, often the bulk of an
+    object; dropping it keeps the cache of a namespace with hundreds of
+    InferenceServices small. The status entries are small and are how the
+    agent tells who else writes status, and whether the server already holds
+    the status fields it means to apply.
+    """
     meta = obj.get("metadata")
-    if isinstance(meta, dict):
-        meta.pop("managedFields", None)
+    if isinstance(meta, dict) and "managedFields" in meta:
+        kept = [e for e in meta.pop("managedFields") or [] if isinstance(e, dict) and e.get("subresource") == "status"]
+        if kept:
+            meta["managedFields"] = kept
     return obj
 
 

@@ -52,6 +52,7 @@ class Registrar:
         self.discovery = client.DiscoveryV1Api(api)
         self.agent_version = agent_version
         self._applied: dict[str, Registration] = {}  # "namespace/isvc" -> last applied
+        self._withdrawn: set[str] = set()  # slice known to be absent: withdrawing again costs no call
 
     def registered(self, key: str) -> bool:
         return key in self._applied
@@ -72,8 +73,28 @@ class Registrar:
             desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version),
             field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
         )
+        if previous is None:
+            await self._remove_go_agent_slice(reg.namespace, reg.isvc_name)
         self._applied[key] = reg
+        self._withdrawn.discard(key)
         return True
+
+    async def _remove_go_agent_slice(self, namespace: str, isvc_name: str) -> None:
+        """LLMKube's Go agent named its slice after the Service and leaves it behind when it
+        stops: after a switch, LLMKube's controller would count its dead endpoint as a second
+        replica and kube-proxy would send traffic to its port. Ours is registered by now, so
+        there is no moment without a slice."""
+        name = service_name(isvc_name)
+        try:
+            obj = await self.discovery.read_namespaced_endpoint_slice(name, namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return
+            raise
+        labels = obj.metadata.labels or {}
+        if _ours(obj.metadata) and labels.get(ISVC_LABEL) == isvc_name:
+            await self._delete(self.discovery.delete_namespaced_endpoint_slice, obj.metadata)
+            log.info("removed the Go agent's leftover EndpointSlice", service=f"{namespace}/{isvc_name}", slice=name)
 
     async def heartbeat(self) -> None:
         """Refresh the heartbeat annotation of every slice we registered."""
@@ -91,13 +112,23 @@ class Registrar:
                 log.warning("heartbeat failed", service=key, error=str(err))
                 return  # the API is unreachable: the next tick tries again
 
-    async def remove(self, namespace: str, isvc_name: str) -> None:
-        """Delete the Service and slice of one InferenceService, if they are ours."""
-        self._applied.pop(f"{namespace}/{isvc_name}", None)
+    async def withdraw(self, namespace: str, isvc_name: str) -> None:
+        """Delete the slice only: nothing serves, but the Service (and its ClusterIP, which
+        clients may have cached) stays for when the model comes back."""
+        key = f"{namespace}/{isvc_name}"
+        if key in self._withdrawn:
+            return
+        self._applied.pop(key, None)
         await self._delete_if_ours(self.discovery.read_namespaced_endpoint_slice,
                                    self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name), namespace)
+        self._withdrawn.add(key)
+
+    async def remove(self, namespace: str, isvc_name: str) -> None:
+        """Delete the Service and slice of one InferenceService, if they are ours."""
+        await self.withdraw(namespace, isvc_name)
         await self._delete_if_ours(self.core.read_namespaced_service, self.core.delete_namespaced_service,
                                    service_name(isvc_name), namespace)
+        self._withdrawn.discard(f"{namespace}/{isvc_name}")
 
     async def _delete_if_ours(self, read, delete, name: str, namespace: str) -> None:
         try:
@@ -111,22 +142,27 @@ class Registrar:
             if err.status not in (404, 409):
                 raise
 
-    async def cleanup(self, namespaces: Iterable[str] | None, wanted: Callable[[str, str], bool]) -> int:
-        """Delete our objects whose InferenceService is not wanted, and legacy Endpoints. Returns deletions."""
+    async def cleanup(self, namespaces: Iterable[str] | None, keep_service: Callable[[str, str], bool],
+                      keep_slice: Callable[[str, str], bool]) -> int:
+        """Delete our objects whose InferenceService is not served, and legacy Endpoints. Returns deletions.
+
+        A Service is kept while its InferenceService is ours at all (scaled to zero
+        included: its ClusterIP must survive); a slice only while a process should serve.
+        """
         deleted = 0
         scopes = list(namespaces) if namespaces else [None]
         for ns in scopes:
-            for lister, deleter in (
+            for lister, deleter, keep in (
                 (self.core.list_service_for_all_namespaces if ns is None else self.core.list_namespaced_service,
-                 self.core.delete_namespaced_service),
+                 self.core.delete_namespaced_service, keep_service),
                 (self.discovery.list_endpoint_slice_for_all_namespaces if ns is None else self.discovery.list_namespaced_endpoint_slice,
-                 self.discovery.delete_namespaced_endpoint_slice),
+                 self.discovery.delete_namespaced_endpoint_slice, keep_slice),
             ):
                 listing = await (lister(label_selector=MANAGED_SELECTOR) if ns is None else lister(ns, label_selector=MANAGED_SELECTOR))
                 for obj in listing.items:
                     meta = obj.metadata
                     isvc = (meta.labels or {}).get(ISVC_LABEL, "")
-                    if isvc and wanted(meta.namespace, isvc):
+                    if isvc and keep(meta.namespace, isvc):
                         continue
                     await self._delete(deleter, meta)
                     self._applied.pop(f"{meta.namespace}/{isvc}", None)

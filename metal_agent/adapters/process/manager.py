@@ -82,6 +82,10 @@ class ProcessManager:
     def get(self, key: str) -> Supervisor | None:
         return self.supervisors.get(key)
 
+    def has_record(self, key: str) -> bool:
+        """A process serves `key`: supervised by us, or left running by the previous agent."""
+        return key in self.supervisors or key in self.adoptable
+
     def _supervisor(self, plan: LaunchPlan) -> Supervisor:
         return Supervisor(
             plan, log_file=self.service_log(plan.key), records=self.records, http=self.http,
