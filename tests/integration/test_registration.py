@@ -84,7 +84,7 @@ async def test_service_and_slice_follow_the_contract_and_serve(mac):
     await agent.start()
     await cluster.create_isvc("qwen.chat", "tiny", contextSize=256)
     status = await cluster.wait_phase("qwen.chat", "Ready")
-    assert status["endpoint"] == f"http://qwen-chat.{cluster.ns}.svc.cluster.local:8080"
+    assert status["endpoint"] == f"http://qwen-chat.{cluster.ns}.svc.cluster.local:8080/v1/chat/completions"
 
     svc = await cluster.core.read_namespaced_service("qwen-chat", cluster.ns)
     pid = (await agent.services())[0]["pid"]
@@ -245,3 +245,50 @@ async def test_api_outage_mid_respawn_converges_without_extra_restarts(mac, cont
     labels = {"name": "outage", "namespace": cluster.ns}
     assert await agent.metric("llmkube_metal_agent_respawns_total", labels) == 1
     assert await agent.metric("llmkube_metal_agent_process_restarts_total", labels) in (None, 0)
+
+
+async def _slice_names(cluster: Cluster, service: str) -> set[str]:
+    slices = await client.DiscoveryV1Api(cluster.api).list_namespaced_endpoint_slice(
+        cluster.ns, label_selector=f"kubernetes.io/service-name={service}")
+    return {s.metadata.name for s in slices.items}
+
+
+async def test_go_agent_slice_is_replaced_and_scale_to_zero_keeps_the_cluster_ip(mac):
+    """A switch from LLMKube's Go agent leaves its slice (named after the Service, ready, on a
+    dead port): LLMKube would count two replicas and kube-proxy would send traffic there.
+    Scaling to zero or suspending withdraws only the endpoints: the Service, and the
+    ClusterIP clients hold, stay."""
+    cluster, ns, make_agent = mac
+    labels = {"kubernetes.io/service-name": "keep", "app": "keep", "llmkube.ai/managed-by": "metal-agent",
+              "llmkube.ai/inference-service": "keep"}
+    await client.DiscoveryV1Api(cluster.api).create_namespaced_endpoint_slice(cluster.ns, client.V1EndpointSlice(
+        metadata=client.V1ObjectMeta(name="keep", labels=labels,
+                                     annotations={"llmkube.ai/agent-heartbeat": "2026-01-01T00:00:00Z"}),
+        address_type="IPv4", ports=[client.DiscoveryV1EndpointPort(name="http", port=1, protocol="TCP")],
+        endpoints=[client.V1Endpoint(addresses=[ns.inner_ip], conditions=client.V1EndpointConditions(ready=True))]))
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("keep", "tiny", contextSize=256)
+    await cluster.wait_phase("keep", "Ready")
+    await wait_for(lambda: _only_ours(cluster), timeout=10,
+                   what="the Go agent's slice removed, ours in place")
+    cluster_ip = (await cluster.core.read_namespaced_service("keep", cluster.ns)).spec.cluster_ip
+
+    for change, phase in (({"replicas": 0}, "Stopped"), ({"replicas": 1, "suspend": True}, "Suspended")):
+        await cluster.patch_isvc("keep", change)
+        await cluster.wait_phase("keep", phase)
+        await wait_for(lambda: _no_slices(cluster), timeout=10, what=f"endpoints withdrawn ({phase})")
+        assert (await cluster.core.read_namespaced_service("keep", cluster.ns)).spec.cluster_ip == cluster_ip
+
+    await cluster.patch_isvc("keep", {"suspend": False})
+    await cluster.wait_phase("keep", "Ready")
+    await wait_for(lambda: _ready_slice(cluster, "keep"), timeout=10, what="endpoints back")
+    assert (await cluster.core.read_namespaced_service("keep", cluster.ns)).spec.cluster_ip == cluster_ip
+
+
+async def _only_ours(cluster: Cluster) -> bool:
+    return await _slice_names(cluster, "keep") == {"keep-metal"}
+
+
+async def _no_slices(cluster: Cluster) -> bool:
+    return await _slice_names(cluster, "keep") == set()

@@ -1,0 +1,197 @@
+"""Status writes beside LLMKube's real controller: who writes, how often, what it costs.
+
+Runs a real etcd + kube-apiserver with LLMKube's own CRDs, LLMKube's manager
+(built from the vendored source by scripts/build-llmkube.sh) and the real
+agent as its least-privilege identity in a network namespace (so its
+EndpointSlices carry a routable address, as on a Mac). Serves `--services`
+copies of LLMKube's turboquant sample on the tiny model, then measures:
+
+  status writes/min per service, idle      agent (PATCH = apply) and controller (PUT = update)
+  status writes per service, spec change   from the change until both writers are quiet again
+  kube-apiserver CPU seconds per minute    idle
+
+The two writers are told apart by verb on `inferenceservices/status` in the
+API server's own request counter: the agent applies (PATCH), LLMKube's
+controller updates (PUT). Needs root (network namespaces). Prints a table
+and writes bench/results/compat.json.
+
+    .venv/bin/python bench/compat.py [--services 2] [--idle-seconds 300] [--heartbeat 60]
+
+Goals (coexistence issue): agent 0 writes idle; <= 2 agent writes per change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.control_loop import cached  # noqa: E402
+from tests.support import netns, tiny_model  # noqa: E402
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes  # noqa: E402
+from tests.support.controlplane import Binaries  # noqa: E402
+from tests.support.isvc import GROUP, VERSION, Cluster  # noqa: E402
+from tests.support.kube import api_client, create_namespace  # noqa: E402
+from tests.support.llmkube import start_llmkube_plane, stop_llmkube_plane  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+async def status_writes(plane) -> dict[str, float]:
+    """Cumulative inferenceservices/status writes by verb, from kube-apiserver's metrics."""
+    counts = {"PATCH": 0.0, "PUT": 0.0}
+    for line in (await plane.control_plane.metrics_text()).splitlines():
+        if line.startswith("apiserver_request_total{") and 'resource="inferenceservices"' in line \
+                and 'subresource="status"' in line:
+            for verb in counts:
+                if f'verb="{verb}"' in line:
+                    counts[verb] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def sample(plane, model_path: Path, name: str) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all((plane.sample_dir / "inferenceservice_turboquant.yaml").read_text()) if d]
+    for doc in docs:
+        doc["metadata"]["name"] = name
+        if doc["kind"] == "Model":
+            doc["spec"]["source"] = f"file://{model_path}"
+        else:
+            doc["spec"]["modelRef"] = name
+            doc["spec"].pop("cacheTypeCustomK"), doc["spec"].pop("cacheTypeCustomV")
+            doc["spec"]["cacheTypeK"] = doc["spec"]["cacheTypeV"] = "q8_0"
+            doc["spec"]["contextSize"] = 2048
+    return docs
+
+
+async def all_ready(cluster: Cluster, names: list[str], generation: dict[str, int] | None = None) -> bool:
+    for name in names:
+        obj = await cluster.isvc(name)
+        status = (obj or {}).get("status") or {}
+        process = next((c for c in status.get("conditions") or [] if c["type"] == "MetalProcessReady"), {})
+        if status.get("phase") != "Ready" or process.get("status") != "True":
+            return False
+        if generation and process.get("observedGeneration") != generation[name]:
+            return False
+    return True
+
+
+async def quiet(plane, seconds: float) -> dict[str, float]:
+    """Wait until no status write happened for `seconds`; the counts then."""
+    last, since = await status_writes(plane), time.monotonic()
+    while time.monotonic() - since < seconds:
+        await asyncio.sleep(0.5)
+        now = await status_writes(plane)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, default=2)
+    parser.add_argument("--idle-seconds", type=float, default=300)
+    parser.add_argument("--heartbeat", type=float, default=60, help="agent --heartbeat-interval (its default)")
+    args = parser.parse_args()
+    if not netns.available():
+        sys.exit("bench/compat.py needs root and iproute2 (network namespaces)")
+
+    binaries = Binaries.in_dir(cached("build-controlplane.sh"))
+    assets = cached("build-llmkube.sh")
+    llama = cached("build-llama-server.sh")
+    with tempfile.TemporaryDirectory(prefix="metal-agent-compat-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "models").mkdir()
+        model = tmp / "models" / "tiny.gguf"
+        model.write_bytes(tiny_model.ensure_model(tiny_model.DEFAULT, llama.parent.parent / "models" /
+                                                  "ggml-vocab-llama-spm.gguf").read_bytes())
+        plane = await start_llmkube_plane(binaries, assets, tmp / "plane", tmp / "models")
+        admin = await api_client(plane.admin_kubeconfig)
+        agent = None
+        try:
+            namespace = await create_namespace(admin, prefix="compat")
+            cluster = Cluster(admin, namespace)
+            async with netns.network_namespace() as ns:
+                forwarder, inner_port = await netns.forward_into(ns, plane.control_plane.port)
+                config = yaml.safe_load(plane.agent_kubeconfig.read_text())
+                config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
+                kubeconfig = tmp / "agent.kubeconfig"
+                kubeconfig.write_text(yaml.safe_dump(config))
+                agent = AgentProcess(AgentOptions(
+                    kubeconfig=kubeconfig, llama_server=llama, workdir=tmp / "agent", namespaces=(namespace,),
+                    host_ip=ns.inner_ip, netns=ns, log_level="info",
+                    extra_args=("--heartbeat-interval", str(args.heartbeat)),
+                ))
+                (tmp / "agent").mkdir()
+                await agent.start()
+                names = [f"svc{i}" for i in range(args.services)]
+                for name in names:
+                    for doc in sample(plane, model, name):
+                        plural = "models" if doc["kind"] == "Model" else "inferenceservices"
+                        await cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, doc)
+                await wait_for(lambda: all_ready(cluster, names), timeout=180, what="all services Ready")
+                settled = await quiet(plane, 5)
+
+                apiserver_pid = plane.control_plane.apiserver.pid
+                cpu0, t0 = cpu_seconds(apiserver_pid), time.monotonic()
+                await asyncio.sleep(args.idle_seconds)  # the measurement window itself
+                idle = await status_writes(plane)
+                minutes = (time.monotonic() - t0) / 60
+                cpu = (cpu_seconds(apiserver_pid) - cpu0) / minutes
+
+                generations = {}
+                for name in names:
+                    patched = await cluster.patch_isvc(name, {"contextSize": 4096})
+                    generations[name] = patched["metadata"]["generation"]
+                await wait_for(lambda: all_ready(cluster, names, generations), timeout=180, what="respawned, Ready")
+                changed = await quiet(plane, 10)
+                forwarder.close()
+        finally:
+            if agent and agent.process and agent.process.running:
+                await agent.stop()
+            kill_recorded_processes(tmp / "agent" / "state")
+            await admin.close()
+            await stop_llmkube_plane(plane)
+
+    per = args.services
+    result = {
+        "services": per, "idle_seconds": args.idle_seconds, "heartbeat_seconds": args.heartbeat,
+        "idle_agent_writes_per_min_per_service": (idle["PATCH"] - settled["PATCH"]) / minutes / per,
+        "idle_controller_writes_per_min_per_service": (idle["PUT"] - settled["PUT"]) / minutes / per,
+        "change_agent_writes_per_service": (changed["PATCH"] - idle["PATCH"]) / per,
+        "change_controller_writes_per_service": (changed["PUT"] - idle["PUT"]) / per,
+        "apiserver_cpu_seconds_per_min_idle": cpu,
+    }
+    rows = [
+        ("agent status writes/min/service, idle", result["idle_agent_writes_per_min_per_service"], "0"),
+        ("controller status writes/min/service, idle", result["idle_controller_writes_per_min_per_service"], "-"),
+        ("agent status writes/service, spec change", result["change_agent_writes_per_service"], "<= 2"),
+        ("controller status writes/service, spec change", result["change_controller_writes_per_service"], "-"),
+        ("kube-apiserver CPU s/min, idle", result["apiserver_cpu_seconds_per_min_idle"], "-"),
+    ]
+    print(f"\n{'figure':<50} {'measured':>10}  goal")
+    for label, value, goal in rows:
+        print(f"{label:<50} {value:>10.2f}  {goal}")
+    out = REPO / "bench" / "results" / "compat.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
