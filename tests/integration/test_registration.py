@@ -292,3 +292,27 @@ async def _only_ours(cluster: Cluster) -> bool:
 
 async def _no_slices(cluster: Cluster) -> bool:
     return await _slice_names(cluster, "keep") == set()
+
+
+async def test_a_deleted_or_edited_slice_is_repaired(mac):
+    """What is in the cluster is observed state: a slice someone deleted comes back, and
+    one someone edited (say, pointed at another port) is put right, by the next heartbeat."""
+    cluster, ns, make_agent = mac
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("mended", "tiny", contextSize=256)
+    await cluster.wait_phase("mended", "Ready")
+    port = (await agent.services())[0]["port"]
+    discovery = client.DiscoveryV1Api(cluster.api)
+
+    await discovery.delete_namespaced_endpoint_slice("mended-metal", cluster.ns)
+    await wait_for(lambda: _ready_slice(cluster, "mended"), timeout=10, what="deleted slice re-created")
+
+    await discovery.patch_namespaced_endpoint_slice(
+        "mended-metal", cluster.ns, {"ports": [{"name": "http", "port": 1, "protocol": "TCP"}]},
+        _content_type="application/merge-patch+json")
+
+    async def repaired():
+        found = await _ready_slice(cluster, "mended")
+        return found and found.ports[0].port == port
+    await wait_for(repaired, timeout=10, what="edited slice repaired")

@@ -2,16 +2,22 @@
 
 Writes are server-side applies with our field manager: idempotent, made
 only when the desired content changed, and never a delete-and-recreate, so
-the ClusterIP survives respawns. The heartbeat is one small merge patch per
-slice per interval, which is what LLMKube's controller reads to tell a live
-Mac from a dead one. Deletes check our managed-by label first: an object of
-the same name that someone else made is never touched.
+the ClusterIP survives respawns. The heartbeat, which LLMKube's controller
+reads to tell a live Mac from a dead one, is an apply of the whole slice: the
+same one call per slice per interval as a patch of the annotation, and it
+re-creates a slice someone deleted and repairs one someone edited, because
+what is in the cluster is observed state, not something our cache can vouch
+for. The Service is re-applied every few minutes for the same reason. Deletes
+check our managed-by label first: an object of the same name that someone
+else made is never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
+from collections import defaultdict
 from typing import Callable, Iterable
 
 import structlog
@@ -19,7 +25,6 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from metal_agent.core.registration import (
-    HEARTBEAT_ANNOTATION,
     ISVC_LABEL,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
@@ -34,8 +39,8 @@ log = structlog.get_logger(__name__)
 
 FIELD_MANAGER = "metal-agent"
 APPLY = "application/apply-patch+yaml"
-MERGE = "application/merge-patch+json"
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+SERVICE_RECHECK_S = 600.0  # re-apply a registered Service this often (a deleted one comes back)
 
 
 def rfc3339_now() -> str:
@@ -53,6 +58,10 @@ class Registrar:
         self.agent_version = agent_version
         self._applied: dict[str, Registration] = {}  # "namespace/isvc" -> last applied
         self._withdrawn: set[str] = set()  # slice known to be absent: withdrawing again costs no call
+        self._service_applied_at: dict[str, float] = {}
+        # One change at a time per service: a heartbeat must never re-create a slice that a
+        # reconcile is withdrawing at the same moment (that would announce a dead endpoint).
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def registered(self, key: str) -> bool:
         return key in self._applied
@@ -60,14 +69,21 @@ class Registrar:
     async def ensure(self, reg: Registration) -> bool:
         """Make the cluster match `reg`; True if anything was written."""
         key = f"{reg.namespace}/{reg.isvc_name}"
-        if self._applied.get(key) == reg:
-            return False
+        async with self._locks[key]:
+            if self._applied.get(key) == reg:
+                return False
+            await self._apply(key, reg)
+            return True
+
+    async def _apply(self, key: str, reg: Registration) -> None:
         previous = self._applied.get(key)
-        if previous is None or (previous.port, previous.isvc_uid) != (reg.port, reg.isvc_uid):
+        stale = time.monotonic() - self._service_applied_at.get(key, float("-inf")) > SERVICE_RECHECK_S
+        if previous is None or stale or (previous.port, previous.isvc_uid) != (reg.port, reg.isvc_uid):
             await self.core.patch_namespaced_service(
                 service_name(reg.isvc_name), reg.namespace, desired_service(reg),
                 field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
             )
+            self._service_applied_at[key] = time.monotonic()
         await self.discovery.patch_namespaced_endpoint_slice(
             slice_name(reg.isvc_name), reg.namespace,
             desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version),
@@ -77,7 +93,6 @@ class Registrar:
             await self._remove_go_agent_slice(reg.namespace, reg.isvc_name)
         self._applied[key] = reg
         self._withdrawn.discard(key)
-        return True
 
     async def _remove_go_agent_slice(self, namespace: str, isvc_name: str) -> None:
         """LLMKube's Go agent named its slice after the Service and leaves it behind when it
@@ -97,38 +112,42 @@ class Registrar:
             log.info("removed the Go agent's leftover EndpointSlice", service=f"{namespace}/{isvc_name}", slice=name)
 
     async def heartbeat(self) -> None:
-        """Refresh the heartbeat annotation of every slice we registered."""
-        body = {"metadata": {"annotations": {HEARTBEAT_ANNOTATION: rfc3339_now()}}}
-        for key, reg in list(self._applied.items()):
-            try:
-                await self.discovery.patch_namespaced_endpoint_slice(
-                    slice_name(reg.isvc_name), reg.namespace, body, _content_type=MERGE
-                )
-            except ApiException as err:
-                if err.status == 404:  # deleted behind our back: re-apply on the next reconcile
-                    self._applied.pop(key, None)
-                log.warning("heartbeat failed", service=key, status=err.status)
-            except (OSError, asyncio.TimeoutError) as err:
-                log.warning("heartbeat failed", service=key, error=str(err))
-                return  # the API is unreachable: the next tick tries again
+        """Re-apply every registered slice with a fresh heartbeat, all at once: a slow call
+        for one service never makes another's heartbeat late."""
+        regs = list(self._applied.items())
+        results = await asyncio.gather(*(self._beat(key, reg) for key, reg in regs), return_exceptions=True)
+        for (key, _), result in zip(regs, results):
+            if isinstance(result, Exception):
+                log.warning("heartbeat failed; the next one retries", service=key,
+                            error=f"{type(result).__name__}: {result}")
+
+    async def _beat(self, key: str, reg: Registration) -> None:
+        async with self._locks[key]:
+            if self._applied.get(key) == reg:  # withdrawn or changed meanwhile: nothing to refresh
+                await self._apply(key, reg)
 
     async def withdraw(self, namespace: str, isvc_name: str) -> None:
         """Delete the slice only: nothing serves, but the Service (and its ClusterIP, which
         clients may have cached) stays for when the model comes back."""
         key = f"{namespace}/{isvc_name}"
-        if key in self._withdrawn:
-            return
-        self._applied.pop(key, None)
-        await self._delete_if_ours(self.discovery.read_namespaced_endpoint_slice,
-                                   self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name), namespace)
-        self._withdrawn.add(key)
+        async with self._locks[key]:
+            if key in self._withdrawn:
+                return
+            self._applied.pop(key, None)
+            await self._delete_if_ours(self.discovery.read_namespaced_endpoint_slice,
+                                       self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name),
+                                       namespace)
+            self._withdrawn.add(key)
 
     async def remove(self, namespace: str, isvc_name: str) -> None:
         """Delete the Service and slice of one InferenceService, if they are ours."""
+        key = f"{namespace}/{isvc_name}"
         await self.withdraw(namespace, isvc_name)
-        await self._delete_if_ours(self.core.read_namespaced_service, self.core.delete_namespaced_service,
-                                   service_name(isvc_name), namespace)
-        self._withdrawn.discard(f"{namespace}/{isvc_name}")
+        async with self._locks[key]:
+            await self._delete_if_ours(self.core.read_namespaced_service, self.core.delete_namespaced_service,
+                                       service_name(isvc_name), namespace)
+            self._withdrawn.discard(key)
+            self._service_applied_at.pop(key, None)
 
     async def _delete_if_ours(self, read, delete, name: str, namespace: str) -> None:
         try:
