@@ -107,7 +107,7 @@ class ProcessManager:
                 return supervisor
             log.info("previous llama-server runs another spec; replacing it", service=plan.key, pid=record.pid)
             await terminate_recorded(record, self.settings.stop_grace)
-            self.records.remove(plan.key)
+            self.records.remove(plan.key, pid=record.pid, create_time=record.create_time)
         self.supervisors[plan.key] = supervisor
         supervisor.start()
         return supervisor
@@ -138,7 +138,7 @@ class ProcessManager:
         record = self.adoptable.pop(key, None)
         if record is not None:
             await terminate_recorded(record, self.settings.stop_grace)
-            self.records.remove(key)
+            self.records.remove(key, pid=record.pid, create_time=record.create_time)
 
     async def stop_unwanted_adoptable(self, wanted: Callable[[str], bool]) -> None:
         """Stop processes of a previous agent whose service is gone or changed hands."""
@@ -147,7 +147,7 @@ class ProcessManager:
                 log.info("stopping llama-server no longer wanted", service=key, pid=record.pid)
                 del self.adoptable[key]
                 await terminate_recorded(record, self.settings.stop_grace)
-                self.records.remove(key)
+                self.records.remove(key, pid=record.pid, create_time=record.create_time)
 
     async def shutdown(self, *, stop_processes: bool) -> None:
         """Agent exit: by default leave llama-servers running for the next agent to adopt."""

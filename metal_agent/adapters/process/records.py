@@ -41,6 +41,7 @@ class ProcessRecord:
     # The full command line, so a later agent can keep running this exact
     # process (and restart it as it was) while the current spec is invalid.
     argv: tuple[str, ...] = ()
+    boot_time: float = 0.0  # psutil.boot_time() when recorded (0: unknown, older records)
 
 
 def _file_name(key: str) -> str:
@@ -65,30 +66,62 @@ class RecordStore:
                 os.unlink(tmp)
             raise
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: str, *, pid: int | None = None, create_time: float | None = None) -> bool:
+        """Delete the record of `key`; with `pid`/`create_time`, only if it still describes
+        that process. A stop or an exit handled after an await must not delete the record
+        of the newer process that replaced it: that process would be orphaned, neither
+        adoptable nor stoppable by the next agent. True if a record was deleted."""
+        path = self.dir / _file_name(key)
+        if pid is not None:
+            current = self._read(path)
+            if current is None or current.pid != pid or (create_time is not None and current.create_time != create_time):
+                return False
         with contextlib.suppress(FileNotFoundError):
-            (self.dir / _file_name(key)).unlink()
+            path.unlink()
+            return True
+        return False
+
+    @staticmethod
+    def _read(path: Path) -> ProcessRecord | None:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != RECORD_VERSION:
+                return None
+            data["argv"] = tuple(data.get("argv") or ())
+            return ProcessRecord(**data)
+        except (OSError, ValueError, TypeError):
+            return None
 
     def load_all(self) -> list[ProcessRecord]:
         """Every readable record; unreadable ones are skipped (and left for inspection)."""
-        records = []
-        for path in sorted(self.dir.glob("*.json")):
-            try:
-                data = json.loads(path.read_text())
-                if data.get("version") != RECORD_VERSION:
-                    continue
-                data["argv"] = tuple(data.get("argv") or ())
-                records.append(ProcessRecord(**data))
-            except (OSError, ValueError, TypeError):
-                continue
-        return records
+        return [r for r in map(self._read, sorted(self.dir.glob("*.json"))) if r is not None]
+
+
+CREATE_TIME_TOLERANCE_S = 1.0
+
+
+def same_start(record: ProcessRecord, create_time: float, boot_time: float) -> bool:
+    """Did the process start when the record says, even if the wall clock stepped since?
+
+    psutil derives create times from the wall clock differently per OS: on
+    Linux it is boot time + ticks (a clock step shifts boot time and every
+    create time with it; the time since boot stays), on macOS the kernel keeps
+    the absolute start (the time since boot shifts). So either the absolute or
+    the boot-relative start must match. Together with the pid and the digest
+    of the whole command line (which holds the unique port), that is proof.
+    """
+    if abs(create_time - record.create_time) <= CREATE_TIME_TOLERANCE_S:
+        return True
+    if record.boot_time:
+        return abs((create_time - boot_time) - (record.create_time - record.boot_time)) <= CREATE_TIME_TOLERANCE_S
+    return False
 
 
 def live_process(record: ProcessRecord) -> psutil.Process | None:
     """The process the record describes, if it provably is still that process."""
     try:
         proc = psutil.Process(record.pid)
-        if abs(proc.create_time() - record.create_time) > 0.01:
+        if not same_start(record, proc.create_time(), psutil.boot_time()):
             return None
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
