@@ -5,6 +5,10 @@
 never by shell string pasting), and ``scripts/uninstall-metal-agent.sh``
 with ``STOP_MODELS=1`` calls ``stop-all``. Both are also usable by hand:
 ``render-plist`` shows exactly what would be installed.
+
+Stopping runs the process adapters (`metal_agent.cli.stop_records`), which
+are imported only when `stop-all` runs: this module is imported by every
+`metal-agent` invocation.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from typing import Annotated
 
 import typer
 
-from metal_agent.adapters.process.manager import terminate_recorded
-from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
 from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError
 from metal_agent.launchd import render_plist as _render_plist
 from metal_agent.paths import default_paths
@@ -100,29 +102,6 @@ def render_plist(
         raise typer.Exit(1) from None
 
 
-async def _stop_one(store: RecordStore, record: ProcessRecord, grace: float) -> tuple[str, bool]:
-    """Stop one recorded llama-server; a pid that fails verification is never signalled."""
-    if live_process(record) is None:
-        store.remove(record.key)
-        return f"{record.key}: pid {record.pid} is not running (or is no longer that process); record removed", True
-    await terminate_recorded(record, grace)
-    if live_process(record) is not None:
-        return f"{record.key}: pid {record.pid} did not exit; record kept", False
-    store.remove(record.key)
-    return f"{record.key}: stopped pid {record.pid}", True
-
-
-async def _stop_all(store: RecordStore, grace: float) -> bool:
-    records = store.load_all()
-    if not records:
-        typer.echo(f"no llama-server records in {store.dir}")
-        return True
-    results = await asyncio.gather(*(_stop_one(store, r, grace) for r in records))
-    for line, _ in results:
-        typer.echo(line)
-    return all(ok for _, ok in results)
-
-
 def stop_all(
     state_dir: Annotated[Path | None, typer.Option(envvar="METAL_AGENT_STATE_DIR", help="The agent's state directory (default: the platform's).")] = None,
     grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
@@ -133,6 +112,7 @@ def stop_all(
     start time and command line still match a record, so a reused pid is
     never hit. Stop the agent first, or it starts them again.
     """
-    store = RecordStore((state_dir or default_paths().state) / "processes")
-    if not asyncio.run(_stop_all(store, grace)):
+    from metal_agent.cli.stop_records import stop_recorded
+
+    if not asyncio.run(stop_recorded((state_dir or default_paths().state) / "processes", grace)):
         raise typer.Exit(1)

@@ -4,6 +4,10 @@ Runs the same claim, validation and argv code as the daemon, on YAML files
 instead of a cluster, so a manifest can be checked (and its command line
 reviewed) before it is applied. Output is a JSON array on stdout; problems
 go to stderr, one per line, and exit with status 2.
+
+YAML and the host and binary probes are imported when `render` runs, not
+with this module: every `metal-agent` invocation imports it to build its
+command table.
 """
 
 from __future__ import annotations
@@ -15,10 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-import yaml
 
-from metal_agent.adapters.host_cpu import performance_core_count
-from metal_agent.adapters.llama_binary import LlamaServerMissing, probe
 from metal_agent.core.api import ModelSource
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import evaluate, wanted_model
@@ -72,6 +73,8 @@ def render(
     mlock: Annotated[bool, typer.Option(help="Lock the model in RAM.")] = True,
 ) -> None:
     """Print the llama-server argv for an InferenceService and its Model as JSON."""
+    from metal_agent.adapters.host_cpu import performance_core_count
+
     paths = [*(model or []), *(isvc or []), *(file or [])]
     if not paths:
         _fail(["give the manifests with --model and --isvc, or -f"])
@@ -117,6 +120,8 @@ def _fail(lines: Iterable[str]) -> NoReturn:
 
 
 def _load(paths: list[Path]) -> list[dict[str, Any]]:
+    import yaml
+
     docs: list[dict[str, Any]] = []
     for path in paths:
         try:
@@ -166,6 +171,8 @@ def _key(doc: dict[str, Any]) -> str:
 
 def _probe_mlock_style(binary: str) -> MlockStyle:
     """Ask the binary which mlock spelling it knows; `--mlock` if it cannot say."""
+    from metal_agent.adapters.llama_binary import LlamaServerMissing, probe
+
     try:
         return asyncio.run(probe(binary)).mlock_style
     except (LlamaServerMissing, OSError, TimeoutError):

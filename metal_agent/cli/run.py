@@ -9,11 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from metal_agent.adapters.llama_binary import LlamaServerMissing
-from metal_agent.adapters.process.supervisor import SupervisorSettings
-from metal_agent.agent import AgentConfig, AgentExit, StartupError, run_agent
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
-from metal_agent.logging_setup import configure_logging
 from metal_agent.paths import AgentPaths, default_paths, find_llama_server
 
 EXIT_FATAL = 3  # launchd restarts the agent on a non-zero exit
@@ -53,6 +49,13 @@ def run(
     log_format: str = typer.Option("auto", envvar=_env("LOG_FORMAT"), help="auto (text on a TTY, else JSON), json or text."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
+    # The agent (Kubernetes client, aiohttp, metrics) is imported here, not at the top:
+    # every `metal-agent` invocation imports this module to build its command table.
+    from metal_agent.adapters.llama_binary import LlamaServerMissing
+    from metal_agent.adapters.process.supervisor import SupervisorSettings
+    from metal_agent.agent import AgentConfig, AgentExit, StartupError, run_agent
+    from metal_agent.logging_setup import configure_logging
+
     try:
         configure_logging(log_level, log_format)
     except ValueError as err:

@@ -5,6 +5,11 @@ address) rather than reading process records: only the agent knows states,
 restarts and which spec each process serves. ``logs`` reads the per-service
 llama-server log the agent writes, which exists even when the agent is down,
 and that is when it is most needed.
+
+This module is imported by every `metal-agent` invocation (the command table
+is built from it), so the HTTP client (`metal_agent.cli.agent_client`, which
+imports aiohttp) and the process adapters are imported by the commands that
+use them, when they run.
 """
 
 from __future__ import annotations
@@ -16,15 +21,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import aiohttp
 import typer
 
-from metal_agent.adapters.process.manager import log_file_name
 from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
 from metal_agent.launchd import LABEL
 from metal_agent.paths import default_paths
 
-__all__ = ["AgentUnreachable", "fetch_services", "format_bytes", "format_duration", "format_table", "logs",
+__all__ = ["AgentUnreachable", "format_bytes", "format_duration", "format_table", "logs",
            "parse_service_key", "services_url", "status"]
 
 DEFAULT_LISTEN = "127.0.0.1:9090"
@@ -53,24 +56,6 @@ def services_url(listen: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}/v1/services"
-
-
-async def fetch_services(listen: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The agent's `/v1/services` payload, or AgentUnreachable."""
-    url = services_url(listen)
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(url) as response:
-                if response.status != 200:
-                    raise AgentUnreachable(f"{url} answered HTTP {response.status}: not a metal-agent?")
-                payload = await response.json(content_type=None)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise AgentUnreachable(f"no agent answers at {url} ({type(exc).__name__}: {exc or 'timed out'})") from None
-    except ValueError:
-        raise AgentUnreachable(f"{url} did not answer JSON: not a metal-agent?") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("services"), list):
-        raise AgentUnreachable(f"{url} answered without a services list: not a metal-agent?")
-    return payload
 
 
 def format_duration(seconds: float | None) -> str:
@@ -131,6 +116,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the agent's answer as JSON.")] = False,
 ) -> None:
     """Show the llama-servers the running agent manages."""
+    from metal_agent.cli.agent_client import fetch_services
+
     try:
         payload = asyncio.run(fetch_services(listen))
     except ValueError as exc:
@@ -235,6 +222,8 @@ def logs(
     log_dir: Annotated[Path | None, typer.Option(envvar="METAL_AGENT_LOG_DIR", help="The agent's --log-dir (default: the platform's).")] = None,
 ) -> None:
     """Print the llama-server log of one InferenceService."""
+    from metal_agent.adapters.process.manager import log_file_name
+
     try:
         key = parse_service_key(service)
     except ValueError as exc:

@@ -29,12 +29,18 @@ class NoUsableAddress(ValueError):
 
 
 def validate_host_ip(value: str, *, registered: bool = True) -> str:
-    """An explicit --host-ip must be an IP literal; a registered one also routable unicast."""
+    """An explicit --host-ip must be an IP literal; a registered one also routable unicast.
+
+    Only a registered address is published in an EndpointSlice, where the
+    cluster must be able to reach it. Without registration it is only where
+    llama-server listens on this Mac, so any literal is the user's choice
+    (loopback being the usual one).
+    """
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:
         raise ValueError(f"--host-ip {value!r} is not an IPv4 or IPv6 address") from None
-    if registered and ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast:
+    if registered and (ip.is_loopback or ip.is_unspecified or ip.is_link_local or ip.is_multicast):
         raise ValueError(f"--host-ip {value} cannot be registered in an EndpointSlice (loopback, link-local, unspecified or multicast)")
     return str(ip)
 

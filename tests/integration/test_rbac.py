@@ -12,28 +12,16 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from metal_agent.core.permissions import AGENT_PERMISSIONS
 from tests.support.controlplane import AGENT_USER
 
 pytestmark = pytest.mark.integration
 
 GROUP, VERSION = "inference.llmkube.dev", "v1alpha1"
 
-ALLOWED = [
-    # (group, resource, subresource, verb)
-    (GROUP, "inferenceservices", "", "list"),
-    (GROUP, "inferenceservices", "", "watch"),
-    (GROUP, "inferenceservices", "", "get"),
-    (GROUP, "models", "", "list"),
-    (GROUP, "models", "", "watch"),
-    (GROUP, "inferenceservices", "status", "patch"),
-    ("", "services", "", "create"),
-    ("", "services", "", "patch"),
-    ("", "services", "", "delete"),
-    ("discovery.k8s.io", "endpointslices", "", "create"),
-    ("discovery.k8s.io", "endpointslices", "", "patch"),
-    ("", "endpoints", "", "delete"),
-    ("", "events", "", "create"),
-]
+#: Everything the agent does: the same table the doctor checks and the unit
+#: test holds the manifest to, here answered by the real authorizer.
+ALLOWED = [(p.group, p.resource, p.subresource, p.verb) for p in AGENT_PERMISSIONS]
 
 DENIED = [
     ("", "secrets", "", "get"),

@@ -1,14 +1,16 @@
-"""`metal-agent render`, run as a real subprocess on manifest files."""
+"""`metal-agent render` on manifest files, as a user runs it (through typer's runner, in-process)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from metal_agent.cli.main import app
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "fixtures" / "manifests"
 TURBOQUANT = MANIFESTS / "turboquant.yaml"
@@ -33,22 +35,9 @@ TURBOQUANT_ARGV = [
 
 
 def render(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The real command, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "metal_agent", "render", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def render_in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The same command through Typer's runner: no interpreter start-up per case."""
-    from typer.testing import CliRunner
-
-    from metal_agent.cli.main import app
-
+    """The command through the CLI's command table, in-process via Typer's runner:
+    the same parsing, stdout and stderr as a user gets, without an interpreter start-up per case
+    (the entry point itself, in a real process, is tested in tests/unit/test_cli_imports.py)."""
     result = CliRunner().invoke(app, ["render", *map(str, args)])
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
@@ -63,7 +52,7 @@ def test_separate_model_and_isvc_files(tmp_path):
     model, isvc = yaml.safe_load_all(TURBOQUANT.read_text())
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(model))
     (tmp_path / "isvc.yaml").write_text(yaml.safe_dump(isvc))
-    result = render_in_process(
+    result = render(
         "--model", tmp_path / "model.yaml",
         "--isvc", tmp_path / "isvc.yaml",
         "--model-path", "/Volumes/models/q.gguf",
@@ -81,7 +70,7 @@ def test_separate_model_and_isvc_files(tmp_path):
 
 
 def test_threads_default_to_this_hosts_cores():
-    result = render_in_process("-f", TURBOQUANT)
+    result = render("-f", TURBOQUANT)
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)
     assert int(argv[argv.index("--threads") + 1]) >= 1
@@ -91,7 +80,7 @@ def test_local_source_is_its_own_model_path(tmp_path):
     model, isvc = yaml.safe_load_all(TURBOQUANT.read_text())
     model["spec"]["source"] = "file:///Users/me/models/q.gguf"
     (tmp_path / "all.yaml").write_text(yaml.safe_dump_all([isvc, model]))
-    result = render_in_process("-f", tmp_path / "all.yaml", "--threads", "2")
+    result = render("-f", tmp_path / "all.yaml", "--threads", "2")
     assert result.returncode == 0, result.stderr
     argv = json.loads(result.stdout)
     assert argv[1:3] == ["--model", "/Users/me/models/q.gguf"]
@@ -137,7 +126,7 @@ def test_not_ours_says_why():
 def test_unusable_files_exit_2(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
-    result = render_in_process("-f", path)
+    result = render("-f", path)
     assert result.returncode == 2
     assert message in result.stderr
 
@@ -145,6 +134,6 @@ def test_unusable_files_exit_2(tmp_path, content, message):
 def test_isvc_without_its_model_is_not_ours(tmp_path):
     _, isvc = yaml.safe_load_all(TURBOQUANT.read_text())
     (tmp_path / "isvc.yaml").write_text(yaml.safe_dump(isvc))
-    result = render_in_process("--isvc", tmp_path / "isvc.yaml")
+    result = render("--isvc", tmp_path / "isvc.yaml")
     assert result.returncode == 2
     assert "Model default/qwen3-5-30b-a3b was not found" in result.stderr

@@ -1,8 +1,10 @@
-"""`metal-agent status` and `metal-agent logs`, run as a user runs them.
+"""`metal-agent status` and `metal-agent logs`, through the same command table a user runs.
 
 `status` talks HTTP to the agent; here a small aiohttp server stands in for
 the agent's `/v1/services` endpoint (the client side is what is under test;
-the full agent is exercised by the control-loop tests).
+the full agent is exercised by the control-loop tests). Commands run
+in-process through typer's runner; only `logs -f`, which runs until it is
+signalled, runs as a real process.
 """
 
 from __future__ import annotations
@@ -57,17 +59,15 @@ async def agent_endpoint(payload: object, status: int = 200) -> AsyncIterator[st
         await runner.cleanup()
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "metal_agent", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
-    return proc.returncode, out.decode(), err.decode()
-
-
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """The command in-process, on a worker thread: it runs its own event loop (asyncio.run),
+    while the stand-in agent keeps serving on this test's loop."""
+    result = await asyncio.wait_for(asyncio.to_thread(invoke, *args), TIMEOUT)
+    return result.exit_code, result.stdout, result.stderr
 
 
 # --- status ------------------------------------------------------------------

@@ -1,0 +1,386 @@
+"""The checks behind `metal-agent doctor`: everything the agent needs, and how to fix what is missing.
+
+Each check is a small async function returning a `CheckResult`, so it can
+be tested on its own; `run_checks` runs them concurrently and returns them
+in a fixed order. Checks that only make sense on a Mac (Apple Silicon,
+Metal, launchd, the powermetrics grant) are *skipped* elsewhere, never
+failed: developers run the agent on Linux against a CPU llama-server.
+
+Every external command runs through `asyncio.create_subprocess_exec` (no
+shell) with a timeout: a hung `system_profiler` must not hang the doctor.
+
+This module imports the Kubernetes client and the agent's adapters, so it is
+kept apart from the command (`metal_agent.cli.doctor`), which imports it only
+when the doctor actually runs: `metal-agent --help` must not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import platform
+import re
+from dataclasses import dataclass
+from typing import Awaitable, Sequence
+
+import psutil
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from metal_agent.adapters import llama_binary
+from metal_agent.adapters.powermetrics import check_sudo_grant
+from metal_agent.cli.agent_client import fetch_services
+from metal_agent.cli.status import AgentUnreachable
+from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
+from metal_agent.core.permissions import AGENT_PERMISSIONS, Permission
+from metal_agent.launchd import LABEL
+from metal_agent.paths import find_llama_server
+
+__all__ = [
+    "CheckResult", "Status", "check_agent", "check_apple_silicon", "check_crds", "check_kube", "check_launchd",
+    "check_llama_server", "check_memory", "check_metal", "check_permissions", "check_sudo", "cluster_checks",
+    "format_result", "memory_result", "run_checks",
+]
+
+LAUNCHCTL = "/bin/launchctl"
+SYSCTL = "/usr/sbin/sysctl"
+SYSTEM_PROFILER = "/usr/sbin/system_profiler"
+COMMAND_TIMEOUT_S = 10.0
+SYSTEM_PROFILER_TIMEOUT_S = 30.0  # it enumerates displays and GPUs; slow on a busy machine
+API_TIMEOUT_S = 10.0
+GiB = 1024**3
+# Smallest useful quantized model plus its KV cache: less free than this and nothing will load.
+MIN_MODEL_BYTES = 2 * GiB
+RBAC_FIX = (
+    "kubectl apply -f manifests/rbac/metal-agent.yaml (from the metal-agent checkout) and make sure the "
+    "kubeconfig's identity is bound to it (ServiceAccount metal-agent/metal-agent or user metal-agent)"
+)
+
+
+class Status(enum.Enum):
+    OK = "✓"
+    FAIL = "✗"
+    SKIP = "–"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+def ok(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, Status.OK, detail)
+
+
+def fail(name: str, detail: str, fix: str) -> CheckResult:
+    return CheckResult(name, Status.FAIL, detail, fix)
+
+
+def skip(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, Status.SKIP, detail)
+
+
+def _is_mac(system: str | None) -> bool:
+    return (system or platform.system()) == "Darwin"
+
+
+def _not_mac(name: str, system: str | None) -> CheckResult:
+    return skip(name, f"only on macOS (this is {system or platform.system()})")
+
+
+async def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT_S) -> tuple[int, str]:
+    """Exit status and stdout+stderr of a command; kills it on timeout (TimeoutError)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise TimeoutError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+# --- the Mac itself ----------------------------------------------------------
+
+
+async def check_apple_silicon(system: str | None = None) -> CheckResult:
+    name = "Apple Silicon"
+    if not _is_mac(system):
+        return _not_mac(name, system)
+    try:
+        rc, arm64 = await _run([SYSCTL, "-n", "hw.optional.arm64"])
+        _, brand = await _run([SYSCTL, "-n", "machdep.cpu.brand_string"])
+    except (OSError, TimeoutError) as exc:
+        return fail(name, f"cannot ask sysctl: {exc}", "run the doctor on the Mac itself, as a normal user")
+    if rc != 0 or arm64.strip() != "1":
+        return fail(name, f"{brand.strip() or 'this CPU'} is not Apple Silicon",
+                    "metal-agent serves models from Apple Silicon (M1 or later) GPUs; use such a Mac")
+    detail = brand.strip()
+    if platform.machine() != "arm64":
+        detail += f" (this Python runs as {platform.machine()} under Rosetta; prefer a native arm64 Python)"
+    return ok(name, detail)
+
+
+async def check_metal(system: str | None = None) -> CheckResult:
+    name = "Metal"
+    if not _is_mac(system):
+        return _not_mac(name, system)
+    try:
+        _, out = await _run([SYSTEM_PROFILER, "SPDisplaysDataType"], SYSTEM_PROFILER_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        return fail(name, f"cannot run system_profiler: {exc}", "run `system_profiler SPDisplaysDataType` by hand")
+    lines = [ln.strip() for ln in out.splitlines() if "Metal" in ln]
+    if not lines:
+        return fail(name, "system_profiler reports no Metal support", "metal-agent needs a Metal-capable GPU")
+    return ok(name, lines[0])
+
+
+def memory_result(total: int, available: int) -> CheckResult:
+    """How much a model can use now: the free memory, capped by Metal's GPU working-set budget.
+
+    macOS lets the GPU wire about two thirds of RAM on machines up to 36 GiB
+    and about three quarters above, whatever is free.
+    """
+    name = "Memory"
+    fraction = 0.75 if total > 36 * GiB else 0.67
+    budget = int(total * fraction)
+    room = min(available, budget)
+    detail = (f"{available / GiB:.1f} GiB available of {total / GiB:.1f} GiB; Metal budget "
+              f"{budget / GiB:.1f} GiB ({fraction:.2f} x total); models can use up to {room / GiB:.1f} GiB now")
+    if room < MIN_MODEL_BYTES:
+        return fail(name, detail, "quit memory-hungry apps, or serve a smaller (more quantized) model")
+    return ok(name, detail)
+
+
+async def check_memory() -> CheckResult:
+    vm = psutil.virtual_memory()
+    return memory_result(vm.total, vm.available)
+
+
+# --- llama-server --------------------------------------------------------------
+
+
+async def check_llama_server(explicit: str | None) -> CheckResult:
+    name = "llama-server"
+    fix = "install llama.cpp (brew install llama.cpp) or pass --llama-server PATH"
+    path = find_llama_server(explicit)
+    if path is None:
+        return fail(name, "not found in Homebrew's bin directories or PATH", fix)
+    try:
+        info = await llama_binary.probe(path)
+    except llama_binary.LlamaServerMissing as exc:
+        return fail(name, str(exc), fix)
+    except (OSError, asyncio.TimeoutError) as exc:
+        return fail(name, f"{path} did not answer --version: {exc!r}", f"run `{path} --version` by hand; {fix}")
+    return ok(name, f"{info.path} (version {info.version})")
+
+
+# --- the cluster -----------------------------------------------------------------
+
+
+async def _load_api(kubeconfig: str | None, context: str | None) -> client.ApiClient:
+    configuration = client.Configuration()
+    # persist_config=False: a doctor must not rewrite the user's kubeconfig (token refresh).
+    await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration,
+                                  persist_config=False)
+    return client.ApiClient(configuration)
+
+
+async def check_kube(api: client.ApiClient) -> CheckResult:
+    name = "Kubernetes API"
+    host = api.configuration.host
+    try:
+        info = await client.VersionApi(api).get_code(_request_timeout=API_TIMEOUT_S)
+    except ApiException as exc:
+        return fail(name, f"{host} answered {exc.status} {exc.reason}",
+                    "the kubeconfig's credentials are not accepted: renew the token or certificate")
+    except Exception as exc:  # noqa: BLE001 - connection, TLS and timeout errors all mean "no answer"
+        return fail(name, f"no answer from {host}: {type(exc).__name__}: {exc}",
+                    "check the server address in the kubeconfig (--kubeconfig, --context) and that this Mac "
+                    "can reach it (VPN, firewall)")
+    return ok(name, f"{host} answers (Kubernetes {info.git_version})")
+
+
+async def check_crds(api: client.ApiClient) -> CheckResult:
+    """Asked through discovery, which every authenticated identity may read.
+
+    Reading the CustomResourceDefinition objects themselves would need
+    apiextensions access the least-privilege agent role does not have, and
+    discovery answers the real question: does the server serve the version
+    the agent speaks.
+    """
+    name = "CRDs"
+    group_version = f"{GROUP}/{VERSION}"
+    fix = f"install LLMKube, or this checkout's CRDs: kubectl apply -k manifests/ (serves {group_version})"
+    try:
+        listing = await client.CustomObjectsApi(api).get_api_resources(GROUP, VERSION, _request_timeout=API_TIMEOUT_S)
+    except ApiException as exc:
+        if exc.status == 404:
+            return fail(name, f"the API server does not serve {group_version}", fix)
+        return fail(name, f"discovery of {group_version} failed: {exc.status} {exc.reason}", fix)
+    except Exception as exc:  # noqa: BLE001
+        return fail(name, f"discovery of {group_version} failed: {type(exc).__name__}: {exc}", fix)
+    served = {r.name for r in listing.resources or ()}
+    missing = [p for p in (MODEL_PLURAL, ISVC_PLURAL) if p not in served]
+    if missing:
+        return fail(name, f"{group_version} does not serve {', '.join(missing)}", fix)
+    return ok(name, f"{MODEL_PLURAL}.{GROUP} and {ISVC_PLURAL}.{GROUP} served at {VERSION}")
+
+
+async def _allowed(api: client.ApiClient, perm: Permission, namespace: str) -> bool:
+    review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+        resource_attributes=client.V1ResourceAttributes(
+            verb=perm.verb, group=perm.group, resource=perm.resource, subresource=perm.subresource or None,
+            namespace=namespace or None,
+        )
+    ))
+    answer = await client.AuthorizationV1Api(api).create_self_subject_access_review(
+        review, _request_timeout=API_TIMEOUT_S)
+    return bool(answer.status.allowed)
+
+
+async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = ()) -> CheckResult:
+    """A SelfSubjectAccessReview per entry of the agent's permission table: the authorizer's own answer.
+
+    The table (`metal_agent.core.permissions`) is the one the code and the
+    RBAC manifest are held to, so the doctor checks exactly what the agent
+    will do. Without --namespace the agent watches every namespace, so each
+    permission is asked cluster-wide (an empty namespace means all). A
+    denial names the permission and what the agent needs it for.
+    """
+    name = "Permissions"
+    scopes = list(namespaces) or [""]
+    asks = [(perm, ns) for ns in scopes for perm in AGENT_PERMISSIONS]
+    limit = asyncio.Semaphore(8)
+
+    async def ask(perm: Permission, ns: str) -> bool:
+        async with limit:
+            return await _allowed(api, perm, ns)
+
+    try:
+        answers = await asyncio.gather(*(ask(p, ns) for p, ns in asks))
+    except ApiException as exc:
+        return fail(name, f"SelfSubjectAccessReview failed: {exc.status} {exc.reason}", RBAC_FIX)
+    except Exception as exc:  # noqa: BLE001
+        return fail(name, f"SelfSubjectAccessReview failed: {type(exc).__name__}: {exc}", RBAC_FIX)
+    denied = [f"{p}" + (f" in {ns}" if ns else "") + f" ({p.why})"
+              for (p, ns), allowed in zip(asks, answers) if not allowed]
+    where = ", ".join(namespaces) if namespaces else "all namespaces"
+    if denied:
+        return fail(name, f"denied ({where}): {'; '.join(denied)}", RBAC_FIX)
+    return ok(name, f"all {len(AGENT_PERMISSIONS)} permissions granted ({where})")
+
+
+def _kubeconfig_files(kubeconfig: str | None) -> list[str]:
+    """The files the client would read: the flag, else $KUBECONFIG (a path list), else ~/.kube/config."""
+    value = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    return [os.path.expanduser(p) for p in value.split(os.pathsep) if p]
+
+
+async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces: Sequence[str]) -> list[CheckResult]:
+    """API, CRDs and permissions; the last two are skipped when the API does not answer."""
+    needs_api = [skip("CRDs", "needs the Kubernetes API"), skip("Permissions", "needs the Kubernetes API")]
+    load_fix = "pass --kubeconfig FILE (and --context NAME) for the metal-agent identity"
+    files = _kubeconfig_files(kubeconfig)
+    if not any(os.path.isfile(f) for f in files):
+        return [fail("Kubernetes API", f"no kubeconfig file at {os.pathsep.join(files)}", load_fix), *needs_api]
+    try:
+        api = await _load_api(kubeconfig, context)
+    except Exception as exc:  # noqa: BLE001 - bad YAML, unknown context, exec plugin failure
+        return [fail("Kubernetes API", f"cannot load {os.pathsep.join(files)}: {type(exc).__name__}: {exc}",
+                     load_fix), *needs_api]
+    try:
+        api_result = await check_kube(api)
+        if api_result.status is not Status.OK:
+            return [api_result, *needs_api]
+        crds, perms = await asyncio.gather(check_crds(api), check_permissions(api, namespaces))
+        return [api_result, crds, perms]
+    finally:
+        await api.close()
+
+
+# --- this install ----------------------------------------------------------------
+
+
+async def check_sudo(interval_ms: int, system: str | None = None) -> CheckResult:
+    name = "powermetrics grant"
+    if not _is_mac(system):
+        return _not_mac(name, system)
+    grant = await check_sudo_grant(interval_ms)
+    if grant.ok:
+        return ok(name, f"{grant.user} may run `{grant.command}`")
+    return fail(name, grant.detail, grant.fix or "run `make install-powermetrics-sudo`")
+
+
+async def check_launchd(system: str | None = None, launchctl: str = LAUNCHCTL) -> CheckResult:
+    name = "launchd job"
+    if not _is_mac(system):
+        return _not_mac(name, system)
+    service = f"gui/{os.getuid()}/{LABEL}"
+    fix = "run `make install-metal-agent` in the metal-agent checkout"
+    try:
+        rc, out = await _run([launchctl, "print", service])
+    except (OSError, TimeoutError) as exc:
+        return fail(name, f"cannot run launchctl: {exc}", fix)
+    if rc != 0:
+        return fail(name, f"{service} is not loaded", fix)
+    fields = dict(re.findall(r"^\s*(state|pid|last exit code) = (.+)$", out, re.MULTILINE))
+    shown = ", ".join(f"{k} {v.strip()}" for k, v in fields.items())
+    return ok(name, f"{service} loaded" + (f" ({shown})" if shown else ""))
+
+
+async def check_agent(listen: str) -> CheckResult:
+    name = "Agent"
+    try:
+        payload = await fetch_services(listen)
+    except ValueError as exc:
+        return fail(name, str(exc), "pass --listen HOST:PORT, as given to `metal-agent run`")
+    except AgentUnreachable as exc:
+        return fail(name, str(exc), "start it: `make install-metal-agent` (launchd) or `metal-agent run`; "
+                    "if it runs elsewhere, pass its --listen address")
+    return ok(name, f"version {payload.get('version', '?')} answers on {listen}, "
+                    f"managing {len(payload['services'])} llama-server(s)")
+
+
+# --- the command -------------------------------------------------------------------
+
+
+async def run_checks(
+    *, kubeconfig: str | None, context: str | None, namespaces: Sequence[str], llama_server: str | None,
+    listen: str, power_interval_ms: int, system: str | None = None,
+) -> list[CheckResult]:
+    """All checks, concurrently; results in a fixed order."""
+    groups: list[Awaitable[CheckResult | list[CheckResult]]] = [
+        check_apple_silicon(system),
+        check_metal(system),
+        check_memory(),
+        check_llama_server(llama_server),
+        cluster_checks(kubeconfig, context, namespaces),
+        check_sudo(power_interval_ms, system),
+        check_launchd(system),
+        check_agent(listen),
+    ]
+    results: list[CheckResult] = []
+    for item in await asyncio.gather(*groups):
+        results.extend(item if isinstance(item, list) else [item])
+    return results
+
+
+def format_result(result: CheckResult) -> str:
+    line = f"{result.status.value} {result.name}: {result.detail}"
+    if result.status is Status.SKIP:
+        line = f"{result.status.value} {result.name}: skipped, {result.detail}"
+    if result.fix and result.status is Status.FAIL:
+        line += f"\n    fix: {result.fix}"
+    return line
+
