@@ -19,7 +19,7 @@ Rules that protect users' models:
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -36,12 +36,12 @@ from metal_agent.core.claim import Workload, evaluate, wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
-from metal_agent.core.process import Snapshot, SupervisorEvent
+from metal_agent.core.process import Snapshot, State, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_path, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
-from metal_agent.core.status_owner import StatusMode, decide, model_not_ready, shows_controller
+from metal_agent.core.status_owner import StatusMode, decide, model_not_ready, shows_controller, stale_scheduling
 from metal_agent.core.validation import parse_model
 from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
@@ -368,12 +368,14 @@ class Reconciler:
             scheduling=scheduling,
             memory_pressure=self._pressure_condition(key),
             blocker=blocker,
-            process=supervisor.snapshot if supervisor else None,
+            process=self._snapshot(supervisor),
             endpoint=self.endpoint_for(key, raw, managed.workload.isvc.spec.mode.value if managed else "chat")
             if supervisor else None,
             model_not_accepted=Blocker(*not_ready) if not_ready else None,
             shared=owner.shared,
         )
+        if owner.shared and scheduling is None:
+            await self._clear_stale_scheduling(key, raw)
         last = self._applied_status.get(key)
         # Our own conditions are what we last applied, whatever a stale cache says:
         # a transition time must not move because our write has not come back yet.
@@ -389,7 +391,31 @@ class Reconciler:
         namespace, name = key.split("/", 1)
         if await self.status.apply(namespace, name, body) is not None:
             self.metrics.status_writes.inc()
+            log.debug("status applied", service=key, mode=owner.label, phase=intent.get("phase"),
+                      conditions=[f"{c['type']}={c['status']}/{c['reason']}" for c in intent["conditions"]],
+                      scheduling=intent.get("schedulingStatus"), first=last is None)
         self._applied_status[key] = intent
+
+    @staticmethod
+    def _snapshot(supervisor) -> Snapshot | None:
+        """A supervisor that has not spawned yet is starting, not stopped (stopped ones are
+        dropped): said once, it spares a status write a few milliseconds later."""
+        if supervisor is None:
+            return None
+        snap = supervisor.snapshot
+        return replace(snap, state=State.STARTING) if snap.state is State.STOPPED else snap
+
+    async def _clear_stale_scheduling(self, key: str, raw: dict) -> None:
+        supervisor = self.processes.get(key)
+        serving = supervisor is not None and supervisor.snapshot.ready and \
+            self.registrar is not None and self.registrar.registered(key)
+        fields = stale_scheduling(raw, serving=serving)
+        if fields:
+            namespace, name = key.split("/", 1)
+            if await self.status.clear(namespace, name, fields, raw["metadata"].get("resourceVersion") or ""):
+                self.metrics.status_writes.inc()
+                log.info("cleared LLMKube's stale agent-absent scheduling status", service=key,
+                         was=(raw.get("status") or {}).get("schedulingStatus"))
 
     # -- memory pressure (called by the watchdog) ---------------------------
 

@@ -22,7 +22,7 @@ __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "RunningServer", "create_app", "serve
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9090
 
-Readiness = Callable[[], bool]
+Readiness = Callable[[], "bool | str"]  # True: ready; False or a reason: not ready
 
 
 def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True) -> web.Application:
@@ -30,7 +30,8 @@ def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True) 
 
     ``/healthz`` answers 200 whenever the event loop is serving requests (the
     process is alive); ``/readyz`` answers 200 or 503 from ``ready()``, which
-    the caller supplies because only it knows what "ready" means.
+    the caller supplies because only it knows what "ready" means. A reason
+    returned instead of False is the 503's body, for whoever looks.
     """
 
     async def metrics(request: web.Request) -> web.Response:
@@ -43,9 +44,10 @@ def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True) 
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        if ready():
+        verdict = ready()
+        if verdict is True:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        return web.Response(status=503, text=f"not ready: {verdict}\n" if isinstance(verdict, str) else "not ready\n")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

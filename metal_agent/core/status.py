@@ -67,8 +67,9 @@ def _process_condition(inputs: StatusInputs) -> Condition:
         if p.state is State.READY:
             return Condition(PROCESS_READY, True, "Ready", f"llama-server is serving on port {p.port}")
         if p.state is State.STARTING:
+            # No pid here: a spawn would then be two writes (before and after the pid is known).
             what = "re-attached to running llama-server" if p.adopted else "llama-server is loading the model"
-            return Condition(PROCESS_READY, False, "ModelLoading", f"{what} (pid {p.pid})")
+            return Condition(PROCESS_READY, False, "ModelLoading", what)
         if p.state is State.UNHEALTHY:
             return Condition(PROCESS_READY, False, "Unhealthy", "llama-server does not answer /health")
         exit_message = p.last_exit.describe() if p.last_exit else "llama-server exited"

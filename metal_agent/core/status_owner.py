@@ -104,3 +104,21 @@ def model_not_ready(model: dict | None) -> tuple[str, str] | None:
         message += (". Fix: run LLMKube's manager with --allowed-host-path-roots=<folder holding the model> "
                     "(Helm value modelSource.allowedHostPathRoots), or use an hf:// or https:// source")
     return "ModelNotReady", message
+
+
+# What LLMKube's controller writes into schedulingStatus about the agent being absent.
+AGENT_ABSENT = ("AgentHeartbeatStale", "WaitingForMetalAgent")
+
+
+def stale_scheduling(isvc: dict | None, *, serving: bool) -> tuple[str, ...]:
+    """Scheduling fields LLMKube's controller left saying the agent is away, although it
+    itself now reports the service Ready and this Mac serves it: the fields to clear.
+
+    LLMKube's controller preserves schedulingStatus whenever it has nothing to say
+    (so as not to clobber the agent's memory diagnosis), so its own "heartbeat
+    stale" outlives the outage; LLMKube's Go agent clears these fields, and so do we.
+    """
+    status = (isvc or {}).get("status") or {}
+    if not serving or status.get("phase") != "Ready" or status.get("schedulingStatus") not in AGENT_ABSENT:
+        return ()
+    return tuple(f for f in ("schedulingStatus", "schedulingMessage", "waitingFor") if f in status)

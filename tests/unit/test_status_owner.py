@@ -74,3 +74,14 @@ def test_not_applied_when_a_value_or_the_owned_set_differs():
     assert not already_applied(raw, {"conditions": [COND]})  # we would give up phase: that is a write
     assert not already_applied(raw, {"phase": "Stopped", "conditions": [{**COND, "message": "other"}]})
     assert not already_applied(isvc(status={"phase": "Stopped"}), {"phase": "Stopped"})  # nothing owned yet
+
+
+def test_stale_agent_absent_scheduling_is_cleared_only_when_llmkube_says_ready_and_we_serve():
+    from metal_agent.core.status_owner import stale_scheduling
+    stale = {"status": {"phase": "Ready", "schedulingStatus": "AgentHeartbeatStale", "schedulingMessage": "m"}}
+    assert stale_scheduling(stale, serving=True) == ("schedulingStatus", "schedulingMessage")
+    assert stale_scheduling(stale, serving=False) == ()
+    creating = {"status": {"phase": "Creating", "schedulingStatus": "WaitingForMetalAgent"}}
+    assert stale_scheduling(creating, serving=True) == ()  # LLMKube means it: not ours to touch
+    memory = {"status": {"phase": "Ready", "schedulingStatus": "InsufficientMemory"}}
+    assert stale_scheduling(memory, serving=True) == ()  # ours: server-side apply gives it up

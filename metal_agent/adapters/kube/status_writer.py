@@ -29,6 +29,7 @@ from metal_agent.core.status_owner import FIELD_MANAGER
 log = structlog.get_logger(__name__)
 
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def utc_now() -> str:
@@ -102,3 +103,21 @@ class StatusWriter:
             if err.status == 404:  # deleted meanwhile: nothing to report on
                 return None
             raise
+
+    async def clear(self, namespace: str, name: str, fields: tuple[str, ...], resource_version: str) -> bool:
+        """Remove status fields another writer set and nobody will clear (see `stale_scheduling`).
+
+        A merge patch, as LLMKube's Go agent clears them: apply can only give up
+        fields we own. The resourceVersion makes it a no-op if the object moved on.
+        """
+        body = {"metadata": {"resourceVersion": resource_version}, "status": {f: None for f in fields}}
+        try:
+            await self.api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, ISVC_PLURAL, name, body,
+                field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH,
+            )
+        except ApiException as err:
+            if err.status in (404, 409):  # gone, or changed meanwhile: the next reconcile decides again
+                return False
+            raise
+        return True
