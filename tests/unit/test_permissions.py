@@ -20,11 +20,7 @@ RBAC = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "metal-agent
 #: Model or status by name: the informers list and watch). To be dropped from
 #: manifests/rbac/metal-agent.yaml; then empty this set. The test below fails
 #: if the role and this set disagree in either direction, so it cannot go stale.
-GRANTED_BUT_UNUSED = {
-    ("inference.llmkube.dev", "inferenceservices", "get"),
-    ("inference.llmkube.dev", "models", "get"),
-    ("inference.llmkube.dev", "inferenceservices/status", "get"),
-}
+GRANTED_BUT_UNUSED: set[tuple[str, str, str]] = set()
 
 
 def role_grants() -> set[tuple[str, str, str]]:
