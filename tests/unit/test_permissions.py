@@ -16,10 +16,8 @@ from metal_agent.core.permissions import AGENT_PERMISSIONS
 
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "metal-agent.yaml"
 
-#: Granted by the role, used by no code (nothing reads a single InferenceService,
-#: Model or status by name: the informers list and watch). To be dropped from
-#: manifests/rbac/metal-agent.yaml; then empty this set. The test below fails
-#: if the role and this set disagree in either direction, so it cannot go stale.
+#: Granted by the role but used by no code: none, and the test below keeps it so
+#: (it fails if the role and this set disagree in either direction).
 GRANTED_BUT_UNUSED: set[tuple[str, str, str]] = set()
 
 
