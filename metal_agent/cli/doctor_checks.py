@@ -34,7 +34,10 @@ from metal_agent.adapters.powermetrics import check_sudo_grant
 from metal_agent.cli.agent_client import fetch_services
 from metal_agent.cli.status import AgentUnreachable
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
+from metal_agent.core.claim import evaluate, wanted_model
 from metal_agent.core.permissions import AGENT_PERMISSIONS, Permission
+from metal_agent.core.result import NotOurs
+from metal_agent.core.status_owner import StatusMode, decide, shows_controller
 from metal_agent.launchd import LABEL
 from metal_agent.paths import find_llama_server
 
@@ -281,6 +284,49 @@ async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = (
     return ok(name, f"all {len(AGENT_PERMISSIONS)} permissions granted ({where})")
 
 
+async def _list(api: client.ApiClient, plural: str, namespaces: Sequence[str]) -> list[dict]:
+    custom = client.CustomObjectsApi(api)
+    if not namespaces:
+        return (await custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=API_TIMEOUT_S))["items"]
+    items: list[dict] = []
+    for ns in namespaces:
+        items += (await custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural,
+                                                             _request_timeout=API_TIMEOUT_S))["items"]
+    return items
+
+
+def ownership_result(isvcs: list[dict], models: list[dict]) -> CheckResult:
+    """What `--status-mode auto` decides for the Metal services the cluster holds, and why."""
+    name = "Status ownership"
+    by_key = {f"{m['metadata'].get('namespace')}/{m['metadata'].get('name')}": m for m in models}
+
+    def model_of(isvc: dict) -> dict | None:
+        ref = wanted_model(isvc)
+        return by_key.get(f"{ref[0]}/{ref[1]}") if ref else None
+
+    ours = [i for i in isvcs if not isinstance(evaluate(i, model_of(i)), NotOurs)]
+    seen = any(shows_controller(i, None) for i in isvcs) or any(shows_controller(None, m) for m in models)
+    if not ours:
+        why = "LLMKube's controller is at work here" if seen else "no LLMKube controller seen"
+        return ok(name, f"no Metal InferenceService yet ({why}); --status-mode auto decides per service")
+    owners = [decide(StatusMode.AUTO, i, model_of(i), controller_seen=seen) for i in ours]
+    shared = [o for o in owners if o.shared]
+    if shared:
+        detail = (f"shared with LLMKube's controller for {len(shared)} of {len(ours)} Metal service(s) "
+                  f"({shared[0].why}): the agent writes only its own fields")
+    else:
+        detail = f"full for {len(ours)} Metal service(s): no LLMKube controller writes status (CRDs only)"
+    return ok(name, detail + "; force with `metal-agent run --status-mode full|shared`")
+
+
+async def check_status_ownership(api: client.ApiClient, namespaces: Sequence[str] = ()) -> CheckResult:
+    try:
+        isvcs, models = await asyncio.gather(_list(api, ISVC_PLURAL, namespaces), _list(api, MODEL_PLURAL, namespaces))
+    except Exception as exc:  # noqa: BLE001 - the permission check names what is missing
+        return skip("Status ownership", f"cannot list InferenceServices and Models: {type(exc).__name__}")
+    return ownership_result(isvcs, models)
+
+
 def _kubeconfig_files(kubeconfig: str | None) -> list[str]:
     """The files the client would read: the flag, else $KUBECONFIG (a path list), else ~/.kube/config."""
     value = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
@@ -289,7 +335,8 @@ def _kubeconfig_files(kubeconfig: str | None) -> list[str]:
 
 async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces: Sequence[str]) -> list[CheckResult]:
     """API, CRDs and permissions; the last two are skipped when the API does not answer."""
-    needs_api = [skip("CRDs", "needs the Kubernetes API"), skip("Permissions", "needs the Kubernetes API")]
+    needs_api = [skip("CRDs", "needs the Kubernetes API"), skip("Permissions", "needs the Kubernetes API"),
+                 skip("Status ownership", "needs the Kubernetes API")]
     load_fix = "pass --kubeconfig FILE (and --context NAME) for the metal-agent identity"
     files = _kubeconfig_files(kubeconfig)
     if not any(os.path.isfile(f) for f in files):
@@ -303,8 +350,9 @@ async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces
         api_result = await check_kube(api)
         if api_result.status is not Status.OK:
             return [api_result, *needs_api]
-        crds, perms = await asyncio.gather(check_crds(api), check_permissions(api, namespaces))
-        return [api_result, crds, perms]
+        crds, perms, owner = await asyncio.gather(check_crds(api), check_permissions(api, namespaces),
+                                                  check_status_ownership(api, namespaces))
+        return [api_result, crds, perms, owner]
     finally:
         await api.close()
 

@@ -107,21 +107,21 @@ async def test_llama_server_version(tmp_path: Path):
 
 
 async def test_kubeconfig_missing(tmp_path: Path):
-    api, crds, perms = await cluster_checks(str(tmp_path / "nope.yaml"), None, ())
+    api, crds, perms, owner = await cluster_checks(str(tmp_path / "nope.yaml"), None, ())
     assert api.status is Status.FAIL and "no kubeconfig file" in api.detail and "--kubeconfig" in api.fix
-    assert crds.status is perms.status is Status.SKIP
+    assert crds.status is perms.status is owner.status is Status.SKIP
 
 
 async def test_kubeconfig_unloadable(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: v1\nkind: Config\n")
-    api, _, _ = await cluster_checks(str(bad), None, ())
+    api, *_ = await cluster_checks(str(bad), None, ())
     assert api.status is Status.FAIL and "cannot load" in api.detail
 
 
 async def test_api_not_answering(tmp_path: Path):
     config = kubeconfig(tmp_path / "kc.yaml", f"https://127.0.0.1:{free_port()}")
-    api, crds, perms = await cluster_checks(str(config), None, ())
+    api, crds, perms, _ = await cluster_checks(str(config), None, ())
     assert api.status is Status.FAIL
     assert "no answer from https://127.0.0.1:" in api.detail
     assert "server address" in api.fix
@@ -195,16 +195,39 @@ def test_doctor_command_fails_with_bad_kubeconfig(tmp_path: Path):
 async def test_cluster_checks_against_real_api_server(control_plane, tmp_path: Path):
     from tests.support.controlplane import write_kubeconfig
 
-    api, crds, perms = await cluster_checks(str(control_plane.agent_kubeconfig), None, ())
-    assert [api.status, crds.status, perms.status] == [Status.OK] * 3, (api, crds, perms)
+    api, crds, perms, owner = await cluster_checks(str(control_plane.agent_kubeconfig), None, ())
+    assert [api.status, crds.status, perms.status, owner.status] == [Status.OK] * 4, (api, crds, perms, owner)
     assert "all namespaces" in perms.detail
-    _, _, perms = await cluster_checks(str(control_plane.agent_kubeconfig), None, ("team-a",))
+    assert "--status-mode" in owner.detail
+    _, _, perms, _ = await cluster_checks(str(control_plane.agent_kubeconfig), None, ("team-a",))
     assert perms.status is Status.OK and "team-a" in perms.detail
 
     nobody = control_plane.pki.client("nobody", "nobody")
     config = write_kubeconfig(tmp_path / "nobody.kubeconfig", control_plane.url, control_plane.pki.ca_cert,
                               nobody.cert, nobody.key, "nobody")
-    api, crds, perms = await cluster_checks(str(config), None, ())
+    api, crds, perms, _ = await cluster_checks(str(config), None, ())
     assert api.status is Status.OK and crds.status is Status.OK  # discovery is open to every user
     assert perms.status is Status.FAIL
     assert "list inferenceservices.inference.llmkube.dev" in perms.detail and "kubectl apply" in perms.fix
+
+
+def _isvc(name: str, model: str, managed: list | None = None) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns", "managedFields": managed or []},
+            "spec": {"modelRef": model}}
+
+
+def _model(name: str, status: dict | None = None) -> dict:
+    return {"metadata": {"name": name, "namespace": "ns"},
+            "spec": {"source": "hf://org/repo/m.gguf", "hardware": {"accelerator": "metal"}}, "status": status or {}}
+
+
+def test_status_ownership_reads_the_cluster():
+    from metal_agent.cli.doctor_checks import ownership_result
+
+    alone = ownership_result([_isvc("a", "m")], [_model("m")])
+    assert alone.status is Status.OK and alone.detail.startswith("full for 1 Metal service")
+    under = ownership_result([_isvc("a", "m")], [_model("m", {"phase": "Ready"})])
+    assert "shared with LLMKube's controller for 1 of 1" in under.detail and "Model controller" in under.detail
+    cpu = _model("c")
+    cpu["spec"]["hardware"]["accelerator"] = "cpu"
+    assert "no Metal InferenceService" in ownership_result([_isvc("b", "c")], [cpu]).detail
