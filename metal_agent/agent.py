@@ -21,11 +21,13 @@ import psutil
 import structlog
 from aiohttp import web
 from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
 from metal_agent.adapters.http_server import create_app, serve
+from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.host_address import detect_host_ip
 from metal_agent.adapters.kube.informer import CustomResource, Informer
@@ -41,9 +43,10 @@ from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.memory_guard import MemoryGuard
-from metal_agent.metrics import AgentMetrics, service_labels
+from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
+from metal_agent.tasks import cancel_and_wait, supervised_loop
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +93,7 @@ class AgentExit(Exception):
 
 
 async def _api_client(cfg: AgentConfig) -> client.ApiClient:
+    """The one API client of the agent: every call has a default timeout (adapters.kube.client)."""
     configuration = client.Configuration()
     try:
         await config.load_kube_config(config_file=cfg.kubeconfig, context=cfg.context,
@@ -97,7 +101,7 @@ async def _api_client(cfg: AgentConfig) -> client.ApiClient:
     except Exception as err:  # noqa: BLE001 - YAML, missing files, exec plugins...: all mean "fix the kubeconfig"
         where = cfg.kubeconfig or "~/.kube/config (or $KUBECONFIG)"
         raise StartupError(f"cannot load kubeconfig {where}: {err}") from None
-    return client.ApiClient(configuration)
+    return api_client(configuration)
 
 
 def _services_view(reconciler: Reconciler) -> list[dict]:
@@ -144,6 +148,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
+    fatal_exits = FatalExitLog(cfg.paths.state / "fatal_exits.json", metrics.fatal_exits)
+    await asyncio.to_thread(fatal_exits.load)
     api = await _api_client(cfg)
     http = aiohttp.ClientSession()
     reconciler: Reconciler | None = None
@@ -189,7 +195,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                          is_blocked=watchdog.is_blocked)
     reconciler = Reconciler(
         isvcs=isvcs, models=models, processes=processes, model_files=model_files, memory=memory,
-        status=StatusWriter(api), events=EventRecorder(api), metrics=metrics,
+        status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
                               mlock_style=info.mlock_style, register_address=host_ip if cfg.register else None),
         registrar=registrar, concurrency=cfg.concurrency,
@@ -220,10 +226,16 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         log.info("initial sync complete", services=len(processes.supervisors))
 
     async def heartbeats() -> None:
+        """Refresh the slices' heartbeat annotation. A round that meets the API away or a
+        dropped connection is logged and the next round tries again; anything else is a bug,
+        left to `supervised_loop`."""
         while True:
             await asyncio.sleep(cfg.heartbeat_interval)
             if cfg.register:
-                await registrar.heartbeat()
+                try:
+                    await registrar.heartbeat()
+                except (ApiException, aiohttp.ClientError, OSError) as err:  # OSError covers timeouts
+                    log.warning("heartbeat round failed; next round retries", error=f"{type(err).__name__}: {err}")
 
     async def api_watchdog() -> None:
         while True:
@@ -232,18 +244,24 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
             if since and time.monotonic() - min(since) > cfg.api_unreachable_limit:
                 raise AgentExit("watch", f"API server unreachable for more than {cfg.api_unreachable_limit:.0f}s")
 
+    # Built once: its gauges are registered on `registry`, so a restarted loop reuses it.
+    sampler = PowerSampler(registry, interval_ms=cfg.power_interval_ms) if cfg.power else None
+
     async def power() -> None:
         grant = await check_sudo_grant(cfg.power_interval_ms)
         if not grant.ok:
             log.error("powermetrics sudo grant is not usable; power gauges stay at 0 until it is",
                       status=grant.status, detail=grant.detail, fix=grant.fix)
-        await PowerSampler(registry, interval_ms=cfg.power_interval_ms).run()
+        await sampler.run()
 
     async def housekeeping() -> None:
         """Once a minute: cap llama-server log sizes, refresh per-process RSS."""
         while True:
             await asyncio.sleep(60)
-            await processes.rotate_logs()
+            try:
+                await processes.rotate_logs()
+            except OSError as err:  # a full disk: the logs grow until there is room, the agent keeps going
+                log.warning("log rotation failed; retrying in a minute", error=f"{type(err).__name__}: {err}")
             for row in _services_view(reconciler):
                 if row["rss_bytes"] is not None:
                     metrics.process_rss.labels(**service_labels(row["service"])).set(row["rss_bytes"])
@@ -256,11 +274,16 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
             except OSError as err:
                 raise StartupError(f"cannot listen on {cfg.http_host}:{cfg.http_port} ({err.strerror}); "
                                    "pass another --listen address") from None
+            reconciler.queue.metrics = metrics.workqueue
             reconciler.queue.start()
-            jobs = [isvcs.run(), models.run(), api_watchdog(), housekeeping(), heartbeats(), watchdog.run()]
-            if cfg.power:
-                jobs.append(power())
-            tasks = [asyncio.create_task(c) for c in jobs]
+            # These end the agent when they fail (AgentExit)...
+            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run(), api_watchdog())]
+            # ...these never do: a failure is logged, counted in loop_failures_total and restarted.
+            loops = {"heartbeats": heartbeats, "housekeeping": housekeeping, "memory-watchdog": watchdog.run}
+            if sampler is not None:
+                loops["power"] = power
+            background = [asyncio.create_task(supervised_loop(name, factory, metrics.loop_failures), name=name)
+                          for name, factory in loops.items()]
             sync = asyncio.create_task(after_sync())
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -270,16 +293,15 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                     fatal = exc if isinstance(exc, AgentExit) else AgentExit("internal", repr(exc))
                     if not isinstance(exc, AgentExit):
                         log.error("internal task failed", error=repr(exc))
-            for task in [stopper, sync, *tasks]:
-                task.cancel()
-            for task in [stopper, sync, *tasks]:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await cancel_and_wait(*(t for t in [stopper, sync, *tasks, *background] if not t.done()))
             await reconciler.shutdown(stop_processes=cfg.stop_on_exit)
     finally:
         await http.close()
         await api.close()
     if fatal is not None:
-        metrics.fatal_exits.labels(fatal.subsystem).inc()
+        try:  # counted in the state directory, so the next agent's /metrics shows it
+            await asyncio.to_thread(fatal_exits.record, fatal.subsystem)
+        except OSError as err:
+            log.warning("could not record the fatal exit", error=f"{type(err).__name__}: {err}")
         raise fatal
     log.info("metal-agent stopped", left_running=not cfg.stop_on_exit)

@@ -3,9 +3,15 @@
 One object owns them on a caller-given registry, so the daemon, tests and
 benchmarks each get a clean set. Power gauges live with the power sampler
 (`adapters.powermetrics`); everything about processes and the watch is here.
+The work queue's metrics carry client-go's names (`workqueue_*`, labelled
+with the queue's name) so dashboards built for controllers read them as is.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -37,7 +43,11 @@ class AgentMetrics:
         self.watch_failures = Counter(P + "watch_failures", "failed list/watch attempts", ["resource"], registry=registry)
         self.reconciles = Counter(P + "reconciles", "reconciles by outcome", ["outcome"], registry=registry)
         self.status_writes = Counter(P + "status_writes", "InferenceService status patches sent", registry=registry)
-        self.fatal_exits = Counter(P + "fatal_exits", "agent exits on an unrecoverable subsystem failure", ["subsystem"], registry=registry)
+        self.fatal_exits = Counter(P + "fatal_exits", "agent exits on an unrecoverable subsystem failure, "
+                                   "counted across restarts (see FatalExitLog)", ["subsystem"], registry=registry)
+        self.loop_failures = Counter(P + "loop_failures", "background loop failures (each restarted after a back-off)", ["loop"], registry=registry)
+        self.events_dropped = Counter(P + "events_dropped", "Kubernetes Events never delivered", ["reason"], registry=registry)
+        self.workqueue = WorkQueueMetrics(registry, "inferenceservices")
 
     def forget_service(self, namespace: str, name: str) -> None:
         """Drop a deleted service's series so dashboards do not show ghosts."""
@@ -46,3 +56,66 @@ class AgentMetrics:
                 metric.remove(name, namespace)
             except KeyError:
                 pass
+
+
+# client-go's buckets for queue and work durations: 10 ns to 10 s by decades.
+_WORKQUEUE_BUCKETS = tuple(1e-8 * 10 ** i for i in range(10))
+
+
+class WorkQueueMetrics:
+    """client-go's workqueue metrics (names, help, buckets), bound to one queue's `name` label."""
+
+    def __init__(self, registry: CollectorRegistry, name: str) -> None:
+        self.depth = Gauge("workqueue_depth", "Current depth of workqueue", ["name"], registry=registry).labels(name)
+        self.adds = Counter("workqueue_adds", "Total number of adds handled by workqueue", ["name"], registry=registry).labels(name)
+        self.retries = Counter("workqueue_retries", "Total number of retries handled by workqueue", ["name"], registry=registry).labels(name)
+        self.queue_duration = Histogram(
+            "workqueue_queue_duration_seconds", "How long in seconds an item stays in workqueue before being requested.",
+            ["name"], buckets=_WORKQUEUE_BUCKETS, registry=registry,
+        ).labels(name)
+        self.work_duration = Histogram(
+            "workqueue_work_duration_seconds", "How long in seconds processing an item from workqueue takes.",
+            ["name"], buckets=_WORKQUEUE_BUCKETS, registry=registry,
+        ).labels(name)
+
+
+class FatalExitLog:
+    """`fatal_exits_total` that a scrape can actually see.
+
+    The agent counts a fatal exit on its way out, after which nobody can
+    scrape it. So the count is also kept in a small file in the state
+    directory: the next agent (launchd starts one at once) loads it into the
+    counter at start-up, and the series keeps climbing across restarts, so
+    `increase()` over any window shows the exits in it. Losing the file (a
+    wiped state directory) only restarts the count, as any counter reset.
+    """
+
+    def __init__(self, path: Path, counter: Counter) -> None:
+        self.path = path
+        self.counter = counter
+
+    def load(self) -> None:
+        """Put the exits of earlier agents into the counter (blocking: small file; call in a thread)."""
+        try:
+            counts = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            return  # unreadable or corrupt: start counting afresh rather than not start
+        if not isinstance(counts, dict):
+            return
+        for subsystem, count in counts.items():
+            if isinstance(subsystem, str) and isinstance(count, int) and count > 0:
+                self.counter.labels(subsystem).inc(count)
+
+    def record(self, subsystem: str) -> None:
+        """Count one exit now and in the file (blocking: small file; call in a thread)."""
+        self.counter.labels(subsystem).inc()
+        counts = {
+            sample.labels["subsystem"]: int(sample.value)
+            for metric in self.counter.collect() for sample in metric.samples
+            if sample.name.endswith("_total") and "subsystem" in sample.labels
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(counts, sort_keys=True))
+        os.replace(tmp, self.path)

@@ -47,6 +47,7 @@ from metal_agent.core.sudoers import (
     sampler_argv,
     validate_interval_ms,
 )
+from metal_agent.tasks import cancel_and_wait
 
 __all__ = [
     "PowerConfigError",
@@ -248,10 +249,10 @@ class PowerSampler:
                 self._report_exit(outcome, delay)
                 await asyncio.sleep(delay)
         finally:
-            watchdog.cancel()
-            with suppress(asyncio.CancelledError):
-                await watchdog
-            self._set_off()
+            try:
+                await cancel_and_wait(watchdog)
+            finally:
+                self._set_off()
 
     async def _run_once(self) -> _RunOutcome:
         try:

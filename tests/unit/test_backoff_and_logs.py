@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from metal_agent.core.backoff import Backoff
@@ -22,6 +24,32 @@ def test_healthy_stretch_resets_the_count():
     b = Backoff(reset_after=120)
     assert b.failures_after_run(5, healthy_seconds=10) == 6
     assert b.failures_after_run(5, healthy_seconds=121) == 1
+
+
+@pytest.mark.parametrize("jitter", [0.5, 1.0])
+def test_jitter_stays_within_its_bounds_and_actually_spreads(jitter):
+    b = Backoff(initial=1, factor=2, cap=30, jitter=jitter)
+    rng = random.Random(7)
+    for failures in (1, 3, 6, 40):
+        ceiling = min(30, 2 ** (failures - 1))
+        delays = [b.delay(failures, rng=rng) for _ in range(2000)]
+        assert all(ceiling * (1 - jitter) <= d <= ceiling for d in delays), (failures, min(delays), max(delays))
+        # Spread over the whole range, not bunched at one end: herds disperse.
+        assert min(delays) < ceiling * (1 - jitter * 0.9) and max(delays) > ceiling * (1 - jitter * 0.1)
+
+
+def test_no_jitter_is_deterministic_and_immediate_retries_stay_immediate():
+    assert {Backoff(initial=1).delay(3) for _ in range(50)} == {4}
+    assert Backoff(initial=1, jitter=1.0, first_immediate=True).delay(1) == 0
+
+
+def test_a_key_failing_for_days_stays_at_the_cap():
+    assert Backoff(initial=0.5, cap=60, jitter=0.5).ceiling(5000) == 60
+
+
+def test_jitter_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError):
+        Backoff(jitter=1.5)
 
 
 METAL_LOG = """

@@ -12,7 +12,6 @@ and registration true.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
@@ -30,6 +29,7 @@ from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.llama_log import parse_acceleration, problem_lines
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State, SupervisorEvent
+from metal_agent.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -171,10 +171,13 @@ class Supervisor:
 
     async def _cancel_task(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            # Waits out the task's clean-up (a spawn in flight) without swallowing a
+            # cancellation of our caller: a shutdown landing here must still shut down.
+            # Either way the task has finished when this returns.
+            try:
+                await cancel_and_wait(self._task)
+            finally:
+                self._task = None
 
     async def _run(self, adopted: _Running | None) -> None:
         failures = 0
