@@ -42,6 +42,7 @@ from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
+from metal_agent.core.status_owner import StatusMode
 from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
@@ -61,7 +62,8 @@ class AgentConfig:
     host_ip: str | None = None  # registered in EndpointSlices; None: auto-detect
     bind_all: bool = False  # llama-server listens on every interface instead of host_ip only
     register: bool = True  # publish Service + EndpointSlice for each service
-    heartbeat_interval: float = 30.0
+    heartbeat_interval: float = 60.0  # 3x margin to LLMKube's 3-minute staleness; each one costs its controller a write
+    status_mode: str = "auto"  # auto | full | shared: see core/status_owner.py
     memory_fraction: float | None = None  # None: 0.67 of RAM up to 36 GiB, 0.75 above
     memory_check_mode: str = "enforce"  # or "warn": admit when the estimate cannot be made
     eviction: bool = False  # evict at Critical memory pressure (opt-in)
@@ -142,7 +144,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     bind = ("::" if ":" in host_ip else "0.0.0.0") if cfg.bind_all else host_ip
     log.info("starting metal-agent", version=__version__, llama_server=info.path, llama_version=info.version,
              threads=threads, namespaces=list(cfg.namespaces) or "all", host_ip=host_ip, host_ip_reason=why,
-             bind=bind, register=cfg.register)
+             bind=bind, register=cfg.register, status_mode=cfg.status_mode)
     for directory in (cfg.paths.state, cfg.paths.logs, cfg.paths.models):
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -198,7 +200,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
                               mlock_style=info.mlock_style, register_address=host_ip if cfg.register else None),
-        registrar=registrar, concurrency=cfg.concurrency,
+        registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
     )
 
     model_files.on_ready = model_files.on_progress = reconciler.queue.add

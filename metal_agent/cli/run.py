@@ -27,7 +27,8 @@ def run(
     host_ip: Optional[str] = typer.Option(None, envvar=_env("HOST_IP"), help="This Mac's address as the cluster reaches it (default: Tailscale, then the default route's interface)."),
     bind_all: bool = typer.Option(False, "--bind-all", envvar=_env("BIND_ALL"), help="llama-server listens on all interfaces (default: only on --host-ip)."),
     register: bool = typer.Option(True, "--register/--no-register", envvar=_env("REGISTER"), help="Publish a Service and EndpointSlice per model (off: supervise only, e.g. for local use)."),
-    heartbeat_interval: float = typer.Option(30.0, min=1, envvar=_env("HEARTBEAT_INTERVAL"), help="Seconds between EndpointSlice heartbeats (LLMKube calls a slice stale after 180)."),
+    heartbeat_interval: float = typer.Option(60.0, min=1, envvar=_env("HEARTBEAT_INTERVAL"), help="Seconds between EndpointSlice heartbeats (LLMKube calls a slice stale after 180; each heartbeat costs LLMKube's controller a status write)."),
+    status_mode: str = typer.Option("auto", envvar=_env("STATUS_MODE"), help="Who writes InferenceService status: auto (decide per object from the cluster), full (the agent writes all of it: CRDs only), shared (LLMKube's controller runs; the agent writes only its own fields)."),
     state_dir: Optional[Path] = typer.Option(None, envvar=_env("STATE_DIR"), help="Process records for adoption across restarts."),
     log_dir: Optional[Path] = typer.Option(None, envvar=_env("LOG_DIR"), help="Per-service llama-server logs."),
     model_dir: Optional[Path] = typer.Option(None, envvar=_env("MODEL_DIR"), help="Downloaded models."),
@@ -60,6 +61,8 @@ def run(
         configure_logging(log_level, log_format)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--log-level")
+    if status_mode not in ("auto", "full", "shared"):
+        raise typer.BadParameter("expected auto, full or shared", param_hint="--status-mode")
     if memory_check_mode not in ("enforce", "warn"):
         raise typer.BadParameter("expected enforce or warn", param_hint="--memory-check-mode")
     http_host, _, http_port = listen.rpartition(":")
@@ -86,6 +89,7 @@ def run(
         bind_all=bind_all,
         register=register,
         heartbeat_interval=heartbeat_interval,
+        status_mode=status_mode,
         http_host=http_host.strip("[]"),
         http_port=int(http_port),
         threads=threads,

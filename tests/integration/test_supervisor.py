@@ -97,3 +97,28 @@ async def test_hung_server_is_detected_and_restarted(make, llama_server_bin, tin
     assert {"Unhealthy", "LivenessFailed", "Restarting"} <= set(rec.events)
     assert sup.snapshot.last_exit.reason is ExitReason.UNHEALTHY
     assert process_gone(pid)
+
+
+async def test_a_child_whose_record_cannot_be_saved_is_stopped(tmp_path):
+    """No process may run that no later agent could prove it started (and so adopt or stop)."""
+    (tmp_path / "records").write_text("a file where the record directory should be")
+    rec = Recorder()
+    http = aiohttp.ClientSession()
+
+    def argv(port):
+        return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+    sup = Supervisor(LaunchPlan(key="ns/svc", uid="u", spec_hash="h" * 64, host="127.0.0.1", build_argv=argv),
+                     log_file=ServiceLog(tmp_path / "svc.log"), records=RecordStore(tmp_path / "records"), http=http,
+                     on_change=rec,
+                     settings=SupervisorSettings(backoff=Backoff(initial=30, first_immediate=False)))
+    try:
+        sup.start()
+        await wait_for(lambda: sup.snapshot.state is State.BACKOFF, timeout=10, what="spawn reported as failed")
+        assert sup.snapshot.last_exit.reason is ExitReason.SPAWN_FAILED
+        assert "process record" in sup.snapshot.last_exit.describe()
+        children = [p for p in psutil.Process().children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
+        assert all(process_gone(p.pid) for p in children)
+    finally:
+        await sup.stop()
+        await http.close()

@@ -24,7 +24,7 @@ import structlog
 
 from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.logfile import ServiceLog
-from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest
+from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, same_start
 from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.llama_log import parse_acceleration, problem_lines
@@ -62,9 +62,11 @@ OnChange = Callable[[Snapshot, SupervisorEvent | None], None]
 class _Running:
     """A live llama-server, spawned by us or adopted from a previous agent."""
 
-    def __init__(self, pid: int, create_time: float, child: asyncio.subprocess.Process | None) -> None:
+    def __init__(self, pid: int, create_time: float, child: asyncio.subprocess.Process | None,
+                 boot_time: float = 0.0) -> None:
         self.pid = pid
         self.create_time = create_time
+        self.boot_time = boot_time
         self.child = child
         self.exited = asyncio.ensure_future(child.wait() if child else wait_exit(pid))
 
@@ -144,7 +146,7 @@ class Supervisor:
     def adopt(self, record: ProcessRecord) -> None:
         """Take over a llama-server a previous agent started (the caller verified it with `live_process`)."""
         self._port = record.port
-        self._begin(adopt=_Running(record.pid, record.create_time, None))
+        self._begin(adopt=_Running(record.pid, record.create_time, None, record.boot_time))
 
     async def stop(self) -> None:
         """Stop supervising and terminate the process; forget its record."""
@@ -153,7 +155,8 @@ class Supervisor:
         if running is not None and not running.exited.done():
             await self._terminate(running)
         self._running = None
-        self.records.remove(self.plan.key)
+        if running is not None:
+            self.records.remove(self.plan.key, pid=running.pid, create_time=running.create_time)
         self._set(replace(self._snapshot, state=State.STOPPED, pid=None, ready_at=None, next_start_at=None))
 
     async def detach(self) -> None:
@@ -193,6 +196,7 @@ class Supervisor:
                 exit_info, healthy_for = await self._watch(running, mark=0)
             else:
                 mark = self.log_file.mark()
+                running = None
                 try:
                     running = await self._spawn()
                 except OSError as err:
@@ -200,7 +204,8 @@ class Supervisor:
                 else:
                     exit_info, healthy_for = await self._watch(running, mark)
             self._running = None
-            self.records.remove(self.plan.key)
+            if running is not None:
+                self.records.remove(self.plan.key, pid=running.pid, create_time=running.create_time)
             failures = self.settings.backoff.failures_after_run(failures, healthy_for)
             delay = self.settings.backoff.delay(failures)
             restarts += 1
@@ -243,11 +248,19 @@ class Supervisor:
             create_time = 0.0
         running = _Running(child.pid, create_time, child)
         self._running = running
-        self.records.save(ProcessRecord(
-            key=self.plan.key, uid=self.plan.uid, pid=child.pid, create_time=create_time,
-            spec_hash=self.plan.spec_hash, port=port, host=self.plan.host, argv_digest=argv_digest(argv),
-            argv=tuple(argv),
-        ))
+        try:
+            self.records.save(ProcessRecord(
+                key=self.plan.key, uid=self.plan.uid, pid=child.pid, create_time=create_time,
+                spec_hash=self.plan.spec_hash, port=port, host=self.plan.host, argv_digest=argv_digest(argv),
+                argv=tuple(argv), boot_time=psutil.boot_time(),
+            ))
+        except OSError as err:
+            # A process no later agent could prove it started, adopt or stop must not run:
+            # stop it now and report the spawn as failed (the state directory is the problem).
+            self._log.error("cannot record llama-server; stopping it", pid=child.pid, error=str(err))
+            await self._terminate(running)
+            self._running = None
+            raise OSError(f"cannot write the process record in {self.records.dir}: {err.strerror or err}") from err
         self._set(
             replace(self._snapshot, state=State.STARTING, pid=child.pid, port=port, adopted=False,
                     started_at=time.time(), ready_at=None, next_start_at=None),
@@ -333,7 +346,7 @@ class Supervisor:
         """SIGTERM the process group, SIGKILL after the grace period."""
         if running.child is None:
             record = ProcessRecord(self.plan.key, self.plan.uid, running.pid, running.create_time,
-                                   self.plan.spec_hash, self._port or 0, self.plan.host, "")
+                                   self.plan.spec_hash, self._port or 0, self.plan.host, "", boot_time=running.boot_time)
             proc = _still_same(record)
             if proc is None:
                 return
@@ -351,6 +364,6 @@ def _still_same(record: ProcessRecord) -> psutil.Process | None:
     """For adopted processes: is the pid still the process we adopted (create time)?"""
     try:
         proc = psutil.Process(record.pid)
-        return proc if abs(proc.create_time() - record.create_time) <= 0.01 else None
+        return proc if same_start(record, proc.create_time(), psutil.boot_time()) else None
     except psutil.Error:
         return None
