@@ -128,3 +128,79 @@ async def namespace(admin_api) -> AsyncIterator[str]:
     name = await create_namespace(admin_api)
     yield name
     await delete_namespace(admin_api, name)
+
+
+# --- LLMKube's own controller and CRDs (tests/support/llmkube.py) -----------
+
+
+@pytest.fixture(scope="session")
+def llmkube_assets() -> Path:
+    """The cached build of LLMKube's manager with its `config/` tree (CRDs, RBAC, samples).
+
+    Skips without `../shared` (users' clones have no vendored LLMKube source:
+    scripts/build-llmkube.sh exits 4 there); with the source present but not
+    built, it is a missing asset like the others (a failure under `make test`).
+    """
+    from tests.support.llmkube import find_tarball
+
+    if find_tarball() is None:
+        pytest.skip("no LLMKube source (../shared/vendor/llmkube-*.tar.gz): only developers and CI have it")
+    directory = _cached_asset("build-llmkube.sh")
+    if not directory or not os.access(directory / "manager", os.X_OK):
+        _missing("LLMKube's manager", "run `make dev` (scripts/build-llmkube.sh) to build it")
+    return directory
+
+
+@pytest.fixture(scope="session")
+async def llmkube_plane(controlplane_binaries: Binaries, llmkube_assets: Path, tmp_path_factory):
+    """A control plane of its own with LLMKube's CRDs, our agent's role, and LLMKube's
+    manager running out of cluster (see LLMKubePlane for the attributes).
+
+    Separate from `control_plane`, which holds our CRDs: the two CRD sets have
+    the same names and cannot live in one API server. Session-scoped because
+    the manager takes seconds to start; tests isolate themselves by namespace
+    (`llmkube_namespace`).
+    """
+    from tests.support.llmkube import start_llmkube_plane, stop_llmkube_plane
+
+    plane = await start_llmkube_plane(
+        controlplane_binaries, llmkube_assets, tmp_path_factory.mktemp("llmkube"), tmp_path_factory.mktemp("llmkube-models")
+    )
+    try:
+        yield plane
+    finally:
+        await stop_llmkube_plane(plane)
+
+
+@pytest.fixture(scope="session")
+async def llmkube_admin_api(llmkube_plane):
+    api = await api_client(llmkube_plane.admin_kubeconfig)
+    yield api
+    await api.close()
+
+
+@pytest.fixture(scope="session")
+async def llmkube_agent_api(llmkube_plane):
+    """The agent identity (User `metal-agent`, manifests/rbac) on the LLMKube plane."""
+    api = await api_client(llmkube_plane.agent_kubeconfig)
+    yield api
+    await api.close()
+
+
+@pytest.fixture
+async def llmkube_namespace(llmkube_admin_api) -> AsyncIterator[str]:
+    name = await create_namespace(llmkube_admin_api, prefix="lk")
+    yield name
+    await delete_namespace(llmkube_admin_api, name)
+
+
+@pytest.fixture(scope="session")
+def llmkube_tiny_model(llmkube_plane, tiny_model: Path) -> Path:
+    """`tiny_model` copied under the manager's allowed host-path root, so a
+    `file://` Model pointing at it is one LLMKube's Model controller accepts."""
+    import shutil
+
+    target = llmkube_plane.models_root / tiny_model.name
+    if not target.exists():
+        shutil.copyfile(tiny_model, target)
+    return target
