@@ -77,7 +77,6 @@ class AgentConfig:
     mlock: bool = True
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     stop_on_exit: bool = False
-    api_unreachable_limit: float = 600.0
     resync_period: float = 600.0
     concurrency: int = 8
 
@@ -183,6 +182,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         on_probe=lambda key, seconds: metrics.health_check_duration.labels(**service_labels(key)).observe(seconds),
     )
     processes.load_adoptable()
+    if kept := processes.supervise_recorded():
+        log.info("supervising the previous agent's llama-servers until the cluster is read", services=kept)
     registrar = Registrar(api, agent_version=__version__)
     model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api))
     watchdog = MemoryWatchdog(
@@ -205,7 +206,17 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     model_files.on_ready = model_files.on_progress = reconciler.queue.add
 
-    app = create_app(registry, ready=lambda: isvcs.synced.is_set() and models.synced.is_set())
+    def readiness() -> bool | str:
+        """Ready means: the caches are full and the API answers. Not ready says why."""
+        since = [i.unreachable_since for i in informers if i.unreachable_since is not None]
+        if since:
+            return (f"API server unreachable for {time.monotonic() - min(since):.0f}s; "
+                    f"supervising {len(processes.supervisors)} llama-server(s) locally")
+        if not reconciler.synced:
+            return "waiting for the first list of InferenceServices and Models"
+        return True
+
+    app = create_app(registry, ready=readiness)
 
     async def services(_: web.Request) -> web.Response:
         return web.json_response({"version": __version__, "services": _services_view(reconciler)})
@@ -215,6 +226,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     async def after_sync() -> None:
         await isvcs.synced.wait()
         await models.synced.wait()
+        reconciler.resync_all()
         await reconciler.queue.wait_idle()
         delay = 1.0
         while True:
@@ -238,13 +250,6 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                     await registrar.heartbeat()
                 except (ApiException, aiohttp.ClientError, OSError) as err:  # OSError covers timeouts
                     log.warning("heartbeat round failed; next round retries", error=f"{type(err).__name__}: {err}")
-
-    async def api_watchdog() -> None:
-        while True:
-            await asyncio.sleep(5)
-            since = [i.unreachable_since for i in (isvcs, models) if i.unreachable_since is not None]
-            if since and time.monotonic() - min(since) > cfg.api_unreachable_limit:
-                raise AgentExit("watch", f"API server unreachable for more than {cfg.api_unreachable_limit:.0f}s")
 
     # Built once: its gauges are registered on `registry`, so a restarted loop reuses it.
     sampler = PowerSampler(registry, interval_ms=cfg.power_interval_ms) if cfg.power else None
@@ -278,8 +283,9 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                                    "pass another --listen address") from None
             reconciler.queue.metrics = metrics.workqueue
             reconciler.queue.start()
-            # These end the agent when they fail (AgentExit)...
-            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run(), api_watchdog())]
+            # These end the agent when they fail: never because the API is away (they retry
+            # for as long as it takes, and the supervisors keep the models healthy meanwhile).
+            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run())]
             # ...these never do: a failure is logged, counted in loop_failures_total and restarted.
             loops = {"heartbeats": heartbeats, "housekeeping": housekeeping, "memory-watchdog": watchdog.run}
             if sampler is not None:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.core.claim import Workload
 from metal_agent.core.admission import Admit, Reject, admit
+from metal_agent.core.memory import EstimateFailed
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
 from metal_agent.metrics import service_labels
@@ -77,6 +78,19 @@ class MemoryGuard:
         self.committed[key] = verdict.needed_bytes
         self.estimated.labels(**service_labels(key)).set(verdict.needed_bytes)
         return verdict
+
+    async def commit_running(self, key: str, workload: Workload, path: Path) -> None:
+        """Count a process that already runs (taken over after an agent restart): it is never
+        refused, but what it holds must count against what others may start."""
+        try:
+            estimate = await self.model_files.memory_estimate(path, workload.isvc.spec)
+        except OSError as err:  # an estimate we cannot make must not stop a running model
+            estimate = EstimateFailed(str(err))
+        if isinstance(estimate, EstimateFailed):
+            log.warning("cannot estimate a running service's memory", service=key, error=estimate.message)
+            return
+        self.committed[key] = estimate.total_bytes
+        self.estimated.labels(**service_labels(key)).set(estimate.total_bytes)
 
     def release(self, key: str) -> set[str]:
         """`key` stopped: forget its memory; return the services that may fit now."""

@@ -153,7 +153,15 @@ class Reconciler:
         self.metrics.reconciles.labels("ok" if requeue is None else "requeue").inc()
         return requeue
 
+    @property
+    def synced(self) -> bool:
+        return self.isvcs.synced.is_set() and self.models.synced.is_set()
+
     async def _reconcile(self, key: str) -> float | None:
+        if not self.synced:
+            # An empty cache is not "everything was deleted": until the first full list,
+            # processes run as recorded and nothing is decided (see `resync_all`).
+            return None
         raw = self.isvcs.get(key)
         managed = self.managed.get(key)
         if raw is None:
@@ -216,10 +224,14 @@ class Reconciler:
         uid = raw["metadata"].get("uid") or ""
         kept = self.processes.get(key)
         if managed is None and kept is not None:
-            # Kept running as recorded while the spec was invalid: take it over if it
+            # Run as recorded (from start-up, or while the spec was invalid): take it over if it
             # runs this very spec, otherwise it is replaced like any changed spec.
             managed = self.managed[key] = _Managed(workload, kept.plan.spec_hash, kept.plan.uid)
-        if managed is not None and (managed.spec_hash != digest or managed.uid != uid):
+            if (kept.plan.spec_hash, kept.plan.uid, kept.plan.host) == (digest, uid, self.launch.host):
+                log.info("took over the running llama-server", service=key, pid=kept.snapshot.pid)
+                await self._commit_running(key, workload)
+        moved = kept is not None and kept.plan.host != self.launch.host
+        if managed is not None and (managed.spec_hash != digest or managed.uid != uid or moved):
             log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
             self.events.emit(raw["metadata"], "Respawning",
                                      f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]}); restarting llama-server")
@@ -254,6 +266,17 @@ class Reconciler:
         problem, retry = await self._register(key, raw)
         await self._write_status(key, raw, True, degraded=problem)
         return retry
+
+    async def _commit_running(self, key: str, workload: Workload) -> None:
+        """A running process's memory counts against what others may start."""
+        found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
+        if isinstance(found, ModelReady):
+            await self.memory.commit_running(key, workload, found.path)
+
+    def resync_all(self) -> None:
+        """Both caches are full now: decide about every service and every process we run."""
+        for key in {object_key(raw) for raw in self.isvcs.items()} | set(self.processes.supervisors):
+            self.queue.add(key)
 
     def _report_waiting(self, key: str, raw: dict, waiting: Waiting) -> None:
         """One Event per distinct reason and message, not one per reconcile."""

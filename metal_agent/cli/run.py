@@ -39,7 +39,7 @@ def run(
     liveness_interval: float = typer.Option(5.0, min=0.1, envvar=_env("LIVENESS_INTERVAL"), help="Seconds between /health probes of a ready server."),
     liveness_failures: int = typer.Option(3, min=1, envvar=_env("LIVENESS_FAILURES"), help="Failed probes in a row before a restart."),
     stop_on_exit: bool = typer.Option(False, "--stop-on-exit", envvar=_env("STOP_ON_EXIT"), help="Stop llama-servers when the agent exits (default: leave them for the next agent to adopt)."),
-    api_unreachable_limit: float = typer.Option(600.0, min=1, envvar=_env("API_UNREACHABLE_LIMIT"), help="Exit non-zero after the API server has been unreachable this many seconds."),
+    api_unreachable_limit: Optional[float] = typer.Option(None, envvar=_env("API_UNREACHABLE_LIMIT"), hidden=True, help="Ignored (kept so existing installs start): the agent no longer exits while the API server is away."),
     memory_fraction: Optional[float] = typer.Option(None, min=0.05, max=1.0, envvar=_env("MEMORY_FRACTION"), help="Share of RAM all models together may use (default: 0.67 up to 36 GiB RAM, 0.75 above); a Model's memoryBudget/memoryFraction wins."),
     memory_check_mode: str = typer.Option("enforce", envvar=_env("MEMORY_CHECK_MODE"), help="enforce: refuse a model whose memory cannot be estimated; warn: start it anyway."),
     eviction: bool = typer.Option(False, "--eviction-enabled/--eviction-disabled", envvar=_env("EVICTION_ENABLED"), help="At critical memory pressure, stop one service per check (lowest priority first) until pressure is Normal."),
@@ -74,6 +74,9 @@ def run(
             host_ip = validate_host_ip(host_ip, registered=register)
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--host-ip")
+    if api_unreachable_limit is not None:
+        typer.echo("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
+                   "through an API outage of any length (see /readyz)", err=True)
     defaults = default_paths()
     binary = find_llama_server(llama_server)
     if binary is None:
@@ -97,7 +100,6 @@ def run(
         supervisor=SupervisorSettings(startup_timeout=startup_timeout, liveness_interval=liveness_interval,
                                       liveness_failures=liveness_failures),
         stop_on_exit=stop_on_exit,
-        api_unreachable_limit=api_unreachable_limit,
         memory_fraction=memory_fraction,
         memory_check_mode=memory_check_mode,
         eviction=eviction,

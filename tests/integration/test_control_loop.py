@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 
+import aiohttp
 import psutil
 import pytest
 
@@ -322,3 +323,45 @@ async def test_typo_made_while_agent_down_keeps_the_model_serving(env):
     await wait_for(healed, timeout=20, what="Degraded cleared")
     assert await service_pid(agent, key) == pid
     assert (await cluster.wait_event("sturdy", "Started")).count("Started") == 1
+
+
+async def _readyz(agent: AgentProcess) -> tuple[int, str]:
+    return await agent._get("/readyz")
+
+
+async def test_started_while_the_api_is_away_it_keeps_models_healthy(env, control_plane):
+    """Offline like a kubelet: an agent (re)started during an outage supervises the recorded
+    llama-servers at once, restarts one that dies, says why it is not ready, never exits,
+    and converges when the API returns, without reloading what runs."""
+    cluster, make_agent = env
+    agent, key, pid = await ready_service(cluster, make_agent, "offline", contextSize=256)
+    await agent.stop()
+    await control_plane.stop_apiserver()
+    try:
+        await agent.start(wait_ready=False)
+        await wait_for(lambda: _alive(agent), timeout=30, what="agent /healthz", on_timeout=agent.process.tail)
+        assert await wait_for(lambda: service_pid(agent, key), timeout=20, what="recorded process supervised") == pid
+        status, text = await _readyz(agent)
+        assert status == 503 and ("API server unreachable" in text or "waiting for the first list" in text), text
+        assert (await agent._get("/healthz"))[0] == 200
+
+        os.kill(pid, signal.SIGKILL)
+        restarted = await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="restart during outage")
+        assert agent.process.running
+    finally:
+        await control_plane.start_apiserver()
+    await wait_for(lambda: _ready(agent), timeout=60, what="/readyz 200 after the outage")
+    await cluster.wait_phase("offline", "Ready")
+    assert await service_pid(agent, key) == restarted  # taken over, not reloaded
+    assert await agent.metric("llmkube_metal_agent_respawns_total", {"name": "offline", "namespace": cluster.ns}) in (None, 0)
+
+
+async def _ready(agent: AgentProcess) -> bool:
+    return (await _readyz(agent))[0] == 200
+
+
+async def _alive(agent: AgentProcess) -> bool:
+    try:
+        return (await agent._get("/healthz"))[0] == 200
+    except (aiohttp.ClientError, OSError):
+        return False

@@ -112,6 +112,14 @@ class ProcessManager:
         supervisor.start()
         return supervisor
 
+    def supervise_recorded(self) -> list[str]:
+        """Supervise every verified process of the previous agent as it was recorded, before
+        the cluster is even reachable: like a kubelet, the Mac keeps its models healthy
+        (probes, restarts) through an API outage of any length. The reconciler takes each
+        over, or replaces or stops it, once it knows the cluster's wishes."""
+        return [key for key, record in list(self.adoptable.items())
+                if self.adopt_as_recorded(key, record.uid) is not None]
+
     def adopt_as_recorded(self, key: str, uid: str) -> Supervisor | None:
         """Keep a previous agent's process running as it was, without a valid spec to check it against.
 
