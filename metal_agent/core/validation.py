@@ -392,7 +392,9 @@ _SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 
 def _read_secret_ref(r: _Reader, spec: Mapping[str, Any] | None) -> SecretRef | None:
-    """`spec.sourceSecretRef` (our extension): the Secret holding a download bearer token."""
+    """`spec.sourceSecretRef` (LLMKube's `LocalObjectReference`): the Secret whose `token` key holds a
+    download bearer token. Both CRDs accept only `name`; a `key` is honoured only where no CRD
+    checks the object (`metal-agent render` of a local file)."""
     ref = r.mapping(spec, "sourceSecretRef", "spec.sourceSecretRef")
     if ref is None:
         return None
