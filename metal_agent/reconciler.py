@@ -239,6 +239,12 @@ class Reconciler:
             await self._stop(key)
             managed = None
 
+        failed = self.processes.get(key)
+        if failed is not None and failed.failed is not None:
+            log.warning("restarting supervision after an internal error", service=key)
+            await self._stop(key)
+            managed = None
+
         if managed is not None and key in self.evicted:
             log.warning("evicted: stopping llama-server to relieve memory pressure", service=key)
             await self._stop(key)

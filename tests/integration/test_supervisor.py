@@ -122,3 +122,27 @@ async def test_a_child_whose_record_cannot_be_saved_is_stopped(tmp_path):
     finally:
         await sup.stop()
         await http.close()
+
+
+async def test_a_bug_in_supervision_is_reported_not_silent(tmp_path):
+    """An unexpected error ends the supervision task: it must be visible (state, Event, the
+    `failed` mark the reconciler acts on), never a service that only looks managed."""
+    class BrokenStore(RecordStore):
+        def save(self, record):
+            raise RuntimeError("bug in the record store")
+
+    rec = Recorder()
+    http = aiohttp.ClientSession()
+    sup = Supervisor(LaunchPlan(key="ns/svc", uid="u", spec_hash="h" * 64, host="127.0.0.1",
+                                build_argv=lambda port: [sys.executable, "-c", "import time; time.sleep(600)"]),
+                     log_file=ServiceLog(tmp_path / "svc.log"), records=BrokenStore(tmp_path / "records"), http=http,
+                     on_change=rec)
+    try:
+        sup.start()
+        await wait_for(lambda: sup.failed is not None, timeout=10, what="supervision failure noticed")
+        assert "SupervisorFailed" in rec.events and sup.snapshot.state is State.STOPPED
+    finally:
+        await sup.stop()
+        await http.close()
+    children = [p for p in psutil.Process().children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
+    assert all(process_gone(p.pid) for p in children)  # stop() still ends the process it had spawned

@@ -132,6 +132,7 @@ class Supervisor:
         self._running: _Running | None = None
         self._port = plan.port
         self._log = log.bind(service=plan.key)
+        self.failed: BaseException | None = None  # the bug that ended supervision, if one did
 
     # -- public API -------------------------------------------------------
 
@@ -171,6 +172,20 @@ class Supervisor:
         if self._task is not None:
             raise RuntimeError(f"{self.plan.key} is already supervised")
         self._task = asyncio.create_task(self._run(adopt), name=f"supervise {self.plan.key}")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """Supervision only ends by stop() or detach() (cancellation). Anything else is a bug:
+        say so loudly and tell the reconciler, which starts supervising afresh, rather than
+        leave a service that looks managed while nothing watches its process."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failed = task.exception()
+        self._log.error("supervision failed; the reconciler will start it again",
+                        error=f"{type(self.failed).__name__}: {self.failed}", exc_info=self.failed)
+        self._set(replace(self._snapshot, state=State.STOPPED, ready_at=None, next_start_at=None),
+                  SupervisorEvent("SupervisorFailed", f"supervision of llama-server failed: "
+                                  f"{type(self.failed).__name__}: {self.failed}", warning=True))
 
     async def _cancel_task(self) -> None:
         if self._task is not None:
