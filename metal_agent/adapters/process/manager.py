@@ -19,6 +19,7 @@ import aiohttp
 import structlog
 
 from metal_agent.adapters.process.exitwatch import wait_exit
+from metal_agent.adapters.process.log_retention import remove_stale_service_logs, rotate_agent_log
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
 from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
@@ -165,6 +166,12 @@ class ProcessManager:
         else:
             await asyncio.gather(*(s.detach() for s in supervisors))
 
-    async def rotate_logs(self) -> None:
+    async def rotate_logs(self, *, agent_log_max_bytes: int = 50 * 1024 * 1024,
+                          retention: float = 7 * 24 * 3600) -> None:
+        """Cap every log (the agent's own included) and drop logs of services gone for `retention`."""
         for key in list(self.supervisors):
             await asyncio.to_thread(self.service_log(key).rotate_if_needed)
+        await asyncio.to_thread(rotate_agent_log, self.log_dir, agent_log_max_bytes)
+        live = {log_file_name(key) for key in (*self.supervisors, *self.adoptable)}
+        if removed := await asyncio.to_thread(remove_stale_service_logs, self.log_dir, live, retention):
+            log.info("removed logs of services gone for a while", files=removed)
