@@ -365,3 +365,22 @@ async def _alive(agent: AgentProcess) -> bool:
         return (await agent._get("/healthz"))[0] == 200
     except (aiohttp.ClientError, OSError):
         return False
+
+
+async def test_another_writers_conditions_survive_our_writes(env):
+    """Status is applied server-side, our fields only: a condition another writer adds
+    (LLMKube's controller, a user's tool) is never clobbered, however stale our cache."""
+    cluster, make_agent = env
+    agent, key, pid = await ready_service(cluster, make_agent, "shared", contextSize=256)
+    foreign = {"type": "ExternalCheck", "status": "True", "reason": "Fine", "message": "added by another writer",
+               "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    obj = await cluster.isvc("shared")
+    conditions = [*obj["status"]["conditions"], foreign]
+    await cluster.custom.patch_namespaced_custom_object_status(
+        "inference.llmkube.dev", "v1alpha1", cluster.ns, "inferenceservices", "shared",
+        {"status": {"conditions": conditions}}, _content_type="application/merge-patch+json")
+
+    await cluster.patch_isvc("shared", {"contextSize": 512})  # our status changes: loading, then ready
+    await wait_for(lambda: _new_ready_pid(agent, key, pid), timeout=30, what="respawned")
+    await cluster.wait_phase("shared", "Ready")
+    assert await cluster.condition("shared", "ExternalCheck") == foreign
