@@ -127,11 +127,8 @@ async def main() -> None:
             namespace = await create_namespace(admin, prefix="compat")
             cluster = Cluster(admin, namespace)
             async with netns.network_namespace() as ns:
-                forwarder, inner_port = await netns.forward_into(ns, plane.control_plane.port)
-                config = yaml.safe_load(plane.agent_kubeconfig.read_text())
-                config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
-                kubeconfig = tmp / "agent.kubeconfig"
-                kubeconfig.write_text(yaml.safe_dump(config))
+                forwarder, kubeconfig = await netns.kubeconfig_into(
+                    ns, plane.agent_kubeconfig, tmp / "agent.kubeconfig", plane.control_plane.port)
                 agent = AgentProcess(AgentOptions(
                     kubeconfig=kubeconfig, llama_server=llama, workdir=tmp / "agent", namespaces=(namespace,),
                     host_ip=ns.inner_ip, netns=ns, log_level="info",

@@ -20,7 +20,7 @@ import yaml
 from kubernetes_asyncio import client, watch
 
 from tests.support import netns
-from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
+from tests.support.agent import AgentProcess, agents_in_netns
 from tests.support.isvc import GROUP, VERSION, Cluster
 from tests.support.wait import wait_for
 
@@ -36,31 +36,10 @@ WRITES = "llmkube_metal_agent_status_writes_total"
 async def lk(llmkube_plane, llmkube_admin_api, llmkube_namespace, llama_server_bin, llmkube_tiny_model, tmp_path):
     """(cluster helper, netns, agent factory) on the plane where LLMKube's controller runs."""
     cluster = Cluster(llmkube_admin_api, llmkube_namespace)
-    async with netns.network_namespace() as ns:
-        forwarder, inner_port = await netns.forward_into(ns, llmkube_plane.control_plane.port)
-        config = yaml.safe_load(llmkube_plane.agent_kubeconfig.read_text())
-        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
-        kubeconfig = tmp_path / "agent.kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump(config))
-        agents: list[AgentProcess] = []
-
-        def make_agent(*extra: str) -> AgentProcess:
-            agent = AgentProcess(AgentOptions(
-                kubeconfig=kubeconfig, llama_server=llama_server_bin, workdir=tmp_path,
-                namespaces=(llmkube_namespace,), host_ip=ns.inner_ip, netns=ns,
-                extra_args=("--liveness-interval", "0.5", "--heartbeat-interval", "2", *extra),
-            ))
-            agents.append(agent)
-            return agent
-
-        try:
-            yield cluster, ns, make_agent
-        finally:
-            for agent in agents:
-                if agent.process and agent.process.running:
-                    await agent.stop()
-            kill_recorded_processes(tmp_path / "state")
-            forwarder.close()
+    async with agents_in_netns(kubeconfig=llmkube_plane.agent_kubeconfig, api_port=llmkube_plane.control_plane.port,
+                               llama_server=llama_server_bin, workdir=tmp_path, namespaces=(llmkube_namespace,),
+                               extra_args=("--liveness-interval", "0.5", "--heartbeat-interval", "2")) as (ns, make_agent):
+        yield cluster, ns, make_agent
 
 
 def turboquant_sample(plane, model_path, *, keep_turbo3: bool = False) -> list[dict]:

@@ -18,11 +18,10 @@ import sys
 import aiohttp
 import psutil
 import pytest
-import yaml
 from kubernetes_asyncio import client
 
 from tests.support import netns
-from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
+from tests.support.agent import AgentProcess, agents_in_netns
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
 from tests.support.wait import wait_for
@@ -40,31 +39,11 @@ async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
     """(cluster helper, namespace handle, agent factory) with the agent inside a network namespace."""
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", f"file://{tiny_model}")
-    async with netns.network_namespace() as ns:
-        forwarder, inner_port = await netns.forward_into(ns, control_plane.port)
-        config = yaml.safe_load(control_plane.agent_kubeconfig.read_text())
-        config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
-        kubeconfig = tmp_path / "agent-in-netns.kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump(config))
-        agents: list[AgentProcess] = []
-
-        def make_agent(*extra: str) -> AgentProcess:
-            agent = AgentProcess(AgentOptions(
-                kubeconfig=kubeconfig, llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
-                host_ip=ns.inner_ip, netns=ns,
-                extra_args=("--liveness-interval", "0.5", "--liveness-failures", "2", "--heartbeat-interval", "1", *extra),
-            ))
-            agents.append(agent)
-            return agent
-
-        try:
-            yield cluster, ns, make_agent
-        finally:
-            for agent in agents:
-                if agent.process and agent.process.running:
-                    await agent.stop()
-            kill_recorded_processes(tmp_path / "state")
-            forwarder.close()
+    async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
+                               llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
+                               extra_args=("--liveness-interval", "0.5", "--liveness-failures", "2",
+                                           "--heartbeat-interval", "1")) as (ns, make_agent):
+        yield cluster, ns, make_agent
 
 
 async def read_slice(cluster: Cluster, name: str):

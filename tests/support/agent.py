@@ -8,6 +8,7 @@ makes passes through the real RBAC authorizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import Sequence
 
 import aiohttp
 
+from tests.support import netns as netns_module
 from tests.support.netns import NetNS
 from tests.support.ports import free_port
 from tests.support.procs import ManagedProcess
@@ -128,3 +130,33 @@ def kill_recorded_processes(state_dir: Path) -> None:
     for record in RecordStore(state_dir / "processes").load_all():
         if live_process(record):
             os.killpg(record.pid, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def agents_in_netns(*, kubeconfig: Path, api_port: int, llama_server: Path, workdir: Path,
+                          namespaces: Sequence[str], extra_args: Sequence[str] = ()):
+    """A "Mac": a network namespace with a routable address, and a factory for agents in it
+    that register that address and reach the API server (root namespace, `api_port`) through
+    a forward, as the identity of `kubeconfig`. Yields (namespace, make_agent); on exit every
+    agent is stopped and no recorded llama-server survives."""
+    async with netns_module.network_namespace() as ns:
+        forwarder, agent_kubeconfig = await netns_module.kubeconfig_into(
+            ns, kubeconfig, workdir / "agent-in-netns.kubeconfig", api_port)
+        agents: list[AgentProcess] = []
+
+        def make_agent(*extra: str) -> AgentProcess:
+            agent = AgentProcess(AgentOptions(
+                kubeconfig=agent_kubeconfig, llama_server=llama_server, workdir=workdir, namespaces=namespaces,
+                host_ip=ns.inner_ip, netns=ns, extra_args=(*extra_args, *extra),
+            ))
+            agents.append(agent)
+            return agent
+
+        try:
+            yield ns, make_agent
+        finally:
+            for agent in agents:
+                if agent.process and agent.process.running:
+                    await agent.stop()
+            kill_recorded_processes(workdir / "state")
+            forwarder.close()

@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 TEST_NET = ipaddress.ip_network("198.18.0.0/15")
@@ -152,3 +153,17 @@ async def forward_into(ns: NetNS, target_port: int, target_host: str = "127.0.0.
 
     server = await asyncio.start_server(handle, sock=listener)
     return server, listener.getsockname()[1]
+
+
+async def kubeconfig_into(ns: NetNS, kubeconfig: Path, target: Path, api_port: int):
+    """For an agent inside `ns`: forward to the API server listening on the root namespace's
+    127.0.0.1:`api_port`, and write `target`, a copy of `kubeconfig` (same CA, same client
+    certificate) whose server is that forward. Returns (forwarder to close, `target`)."""
+    import yaml
+
+    forwarder, inner_port = await forward_into(ns, api_port)
+    config = yaml.safe_load(kubeconfig.read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
+    target.write_text(yaml.safe_dump(config))
+    return forwarder, target
