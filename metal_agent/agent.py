@@ -47,7 +47,7 @@ from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
-from metal_agent.tasks import cancel_and_wait, supervised_loop
+from metal_agent.tasks import LOOP_BACKOFF, cancel_and_wait, supervised_loop
 
 log = structlog.get_logger(__name__)
 
@@ -228,15 +228,17 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         await models.synced.wait()
         reconciler.resync_all()
         await reconciler.queue.wait_idle()
-        delay = 1.0
+        failures = 0
         while True:
             try:
                 await reconciler.sweep_unwanted(cfg.namespaces or None)
                 break
             except Exception as err:  # noqa: BLE001 - API trouble: try again, never give up on cleanup
-                log.warning("start-up cleanup failed; retrying", error=f"{type(err).__name__}: {err}", retry_in_s=delay)
+                failures += 1
+                delay = LOOP_BACKOFF.delay(failures)
+                log.warning("start-up cleanup failed; retrying", error=f"{type(err).__name__}: {err}",
+                            retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 60)
         log.info("initial sync complete", services=len(processes.supervisors))
 
     async def heartbeats() -> None:
@@ -283,26 +285,26 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                                    "pass another --listen address") from None
             reconciler.queue.metrics = metrics.workqueue
             reconciler.queue.start()
-            # These end the agent when they fail: never because the API is away (they retry
-            # for as long as it takes, and the supervisors keep the models healthy meanwhile).
-            tasks = [asyncio.create_task(c) for c in (isvcs.run(), models.run())]
-            # ...these never do: a failure is logged, counted in loop_failures_total and restarted.
-            loops = {"heartbeats": heartbeats, "housekeeping": housekeeping, "memory-watchdog": watchdog.run}
+            # No loop ends the agent: a failure is logged, counted in loop_failures_total and
+            # restarted (the watches retry an absent API by themselves, for as long as it takes,
+            # and the supervisors keep the models healthy meanwhile). Only a stop request ends it.
+            loops = {"watch-inferenceservices": isvcs.run, "watch-models": models.run,
+                     "heartbeats": heartbeats, "housekeeping": housekeeping, "memory-watchdog": watchdog.run}
             if sampler is not None:
                 loops["power"] = power
             background = [asyncio.create_task(supervised_loop(name, factory, metrics.loop_failures), name=name)
                           for name, factory in loops.items()]
             sync = asyncio.create_task(after_sync())
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper and not task.cancelled() and task.exception() is not None:
-                    exc = task.exception()
-                    fatal = exc if isinstance(exc, AgentExit) else AgentExit("internal", repr(exc))
-                    if not isinstance(exc, AgentExit):
-                        log.error("internal task failed", error=repr(exc))
-            await cancel_and_wait(*(t for t in [stopper, sync, *tasks, *background] if not t.done()))
-            await reconciler.shutdown(stop_processes=cfg.stop_on_exit)
+            try:
+                await stop.wait()
+            finally:
+                await cancel_and_wait(*(t for t in [sync, *background] if not t.done()))
+                await reconciler.shutdown(stop_processes=cfg.stop_on_exit)
+    except StartupError:
+        raise
+    except Exception as exc:  # a bug outside every loop: exit non-zero so launchd restarts the agent
+        log.error("metal-agent failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        fatal = AgentExit("internal", f"{type(exc).__name__}: {exc}")
     finally:
         await http.close()
         await api.close()

@@ -32,6 +32,7 @@ from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelRead
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.backoff import Backoff
 from metal_agent.core.claim import Workload, evaluate, wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
@@ -48,6 +49,9 @@ from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.workqueue import WorkQueue
 
 log = structlog.get_logger(__name__)
+
+# A refused or failed Service/EndpointSlice write is retried soon, then less often.
+REGISTRATION_BACKOFF = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.5)
 
 
 @dataclass(frozen=True)
@@ -333,8 +337,8 @@ class Reconciler:
             await self.registrar.ensure(reg)
         except Exception as err:  # noqa: BLE001 - API errors and outages alike: retry, keep serving
             failures = self._registration_failures[key] = self._registration_failures.get(key, 0) + 1
-            delay = min(30.0, 0.5 * 2 ** (failures - 1))
-            log.warning("registration failed; retrying", service=key, error=f"{type(err).__name__}: {err}", retry_in_s=delay)
+            delay = REGISTRATION_BACKOFF.delay(failures)
+            log.warning("registration failed; retrying", service=key, error=f"{type(err).__name__}: {err}", retry_in_s=round(delay, 2))
             return None, delay
         self._registration_failures.pop(key, None)
         return None, None
