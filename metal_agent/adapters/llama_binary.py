@@ -1,7 +1,9 @@
 """What the installed llama-server is: its version and the flag dialect it speaks.
 
 Asked once at start-up (`--version`, `--help`), so every command line the
-agent builds uses spellings this exact binary accepts.
+agent builds uses spellings this exact binary accepts (see
+`core.flags.Dialect`: the mlock spelling, the log-verbosity option the
+acceleration report depends on, `--no-jinja`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from metal_agent.core.flags import MlockStyle, mlock_style_from_help
+from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help
 
 
 class LlamaServerMissing(RuntimeError):
@@ -22,7 +24,11 @@ class LlamaServerMissing(RuntimeError):
 class LlamaServerInfo:
     path: str
     version: str
-    mlock_style: MlockStyle
+    dialect: Dialect
+
+    @property
+    def mlock_style(self) -> MlockStyle:
+        return self.dialect.mlock_style
 
 
 async def _output(argv: list[str], timeout: float) -> str:
@@ -47,4 +53,4 @@ async def probe(path: str, timeout: float = 20.0) -> LlamaServerInfo:
     version_text = await _output([path, "--version"], timeout)
     match = re.search(r"version:\s*(\S+(?:\s*\([^)]*\))?)", version_text)
     help_text = await _output([path, "--help"], timeout)
-    return LlamaServerInfo(path, match.group(1) if match else "unknown", mlock_style_from_help(help_text))
+    return LlamaServerInfo(path, match.group(1) if match else "unknown", dialect_from_help(help_text))

@@ -71,6 +71,10 @@ class CacheType(StrEnum):
     IQ4_NL = "iq4_nl"
 
 
+#: KV cache types that are plain floats; anything else is quantized.
+UNQUANTIZED_CACHE_TYPES = frozenset({"f16", "f32", "bf16"})
+
+
 class RopeScalingType(StrEnum):
     LINEAR = "linear"
     YARN = "yarn"
@@ -248,7 +252,9 @@ class InferenceServiceSpec:
     rope_scaling: RopeScaling | None = None
     parallel_slots: int = 1
     flash_attention: bool = True
-    jinja: bool = False
+    # None: unset, llama-server's own default applies (the Jinja engine is on
+    # in current builds); False asks for it off (`--no-jinja`), True on.
+    jinja: bool | None = None
     cache_type_k: CacheType | None = None
     cache_type_v: CacheType | None = None
     cache_type_custom_k: str | None = None
@@ -276,6 +282,16 @@ class InferenceServiceSpec:
     @property
     def effective_cache_type_v(self) -> str | None:
         return self.cache_type_custom_v or (self.cache_type_v.value if self.cache_type_v else None)
+
+    @property
+    def quantized_cache_v(self) -> bool:
+        """The V cache holds a quantized type (q8_0, q4_0, turbo3, ...), which needs Flash Attention.
+
+        Only f16, f32 and bf16 are plain floating-point caches; every other
+        type llama.cpp or a fork knows is block-quantized.
+        """
+        cache_v = self.effective_cache_type_v
+        return cache_v is not None and cache_v not in UNQUANTIZED_CACHE_TYPES
 
     @property
     def wants_process(self) -> bool:

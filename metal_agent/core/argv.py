@@ -24,7 +24,15 @@ Decisions worth knowing:
   only to forks or RPC setups, but they are passed faithfully.
 * `--flash-attn`: `on` when unset (LLMKube's default), and an explicit `off`
   when the spec says false, rather than LLMKube's silence, which leaves
-  llama-server on `auto` and can still turn it on.
+  llama-server on `auto` and can still turn it on. (`off` with a quantized
+  V cache is refused by validation: llama-server would exit.)
+* `--jinja` / `--no-jinja`: current llama-server enables the Jinja template
+  engine by default, so `jinja: false` must be said out loud (`--no-jinja`)
+  or it would mean "on"; unset says nothing and keeps the build's default.
+  On a build without `--no-jinja` (engine off by default) false says nothing.
+* `--verbosity 4`: agent-owned, when the binary has the option (see
+  `core.flags.LOG_VERBOSITY`): without it llama-server no longer logs where
+  the model was loaded, and `status.acceleration` would stay empty.
 * MoE: `moeCPUOffload` -> `--cpu-moe`, `moeCPULayers` > 0 -> `--n-cpu-moe N`,
   each on its own as in LLMKube.
 * `reasoningBudget` 0 is omitted (LLMKube's rule), although llama-server
@@ -37,7 +45,7 @@ from dataclasses import dataclass
 
 from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
 from metal_agent.core.claim import Workload
-from metal_agent.core.flags import MlockStyle
+from metal_agent.core.flags import LOG_VERBOSITY, VERBOSITY_FLAGS, MlockStyle
 
 #: What "all layers" is sent as; see the module docstring.
 ALL_LAYERS = "999"
@@ -57,8 +65,11 @@ class AgentArgvOptions:
 
     `threads` None omits `--threads` (llama-server picks); the agent passes
     the performance-core count found by `adapters.host_cpu`. `mlock` is the
-    agent-wide opt-out of pinning model memory; `mlock_style` is the
-    spelling the target binary understands (see `core.flags`).
+    agent-wide opt-out of pinning model memory. The rest describe the target
+    binary, from `core.flags.Dialect` (probed from its `--help`):
+    `mlock_style` is the mlock spelling it understands, `verbosity_flag` its
+    log-verbosity option (None: it has none, nothing is passed), `no_jinja`
+    whether it knows `--no-jinja`.
     """
 
     binary: str
@@ -68,6 +79,8 @@ class AgentArgvOptions:
     threads: int | None = None
     mlock: bool = True
     mlock_style: MlockStyle = MlockStyle.FLAG
+    verbosity_flag: str | None = None
+    no_jinja: bool = True
 
     def __post_init__(self) -> None:
         # Programming errors, not user input: fail loudly at construction.
@@ -79,6 +92,8 @@ class AgentArgvOptions:
             value = getattr(self, name)
             if not value or "\x00" in value:
                 raise ValueError(f"{name} must be a non-empty string without NUL")
+        if self.verbosity_flag is not None and self.verbosity_flag not in VERBOSITY_FLAGS:
+            raise ValueError(f"verbosity_flag must be llama-server's verbosity option, got {self.verbosity_flag!r}")
 
 
 def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]:
@@ -127,8 +142,12 @@ def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]
         argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
     if spec.jinja:
         argv.append("--jinja")
+    elif spec.jinja is False and options.no_jinja:
+        argv.append("--no-jinja")
     argv += _mode_args(spec.mode)
     argv.append("--metrics")
+    if options.verbosity_flag:
+        argv += [options.verbosity_flag, str(LOG_VERBOSITY)]
     argv += spec.extra_args
     return tuple(argv)
 

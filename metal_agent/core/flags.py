@@ -16,11 +16,14 @@ LLMKube's API:
   builds with `--mlock`. `MlockStyle` names the two spellings and
   `mlock_style_from_help` picks one from `llama-server --help` output,
   which an adapter (or the CLI) captures; this module only reads the text.
+  `Dialect` gathers everything read from that text: the mlock spelling,
+  the log-verbosity option (`-lv`), and whether `--no-jinja` exists.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from enum import StrEnum
 
 _MODEL = "the agent chooses the model file from the Model resource"
@@ -30,6 +33,10 @@ _OBSERVABILITY = "the agent captures logs and always enables /metrics"
 _MEMORY = "memory locking is an agent-level setting"
 _EXPOSURE = "it would expose this Mac's files or shell to API clients"
 _EXITS = "llama-server would print and exit instead of serving"
+_LOG_LEVEL = (
+    "the agent sets the log verbosity: below it llama-server stops printing where the model"
+    " was loaded, and status.acceleration goes blind"
+)
 
 #: Flag (every spelling llama-server accepts) -> why extraArgs may not use it.
 OWNED_FLAGS: dict[str, str] = {
@@ -62,6 +69,9 @@ OWNED_FLAGS: dict[str, str] = {
     "--metrics": _OBSERVABILITY,
     "--log-file": _OBSERVABILITY,
     "--log-disable": _OBSERVABILITY,
+    "-lv": _LOG_LEVEL,
+    "--verbosity": _LOG_LEVEL,
+    "--log-verbosity": _LOG_LEVEL,
     # Host memory policy.
     "--mlock": _MEMORY,
     "--no-mlock": _MEMORY,
@@ -147,3 +157,53 @@ def mlock_style_from_help(help_text: str) -> MlockStyle:
     if re.search(r"(?<![\w-])--load-mode(?![\w-])", help_text):
         return MlockStyle.LOAD_MODE
     return MlockStyle.FLAG
+
+
+#: The log verbosity the agent runs llama-server at. In current llama.cpp
+#: (build 11434: `common/log.cpp`) libllama's INFO messages are logged at
+#: level 4 ("trace"), one above the default threshold 3, so without it the
+#: lines that say where the model landed (`load_tensors: offloaded N/M layers
+#: to GPU`, the `... model buffer size` lines, `using device MTL0 (...)`) are
+#: never printed and `status.acceleration` cannot be known. 4 and not 5: 5 is
+#: debug output (every tensor and graph node), megabytes per load.
+LOG_VERBOSITY = 4
+
+#: Every spelling of llama-server's log-verbosity option (all agent-owned).
+VERBOSITY_FLAGS = ("--verbosity", "--log-verbosity", "-lv")
+
+
+def _lists(help_text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What one llama-server binary's command line looks like, read from its `--help`.
+
+    * `mlock_style`: see `MlockStyle`.
+    * `verbosity_flag`: the spelling of the log-verbosity option, or None
+      when the build has none (then nothing is passed: an unknown option
+      would stop llama-server at start-up).
+    * `no_jinja`: whether `--no-jinja` exists. Builds that have it enable
+      the Jinja template engine by default, so `jinja: false` must say so;
+      builds without it have the engine off by default, so saying nothing
+      already means "off".
+
+    The defaults describe a binary whose help could not be read: the
+    classic `--mlock` spelling, no verbosity option (never pass what may
+    not exist), and `--no-jinja` (an explicit `jinja: false` is then
+    honoured, or fails loudly on an old build rather than silently).
+    """
+
+    mlock_style: MlockStyle = MlockStyle.FLAG
+    verbosity_flag: str | None = None
+    no_jinja: bool = True
+
+
+def dialect_from_help(help_text: str) -> Dialect:
+    """Everything the argv builder needs to know about the binary whose `--help` this is."""
+    verbosity = next((flag for flag in VERBOSITY_FLAGS[:2] if _lists(help_text, flag)), None)
+    # "Knows --jinja but not --no-jinja" is an old build (engine off by default);
+    # help that mentions neither says nothing, so assume a current build.
+    no_jinja = _lists(help_text, "--no-jinja") or not _lists(help_text, "--jinja")
+    return Dialect(mlock_style=mlock_style_from_help(help_text), verbosity_flag=verbosity, no_jinja=no_jinja)

@@ -17,7 +17,10 @@ versus left implicit, "4" versus "4.0" and similar spellings do not matter.
 The payload carries a schema version: bump it when the meaning of a field
 changes. Unset values (None, empty lists) are left out of the payload, so a
 field added later with an unset default keeps every existing digest, and
-upgrading the agent does not restart every model.
+upgrading the agent does not restart every model. When a field's rendering
+changes for some values only (`jinja: false` now emits `--no-jinja`), those
+values get a new key instead of a schema bump, so only the specs whose
+process really changes are respawned.
 """
 
 from __future__ import annotations
@@ -77,7 +80,12 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec) -> dict[str, Any]:
         "rope.originalContext": rope.original_context if rope else None,
         "parallelSlots": spec.parallel_slots,
         "flashAttention": spec.flash_attention,
-        "jinja": spec.jinja,
+        # `jinja` kept its old key and values (unset and false were both
+        # false, true was true) so existing digests do not move; an explicit
+        # false now renders `--no-jinja`, a different process, so it adds a
+        # key of its own.
+        "jinja": spec.jinja is True,
+        "noJinja": True if spec.jinja is False else None,
         # Resolved, so cacheTypeK q8_0 and cacheTypeCustomK q8_0 hash alike:
         # they produce the same process.
         "cacheTypeK": spec.effective_cache_type_k,

@@ -58,6 +58,9 @@ class StatusInputs:
     memory_pressure: Condition | None = None
     model_not_accepted: Blocker | None = None  # LLMKube's Model controller has not marked the Model Ready
     shared: bool = False  # LLMKube's controller owns the rest of status
+    # The Model's spec.hardware.gpu.layers (0: all, -1: auto, N: that many): a partial
+    # offload of exactly the N layers asked for is not a memory shortfall.
+    gpu_layers: int = 0
 
 
 def _process_condition(inputs: StatusInputs) -> Condition:
@@ -65,7 +68,9 @@ def _process_condition(inputs: StatusInputs) -> Condition:
     p = inputs.process
     if p is not None and p.state is not State.STOPPED:
         if p.state is State.READY:
-            return Condition(PROCESS_READY, True, "Ready", f"llama-server is serving on port {p.port}")
+            serving = f"llama-server is serving on port {p.port}"
+            shortfall = _offload_shortfall(inputs)
+            return Condition(PROCESS_READY, True, "Ready", f"{shortfall}; {serving}" if shortfall else serving)
         if p.state is State.STARTING:
             # No pid here: a spawn would then be two writes (before and after the pid is known).
             what = "re-attached to running llama-server" if p.adopted else "llama-server is loading the model"
@@ -83,6 +88,22 @@ def _process_condition(inputs: StatusInputs) -> Condition:
     if inputs.blocker is not None:
         return Condition(PROCESS_READY, False, inputs.blocker.reason, inputs.blocker.message)
     return Condition(PROCESS_READY, False, "Creating", "preparing to start llama-server")
+
+
+def _offload_shortfall(inputs: StatusInputs) -> str:
+    """Why a serving process is slower than it should be: only part of the model is on the GPU.
+
+    llama.cpp puts on the GPU what fits in the memory it may use and runs the
+    rest on the CPU, so a partial offload of a Model that asks for all layers
+    (or for more than it got) means this Mac is short of memory. It still
+    serves, so the process stays Ready; the message says what is wrong.
+    """
+    accel = inputs.process.acceleration if inputs.process else None
+    if accel is None or not accel.partial:
+        return ""
+    if inputs.gpu_layers > 0 and accel.layers_offloaded >= inputs.gpu_layers:
+        return ""
+    return accel.shortfall()
 
 
 def _spec_condition(inputs: StatusInputs) -> Condition:
@@ -126,6 +147,8 @@ def _full_conditions(inputs: StatusInputs, ready: int, desired: int) -> tuple[st
         if problem or inputs.degraded is not None:
             reason = "InvalidSpec" if problem else inputs.degraded.reason
             conds.append(Condition("Degraded", True, reason, problem or inputs.degraded.message))
+        elif shortfall := _offload_shortfall(inputs):
+            conds.append(Condition("Degraded", True, "PartialOffload", shortfall))
         return phase, conds
     if running and p.state is State.BACKOFF:
         exit_reason = p.last_exit.reason.value if p.last_exit else "ProcessExited"

@@ -198,6 +198,14 @@ class _Reader:
             return default
         return value
 
+    def optional_boolean(self, obj: Mapping[str, Any] | None, key: str, path: str) -> bool | None:
+        """A boolean whose absence means something of its own (None), not false."""
+        if self.get(obj, key) is MISSING:
+            return None
+        before = len(self.errors)
+        value = self.boolean(obj, key, path, default=False)
+        return value if len(self.errors) == before else None
+
     def string(
         self,
         obj: Mapping[str, Any] | None,
@@ -574,7 +582,7 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
             s, "parallelSlots", "spec.parallelSlots", default=1, minimum=1, maximum=64
         ),
         flash_attention=r.boolean(s, "flashAttention", "spec.flashAttention", default=True),
-        jinja=r.boolean(s, "jinja", "spec.jinja", default=False),
+        jinja=r.optional_boolean(s, "jinja", "spec.jinja"),
         cache_type_k=r.enum(s, "cacheTypeK", "spec.cacheTypeK", CacheType, default=None),
         cache_type_v=r.enum(s, "cacheTypeV", "spec.cacheTypeV", CacheType, default=None),
         cache_type_custom_k=_read_custom_cache_type(r, s, "cacheTypeCustomK"),
@@ -608,9 +616,33 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
             s, "evictionProtection", "spec.evictionProtection", default=False
         ),
     )
+    _check_flash_attention(r, spec)
     if r.errors:
         return Invalid(tuple(r.errors))
     return Parsed(InferenceService(meta=meta, spec=spec))
+
+
+def _check_flash_attention(r: _Reader, spec: InferenceServiceSpec) -> None:
+    """Refuse `flashAttention: false` with a quantized V cache, which llama-server cannot run.
+
+    Without Flash Attention llama.cpp keeps the V cache transposed, which a
+    block-quantized type cannot be, so it refuses the context at load time
+    ("quantized V cache requires flash_attn to be enabled", checked against
+    the real binary in tests/integration/test_argv_llama_server.py) and
+    exits: the service would crash-loop on every start. Saying so here puts
+    the reason on the spec, before anything starts. A quantized K cache alone
+    is fine. Flags in extraArgs are not interpreted (they are passed as
+    written, and a conflict there shows as llama-server's own stderr line).
+    """
+    if spec.flash_attention or not spec.quantized_cache_v:
+        return
+    key = "cacheTypeCustomV" if spec.cache_type_custom_v else "cacheTypeV"
+    r.error(
+        "spec.flashAttention",
+        f"false cannot be combined with the quantized V cache spec.{key}: {spec.effective_cache_type_v}"
+        ' (llama-server exits with "quantized V cache requires flash_attn to be enabled");'
+        " leave flashAttention unset or true, or use an f16, bf16 or f32 V cache",
+    )
 
 
 def _read_rope_scaling(r: _Reader, s: Mapping[str, Any] | None) -> RopeScaling | None:

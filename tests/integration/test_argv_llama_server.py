@@ -12,9 +12,12 @@ import aiohttp
 import pytest
 
 from metal_agent.core.argv import AgentArgvOptions, build_argv
-from metal_agent.core.flags import MlockStyle, mlock_style_from_help
+from metal_agent.core.claim import evaluate
+from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
+from metal_agent.core.llama_log import Acceleration, parse_acceleration
+from metal_agent.core.result import Invalid
 from tests.support.llama import LlamaServerExited, running_llama_server
-from tests.support.manifests import gpu, workload
+from tests.support.manifests import gpu, isvc_doc, model_doc, workload
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -33,13 +36,27 @@ def mlock_style(help_text: str) -> MlockStyle:
     return mlock_style_from_help(help_text)
 
 
-def options(binary: Path, model: Path, port: int, style: MlockStyle) -> AgentArgvOptions:
+@pytest.fixture(scope="module")
+def dialect(help_text: str) -> Dialect:
+    return dialect_from_help(help_text)
+
+
+def options(binary: Path, model: Path, port: int, style: MlockStyle, dialect: Dialect | None = None) -> AgentArgvOptions:
+    """The options the agent would use; with `dialect`, everything it reads from this binary's --help."""
+    extra = {"verbosity_flag": dialect.verbosity_flag, "no_jinja": dialect.no_jinja} if dialect else {}
     return AgentArgvOptions(
-        binary=str(binary), model_path=str(model), host="127.0.0.1", port=port, threads=2, mlock_style=style
+        binary=str(binary), model_path=str(model), host="127.0.0.1", port=port, threads=2, mlock_style=style, **extra
     )
 
 
-def test_every_flag_the_builder_emits_is_known_to_this_build(help_text, mlock_style):
+def test_this_build_has_the_options_the_agent_relies_on(dialect):
+    # Build 11434 logs libllama's load lines at level 4 and enables Jinja by default:
+    # the agent must find -lv and --no-jinja in its help, or it would run it blind.
+    assert dialect.verbosity_flag == "--verbosity"
+    assert dialect.no_jinja is True
+
+
+def test_every_flag_the_builder_emits_is_known_to_this_build(help_text, mlock_style, dialect):
     # One spec that switches on every flag-producing field at once.
     everything = workload(
         {
@@ -62,11 +79,13 @@ def test_every_flag_the_builder_emits_is_known_to_this_build(help_text, mlock_st
         },
         hardware=gpu(layers=2, count=1, sharding={"strategy": "layer", "layerSplit": ["1"]}),
     )
-    argv = build_argv(everything, AgentArgvOptions("llama-server", "m.gguf", "127.0.0.1", 1, 2, mlock_style=mlock_style))
+    opts = options(Path("llama-server"), Path("m.gguf"), 1, mlock_style, dialect)
+    argv = build_argv(everything, opts) + build_argv(workload({"jinja": False}), opts)
     flags = {arg for arg in argv[1:] if re.fullmatch(r"--[a-z][a-z-]*", arg)}
     known = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text))
     assert flags - known == set()
-    assert len(flags) >= 30
+    assert {"--no-jinja", "--verbosity"} <= flags
+    assert len(flags) >= 32
 
 
 CASES = [
@@ -76,6 +95,7 @@ CASES = [
     pytest.param({"parallelSlots": 4, "contextSize": 4096}, id="parallel-4"),
     pytest.param({"batchSize": 256, "uBatchSize": 64}, id="batch-ubatch"),
     pytest.param({"jinja": True}, id="jinja"),
+    pytest.param({"jinja": False}, id="no-jinja"),
     pytest.param({"flashAttention": False}, id="flash-attention-off"),
     pytest.param({"noWarmup": True, "metadataOverrides": ["general.name=str:tiny"]}, id="no-warmup-override-kv"),
     pytest.param({"mode": "embedding"}, id="embedding"),
@@ -83,10 +103,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("isvc_spec", CASES)
-async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, tiny_model, mlock_style):
+async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, tiny_model, mlock_style, dialect):
     spec = workload(isvc_spec)
     port = free_port()
-    argv = build_argv(spec, options(llama_server_bin, tiny_model, port, mlock_style))
+    argv = build_argv(spec, options(llama_server_bin, tiny_model, port, mlock_style, dialect))
 
     async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
         async with http.get(f"{server.base_url}/health") as resp:
@@ -136,3 +156,103 @@ def test_render_speaks_the_dialect_of_the_given_binary(llama_server_bin, mlock_s
     assert argv[0] == str(llama_server_bin)
     style_args = list(mlock_style.args())
     assert any(argv[i : i + len(style_args)] == style_args for i in range(len(argv)))
+
+
+# --- status.acceleration from the real log (issue 13, item 1) ----------------------
+
+
+async def test_acceleration_is_read_from_the_real_log_at_the_agents_verbosity(
+    llama_server_bin, tiny_model, mlock_style, dialect
+):
+    """The argv the agent builds makes llama-server log its load, and the agent's parser reads it.
+
+    This build has no GPU backend, so it reports the CPU (and prints no layer
+    count); what matters is that the load lines exist at all: at the default
+    verbosity build 11434 prints none of them (checked below), which left
+    status.acceleration empty on every Mac.
+    """
+    port = free_port()
+    argv = build_argv(workload(), options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    assert ("--verbosity", "4") in zip(argv, argv[1:])
+    async with running_llama_server(list(argv), port=port) as server:
+        log = server.stderr_text()
+    assert re.search(r"load_tensors:\s+CPU_Mapped model buffer size", log)
+    accel = parse_acceleration(log)
+    assert accel == Acceleration("CPU", 0, 0)
+    assert accel.as_status() == {"device": "CPU", "layersOffloaded": 0}
+    assert not accel.partial
+
+
+async def test_without_verbosity_4_the_load_lines_are_missing(llama_server_bin, tiny_model, mlock_style):
+    """Why the agent passes --verbosity: the same server at the default level hides its load."""
+    port = free_port()
+    argv = build_argv(workload(), options(llama_server_bin, tiny_model, port, mlock_style))
+    assert "--verbosity" not in argv
+    async with running_llama_server(list(argv), port=port) as server:
+        log = server.stderr_text()
+    assert "model buffer size" not in log and "load_tensors" not in log
+
+
+# --- spec fields whose meaning moved (issue 13, item 8) ----------------------------
+
+
+async def test_flash_attention_off_with_a_quantized_v_cache_is_refused_by_llama_server(
+    llama_server_bin, tiny_model, mlock_style, dialect
+):
+    """The real binary refuses what validation refuses, with the words validation quotes."""
+    refused = evaluate(isvc_doc(flashAttention=False, cacheTypeV="q8_0"), model_doc())
+    assert isinstance(refused, Invalid)
+    (error,) = refused.errors
+    quoted = re.search(r'"([^"]+)"', error.message).group(1)
+    # The same combination, smuggled past validation through extraArgs (which it does not
+    # interpret), reaches llama-server through the agent's own builder.
+    port = free_port()
+    argv = build_argv(
+        workload({"flashAttention": False, "extraArgs": ["--cache-type-v", "q8_0"]}),
+        options(llama_server_bin, tiny_model, port, mlock_style, dialect),
+    )
+    with pytest.raises(LlamaServerExited) as exited:
+        async with running_llama_server(list(argv), port=port, startup_timeout=30):
+            pytest.fail("llama-server served a quantized V cache without flash attention")
+    assert exited.value.returncode != 0
+    assert quoted in exited.value.stderr
+    assert quoted == "quantized V cache requires flash_attn to be enabled"
+
+
+async def test_flash_attention_off_with_quantized_k_only_serves(llama_server_bin, tiny_model, mlock_style, dialect):
+    """Only V is affected: validation lets a quantized K cache through, and so does llama-server."""
+    port = free_port()
+    argv = build_argv(workload({"flashAttention": False, "cacheTypeK": "q8_0"}),
+                      options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    async with running_llama_server(list(argv), port=port, startup_timeout=30):
+        pass
+
+
+TOOLS_REQUEST = {
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 2,
+    "tools": [{"type": "function", "function": {"name": "f", "description": "d",
+                                                "parameters": {"type": "object", "properties": {}}}}],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("jinja", "engine_on"), [(None, True), (False, False), (True, True)],
+                         ids=["unset", "false", "true"])
+async def test_jinja_false_turns_the_template_engine_off(jinja, engine_on, llama_server_bin, tiny_model,
+                                                          mlock_style, dialect):
+    """Unset now means "on" (the build's default), so false must be said: --no-jinja.
+
+    Tool calls need the Jinja engine; llama-server refuses them without it
+    ("tools param requires --jinja flag"), which shows which way it runs.
+    """
+    spec = {} if jinja is None else {"jinja": jinja}
+    port = free_port()
+    argv = build_argv(workload(spec), options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
+        async with http.post(f"{server.base_url}/v1/chat/completions", json=TOOLS_REQUEST) as resp:
+            body = await resp.text()
+            status = resp.status
+    if engine_on:
+        assert status == 200, body
+    else:
+        assert status != 200 and "tools param requires --jinja flag" in body

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from metal_agent.core.argv import AgentArgvOptions, build_argv
-from metal_agent.core.flags import MlockStyle
+from metal_agent.core.flags import VERBOSITY_FLAGS, MlockStyle
 from tests.support.manifests import gpu, workload
 
 OPTIONS = AgentArgvOptions(
@@ -51,6 +51,7 @@ def test_defaults():
         pytest.param({"flashAttention": True}, {}, ["--flash-attn", "on"], id="flashAttention-true"),
         pytest.param({"flashAttention": False}, {}, ["--flash-attn", "off"], id="flashAttention-false"),
         pytest.param({"jinja": True}, {}, ["--jinja"], id="jinja"),
+        pytest.param({"jinja": False}, {}, ["--no-jinja"], id="jinja-false-is-no-jinja"),
         pytest.param({"cacheTypeK": "q8_0"}, {}, ["--cache-type-k", "q8_0"], id="cacheTypeK"),
         pytest.param({"cacheTypeV": "q4_0"}, {}, ["--cache-type-v", "q4_0"], id="cacheTypeV"),
         pytest.param({"cacheTypeCustomK": "turbo3"}, {}, ["--cache-type-k", "turbo3"], id="cacheTypeCustomK"),
@@ -129,6 +130,8 @@ def test_field_maps_to_flag(isvc_spec, model_spec, expected):
         pytest.param({"reasoningBudget": 0}, "--reasoning-budget", id="reasoningBudget-0"),
         pytest.param({}, "--reasoning-budget-message", id="no-message"),
         pytest.param({"jinja": False}, "--jinja", id="jinja-false"),
+        pytest.param({}, "--no-jinja", id="jinja-unset-keeps-the-build-default"),
+        pytest.param({"jinja": True}, "--no-jinja", id="jinja-true"),
         pytest.param({"moeCPULayers": 0}, "--n-cpu-moe", id="moeCPULayers-0"),
         pytest.param({}, "--cpu-moe", id="no-moe"),
         pytest.param({}, "--rope-scaling", id="no-rope"),
@@ -243,3 +246,42 @@ def test_turboquant_sample():
         "--jinja",
         "--metrics",
     )  # fmt: skip
+
+
+VERBOSE = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
+
+
+def test_verbosity_4_is_passed_when_the_binary_has_the_option():
+    # Level 4 is where build 11434 logs the offload and buffer lines status.acceleration reads.
+    argv = argv_for({"extraArgs": ["--temp", "0.2"]}, options=VERBOSE)
+    assert has_run(argv, ["--metrics", "--verbosity", "4", "--temp", "0.2"])
+    assert argv.count("--verbosity") == 1
+
+
+def test_no_verbosity_flag_when_the_binary_lacks_it():
+    # An option the binary does not list would stop it at start-up.
+    assert not set(argv_for()) & set(VERBOSITY_FLAGS)
+
+
+def test_the_verbosity_flag_cannot_be_overridden_from_extra_args():
+    # The builder would append extraArgs after it; validation refuses every spelling first.
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.result import Invalid
+    from tests.support.manifests import isvc_doc, model_doc
+
+    for spelling in ("-lv", "--verbosity", "--log-verbosity", "--log_verbosity=1"):
+        assert isinstance(evaluate(isvc_doc(extraArgs=[spelling, "1"]), model_doc()), Invalid)
+
+
+def test_no_jinja_is_left_out_for_a_build_without_it():
+    # Such builds have the template engine off by default: saying nothing already means false.
+    old_build = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, no_jinja=False)
+    argv = argv_for({"jinja": False}, options=old_build)
+    assert "--no-jinja" not in argv and "--jinja" not in argv
+    assert "--jinja" in argv_for({"jinja": True}, options=old_build)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--verbose", "-v", "4", ""])
+def test_verbosity_flag_must_be_a_verbosity_spelling(flag):
+    with pytest.raises(ValueError):
+        AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)

@@ -76,7 +76,7 @@ OWNED_SPELLINGS = [
     "--metrics", "--mlock", "--load-mode", "-lm", "--path", "--media-path", "--slot-save-path",
     "--tools", "--tools=all", "--mcp-servers-config", "--ssl-key-file", "--ssl-cert-file",
     "--api-prefix", "--reuse-port", "--models-dir", "--models-preset", "--help", "-h", "--version",
-    "--list-devices",
+    "--list-devices", "-lv", "--verbosity", "--log-verbosity=5",
 ]  # fmt: skip
 
 CORPUS = [
@@ -99,6 +99,15 @@ CORPUS = [
     isvc_case("reasoningBudget-negative", spec(reasoningBudget=-5), "spec.reasoningBudget"),
     isvc_case("flashAttention-string", spec(flashAttention="yes"), "spec.flashAttention"),
     isvc_case("jinja-int", spec(jinja=1), "spec.jinja"),
+    isvc_case("jinja-string", spec(jinja="false"), "spec.jinja"),
+    isvc_case("jinja-null", spec(jinja=None), "spec.jinja"),
+    # --- flashAttention false with a quantized V cache: llama-server exits ------
+    isvc_case("flash-off-v-q8_0", spec(flashAttention=False, cacheTypeV="q8_0"), "spec.flashAttention"),
+    isvc_case("flash-off-v-q4_0-k-f16", spec(flashAttention=False, cacheTypeK="f16", cacheTypeV="q4_0"), "spec.flashAttention"),
+    isvc_case("flash-off-v-iq4_nl", spec(flashAttention=False, cacheTypeV="iq4_nl"), "spec.flashAttention"),
+    isvc_case("flash-off-custom-v-turbo3", spec(flashAttention=False, cacheTypeCustomV="turbo3"), "spec.flashAttention"),
+    isvc_case("flash-off-custom-v-wins-over-f16", spec(flashAttention=False, cacheTypeV="f16", cacheTypeCustomV="q8_0"),
+              "spec.flashAttention"),
     isvc_case("suspend-string", spec(suspend="false"), "spec.suspend"),
     isvc_case("evictionProtection-null", spec(evictionProtection=None), "spec.evictionProtection"),
     # --- enums ---------------------------------------------------------------
@@ -363,3 +372,20 @@ def _check(isvc: Any, model: Any) -> int:
     for outcome in (parse_inference_service(isvc), parse_model(model), evaluate(isvc, model)):
         assert isinstance(outcome, Parsed | Invalid | NotOurs)
     return 1
+
+
+def test_flash_attention_off_with_quantized_v_says_why_and_how_to_fix():
+    outcome = parse_inference_service(isvc_doc(flashAttention=False, cacheTypeK="q8_0", cacheTypeCustomV="turbo3"))
+    assert isinstance(outcome, Invalid)
+    (error,) = outcome.errors
+    assert error.path == "spec.flashAttention"
+    # The field that conflicts, llama-server's own words, and the way out.
+    assert "spec.cacheTypeCustomV: turbo3" in error.message
+    assert "quantized V cache requires flash_attn to be enabled" in error.message
+    assert "f16, bf16 or f32" in error.message
+
+
+@pytest.mark.parametrize("cache_v", ["f16", "f32", "bf16"])
+def test_flash_attention_off_with_a_float_v_cache_is_valid(cache_v):
+    outcome = parse_inference_service(isvc_doc(flashAttention=False, cacheTypeK="q8_0", cacheTypeCustomV=cache_v))
+    assert isinstance(outcome, Parsed), outcome

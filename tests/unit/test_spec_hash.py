@@ -80,7 +80,6 @@ def test_defaults_written_out_hash_like_defaults_left_implicit():
         contextSize=2048,
         parallelSlots=1,
         flashAttention=True,
-        jinja=False,
         cacheTypeK="",
         cacheTypeCustomV="",
         moeCPUOffload=False,
@@ -138,6 +137,7 @@ ARGV_CHANGES = [
     pytest.param({"parallelSlots": 2}, {}, id="parallelSlots"),
     pytest.param({"flashAttention": False}, {}, id="flashAttention"),
     pytest.param({"jinja": True}, {}, id="jinja"),
+    pytest.param({"jinja": False}, {}, id="jinja-false-is-no-jinja"),
     pytest.param({"moeCPUOffload": True}, {}, id="moeCPUOffload"),
     pytest.param({"moeCPULayers": 3}, {}, id="moeCPULayers"),
     pytest.param({"noKvOffload": True}, {}, id="noKvOffload"),
@@ -191,3 +191,33 @@ def test_equivalent_spellings_hash_alike():
         model_doc(hardware=gpu(count=2, sharding={"layerSplit": ["1", ".5"]})),
     )
     assert a == b
+
+
+# Digests computed by the agent before `jinja: false` started to render
+# `--no-jinja` (commit 31a9673). They are stored with every running
+# llama-server; a spec whose command line did not change must keep its digest,
+# or upgrading the agent would reload every model on the Mac for nothing.
+PINNED_DIGESTS = [
+    pytest.param({}, "0e228c6067608638aa66b4f6666755d731f7f6c8d64aef56bd5fc22cbe5d613b", id="defaults"),
+    pytest.param({"jinja": True}, "dfc640acde1a15786409cd9f6bf2bc9ac494102cb3a4a297ce9192d3318f26cb", id="jinja-true"),
+    pytest.param({"flashAttention": False}, "7792913f1545f2badeaeec720ea12feb6e75de5ed74cc0a6c4842f4af37e9944",
+                 id="flash-attention-off"),
+    pytest.param({"flashAttention": False, "cacheTypeK": "q8_0"},
+                 "e4ccbcf8b639056f745fad2422c539dd6e592e302eb644a9f6577ae8e48c272b", id="flash-off-quantized-k-only"),
+    pytest.param({"contextSize": 8192, "cacheTypeK": "q8_0", "cacheTypeV": "q8_0", "jinja": True, "parallelSlots": 2},
+                 "ad462ec4780f4f34a5b28540a9edfb0ac67fed67935dfa74c46ed1bb900f6ec6", id="typical"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("isvc_spec", "digest"), PINNED_DIGESTS)
+def test_unchanged_specs_keep_the_digest_of_the_previous_agent(isvc_spec, digest):
+    assert spec_hash(workload(isvc_spec)).value == digest
+
+
+def test_explicit_jinja_false_leaves_the_old_digest_because_its_process_changed():
+    # Before, `jinja: false` hashed like the defaults (both rendered no flag);
+    # now it renders --no-jinja, so the process it asks for is a different one.
+    unset, off, on = workload(), workload({"jinja": False}), workload({"jinja": True})
+    assert "--no-jinja" in build_argv(off, OPTIONS) and "--no-jinja" not in build_argv(unset, OPTIONS)
+    assert len({spec_hash(unset), spec_hash(off), spec_hash(on)}) == 3
+    assert spec_hash(off).value != "0e228c6067608638aa66b4f6666755d731f7f6c8d64aef56bd5fc22cbe5d613b"

@@ -21,7 +21,7 @@ from metal_agent.core.api import (
     SourceKind,
 )
 from metal_agent.core.claim import Ours, claim, evaluate, wanted_model
-from metal_agent.core.flags import MlockStyle, mlock_style_from_help, owned_flag
+from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help, owned_flag
 from metal_agent.core.quantity import quantity_to_bytes
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 from metal_agent.core.validation import parse_inference_service, parse_model
@@ -49,7 +49,8 @@ def test_defaults_are_llmkubes():
     spec = parsed_isvc().spec
     assert spec == InferenceServiceSpec(model_ref="tiny")
     assert (spec.replicas, spec.context_size, spec.batch_size, spec.parallel_slots) == (1, 2048, 2048, 1)
-    assert spec.flash_attention is True and spec.jinja is False
+    # jinja unset is None, not False: false now asks for --no-jinja, unset keeps llama-server's default.
+    assert spec.flash_attention is True and spec.jinja is None
     assert (spec.runtime, spec.mode, spec.priority) == (Runtime.LLAMACPP, Mode.CHAT, Priority.NORMAL)
     assert spec.ubatch_size is None and spec.rope_scaling is None
     assert spec.effective_cache_type_k is None and spec.effective_cache_type_v is None
@@ -66,6 +67,11 @@ def test_defaults_are_llmkubes():
         pytest.param({"parallelSlots": 64}, "parallel_slots", 64, id="parallelSlots"),
         pytest.param({"flashAttention": False}, "flash_attention", False, id="flashAttention"),
         pytest.param({"jinja": True}, "jinja", True, id="jinja"),
+        pytest.param({"jinja": False}, "jinja", False, id="jinja-false"),
+        pytest.param({"flashAttention": False, "cacheTypeK": "q4_0", "cacheTypeV": "f16"}, "flash_attention", False,
+                     id="flashAttention-off-quantized-K-only"),
+        pytest.param({"flashAttention": False, "cacheTypeCustomV": "bf16"}, "cache_type_custom_v", "bf16",
+                     id="flashAttention-off-bf16-V"),
         pytest.param({"cacheTypeK": "q8_0"}, "cache_type_k", CacheType.Q8_0, id="cacheTypeK"),
         pytest.param({"cacheTypeV": "iq4_nl"}, "cache_type_v", CacheType.IQ4_NL, id="cacheTypeV"),
         pytest.param({"cacheTypeK": ""}, "cache_type_k", None, id="cacheTypeK-empty"),
@@ -333,3 +339,33 @@ def test_mlock_style_from_help(help_text, style):
 )
 def test_ordinary_flags_and_values_are_not_owned(token):
     assert owned_flag(token) is None
+
+
+# Lines of `llama-server --help` from build 11434 (the binary the tests build), each verbatim.
+HELP_11434 = """\
+-lv,   --verbosity, --log-verbosity N   Set the verbosity threshold. Messages with a higher verbosity will be
+                                        ignored. Values:
+--jinja, --no-jinja                     whether to use jinja template engine for chat (default: enabled)
+                                        (env: LLAMA_ARG_JINJA)
+-lm,   --load-mode MODE                 model loading mode (default: auto)
+"""
+
+
+@pytest.mark.parametrize(
+    ("help_text", "dialect"),
+    [
+        pytest.param(HELP_11434, Dialect(MlockStyle.LOAD_MODE, "--verbosity", True), id="build-11434"),
+        pytest.param("--log-verbosity N  Set the verbosity threshold\n--jinja  use jinja template for chat\n--mlock",
+                     Dialect(MlockStyle.FLAG, "--log-verbosity", False), id="old-spelling-jinja-off-by-default"),
+        pytest.param("", Dialect(MlockStyle.FLAG, None, True), id="unknown"),
+        pytest.param("-v, --verbose, --log-verbose   Set verbosity level to infinity", Dialect(), id="only-verbose"),
+    ],
+)
+def test_dialect_from_help(help_text, dialect):
+    assert dialect_from_help(help_text) == dialect
+
+
+@pytest.mark.parametrize("token", ["-lv", "--verbosity", "--log-verbosity", "--log_verbosity", "-lv=1", "--verbosity=2"])
+def test_log_verbosity_is_owned_because_acceleration_depends_on_it(token):
+    reason = owned_flag(token)
+    assert reason is not None and "acceleration" in reason

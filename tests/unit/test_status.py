@@ -164,3 +164,61 @@ def test_merge_conditions_keeps_other_types():
     merged = merge_conditions(previous, [Condition("Available", True, "Ready")], T1, 4)
     assert [c["type"] for c in merged] == ["Available", "MemoryPressure"]
     assert merged[0]["observedGeneration"] == 4
+
+
+# --- partial offload: serving, but part of the model runs on the CPU (issue 13, item 1) ---
+
+PARTIAL = Acceleration("MTL0 (Apple M2 Max)", 30, 49)
+
+
+def _cond(status: dict, ctype: str) -> dict | None:
+    return next((c for c in status["conditions"] if c["type"] == ctype), None)
+
+
+def test_partial_offload_is_degraded_but_ready_in_full_mode():
+    inputs = StatusInputs(generation=1, wants_process=True, process=snap(State.READY, acceleration=PARTIAL))
+    status = compute_status(inputs, None, T0)
+    assert status["phase"] == "Ready"  # it serves; slower, not down
+    got = conds(status)
+    assert got["Available"] == ("True", "InferenceReady")
+    assert got["Degraded"] == ("True", "PartialOffload")
+    assert got["MetalProcessReady"] == ("True", "Ready")
+    assert _cond(status, "Degraded")["message"].startswith("partial offload 30/49 layers: 19 run on the CPU")
+    assert status["acceleration"] == {"device": "MTL0 (Apple M2 Max)", "layersOffloaded": 30, "layersTotal": 49}
+
+
+def test_partial_offload_is_said_in_the_agents_own_condition_when_shared():
+    inputs = StatusInputs(generation=1, wants_process=True, shared=True,
+                          process=snap(State.READY, acceleration=PARTIAL))
+    status = compute_status(inputs, None, T0)
+    process = _cond(status, "MetalProcessReady")
+    assert (process["status"], process["reason"]) == ("True", "Ready")
+    assert process["message"].startswith("partial offload 30/49 layers: ")
+    assert "memory" in process["message"] and "serving on port 8081" in process["message"]
+    assert _cond(status, "Degraded") is None  # LLMKube's condition type: its controller's to write
+
+
+@pytest.mark.parametrize(
+    "accel",
+    [Acceleration("MTL0 (Apple M2 Max)", 49, 49), Acceleration("CPU", 0, 49), Acceleration("CPU", 0, 0), None],
+    ids=["full", "none-offloaded", "cpu-build", "unknown"],
+)
+def test_only_a_partial_offload_degrades(accel):
+    inputs = StatusInputs(generation=1, wants_process=True, process=snap(State.READY, acceleration=accel))
+    status = compute_status(inputs, None, T0)
+    assert _cond(status, "Degraded") is None
+    assert _cond(status, "MetalProcessReady")["message"] == "llama-server is serving on port 8081"
+
+
+def test_partial_offload_the_model_asked_for_is_not_a_shortfall():
+    # spec.hardware.gpu.layers 30 asked for exactly this split (and 20 for less); 40, all (0) or auto (-1) got less.
+    for asked, degraded in ((30, False), (20, False), (40, True), (0, True), (-1, True)):
+        inputs = StatusInputs(generation=1, wants_process=True, gpu_layers=asked,
+                              process=snap(State.READY, acceleration=PARTIAL))
+        assert (_cond(compute_status(inputs, None, T0), "Degraded") is not None) is degraded, asked
+
+
+def test_an_invalid_spec_outranks_a_partial_offload():
+    inputs = StatusInputs(generation=2, wants_process=True, spec_errors=("spec.extraArgs[0]: owned",),
+                          process=snap(State.READY, acceleration=PARTIAL))
+    assert conds(compute_status(inputs, None, T0))["Degraded"] == ("True", "InvalidSpec")
