@@ -54,10 +54,14 @@ install-powermetrics-sudo: ## Grant this user password-less sudo for the exact p
 uninstall-powermetrics-sudo: ## Remove that grant
 	scripts/uninstall-powermetrics-sudo.sh
 
+# agent: a LaunchAgent (runs while you are logged in at the GUI); daemon: a
+# LaunchDaemon that starts at boot and runs as you (headless Macs, SSH installs).
+MODE ?= agent
+
 .PHONY: install-metal-agent
-install-metal-agent: ## Install (or upgrade) the agent as a LaunchAgent: own venv, plist, launchctl bootstrap + kickstart
-	scripts/install-metal-agent.sh
+install-metal-agent: ## Install (or upgrade) the agent: own venv, plist, launchctl bootstrap + kickstart (MODE=daemon: a LaunchDaemon for headless Macs)
+	scripts/install-metal-agent.sh --mode "$(MODE)"
 
 .PHONY: uninstall-metal-agent
-uninstall-metal-agent: ## Unload the LaunchAgent, remove its plist and venv (STOP_MODELS=1 also stops llama-servers)
+uninstall-metal-agent: ## Unload the LaunchAgent or LaunchDaemon, remove its plist and venv (STOP_MODELS=1 also stops llama-servers)
 	scripts/uninstall-metal-agent.sh

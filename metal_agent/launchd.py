@@ -1,10 +1,27 @@
-"""The LaunchAgent job that runs `metal-agent run` at login and restarts it on failure.
+"""The launchd job that runs `metal-agent run` and restarts it on failure.
+
+Two modes, one job (label ``com.llmkube.metal-agent``, never both at once):
+
+- **agent** (default): a LaunchAgent in ``~/Library/LaunchAgents``, loaded
+  into ``gui/<uid>``. It runs only while the user is logged in at the GUI,
+  and ``launchctl bootstrap gui/<uid>`` fails over SSH with no GUI session
+  (``Bootstrap failed: 125: Domain does not support specified action``).
+- **daemon**: a LaunchDaemon in ``/Library/LaunchDaemons``, loaded into the
+  ``system`` domain at boot, before anyone logs in (a Mac Studio that
+  reboots after a power cut with FileVault and no auto-login). ``UserName``
+  makes launchd run it as the installing user, never as root, so its
+  files, models and kubeconfig stay in that user's ``~/Library`` and the
+  agent keeps least privilege; ``HOME`` is set to that user's home so every
+  ``~`` default resolves there too (launchd.plist(5): ``UserName`` applies
+  only to jobs in the system domain; without ``GroupName`` the job runs
+  with the user's primary group).
 
 The plist is built here with `plistlib`, the single source of truth: the
 install script renders it through `metal-agent render-plist`, and
-`launchd/com.llmkube.metal-agent.plist.example` is only a rendered copy for
-readers (a unit test keeps it in sync; regenerate it with the command in
-that test's docstring). Building the dictionary in code rather than filling
+`launchd/com.llmkube.metal-agent.plist.example` (agent) and
+`launchd/com.llmkube.metal-agent.daemon.plist.example` (daemon) are only
+rendered copies for readers (unit tests keep them in sync; regenerate them
+with the commands in those tests' docstrings). Building the dictionary in code rather than filling
 a text template means paths with spaces, `&` or `<` can never produce a
 broken or different plist.
 
@@ -30,10 +47,12 @@ Why each key (see launchd.plist(5)):
   are what log shippers parse.
 - ``WorkingDirectory``: the state directory, never ``/`` (launchd's default),
   so nothing stray is written at the root of the disk.
+- Daemon only: ``UserName`` and ``HOME``/``USER``/``LOGNAME`` (see above).
 """
 
 from __future__ import annotations
 
+import enum
 import plistlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -42,6 +61,8 @@ from metal_agent.core.names import is_dns1123_label
 
 LABEL = "com.llmkube.metal-agent"
 PLIST_NAME = f"{LABEL}.plist"
+LAUNCH_AGENTS_DIR = "Library/LaunchAgents"  # under the user's home
+LAUNCH_DAEMONS_DIR = "/Library/LaunchDaemons"
 AGENT_LOG_NAME = "agent.log"
 THROTTLE_INTERVAL_S = 30
 # Homebrew on Apple Silicon, then Intel, then the system directories.
@@ -51,6 +72,25 @@ LAUNCHD_PATH = "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 class LaunchdConfigError(ValueError):
     """Settings that would give launchd a job it cannot run as intended."""
+
+
+class Mode(enum.Enum):
+    """Where launchd keeps the job: the user's GUI session, or the system domain."""
+
+    AGENT = "agent"
+    DAEMON = "daemon"
+
+
+def service_target(mode: Mode, uid: int) -> str:
+    """The launchctl service target of the job in `mode` (``gui/501/com.llmkube.metal-agent``)."""
+    return f"system/{LABEL}" if mode is Mode.DAEMON else f"gui/{uid}/{LABEL}"
+
+
+def plist_path(mode: Mode, home: str) -> str:
+    """Where the job's plist lives in `mode`; `home` is the installing user's home."""
+    if mode is Mode.DAEMON:
+        return str(PurePosixPath(LAUNCH_DAEMONS_DIR) / PLIST_NAME)
+    return str(PurePosixPath(home) / LAUNCH_AGENTS_DIR / PLIST_NAME)
 
 
 @dataclass(frozen=True)
@@ -68,6 +108,10 @@ class LaunchAgentSettings:
     namespaces: tuple[str, ...] = ()
     llama_server: str | None = None
     extra_args: tuple[str, ...] = ()
+    mode: Mode = Mode.AGENT
+    # Daemon mode only: the user launchd runs the job as, and that user's home.
+    user_name: str | None = None
+    home: str | None = None
 
     def __post_init__(self) -> None:
         for flag, value in (
@@ -76,6 +120,7 @@ class LaunchAgentSettings:
             ("--state-dir", self.state_dir),
             ("--kubeconfig", self.kubeconfig),
             ("--llama-server", self.llama_server),
+            ("--home", self.home),
         ):
             if value is not None and not PurePosixPath(value).is_absolute():
                 raise LaunchdConfigError(f"{flag} must be an absolute path (launchd does not expand ~), got {value!r}")
@@ -83,9 +128,18 @@ class LaunchAgentSettings:
             if not is_dns1123_label(namespace):
                 raise LaunchdConfigError(f"--namespace {namespace!r} is not a valid namespace name")
         for value in (self.agent_path, self.log_dir, self.state_dir, self.kubeconfig, self.llama_server,
-                      *self.namespaces, *self.extra_args):
+                      self.user_name, self.home, *self.namespaces, *self.extra_args):
             if value is not None and "\0" in value:
                 raise LaunchdConfigError("arguments cannot contain NUL characters")
+        if self.mode is Mode.DAEMON:
+            # A daemon without UserName runs as root: the agent would then own
+            # root's files and run every llama-server as root. Never.
+            if not self.user_name or self.user_name == "root":
+                raise LaunchdConfigError("daemon mode needs --user-name, a user other than root, to run the agent as")
+            if not self.home:
+                raise LaunchdConfigError("daemon mode needs --home, the home of the user it runs as")
+        elif self.user_name is not None:
+            raise LaunchdConfigError("--user-name applies only to daemon mode (a LaunchAgent runs as its user)")
 
 
 def agent_log_path(settings: LaunchAgentSettings) -> str:
@@ -107,7 +161,14 @@ def program_arguments(settings: LaunchAgentSettings) -> list[str]:
 def job(settings: LaunchAgentSettings) -> dict[str, object]:
     """The job as a dictionary (what `render_plist` serialises)."""
     log_path = agent_log_path(settings)
+    env = {"PATH": LAUNCHD_PATH, "METAL_AGENT_LOG_FORMAT": "json"}
+    extra: dict[str, object] = {}
+    if settings.mode is Mode.DAEMON:
+        assert settings.user_name is not None and settings.home is not None  # checked in __post_init__
+        extra["UserName"] = settings.user_name
+        env.update(HOME=settings.home, USER=settings.user_name, LOGNAME=settings.user_name)
     return {
+        **extra,
         "Label": LABEL,
         "ProgramArguments": program_arguments(settings),
         "RunAtLoad": True,
@@ -118,10 +179,10 @@ def job(settings: LaunchAgentSettings) -> dict[str, object]:
         "WorkingDirectory": settings.state_dir,
         "StandardOutPath": log_path,
         "StandardErrorPath": log_path,
-        "EnvironmentVariables": {"PATH": LAUNCHD_PATH, "METAL_AGENT_LOG_FORMAT": "json"},
+        "EnvironmentVariables": env,
     }
 
 
 def render_plist(settings: LaunchAgentSettings) -> bytes:
-    """The LaunchAgent plist as XML bytes (deterministic: keys sorted)."""
+    """The job's plist as XML bytes (deterministic: keys sorted)."""
     return plistlib.dumps(job(settings), fmt=plistlib.FMT_XML, sort_keys=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Remove the metal-agent LaunchAgent installed by install-metal-agent.sh:
-# unload it (launchctl bootout), delete its plist and its venv.
+# unload it (launchctl bootout), delete its plist and its venv. A LaunchDaemon
+# (install MODE=daemon) is unloaded and deleted too, through sudo.
 #
 # llama-servers keep running by default (as on any agent restart), and the
 # process records and logs stay, so a later install adopts them without
@@ -8,13 +9,14 @@
 # stop-all`, which signals only processes it can prove the agent started.
 #
 # Environment: STOP_MODELS=1; METAL_AGENT_VENV (the venv an install was told
-# to use: used for stop-all, never deleted); METAL_AGENT_INSTALL_ROOT and
-# LAUNCHCTL as for install-metal-agent.sh (required off macOS).
+# to use: used for stop-all, never deleted); METAL_AGENT_INSTALL_ROOT,
+# LAUNCHCTL and SUDO as for install-metal-agent.sh (the first two required
+# off macOS).
 set -euo pipefail
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,12s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+  -h|--help) sed -n '2,14s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
   *) echo "unknown argument: $1" >&2; exit 2 ;;
 esac
 
@@ -35,6 +37,20 @@ if [[ "$stop_models" == 1 && ! -x "$agent" ]]; then
 fi
 
 # Unload first, so the agent cannot start anything again meanwhile.
+daemon_plist="$install_root/Library/LaunchDaemons/$label.plist"  # /Library/LaunchDaemons outside prefix mode
+if [[ -e "$daemon_plist" ]]; then
+  sudo_cmd="${SUDO-}"
+  if [[ -z "$install_root" && -z "$sudo_cmd" ]]; then sudo_cmd=sudo; fi
+  as_root() { if [[ -n "$sudo_cmd" ]]; then "$sudo_cmd" "$@"; else "$@"; fi; }
+  if bootout_err="$(as_root "$launchctl" bootout "system/$label" 2>&1)"; then
+    echo "unloaded system/$label"
+  elif "$launchctl" print "system/$label" >/dev/null 2>&1; then
+    echo "launchctl bootout system/$label failed and the daemon is still loaded: $bootout_err" >&2
+    exit 1
+  fi
+  as_root rm -f -- "$daemon_plist"
+  echo "removed $daemon_plist"
+fi
 if bootout_err="$("$launchctl" bootout "$service" 2>&1)"; then
   echo "unloaded $service"
 elif "$launchctl" print "$service" >/dev/null 2>&1; then

@@ -8,7 +8,10 @@ delays the lookup of another (LLMKube's agent downloaded inside its one
 loop, so one slow model stalled every service).
 
 Sources:
-* `file://` and absolute paths: used in place.
+* `file://` and absolute paths: used in place. A file the agent may not
+  open is refused with what to do; under ~/Desktop, ~/Documents,
+  ~/Downloads or on a volume in /Volumes the message says it is macOS
+  privacy protection (TCC) that refuses it (see `privacy_protected_folder`).
 * `http(s)://` and `hf://org/repo[@rev]/path/file.gguf`: downloaded into
   `<cache>/<sha256(url)[:16]>/<file name>` by `adapters.downloads`, one task
   per destination however many services wait for it. An optional bearer
@@ -32,9 +35,10 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import aiohttp
@@ -81,19 +85,76 @@ class ModelPending:
 Lookup = ModelReady | ModelPending | Blocker
 
 
+# Folders of the home that macOS privacy protection (TCC) keeps from processes
+# launchd starts: open(2) and stat(2) fail with EPERM ("Operation not
+# permitted") unless the process was granted access, which an agent started
+# by launchd never is by a dialog (nobody sees it). Volumes in /Volumes
+# (external disks, network shares) are protected the same way.
+PRIVACY_PROTECTED_FOLDERS = ("Desktop", "Documents", "Downloads")
+
+
+def privacy_protected_folder(path: Path | str, home: Path | str | None = None) -> str | None:
+    """The TCC-protected place `path` is in ("~/Downloads", "/Volumes/Models"), or None.
+
+    Both the path as written and where its symlinks lead are checked: a
+    link from an open folder into ~/Downloads is refused all the same. The
+    volume check uses only the resolved path, because "/Volumes/Macintosh
+    HD" is a link to the (unprotected) boot volume.
+    """
+    home_dir = PurePosixPath(os.path.abspath(home if home is not None else Path.home()))
+    written, resolved = PurePosixPath(os.path.abspath(path)), PurePosixPath(os.path.realpath(path))
+    for candidate in (written, resolved):
+        for name in PRIVACY_PROTECTED_FOLDERS:
+            folder = home_dir / name
+            if candidate == folder or folder in candidate.parents:
+                return f"~/{name}"
+    parts = resolved.parts
+    if len(parts) >= 3 and parts[1] == "Volumes":
+        return f"/Volumes/{parts[2]}"
+    return None
+
+
+def privacy_hint(path: Path | str, home: Path | str | None = None) -> str | None:
+    """What to tell the user when the file at `path` could not be opened, if TCC is the likely cause."""
+    folder = privacy_protected_folder(path, home)
+    if folder is None:
+        return None
+    where = f"the volume {folder}" if folder.startswith("/Volumes/") else folder
+    python = os.path.realpath(sys.executable)
+    return (f"{where} is protected by macOS privacy protection (TCC), which refuses it to processes "
+            f"started by launchd unless they have Full Disk Access. Fix: move the model out of {where} "
+            f"(e.g. into ~/Library/Caches/metal-agent/models, or any folder outside Desktop, Documents, "
+            f"Downloads and external volumes) and update spec.source, or grant Full Disk Access "
+            f"(System Settings > Privacy & Security > Full Disk Access) to the agent's Python ({python}) "
+            f"and to llama-server (its path is in `metal-agent doctor`), then restart the agent")
+
+
+def _unreadable(path: Path, err: OSError) -> Blocker:
+    hint = privacy_hint(path) if isinstance(err, PermissionError) else None
+    if hint is not None:
+        return Blocker("ModelUnreadable", f"model file {path}: {err.strerror}: {hint}")
+    if isinstance(err, PermissionError):
+        return Blocker("ModelUnreadable", f"model file {path} is not readable by the agent's user: {err.strerror}")
+    return Blocker("ModelUnreadable", f"model file {path}: {err.strerror}")
+
+
 def _check_local_file(path: Path) -> Blocker | None:
     try:
         st = path.stat()
     except FileNotFoundError:
         return Blocker("ModelNotFound", f"model file {path} does not exist on this Mac")
     except OSError as err:
-        return Blocker("ModelUnreadable", f"model file {path}: {err.strerror}")
+        return _unreadable(path, err)
     if stat.S_ISDIR(st.st_mode):
         return Blocker("ModelSourceInvalid", f"{path} is a directory; llama-server needs a single .gguf file")
     if not stat.S_ISREG(st.st_mode):
         return Blocker("ModelSourceInvalid", f"{path} is not a regular file")
-    if not os.access(path, os.R_OK):
-        return Blocker("ModelUnreadable", f"model file {path} is not readable by the agent's user")
+    # Open it rather than ask access(2): access answers from the mode bits for
+    # the real uid and says yes to a file TCC refuses; open is what llama-server meets.
+    try:
+        os.close(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except OSError as err:
+        return _unreadable(path, err)
     return None
 
 
@@ -436,4 +497,5 @@ def read_gguf_header(path: Path, first: int = HEADER_FIRST_READ, limit: int = HE
                     return GGUFError(f"the GGUF metadata is larger than {limit >> 20} MiB; not reading further"), size
                 want = min(limit, max(2 * len(data), (header.needed or 0) + (1 << 20)))
     except OSError as err:
-        return GGUFError(f"cannot read {path}: {err.strerror or err}"), 0
+        hint = privacy_hint(path) if isinstance(err, PermissionError) else None
+        return GGUFError(f"cannot read {path}: {err.strerror or err}" + (f": {hint}" if hint else "")), 0

@@ -1,7 +1,8 @@
 """`metal-agent render-plist` and `metal-agent stop-all`: the install lifecycle's Python half.
 
-``scripts/install-metal-agent.sh`` renders the LaunchAgent plist through
-``render-plist`` (so the plist is built in one place, `metal_agent.launchd`,
+``scripts/install-metal-agent.sh`` renders the launchd plist (a LaunchAgent,
+or with ``--mode daemon`` a LaunchDaemon that runs as the installing user)
+through ``render-plist`` (so the plist is built in one place, `metal_agent.launchd`,
 never by shell string pasting), and ``scripts/uninstall-metal-agent.sh``
 with ``STOP_MODELS=1`` calls ``stop-all``. Both are also usable by hand:
 ``render-plist`` shows exactly what would be installed.
@@ -23,11 +24,17 @@ from typing import Annotated
 
 import typer
 
-from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError
+from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError, Mode
 from metal_agent.launchd import render_plist as _render_plist
 from metal_agent.paths import default_paths
 
 __all__ = ["render_plist", "stop_all"]
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def _absolute(path: Path) -> str:
@@ -65,13 +72,23 @@ def render_plist(
     log_dir: Annotated[Path | None, typer.Option(help="Agent and llama-server logs (default: ~/Library/Logs/metal-agent).")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Process records and working directory (default: ~/Library/Application Support/metal-agent).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="File to write (atomically), or '-' for stdout.")] = "-",
+    mode: Annotated[Mode, typer.Option(help="agent: a LaunchAgent (runs while you are logged in at the GUI); daemon: a LaunchDaemon that starts at boot and runs as --user-name.")] = Mode.AGENT,
+    user_name: Annotated[str | None, typer.Option(help="Daemon mode: the user the agent runs as (default: you).")] = None,
+    home: Annotated[Path | None, typer.Option(help="Daemon mode: that user's home, where the agent's files live (default: yours).")] = None,
 ) -> None:
-    """Print the LaunchAgent plist (com.llmkube.metal-agent) that runs `metal-agent run`.
+    """Print the launchd plist (com.llmkube.metal-agent) that runs `metal-agent run`.
 
     Directories default to the macOS layout whatever the host, since only
-    launchd reads this file.
+    launchd reads this file. With ``--mode daemon`` the job is a LaunchDaemon
+    for /Library/LaunchDaemons that launchd runs as ``--user-name`` (never
+    root), with that user's home, so files and models stay in their ~/Library.
     """
-    mac = default_paths(platform="darwin")
+    daemon = mode is Mode.DAEMON
+    if not daemon and (user_name is not None or home is not None):
+        typer.echo("error: --user-name and --home apply only to --mode daemon", err=True)
+        raise typer.Exit(2)
+    home_dir = _absolute(home) if home else str(Path.home())
+    mac = default_paths(home=Path(home_dir), platform="darwin")
     if agent_path is None:
         agent_path = _default_agent_path()
         if not os.access(agent_path, os.X_OK):
@@ -86,6 +103,9 @@ def render_plist(
             namespaces=tuple(namespace or ()),
             llama_server=_absolute(llama_server) if llama_server else None,
             extra_args=tuple(extra_arg or ()),
+            mode=mode,
+            user_name=(user_name or _current_user()) if daemon else None,
+            home=home_dir if daemon else None,
         )
     except LaunchdConfigError as exc:
         typer.echo(f"error: {exc}", err=True)

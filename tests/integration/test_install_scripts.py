@@ -31,16 +31,35 @@ LABEL = "com.llmkube.metal-agent"
 UID = os.getuid()
 SERVICE = f"gui/{UID}/{LABEL}"
 
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def fixture_text(relative: str) -> str:
+    """A fixture's recorded output, without its leading '#' source comment."""
+    lines = (FIXTURES / relative).read_text().splitlines(keepends=True)
+    return "".join(line for line in lines if not line.startswith("#"))
+
+
+# Real launchctl output for a LaunchAgent bootstrapped with no GUI session (SSH):
+# see tests/fixtures/launchctl/README.md for its sources.
+NO_GUI_BOOTSTRAP = fixture_text("launchctl/bootstrap-125-no-gui-session.txt").strip()
+
 STAND_IN_LAUNCHCTL = textwrap.dedent(f'''\
     #!{sys.executable}
     """A stand-in for macOS's launchctl, which cannot exist on Linux.
 
     It appends its argv to $LAUNCHCTL_CALLS (one JSON list per line) and keeps
-    the one thing the scripts depend on, whether the job is loaded, in a
-    marker file, answering like launchctl does: `print` exits 113 when the
-    job is not loaded, `bootstrap` of a loaded job fails with 5, `bootout` of
-    a job that is not loaded fails with 3. `bootstrap` also parses the plist,
-    as launchd would.
+    the one thing the scripts depend on, whether the job is loaded in a
+    domain (gui/UID or system), in a marker file per domain, answering like
+    launchctl does: `print` exits 113 when the job is not loaded, `bootstrap`
+    of a loaded job fails with 5, `bootout` of a job that is not loaded fails
+    with 3. `bootstrap` also parses the plist, as launchd would.
+
+    The system domain changes only for root, which here means "came through
+    the stand-in sudo" (it sets SUDO_UID, as sudo does). With
+    LAUNCHCTL_NO_GUI=1 there is no GUI login session: gui/UID answers as
+    macOS does over SSH, `Bootstrap failed: 125` (recorded text, see
+    tests/fixtures/launchctl/).
     """
     import json, os, plistlib, sys
     from pathlib import Path
@@ -48,31 +67,71 @@ STAND_IN_LAUNCHCTL = textwrap.dedent(f'''\
     args = sys.argv[1:]
     with open(os.environ["LAUNCHCTL_CALLS"], "a") as log:
         log.write(json.dumps(args) + "\\n")
-    loaded = Path(os.environ["LAUNCHCTL_CALLS"] + ".loaded")
-    service = "gui/{UID}/{LABEL}"
-    if args == ["print", service]:
-        if not loaded.exists():
+    gui, system = "gui/{UID}", "system"
+    markers = {{gui: Path(os.environ["LAUNCHCTL_CALLS"] + ".loaded"),
+               system: Path(os.environ["LAUNCHCTL_CALLS"] + ".loaded.system")}}
+    no_gui = os.environ.get("LAUNCHCTL_NO_GUI") == "1"
+    root = "SUDO_UID" in os.environ
+
+    def split(target):
+        domain, _, label = target.rpartition("/")
+        if domain not in markers or label != "{LABEL}":
+            print("stand-in launchctl: unexpected target", target, file=sys.stderr)
+            sys.exit(64)
+        return domain
+
+    def needs_root(domain):
+        if domain == system and not root:
+            print("stand-in launchctl: changing the system domain needs root (sudo)", file=sys.stderr)
+            sys.exit(1)
+
+    if len(args) == 2 and args[0] == "print":
+        domain = split(args[1])
+        if domain == gui and no_gui:
+            print("Domain does not support specified action", file=sys.stderr)
+            sys.exit(125)
+        if not markers[domain].exists():
             print("Could not find service \\"{LABEL}\\" in domain for port", file=sys.stderr)
             sys.exit(113)
-        print(service + " = {{\\n\\tstate = running\\n}}")
-    elif args[:2] == ["bootstrap", "gui/{UID}"] and len(args) == 3:
+        print(args[1] + " = {{\\n\\tstate = running\\n}}")
+    elif len(args) == 3 and args[0] == "bootstrap" and args[1] in markers:
+        domain = args[1]
+        needs_root(domain)
+        if domain == gui and no_gui:
+            print({NO_GUI_BOOTSTRAP!r}, file=sys.stderr)
+            sys.exit(125)
         job = plistlib.loads(Path(args[2]).read_bytes())
         assert job["Label"] == "{LABEL}"
-        if loaded.exists():
+        if markers[domain].exists():
             print("Bootstrap failed: 5: Input/output error", file=sys.stderr)
             sys.exit(5)
-        loaded.write_text(args[2])
-    elif args == ["bootout", service]:
-        if not loaded.exists():
+        markers[domain].write_text(args[2])
+    elif len(args) == 2 and args[0] == "bootout":
+        domain = split(args[1])
+        needs_root(domain)
+        if not markers[domain].exists():
             print("Boot-out failed: 3: No such process", file=sys.stderr)
             sys.exit(3)
-        loaded.unlink()
-    elif args == ["kickstart", "-k", service]:
-        if not loaded.exists():
+        markers[domain].unlink()
+    elif len(args) == 3 and args[:2] == ["kickstart", "-k"]:
+        domain = split(args[2])
+        needs_root(domain)
+        if not markers[domain].exists():
             sys.exit(113)
     else:
         print("stand-in launchctl: unexpected call", args, file=sys.stderr)
         sys.exit(64)
+''')
+
+STAND_IN_SUDO = textwrap.dedent(f'''\
+    #!{sys.executable}
+    """A stand-in for sudo: records its argv in $SUDO_CALLS and runs it, marked as root (SUDO_UID)."""
+    import json, os, sys
+
+    with open(os.environ["SUDO_CALLS"], "a") as log:
+        log.write(json.dumps(sys.argv[1:]) + "\\n")
+    os.environ["SUDO_UID"] = str(os.getuid())
+    os.execvp(sys.argv[1], sys.argv[1:])
 ''')
 
 
@@ -88,7 +147,12 @@ class Mac:
         self.launchctl = tmp_path / "launchctl"
         self.launchctl.write_text(STAND_IN_LAUNCHCTL)
         self.launchctl.chmod(0o755)
+        self.sudo_calls_file = tmp_path / "sudo.calls"
+        self.sudo = tmp_path / "sudo"
+        self.sudo.write_text(STAND_IN_SUDO)
+        self.sudo.chmod(0o755)
         self.plist = self.root / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+        self.daemon_plist = self.root / "Library" / "LaunchDaemons" / f"{LABEL}.plist"
         self.state = self.root / "Library" / "Application Support" / "metal-agent"
         self.logs = self.root / "Library" / "Logs" / "metal-agent"
 
@@ -96,7 +160,8 @@ class Mac:
         return {
             "PATH": os.environ["PATH"], "HOME": str(self.real_home), "LAUNCHCTL_CALLS": str(self.calls_file),
             "METAL_AGENT_INSTALL_ROOT": str(self.root), "LAUNCHCTL": str(self.launchctl),
-            "METAL_AGENT_VENV": sys.prefix, **extra,
+            "METAL_AGENT_VENV": sys.prefix, "SUDO": str(self.sudo), "SUDO_CALLS": str(self.sudo_calls_file),
+            **extra,
         }  # fmt: skip
 
     def run(self, script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -111,8 +176,16 @@ class Mac:
         self.calls_file.write_text("")
         return [json.loads(line) for line in lines]
 
-    def job(self) -> dict:
-        return plistlib.loads(self.plist.read_bytes())
+    def sudo_calls(self) -> list[list[str]]:
+        """The commands run through sudo since the last time this was asked."""
+        if not self.sudo_calls_file.exists():
+            return []
+        lines = self.sudo_calls_file.read_text().splitlines()
+        self.sudo_calls_file.write_text("")
+        return [json.loads(line) for line in lines]
+
+    def job(self, plist: Path | None = None) -> dict:
+        return plistlib.loads((plist or self.plist).read_bytes())
 
 
 @pytest.fixture
@@ -232,3 +305,100 @@ def test_stop_models_needs_the_agent(mac: Mac):
     result = mac.run(UNINSTALL, env=mac.env(STOP_MODELS="1", METAL_AGENT_VENV=str(mac.root / "no-venv")))
     assert result.returncode == 1 and "nothing was changed" in result.stderr
     assert mac.calls() == []
+
+
+# --- daemon mode (MODE=daemon): a LaunchDaemon in the system domain, run as the user ---------
+
+SYSTEM_SERVICE = f"system/{LABEL}"
+
+
+def test_daemon_install_switch_and_uninstall(mac: Mac):
+    """The daemon's root steps go through sudo, it runs as the user, and the two modes never coexist."""
+    env = mac.env(METAL_AGENT_USER="you")
+    launchctl = str(mac.launchctl)
+    result = mac.run(INSTALL, "--mode", "daemon", "--", "--threads", "8", env=env)
+    assert result.returncode == 0, result.stderr
+    assert mac.calls() == [["print", SERVICE], ["print", SYSTEM_SERVICE],
+                           ["bootstrap", "system", str(mac.daemon_plist)], ["kickstart", "-k", SYSTEM_SERVICE]]
+    sudo = mac.sudo_calls()
+    assert [launchctl, "bootstrap", "system", str(mac.daemon_plist)] in sudo
+    assert [launchctl, "kickstart", "-k", SYSTEM_SERVICE] in sudo
+    staged = str(mac.daemon_plist.parent / f".{LABEL}.new")
+    assert ["chmod", "644", staged] in sudo and ["mv", "-f", staged, str(mac.daemon_plist)] in sudo
+    job = mac.job(mac.daemon_plist)
+    assert job["UserName"] == "you" and job["EnvironmentVariables"]["HOME"] == str(mac.root)
+    assert job["ProgramArguments"][-2:] == ["--threads", "8"]
+    assert job["StandardOutPath"] == str(mac.logs / "agent.log")
+    assert (mac.logs / "agent.log").exists()  # made by the user before launchd (root) opens it
+    assert oct(mac.daemon_plist.stat().st_mode & 0o777) == oct(0o644)
+    assert not mac.plist.exists()
+    assert [p.name for p in mac.daemon_plist.parent.iterdir()] == [mac.daemon_plist.name]
+    assert list(mac.plist.parent.iterdir()) == []  # no staging file left
+    assert f"running as {SYSTEM_SERVICE}" in result.stdout and "runs as you" in result.stdout
+
+    # Unchanged: only a restart.
+    result = mac.run(INSTALL, "--mode", "daemon", "--", "--threads", "8", env=env)
+    assert result.returncode == 0, result.stderr
+    assert mac.calls() == [["print", SERVICE], ["print", SYSTEM_SERVICE], ["kickstart", "-k", SYSTEM_SERVICE]]
+
+    # Back to a LaunchAgent: the daemon is unloaded and its plist removed first.
+    result = mac.run(INSTALL, env=env)
+    assert result.returncode == 0, result.stderr
+    assert mac.calls() == [["bootout", SYSTEM_SERVICE], ["print", SERVICE], [*BOOTSTRAP, str(mac.plist)], KICKSTART]
+    assert [launchctl, "bootout", SYSTEM_SERVICE] in mac.sudo_calls()
+    assert not mac.daemon_plist.exists() and mac.plist.exists()
+    assert "switching to agent mode" in result.stdout
+
+    # And to a daemon again: the loaded LaunchAgent goes, and so does its plist (or the
+    # next GUI login would start a second agent).
+    result = mac.run(INSTALL, "--mode=daemon", env=env)
+    assert result.returncode == 0, result.stderr
+    assert mac.calls() == [["print", SERVICE], ["bootout", SERVICE], ["print", SYSTEM_SERVICE],
+                           ["bootstrap", "system", str(mac.daemon_plist)], ["kickstart", "-k", SYSTEM_SERVICE]]
+    assert not mac.plist.exists() and mac.daemon_plist.exists()
+    assert "switching to daemon mode" in result.stdout
+
+    result = mac.run(UNINSTALL, env=env)
+    assert result.returncode == 0, result.stderr
+    assert mac.calls() == [["bootout", SYSTEM_SERVICE], ["bootout", SERVICE], ["print", SERVICE]]
+    assert [launchctl, "bootout", SYSTEM_SERVICE] in mac.sudo_calls()
+    assert not mac.daemon_plist.exists()
+    assert f"unloaded {SYSTEM_SERVICE}" in result.stdout and f"removed {mac.daemon_plist}" in result.stdout
+    assert list(mac.real_home.iterdir()) == []
+
+
+def test_agent_install_over_ssh_explains_daemon_mode(mac: Mac):
+    """No GUI session: launchctl's real `Bootstrap failed: 125` ends the install at once with both ways out."""
+    no_gui = mac.env(LAUNCHCTL_NO_GUI="1", METAL_AGENT_USER="you")
+    result = mac.run(INSTALL, env=no_gui)
+    assert result.returncode == 1
+    assert NO_GUI_BOOTSTRAP in result.stderr
+    assert "make install-metal-agent MODE=daemon" in result.stderr
+    assert "log in to this Mac at its screen" in result.stderr
+    assert mac.calls() == [["print", SERVICE], [*BOOTSTRAP, str(mac.plist)]]  # one try, not ten
+
+    # The way out it names works without a GUI session, and removes the orphaned LaunchAgent plist.
+    result = mac.run(INSTALL, "--mode", "daemon", env=no_gui)
+    assert result.returncode == 0, result.stderr
+    assert mac.calls() == [["print", SERVICE], ["print", SYSTEM_SERVICE],
+                           ["bootstrap", "system", str(mac.daemon_plist)], ["kickstart", "-k", SYSTEM_SERVICE]]
+    assert not mac.plist.exists() and mac.job(mac.daemon_plist)["UserName"] == "you"
+
+
+def test_daemon_mode_never_runs_as_root(mac: Mac):
+    result = mac.run(INSTALL, "--mode", "daemon", env=mac.env(METAL_AGENT_USER="root"))
+    assert result.returncode == 2 and "other than root" in result.stderr
+    assert mac.calls() == [] and not mac.daemon_plist.exists()
+
+
+def test_rejects_an_unknown_mode(mac: Mac):
+    result = mac.run(INSTALL, "--mode", "system")
+    assert result.returncode == 2 and "--mode must be agent or daemon" in result.stderr
+    assert mac.calls() == []
+
+
+def test_make_passes_mode(tmp_path: Path):
+    """`make install-metal-agent MODE=daemon` reaches the script as --mode daemon (dry run)."""
+    out = subprocess.run(["make", "-n", "-C", str(REPO), "install-metal-agent", "MODE=daemon"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert 'scripts/install-metal-agent.sh --mode "daemon"' in out

@@ -125,3 +125,84 @@ def test_render_plist_rejects_bad_namespace():
     result = CliRunner().invoke(app, ["render-plist", "--agent-path", "/opt/metal-agent", "-n", "../x"])
     assert result.exit_code == 2
     assert "not a valid namespace" in result.stderr
+
+
+# --- daemon mode: a LaunchDaemon in the system domain, run as the installing user ---------
+
+from metal_agent.launchd import Mode, plist_path, service_target  # noqa: E402
+
+DAEMON_EXAMPLE = REPO / "launchd" / "com.llmkube.metal-agent.daemon.plist.example"
+
+
+def daemon(**kw) -> LaunchAgentSettings:
+    return settings(**{"mode": Mode.DAEMON, "user_name": "you", "home": HOME, **kw})
+
+
+def test_daemon_runs_as_the_user_with_their_home():
+    """UserName keeps the agent (and every llama-server) off root; HOME puts every ~ default in that user's home."""
+    job = parsed(daemon())
+    assert job["UserName"] == "you"
+    assert "GroupName" not in job  # launchd then uses the user's primary group
+    assert job["EnvironmentVariables"] == {
+        "PATH": "/opt/homebrew/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "METAL_AGENT_LOG_FORMAT": "json", "HOME": HOME, "USER": "you", "LOGNAME": "you",
+    }  # fmt: skip
+    # Everything else is the LaunchAgent's job, key for key.
+    agent = parsed(settings())
+    assert {k: v for k, v in job.items() if k not in ("UserName", "EnvironmentVariables")} == \
+        {k: v for k, v in agent.items() if k != "EnvironmentVariables"}
+    assert "UserName" not in agent and "HOME" not in agent["EnvironmentVariables"]
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"user_name": None}, "needs --user-name"),
+    ({"user_name": "root"}, "other than root"),
+    ({"user_name": ""}, "needs --user-name"),
+    ({"home": None}, "needs --home"),
+    ({"home": "~"}, "absolute path"),
+])  # fmt: skip
+def test_daemon_refuses_root_or_missing_user(kw, message):
+    with pytest.raises(LaunchdConfigError, match=message):
+        daemon(**kw)
+
+
+def test_user_name_only_in_daemon_mode():
+    with pytest.raises(LaunchdConfigError, match="only to daemon mode"):
+        settings(user_name="you")
+
+
+def test_targets_and_paths_per_mode():
+    assert service_target(Mode.AGENT, 501) == "gui/501/com.llmkube.metal-agent"
+    assert service_target(Mode.DAEMON, 501) == "system/com.llmkube.metal-agent"
+    assert plist_path(Mode.AGENT, HOME) == f"{HOME}/Library/LaunchAgents/com.llmkube.metal-agent.plist"
+    assert plist_path(Mode.DAEMON, HOME) == "/Library/LaunchDaemons/com.llmkube.metal-agent.plist"
+
+
+def test_daemon_example_is_in_sync():
+    """Regenerate with:
+    metal-agent render-plist --mode daemon --user-name you --home /Users/you \
+      --agent-path "/Users/you/Library/Application Support/metal-agent/venv/bin/metal-agent" \
+      --kubeconfig /Users/you/.kube/config --output launchd/com.llmkube.metal-agent.daemon.plist.example
+    """
+    assert DAEMON_EXAMPLE.read_bytes() == render_plist(daemon(kubeconfig=f"{HOME}/.kube/config"))
+
+
+def test_render_plist_daemon_command_derives_dirs_from_home():
+    result = CliRunner().invoke(app, ["render-plist", "--agent-path", "/opt/metal-agent", "--mode", "daemon",
+                                      "--user-name", "ops", "--home", "/Users/ops"])
+    assert result.exit_code == 0, result.output
+    job = plistlib.loads(result.stdout_bytes)
+    assert job["UserName"] == "ops" and job["EnvironmentVariables"]["HOME"] == "/Users/ops"
+    assert job["WorkingDirectory"] == "/Users/ops/Library/Application Support/metal-agent"
+    assert job["StandardOutPath"] == "/Users/ops/Library/Logs/metal-agent/agent.log"
+
+
+def test_render_plist_refuses_daemon_options_for_an_agent():
+    result = CliRunner().invoke(app, ["render-plist", "--agent-path", "/opt/metal-agent", "--user-name", "ops"])
+    assert result.exit_code == 2 and "only to --mode daemon" in result.stderr
+
+
+def test_render_plist_daemon_for_root_is_refused():
+    result = CliRunner().invoke(app, ["render-plist", "--agent-path", "/opt/metal-agent", "--mode", "daemon",
+                                      "--user-name", "root", "--home", "/var/root"])
+    assert result.exit_code == 2 and "other than root" in result.stderr
