@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -23,7 +24,7 @@ import typer
 from metal_agent.core.api import ModelSource
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import evaluate, wanted_model
-from metal_agent.core.flags import MlockStyle
+from metal_agent.core.flags import Dialect
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 
 API_GROUP = "inference.llmkube.dev/"
@@ -98,7 +99,7 @@ def render(
         port=port,
         threads=threads if threads is not None else asyncio.run(performance_core_count()),
         mlock=mlock,
-        mlock_style=_probe_mlock_style(llama_server) if llama_server and mlock else MlockStyle.FLAG,
+        **asdict(_probe_dialect(llama_server)),
     )
     typer.echo(json.dumps(list(build_argv(workload, options))))
 
@@ -169,11 +170,14 @@ def _key(doc: dict[str, Any]) -> str:
     return f"{namespace}/{name}"
 
 
-def _probe_mlock_style(binary: str) -> MlockStyle:
-    """Ask the binary which mlock spelling it knows; `--mlock` if it cannot say."""
+def _probe_dialect(binary: str | None) -> Dialect:
+    """Ask the binary how it spells its flags (mlock, verbosity, --no-jinja), as the agent
+    does, so `render` prints the command line the agent would run; the defaults if it cannot say."""
+    if not binary:
+        return Dialect()
     from metal_agent.adapters.llama_binary import LlamaServerMissing, probe
 
     try:
-        return asyncio.run(probe(binary)).mlock_style
+        return asyncio.run(probe(binary)).dialect
     except (LlamaServerMissing, OSError, TimeoutError):
-        return MlockStyle.FLAG
+        return Dialect()

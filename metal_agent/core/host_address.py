@@ -153,3 +153,10 @@ class AddressTracker:
         change = AddressChange(self.current, detected)
         self.current, self._candidate, self._seen = detected, None, 0
         return change
+
+
+def bind_address(address: str, bind_all: bool) -> str:
+    """Where llama-server listens: only the registered address, or every interface with --bind-all."""
+    if bind_all:
+        return "::" if ":" in address else "0.0.0.0"
+    return address

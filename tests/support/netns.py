@@ -47,6 +47,8 @@ class NetNS:
     name: str
     inner_ip: str  # the namespace's ("the Mac's") address
     outer_ip: str  # the root namespace's end of the veth pair
+    inner_if: str = ""
+    outer_if: str = ""
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """argv that runs `argv` inside the namespace."""
@@ -74,11 +76,21 @@ async def network_namespace() -> AsyncIterator[NetNS]:
         await _ip("addr", "add", f"{inner_ip}/30", "dev", inner_if, netns=name)
         await _ip("link", "set", inner_if, "up", netns=name)
         await _ip("link", "set", "lo", "up", netns=name)
-        yield NetNS(name, inner_ip, outer_ip)
+        yield NetNS(name, inner_ip, outer_ip, inner_if, outer_if)
     finally:
         with contextlib.suppress(NetNSError):
             await _ip("link", "del", outer_if)
         await _ip("netns", "del", name)
+
+
+async def move_address(ns: NetNS) -> NetNS:
+    """The "Mac" changes networks: its address moves to a fresh /30 (the root side gets the
+    peer address, so the new one is reachable) and the old one is gone. Returns the new view."""
+    outer_ip, inner_ip = _random_pair()
+    await _ip("addr", "add", f"{outer_ip}/30", "dev", ns.outer_if)
+    await _ip("addr", "add", f"{inner_ip}/30", "dev", ns.inner_if, netns=ns.name)
+    await _ip("addr", "del", f"{ns.inner_ip}/30", "dev", ns.inner_if, netns=ns.name)
+    return NetNS(ns.name, inner_ip, outer_ip, ns.inner_if, ns.outer_if)
 
 
 # -- sockets inside a namespace -------------------------------------------
