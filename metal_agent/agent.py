@@ -40,6 +40,7 @@ from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
+from metal_agent.core.claim import Allowlist
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.status_owner import StatusMode
@@ -79,6 +80,7 @@ class AgentConfig:
     stop_on_exit: bool = False
     resync_period: float = 600.0
     concurrency: int = 8
+    allowlist: tuple[str, ...] = ()  # --inference-service-allowlist entries (core.claim.Allowlist); empty: all
 
 
 class StartupError(Exception):
@@ -202,6 +204,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
                               mlock_style=info.mlock_style, register_address=host_ip if cfg.register else None),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
+        allowlist=Allowlist(cfg.allowlist),
     )
 
     model_files.on_ready = model_files.on_progress = reconciler.queue.add

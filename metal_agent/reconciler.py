@@ -33,7 +33,7 @@ from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.claim import Workload, evaluate, wanted_model
+from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate, wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
@@ -89,7 +89,9 @@ class Reconciler:
         registrar: Registrar | None = None,
         concurrency: int = 8,
         status_mode: StatusMode = StatusMode.AUTO,
+        allowlist: Allowlist = EVERY_SERVICE,
     ) -> None:
+        self.allowlist = allowlist  # services off the list are another Mac's: not ours, and their objects stay
         self.isvcs = isvcs
         self.models = models
         self.processes = processes
@@ -178,7 +180,7 @@ class Reconciler:
 
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw)
+        verdict = evaluate(raw, model_raw, self.allowlist)
 
         if isinstance(verdict, NotOurs):
             model_missing = model_raw is None and ref is not None
@@ -521,7 +523,7 @@ class Reconciler:
             return False
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw)
+        verdict = evaluate(raw, model_raw, self.allowlist)
         if isinstance(verdict, NotOurs):
             return model_raw is None and ref is not None and self.processes.has_record(key)
         return isinstance(verdict, Invalid) or verdict.value.isvc.spec.wants_process
@@ -533,15 +535,16 @@ class Reconciler:
             return False
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        return not isinstance(evaluate(raw, model_raw), NotOurs) or self.wanted(key)
+        return not isinstance(evaluate(raw, model_raw, self.allowlist), NotOurs) or self.wanted(key)
 
     async def sweep_unwanted(self, namespaces: tuple[str, ...] | None = None) -> None:
         """After the first full sync: stop a previous agent's processes nobody wants any more,
         and delete Services/EndpointSlices (and legacy Endpoints) left for services we no longer serve."""
         await self.processes.stop_unwanted_adoptable(self.wanted)
         if self.registrar is not None:
-            removed = await self.registrar.cleanup(namespaces, lambda ns, name: self.ours(f"{ns}/{name}"),
-                                                   lambda ns, name: self.wanted(f"{ns}/{name}"))
+            removed = await self.registrar.cleanup(
+                namespaces, lambda ns, name: self.ours(f"{ns}/{name}") or not self.allowlist.admits(ns, name),
+                lambda ns, name: self.wanted(f"{ns}/{name}") or not self.allowlist.admits(ns, name))
             if removed:
                 log.info("removed leftover registrations", count=removed)
 

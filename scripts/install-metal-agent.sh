@@ -13,6 +13,10 @@
 #     run as you (UserName) with your files, started at boot with nobody logged
 #     in (headless Macs, installs over SSH); its steps that need root use sudo.
 #     Installing one mode removes the other: the agent never runs twice.
+#   Finding LLMKube's Go agent (its LaunchAgent, same label), it migrates it
+#     first: `metal-agent migrate` translates its flags and adopts its models;
+#     the translated flags, kept in the state directory's migrated-run-args,
+#     apply to every later install (delete that file to drop them).
 # Environment:
 #   METAL_AGENT_KUBECONFIG    kubeconfig the agent uses (default: ~/.kube/config)
 #   METAL_AGENT_NAMESPACES    namespaces to watch, comma-separated (default: all)
@@ -105,6 +109,34 @@ IFS=, read -r -a namespaces <<<"${METAL_AGENT_NAMESPACES:-}"
 for ns in ${namespaces[@]+"${namespaces[@]}"}; do
   if [[ -n "$ns" ]]; then render+=(--namespace "$ns"); fi
 done
+# Coming from LLMKube's Go agent (a LaunchAgent with our label running its
+# binary): `metal-agent migrate` translates its arguments and adopts its models
+# (hard links, never a download) before anything is unloaded. The translated
+# arguments are kept and used by every later install too; the settings above
+# replace theirs, and RUN_ARGs come last and win.
+migrated="$state_dir/migrated-run-args"
+if [[ -e "$agent_plist" ]] && "$agent" migrate --check --plist "$agent_plist" >/dev/null 2>&1; then
+  echo "found LLMKube's Go agent in $agent_plist: migrating it"
+  migrate=("$agent" migrate --plist "$agent_plist" --state-dir "$state_dir" --run-args-file "$migrated.new")
+  if [[ -n "${METAL_AGENT_KUBECONFIG:-}" ]]; then migrate+=(--kubeconfig "$METAL_AGENT_KUBECONFIG"); fi
+  if [[ -n "${METAL_AGENT_LLAMA_SERVER:-}" ]]; then migrate+=(--llama-server "$METAL_AGENT_LLAMA_SERVER"); fi
+  for ns in ${namespaces[@]+"${namespaces[@]}"}; do
+    if [[ -n "$ns" ]]; then migrate+=(--namespace "$ns"); fi
+  done
+  # HOME: its defaults (our model directory, ~/.kube/config) are this install's, under the root in prefix mode.
+  HOME="$home" "${migrate[@]}" || { rm -f "$migrated.new"; exit 1; }
+  mv -f "$migrated.new" "$migrated"
+fi
+if [[ -f "$migrated" ]]; then
+  while IFS= read -r arg; do
+    case "$arg" in
+      --kubeconfig=*) if [[ -n "${METAL_AGENT_KUBECONFIG:-}" ]]; then continue; fi ;;
+      --namespace=*) if [[ -n "${METAL_AGENT_NAMESPACES:-}" ]]; then continue; fi ;;
+      --llama-server=*) if [[ -n "${METAL_AGENT_LLAMA_SERVER:-}" ]]; then continue; fi ;;
+    esac
+    render+=("--extra-arg=$arg")
+  done <"$migrated"
+fi
 for arg in ${run_args[@]+"${run_args[@]}"}; do
   render+=("--extra-arg=$arg")
 done

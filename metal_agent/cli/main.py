@@ -7,10 +7,11 @@ import typer
 from metal_agent import __version__
 from metal_agent.cli.doctor import doctor
 from metal_agent.cli.install import render_plist, stop_all
+from metal_agent.cli.migrate import migrate
 from metal_agent.cli.power import power_app, render_sudoers
 from metal_agent.cli.render import render
 from metal_agent.cli.reference import config_reference
-from metal_agent.cli.run import run
+from metal_agent.cli.run import GoCompatCommand, run
 from metal_agent.cli.status import logs, status
 
 app = typer.Typer(
@@ -23,10 +24,11 @@ app = typer.Typer(
 app.add_typer(power_app, name="power")
 app.command("render-sudoers")(render_sudoers)
 app.command("render")(render)
-app.command("run")(run)
+app.command("run", cls=GoCompatCommand)(run)
 app.command("config-reference", hidden=True)(config_reference)
 app.command("render-plist")(render_plist)
 app.command("stop-all")(stop_all)
+app.command("migrate")(migrate)
 app.command("doctor")(doctor)
 app.command("status")(status)
 app.command("logs")(logs)

@@ -1,4 +1,11 @@
-"""`metal-agent run`: the daemon's flags (each also a METAL_AGENT_* variable)."""
+"""`metal-agent run`: the daemon's flags (each also a METAL_AGENT_* variable).
+
+It also accepts every flag of LLMKube's Go Metal Agent, in Go's spellings
+(`-flag value`, `--flag=false`, durations like `1s`), so the Go agent's
+launchd job starts this agent unchanged: `GoCompatCommand` rewrites them
+into ours before parsing (the table is `metal_agent.core.go_flags`), and
+the ones we have no use for are named in one warning at start-up.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +15,55 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
+from metal_agent import __version__
+from metal_agent.core.go_flags import GoFlagError, describe_ignored, normalize_run_argv
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
 from metal_agent.paths import AgentPaths, default_paths, find_llama_server
 
 EXIT_FATAL = 3  # launchd restarts the agent on a non-zero exit
+GO_IGNORED = "metal_agent.go_flags_ignored"  # ctx.meta key: the Go agent's flags we ignore
 
 
 def _env(name: str) -> str:
     return f"METAL_AGENT_{name}"
 
 
+class GoCompatCommand(TyperCommand):
+    """`run` as a click command that first rewrites LLMKube's Go agent's flags into ours.
+
+    Done on the argv, before click sees it, because click cannot parse Go's
+    syntax at all (`-model-store` would read as `-m odel-store`, and a bool
+    flag given `=false` is an error); the Go-only flags are hidden from
+    `--help` and the README's option table by not being options at all.
+    """
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        takes_value = {
+            opt for param in self.params
+            if getattr(param, "param_type_name", "") == "option" and not getattr(param, "is_flag", False)
+            for opt in (*param.opts, *param.secondary_opts)
+        }
+        try:
+            normalized = normalize_run_argv(args, takes_value)
+        except GoFlagError as err:
+            # What the Go agent would say, then click's exit code for a usage error.
+            typer.echo(f"{ctx.get_usage()}\nError: {err}", err=True)
+            raise typer.Exit(2) from None
+        ctx.meta[GO_IGNORED] = normalized.ignored
+        return super().parse_args(ctx, normalized.argv)
+
+
+def _print_version(value: bool) -> None:
+    """The Go agent's `-version` (also `metal-agent --version`)."""
+    if value:
+        typer.echo(f"metal-agent {__version__}")
+        raise typer.Exit()
+
+
 def run(
+    ctx: typer.Context,
     kubeconfig: Optional[Path] = typer.Option(None, envvar=["METAL_AGENT_KUBECONFIG", "KUBECONFIG"], help="Kubeconfig file (default: ~/.kube/config)."),
     context: Optional[str] = typer.Option(None, envvar=_env("CONTEXT"), help="Kubeconfig context to use."),
     namespace: List[str] = typer.Option([], "--namespace", "-n", envvar=_env("NAMESPACES"), help="Namespace to watch (repeat for several; default: all)."),
@@ -48,6 +92,8 @@ def run(
     power_interval_ms: int = typer.Option(1000, min=100, max=60000, envvar=_env("POWER_INTERVAL_MS"), help="powermetrics sample interval; must equal the interval in the sudoers grant."),
     log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
     log_format: str = typer.Option("auto", envvar=_env("LOG_FORMAT"), help="auto (text on a TTY, else JSON), json or text."),
+    allowlist: List[str] = typer.Option([], "--inference-service-allowlist", envvar=_env("INFERENCE_SERVICE_ALLOWLIST"), help="Serve only these InferenceServices: NAME or NAMESPACE/NAME, comma-separated or repeated (default: every Metal one). Several Macs sharing a cluster each list their own."),
+    version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
     # The agent (Kubernetes client, aiohttp, metrics) is imported here, not at the top:
@@ -55,12 +101,23 @@ def run(
     from metal_agent.adapters.llama_binary import LlamaServerMissing
     from metal_agent.adapters.process.supervisor import SupervisorSettings
     from metal_agent.agent import AgentConfig, AgentExit, StartupError, run_agent
+    from metal_agent.core.claim import Allowlist
     from metal_agent.logging_setup import configure_logging
 
     try:
         configure_logging(log_level, log_format)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--log-level")
+    if ignored := ctx.meta.get(GO_IGNORED):
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "ignoring flags of LLMKube's Go agent: " + describe_ignored(ignored),
+            flags=sorted({item.flag for item in ignored}))
+    try:
+        allowed = Allowlist.parse(allowlist)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--inference-service-allowlist")
     if status_mode not in ("auto", "full", "shared"):
         raise typer.BadParameter("expected auto, full or shared", param_hint="--status-mode")
     if memory_check_mode not in ("enforce", "warn"):
@@ -106,6 +163,7 @@ def run(
         memory_interval=memory_interval,
         power=sys.platform == "darwin" if power is None else power,
         power_interval_ms=power_interval_ms,
+        allowlist=allowed.entries,
     )
     try:
         asyncio.run(run_agent(cfg))

@@ -7,12 +7,16 @@ object is ours do we hold it to every rule (see `evaluate`).
 
 Rule (LLMKube's): an InferenceService is ours when its `spec.modelRef`
 names a Model in the same namespace whose `spec.hardware.accelerator` is
-`metal`, and its `spec.runtime` is `llamacpp` or empty/absent.
+`metal`, and its `spec.runtime` is `llamacpp` or empty/absent. An agent run
+with `--inference-service-allowlist` (LLMKube's #524: several Macs sharing
+one cluster, each serving its own services instead of all racing for every
+Metal one) also requires the service to be on its list; a service off the
+list is another Mac's, so it is left alone like any other not-ours.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,37 @@ class Workload:
     model: Model
 
 
+@dataclass(frozen=True, slots=True)
+class Allowlist:
+    """The InferenceServices this agent may claim; empty admits every one (the default).
+
+    An entry is a name, matching that name in every watched namespace (the
+    Go agent's meaning), or `namespace/name`, matching one service.
+    """
+
+    entries: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Iterable[str]) -> Allowlist:
+        """From flag values, each comma-separated; blanks are dropped. Raises ValueError on a malformed entry."""
+        entries: set[str] = set()
+        for value in values:
+            for entry in (e.strip() for e in value.split(",")):
+                if not entry:
+                    continue
+                parts = entry.split("/")
+                if len(parts) > 2 or not all(parts):
+                    raise ValueError(f"{entry!r} is neither NAME nor NAMESPACE/NAME")
+                entries.add(entry)
+        return cls(tuple(sorted(entries)))
+
+    def admits(self, namespace: str, name: str) -> bool:
+        return not self.entries or name in self.entries or f"{namespace}/{name}" in self.entries
+
+
+EVERY_SERVICE = Allowlist()
+
+
 def _get(obj: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj, Mapping):
@@ -60,7 +95,7 @@ def wanted_model(isvc: Any) -> tuple[str, str] | None:
     return _namespace(isvc), ref
 
 
-def claim(isvc: Any, model: Any | None) -> Ours | NotOurs:
+def claim(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) -> Ours | NotOurs:
     """Decide whether `isvc` is ours, given the Model it refers to (None if not found).
 
     Never raises and never reports errors: anything we cannot read as ours
@@ -69,6 +104,11 @@ def claim(isvc: Any, model: Any | None) -> Ours | NotOurs:
     already running is the caller's decision (a transient lookup failure
     must not be read as a delete).
     """
+    name = _get(isvc, "metadata", "name")
+    if not allowlist.admits(_namespace(isvc), name if isinstance(name, str) else ""):
+        return NotOurs(f"InferenceService {_namespace(isvc)}/{name} is not in this agent's "
+                       f"--inference-service-allowlist ({', '.join(allowlist.entries)})")
+
     runtime = _get(isvc, "spec", "runtime")
     if runtime not in (None, "", Runtime.LLAMACPP.value):
         return NotOurs(f"spec.runtime is {runtime!r}; metal-agent only runs llamacpp")
@@ -96,14 +136,14 @@ def claim(isvc: Any, model: Any | None) -> Ours | NotOurs:
     return Ours()
 
 
-def evaluate(isvc: Any, model: Any | None) -> NotOurs | Invalid | Parsed[Workload]:
+def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.
 
     This is the one call the reconciler and `metal-agent render` need:
     `NotOurs` -> ignore, `Invalid` -> report on the InferenceService's
     status, `Parsed` -> build the argv and run it.
     """
-    verdict = claim(isvc, model)
+    verdict = claim(isvc, model, allowlist)
     if isinstance(verdict, NotOurs):
         return verdict
 

@@ -402,3 +402,80 @@ def test_make_passes_mode(tmp_path: Path):
     out = subprocess.run(["make", "-n", "-C", str(REPO), "install-metal-agent", "MODE=daemon"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert 'scripts/install-metal-agent.sh --mode "daemon"' in out
+
+
+# -- coming from LLMKube's Go agent ------------------------------------------------------------
+
+
+def _go_agent_job(mac: Mac, store: Path, namespace: str) -> bytes:
+    """LLMKube's published job (vendored tarball), installed and loaded as its users have it."""
+    from tests.unit.test_go_flags import _tar_member
+
+    job = plistlib.loads(_tar_member("deployment/macos/com.llmkube.metal-agent.plist").encode())
+    args = job["ProgramArguments"]
+    args[args.index("--model-store") + 1] = str(store)
+    args[args.index("--namespace") + 1] = namespace
+    data = plistlib.dumps(job)
+    mac.plist.parent.mkdir(parents=True, exist_ok=True)
+    mac.plist.write_bytes(data)
+    Path(f"{mac.calls_file}.loaded").write_text(str(mac.plist))  # launchd runs it
+    return data
+
+
+async def test_install_migrates_the_go_agent(mac: Mac, tmp_path: Path, control_plane, admin_api, namespace):
+    from metal_agent.adapters.model_cache import CachePaths
+    from metal_agent.migration import is_temporary
+    from tests.support.isvc import Cluster
+
+    url = "https://models.example/org/qwen/resolve/main/qwen-q4.gguf"  # the Go agent fetched it; nobody will again
+    await Cluster(admin_api, namespace).create_model("qwen", url)
+    store = tmp_path / "llmkube-models"
+    (store / "qwen").mkdir(parents=True)
+    go_copy = store / "qwen" / "qwen-q4.gguf"
+    go_copy.write_bytes(b"GGUF weights")
+    go_job = _go_agent_job(mac, store, namespace)
+    env = mac.env(METAL_AGENT_KUBECONFIG=str(control_plane.agent_kubeconfig))
+
+    result = mac.run(INSTALL, "--", "--threads", "8", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"found LLMKube's Go agent in {mac.plist}: migrating it" in result.stdout
+    # The Go job was loaded: unloaded (which stops the Go agent) only after the models were adopted.
+    assert mac.calls() == [["print", SERVICE], ["bootout", SERVICE], [*BOOTSTRAP, str(mac.plist)], KICKSTART]
+    models = store if not is_temporary(store) else mac.root / "Library" / "Caches" / "metal-agent" / "models"
+    adopted = CachePaths.for_url(models, url, "qwen-q4.gguf").final
+    assert os.path.samefile(adopted, go_copy)
+    assert f"link     {namespace}/qwen: {go_copy} -> {adopted}" in result.stdout
+    agent = f"{sys.prefix}/bin/metal-agent"
+    job = mac.job()
+    assert job["Label"] == LABEL
+    assert job["ProgramArguments"] == [
+        agent, "run", "--log-dir", str(mac.logs), "--state-dir", str(mac.state),
+        "--kubeconfig", str(control_plane.agent_kubeconfig),  # the install's setting wins over the Go job's
+        "--no-power", "--listen=127.0.0.1:9090", "--log-level=info", f"--model-dir={models}", f"--namespace={namespace}",
+        "--llama-server=/opt/homebrew/bin/llama-server", "--threads", "8"]
+    assert not list(mac.state.glob("migrated-run-args.new"))
+    assert (mac.state / "llmkube-go-agent.plist").read_bytes() == go_job
+    assert list(mac.real_home.iterdir()) == []
+
+    # Installed again (an upgrade): nothing to migrate, and the migrated flags are kept: only a restart.
+    result = mac.run(INSTALL, "--", "--threads", "8", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Go agent" not in result.stdout and mac.calls() == [["print", SERVICE], KICKSTART]
+    # A setting given to a later install replaces the migrated one instead of adding to it.
+    result = mac.run(INSTALL, env=mac.env(METAL_AGENT_NAMESPACES="llm"))
+    assert result.returncode == 0, result.stderr
+    args = mac.job()["ProgramArguments"]
+    assert args[args.index("--namespace") + 1] == "llm" and not [a for a in args if a.startswith("--namespace=")]
+    assert f"--model-dir={models}" in args and f"--kubeconfig={control_plane.agent_kubeconfig}" in args
+
+
+def test_install_changes_nothing_when_the_go_agents_models_cannot_be_matched(mac: Mac, tmp_path: Path):
+    store = tmp_path / "llmkube-models"
+    (store / "qwen").mkdir(parents=True)
+    (store / "qwen" / "qwen-q4.gguf").write_bytes(b"GGUF weights")
+    go_job = _go_agent_job(mac, store, "default")
+    result = mac.run(INSTALL, env=mac.env(METAL_AGENT_KUBECONFIG=str(tmp_path / "missing.kubeconfig")))
+    assert result.returncode == 1
+    assert "no kubeconfig at" in result.stderr and "nothing was changed" in result.stderr
+    assert mac.plist.read_bytes() == go_job and mac.calls() == []  # the Go agent keeps running as it was
+    assert not (mac.root / "Library" / "Caches").exists()
