@@ -27,9 +27,9 @@ from prometheus_client import CollectorRegistry
 from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
 from metal_agent.adapters.http_server import create_app, serve
+from metal_agent.adapters.host_address import AddressWatcher, detect_host_ip
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.kube.events import EventRecorder
-from metal_agent.adapters.host_address import detect_host_ip
 from metal_agent.adapters.kube.informer import CustomResource, Informer
 from metal_agent.adapters.kube.registrar import Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
@@ -41,6 +41,7 @@ from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.core.claim import Allowlist
+from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.status_owner import StatusMode
@@ -65,6 +66,7 @@ class AgentConfig:
     register: bool = True  # publish Service + EndpointSlice for each service
     heartbeat_interval: float = 60.0  # 3x margin to LLMKube's 3-minute staleness; each one costs its controller a write
     status_mode: str = "auto"  # auto | full | shared: see core/status_owner.py
+    address_check_interval: float = 15.0  # re-detect a detected host address this often
     memory_fraction: float | None = None  # None: 0.67 of RAM up to 36 GiB, 0.75 above
     memory_check_mode: str = "enforce"  # or "warn": admit when the estimate cannot be made
     eviction: bool = False  # evict at Critical memory pressure (opt-in)
@@ -137,12 +139,13 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     info = await llama_binary.probe(cfg.llama_server)
     threads = cfg.threads or await host_cpu.performance_core_count()
+    choice: Choice | None = None
     if cfg.host_ip:
         host_ip, why = cfg.host_ip, "given by --host-ip"
     else:
-        choice = detect_host_ip()
+        choice = await asyncio.to_thread(detect_host_ip)  # may ask `tailscale ip -4`
         host_ip, why = choice.address, choice.reason
-    bind = ("::" if ":" in host_ip else "0.0.0.0") if cfg.bind_all else host_ip
+    bind = bind_address(host_ip, cfg.bind_all)
     log.info("starting metal-agent", version=__version__, llama_server=info.path, llama_version=info.version,
              threads=threads, namespaces=list(cfg.namespaces) or "all", host_ip=host_ip, host_ip_reason=why,
              bind=bind, register=cfg.register, status_mode=cfg.status_mode)
@@ -202,12 +205,20 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         isvcs=isvcs, models=models, processes=processes, model_files=model_files, memory=memory,
         status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
-                              mlock_style=info.mlock_style, register_address=host_ip if cfg.register else None),
+                              mlock_style=info.mlock_style, verbosity_flag=info.dialect.verbosity_flag,
+                              no_jinja=info.dialect.no_jinja, register_address=host_ip if cfg.register else None),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
         allowlist=Allowlist(cfg.allowlist),
     )
 
     model_files.on_ready = model_files.on_progress = reconciler.queue.add
+
+    # A detected address can change under us (Tailscale up after login, DHCP, another
+    # Wi-Fi): follow it. An address given with --host-ip is the user's word and stays.
+    watcher = AddressWatcher(choice, lambda change: reconciler.on_address_change(
+        change.old.address, change.new.address, change.new.reason,
+        bind_address(change.new.address, cfg.bind_all)), interval=cfg.address_check_interval,
+    ) if choice is not None and cfg.register else None
 
     def readiness() -> bool | str:
         """Ready means: the caches are full and the API answers. Not ready says why."""
@@ -295,6 +306,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                      "heartbeats": heartbeats, "housekeeping": housekeeping, "memory-watchdog": watchdog.run}
             if sampler is not None:
                 loops["power"] = power
+            if watcher is not None:
+                loops["address-watch"] = watcher.run
             background = [asyncio.create_task(supervised_loop(name, factory, metrics.loop_failures), name=name)
                           for name, factory in loops.items()]
             sync = asyncio.create_task(after_sync())

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-import psutil
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
+from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.core.claim import Workload
 from metal_agent.core.admission import Admit, Reject, admit
@@ -48,8 +48,10 @@ class MemoryGuard:
         mode: Literal["enforce", "warn"] = "enforce",
         agent_fraction: float | None = None,
         is_blocked: Callable[[str], bool] = lambda key: False,
-        total_ram: Callable[[], int] = lambda: psutil.virtual_memory().total,
+        total_ram: Callable[[], int] = lambda: read_system_memory().total_bytes,
     ) -> None:
+        """`total_ram` defaults to the memory watchdog's own reading, so that admission and
+        the watchdog judge the same machine by the same numbers."""
         self.model_files = model_files
         self.mode = mode
         self.agent_fraction = agent_fraction

@@ -63,6 +63,8 @@ class LaunchSettings:
     threads: int | None = None
     mlock: bool = True
     mlock_style: MlockStyle = MlockStyle.FLAG
+    verbosity_flag: str | None = None  # the binary's log-verbosity option (core.flags.Dialect)
+    no_jinja: bool = True  # the binary knows --no-jinja
     register_address: str | None = None  # the address put in EndpointSlices; None: do not register
 
 
@@ -236,7 +238,8 @@ class Reconciler:
             if (kept.plan.spec_hash, kept.plan.uid, kept.plan.host) == (digest, uid, self.launch.host):
                 log.info("took over the running llama-server", service=key, pid=kept.snapshot.pid)
                 await self._commit_running(key, workload)
-        moved = kept is not None and kept.plan.host != self.launch.host
+        running = self.processes.get(key)
+        moved = running is not None and running.plan.host != self.launch.host
         if managed is not None and (managed.spec_hash != digest or managed.uid != uid or moved):
             log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
             self.events.emit(raw["metadata"], "Respawning",
@@ -285,6 +288,18 @@ class Reconciler:
         if isinstance(found, ModelReady):
             await self.memory.commit_running(key, workload, found.path)
 
+    def on_address_change(self, old: str, new: str, why: str, bind: str) -> None:
+        """This Mac's address moved: register the new one; a llama-server bound to the old
+        address is respawned on the new one (`_reconcile` sees its host differ)."""
+        log.warning("host address changed; re-registering", old=old, new=new, why=why)
+        self.launch = replace(self.launch, host=bind, register_address=new if self.launch.register_address else None)
+        for key in list(self.managed):
+            raw = self.isvcs.get(key)
+            if raw is not None:
+                self.events.emit(raw["metadata"], "HostAddressChanged",
+                                 f"this Mac's address changed from {old} to {new} ({why}); re-registering", warning=True)
+            self.queue.add(key)
+
     def resync_all(self) -> None:
         """Both caches are full now: decide about every service and every process we run."""
         for key in {object_key(raw) for raw in self.isvcs.items()} | set(self.processes.supervisors):
@@ -305,6 +320,7 @@ class Reconciler:
             return build_argv(workload, AgentArgvOptions(
                 binary=launch.llama_server, model_path=str(found.path), host=launch.host, port=port,
                 threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
+                verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja,
             ))
 
         plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=launch.host, build_argv=argv_for)
@@ -407,6 +423,7 @@ class Reconciler:
             endpoint=self.endpoint_for(key, raw, managed.workload.isvc.spec.mode.value if managed else "chat")
             if supervisor else None,
             model_not_accepted=Blocker(*not_ready) if not_ready else None,
+            gpu_layers=managed.workload.model.spec.hardware.gpu.layers if managed else 0,
             shared=owner.shared,
         )
         if owner.shared and scheduling is None:

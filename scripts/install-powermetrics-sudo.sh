@@ -2,6 +2,9 @@
 # Install the sudoers grant that lets the agent's user run its one
 # powermetrics command as root without a password:
 #   /etc/sudoers.d/llmkube-powermetrics  (mode 0440, owner root)
+# The grant pins the whole command, interval and sample count (-n) included;
+# re-run this after upgrading metal-agent when `metal-agent doctor` says the
+# grant is stale (replacing the file is idempotent).
 #
 # Usage: scripts/install-powermetrics-sudo.sh [--user NAME] [--interval-ms N]
 #   --user         who the agent runs as. Default: $SUDO_USER when run through
@@ -19,7 +22,7 @@
 # '.'), and only then renamed into place atomically.
 set -euo pipefail
 
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,16s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 
 user=""
 interval="${INTERVAL_MS:-1000}"
@@ -76,7 +79,7 @@ if ! run_root "$visudo" -cf "$staged"; then
   exit 1
 fi
 run_root mv -f "$staged" "$target"
-echo "installed $target for $user (interval ${interval} ms)"
+echo "installed $target for $user: $(sed -n 's/^Cmnd_Alias LLMKUBE_POWERMETRICS = //p' "$rendered" | sed 's/\\,/,/g')"
 
 if [[ "$sudoers_dir" != /etc/sudoers.d ]]; then
   echo "note: $sudoers_dir is not /etc/sudoers.d, so sudo does not read it; not checking the grant"

@@ -14,14 +14,20 @@ reports RespawnBlocked while it is. Callbacks may be plain functions or
 coroutines; one that raises is logged and does not stop the watchdog (a
 broken Event must not leave the Mac under pressure with nobody watching).
 
-The default reader uses psutil (`available` = free + reclaimable pages) and,
-on macOS, `vm_stat` for wired memory, which is where Metal buffers of loaded
-models live and what Activity Monitor shows as "Wired".
+The default reader, `system_memory`, is also where admission gets the RAM
+size (`read_system_memory`), so both act on the same numbers. On macOS it is
+one `host_statistics64` call and one `sysctlbyname` through ctypes
+(`adapters.darwin_memory`): available = free + inactive + purgeable pages,
+wired memory (where the Metal buffers of loaded models live, Activity
+Monitor's "Wired"), and the kernel's own pressure level, which decides the
+level there. Elsewhere psutil's `available` (MemAvailable on Linux).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import inspect
 import sys
 from typing import Awaitable, Callable, Sequence
@@ -42,7 +48,6 @@ from metal_agent.core.pressure import (
     ServiceMemory,
     Thresholds,
     Unblock,
-    parse_vm_stat,
     step,
 )
 
@@ -50,39 +55,55 @@ log = structlog.get_logger(__name__)
 
 Reader = Callable[[], Awaitable[MemoryReading]]
 MaybeAwaitable = Awaitable[None] | None
-VM_STAT = "/usr/bin/vm_stat"
 DEFAULT_INTERVAL_S = 5.0
 
 
-async def _vm_stat_wired(timeout: float = 5.0) -> int | None:
-    proc = await asyncio.create_subprocess_exec(
-        VM_STAT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        return None
-    parsed = parse_vm_stat(out.decode("utf-8", errors="replace"))
-    return parsed.wired_bytes if parsed else None
+@functools.cache
+def _darwin_memory():  # noqa: ANN202 - imported lazily: ctypes bindings for libSystem exist only on macOS
+    from metal_agent.adapters.darwin_memory import DarwinMemory
+
+    return DarwinMemory()
+
+
+_darwin_failure: list[str] = []  # the last distinct failure of the libSystem path, logged once
+
+
+def _psutil_reading() -> MemoryReading:
+    vm = psutil.virtual_memory()  # one sysinfo call and /proc/meminfo (host_statistics64 on macOS)
+    return MemoryReading(total_bytes=vm.total, available_bytes=vm.available, wired_bytes=getattr(vm, "wired", None))
+
+
+def read_system_memory() -> MemoryReading:
+    """This machine's memory now; the one source for the watchdog and for admission.
+
+    Non-blocking system calls only (no subprocess), so it may run on the event loop.
+    On macOS, should the libSystem calls fail (they cannot be run anywhere but on a
+    Mac), the reading falls back to psutil's, logged as an error once: a watchdog
+    judging by a cruder share beats one that cannot judge at all.
+    """
+    if sys.platform == "darwin":
+        try:
+            reading = _darwin_memory().read()
+        except (OSError, AttributeError, ctypes.ArgumentError) as err:
+            message = f"{type(err).__name__}: {err}"
+            if message not in _darwin_failure:
+                _darwin_failure[:] = [message]
+                log.error("cannot read memory through libSystem; using psutil's figures", error=message)
+        else:
+            _darwin_failure.clear()
+            return reading
+    return _psutil_reading()
 
 
 async def system_memory() -> MemoryReading:
-    """The default reader: psutil's view, plus wired memory from vm_stat on macOS."""
-    vm = psutil.virtual_memory()  # one host_statistics / sysinfo call; does not block
-    wired = getattr(vm, "wired", None)
-    if sys.platform == "darwin":
-        try:
-            wired = await _vm_stat_wired() or wired
-        except OSError as err:
-            log.debug("vm_stat failed; using psutil's wired figure", error=str(err))
-    return MemoryReading(total_bytes=vm.total, available_bytes=vm.available, wired_bytes=wired)
+    """The default reader: :func:`read_system_memory`."""
+    return read_system_memory()
 
 
 class PressureMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.level = Gauge(P + "memory_pressure_level", "memory pressure: 0 normal, 1 warning, 2 critical", registry=registry)
-        self.available = Gauge(P + "system_memory_available_bytes", "memory available to new allocations (free + reclaimable)", registry=registry)
+        self.available = Gauge(P + "system_memory_available_bytes", "memory available to new allocations (macOS: free + inactive + purgeable pages; Linux: MemAvailable)", registry=registry)
         self.wired = Gauge(P + "system_memory_wired_bytes", "wired memory (macOS; 0 where unknown)", registry=registry)
         self.budget = Gauge(P + "memory_budget_bytes", "the agent's memory budget for all its services", registry=registry)
         self.evictions = Counter(P + "evictions", "services stopped to relieve memory pressure", registry=registry)
@@ -173,7 +194,8 @@ class MemoryWatchdog:
     async def _execute(self, action, reading: MemoryReading) -> None:
         share = f"{reading.available_bytes / reading.total_bytes:.0%}" if reading.total_bytes else "?"
         if isinstance(action, LevelChanged):
-            log.warning("memory pressure level changed", old=action.old.label, new=action.new.label, available=share)
+            log.warning("memory pressure level changed", old=action.old.label, new=action.new.label, available=share,
+                        judged_by="kernel" if reading.kernel_level is not None else "available share")
             await _call("on_level_change", self.on_level_change, action.old, action.new)
         elif isinstance(action, Evict):
             log.warning("evicting service to relieve memory pressure", service=action.key, available=share)

@@ -8,12 +8,31 @@ InferCost scrapes.
 
 InferCost reads a combined value of 0 as "sampler off" and falls back to an
 estimate, so the one thing this module must never do is leave a stale value
-standing: the power gauges drop to 0 as soon as powermetrics exits, and a
+standing: the power gauges drop to 0 as soon as powermetrics fails, and a
 watchdog drops them when no sample has arrived for three intervals. LLMKube's
 Go agent got this wrong, and never restarted its sampler either: here a dead
 powermetrics is restarted with exponential backoff, a silent one is presumed
-hung after ten intervals and killed (then restarted), and each distinct
-failure is logged once, with the tail of its stderr, instead of per retry.
+hung after ten intervals and replaced, and each distinct failure is logged
+once, with the tail of its stderr, instead of per retry.
+
+**The agent may not be able to signal its own powermetrics.** sudo runs it as
+root, and whether the agent's user may signal it depends on sudo: sudo before
+1.9.5 made its front-end full root ("so user cannot kill us", setuid(0) in
+sudo.c before run_command), and any sudo that executes the command in its own
+place (sudoers defines no close function: no PAM session, no pty, no I/O log)
+leaves a full-root process as the agent's child. Either way ``kill`` fails with
+EPERM (``PermissionError``). Where the front-end keeps the user's real uid
+(sudo >= 1.9.5), sudo relays SIGTERM, SIGHUP, SIGUSR1/2 and the like to the
+command. So signals are only ever a courtesy here:
+
+* a run is ended by closing the read end of its output pipes: powermetrics
+  dies of SIGPIPE at its next write (at most one interval later);
+* every run is bounded by the pinned sample count (``-n``), so even a run
+  whose pipe stayed open exits by itself; that normal end is not a failure:
+  the next run starts at once, with no backoff and the gauges left standing;
+* a process that neither exits nor accepts a signal is abandoned (reaped
+  whenever it does exit) and a new run starts; the number of abandoned runs
+  still alive is capped, so a broken system cannot pile them up.
 
 The powermetrics path is not configurable: a grant for a path the user can
 choose would be a root escalation. The only way to run something else is the
@@ -27,10 +46,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,11 +61,15 @@ from metal_agent.core.backoff import Backoff
 from metal_agent.core.powermetrics import PowerParser, PowerSample
 from metal_agent.core.sudoers import (
     POWERMETRICS_PATH,
+    SAMPLERS,
+    SAMPLES_PER_RUN,
     SUDO_PATH,
     SudoersError,
+    legacy_powermetrics_argv,
     powermetrics_argv,
     sampler_argv,
     validate_interval_ms,
+    validate_samples,
 )
 from metal_agent.tasks import cancel_and_wait
 
@@ -65,8 +89,12 @@ _READ_CHUNK = 64 * 1024
 # A powermetrics line is a few KB at most; a megabyte means garbage, not data.
 _MAX_LINE = 1024 * 1024
 _STDERR_TAIL_LINES = 20
-_TERMINATE_GRACE_S = 5.0
+# Longest wait for a run to end once its pipes are closed (and a signal tried).
+_END_GRACE_CAP_S = 5.0
+_KILL_GRACE_S = 1.0
 _SUDO_CHECK_TIMEOUT_S = 15.0
+# Abandoned runs still alive before the sampler stops starting new ones.
+MAX_ABANDONED = 3
 # Restart quickly at first, but never wait more than a minute: while the
 # sampler is down InferCost falls back to a TDP estimate. A minute of
 # delivering samples counts as healthy and resets the delay.
@@ -76,6 +104,10 @@ DEFAULT_INTERVAL_MS = 1000
 
 class PowerConfigError(ValueError):
     """Power sampler configuration the agent refuses to start with."""
+
+
+def _fixed_command() -> str:
+    return f"{SUDO_PATH} -n {POWERMETRICS_PATH} --samplers {SAMPLERS} -i <interval_ms> -n {SAMPLES_PER_RUN}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +128,8 @@ class PowerSamplerSettings:
         for key in raw:
             lowered = str(key).lower()
             if any(word in lowered for word in ("path", "powermetrics", "sudo", "argv", "command", "exec", "bin")):
-                fixed = " ".join(sampler_argv(DEFAULT_INTERVAL_MS)[:-1])
                 raise PowerConfigError(
-                    f"power.{key}: the powermetrics command is fixed to `{fixed} <interval_ms>` "
+                    f"power.{key}: the powermetrics command is fixed to `{_fixed_command()}` "
                     "because the sudoers grant names exactly that; it cannot be configured"
                 )
             if key not in ("enabled", "interval_ms"):
@@ -118,7 +149,7 @@ class PowerGauges:
     """The power gauges on a caller-owned registry (the daemon's, or a test's).
 
     ``sampler_up`` is 1 only while samples are arriving: it goes to 0 when
-    powermetrics exits or stalls, together with the four power gauges.
+    powermetrics fails or stalls, together with the four power gauges.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -150,23 +181,64 @@ class PowerGauges:
 
 @dataclass(frozen=True, slots=True)
 class _RunOutcome:
-    returncode: int | None  # None: could not be started at all
+    returncode: int | None  # None: could not be started at all, or abandoned while still running
     stderr_tail: str
     samples: int
     healthy_s: float  # from the first sample to the exit; 0 if none arrived
+    abandoned: bool = False  # could be neither ended nor signalled; left to end by itself
+    completed: bool = False  # exited 0 after its pinned sample count: a normal end, not a failure
 
-    def signature(self) -> tuple[int | None, str]:
+    def signature(self) -> tuple[int | None, str, bool]:
         """What makes two failures "the same" for logging purposes."""
-        return (self.returncode, self.stderr_tail)
+        return (self.returncode, self.stderr_tail, self.abandoned)
 
 
 def _hint(outcome: _RunOutcome) -> str | None:
     tail = outcome.stderr_tail.lower()
     if "password" in tail or "not allowed" in tail or "sudoers" in tail:
         return "the sudo grant for powermetrics is missing or stale: run `make install-powermetrics-sudo`"
+    if outcome.abandoned:
+        return (
+            "powermetrics runs as root and refused the agent's signals; its output pipe is closed, so it "
+            "ends at its next write, and its pinned sample count ends it in any case"
+        )
     if outcome.returncode is None:
         return f"could not execute the sampler command; powermetrics exists only on macOS at {POWERMETRICS_PATH}"
     return None
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> bool:
+    """Send ``sig``; False if the process may not be signalled (it runs as root)."""
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass  # already gone: as good as delivered
+    except PermissionError:
+        return False
+    return True
+
+
+async def _exited_within(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    if proc.returncode is not None:
+        return True
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _open_reader(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A StreamReader over the read end of a pipe we own (so we can close it)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_READ_CHUNK)
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:
+        pipe.close()
+        raise
+    return reader, transport
 
 
 class PowerSampler:
@@ -177,6 +249,7 @@ class PowerSampler:
         registry: CollectorRegistry,
         *,
         interval_ms: int = DEFAULT_INTERVAL_MS,
+        samples_per_run: int = SAMPLES_PER_RUN,
         backoff: Backoff = DEFAULT_BACKOFF,
         stale_intervals: int = 3,
         hung_intervals: int = 10,
@@ -185,13 +258,20 @@ class PowerSampler:
     ) -> None:
         """Build a sampler; nothing runs until :meth:`run` is awaited.
 
-        ``backoff`` paces restarts; its ``reset_after`` is measured from the
-        first sample of a run, so a powermetrics that starts but never
-        delivers keeps backing off.
+        ``samples_per_run`` is powermetrics' ``-n``; it is part of the argv the
+        sudoers grant pins, so it must match the installed grant. The agent
+        always uses :data:`SAMPLES_PER_RUN`; tests pass small counts (with a
+        grant rendered for them) to watch runs end and restart.
+
+        ``backoff`` paces restarts after failures; its ``reset_after`` is
+        measured from the first sample of a run, so a powermetrics that starts
+        but never delivers keeps backing off. A run that ends normally after
+        its sample count is restarted at once.
 
         After ``stale_intervals`` intervals without a sample the gauges read
         0; after ``hung_intervals`` (counted from the start or the last
-        sample) the process is presumed hung, killed and restarted.
+        sample) the process is presumed hung, ended (or abandoned) and
+        replaced.
 
         ``on_sample`` is called after the gauges are updated with each sample
         (for other consumers such as energy accounting; exceptions are logged).
@@ -203,19 +283,23 @@ class PowerSampler:
         Linux, where the tests run. Never wire it to configuration or the CLI.
         """
         self._interval_ms = validate_interval_ms(interval_ms)
+        self._samples_per_run = validate_samples(samples_per_run)
         if not 1 <= stale_intervals <= hung_intervals:
             raise ValueError("need 1 <= stale_intervals <= hung_intervals")
-        self._stale_after_s = stale_intervals * interval_ms / 1000.0
-        self._hung_after_s = hung_intervals * interval_ms / 1000.0
+        interval_s = interval_ms / 1000.0
+        self._stale_after_s = stale_intervals * interval_s
+        self._hung_after_s = hung_intervals * interval_s
+        # Once the pipes are closed a writing powermetrics dies at its next sample.
+        self._end_grace_s = min(_END_GRACE_CAP_S, 2 * interval_s + 1.0)
         self._backoff = backoff
         self._on_sample = on_sample
         if executable_override_for_tests is None:
-            self._argv = tuple(sampler_argv(interval_ms))
+            self._argv = tuple(sampler_argv(interval_ms, samples_per_run))
             self._is_stand_in = False
         else:
             if not executable_override_for_tests:
                 raise ValueError("executable_override_for_tests must not be empty")
-            self._argv = (*executable_override_for_tests, *powermetrics_argv(interval_ms)[1:])
+            self._argv = (*executable_override_for_tests, *powermetrics_argv(interval_ms, samples_per_run)[1:])
             self._is_stand_in = True
         self.gauges = PowerGauges(registry)
         self.starts = 0
@@ -223,15 +307,21 @@ class PowerSampler:
         self._live = False
         self._first_sample_at: float | None = None
         self._last_sample_at = 0.0
-        self._last_failure: tuple[int | None, str] | None = None
+        self._last_failure: tuple[int | None, str, bool] | None = None
+        self._abandoned: dict[int, asyncio.Task[None]] = {}
         self._log = log.bind(interval_ms=interval_ms)
 
     @property
     def argv(self) -> tuple[str, ...]:
         return self._argv
 
+    @property
+    def abandoned_pids(self) -> list[int]:
+        """Runs that could not be ended and have not exited yet (they end by themselves)."""
+        return sorted(self._abandoned)
+
     async def run(self) -> None:
-        """Sample until cancelled, restarting powermetrics whenever it exits."""
+        """Sample until cancelled, starting powermetrics again whenever a run ends."""
         if self._is_stand_in:
             self._log.warning("power sampler runs a stand-in, not powermetrics", argv=list(self._argv))
         self.gauges.off()
@@ -239,8 +329,23 @@ class PowerSampler:
         failures = 0
         try:
             while True:
+                await self._room_for_a_run()
                 self.starts += 1
-                outcome = await self._run_once()
+                try:
+                    outcome = await self._run_once()
+                except Exception as exc:  # a bug must cost one run (restarted with backoff), not the sampler
+                    self._log.exception("power sampler run failed")
+                    outcome = _RunOutcome(None, f"{type(exc).__name__}: {exc}", 0, 0.0)
+                if outcome.completed:
+                    failures = 0
+                    self._last_failure = None
+                    self._log.info(
+                        "powermetrics finished its pinned samples; starting the next run",
+                        samples=outcome.samples,
+                        returncode=outcome.returncode,
+                        restart_in_s=0.0,
+                    )
+                    continue  # the gauges stay: the watchdog zeroes them if the next run is late
                 self._set_off()
                 failures = self._backoff.failures_after_run(failures, outcome.healthy_s)
                 if outcome.healthy_s >= self._backoff.reset_after:
@@ -250,37 +355,67 @@ class PowerSampler:
                 await asyncio.sleep(delay)
         finally:
             try:
-                await cancel_and_wait(watchdog)
+                await cancel_and_wait(watchdog, *self._abandoned.values())
             finally:
                 self._set_off()
 
+    async def _room_for_a_run(self) -> None:
+        """Wait while ``MAX_ABANDONED`` runs that could not be ended are still alive."""
+        if len(self._abandoned) < MAX_ABANDONED:
+            return
+        self._log.error(
+            "not starting powermetrics while earlier runs that could not be ended are still alive",
+            abandoned_pids=self.abandoned_pids,
+        )
+        while len(self._abandoned) >= MAX_ABANDONED:
+            await asyncio.wait(set(self._abandoned.values()), return_when=asyncio.FIRST_COMPLETED)
+
     async def _run_once(self) -> _RunOutcome:
+        # Our own pipes, so that we can close the read ends: that, not a signal,
+        # is what ends a powermetrics the agent's user may not signal.
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                *self._argv, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w
             )
         except OSError as exc:
+            os.close(out_r)
+            os.close(err_r)
             return _RunOutcome(None, f"{type(exc).__name__}: {exc}", 0, 0.0)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
         self._first_sample_at = None
         self._last_sample_at = time.monotonic()  # the hung clock starts at the start
-        assert proc.stdout is not None and proc.stderr is not None
+        transports: list[asyncio.BaseTransport] = []
+        tasks: list[asyncio.Task] = []
         tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
-        stderr_task = asyncio.create_task(_collect_tail(proc.stderr, tail))
-        consume = asyncio.create_task(self._consume(proc.stdout))
+        exited = True
         try:
+            stdout, out_transport = await _open_reader(out_r)
+            transports.append(out_transport)
+            stderr, err_transport = await _open_reader(err_r)
+            transports.append(err_transport)
+            tasks.append(asyncio.create_task(_collect_tail(stderr, tail)))
+            consume = asyncio.create_task(self._consume(stdout))
+            tasks.append(consume)
             await self._until_done_or_hung(consume)
             if consume.done():
                 # stdout closed: the process is exiting; give it a moment, then make sure.
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout=self._stale_after_s)
+                await _exited_within(proc, self._stale_after_s)
         finally:
-            await _reap(proc)  # also ends `consume`: stdout reaches EOF
-            await asyncio.wait({consume, stderr_task}, timeout=1.0)
-            consume.cancel()
-            stderr_task.cancel()
+            for fd in (out_r, err_r)[len(transports):]:
+                os.close(fd)  # never handed to a transport
+            for transport in transports:
+                transport.close()  # powermetrics dies of SIGPIPE at its next write
+            exited = await self._end(proc)
+            self._log.debug("powermetrics run over", pid=proc.pid, returncode=proc.returncode, abandoned=not exited)
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            for task in tasks:
+                task.cancel()
+        consume = tasks[1]
         samples = 0
         if consume.done() and not consume.cancelled():
             if consume.exception() is None:
@@ -288,7 +423,42 @@ class PowerSampler:
             else:  # a bug must cost one run (restarted with backoff), not the sampler
                 self._log.error("reading powermetrics output failed", exc_info=consume.exception())
         healthy_s = time.monotonic() - self._first_sample_at if self._first_sample_at is not None else 0.0
-        return _RunOutcome(proc.returncode, "\n".join(tail), samples, healthy_s)
+        returncode = proc.returncode if exited else None
+        completed = returncode == 0 and samples >= self._samples_per_run
+        return _RunOutcome(returncode, "\n".join(tail), samples, healthy_s, abandoned=not exited, completed=completed)
+
+    async def _end(self, proc: asyncio.subprocess.Process) -> bool:
+        """Make sure a run is over (its pipes are already closed); False if it had to be abandoned.
+
+        A signal is tried as a courtesy (it is faster than waiting for the next
+        write, and sudo relays SIGTERM when its front-end kept the user's uid),
+        but a ``PermissionError`` is expected, not an error.
+        """
+        if proc.returncode is not None:
+            return True
+        signalled = _signal(proc, signal.SIGTERM)
+        if await _exited_within(proc, self._end_grace_s):
+            return True
+        if signalled and _signal(proc, signal.SIGKILL) and await _exited_within(proc, _KILL_GRACE_S):
+            return True
+        self._abandon(proc, signalled)
+        return False
+
+    def _abandon(self, proc: asyncio.subprocess.Process, signalled: bool) -> None:
+        self._log.warning(
+            "powermetrics could not be ended; abandoning it (it ends at its next write or after its pinned samples)",
+            pid=proc.pid,
+            may_signal=signalled,
+            samples_per_run=self._samples_per_run,
+        )
+        self._abandoned[proc.pid] = asyncio.create_task(self._reap_abandoned(proc), name=f"powermetrics-reap-{proc.pid}")
+
+    async def _reap_abandoned(self, proc: asyncio.subprocess.Process) -> None:
+        try:
+            returncode = await proc.wait()
+            self._log.info("abandoned powermetrics ended", pid=proc.pid, returncode=returncode)
+        finally:
+            self._abandoned.pop(proc.pid, None)
 
     async def _until_done_or_hung(self, consume: asyncio.Task[int]) -> None:
         """Wait for stdout to end, or for ``hung_intervals`` without a sample."""
@@ -316,7 +486,8 @@ class PowerSampler:
         self._fresh.set()
         if first:
             self._first_sample_at = time.monotonic()
-            self._log.info("power sampler delivering samples", combined_w=sample.combined_w)
+            if self.starts == 1 or self._last_failure is not None:
+                self._log.info("power sampler delivering samples", combined_w=sample.combined_w)
         if self._on_sample is not None:
             try:
                 self._on_sample(sample)
@@ -343,6 +514,7 @@ class PowerSampler:
         fields = {
             "returncode": outcome.returncode,
             "samples": outcome.samples,
+            "abandoned": outcome.abandoned,
             "restart_in_s": restart_in_s,
         }
         if outcome.signature() == self._last_failure:
@@ -390,26 +562,14 @@ async def _collect_tail(stream: asyncio.StreamReader, tail: deque[str]) -> None:
             tail.append(line.rstrip())
 
 
-async def _reap(proc: asyncio.subprocess.Process) -> None:
-    """Make sure the child is gone: SIGTERM (sudo relays it), then SIGKILL."""
-    if proc.returncode is None:
-        with suppress(ProcessLookupError):
-            proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), timeout=_TERMINATE_GRACE_S)
-        except TimeoutError:
-            with suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 @dataclass(frozen=True, slots=True)
 class SudoGrant:
     """Whether sudo lets a user run the sampler's exact powermetrics command.
 
     ``status`` is ``granted``; ``stale`` (a powermetrics grant exists but for
-    other arguments, typically another interval); ``missing``; or
-    ``unavailable`` (sudo could not be asked). ``fix`` says what to run.
+    other arguments: another interval, or the command of an older metal-agent
+    without the pinned sample count); ``missing``; or ``unavailable`` (sudo
+    could not be asked). ``fix`` says what to run.
     """
 
     status: Literal["granted", "stale", "missing", "unavailable"]
@@ -445,11 +605,27 @@ async def check_sudo_grant(interval_ms: int, *, user: str | None = None) -> Sudo
     except (OSError, TimeoutError) as exc:
         return SudoGrant("unavailable", who, shown, f"could not ask {SUDO_PATH}: {exc!r}", fix)
     others = [ln for ln in _sudo_list_entries(listing) if POWERMETRICS_PATH in ln] if rc_list == 0 else []
+    legacy = " ".join(legacy_powermetrics_argv(interval_ms))
+    if any(_grants_exactly(entry, legacy) for entry in others):
+        detail = (
+            f"{who}'s grant is for `{legacy}`, the command of an older metal-agent (before the sample count "
+            f"was pinned); this metal-agent runs `{shown}`"
+        )
+        refresh = (
+            f"re-run `make install-powermetrics-sudo INTERVAL_MS={interval_ms}` in the metal-agent checkout "
+            "(needed once after upgrading: the pinned command gained `-n`)"
+        )
+        return SudoGrant("stale", who, shown, detail, refresh)
     if others:
         detail = f"{who} may run powermetrics only as: {'; '.join(others)}; the agent needs `{shown}`"
         return SudoGrant("stale", who, shown, detail, fix)
     reason = err.strip() or f"sudo -l exited {rc}"
     return SudoGrant("missing", who, shown, f"{who} may not run `{shown}` without a password ({reason})", fix)
+
+
+def _grants_exactly(entry: str, command: str) -> bool:
+    """Whether a ``sudo -l`` entry lists ``command`` as a whole command (not as a prefix of a longer one)."""
+    return re.search(r"(?:^|[:,]\s*)" + re.escape(command) + r"\s*(?:,|$)", entry) is not None
 
 
 def _sudo_list_entries(listing: str) -> list[str]:
@@ -474,6 +650,8 @@ async def _run_quiet(argv: list[str]) -> tuple[int, str, str]:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout=_SUDO_CHECK_TIMEOUT_S)
     finally:
-        await _reap(proc)
+        if proc.returncode is None:  # timed out or cancelled: end it if we may, never raise over it
+            if _signal(proc, signal.SIGKILL):
+                await _exited_within(proc, _KILL_GRACE_S)
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

@@ -17,6 +17,9 @@ Budget, first that applies:
    thirds of RAM on small Macs and three quarters on large ones; the same
    split keeps the agent inside what the GPU may use.
 
+Physical RAM is the memory watchdog's own reading (`hw.memsize` on macOS),
+so admission and the watchdog judge the machine by the same numbers.
+
 When the estimate cannot be computed (unreadable header, unknown
 architecture), the default is to refuse (`MemoryCheckFailed`): admitting a
 model of unknown size is how Macs end up swapping. `mode="warn"` admits it

@@ -1,11 +1,11 @@
 """Incremental parser for the text output of macOS ``powermetrics``.
 
-The agent runs ``powermetrics --samplers cpu_power,gpu_power -i <ms>`` for as
-long as it lives and turns every sample into four gauges (CPU, GPU, ANE and
-combined power, in watts). This module is the pure half of that: it sees
-lines, never files or processes, so the same code serves the live sampler,
-``metal-agent power parse`` and the tests, and it can be exercised on Linux
-with recorded output.
+The agent runs ``powermetrics --samplers cpu_power,gpu_power -i <ms> -n 3600``
+(one run after another, for as long as it lives) and turns every sample into
+four gauges (CPU, GPU, ANE and combined power, in watts). This module is
+the pure half of that: it sees lines, never files or processes, so the same
+code serves the live sampler, ``metal-agent power parse`` and the tests, and
+it can be exercised on Linux with recorded output.
 
 What a sample looks like (see ``docs/llmkube-compat.md`` and the recorded
 M5 Max capture)::

@@ -295,3 +295,27 @@ async def test_a_deleted_or_edited_slice_is_repaired(mac):
         found = await _ready_slice(cluster, "mended")
         return found and found.ports[0].port == port
     await wait_for(repaired, timeout=10, what="edited slice repaired")
+
+
+async def test_a_moved_address_is_followed(mac):
+    """The Mac changes networks (DHCP, another Wi-Fi, Tailscale up after login): the
+    EndpointSlice follows the new address, and llama-server, which listened on the old one
+    only, is respawned on the new one, with an Event saying why."""
+    cluster, ns, make_agent = mac
+    agent = make_agent("--address-check-interval", "0.3", detect_host=True)
+    await agent.start()
+    await cluster.create_isvc("roam", "tiny", contextSize=256)
+    await cluster.wait_phase("roam", "Ready")
+
+    moved = await netns.move_address(ns)  # the agent's own HTTP API was on the old address too
+
+    async def registered_there():
+        found = await _ready_slice(cluster, "roam")
+        return found if found and found.endpoints[0].addresses == [moved.inner_ip] else None
+    found = await wait_for(registered_there, timeout=30, what="slice on the new address, ready")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{moved.inner_ip}:{found.ports[0].port}/v1/chat/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            assert resp.status == 200
+    assert "HostAddressChanged" in await cluster.wait_event("roam", "HostAddressChanged")

@@ -32,6 +32,7 @@ class AgentOptions:
     workdir: Path
     namespaces: Sequence[str] = ()
     host_ip: str | None = None  # None: supervise only (--no-register, llama-server on 127.0.0.1)
+    detect_host: bool = False  # register, but let the agent detect (and follow) its address itself
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
     netns: NetNS | None = None  # run the agent (and so its llama-servers) inside this namespace
@@ -59,7 +60,8 @@ class AgentProcess:
             "--log-dir", str(o.workdir / "logs"),
             "--model-dir", str(o.workdir / "models"),
             "--listen", f"{self.listen_host}:{self.port}",
-            *(["--host-ip", o.host_ip] if o.host_ip else ["--host-ip", "127.0.0.1", "--no-register"]),
+            *([] if o.detect_host else ["--host-ip", o.host_ip] if o.host_ip else
+              ["--host-ip", "127.0.0.1", "--no-register"]),
             "--threads", "1",
             "--no-mlock",
             "--log-format", "json",
@@ -144,10 +146,10 @@ async def agents_in_netns(*, kubeconfig: Path, api_port: int, llama_server: Path
             ns, kubeconfig, workdir / "agent-in-netns.kubeconfig", api_port)
         agents: list[AgentProcess] = []
 
-        def make_agent(*extra: str) -> AgentProcess:
+        def make_agent(*extra: str, detect_host: bool = False) -> AgentProcess:
             agent = AgentProcess(AgentOptions(
                 kubeconfig=agent_kubeconfig, llama_server=llama_server, workdir=workdir, namespaces=namespaces,
-                host_ip=ns.inner_ip, netns=ns, extra_args=(*extra_args, *extra),
+                host_ip=ns.inner_ip, detect_host=detect_host, netns=ns, extra_args=(*extra_args, *extra),
             ))
             agents.append(agent)
             return agent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from metal_agent.core.api import Priority
@@ -113,41 +115,25 @@ def test_forgetting_a_deleted_service_drops_its_block():
     assert state.forget("ns/a").blocked == {"ns/b"} and state.forget("ns/a").level is C
 
 
-# A synthetic sample in the format of macOS `vm_stat` (written for this test,
-# not captured from a machine): 16 KiB pages, as on Apple Silicon.
-VM_STAT_SYNTHETIC = """\
-Mach Virtual Memory Statistics: (page size of 16384 bytes)
-Pages free:                                4096.
-Pages active:                            500000.
-Pages inactive:                          480000.
-Pages speculative:                        12000.
-Pages throttled:                              0.
-Pages wired down:                        262144.
-Pages purgeable:                           3000.
-"Translation faults":                 987654321.
-Pages copy-on-write:                   12345678.
-Pages zero filled:                    234567890.
-Pages reactivated:                       123456.
-Pages purged:                             65432.
-File-backed pages:                       300000.
-Anonymous pages:                         692000.
-Pages stored in compressor:              100000.
-Pages occupied by compressor:             40000.
-Decompressions:                          111111.
-Compressions:                            222222.
-Pageins:                                 333333.
-Pageouts:                                     0.
-Swapins:                                      0.
-Swapouts:                                     0.
-"""
+# A real capture (tests/fixtures/darwin_memory/, which names its source): an Apple Silicon Mac,
+# 16 KiB pages. The agent reads these numbers with host_statistics64 now; vm_stat's text is how
+# they are published, so the parser stays for the tests.
+VM_STAT_CAPTURE = "".join(
+    line
+    for line in (Path(__file__).resolve().parents[1] / "fixtures" / "darwin_memory" / "vm_stat-apple-silicon-16gb-swapping.txt")
+    .read_text()
+    .splitlines(keepends=True)
+    if not line.startswith("#")
+)
 
 
 def test_vm_stat_parse_gives_wired_bytes():
-    parsed = parse_vm_stat(VM_STAT_SYNTHETIC)
+    parsed = parse_vm_stat(VM_STAT_CAPTURE)
     assert parsed.page_size == 16384
-    assert parsed.wired_bytes == 262144 * 16384 == 4 << 30
-    assert parsed.pages["Translation faults"] == 987654321
-    assert parsed.pages["Pages free"] == 4096
+    assert parsed.wired_bytes == 198107 * 16384
+    assert parsed.pages["Translation faults"] == 6085905557  # quoted label, beyond 32 bits
+    assert parsed.pages["Pages free"] == 4229
+    assert len(parsed.pages) == 22
 
 
 @pytest.mark.parametrize("text", ["", "garbage\n", "Mach Virtual Memory Statistics: (page size of 4096 bytes)\n"])

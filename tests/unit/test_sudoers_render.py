@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from metal_agent.core.sudoers import (
+    SAMPLES_PER_RUN,
     SudoersError,
+    legacy_powermetrics_argv,
     powermetrics_argv,
     render_sudoers,
     sampler_argv,
@@ -33,8 +35,25 @@ def test_the_agent_runs_exactly_this_argv() -> None:
         "cpu_power,gpu_power",
         "-i",
         "1000",
+        "-n",
+        "3600",
     ]
     assert sampler_argv(250)[2:] == powermetrics_argv(250)
+    assert SAMPLES_PER_RUN == 3600  # an hour of samples at the default interval
+
+
+def test_the_sample_count_is_pinned_and_bounded() -> None:
+    """`-n` bounds every run (the agent may not be able to signal it), so it is always present,
+    one exact number, and never 0 (which powermetrics reads as "forever")."""
+    assert sampler_argv(1000, 3)[-2:] == ["-n", "3"]
+    assert legacy_powermetrics_argv(1000) == powermetrics_argv(1000)[:-2] == [
+        "/usr/bin/powermetrics", "--samplers", "cpu_power,gpu_power", "-i", "1000"
+    ]
+    for bad in (0, -1, 1_000_001, 3.0, "3600", True, None):
+        with pytest.raises(SudoersError):
+            sampler_argv(1000, bad)  # type: ignore[arg-type]
+        with pytest.raises(SudoersError):
+            render_sudoers("alice", 1000, bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("user", ["alice", "bob.smith", "ci_runner-2", "_metalagent", "a", "x" * 64, "Alice", "u1"])
@@ -43,11 +62,11 @@ def test_good_users_and_intervals_render_one_pinned_rule(user: str, interval_ms:
     text = render_sudoers(user, interval_ms)
 
     assert rules(text) == [
-        f"Cmnd_Alias LLMKUBE_POWERMETRICS = /usr/bin/powermetrics --samplers cpu_power\\,gpu_power -i {interval_ms}",
+        f"Cmnd_Alias LLMKUBE_POWERMETRICS = /usr/bin/powermetrics --samplers cpu_power\\,gpu_power -i {interval_ms} -n 3600",
         f"{user} ALL = (root) NOPASSWD: LLMKUBE_POWERMETRICS",
     ]
     assert not any("*" in line or "?" in line or "[" in line for line in rules(text))
-    assert "pinned" in text and "--output-file" in text  # the comment says why
+    assert "pinned" in text and "--output-file" in text and "(-n)" in text  # the comment says why
 
 
 @pytest.mark.parametrize(
@@ -92,9 +111,10 @@ def test_bad_intervals_are_refused(interval_ms: object) -> None:
 
 def test_the_grant_names_the_same_command_the_sampler_runs() -> None:
     # One source of truth: un-escaping the rendered command gives the argv.
-    (alias, _) = rules(render_sudoers("alice", 750))
-    command = alias.split(" = ", 1)[1].replace("\\,", ",")
-    assert command.split(" ") == sampler_argv(750)[2:]
+    for samples in (SAMPLES_PER_RUN, 3):
+        (alias, _) = rules(render_sudoers("alice", 750, samples))
+        command = alias.split(" = ", 1)[1].replace("\\,", ",")
+        assert command.split(" ") == sampler_argv(750, samples)[2:]
 
 
 @pytest.mark.skipif(shutil.which("visudo") is None and not Path("/usr/sbin/visudo").exists(), reason="visudo not installed")
