@@ -627,12 +627,10 @@ async def sampler_as(power: SudoPower, variant: str, *, stale: int = 3, hung: in
         driver._reader.cancel()
 
 
-def child_uids(driver: Driver) -> tuple[int, int, int] | None:
-    """Real, effective and saved uid of the sampler process's current child (sudo, or what sudo became)."""
-    for child in psutil.Process(driver.proc.pid).children():
-        with suppress(psutil.NoSuchProcess):
-            return tuple(child.uids())  # type: ignore[return-value]
-    return None
+def sampler_child(driver: Driver) -> tuple[list[str], tuple[int, int, int]]:
+    """Command line and real/effective/saved uid of the sampler process's child (sudo, or what sudo became)."""
+    (child,) = psutil.Process(driver.proc.pid).children()
+    return child.cmdline(), tuple(child.uids())  # type: ignore[return-value]
 
 
 @pytest.mark.privileged
@@ -647,8 +645,9 @@ async def test_through_real_sudo_runs_end_after_n_samples_and_restart_and_stop_l
     sudo_power.steer("--after", "loop")
     async with sampler_as(sudo_power, variant, stale=5) as driver:
         assert driver.named("driver started")[0]["argv"] == sampler_argv(SUDO_INTERVAL_MS, SUDO_SAMPLES)
-        await wait_for(lambda: child_uids(driver), timeout=30, what="the sampler's sudo child")
-        uids = child_uids(driver)
+        # A run lasts 3 samples: after its first one, its process is sudo's settled outcome.
+        await wait_for(lambda: driver.named("sample"), timeout=30, what="a first sample", on_timeout=driver.tail)
+        child_cmdline, uids = sampler_child(driver)
         done = lambda: [e for e in driver.named("powermetrics finished its pinned samples; starting the next run")]  # noqa: E731
         await wait_for(lambda: len(done()) >= 3, timeout=60, what="three runs of 3 samples", on_timeout=driver.tail)
         finished = pids_in(sudo_power.pids)[:3]
@@ -658,8 +657,12 @@ async def test_through_real_sudo_runs_end_after_n_samples_and_restart_and_stop_l
         rc = await driver.stop()
 
     if variant == RELAY:
-        assert uids is not None and uids[0] != 0, "premise: sudo's front-end keeps the user's real uid"
+        assert child_cmdline[0] == SUDO_PATH, "premise: sudo stays the agent's child"
+        assert uids[0] == pwd.getpwnam(sudo_power.users[RELAY]).pw_uid and uids[1] == 0, (
+            "premise: sudo's front-end keeps the user's real uid (so the user may signal it)"
+        )
     else:
+        assert str(sudo_power.options) in child_cmdline, "premise: sudo executed powermetrics in its own place"
         assert uids == (0, 0, 0), "premise: the agent's child is full root, out of its reach"
     samples = [e["combined_w"] for e in driver.named("sample")]
     assert samples[:9] == M5_COMBINED_W[:3] * 3
