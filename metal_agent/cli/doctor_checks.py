@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Sequence
 
-import psutil
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -43,7 +42,7 @@ from metal_agent.core.claim import evaluate, wanted_model
 from metal_agent.core.permissions import AGENT_PERMISSIONS, Permission
 from metal_agent.core.result import NotOurs
 from metal_agent.core.status_owner import StatusMode, decide, shows_controller
-from metal_agent.launchd import LABEL, LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
+from metal_agent.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
 from metal_agent.paths import HOMEBREW_BIN_DIRS, find_llama_server
 
 __all__ = [
@@ -175,8 +174,12 @@ def memory_result(total: int, available: int) -> CheckResult:
 
 
 async def check_memory() -> CheckResult:
-    vm = psutil.virtual_memory()
-    return memory_result(vm.total, vm.available)
+    """The same reading the agent's admission and watchdog use (on macOS: the kernel's pages
+    counted as LLMKube does, not psutil's under-read), so the doctor and the agent agree."""
+    from metal_agent.adapters.memory_watchdog import read_system_memory
+
+    reading = read_system_memory()
+    return memory_result(reading.total_bytes, reading.available_bytes)
 
 
 # --- llama-server --------------------------------------------------------------
