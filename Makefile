@@ -38,6 +38,10 @@ demo: dev ## Run the whole loop locally: control plane, agent, a sample model, a
 bench: dev ## Control-loop figures (latency, API load, adoption, footprint); table + bench/results/*.json
 	$(BIN)/python bench/control_loop.py
 
+.PHONY: bench-compat
+bench-compat: dev ## Status writes beside LLMKube's real controller (needs root and ../shared); table + bench/results/compat.json
+	$(BIN)/python bench/compat.py
+
 .PHONY: test
 test: venv ## Run the whole test suite against real parts (run `make dev` first)
 	METAL_AGENT_REQUIRE_ASSETS=1 $(BIN)/pytest
