@@ -22,6 +22,7 @@ venv: $(BIN)/.installed ## Create .venv with metal-agent (editable) and test dep
 .PHONY: assets
 assets: venv ## Build/cache kube-apiserver, etcd, llama-server, LLMKube's manager (needs ../shared) and the tiny test models (~/.cache/metal-agent)
 	scripts/build-controlplane.sh
+	scripts/build-toxiproxy.sh
 	scripts/build-llama-server.sh
 	$(BIN)/python tests/support/tiny_model.py --vocab "$$(dirname "$$(dirname "$$(scripts/build-llama-server.sh)")")/models/ggml-vocab-llama-spm.gguf"
 	@# Exit 4: no vendored LLMKube source (a user's clone); the tests that need it skip.
