@@ -204,3 +204,41 @@ def llmkube_tiny_model(llmkube_plane, tiny_model: Path) -> Path:
     if not target.exists():
         shutil.copyfile(tiny_model, target)
     return target
+
+
+# --- Toxiproxy between the agent and the API server (tests/support/toxiproxy.py) --
+
+
+@pytest.fixture(scope="session")
+def toxiproxy_dir() -> Path:
+    directory = Path(os.environ["METAL_AGENT_TOXIPROXY"]) if os.environ.get("METAL_AGENT_TOXIPROXY") else _cached_asset("build-toxiproxy.sh")
+    if not directory or not os.access(directory / "toxiproxy-server", os.X_OK):
+        _missing("toxiproxy-server", "run `make dev` (scripts/build-toxiproxy.sh) to build it")
+    return directory
+
+
+@pytest.fixture(scope="session")
+async def toxiproxy(toxiproxy_dir: Path, tmp_path_factory):
+    """One toxiproxy-server for the session; each test gets its own proxy (`toxic_api`)."""
+    from tests.support.toxiproxy import ToxiproxyServer
+
+    server = ToxiproxyServer(toxiproxy_dir, tmp_path_factory.mktemp("toxiproxy"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def toxic_api(toxiproxy, control_plane: ControlPlane, tmp_path):
+    """A fresh proxy in front of the API server and an agent-identity kubeconfig through it
+    (`.proxy`, `.kubeconfig`). An agent in a network namespace reaches it with
+    `netns.forward_into(ns, toxic_api.proxy.port)` and `kubeconfig_via(...)`."""
+    from tests.support.toxiproxy import ToxicAPI, kubeconfig_via
+
+    proxy = await toxiproxy.create_proxy(f"127.0.0.1:{control_plane.port}")
+    try:
+        yield ToxicAPI(proxy, kubeconfig_via(control_plane.agent_kubeconfig, tmp_path / "agent-via-toxiproxy.kubeconfig", proxy.port))
+    finally:
+        await proxy.delete()
