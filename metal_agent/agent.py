@@ -220,9 +220,13 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         bind_address(change.new.address, cfg.bind_all)), interval=cfg.address_check_interval,
     ) if choice is not None and cfg.register else None
 
+    heartbeats_failing_since: float | None = None
+
     def readiness() -> bool | str:
         """Ready means: the caches are full and the API answers. Not ready says why."""
         since = [i.unreachable_since for i in informers if i.unreachable_since is not None]
+        if heartbeats_failing_since is not None:  # a quiet watch notices a blackhole only at its timeout
+            since.append(heartbeats_failing_since)
         if since:
             return (f"API server unreachable for {time.monotonic() - min(since):.0f}s; "
                     f"supervising {len(processes.supervisors)} llama-server(s) locally")
@@ -259,13 +263,19 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         """Refresh the slices' heartbeat annotation. A round that meets the API away or a
         dropped connection is logged and the next round tries again; anything else is a bug,
         left to `supervised_loop`."""
+        nonlocal heartbeats_failing_since
         while True:
             await asyncio.sleep(cfg.heartbeat_interval)
             if cfg.register:
                 try:
-                    await registrar.heartbeat()
+                    sent, failed = await registrar.heartbeat()
                 except (ApiException, aiohttp.ClientError, OSError) as err:  # OSError covers timeouts
                     log.warning("heartbeat round failed; next round retries", error=f"{type(err).__name__}: {err}")
+                    sent = failed = 1
+                if sent and failed == sent:
+                    heartbeats_failing_since = heartbeats_failing_since or time.monotonic()
+                elif sent:
+                    heartbeats_failing_since = None
 
     # Built once: its gauges are registered on `registry`, so a restarted loop reuses it.
     sampler = PowerSampler(registry, interval_ms=cfg.power_interval_ms) if cfg.power else None

@@ -329,6 +329,13 @@ class Reconciler:
         self.metrics.managed_processes.set(len(self.processes.supervisors))
 
     async def _stop(self, key: str) -> None:
+        if self.registrar is not None and self.processes.get(key) is not None:
+            namespace, name = key.split("/", 1)
+            try:
+                await self.registrar.mark_not_ready(namespace, name)
+            except Exception as err:  # noqa: BLE001 - the API is away: stop anyway; the slice is fixed later
+                log.warning("could not mark the slice not ready before stopping", service=key,
+                            error=f"{type(err).__name__}: {err}")
         self.managed.pop(key, None)
         await self.processes.stop(key)
         self.metrics.process_healthy.labels(**service_labels(key)).set(0)

@@ -107,12 +107,6 @@ async def test_blackholed_api_with_a_llama_server_killed_meanwhile(rig):
     await rig.cluster.wait_event("hit", "Restarting")  # raised during the outage, delivered after it
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: /readyz stays 200 through a blackhole. readiness() (agent.py) only looks at the informers' "
-    "unreachable_since, which only a failed list/watch sets; the idle watch on a blackholed connection has "
-    "no read timeout (informer.py _watch: _request_timeout = watch timeout (300 s +-20 %) + 30 s) and fails "
-    "only after 4.5-6.5 min, while every heartbeat and status write meanwhile times out (seen: 45 s of "
-    "failed heartbeats, /readyz 200 'ready' throughout). README promises 503 while the API does not answer"))
 async def test_readyz_says_unreachable_during_a_blackhole(rig):
     agent, _ = await rig.serve("steady")
     async with rig.proxy.fault("blackhole"):
@@ -166,12 +160,6 @@ async def test_two_second_latency_with_jitter(rig):
     assert await rig.restarts(agent, "changed") == 0 and await rig.restarts(agent, "steady") == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a respawn stops the old llama-server before it touches the slice, then applies the Service "
-    "(its port changed) and only then the EndpointSlice (reconciler.py _reconcile: _stop, _start, _register; "
-    "registrar.py _apply: Service before slice). The slice says ready for the dead port for the stop plus two "
-    "API round trips (measured ~4.3 s at 2 s latency). Withdrawing or un-readying the slice before _stop "
-    "(as the other paths that stop a process do), or applying the slice first, bounds it to one round trip"))
 async def test_a_respawn_under_latency_announces_a_dead_port_no_longer_than_one_round_trip(rig):
     agent, pids = await rig.serve("changed")
     async with rig.probe(["changed"]) as probe:
@@ -222,15 +210,6 @@ async def test_watch_stream_cut_mid_event(rig):
     assert probe.longest_dead() <= DEAD_READY_LIMIT, probe.describe()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: after a watch fails with an error, the informer re-watches from the resourceVersion that watch "
-    "started at, not from the last event it applied (informer.py Informer._watch keeps the advancing rv in "
-    "a local variable that is lost when the stream raises; _run_scope retries with the old one). The API "
-    "server replays every event since, and _apply_event stores each: the cache goes back in time. A service "
-    "created after the agent's last list and changed since is then respawned to its old spec and back again "
-    "(seen in bench/faults.py: contextSize 512 -> 256 -> 512, two model reloads, when a reset followed a spec "
-    "change). Keeping the last applied rv per scope on the Informer (and applying a replayed event only if "
-    "its rv is newer than the cached one) fixes it"))
 async def test_a_broken_watch_resumes_where_it_was(rig):
     """A watch that breaks (connection reset mid-stream) resumes after the last event the agent
     applied: nothing it already acted on is replayed, no spec goes back in time."""
@@ -320,14 +299,6 @@ async def test_agent_killed_during_a_spawn_and_during_a_respawn(rig):
     assert final["fresh"] == after["fresh"]  # adopted again: no reload
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a llama-server is recorded only after it runs (supervisor.py Supervisor._launch: "
-    "create_subprocess_exec, then psutil create_time, then records.save). An agent killed in between "
-    "(SIGKILL, a crash, power loss of the agent alone) leaves a llama-server in its own session that no "
-    "record names: the next agent can neither adopt nor stop it (it never signals unproven processes) and "
-    "starts a second copy of the model beside it, on another port. Seen in bench/faults.py without any "
-    "freezing. Closing the window needs the record (or an intent record with the argv) on disk before the "
-    "exec, or a child that waits before exec until its pid is recorded"))
 async def test_agent_killed_between_exec_and_record_leaves_no_orphan(rig):
     agent, pids = await rig.serve("steady")
     names = ["steady"]
@@ -438,12 +409,6 @@ WRONG_SHAPES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: RecordStore._read (metal_agent/adapters/process/records.py:86-94) catches only OSError, "
-    "ValueError and TypeError: valid JSON that is not an object raises AttributeError at `data.get` (line 88), "
-    "and a record with a wrong-typed field (pid or create_time a string) raises TypeError later in "
-    "live_process (psutil.Process / same_start), which catches only psutil.Error and OSError. Both escape "
-    "ProcessManager.load_adoptable (agent.py, before anything is served): the agent exits 1 at every start"))
 @pytest.mark.parametrize("content", list(WRONG_SHAPES.values()), ids=list(WRONG_SHAPES))
 async def test_a_record_of_the_wrong_shape_is_ignored(rig, content):
     """Valid JSON that is not a record is a corrupted file like any other: ignored."""
@@ -476,15 +441,6 @@ def _fill(directory: Path) -> None:
     fill_filesystem(directory)
 
 
-LOG_ON_FULL_DISK = (
-    "defect: every log call raises on a full disk. logging_setup.configure_logging uses structlog's "
-    "PrintLoggerFactory(file=sys.stderr), whose msg() is print(..., flush=True): with stderr on agent.log "
-    "(launchd) and the disk full, each log.info/warning raises OSError(ENOSPC) in its caller. At start-up the "
-    "first line (agent.py 'starting metal-agent') ends the agent with exit 1, at every launchd restart. "
-    "Running, a llama-server that exits is never restarted, not even once space returns: Supervisor._run "
-    "sets CrashLoopBackOff, then its log.warning raises and ends the task, and _ended's log.error raises "
-    "before _set(SupervisorFailed), so the reconciler never hears of it (bench/faults.py: pid None for good); "
-    "a reconcile that logs ('spec changed; respawning') fails and a spec change is not applied")
 
 
 @pytest.fixture
@@ -499,7 +455,6 @@ def full_log_dir(tmp_path):
         subprocess.run(["umount", "-l", str(logs)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_ON_FULL_DISK)
 async def test_the_log_directory_fills_up_while_serving(rig, full_log_dir):
     """launchd's agent.log and every llama-server log live on a disk that fills up: the agent
     keeps serving, restarting, respawning and registering."""
@@ -521,7 +476,6 @@ async def test_the_log_directory_fills_up_while_serving(rig, full_log_dir):
     assert agent.process.running
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_ON_FULL_DISK)
 async def test_the_agent_starts_with_the_log_directory_full(rig, full_log_dir):
     """A Mac whose disk is already full when launchd (re)starts the agent: it starts, adopts
     and serves, although it cannot write a line of log."""

@@ -97,6 +97,7 @@ class Informer:
         self.consecutive_failures = 0
         self.unreachable_since: float | None = None
         self._synced_scopes: set[str | None] = set()
+        self._resume: dict[str | None, str | None] = {}  # per scope: the resourceVersion to watch from
         self.synced = asyncio.Event()
         self._log = log.bind(resource=resource.plural)
 
@@ -165,7 +166,10 @@ class Informer:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     if line.strip():
-                        rv = self._apply_event(json.loads(line)) or rv
+                        # Kept on the informer at once: a stream that breaks mid-way resumes
+                        # from the last event applied, not from where it started (a replay
+                        # would take the cache back in time: old specs, deleted objects).
+                        rv = self._resume[scope] = self._apply_event(json.loads(line)) or rv
         return rv
 
     def _apply_event(self, event: dict) -> str | None:
@@ -189,21 +193,20 @@ class Informer:
         return _rv(obj)
 
     async def _run_scope(self, scope: str | None) -> None:
-        rv: str | None = None
         while True:
             try:
-                if rv is None:
-                    rv = await self._relist(scope)
+                if self._resume.get(scope) is None:
+                    self._resume[scope] = await self._relist(scope)
                     self._reachable()
-                rv = await self._watch(scope, rv)
+                self._resume[scope] = await self._watch(scope, self._resume[scope])
             except _Gone:
                 self._log.info("resourceVersion expired; relisting", namespace=scope)
-                rv = None
+                self._resume[scope] = None
             except asyncio.CancelledError:
                 raise
             except ApiException as err:
                 if err.status == 410:
-                    rv = None
+                    self._resume[scope] = None
                     continue
                 await self._failed(scope, f"HTTP {err.status}: {err.reason}")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as err:

@@ -18,6 +18,7 @@ import asyncio
 import datetime as dt
 import time
 from collections import defaultdict
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import structlog
@@ -111,15 +112,27 @@ class Registrar:
             await self._delete(self.discovery.delete_namespaced_endpoint_slice, obj.metadata)
             log.info("removed the Go agent's leftover EndpointSlice", service=f"{namespace}/{isvc_name}", slice=name)
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self) -> tuple[int, int]:
         """Re-apply every registered slice with a fresh heartbeat, all at once: a slow call
-        for one service never makes another's heartbeat late."""
+        for one service never makes another's heartbeat late. Returns (sent, failed)."""
         regs = list(self._applied.items())
         results = await asyncio.gather(*(self._beat(key, reg) for key, reg in regs), return_exceptions=True)
+        failed = 0
         for (key, _), result in zip(regs, results):
             if isinstance(result, Exception):
+                failed += 1
                 log.warning("heartbeat failed; the next one retries", service=key,
                             error=f"{type(result).__name__}: {result}")
+        return len(regs), failed
+
+    async def mark_not_ready(self, namespace: str, isvc_name: str) -> None:
+        """Say "not ready" before the process behind a ready slice is stopped, so the cluster
+        stops sending traffic before the port dies, not one API round trip after."""
+        key = f"{namespace}/{isvc_name}"
+        async with self._locks[key]:
+            reg = self._applied.get(key)
+            if reg is not None and reg.ready:
+                await self._apply(key, replace(reg, ready=False))
 
     async def _beat(self, key: str, reg: Registration) -> None:
         async with self._locks[key]:

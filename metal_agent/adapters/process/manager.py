@@ -21,7 +21,7 @@ import structlog
 from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.log_retention import remove_stale_service_logs, rotate_agent_log
 from metal_agent.adapters.process.logfile import ServiceLog
-from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
+from metal_agent.adapters.process.records import ProcessRecord, RecordStore, find_unrecorded, live_process
 from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
 from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.process import Snapshot, SupervisorEvent
@@ -71,6 +71,13 @@ class ProcessManager:
 
     def load_adoptable(self) -> None:
         for record in self.records.load_all():
+            if record.pid == 0:  # written before an exec whose agent died before the full record
+                found = find_unrecorded(record)
+                if found is None:
+                    self.records.remove(record.key, pid=0)
+                    continue
+                record = found
+                self.records.save(record)
             if live_process(record) is not None:
                 self.adoptable[record.key] = record
                 log.info("found llama-server from a previous agent", service=record.key, pid=record.pid)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -83,14 +83,22 @@ class RecordStore:
 
     @staticmethod
     def _read(path: Path) -> ProcessRecord | None:
+        """The record in `path`, or None for anything that is not one of ours, whatever its
+        shape (truncated, binary, valid JSON of another shape): a bad file in the state
+        directory must never stop the agent from starting."""
         try:
             data = json.loads(path.read_text())
-            if data.get("version") != RECORD_VERSION:
+            if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
                 return None
-            data["argv"] = tuple(data.get("argv") or ())
-            return ProcessRecord(**data)
-        except (OSError, ValueError, TypeError):
+            data["argv"] = tuple(str(a) for a in data.get("argv") or ())
+            record = ProcessRecord(**data)
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
+        typed = (isinstance(record.pid, int) and not isinstance(record.pid, bool) and record.pid >= 0
+                 and isinstance(record.create_time, (int, float)) and isinstance(record.boot_time, (int, float))
+                 and isinstance(record.port, int) and all(isinstance(v, str) for v in (
+                     record.key, record.uid, record.spec_hash, record.host, record.argv_digest)))
+        return record if typed else None
 
     def load_all(self) -> list[ProcessRecord]:
         """Every readable record; unreadable ones are skipped (and left for inspection)."""
@@ -115,6 +123,23 @@ def same_start(record: ProcessRecord, create_time: float, boot_time: float) -> b
     if record.boot_time:
         return abs((create_time - boot_time) - (record.create_time - record.boot_time)) <= CREATE_TIME_TOLERANCE_S
     return False
+
+
+def find_unrecorded(record: ProcessRecord) -> ProcessRecord | None:
+    """The process a pre-exec record (pid 0) stands for, if one runs: the only one whose
+    whole command line has the record's digest (it includes the port, so it is unique).
+    Returns the record completed with its pid and start time, or None."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        try:
+            cmdline = proc.info["cmdline"]
+            if cmdline and argv_digest(cmdline) == record.argv_digest:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    if len(found) != 1:
+        return None
+    return replace(record, pid=found[0].pid, create_time=found[0].info["create_time"] or 0.0)
 
 
 def live_process(record: ProcessRecord) -> psutil.Process | None:

@@ -249,12 +249,22 @@ class Supervisor:
         port = pick_port(self.plan.host, self._port)
         self._port = port
         argv = [str(a) for a in self.plan.build_argv(port)]
+        record = ProcessRecord(key=self.plan.key, uid=self.plan.uid, pid=0, create_time=0.0,
+                               spec_hash=self.plan.spec_hash, port=port, host=self.plan.host,
+                               argv_digest=argv_digest(argv), argv=tuple(argv), boot_time=psutil.boot_time())
+        # Written before the exec, without a pid: an agent killed between the exec and the
+        # full record leaves a process the next agent can still find by its command line
+        # (unique: it holds the port) and adopt or stop, never an orphan beside a second copy.
+        self.records.save(record)
         fd = self.log_file.open_for_child()
         try:
             child = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
                 env=child_environment(),
             )
+        except BaseException:
+            self.records.remove(self.plan.key, pid=0)
+            raise
         finally:
             os.close(fd)
         try:
@@ -264,11 +274,7 @@ class Supervisor:
         running = _Running(child.pid, create_time, child)
         self._running = running
         try:
-            self.records.save(ProcessRecord(
-                key=self.plan.key, uid=self.plan.uid, pid=child.pid, create_time=create_time,
-                spec_hash=self.plan.spec_hash, port=port, host=self.plan.host, argv_digest=argv_digest(argv),
-                argv=tuple(argv), boot_time=psutil.boot_time(),
-            ))
+            self.records.save(replace(record, pid=child.pid, create_time=create_time))
         except OSError as err:
             # A process no later agent could prove it started, adopt or stop must not run:
             # stop it now and report the spawn as failed (the state directory is the problem).
