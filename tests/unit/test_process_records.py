@@ -32,3 +32,35 @@ def test_start_time_matches_across_a_clock_step():
     # Another process: neither matches.
     assert not same_start(rec, 1_000_030.0, 999_000.0)
     assert not same_start(record(1, 1_000_000.0), 1_000_000.0 + 3600, 999_000.0 + 3600)  # old record: no boot time
+
+
+def test_a_pre_exec_record_finds_its_process_by_command_line(tmp_path):
+    """An agent killed between exec and the full record leaves only the pre-exec record
+    (pid 0); the next agent finds the process by its unique command line."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from metal_agent.adapters.process.records import argv_digest, find_unrecorded
+
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)]  # the path makes it unique
+    proc = subprocess.Popen(argv)
+    try:
+        pending = ProcessRecord(key="ns/a", uid="u", pid=0, create_time=0.0, spec_hash="h", port=1,
+                                host="127.0.0.1", argv_digest=argv_digest(psutil.Process(proc.pid).cmdline()))
+        found = find_unrecorded(pending)
+        assert found is not None and found.pid == proc.pid
+        assert abs(found.create_time - psutil.Process(proc.pid).create_time()) < 0.01
+    finally:
+        proc.kill()
+        proc.wait()
+    assert find_unrecorded(pending) is None  # gone: nothing to adopt, the record is dropped
+
+
+def test_records_of_the_wrong_shape_are_skipped(tmp_path):
+    store = RecordStore(tmp_path)
+    store.save(record(200, 2000.0))
+    for name, text in {"a.json": "null", "b.json": "[1, 2]", "c.json": '{"version": 1, "pid": "x"}'}.items():
+        (tmp_path / name).write_text(text)
+    assert [r.pid for r in store.load_all()] == [200]
