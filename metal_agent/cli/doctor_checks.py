@@ -104,11 +104,16 @@ def _not_mac(name: str, system: str | None) -> CheckResult:
     return skip(name, f"only on macOS (this is {system or platform.system()})")
 
 
-async def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT_S) -> tuple[int, str]:
-    """Exit status and stdout+stderr of a command; kills it on timeout (TimeoutError)."""
+async def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT_S, **how) -> tuple[int, str]:
+    """Exit status and stdout+stderr of a command; kills it on timeout (TimeoutError).
+
+    `how` goes to `create_subprocess_exec` (env, cwd, user, start_new_session); the
+    environment defaults to ours with `LC_ALL=C`, so output is parsed in one language.
+    """
+    how.setdefault("env", {**os.environ, "LC_ALL": "C"})
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "LC_ALL": "C"},
+        **how,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -571,26 +576,19 @@ async def check_metal_device(explicit: str | None, system: str | None = None, ho
     if ctx.user and os.geteuid() == 0 and ctx.user != "root":
         kwargs["user"] = ctx.user
     try:
-        proc = await asyncio.create_subprocess_exec(
-            ctx.llama_server, "--list-devices", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=ctx.env, cwd=ctx.cwd, start_new_session=True, **kwargs)
-    except OSError as exc:
-        return fail(name, f"cannot run {ctx.llama_server}: {exc.strerror or exc}", fix)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        code, text = await _run([ctx.llama_server, "--list-devices"], timeout, env=ctx.env, cwd=ctx.cwd,
+                             start_new_session=True, **kwargs)
+    except TimeoutError:  # before OSError, whose subclass it is
         return fail(name, f"`{ctx.llama_server} --list-devices` did not finish within {timeout:.0f}s",
                     f"run `{shlex.quote(ctx.llama_server)} --list-devices` by hand")
-    text = out.decode(errors="replace")
+    except OSError as exc:
+        return fail(name, f"cannot run {ctx.llama_server}: {exc.strerror or exc}", fix)
     devices = parse_list_devices(text)
     metal = [(n, d) for n, d in devices if is_metal_device(n)]
     if metal:
         return ok(name, f"{ctx.llama_server} sees {metal[0][0]}: {metal[0][1]} (run {ctx.how})")
-    if proc.returncode != 0:
-        last = text.strip().splitlines()[-1] if text.strip() else f"exit status {proc.returncode}"
+    if code != 0:
+        last = text.strip().splitlines()[-1] if text.strip() else f"exit status {code}"
         return fail(name, f"`{ctx.llama_server} --list-devices` failed: {last}", fix)
     listed = ", ".join(n for n, _ in devices) or "none"
     return fail(name, f"{ctx.llama_server} lists no Metal device (devices: {listed}; run {ctx.how}): "
