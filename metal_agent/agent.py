@@ -265,7 +265,10 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         left to `supervised_loop`."""
         nonlocal heartbeats_failing_since
         while True:
-            await asyncio.sleep(cfg.heartbeat_interval)
+            # While the API is away, try every few seconds: the first heartbeat after an outage
+            # is what tells LLMKube (and /readyz) that this Mac is back.
+            await asyncio.sleep(cfg.heartbeat_interval if heartbeats_failing_since is None
+                                else min(cfg.heartbeat_interval, 2.0))
             if cfg.register:
                 try:
                     sent, failed = await registrar.heartbeat()
