@@ -258,7 +258,10 @@ async def test_agent_away_then_back_adopts_without_reload(lk, llmkube_plane, llm
     await agent.start()
     await wait_for(lambda: llmkube_ready(cluster, name), timeout=60, what="Ready again")
     assert (await agent.services())[0]["pid"] == pid  # adopted: no reload
-    assert (await cluster.status(name)).get("schedulingStatus") != "AgentHeartbeatStale"
+
+    async def stale_cleared():  # LLMKube keeps its own "stale" after Ready: the agent clears it
+        return (await cluster.status(name)).get("schedulingStatus") != "AgentHeartbeatStale"
+    await wait_for(stale_cleared, timeout=15, what="AgentHeartbeatStale cleared once Ready again")
 
 
 async def test_scale_to_zero_suspend_and_delete(lk, llmkube_plane, llmkube_tiny_model):

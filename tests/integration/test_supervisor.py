@@ -100,7 +100,8 @@ async def test_hung_server_is_detected_and_restarted(make, llama_server_bin, tin
 
 
 async def test_a_child_whose_record_cannot_be_saved_is_stopped(tmp_path):
-    """No process may run that no later agent could prove it started (and so adopt or stop)."""
+    """No process may run that no later agent could prove it started (and so adopt or stop):
+    with an unwritable state directory nothing is started, and the reason says so."""
     (tmp_path / "records").write_text("a file where the record directory should be")
     rec = Recorder()
     http = aiohttp.ClientSession()

@@ -255,7 +255,11 @@ class Supervisor:
         # Written before the exec, without a pid: an agent killed between the exec and the
         # full record leaves a process the next agent can still find by its command line
         # (unique: it holds the port) and adopt or stop, never an orphan beside a second copy.
-        self.records.save(record)
+        # Nothing is started that could not be recorded (the state directory is the problem).
+        try:
+            self.records.save(record)
+        except OSError as err:
+            raise OSError(f"cannot write the process record in {self.records.dir}: {err.strerror or err}") from err
         fd = self.log_file.open_for_child()
         try:
             child = await asyncio.create_subprocess_exec(
