@@ -75,6 +75,14 @@ class _Managed:
     uid: str
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """A changed spec that cannot start yet while the previous one serves."""
+
+    pending: Blocker | None = None  # its model is downloading
+    failed: Blocker | None = None  # its model cannot be had (shown as a spec problem)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -107,6 +115,7 @@ class Reconciler:
         self.pressure = Level.NORMAL
         self.evicted: set[str] = set()  # stopped by the watchdog; shown as MemoryPressure=Evicted
         self._waiting_reported: dict[str, str] = {}
+        self._deferred_reported: dict[str, tuple[str, str]] = {}
         self._last_skip: str | None = None
         self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
         self.managed: dict[str, _Managed] = {}
@@ -241,6 +250,15 @@ class Reconciler:
         running = self.processes.get(key)
         moved = running is not None and running.plan.host != self.launch.host
         if managed is not None and (managed.spec_hash != digest or managed.uid != uid or moved):
+            if managed.uid == uid and not moved and key not in self.evicted:
+                deferred = self._new_model_not_ready(key, raw, workload, digest)
+                if deferred is not None:
+                    # Make before break: the running process keeps serving the previous spec
+                    # until the new model is on disk (a download can take hours).
+                    problem, retry = await self._register(key, raw)
+                    await self._write_status(key, raw, True, degraded=problem or deferred.failed,
+                                             rollout=deferred.pending)
+                    return 30.0 if deferred.failed else retry
             log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
             self.events.emit(raw["metadata"], "Respawning",
                                      f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]}); restarting llama-server")
@@ -281,6 +299,27 @@ class Reconciler:
         problem, retry = await self._register(key, raw)
         await self._write_status(key, raw, True, degraded=problem)
         return retry
+
+    def _new_model_not_ready(self, key: str, raw: dict, workload: Workload, digest: str) -> _Deferred | None:
+        """Whether a changed spec's model is not on disk yet (downloading, or failed to),
+        so the running process should go on serving the previous spec meanwhile."""
+        found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
+        if isinstance(found, ModelReady):
+            self._deferred_reported.pop(key, None)
+            return None
+        if isinstance(found, ModelPending):
+            deferred = _Deferred(pending=Blocker("ModelDownloading", found.message, phase="Creating"))
+        else:
+            deferred = _Deferred(failed=Blocker(found.reason, f"still serving the previous spec; {found.message}"))
+        if self._deferred_reported.get(key) != (digest, found.reason if deferred.failed else ""):
+            self._deferred_reported[key] = (digest, found.reason if deferred.failed else "")
+            why = found.message
+            log.info("spec changed; the running llama-server serves until the new model is ready", service=key,
+                     new=digest[:12], why=why)
+            self.events.emit(raw["metadata"], "RespawnDeferred",
+                             f"spec changed (hash {digest[:12]}); llama-server keeps serving the previous spec "
+                             f"until the new model is ready: {why}", warning=deferred.failed is not None)
+        return deferred
 
     async def _commit_running(self, key: str, workload: Workload) -> None:
         """A running process's memory counts against what others may start."""
@@ -390,6 +429,7 @@ class Reconciler:
         self.memory.forget(key)
         self.evicted.discard(key)
         self._waiting_reported.pop(key, None)
+        self._deferred_reported.pop(key, None)
         self._invalid_reported.pop(key, None)
         self._applied_status.pop(key, None)
         self._ownership.pop(key, None)
@@ -401,7 +441,7 @@ class Reconciler:
     async def _write_status(
         self, key: str, raw: dict, wants_process: bool, *, suspended: bool = False,
         spec_errors: tuple[str, ...] = (), blocker: Blocker | None = None, degraded: Blocker | None = None,
-        scheduling: tuple[str, str] | None = None,
+        scheduling: tuple[str, str] | None = None, rollout: Blocker | None = None,
     ) -> None:
         """Apply the status fields this agent owns, when what it means to say has changed."""
         supervisor = self.processes.get(key)
@@ -423,6 +463,7 @@ class Reconciler:
             desired_replicas=replicas if isinstance(replicas, int) else 1,
             spec_errors=spec_errors,
             degraded=degraded,
+            rollout=rollout,
             scheduling=scheduling,
             memory_pressure=self._pressure_condition(key),
             blocker=blocker,

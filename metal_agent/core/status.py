@@ -54,6 +54,9 @@ class StatusInputs:
     process: Snapshot | None = None
     endpoint: str | None = None
     degraded: Blocker | None = None  # a problem a running process survives (e.g. its Model vanished)
+    # A changed spec being prepared (its model downloading) while the running process keeps
+    # serving the previous one: a rollout in progress, not a problem with the spec.
+    rollout: Blocker | None = None
     scheduling: tuple[str, str] | None = None  # LLMKube's schedulingStatus/schedulingMessage (memory admission)
     memory_pressure: Condition | None = None
     model_not_accepted: Blocker | None = None  # LLMKube's Model controller has not marked the Model Ready
@@ -69,6 +72,8 @@ def _process_condition(inputs: StatusInputs) -> Condition:
     if p is not None and p.state is not State.STOPPED:
         if p.state is State.READY:
             serving = f"llama-server is serving on port {p.port}"
+            if inputs.rollout is not None:
+                serving += f" (the previous spec, until the new one is ready: {inputs.rollout.message})"
             shortfall = _offload_shortfall(inputs)
             return Condition(PROCESS_READY, True, "Ready", f"{shortfall}; {serving}" if shortfall else serving)
         if p.state is State.STARTING:
@@ -143,6 +148,9 @@ def _full_conditions(inputs: StatusInputs, ready: int, desired: int) -> tuple[st
         conds = [Condition("Available", True, "InferenceReady", "Inference service is ready and serving requests")]
         if phase == "Progressing":
             conds.append(Condition("Progressing", True, "Creating", f"{ready}/{desired} replicas ready"))
+        elif inputs.rollout is not None:
+            conds.append(Condition("Progressing", True, inputs.rollout.reason,
+                                   f"serving the previous spec until the new one is ready: {inputs.rollout.message}"))
         problem = inputs.spec_errors and f"still serving the last valid spec; the current spec is invalid: {errors}"
         if problem or inputs.degraded is not None:
             reason = "InvalidSpec" if problem else inputs.degraded.reason
