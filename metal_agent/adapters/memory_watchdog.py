@@ -29,7 +29,9 @@ import asyncio
 import ctypes
 import functools
 import inspect
+import json
 import sys
+from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
 import psutil
@@ -98,6 +100,24 @@ def read_system_memory() -> MemoryReading:
 async def system_memory() -> MemoryReading:
     """The default reader: :func:`read_system_memory`."""
     return read_system_memory()
+
+
+def file_reader(path: Path) -> Reader:
+    """Readings from a JSON file, re-read at every check, for pressure drills and tests.
+
+    Memory cannot be pushed to critical on cue on a shared machine, and the
+    kernel's own level exists only on a Mac; this lets a drill (or the fault
+    tests) walk the real agent through Warning, Critical and back. The file
+    holds `{"total_bytes": N, "available_bytes": N, "kernel_level": "critical"}`
+    (the level optional). A file that cannot be read fails the check, which is
+    logged and retried like any failed reading.
+    """
+    async def read() -> MemoryReading:
+        data = json.loads(await asyncio.to_thread(path.read_text))
+        level = data.get("kernel_level")
+        return MemoryReading(total_bytes=int(data["total_bytes"]), available_bytes=int(data["available_bytes"]),
+                             kernel_level=Level[level.upper()] if level else None)
+    return read
 
 
 class PressureMetrics:

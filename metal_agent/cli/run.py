@@ -55,6 +55,12 @@ class GoCompatCommand(TyperCommand):
         return super().parse_args(ctx, normalized.argv)
 
 
+def _file_reader(path: Path):
+    from metal_agent.adapters.memory_watchdog import file_reader
+
+    return file_reader(path)
+
+
 def _print_version(value: bool) -> None:
     """The Go agent's `-version` (also `metal-agent --version`)."""
     if value:
@@ -89,6 +95,7 @@ def run(
     memory_check_mode: str = typer.Option("enforce", envvar=_env("MEMORY_CHECK_MODE"), help="enforce: refuse a model whose memory cannot be estimated; warn: start it anyway."),
     eviction: bool = typer.Option(False, "--eviction-enabled/--eviction-disabled", envvar=_env("EVICTION_ENABLED"), help="At critical memory pressure, stop one service per check (lowest priority first) until pressure is Normal."),
     memory_interval: float = typer.Option(5.0, min=0.5, envvar=_env("MEMORY_INTERVAL"), help="Seconds between memory pressure checks."),
+    memory_readings_file: Optional[Path] = typer.Option(None, hidden=True, help="Drills and tests: read memory from this JSON file instead of the system (see adapters/memory_watchdog.file_reader)."),
     power: Optional[bool] = typer.Option(None, "--power/--no-power", envvar=_env("POWER"), help="Sample Apple SoC power with the pinned `sudo powermetrics` command (default: on for macOS; see make install-powermetrics-sudo)."),
     power_interval_ms: int = typer.Option(1000, min=100, max=60000, envvar=_env("POWER_INTERVAL_MS"), help="powermetrics sample interval; must equal the interval in the sudoers grant."),
     log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
@@ -163,6 +170,7 @@ def run(
         memory_check_mode=memory_check_mode,
         eviction=eviction,
         memory_interval=memory_interval,
+        memory_reader=_file_reader(memory_readings_file) if memory_readings_file else None,
         power=sys.platform == "darwin" if power is None else power,
         power_interval_ms=power_interval_ms,
         allowlist=allowed.entries,
