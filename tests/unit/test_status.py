@@ -3,6 +3,8 @@ alone (CRDs only: the whole status) and beside LLMKube's controller (only its ow
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from metal_agent.core.conditions import Condition, merge_conditions
@@ -64,6 +66,10 @@ CASES = [
                                               degraded=Blocker("ModelNotFound", "Model tiny was not found")),
      "Ready", {"Available": ("True", "InferenceReady"), "Degraded": ("True", "ModelNotFound"),
                "MetalSpecAccepted": ("False", "ModelNotFound")}, 1),
+    ("rollout-waits-for-download", StatusInputs(generation=2, wants_process=True, process=snap(State.READY),
+                                                rollout=Blocker("ModelDownloading", "12 MiB of 40 MiB", phase="Creating")),
+     "Ready", {"Available": ("True", "InferenceReady"), "Progressing": ("True", "ModelDownloading"), "Degraded": None,
+               "MetalProcessReady": ("True", "Ready"), "MetalSpecAccepted": ("True", "Accepted")}, 1),
 ]
 
 
@@ -222,3 +228,12 @@ def test_an_invalid_spec_outranks_a_partial_offload():
     inputs = StatusInputs(generation=2, wants_process=True, spec_errors=("spec.extraArgs[0]: owned",),
                           process=snap(State.READY, acceleration=PARTIAL))
     assert conds(compute_status(inputs, None, T0))["Degraded"] == ("True", "InvalidSpec")
+
+
+def test_a_rollout_says_the_previous_spec_serves_until_the_new_model_is_there():
+    inputs = StatusInputs(generation=2, wants_process=True, process=snap(State.READY),
+                          rollout=Blocker("ModelDownloading", "downloading next.gguf: 12 MiB of 40 MiB", phase="Creating"))
+    for shared in (False, True):
+        status = compute_status(replace(inputs, shared=shared), None, T0)
+        ready = next(c for c in status["conditions"] if c["type"] == "MetalProcessReady")
+        assert "previous spec" in ready["message"] and "12 MiB of 40 MiB" in ready["message"]
