@@ -396,7 +396,8 @@ class Reconciler:
             return Blocker("RegistrationFailed", problem), None
         snap = supervisor.snapshot
         reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name, isvc_uid=raw["metadata"].get("uid") or "",
-                           address=self.launch.register_address, port=snap.port, ready=snap.ready)
+                           address=self.launch.register_address, port=snap.port, ready=snap.ready,
+                           model=str((raw.get("spec") or {}).get("modelRef") or ""))
         try:
             await self.registrar.ensure(reg)
         except Exception as err:  # noqa: BLE001 - API errors and outages alike: retry, keep serving

@@ -23,6 +23,20 @@ HEARTBEAT_ANNOTATION = "llmkube.ai/agent-heartbeat"
 VERSION_ANNOTATION = "llmkube.ai/agent-version"
 SERVICE_PORT = 8080
 PORT_NAME = "http"
+FLEET_MEMBER_LABEL = "llmkube.ai/fleet-member"  # fleet mode: the Mac a slice belongs to
+# The labels LLMKube puts on its inference pods (deployment_builder.go) and its
+# PodMonitor promotes to `service`, `model` and `runtime`: on our Service and
+# slices too, one selector finds GPU pods and Mac processes alike.
+INFERENCE_SERVICE_LABEL = "inference.llmkube.dev/service"
+INFERENCE_MODEL_LABEL = "inference.llmkube.dev/model"
+INFERENCE_RUNTIME_LABEL = "inference.llmkube.dev/runtime"
+# LLMKube's runtimeNameLabel() for llama.cpp (spec.runtime empty or `llamacpp`):
+# the same engine gets the same value on a GPU pod and on a Mac. Another engine
+# passes its own name in `Registration.runtime`.
+RUNTIME_LLAMACPP = "llamacpp"
+# Which Mac serves a slice: Prometheus relabels it to `host`, the label that
+# joins a llama-server's tokens to its Mac's energy.
+HOST_LABEL = "llmkube.ai/host"
 
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -37,6 +51,9 @@ class Registration:
     address: str
     port: int
     ready: bool
+    member: str | None = None  # fleet mode: this Mac's member name; its slice is named for it
+    model: str = ""  # spec.modelRef, for the `inference.llmkube.dev/model` label
+    runtime: str = RUNTIME_LLAMACPP
 
 
 def service_name(isvc_name: str) -> str:
@@ -54,8 +71,9 @@ def service_name_problem(isvc_name: str) -> str | None:
     return None
 
 
-def slice_name(isvc_name: str) -> str:
-    return f"{service_name(isvc_name)}-metal"
+def slice_name(isvc_name: str, member: str | None = None) -> str:
+    """One agent: `<service>-metal`. In a fleet each serving Mac has its own slice, `<service>-<member>`."""
+    return f"{service_name(isvc_name)}-{member or 'metal'}"
 
 
 def address_type(address: str) -> str:
@@ -76,8 +94,22 @@ def endpoint_url(namespace: str, isvc_name: str, path: str = "") -> str:
     return f"http://{service_name(isvc_name)}.{namespace}.svc.cluster.local:{SERVICE_PORT}{path}"
 
 
+def label_value(value: str) -> str:
+    """`value` made a valid label value (at most 63 of [A-Za-z0-9._-], alphanumeric at both
+    ends): other characters become '-'. "Apple M5 Max" -> "Apple-M5-Max"."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", value)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", cleaned)
+
+
 def _labels(isvc_name: str) -> dict[str, str]:
     return {"app": isvc_name, MANAGED_BY_LABEL: MANAGED_BY_VALUE, ISVC_LABEL: isvc_name}
+
+
+def _inference_labels(reg: Registration) -> dict[str, str]:
+    labels = {INFERENCE_SERVICE_LABEL: label_value(reg.isvc_name), INFERENCE_RUNTIME_LABEL: label_value(reg.runtime)}
+    if model := label_value(reg.model):
+        labels[INFERENCE_MODEL_LABEL] = model
+    return labels
 
 
 def _owner(reg: Registration) -> list[dict]:
@@ -95,26 +127,31 @@ def desired_service(reg: Registration) -> dict:
         "metadata": {
             "name": service_name(reg.isvc_name),
             "namespace": reg.namespace,
-            "labels": _labels(reg.isvc_name),
+            "labels": {**_labels(reg.isvc_name), **_inference_labels(reg)},
             "annotations": {"llmkube.ai/metal-accelerated": "true", "llmkube.ai/native-process": "true"},
             "ownerReferences": _owner(reg),
         },
         "spec": {
             "type": "ClusterIP",
-            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": reg.port, "protocol": "TCP"}],
+            # In a fleet each Mac's llama-server has its own port: the port's name says where
+            # to go (kube-proxy takes a selector-less Service's port from the slices).
+            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME if reg.member else reg.port,
+                       "protocol": "TCP"}],
         },
     }
 
 
-def desired_slice(reg: Registration, *, heartbeat: str, agent_version: str) -> dict:
+def desired_slice(reg: Registration, *, heartbeat: str, agent_version: str, host: str = "") -> dict:
     svc = service_name(reg.isvc_name)
+    host_label = {HOST_LABEL: value} if (value := label_value(host)) else {}
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
             "name": slice_name(reg.isvc_name),
             "namespace": reg.namespace,
-            "labels": {**_labels(reg.isvc_name), SERVICE_NAME_LABEL: svc, SLICE_MANAGED_BY_LABEL: "metal-agent.llmkube.ai"},
+            "labels": {**_labels(reg.isvc_name), **_inference_labels(reg), **host_label,
+                       SERVICE_NAME_LABEL: svc, SLICE_MANAGED_BY_LABEL: "metal-agent.llmkube.ai"},
             "annotations": {HEARTBEAT_ANNOTATION: heartbeat, VERSION_ANNOTATION: agent_version},
             "ownerReferences": _owner(reg),
         },

@@ -10,11 +10,15 @@ from metal_agent.core.registration import (
     desired_service,
     desired_slice,
     endpoint_url,
+    label_value,
     service_name,
     service_name_problem,
 )
 
-REG = Registration(namespace="ml", isvc_name="qwen.coder", isvc_uid="u-1", address="100.101.1.2", port=41234, ready=True)
+REG = Registration(namespace="ml", isvc_name="qwen.coder", isvc_uid="u-1", address="100.101.1.2", port=41234, ready=True,
+                   model="qwen3-coder")
+INFERENCE_LABELS = {"inference.llmkube.dev/service": "qwen.coder", "inference.llmkube.dev/model": "qwen3-coder",
+                    "inference.llmkube.dev/runtime": "llamacpp"}
 
 
 def test_service_is_selectorless_with_contract_labels_and_port():
@@ -23,7 +27,8 @@ def test_service_is_selectorless_with_contract_labels_and_port():
     assert "selector" not in svc["spec"]
     assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": 41234, "protocol": "TCP"}]
     assert svc["metadata"]["labels"] == {
-        "app": "qwen.coder", "llmkube.ai/managed-by": "metal-agent", "llmkube.ai/inference-service": "qwen.coder"}
+        "app": "qwen.coder", "llmkube.ai/managed-by": "metal-agent", "llmkube.ai/inference-service": "qwen.coder",
+        **INFERENCE_LABELS}
     assert svc["metadata"]["annotations"] == {
         "llmkube.ai/metal-accelerated": "true", "llmkube.ai/native-process": "true"}
     assert svc["metadata"]["ownerReferences"][0]["uid"] == "u-1"
@@ -38,6 +43,29 @@ def test_slice_points_at_the_mac():
     assert body["endpoints"] == [{"addresses": ["100.101.1.2"],
                                   "conditions": {"ready": True, "serving": True, "terminating": False}}]
     assert body["ports"] == [{"name": "http", "port": 41234, "protocol": "TCP"}]
+
+
+def test_slice_carries_llmkubes_inference_labels_and_the_host():
+    """The labels LLMKube's PodMonitor promotes (service = the InferenceService's own name, as
+    on its pods), and which Mac serves it; an unusable character in a value becomes '-'."""
+    body = desired_slice(REG, heartbeat="t", agent_version="v", host="Johns MacBook Pro.local")
+    labels = body["metadata"]["labels"]
+    assert {k: labels[k] for k in INFERENCE_LABELS} == INFERENCE_LABELS
+    assert labels["llmkube.ai/host"] == "Johns-MacBook-Pro.local"
+    assert "llmkube.ai/host" not in desired_slice(REG, heartbeat="t", agent_version="v")["metadata"]["labels"]
+
+
+def test_another_runtime_and_a_model_less_service():
+    reg = Registration("ml", "a", "", "10.0.0.1", 1, True, runtime="mlx")
+    labels = desired_service(reg)["metadata"]["labels"]
+    assert labels["inference.llmkube.dev/runtime"] == "mlx"
+    assert "inference.llmkube.dev/model" not in labels
+
+
+@pytest.mark.parametrize("raw,value", [("Apple M5 Max", "Apple-M5-Max"), ("--x--", "x"), ("é", ""),
+                                       ("a" * 80, "a" * 63), ("qwen3.5:35b", "qwen3.5-35b")])
+def test_label_values_are_made_valid(raw, value):
+    assert label_value(raw) == value
 
 
 def test_ipv6_and_not_ready():

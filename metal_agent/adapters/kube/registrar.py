@@ -53,10 +53,11 @@ def _ours(meta) -> bool:
 
 
 class Registrar:
-    def __init__(self, api: client.ApiClient, *, agent_version: str) -> None:
+    def __init__(self, api: client.ApiClient, *, agent_version: str, host: str = "") -> None:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.agent_version = agent_version
+        self.host = host  # this Mac's name, the `llmkube.ai/host` label of its slices
         self._applied: dict[str, Registration] = {}  # "namespace/isvc" -> last applied
         self._withdrawn: set[str] = set()  # slice known to be absent: withdrawing again costs no call
         self._service_applied_at: dict[str, float] = {}
@@ -87,7 +88,7 @@ class Registrar:
             self._service_applied_at[key] = time.monotonic()
         await self.discovery.patch_namespaced_endpoint_slice(
             slice_name(reg.isvc_name), reg.namespace,
-            desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version),
+            desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version, host=self.host),
             field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
         )
         if previous is None:
