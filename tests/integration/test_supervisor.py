@@ -147,3 +147,24 @@ async def test_a_bug_in_supervision_is_reported_not_silent(tmp_path):
         await http.close()
     children = [p for p in psutil.Process().children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
     assert all(process_gone(p.pid) for p in children)  # stop() still ends the process it had spawned
+
+
+async def test_a_server_that_stops_answering_leaves_service_at_once_and_returns_without_a_restart(
+        make, llama_server_bin, tiny_model):
+    """Readiness reacts between liveness probes: UNHEALTHY (out of its slice) within a quick
+    probe or two; answering again makes it READY again; only liveness probes restart it."""
+    sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=60, liveness_failures=1,
+                    readiness_interval=0.1, readiness_timeout=0.2)
+    sup.start()
+    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="ready")
+    pid = sup.snapshot.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await wait_for(lambda: sup.snapshot.state is State.UNHEALTHY, timeout=5,
+                       what="a quick probe to take it out of service (the liveness probe is 60 s away)")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=5, what="back in service once it answers")
+    assert sup.snapshot.pid == pid and not process_gone(pid)
+    assert rec.events.count("Unhealthy") == 1 and "Recovered" in rec.events
+    assert "LivenessFailed" not in rec.events and "Restarting" not in rec.events

@@ -52,6 +52,10 @@ class SupervisorSettings:
     liveness_interval: float = 5.0
     liveness_timeout: float = 3.0
     liveness_failures: int = 3
+    # Between liveness probes, quick readiness probes: a server that stops answering is
+    # taken out of its EndpointSlice within about a second, long before it is restarted.
+    readiness_interval: float = 0.5
+    readiness_timeout: float = 0.5
     stop_grace: float = 10.0
     backoff: Backoff = field(default_factory=lambda: Backoff(first_immediate=True))
 
@@ -321,11 +325,11 @@ class Supervisor:
         text = await asyncio.to_thread(self.log_file.read_since, mark)
         return ExitInfo(reason, running.returncode, tuple(problem_lines(text)), time.time()), healthy_for
 
-    async def _healthy(self, base: str) -> bool:
+    async def _healthy(self, base: str, timeout: float | None = None) -> bool:
         started = time.monotonic()
         try:
-            async with self.http.get(f"{base}/health",
-                                     timeout=aiohttp.ClientTimeout(total=self.settings.liveness_timeout)) as resp:
+            async with self.http.get(f"{base}/health", timeout=aiohttp.ClientTimeout(
+                    total=self.settings.liveness_timeout if timeout is None else timeout)) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
@@ -349,23 +353,39 @@ class Supervisor:
         return False
 
     async def _live(self, running: _Running, base: str) -> bool:
-        """Probe until the process exits (True) or fails N probes in a row (False)."""
+        """Probe until the process exits (True) or fails N liveness probes in a row (False).
+
+        Two kinds of probe, as Kubernetes has readiness and liveness: every
+        `readiness_interval` a quick one (short timeout) that takes the server out
+        of service (UNHEALTHY, so its slice says not ready) the moment it stops
+        answering and back when it answers again; every `liveness_interval` one
+        with the full `liveness_timeout`, and only those count towards a restart,
+        so a server that is merely slow under load is never killed for it.
+        """
+        s = self.settings
+        quick = min(s.readiness_interval, s.liveness_interval)
         failures = 0
+        last_liveness = time.monotonic()
         while True:
-            done, _ = await asyncio.wait({running.exited}, timeout=self.settings.liveness_interval)
+            done, _ = await asyncio.wait({running.exited}, timeout=quick)
             if done:
                 return True
-            if await self._healthy(base):
-                if failures:
-                    failures = 0
+            due = time.monotonic() - last_liveness >= s.liveness_interval - 1e-3
+            healthy = await self._healthy(base, None if due else s.readiness_timeout)
+            if due:
+                last_liveness = time.monotonic()
+            if healthy:
+                failures = 0
+                if self._snapshot.state is State.UNHEALTHY:
                     self._set(replace(self._snapshot, state=State.READY), SupervisorEvent("Recovered", "llama-server answers /health again"))
                 continue
-            failures += 1
-            if failures == 1:
+            if self._snapshot.state is not State.UNHEALTHY:
                 self._set(replace(self._snapshot, state=State.UNHEALTHY),
                           SupervisorEvent("Unhealthy", "llama-server did not answer /health", warning=True))
-            if failures >= self.settings.liveness_failures:
-                return False
+            if due:
+                failures += 1
+                if failures >= s.liveness_failures:
+                    return False
 
     async def _terminate(self, running: _Running) -> None:
         """SIGTERM the process group, SIGKILL after the grace period."""
