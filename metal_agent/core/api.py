@@ -273,6 +273,10 @@ class InferenceServiceSpec:
     mode: Mode = Mode.CHAT
     priority: Priority = Priority.NORMAL
     eviction_protection: bool = False
+    # `speculativeDecoding.type`, read only so that an engine that cannot honour it
+    # (mlx_lm.server) refuses it; llama-server ignores it as before. Not hashed: it
+    # never reaches a command line.
+    speculative_type: str | None = None
 
     @property
     def effective_cache_type_k(self) -> str | None:

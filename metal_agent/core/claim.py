@@ -136,13 +136,18 @@ def claim(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) ->
     return Ours()
 
 
-def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) -> NotOurs | Invalid | Parsed[Workload]:
+def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
+             default_engine: str = "llama-server") -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.
 
     This is the one call the reconciler and `metal-agent render` need:
     `NotOurs` -> ignore, `Invalid` -> report on the InferenceService's
-    status, `Parsed` -> build the argv and run it.
+    status, `Parsed` -> build the argv and run it. The engine that will
+    serve the Model (its format, else `default_engine`) adds what it cannot
+    honour (`core.engine`).
     """
+    from metal_agent.core.engine import EngineName, engine_for
+
     verdict = claim(isvc, model, allowlist)
     if isinstance(verdict, NotOurs):
         return verdict
@@ -156,6 +161,9 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE)
         errors.extend(check_servable(parsed_model.value))
     if isinstance(parsed_isvc, Invalid):
         errors.extend(parsed_isvc.errors)
+    if not errors and isinstance(parsed_model, Parsed) and isinstance(parsed_isvc, Parsed):
+        workload = Workload(isvc=parsed_isvc.value, model=parsed_model.value)
+        errors.extend(engine_for(workload, EngineName(default_engine)).refusals(workload))
     if errors or not isinstance(parsed_model, Parsed) or not isinstance(parsed_isvc, Parsed):
         return Invalid(tuple(errors))
-    return Parsed(Workload(isvc=parsed_isvc.value, model=parsed_model.value))
+    return Parsed(workload)

@@ -69,6 +69,9 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec) -> dict[str, Any]:
         "schema": SCHEMA_VERSION,
         # Model: what is loaded and where its layers go.
         "model.source": model.source.raw,
+        # Only formats other than GGUF add a key, so every existing digest stays; the format
+        # decides the engine, a different process.
+        "model.format": model.format.value if model.format.value != "gguf" else None,
         "model.sha256": model.sha256,
         "model.gpuLayers": gpu.layers,
         "model.splitMode": sharding.strategy.value if sharding and sharding.strategy else None,

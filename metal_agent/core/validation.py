@@ -82,9 +82,9 @@ _SOURCE_SCHEMES = {
     "s3": SourceKind.S3,
 }
 
-#: Model formats llama-server cannot load; `custom` is let through because
-#: it is how people label GGUF files with unusual names.
-UNSERVABLE_FORMATS = frozenset({ModelFormat.MLX, ModelFormat.SAFETENSORS, ModelFormat.PYTORCH})
+#: Model formats no engine of the agent loads (GGUF: llama-server, MLX: mlx_lm.server);
+#: `custom` is let through because it is how people label GGUF files with unusual names.
+UNSERVABLE_FORMATS = frozenset({ModelFormat.SAFETENSORS, ModelFormat.PYTORCH})
 
 
 class _Missing:
@@ -373,7 +373,8 @@ def parse_model(raw: Any) -> Parsed[Model] | Invalid:
     meta = _read_meta(r, obj)
     spec = r.mapping(obj, "spec", "spec", required=True)
 
-    source = _read_source(r, spec)
+    # An MLX model is a directory, so its source may name one (format is checked below).
+    source = _read_source(r, spec, directory=isinstance(spec, Mapping) and spec.get("format") == ModelFormat.MLX.value)
     sha256 = r.string(spec, "sha256", "spec.sha256") or None
     if sha256 is not None:
         if _SHA256.fullmatch(sha256):
@@ -415,7 +416,7 @@ def _read_secret_ref(r: _Reader, spec: Mapping[str, Any] | None) -> SecretRef | 
     return SecretRef(name, key) if name else None
 
 
-def _read_source(r: _Reader, spec: Mapping[str, Any] | None) -> ModelSource | None:
+def _read_source(r: _Reader, spec: Mapping[str, Any] | None, *, directory: bool = False) -> ModelSource | None:
     path = "spec.source"
     raw = r.string(spec, "source", path, required=spec is not None, allow_newlines=False)
     if raw is None:
@@ -456,7 +457,7 @@ def _read_source(r: _Reader, spec: Mapping[str, Any] | None) -> ModelSource | No
         r.error(path, "must not contain '..' path segments")
         return None
     names_no_file = location.endswith("/") or (kind is SourceKind.HTTP and "/" not in location)
-    if kind in (SourceKind.HTTP, SourceKind.FILE, SourceKind.PATH) and names_no_file:
+    if kind in (SourceKind.HTTP, SourceKind.FILE, SourceKind.PATH) and names_no_file and not directory:
         r.error(path, "must name a file, not a directory")
         return None
     return ModelSource(raw=raw, kind=kind)
@@ -615,11 +616,20 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
         eviction_protection=r.boolean(
             s, "evictionProtection", "spec.evictionProtection", default=False
         ),
+        speculative_type=_read_speculative_type(r, s),
     )
     _check_flash_attention(r, spec)
     if r.errors:
         return Invalid(tuple(r.errors))
     return Parsed(InferenceService(meta=meta, spec=spec))
+
+
+def _read_speculative_type(r: _Reader, s: Mapping[str, Any] | None) -> str | None:
+    """`speculativeDecoding.type`, leniently: llama-server ignores the block (LLMKube's CRD
+    validates it), so only its type is kept, for engines that must refuse it."""
+    block = r.get(s, "speculativeDecoding")
+    kind = block.get("type") if isinstance(block, Mapping) else None
+    return kind if isinstance(kind, str) and kind else None
 
 
 def _check_flash_attention(r: _Reader, spec: InferenceServiceSpec) -> None:
@@ -725,12 +735,13 @@ def _tensor_override_check(r: _Reader) -> Callable[[str, str], None]:
 
 
 def check_servable(model: Model) -> tuple[FieldError, ...]:
-    """Problems that only appear once we know llama-server will serve `model`."""
+    """A format no engine of this agent serves (the engine's own refusals come after)."""
     if model.spec.format in UNSERVABLE_FORMATS:
         return (
             FieldError(
                 "spec.format",
-                f"llama-server serves GGUF files; format {model.spec.format.value!r} needs another runtime",
+                f"metal-agent serves GGUF files (llama-server) and MLX directories (mlx_lm.server);"
+                f" format {model.spec.format.value!r} needs another runtime",
                 MODEL_KIND,
                 model.meta.key,
             ),

@@ -1,0 +1,143 @@
+"""The runtime seam: what differs between the inference engines a Mac can run.
+
+metal-agent supervises, registers, admits and reports every model the same
+way; only a handful of things depend on the engine that serves it. They are
+gathered in one small interface, `Engine`, so that the reconciler, the
+supervisor and the memory guard never ask "which engine is this?":
+
+* which spec fields it honours and which it must refuse (`refusals`, field
+  errors with paths, as validation reports them),
+* the command line for a validated workload (`argv`),
+* how to tell that it is alive and that its model is loaded (`probe`),
+* what its log says about where the model landed and why a start failed
+  (`acceleration`, `problem_lines`),
+* how much unified memory it will take, from the model files (`estimate`,
+  reading through a `ModelReader` the adapter hands in, so the arithmetic
+  stays pure and the bytes come from disk in a worker thread).
+
+Which engine serves a model is decided by the Model's `format`
+(`engine_for`): GGUF files go to llama-server, MLX directories to
+`mlx_lm.server`, and a format that names no engine (`custom`) to the agent's
+default (`--default-runtime`, llama-server unless changed). The engines live
+in `core.engines`, one module each; nothing outside them branches on an
+engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+from metal_agent.core.api import InferenceServiceSpec, ModelFormat
+from metal_agent.core.flags import MlockStyle
+from metal_agent.core.llama_log import Acceleration
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate
+from metal_agent.core.result import FieldError
+
+if TYPE_CHECKING:
+    from metal_agent.core.claim import Workload
+
+
+class EngineName(StrEnum):
+    """The engines, by the name used in flags, logs, metrics labels and the process's Events."""
+
+    LLAMA_SERVER = "llama-server"
+    MLX_LM = "mlx-lm"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """How the supervisor knows the server is alive, and when its model is loaded.
+
+    `health_path` answers 200 while the server is healthy (liveness, and
+    readiness too when `ready_path` is None: llama-server answers 503 until
+    its model is loaded). `ready_path`, when set, is a POST with
+    `ready_body` (JSON) that the server only answers once the model is
+    loaded, for servers whose health check turns green before that: it is
+    sent once, after /health first answers, and awaited.
+    """
+
+    health_path: str = "/health"
+    ready_path: str | None = None
+    ready_body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """The agent-level inputs of a command line, decided outside the core.
+
+    `command` is how to start the engine's server, usually one path
+    (`/opt/homebrew/bin/llama-server`), or an interpreter and a script
+    (`.../python3 .../mlx_lm.server`) so that the process's command line is
+    exactly the argv the agent recorded (adoption compares the two). The
+    rest are llama-server's dialect and host settings; an engine uses what
+    applies to it.
+    """
+
+    command: tuple[str, ...]
+    model_path: str
+    host: str
+    port: int
+    threads: int | None = None
+    mlock: bool = True
+    mlock_style: MlockStyle = MlockStyle.FLAG
+    verbosity_flag: str | None = None
+    no_jinja: bool = True
+
+
+class ModelReader(Protocol):
+    """Read-only access to a model's files (one file: name ""; a directory: relative names).
+
+    Methods raise OSError as the file system does; engines turn that into
+    `EstimateFailed`, worded by `explain` (which may add what to do, e.g.
+    macOS privacy protection). `where` names the model for messages.
+    """
+
+    where: str
+
+    def explain(self, err: OSError) -> str: ...
+
+    def names(self) -> list[str]: ...
+
+    def size(self, name: str) -> int: ...
+
+    def read(self, name: str, offset: int, length: int) -> bytes: ...
+
+
+class Engine(Protocol):
+    name: EngineName
+    display: str  # what the process is called in Events and logs ("llama-server", "mlx_lm.server")
+    probe: Probe
+    directory_model: bool  # the model is a directory (MLX) rather than one file (GGUF)
+
+    def refusals(self, workload: Workload) -> tuple[FieldError, ...]: ...
+
+    def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]: ...
+
+    def acceleration(self, log_text: str) -> Acceleration | None: ...
+
+    def problem_lines(self, log_text: str, limit: int = 5) -> list[str]: ...
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed: ...
+
+
+#: Formats that decide their engine; any other servable format (`custom`) gets the default.
+FORMAT_ENGINES = {ModelFormat.GGUF: EngineName.LLAMA_SERVER, ModelFormat.MLX: EngineName.MLX_LM}
+
+
+def engine_name_for(fmt: ModelFormat, default: EngineName = EngineName.LLAMA_SERVER) -> EngineName:
+    return FORMAT_ENGINES.get(fmt, default)
+
+
+def engine_for(workload: Workload, default: EngineName = EngineName.LLAMA_SERVER) -> Engine:
+    """The engine that serves `workload`'s Model."""
+    from metal_agent.core.engines import ENGINES
+
+    return ENGINES[engine_name_for(workload.model.spec.format, default)]
+
+
+def engine_named(name: EngineName | str) -> Engine:
+    from metal_agent.core.engines import ENGINES
+
+    return ENGINES[EngineName(name)]

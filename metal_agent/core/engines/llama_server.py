@@ -1,0 +1,78 @@
+"""llama-server as an `Engine`: the agent's original runtime, unchanged.
+
+Everything here delegates to the modules that already describe llama-server
+(`core.argv`, `core.llama_log`, `core.memory`, `core.gguf_header`), so the
+seam adds no behaviour of its own: the same command line, the same /health
+readiness (llama-server answers 503 until its model is loaded), the same log
+reading and the same estimate from the GGUF header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metal_agent.core import llama_log
+from metal_agent.core.api import InferenceServiceSpec
+from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.claim import Workload
+from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
+from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
+from metal_agent.core.llama_log import Acceleration
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
+from metal_agent.core.result import FieldError
+
+HEADER_FIRST_READ = 8 << 20
+HEADER_MAX_READ = 128 << 20
+
+
+def read_header(reader: ModelReader, first: int = HEADER_FIRST_READ,
+                limit: int = HEADER_MAX_READ) -> tuple[GGUFHeader | GGUFError, int]:
+    """The GGUF header of the file behind `reader` and the file's size: a first read of
+    `first` bytes, more only if the metadata is longer, never past `limit`."""
+    try:
+        size = reader.size("")
+        want = first
+        data = b""
+        while True:
+            if want > len(data):
+                data += reader.read("", len(data), want - len(data))
+            header = parse_header(data)
+            if not (isinstance(header, GGUFError) and header.truncated) or len(data) >= size:
+                return header, size
+            if len(data) >= limit:
+                return GGUFError(f"the GGUF metadata is larger than {limit >> 20} MiB; not reading further"), size
+            want = min(limit, max(2 * len(data), (header.needed or 0) + (1 << 20)))
+    except OSError as err:
+        return GGUFError(f"cannot read {reader.where}: {reader.explain(err)}"), 0
+
+
+@dataclass(frozen=True)
+class LlamaServer:
+    name: EngineName = EngineName.LLAMA_SERVER
+    display: str = "llama-server"
+    probe: Probe = Probe()
+    directory_model: bool = False
+
+    def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
+        return ()  # validation's rules are llama-server's own
+
+    def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
+        argv = build_argv(workload, AgentArgvOptions(
+            binary=launch.command[-1], model_path=launch.model_path, host=launch.host, port=launch.port,
+            threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
+            verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja,
+        ))
+        return (*launch.command[:-1], *argv)
+
+    def acceleration(self, log_text: str) -> Acceleration | None:
+        return llama_log.parse_acceleration(log_text)
+
+    def problem_lines(self, log_text: str, limit: int = 5) -> list[str]:
+        return llama_log.problem_lines(log_text, limit)
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        header, size = read_header(reader)
+        return estimate_from_header(header, size, spec)
+
+
+LLAMA_SERVER = LlamaServer()

@@ -1,0 +1,361 @@
+"""`mlx_lm.server` (the `mlx-lm` package) as an `Engine`: MLX model directories on Apple Silicon.
+
+MLX is often the faster engine on a Mac, and LLMKube's `Model.spec.format`
+already has the value `mlx`. This module is everything metal-agent knows
+about that server; the rest of the agent treats it like llama-server.
+
+Spec mapping (checked against `mlx_lm.server --help` of mlx-lm 0.32):
+
+* `contextSize` sizes the KV cache in the memory estimate. mlx_lm.server has
+  no context limit of its own (a request may grow past it), so the estimate
+  is what enforces it: admission reserves `contextSize` tokens per slot.
+* `cacheTypeK`/`cacheTypeV` `q8_0` or `q4_0` -> `--kv-bits 8|4` with
+  `--quantized-kv-start 0`, so the cache is quantized from the first token
+  and the estimate holds. MLX quantizes K and V together, so the two must
+  be equal; `f16`/`bf16` (or unset) keep the model's own dtype; every other
+  type is refused with the reason.
+* `parallelSlots` -> `--decode-concurrency N` (always said: mlx_lm's default
+  is 32, which the estimate could not see) and `--prompt-cache-size N`, so
+  at most N finished conversations keep their KV cache for reuse. A
+  quantized KV cache disables batching in mlx_lm.server, so more than one
+  slot with one is refused.
+* `batchSize` -> `--prefill-step-size` (how many prompt tokens one step
+  processes; the same 2048 default as llama-server's batch).
+* `jinja`: the tokenizer's chat template is always applied; `false` is
+  refused. A different template (`--chat-template`, `--chat-template-args`)
+  and sampling defaults (`--temp`, `--top-p`, `--top-k`, `--min-p`,
+  `--max-tokens`) are mlx_lm.server options that `extraArgs` may carry.
+* `extraArgs` come last (argparse: the last occurrence wins), under the same
+  owned-flag rule as llama-server's, with mlx_lm.server's own list below,
+  including every unambiguous abbreviation argparse would accept.
+* `speculativeDecoding` with a draft model is refused for now (the draft
+  would be a second MLX directory to fetch and admit); every llama-server-only
+  field (rope scaling, MoE offload, tensor/metadata overrides, reasoning
+  budget, uBatchSize, embedding and rerank modes, GPU layer counts and
+  sharding, a sha256 for a whole directory) is refused by path, never
+  silently dropped.
+
+Readiness: mlx_lm.server answers /health 200 as soon as its HTTP server is up,
+while the model is still loading in its generation thread (and 503 once that
+thread has died, e.g. of a broken model). So readiness is one 1-token
+completion, which the server only answers once the model is loaded; /health
+stays the liveness probe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from fractions import Fraction
+
+from metal_agent.core.api import InferenceServiceSpec, Mode, SourceKind, UNQUANTIZED_CACHE_TYPES
+from metal_agent.core.claim import Workload
+from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
+from metal_agent.core.flags import flag_name
+from metal_agent.core.llama_log import Acceleration
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate, overhead_bytes
+from metal_agent.core.result import FieldError
+
+MODEL_KIND = "Model"
+ISVC_KIND = "InferenceService"
+
+#: `cacheType*` -> `--kv-bits`.
+KV_BITS = {"q8_0": 8, "q4_0": 4}
+KV_GROUP_SIZE = 64  # mlx_lm's default group: one scale and one bias (model dtype) per 64 values
+KV_STEP = 256  # MLX grows a KV cache in steps of 256 tokens
+MAX_CONFIG_BYTES = 4 << 20
+MAX_SAFETENSORS_HEADER = 100 << 20
+
+_MODEL = "the agent chooses the model directory from the Model resource"
+_NETWORK = "the agent chooses where mlx_lm.server listens and registers that endpoint"
+_LOGS = "the agent reads mlx_lm.server's INFO log for load failures"
+_CODE = "it would run Python code shipped inside a model repository"
+_MEMORY = "it changes the memory the agent's admission reserved; use the spec field instead"
+_EXITS = "mlx_lm.server would print and exit instead of serving"
+
+#: mlx_lm.server options extraArgs may not set (see the module docstring), with the reason.
+OWNED_FLAGS: dict[str, str] = {
+    "--model": _MODEL,
+    "--adapter-path": _MODEL,
+    "--draft-model": _MODEL,
+    "--host": _NETWORK,
+    "--port": _NETWORK,
+    "--pipeline": _NETWORK,
+    "--log-level": _LOGS,
+    "--trust-remote-code": _CODE,
+    "--kv-bits": _MEMORY + " (cacheTypeK/cacheTypeV)",
+    "--kv-group-size": _MEMORY,
+    "--quantized-kv-start": _MEMORY,
+    "--decode-concurrency": _MEMORY + " (parallelSlots)",
+    "--prompt-concurrency": _MEMORY,
+    "--prompt-cache-size": _MEMORY,
+    "--prompt-cache-bytes": _MEMORY,
+    "--prefill-step-size": _MEMORY + " (batchSize)",
+    "-h": _EXITS,
+    "--help": _EXITS,
+}
+
+#: Fields only llama-server has, refused with this reason.
+_LLAMA_ONLY = "a llama-server option; mlx_lm.server has no equivalent, so it cannot be honoured"
+
+# A Python traceback's last line ("ValueError: ..."), logged errors, a dead generation thread.
+_PROBLEM = re.compile(r"^\w*(?:Error|Exception)\b|\b(?:ERROR|CRITICAL|error|died|failed|cannot|No such file)\b")
+
+
+def owned_flag(token: str) -> str | None:
+    """Why `token` may not appear in an MLX service's extraArgs, or None.
+
+    argparse also accepts any unambiguous prefix of a long option
+    (`--mod` for `--model`), so a prefix of an owned option is refused too.
+    """
+    name = flag_name(token)
+    if name is None:
+        return None
+    if name in OWNED_FLAGS:
+        return OWNED_FLAGS[name]
+    if name.startswith("--") and len(name) > 2:
+        for flag, reason in OWNED_FLAGS.items():
+            if flag.startswith(name):
+                return f"{reason} (argparse reads {name} as {flag})"
+    return None
+
+
+def _cache_bits(spec: InferenceServiceSpec) -> int | None:
+    """`--kv-bits` for a spec that passed `refusals` (None: the model's own dtype)."""
+    return KV_BITS.get(spec.effective_cache_type_k or "")
+
+
+@dataclass(frozen=True)
+class MlxLm:
+    name: EngineName = EngineName.MLX_LM
+    display: str = "mlx_lm.server"
+    probe: Probe = Probe(health_path="/health", ready_path="/v1/completions",
+                         ready_body=json.dumps({"prompt": "ok", "max_tokens": 1}))
+    directory_model: bool = True
+
+    # -- what it honours ----------------------------------------------------
+
+    def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
+        model, spec = workload.model, workload.isvc.spec
+        errors: list[FieldError] = []
+
+        def model_error(path: str, message: str) -> None:
+            errors.append(FieldError(path, message, MODEL_KIND, model.meta.key))
+
+        def isvc_error(path: str, message: str) -> None:
+            errors.append(FieldError(path, message, ISVC_KIND, workload.isvc.meta.key))
+
+        source = model.spec.source
+        tail = source.raw.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+        if tail.lower().endswith(".gguf"):
+            model_error("spec.format", f"mlx names an MLX model directory, but spec.source {source.raw!r} is a GGUF"
+                        " file; use format gguf (served by llama-server) or point spec.source at an MLX directory")
+        elif source.kind is SourceKind.HTTP:
+            model_error("spec.source", "an MLX model is a directory, which a single http(s):// URL cannot name; use"
+                        " hf://org/repo[@revision], file:///path/to/dir or an absolute directory path")
+        elif source.kind is SourceKind.HUGGINGFACE:
+            repo = tail.split("://", 1)[1]
+            if len([p for p in repo.split("/") if p]) != 2:
+                model_error("spec.source", "an MLX model from the hub is a whole repository: write"
+                            " hf://org/repo or hf://org/repo@revision, without a file path")
+        if model.spec.sha256:
+            model_error("spec.sha256", "an MLX model is a directory of files, which has no single sha256; remove"
+                        " it (hub downloads are verified file by file against the sizes and hashes the hub lists)")
+        gpu = model.spec.hardware.gpu
+        if gpu.layers != 0:
+            model_error("spec.hardware.gpu.layers", f"MLX runs every layer on the GPU; {gpu.layers} cannot be"
+                        " honoured (remove it or set 0)")
+        if gpu.sharding is not None:
+            model_error("spec.hardware.gpu.sharding", "MLX on one Mac does not split a model across devices")
+
+        k, v = spec.effective_cache_type_k, spec.effective_cache_type_v
+        for field, value in (("cacheTypeK", k), ("cacheTypeV", v)):
+            custom = getattr(spec, f"cache_type_custom_{field[-1].lower()}")
+            path = f"spec.cacheTypeCustom{field[-1]}" if custom else f"spec.{field}"
+            if value is None or value in KV_BITS or value in ("f16", "bf16"):
+                continue
+            reason = ("MLX keeps an unquantized KV cache in the model's own dtype" if value in UNQUANTIZED_CACHE_TYPES
+                      else "mlx_lm.server quantizes the KV cache to 8 or 4 bits only (--kv-bits)")
+            isvc_error(path, f"{value!r} cannot be honoured: {reason}; use q8_0, q4_0, f16 or leave it unset")
+        if (k in KV_BITS or v in KV_BITS) and KV_BITS.get(k or "") != KV_BITS.get(v or ""):
+            isvc_error("spec.cacheTypeV", f"MLX quantizes keys and values together (one --kv-bits), so cacheTypeK"
+                       f" ({k or 'unset'}) and cacheTypeV ({v or 'unset'}) must be the same q8_0 or q4_0")
+        elif k in KV_BITS and spec.parallel_slots > 1:
+            isvc_error("spec.parallelSlots", f"{spec.parallel_slots} slots cannot be honoured with a quantized KV"
+                       " cache: mlx_lm.server's --kv-bits disables batching (one request at a time); use 1, or an"
+                       " unquantized cache")
+
+        if spec.rope_scaling is not None:
+            isvc_error("spec.ropeScaling", "mlx_lm reads rope scaling from the model's config.json; it cannot be"
+                       " set per service")
+        if not spec.flash_attention:
+            isvc_error("spec.flashAttention", "false cannot be honoured: MLX always uses its fused attention")
+        if spec.jinja is False:
+            isvc_error("spec.jinja", "false cannot be honoured: mlx_lm.server always applies the tokenizer's chat"
+                       " template (give another with extraArgs --chat-template)")
+        if spec.mode is not Mode.CHAT:
+            isvc_error("spec.mode", f"{spec.mode.value} cannot be served: mlx_lm.server serves chat and text"
+                       " completions only")
+        llama_only = (
+            ("spec.moeCPUOffload", spec.moe_cpu_offload), ("spec.moeCPULayers", spec.moe_cpu_layers > 0),
+            ("spec.noKvOffload", spec.no_kv_offload), ("spec.tensorOverrides", bool(spec.tensor_overrides)),
+            ("spec.metadataOverrides", bool(spec.metadata_overrides)),
+            ("spec.reasoningBudget", spec.reasoning_budget > 0),
+            ("spec.reasoningBudgetMessage", bool(spec.reasoning_budget_message)),
+            ("spec.uBatchSize", spec.ubatch_size is not None),
+        )
+        for path, is_set in llama_only:
+            if is_set:
+                isvc_error(path, _LLAMA_ONLY)
+        if spec.speculative_type not in (None, "none", "disabled"):
+            isvc_error("spec.speculativeDecoding", f"type {spec.speculative_type!r} cannot be honoured yet: metal-agent"
+                       " does not fetch a draft model for mlx_lm.server; remove speculativeDecoding")
+        for i, arg in enumerate(spec.extra_args):
+            reason = owned_flag(arg)
+            if reason is not None:
+                flag = arg.split("=", 1)[0].split()[0] if arg.strip() else arg
+                isvc_error(f"spec.extraArgs[{i}]", f"{flag!r} is managed by metal-agent and cannot be set in"
+                           f" extraArgs: {reason}")
+        return tuple(errors)
+
+    # -- the command line ----------------------------------------------------
+
+    def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
+        spec = workload.isvc.spec
+        argv = [*launch.command, "--model", launch.model_path, "--host", launch.host, "--port", str(launch.port),
+                "--log-level", "INFO",
+                "--decode-concurrency", str(spec.parallel_slots),
+                "--prompt-cache-size", str(spec.parallel_slots),
+                "--prefill-step-size", str(spec.batch_size)]
+        if (bits := _cache_bits(spec)) is not None:
+            argv += ["--kv-bits", str(bits), "--kv-group-size", str(KV_GROUP_SIZE), "--quantized-kv-start", "0"]
+        argv += spec.extra_args
+        return tuple(argv)
+
+    # -- its log ---------------------------------------------------------------
+
+    def acceleration(self, log_text: str) -> Acceleration | None:
+        return None  # mlx_lm.server does not log where the model landed (MLX puts it all on the GPU)
+
+    def problem_lines(self, log_text: str, limit: int = 5) -> list[str]:
+        lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+        problems = [ln for ln in lines if _PROBLEM.search(ln) and "UserWarning" not in ln]
+        return problems[-limit:] if problems else lines[-limit:]
+
+    # -- memory ------------------------------------------------------------------
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        """weights (safetensors headers) + KV cache (config.json, context, slots) + overhead.
+
+        KV: per token, layers x kv_heads x (key + value head dim) x bytes per
+        value, the context padded to MLX's 256-token step, times
+        2 x parallelSlots: the conversations being decoded plus as many kept
+        in the prompt cache (`--prompt-cache-size`). Bytes per value: the
+        model's dtype (4 for float32, else 2), or with `--kv-bits b` b/8 plus
+        a scale and a bias per group of 64.
+        """
+        try:
+            names = reader.names()
+            if "config.json" not in names:
+                return EstimateFailed(f"{reader.where} has no config.json; an MLX model directory holds config.json,"
+                                      " *.safetensors weights and tokenizer files")
+            size = reader.size("config.json")
+            if size > MAX_CONFIG_BYTES:
+                return EstimateFailed(f"config.json in {reader.where} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+            config = _json(reader.read("config.json", 0, size))
+            if config is None:
+                return EstimateFailed(f"config.json in {reader.where} is not a JSON object")
+            weights = 0
+            shards = sorted(n for n in names if n.endswith(".safetensors"))
+            if not shards:
+                return EstimateFailed(f"{reader.where} has no *.safetensors weights")
+            for shard in shards:
+                tensor_bytes = _safetensors_bytes(reader, shard)
+                if isinstance(tensor_bytes, str):
+                    return EstimateFailed(tensor_bytes)
+                weights += tensor_bytes
+        except OSError as err:
+            return EstimateFailed(f"cannot read the MLX model in {reader.where}: {reader.explain(err)}")
+        shape = _kv_shape(config)
+        if isinstance(shape, str):
+            return EstimateFailed(f"config.json in {reader.where}: {shape}")
+        layers, kv_heads, head_dim, dtype_bytes, dtype_name = shape
+        bits = _cache_bits(spec)
+        per_value = Fraction(bits, 8) + Fraction(2 * dtype_bytes, KV_GROUP_SIZE) if bits else Fraction(dtype_bytes)
+        context = max(KV_STEP, math.ceil(spec.context_size / KV_STEP) * KV_STEP)
+        per_token = layers * kv_heads * 2 * head_dim * per_value
+        kv = math.ceil(per_token * context * 2 * spec.parallel_slots)
+        cache_name = spec.effective_cache_type_k if bits else dtype_name
+        notes = ()
+        trained = config.get("max_position_embeddings")
+        if isinstance(trained, int) and not isinstance(trained, bool) and 0 < trained < spec.context_size:
+            notes = (f"contextSize {spec.context_size} is beyond the model's trained context {trained}",)
+        return MemoryEstimate(weights_bytes=weights, kv_bytes=kv, overhead_bytes=overhead_bytes(weights),
+                              context=context, cache_type_k=cache_name, cache_type_v=cache_name, notes=notes)
+
+
+def _json(data: bytes) -> dict | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
+    """Bytes of tensor data the shard's header lists, or what is wrong with it."""
+    size = reader.size(name)
+    head = reader.read(name, 0, 8)
+    if len(head) < 8:
+        return f"{name} is not a safetensors file (shorter than its 8-byte header length)"
+    (length,) = struct.unpack("<Q", head)
+    if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+        return f"{name} is not a safetensors file (header length {length} does not fit the file)"
+    header = _json(reader.read(name, 8, length))
+    if header is None:
+        return f"{name} is not a safetensors file (its header is not a JSON object)"
+    end = 0
+    for tensor, info in header.items():
+        if tensor == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[1] < offsets[0]):
+            return f"{name}: tensor {tensor!r} has no usable data_offsets"
+        end = max(end, offsets[1])
+    if 8 + length + end > size:
+        return f"{name} is shorter than its header says ({size} bytes, header lists {8 + length + end})"
+    return end
+
+
+def _positive(config: dict, key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _kv_shape(config: dict) -> tuple[int, int, int, int, str] | str:
+    """(layers, kv heads, head dim, bytes per value, dtype name) from config.json, or the problem."""
+    if _positive(config, "num_hidden_layers") is None and isinstance(config.get("text_config"), dict):
+        config = {**config, **config["text_config"]}  # vision-language models nest the language model's shape
+    layers = _positive(config, "num_hidden_layers")
+    heads = _positive(config, "num_attention_heads")
+    hidden = _positive(config, "hidden_size")
+    if layers is None:
+        return "no usable num_hidden_layers"
+    if heads is None:
+        return "no usable num_attention_heads"
+    kv_heads = _positive(config, "num_key_value_heads") or heads
+    head_dim = _positive(config, "head_dim") or (hidden // heads if hidden else None)
+    if not head_dim:
+        return "neither head_dim nor hidden_size gives the head dimension"
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+    if dtype in ("float32", "fp32"):
+        return layers, kv_heads, head_dim, 4, "f32"
+    return layers, kv_heads, head_dim, 2, "bf16" if dtype == "bfloat16" else "f16"
+
+
+MLX_LM = MlxLm()
