@@ -94,6 +94,10 @@ class MemoryGuard:
         self.committed[key] = estimate.total_bytes
         self.estimated.labels(**service_labels(key)).set(estimate.total_bytes)
 
+    def counts(self, key: str) -> bool:
+        """Whether `key`'s memory is counted against what others may start."""
+        return key in self.committed
+
     def release(self, key: str) -> set[str]:
         """`key` stopped: forget its memory; return the services that may fit now."""
         freed = self.committed.pop(key, None)

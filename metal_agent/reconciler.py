@@ -295,6 +295,10 @@ class Reconciler:
                 return None  # re-queued when memory is freed or pressure clears
             self._waiting_reported.pop(key, None)
             await self._start(key, workload, digest, uid, found)
+        elif not self.memory.counts(key):
+            # Taken over while its downloaded file was being re-verified (the store re-queues
+            # the key when that ends): what it holds counts against others from now on.
+            await self._commit_running(key, workload)
 
         problem, retry = await self._register(key, raw)
         await self._write_status(key, raw, True, degraded=problem)
