@@ -61,7 +61,9 @@ from bench.control_loop import cached  # noqa: E402
 from tests.support import netns, tiny_model  # noqa: E402
 from tests.support.agent import AgentProcess  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
+from tests.support.http_models import ModelHTTPServer  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
+from tests.support.memory_file import MemoryFile  # noqa: E402
 from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
 from tests.support.procs import process_gone  # noqa: E402
 from tests.support.toxiproxy import FaultyMac, ToxiproxyServer, faulty_mac, fill_filesystem, kubeconfig_via  # noqa: E402
@@ -118,8 +120,13 @@ class ProcessStarts:
 
 
 class FaultBench:
-    def __init__(self, mac: FaultyMac, cp: ControlPlane, services: list[str], scale: float, log_dir_tmpfs: bool) -> None:
+    def __init__(self, mac: FaultyMac, cp: ControlPlane, services: list[str], scale: float, log_dir_tmpfs: bool,
+                 models: ModelHTTPServer, model_url: Callable[[str], str], memory: MemoryFile, model: Path) -> None:
         self.mac = mac
+        self.models = models  # real HTTP, forwarded into the Mac's namespace
+        self.model_url = model_url
+        self.memory = memory
+        self.model = model
         self.cp = cp
         self.services = services
         self.scale = scale
@@ -189,8 +196,13 @@ class FaultBench:
         self._late += 1
         name = f"late-{self._late}"
         await self.mac.create(name)
-        self.extra.append(name)
+        self.add_extra(name)
         return name
+
+    def add_extra(self, name: str) -> None:
+        """A service the fault created: served at convergence, probed meanwhile, deleted after."""
+        self.extra.append(name)
+        self.prober.watch(name)
 
     async def hold(self, began: float, seconds: float) -> None:
         remaining = seconds - (time.monotonic() - began)
@@ -225,6 +237,8 @@ class FaultBench:
         for name in self.extra:
             with contextlib.suppress(Exception):
                 await self.mac.cluster.delete_isvc(name)
+        for name in set(self.prober.services) - set(self.services):
+            self.prober.unwatch(name)
         self.extra = []
         with contextlib.suppress(TimeoutError):
             await self.mac.wait_converged(self.agent, self.services, converge_timeout=60, interval=0.2)
@@ -408,6 +422,72 @@ class FaultBench:
         finally:
             filler.unlink()
 
+    def _remote_model(self, name: str, seconds: float, **behaviour) -> str:
+        """The tiny model served over HTTP at about `seconds` for the whole file."""
+        data = self.model.read_bytes()
+        steps = max(1, int(seconds / 0.05))
+        self.models.add(f"/models/{name}.gguf", data, trickle=(max(1, len(data) // steps), 0.05), **behaviour)
+        return self.model_url(f"/models/{name}.gguf")
+
+    async def download_respawn(self, row: Row) -> None:
+        seconds = 60 * self.scale
+        row.fault = f"spec change to a model that downloads for {seconds:g}s"
+        name = self.services[0]
+        await self.mac.cluster.create_model(f"dl-{name}", self._remote_model(f"dl-{name}", seconds))
+        pid = (await self.pids())[name]
+        await self.mac.cluster.patch_isvc(name, {"modelRef": f"dl-{name}"})
+        await wait_for(lambda: self.ready_pid(name, other_than=pid), timeout=seconds * 3 + 60,
+                       what="the respawn on the downloaded model")
+
+    async def kill_agent_during_download(self, row: Row) -> None:
+        seconds = 20 * self.scale
+        row.fault = f"agent SIGKILL during a download ({seconds:g}s file)"
+        name = f"late-dl-{self._late}"
+        self._late += 1
+        await self.mac.cluster.create_model(name, self._remote_model(name, seconds))
+        await self.mac.cluster.create_isvc(name, name, contextSize=256)
+        self.add_extra(name)
+        size = self.model.stat().st_size
+
+        def partial() -> int:
+            return sum(p.stat().st_size for p in (self.mac.workdir / "models").rglob(f"{name}.gguf.partial"))
+        await wait_for(lambda: partial() > size // 5, timeout=60, interval=0.02, what="part of the download on disk")
+        async with self.agent_may_exit():
+            self.agent.kill()
+            await self.agent.process.wait(timeout=10)
+            row.notes.append(f"killed with {partial() * 100 // size}% on disk")
+            await self.start_agent()
+
+    async def memory_wait(self, row: Row) -> None:
+        row.fault = "a service waits for memory, then another is deleted"
+        each = await self.agent.metric("llmkube_metal_agent_memory_estimated_bytes",
+                                       {"name": self.services[-1], "namespace": self.mac.cluster.ns})
+        committed = each * (len(self.services) + len(self.extra))
+        await self.mac.cluster.create_model("tight", f"file://{self.model}",
+                                            hardware={"accelerator": "metal", "memoryBudget": str(int(committed + 1.5 * each))})
+        await self.mac.cluster.create_isvc("fits", "tight", contextSize=256)
+        self.prober.watch("fits")  # probed while it lives; deleted by the fault itself
+        await self.mac.cluster.create_isvc("waits", "tight", contextSize=256)
+        self.add_extra("waits")
+
+        async def waiting() -> bool:
+            cond = await self.mac.cluster.condition("waits", "MetalProcessReady")
+            return bool(cond and cond["reason"] == "InsufficientMemory")
+        await wait_for(waiting, timeout=60, what="the second service to wait for memory")
+        await self.mac.cluster.delete_isvc("fits")
+
+    async def eviction(self, row: Row) -> None:
+        row.fault = "critical memory pressure evicts a batch service"
+        name = "batch"
+        await self.mac.cluster.create_isvc(name, "tiny", contextSize=256, priority="batch")
+        self.add_extra(name)
+        pid = await wait_for(lambda: self.ready_pid(name), timeout=60, what="the batch service ready")
+        self.memory.set(0.03)
+        try:
+            await wait_for(lambda: process_gone(pid), timeout=60, what="the eviction")
+        finally:
+            self.memory.set(0.5)
+
 
 FAULTS = {  # name -> (method, restarts the fault itself asks for)
     "blackhole": ("blackhole", 1),
@@ -421,6 +501,10 @@ FAULTS = {  # name -> (method, restarts the fault itself asks for)
     "sigstop": ("sigstop", 1),
     "corrupted-record": ("corrupted_record", 1),
     "full-log-dir": ("full_log_dir", 2),
+    "download-respawn": ("download_respawn", 1),
+    "kill-agent-download": ("kill_agent_during_download", 0),
+    "memory-wait": ("memory_wait", 0),
+    "eviction": ("eviction", 1),
 }
 
 
@@ -472,6 +556,7 @@ async def main() -> None:
             (workdir / "agent-1.log").symlink_to(workdir / "logs" / "agent.log")
         await cp.start()
         await toxiproxy.start()
+        models = await ModelHTTPServer().start()
         admin = await api_client(cp.admin_kubeconfig)
         try:
             await apply(admin, load_documents([REPO / "manifests" / "crds"]))
@@ -481,9 +566,15 @@ async def main() -> None:
             await cluster.create_model("tiny", f"file://{model}")
             proxy = await toxiproxy.create_proxy(f"127.0.0.1:{cp.port}")
             kubeconfig = kubeconfig_via(cp.agent_kubeconfig, tmp / "agent-via-toxiproxy.kubeconfig", proxy.port)
-            async with faulty_mac(cluster, proxy, kubeconfig, workdir, llama, agent_flags=shlex.split(args.agent_args),
+            # Memory readings from a file (Normal but for the eviction fault); eviction on, as a
+            # Mac that should survive pressure runs it. Everything else: the agent's defaults.
+            memory = MemoryFile(tmp / "memory.json")
+            flags = ["--eviction-enabled", "--memory-readings-file", str(memory.path), *shlex.split(args.agent_args)]
+            async with faulty_mac(cluster, proxy, kubeconfig, workdir, llama, agent_flags=flags,
                                   log_level="info") as mac:
-                bench = FaultBench(mac, cp, [f"svc-{i}" for i in range(args.services)], args.scale, tmpfs)
+                forwarder, inner_port = await netns.forward_into(mac.ns, models.port)
+                bench = FaultBench(mac, cp, [f"svc-{i}" for i in range(args.services)], args.scale, tmpfs,
+                                   models, lambda path: f"http://127.0.0.1:{inner_port}{path}", memory, model)
                 await bench.begin()
                 try:
                     for key in chosen:
@@ -491,10 +582,12 @@ async def main() -> None:
                         rows.append(await bench.measure(key, expected, getattr(bench, method)))
                 finally:
                     await bench.end()
+                    forwarder.close()
                     if args.keep_logs:
                         shutil.copytree(workdir / "logs", args.keep_logs, dirs_exist_ok=True)
         finally:
             await admin.close()
+            await models.stop()
             await toxiproxy.stop()
             await cp.stop()
             if tmpfs:

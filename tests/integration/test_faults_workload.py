@@ -22,7 +22,6 @@ the kernel's own pressure level exists only on macOS.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import pytest
 from tests.support import netns
 from tests.support.http_models import ModelHTTPServer
 from tests.support.isvc import Cluster
+from tests.support.memory_file import MemoryFile
 from tests.support.procs import process_gone
 from tests.support.toxiproxy import faulty_mac
 from tests.support.wait import wait_for
@@ -41,24 +41,9 @@ pytestmark = [
     pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
 ]
 
-GiB = 1 << 30
 AGENT_FLAGS = ("--liveness-interval", "0.5", "--liveness-failures", "2", "--heartbeat-interval", "1",
                "--eviction-enabled", "--memory-interval", "0.5")
 DEAD_READY_LIMIT = 1.0  # seconds a slice may say ready for an endpoint that does not answer
-
-
-class Memory:
-    """The readings file the agent's watchdog reads at every check."""
-
-    def __init__(self, path: Path, total: int = 64 * GiB) -> None:
-        self.path = path
-        self.total = total
-        self.set(0.5)
-
-    def set(self, available_share: float) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"total_bytes": self.total, "available_bytes": int(available_share * self.total)}))
-        tmp.replace(self.path)  # the agent never reads half a file
 
 
 @pytest.fixture
@@ -66,7 +51,7 @@ async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", f"file://{tiny_model}")
     (tmp_path / "mac").mkdir()
-    memory = Memory(tmp_path / "memory.json")
+    memory = MemoryFile(tmp_path / "memory.json")
     flags = (*AGENT_FLAGS, "--memory-readings-file", str(memory.path))
     server = await ModelHTTPServer().start()
     async with faulty_mac(cluster, toxic_api.proxy, toxic_api.kubeconfig, tmp_path / "mac", llama_server_bin,
@@ -148,6 +133,19 @@ async def test_the_agent_killed_during_a_download_resumes_it(mac, tiny_model):
     assert resumed_from and resumed_from[0] > 0, ranges  # picked up where the killed agent stopped
     assert (await mac.pids(agent))["bystander"] == pids["bystander"]
     assert not list((mac.workdir / "models").rglob("far.gguf.partial*"))
+
+    # Once more: the next agent takes the process over while it re-verifies the downloaded
+    # file, and then counts its memory against what others may start.
+    served = (await mac.pids(agent))["fetching"]
+    agent.kill()
+    await agent.process.wait(timeout=10)
+    agent = mac.agent()
+    await agent.start()
+    await mac.wait_converged(agent, ["bystander", "fetching"])
+    assert (await mac.pids(agent))["fetching"] == served
+    labels = {"name": "fetching", "namespace": mac.cluster.ns}
+    await wait_for(lambda: agent.metric("llmkube_metal_agent_memory_estimated_bytes", labels), timeout=30,
+                   what="the taken-over process counted in memory admission")
 
 
 async def test_a_service_waiting_for_memory_is_not_announced_and_starts_when_memory_frees(mac, tiny_model):

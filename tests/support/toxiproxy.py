@@ -262,6 +262,17 @@ class SliceProber:
         self._task: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
 
+    def watch(self, name: str) -> None:
+        """Probe one more service (one created during a fault)."""
+        if name not in self.truth:
+            self.services.append(name)
+            self.truth[name] = Truth()
+
+    def unwatch(self, name: str) -> None:
+        if name in self.truth:
+            self.services.remove(name)
+            del self.truth[name]
+
     def reset(self) -> None:
         """Start counting afresh (e.g. for the next fault)."""
         self.truth = {name: Truth() for name in self.services}
