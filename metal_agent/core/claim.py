@@ -70,6 +70,26 @@ class Allowlist:
     def admits(self, namespace: str, name: str) -> bool:
         return not self.entries or name in self.entries or f"{namespace}/{name}" in self.entries
 
+    # The gate protocol. A fleet (metal_agent/fleet.py) is a gate too: it admits a service
+    # while this Mac holds one of its replica Leases. A static list is always ready, speaks
+    # for every service it admits, and never reports one as unplaced.
+
+    def refusal(self, namespace: str, name: str) -> str | None:
+        """Why the service is not this agent's (None: it is)."""
+        if self.admits(namespace, name):
+            return None
+        return (f"InferenceService {namespace}/{name} is not in this agent's "
+                f"--inference-service-allowlist ({', '.join(self.entries)})")
+
+    def ready(self) -> bool:
+        return True
+
+    def speaks_for(self, key: str) -> bool:
+        return True
+
+    def unplaced(self, key: str):
+        return None
+
 
 EVERY_SERVICE = Allowlist()
 
@@ -105,9 +125,8 @@ def claim(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) ->
     must not be read as a delete).
     """
     name = _get(isvc, "metadata", "name")
-    if not allowlist.admits(_namespace(isvc), name if isinstance(name, str) else ""):
-        return NotOurs(f"InferenceService {_namespace(isvc)}/{name} is not in this agent's "
-                       f"--inference-service-allowlist ({', '.join(allowlist.entries)})")
+    if why := allowlist.refusal(_namespace(isvc), name if isinstance(name, str) else ""):
+        return NotOurs(why)
 
     runtime = _get(isvc, "spec", "runtime")
     if runtime not in (None, "", Runtime.LLAMACPP.value):

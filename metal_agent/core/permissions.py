@@ -77,3 +77,19 @@ AGENT_PERMISSIONS: tuple[Permission, ...] = (
     *_grant("patch", "", "events",
             why="a repeated Event is counted on the existing one instead of duplicated"),
 )
+
+COORDINATION_GROUP = "coordination.k8s.io"
+FLEET_NAMESPACE = "metal-agent"
+
+#: Fleet mode only (`run --fleet`), granted by the namespaced Role `metal-agent-fleet`
+#: in the fleet namespace (manifests/rbac/metal-agent.yaml): the doctor asks them there.
+FLEET_PERMISSIONS: tuple[Permission, ...] = (
+    *_grant("list watch", COORDINATION_GROUP, "leases",
+            why="fleet: every Mac watches the fleet's Leases (members and replicas)"),
+    *_grant("create update", COORDINATION_GROUP, "leases",
+            why="fleet: renew this Mac's Lease; take a free replica (an update at the resourceVersion it was seen)"),
+    *_grant("get", COORDINATION_GROUP, "leases",
+            why="fleet: re-read a silent Mac's Lease before taking its replicas over"),
+    *_grant("delete", COORDINATION_GROUP, "leases",
+            why="fleet: release a replica when its service is scaled down or deleted"),
+)

@@ -148,10 +148,11 @@ def desired_slice(reg: Registration, *, heartbeat: str, agent_version: str, host
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": slice_name(reg.isvc_name),
+            "name": slice_name(reg.isvc_name, reg.member),
             "namespace": reg.namespace,
             "labels": {**_labels(reg.isvc_name), **_inference_labels(reg), **host_label,
-                       SERVICE_NAME_LABEL: svc, SLICE_MANAGED_BY_LABEL: "metal-agent.llmkube.ai"},
+                       SERVICE_NAME_LABEL: svc, SLICE_MANAGED_BY_LABEL: "metal-agent.llmkube.ai",
+                       **({FLEET_MEMBER_LABEL: reg.member} if reg.member else {})},
             "annotations": {HEARTBEAT_ANNOTATION: heartbeat, VERSION_ANNOTATION: agent_version},
             "ownerReferences": _owner(reg),
         },

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from metal_agent.core.permissions import AGENT_PERMISSIONS
+from metal_agent.core.permissions import AGENT_PERMISSIONS, FLEET_NAMESPACE, FLEET_PERMISSIONS
 
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "metal-agent.yaml"
 
@@ -66,3 +66,15 @@ def test_secrets_are_never_in_the_table():
     assert not any(p.resource == "secrets" for p in AGENT_PERMISSIONS)
     assert not any(resource == "secrets" for _, resource, _ in role_grants())
 
+
+def test_fleet_role_grants_exactly_the_fleet_table_in_the_fleet_namespace_only():
+    docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in roles] == [("metal-agent-fleet", FLEET_NAMESPACE)]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["metadata"]["namespace"] == FLEET_NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "metal-agent-fleet"}
+    grants = {(g, r, v) for rule in roles[0]["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+              for v in rule["verbs"]}
+    assert grants == {(p.group, p.rbac_resource, p.verb) for p in FLEET_PERMISSIONS}
+    assert not any(resource == "leases" for _, resource, _ in role_grants())  # nothing cluster-wide

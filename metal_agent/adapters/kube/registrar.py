@@ -58,6 +58,7 @@ class Registrar:
         self.discovery = client.DiscoveryV1Api(api)
         self.agent_version = agent_version
         self.host = host  # this Mac's name, the `llmkube.ai/host` label of its slices
+        self.member: str | None = None  # fleet mode (adapters/kube/fleet_registrar.py): slices named for the Mac
         self._applied: dict[str, Registration] = {}  # "namespace/isvc" -> last applied
         self._withdrawn: set[str] = set()  # slice known to be absent: withdrawing again costs no call
         self._service_applied_at: dict[str, float] = {}
@@ -87,7 +88,7 @@ class Registrar:
             )
             self._service_applied_at[key] = time.monotonic()
         await self.discovery.patch_namespaced_endpoint_slice(
-            slice_name(reg.isvc_name), reg.namespace,
+            slice_name(reg.isvc_name, reg.member), reg.namespace,
             desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version, host=self.host),
             field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
         )
@@ -149,7 +150,7 @@ class Registrar:
                 return
             self._applied.pop(key, None)
             await self._delete_if_ours(self.discovery.read_namespaced_endpoint_slice,
-                                       self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name),
+                                       self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name, self.member),
                                        namespace)
             self._withdrawn.add(key)
 

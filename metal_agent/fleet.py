@@ -1,0 +1,488 @@
+"""Many Macs, one cluster: this Mac's membership, and which replicas it serves.
+
+The fleet joins the pure rules (`core.placement`, `core.leases`) to the
+cluster (`adapters.kube.leases`, the lease watch) and to the reconciler, to
+which it is one more gate in front of "is this service ours?" (the
+`Allowlist` protocol of `core.claim`): a service is this Mac's while it
+holds one of its replica Leases, and not otherwise. See the README's
+"Fleets" section for the design and why it bids rather than elects.
+
+One loop (`run`) does everything that is not a reaction to the watch,
+every `tick` seconds: renew our member Lease when due, fence ourselves when
+renewals have failed for too long, notice members whose Lease expired, bid
+for free replicas after our rank's delay, hand over what we are draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+import structlog
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from metal_agent.core.admission import Reject, admit, memory_budget
+from metal_agent.core.claim import Allowlist, evaluate, wanted_model
+from metal_agent.core.leases import (
+    Liveness,
+    MemberInfo,
+    Replica,
+    fence_deadline,
+    member_lease,
+    member_lease_name,
+    parse_member,
+    parse_replica,
+    replica_lease,
+    role,
+)
+from metal_agent.core.memory import EstimateFailed, gib
+from metal_agent.core.placement import Member, Wanted, bid_delay, rank, unschedulable_message, wanted_from
+from metal_agent.core.result import Parsed
+from metal_agent.core.status import Blocker
+from metal_agent.core.validation import parse_model
+
+log = structlog.get_logger(__name__)
+
+UNSCHEDULABLE = "Unschedulable"
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    member: str
+    namespace: str = "metal-agent"
+    labels: dict[str, str] = field(default_factory=dict)
+    lease_duration: float = 40.0
+    renew_interval: float = 10.0
+    bid_step: float = 2.0  # seconds of delay per place in the preference order
+    host: str = ""
+    chip: str = ""
+    total_ram: int = 0
+    agent_fraction: float | None = None
+
+    @property
+    def tick(self) -> float:
+        return max(0.05, min(1.0, self.renew_interval / 2))
+
+
+class Fleet:
+    """This Mac's view of the fleet, and the gate the reconciler asks."""
+
+    def __init__(self, settings: FleetSettings, *, leases, isvcs, models, static: Allowlist, memory, model_files,
+                 events, version: str, namespaces: tuple[str, ...] | None, state_dir: Path,
+                 on_key: Callable[[str], None] = lambda key: None,
+                 process_ready: Callable[[str], bool] = lambda key: False,
+                 waiting: Callable[[str], str | None] = lambda key: None) -> None:
+        self.s = settings
+        self.me = settings.member
+        self.leases = leases
+        self.isvcs, self.models = isvcs, models
+        self.static = static
+        self.entries = static.entries
+        self.memory = memory
+        self.model_files = model_files
+        self.events = events
+        self.version = version
+        self.namespaces = namespaces
+        self.on_key = on_key
+        self.process_ready = process_ready
+        self.waiting = waiting
+        self.registrar = None  # set by the composition root (the registrar needs `holds` first)
+        self.members: dict[str, MemberInfo] = {}
+        self.replicas: dict[str, Replica] = {}  # by Lease name
+        self.liveness = Liveness()
+        self.last_renewed: float | None = None
+        self._last_attempt = float("-inf")
+        self._renewing: asyncio.Task | None = None
+        self._cordon_file = state_dir / "fleet-cordoned"
+        self.cordoned = self._cordon_file.exists()
+        self.unfit: dict[str, tuple[str, int]] = {}  # key -> (why, committed bytes when judged)
+        self.reserved: dict[str, int] = {}  # won, not yet admitted by the reconciler
+        self._free_since: dict[tuple[str, int], float] = {}
+        self._tasks: dict[tuple[str, int], asyncio.Task] = {}
+        self._alive_before: set[str] = set()
+        self._served: set[str] = set()
+        self._unplaced: dict[str, Blocker] = {}
+        self._leases_synced = False
+        self.renew_failures = 0
+
+    # -- the gate (core.claim.Allowlist's protocol) ---------------------------
+
+    def ready(self) -> bool:
+        return self._leases_synced and self.last_renewed is not None
+
+    def refusal(self, namespace: str, name: str) -> str | None:
+        if why := self.static.refusal(namespace, name):
+            return why
+        key = f"{namespace}/{name}"
+        if self.serves(key):
+            return None
+        holders = sorted({r.holder for r in self._replicas_of(key) if r.holder and self._alive(r.holder)})
+        if self.fenced() and any(r.holder == self.me for r in self._replicas_of(key)):
+            return f"this Mac ({self.me}) could not renew its fleet Lease in time; it stopped serving {key}"
+        return (f"served by {', '.join(holders)}, not by this Mac ({self.me})" if holders
+                else f"not placed on this Mac ({self.me})")
+
+    def admits(self, namespace: str, name: str) -> bool:
+        return self.refusal(namespace, name) is None
+
+    def speaks_for(self, key: str) -> bool:
+        """One Mac writes a service's status: the holder of its lowest live replica, or, while
+        none serves it, the member that reports it unplaced."""
+        live = sorted((r.index, r.holder) for r in self._replicas_of(key) if r.holder and self._alive(r.holder))
+        if live:
+            return live[0][1] == self.me and not self.fenced()
+        return key in self._unplaced
+
+    def unplaced(self, key: str) -> Blocker | None:
+        return self._unplaced.get(key)
+
+    # -- what this Mac holds ------------------------------------------------
+
+    def fenced(self, now: float | None = None) -> bool:
+        if self.last_renewed is None:
+            return True
+        return (now or time.monotonic()) > fence_deadline(self.last_renewed, self.s.lease_duration, self.s.renew_interval)
+
+    def holds(self, key: str) -> bool:
+        """Does this Mac hold (not just succeed to) a replica of `key`, with a live Lease?"""
+        return not self.fenced() and any(r.holder == self.me for r in self._replicas_of(key))
+
+    def serves(self, key: str) -> bool:
+        """Should this Mac run `key`: it holds a replica, or takes one over from a draining Mac."""
+        if self.fenced():
+            return False
+        return any(r.holder == self.me or (r.successor == self.me and r.holder and self._alive(r.holder))
+                   for r in self._replicas_of(key))
+
+    def _replicas_of(self, key: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.key == key]
+
+    def _alive(self, member: str, now: float | None = None) -> bool:
+        if member == self.me:
+            return not self.fenced(now)
+        return member in self.members and self.liveness.alive(member, now or time.monotonic())
+
+    # -- the lease watch ------------------------------------------------------
+
+    def on_lease_change(self, old: dict | None, new: dict | None) -> None:
+        obj = new or old
+        name = (obj.get("metadata") or {}).get("name") or ""
+        if role(obj) == "member":
+            info = parse_member(new) if new is not None else None
+            if info is None:
+                gone = (parse_member(old) if old else None)
+                if gone is not None:
+                    self.members.pop(gone.member.name, None)
+                    self.liveness.forget(gone.member.name)
+            else:
+                self.members[info.member.name] = info
+                spec = new.get("spec") or {}
+                self.liveness.observe(info.member.name, (new.get("metadata") or {}).get("resourceVersion") or "",
+                                      float(spec.get("leaseDurationSeconds") or self.s.lease_duration), time.monotonic())
+        elif role(obj) == "replica":
+            replica = parse_replica(new) if new is not None else None
+            if replica is None:
+                self.replicas.pop(name, None)
+            else:
+                self.replicas[name] = replica
+        self._notify()
+
+    def on_leases_synced(self) -> None:
+        self._leases_synced = True
+        self._notify()
+
+    def _adopt(self, obj: dict | None) -> None:
+        """A write of ours that succeeded: known now, not one watch event later."""
+        if obj is not None and (replica := parse_replica(obj)) is not None:
+            self.replicas[replica.lease_name] = replica
+            self._notify()
+
+    def _notify(self) -> None:
+        """Re-queue every service whose "ours?" answer changed."""
+        served = {r.key for r in self.replicas.values() if self.serves(r.key)}
+        for key in served ^ self._served:
+            self.on_key(key)
+        self._served = served
+
+    # -- membership -----------------------------------------------------------
+
+    def my_info(self) -> MemberInfo:
+        committed = dict(self.memory.committed)
+        budget = memory_budget(None, self.s.total_ram, self.s.agent_fraction).bytes if self.s.total_ram else 0
+        unfit = {k: why for k, (why, _) in self.unfit.items()}
+        member = Member(name=self.me, labels=self.s.labels, cordoned=self.cordoned, budget_bytes=budget,
+                        committed_bytes=sum(committed.values()) + sum(self.reserved.values()),
+                        models=frozenset(self._models_present()), allowlist=self.static.entries, unfit=unfit)
+        serving = tuple(sorted(f"{r.key}#{r.index}" for r in self.replicas.values()
+                               if r.holder == self.me and self.process_ready(r.key)))
+        return MemberInfo(member, host=self.s.host, chip=self.s.chip, total_bytes=self.s.total_ram,
+                          serving=serving, version=self.version)
+
+    def _models_present(self) -> set[str]:
+        present = set()
+        for raw in self.models.items():
+            parsed = parse_model(raw)
+            if isinstance(parsed, Parsed) and self.model_files.present(parsed.value) is not None:
+                meta = raw.get("metadata") or {}
+                present.add(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
+        return present
+
+    async def renew(self) -> None:
+        started = time.monotonic()
+        body = member_lease(self.my_info(), duration_s=max(1, round(self.s.lease_duration)),
+                            now=dt.datetime.now(dt.timezone.utc))
+        try:
+            await self.leases.put(body)
+        except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            self.renew_failures += 1
+            log.warning("fleet lease renewal failed", member=self.me, error=f"{type(err).__name__}: {err}",
+                        serving_for_s=round(fence_deadline(self.last_renewed, self.s.lease_duration, self.s.renew_interval)
+                                            - time.monotonic(), 1) if self.last_renewed else None)
+            return
+        if self.last_renewed is None or self.fenced(started):
+            log.info("fleet lease renewed", member=self.me, namespace=self.s.namespace)
+        self.renew_failures = 0
+        self.last_renewed = started
+        self._notify()
+
+    # -- drain ----------------------------------------------------------------
+
+    async def set_cordoned(self, cordoned: bool) -> None:
+        self.cordoned = cordoned
+        if cordoned:
+            await asyncio.to_thread(self._cordon_file.write_text, "drained with `metal-agent drain`\n")
+        else:
+            await asyncio.to_thread(self._cordon_file.unlink, True)
+        log.info("cordoned: handing replicas over and taking no new ones" if cordoned else "uncordoned", member=self.me)
+        await self.renew()
+
+    def view(self) -> dict:
+        """What `metal-agent fleet` and `drain` show."""
+        now = time.monotonic()
+        infos = dict(self.members)
+        infos[self.me] = self.my_info()
+        rows = []
+        for name, info in sorted(infos.items()):
+            m = info.member
+            rows.append({
+                "member": name, "alive": self._alive(name, now), "cordoned": m.cordoned, "host": info.host,
+                "chip": info.chip, "labels": dict(m.labels), "total_bytes": info.total_bytes,
+                "budget_bytes": m.budget_bytes, "free_bytes": m.free_bytes,
+                "holds": sorted(f"{r.key}#{r.index}" for r in self.replicas.values() if r.holder == name),
+                "ready": list(info.serving), "models": sorted(m.models), "unfit": dict(m.unfit),
+                "expires_in_s": None if name == self.me else
+                round(self.liveness.expires_in(name, now) or 0.0, 1),
+            })
+        return {"member": self.me, "namespace": self.s.namespace, "cordoned": self.cordoned,
+                "fenced": self.fenced(now), "members": rows,
+                "unplaced": {k: b.message for k, b in sorted(self._unplaced.items())}}
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                now = time.monotonic()
+                if now - self._last_attempt >= self.s.renew_interval and (self._renewing is None or self._renewing.done()):
+                    self._last_attempt = now
+                    self._renewing = asyncio.create_task(self.renew(), name="fleet-renew")
+                self._notify()  # a fence that just fell stops what we serve
+                if self.ready():
+                    self._notice_deaths(now)
+                    self._place_all(now)
+                await asyncio.sleep(self.s.tick)
+        finally:
+            pending = [t for t in [self._renewing, *self._tasks.values()] if t is not None and not t.done()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _spawn(self, slot: tuple[str, int], coro) -> None:
+        task = self._tasks.get(slot)
+        if task is not None and not task.done():
+            coro.close()
+            return
+        self._tasks[slot] = asyncio.create_task(self._guarded(slot, coro), name=f"fleet {slot[0]}#{slot[1]}")
+
+    async def _guarded(self, slot: tuple[str, int], coro) -> None:
+        try:
+            await coro
+        except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            log.warning("fleet lease write failed; the next tick retries", slot=f"{slot[0]}#{slot[1]}",
+                        error=f"{type(err).__name__}: {err}")
+
+    def _notice_deaths(self, now: float) -> None:
+        alive = {name for name in self.members if name != self.me and self._alive(name, now)}
+        for dead in self._alive_before - alive:
+            if dead in self.members:
+                log.warning("fleet member stopped renewing its lease; marking its slices not ready", member=dead)
+                self._spawn(("member:" + dead, 0), self._mark_dead(dead))
+        self._alive_before = alive
+
+    async def _mark_dead(self, dead: str) -> None:
+        if self.registrar is not None:
+            changed = await self.registrar.mark_member_not_ready(dead, self.namespaces)
+            if changed:
+                log.info("marked a silent member's slices not ready", member=dead, slices=changed)
+
+    def _place_all(self, now: float) -> None:
+        alive_members = [info.member for name, info in self.members.items()
+                         if name != self.me and self._alive(name, now)]
+        if not self.fenced(now):
+            alive_members.append(self.my_info().member)
+        for key in [k for k in self.reserved if k in self.memory.committed or not self.serves(k)]:
+            del self.reserved[key]  # admitted (now counted by the memory guard) or no longer ours
+        unplaced: dict[str, Blocker] = {}
+        keys = set()
+        for raw in self.isvcs.items():
+            meta = raw.get("metadata") or {}
+            key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            ref = wanted_model(raw)
+            model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+            verdict = evaluate(raw, model_raw, Allowlist())
+            if not isinstance(verdict, Parsed):
+                continue  # not Metal's, or invalid: whoever holds it keeps it (the reconciler decides)
+            keys.add(key)
+            spec = verdict.value.isvc.spec
+            wanted = wanted_from(raw, f"{ref[0]}/{ref[1]}", spec.replicas if spec.wants_process else 0)
+            if blocker := self._place(wanted, verdict.value, alive_members, now):
+                unplaced[key] = blocker
+        for r in list(self.replicas.values()):  # the service is gone: its holder removes the Lease
+            if r.holder == self.me and r.key not in keys and self.isvcs.get(r.key) is None:
+                self._spawn((r.key, r.index), self._release(r))
+        changed = {k for k in set(unplaced) | set(self._unplaced) if unplaced.get(k) != self._unplaced.get(k)}
+        self._unplaced = unplaced
+        for key in changed:
+            self.on_key(key)
+
+    def _place(self, wanted: Wanted, workload: Any, members: list[Member], now: float) -> Blocker | None:
+        reps = {r.index: r for r in self._replicas_of(wanted.key)}
+        holders = frozenset(r.holder for r in reps.values() if r.holder and self._alive(r.holder, now))
+        infos = {m.name: m for m in members}
+        for index, r in reps.items():
+            if index >= wanted.replicas and r.holder == self.me:
+                self._spawn((wanted.key, index), self._release(r))  # scaled down
+            elif r.successor == self.me and r.holder and self.process_ready(wanted.key):
+                self._spawn((wanted.key, index), self._promote(r))  # drained Mac's replica: ours is Ready
+            elif r.holder == self.me and self.waiting(wanted.key):
+                self.unfit[wanted.key] = (self.waiting(wanted.key) or "", sum(self.memory.committed.values()))
+                self._spawn((wanted.key, index), self._release(r))  # admission refused it here: let another try
+        free = []
+        for index in range(wanted.replicas):
+            r = reps.get(index)
+            if r is None or not r.holder or not self._alive(r.holder, now):
+                free.append((index, r, "free"))
+            elif infos.get(r.holder) and infos[r.holder].cordoned and r.holder != self.me and \
+                    not (r.successor and self._alive(r.successor, now)):
+                free.append((index, r, "handoff"))
+        for slot in [s for s in self._free_since if s[0] == wanted.key and s[1] not in {f[0] for f in free}]:
+            del self._free_since[slot]
+        if not free:
+            return None
+        self._judge_fit(wanted.key)
+        candidates = rank(wanted, members, holders)
+        if not candidates:
+            if [f for f in free if f[2] == "free"] and self._reporter(wanted, members) == self.me:
+                return Blocker(UNSCHEDULABLE, unschedulable_message(wanted, members, holders), phase="Pending")
+            return None
+        delay = bid_delay(wanted, members, self.me, self.s.bid_step, holders)
+        if delay is None:
+            return None
+        index, r, kind = free[0]
+        since = self._free_since.setdefault((wanted.key, index), now)
+        if now - since >= delay:
+            self._spawn((wanted.key, index), self._bid(wanted, workload, index, r, kind, candidates[0].name == self.me))
+        return None
+
+    def _reporter(self, wanted: Wanted, members: list[Member]) -> str | None:
+        names = sorted(m.name for m in members if m.admits_name(wanted.namespace, wanted.name))
+        return names[0] if names else None
+
+    def _judge_fit(self, key: str) -> None:
+        """Forget a refusal once the memory it was judged against changed."""
+        judged = self.unfit.get(key)
+        if judged is not None and judged[1] != sum(self.memory.committed.values()) and not self.waiting(key):
+            del self.unfit[key]
+
+    async def _fits(self, key: str, workload: Any) -> bool:
+        """With the model on disk, the memory admission's own answer; without it, yes (the
+        reconciler checks again after the download and hands the replica back if it does not fit)."""
+        path = self.model_files.present(workload.model)
+        if path is None:
+            return True
+        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec)
+        running = {**self.memory.committed, **self.reserved}
+        verdict = admit(key, estimate, running, hardware=workload.model.spec.hardware, total_ram_bytes=self.s.total_ram,
+                        agent_fraction=self.s.agent_fraction, mode=self.memory.mode)
+        if isinstance(verdict, Reject):
+            self.unfit[key] = (f"{verdict.reason}: {verdict.message}", sum(self.memory.committed.values()))
+            log.info("not bidding: the model does not fit here", service=key, why=verdict.message)
+            return False
+        if not isinstance(estimate, EstimateFailed):
+            self.reserved[key] = estimate.total_bytes
+        return True
+
+    async def _bid(self, wanted: Wanted, workload: Any, index: int, r: Replica | None, kind: str, first: bool) -> None:
+        if not await self._fits(wanted.key, workload):
+            await self.renew()  # say so at once: the next in line need not wait for our renewal
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        duration = max(1, round(self.s.lease_duration))
+        previous = r.holder if r else None
+        if kind == "handoff":
+            body = replica_lease(wanted.key, index, holder=r.holder, successor=self.me, duration_s=duration, now=now,
+                                 resource_version=r.resource_version)
+        else:
+            if previous and previous != self.me:
+                # Our watch may be behind: the holder must really have stopped renewing.
+                seen = self.liveness.resource_version(previous)
+                current = await self.leases.resource_version(member_lease_name(previous))
+                if current is not None and current != seen:
+                    return
+                if self.registrar is not None:
+                    await self.registrar.mark_member_not_ready(previous, self.namespaces)
+            body = replica_lease(wanted.key, index, holder=self.me, duration_s=duration, now=now,
+                                 resource_version=r.resource_version if r else None)
+        won = await self.leases.swap(body)
+        if won is None:
+            self.reserved.pop(wanted.key, None)
+            return
+        self._adopt(won)
+        free = gib(self.my_info().member.free_bytes)
+        why = "model on disk" if wanted.model in self.my_info().member.models else "model to download"
+        raw = self.isvcs.get(wanted.key)
+        if kind == "handoff":
+            message = f"replica {index} moving from {previous} (draining) to {self.me}: starting here first"
+            reason = "Moving"
+        elif previous and previous != self.me:
+            message = f"replica {index} moved from {previous} (stopped renewing its lease) to {self.me} ({why}, {free} free)"
+            reason = "Moved"
+        else:
+            message = f"replica {index} placed on {self.me} ({why}, {free} free)"
+            reason = "Placed"
+        log.info("fleet: " + message, service=wanted.key)
+        if raw is not None:
+            self.events.emit(raw["metadata"], reason, message)
+
+    async def _promote(self, r: Replica) -> None:
+        body = replica_lease(r.key, r.index, holder=self.me, duration_s=max(1, round(self.s.lease_duration)),
+                             now=dt.datetime.now(dt.timezone.utc), resource_version=r.resource_version)
+        won = await self.leases.swap(body)
+        if won is not None:
+            self._adopt(won)
+            message = f"replica {r.index} moved from {r.holder} (draining) to {self.me}: ready here"
+            log.info("fleet: " + message, service=r.key)
+            if (raw := self.isvcs.get(r.key)) is not None:
+                self.events.emit(raw["metadata"], "Moved", message)
+
+    async def _release(self, r: Replica) -> None:
+        await self.leases.delete(r.lease_name, r.resource_version)
+        self.replicas.pop(r.lease_name, None)
+        self.reserved.pop(r.key, None)
+        self._notify()
+        log.info("fleet: released a replica", service=r.key, replica=r.index)
