@@ -22,12 +22,15 @@ import structlog
 from aiohttp import web
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Info
 
 from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
-from metal_agent.adapters.http_server import create_app, serve
+from metal_agent.adapters.host_facts import read_host_facts
+from metal_agent.adapters.http_server import Listeners, create_app
 from metal_agent.adapters.host_address import AddressWatcher, detect_host_ip
+from metal_agent.adapters.kube.agent_registrar import AgentRegistrar
+from metal_agent.adapters.kube.authorizer import KubeAuthorizer
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import CustomResource, Informer
@@ -40,9 +43,12 @@ from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
+from metal_agent.agent_endpoint import MetricsEndpoint
+from metal_agent.core.agent_registration import DEFAULT_AGENT_NAMESPACE
 from metal_agent.core.claim import Allowlist
+from metal_agent.core.host_info import host_info_labels
 from metal_agent.core.host_address import Choice, bind_address
-from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
+from metal_agent.core.names import GROUP, ISVC_PLURAL, METRIC_PREFIX, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.memory_guard import MemoryGuard
@@ -64,6 +70,8 @@ class AgentConfig:
     host_ip: str | None = None  # registered in EndpointSlices; None: auto-detect
     bind_all: bool = False  # llama-server listens on every interface instead of host_ip only
     register: bool = True  # publish Service + EndpointSlice for each service
+    register_metrics: bool = True  # with register: serve /metrics on the registered address and publish it
+    agent_namespace: str = DEFAULT_AGENT_NAMESPACE  # where the `metal-agent` Service and this Mac's slice go
     heartbeat_interval: float = 60.0  # 3x margin to LLMKube's 3-minute staleness; each one costs its controller a write
     status_mode: str = "auto"  # auto | full | shared: see core/status_owner.py
     address_check_interval: float = 15.0  # re-detect a detected host address this often
@@ -154,6 +162,9 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
+    facts = await read_host_facts()
+    Info(METRIC_PREFIX + "host", "This Mac: host name, chip, macOS version, memory, agent version (value 1).",
+         registry=registry).info(host_info_labels(facts, __version__))
     fatal_exits = FatalExitLog(cfg.paths.state / "fatal_exits.json", metrics.fatal_exits)
     await asyncio.to_thread(fatal_exits.load)
     api = await _api_client(cfg)
@@ -189,7 +200,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     processes.load_adoptable()
     if kept := processes.supervise_recorded():
         log.info("supervising the previous agent's llama-servers until the cluster is read", services=kept)
-    registrar = Registrar(api, agent_version=__version__)
+    registrar = Registrar(api, agent_version=__version__, host=facts.host)
     model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api))
     watchdog = MemoryWatchdog(
         registry, services=lambda: reconciler.memory_view(), evict=lambda key: reconciler.evict(key),
@@ -215,10 +226,14 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     # A detected address can change under us (Tailscale up after login, DHCP, another
     # Wi-Fi): follow it. An address given with --host-ip is the user's word and stays.
-    watcher = AddressWatcher(choice, lambda change: reconciler.on_address_change(
-        change.old.address, change.new.address, change.new.reason,
-        bind_address(change.new.address, cfg.bind_all)), interval=cfg.address_check_interval,
-    ) if choice is not None and cfg.register else None
+    def on_address_change(change) -> None:
+        reconciler.on_address_change(change.old.address, change.new.address, change.new.reason,
+                                     bind_address(change.new.address, cfg.bind_all))
+        if endpoint is not None:
+            endpoint.move(change.new.address)
+
+    watcher = AddressWatcher(choice, on_address_change, interval=cfg.address_check_interval,
+                             ) if choice is not None and cfg.register else None
 
     heartbeats_failing_since: float | None = None
 
@@ -234,7 +249,15 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
             return "waiting for the first list of InferenceServices and Models"
         return True
 
-    app = create_app(registry, ready=readiness)
+    # Requests that do not arrive on loopback need a token the cluster vouches for.
+    app = create_app(registry, ready=readiness, authorize=KubeAuthorizer(api).authorize)
+    listeners = Listeners(app)
+    # The cluster's Prometheus finds this agent at its registered address (core/agent_registration.py).
+    endpoint = MetricsEndpoint(
+        listeners, AgentRegistrar(api, agent_version=__version__), namespace=cfg.agent_namespace,
+        host=facts.host, chip=facts.chip, address=host_ip, port=cfg.http_port, listen_host=cfg.http_host,
+        interval=cfg.heartbeat_interval,
+    ) if cfg.register and cfg.register_metrics else None
 
     async def services(_: web.Request) -> web.Response:
         return web.json_response({"version": __version__, "services": _services_view(reconciler)})
@@ -305,8 +328,10 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     fatal: AgentExit | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
+            await listeners.start()
+            stack.push_async_callback(listeners.close)
             try:
-                await stack.enter_async_context(serve(app, cfg.http_host, cfg.http_port))
+                await listeners.add(cfg.http_host, cfg.http_port)
             except OSError as err:
                 raise StartupError(f"cannot listen on {cfg.http_host}:{cfg.http_port} ({err.strerror}); "
                                    "pass another --listen address") from None
@@ -321,6 +346,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                 loops["power"] = power
             if watcher is not None:
                 loops["address-watch"] = watcher.run
+            if endpoint is not None:
+                loops["metrics-endpoint"] = endpoint.run
             background = [asyncio.create_task(supervised_loop(name, factory, metrics.loop_failures), name=name)
                           for name, factory in loops.items()]
             sync = asyncio.create_task(after_sync())
@@ -328,6 +355,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                 await stop.wait()
             finally:
                 await cancel_and_wait(*(t for t in [sync, *background] if not t.done()))
+                if endpoint is not None:
+                    await endpoint.withdraw()
                 await reconciler.shutdown(stop_processes=cfg.stop_on_exit)
     except StartupError:
         raise

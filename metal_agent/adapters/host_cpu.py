@@ -28,6 +28,16 @@ async def performance_core_count() -> int | None:
 
 
 async def _sysctl_int(key: str) -> int | None:
+    text = await sysctl_text(key)
+    try:
+        value = int(text) if text is not None else 0
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+async def sysctl_text(key: str) -> str | None:
+    """`sysctl -n key`, stripped; None if it cannot be read."""
     try:
         proc = await asyncio.create_subprocess_exec(
             SYSCTL,
@@ -46,8 +56,4 @@ async def _sysctl_int(key: str) -> int | None:
         return None
     if proc.returncode != 0:
         return None
-    try:
-        value = int(out.decode().strip())
-    except ValueError:
-        return None
-    return value if value > 0 else None
+    return out.decode(errors="replace").strip()

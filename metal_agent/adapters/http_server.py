@@ -3,13 +3,15 @@
 Kept small and general on purpose: :func:`create_app` returns a plain
 :class:`aiohttp.web.Application` that other parts of the agent (the control
 loop) add routes to before it is served. It binds to loopback by default;
-LLMKube's agent listened on every interface without authentication, and
-exposing the endpoint further is a deliberate operator choice.
+the agent also listens on its registered address for the cluster's
+Prometheus, and a request that arrives on any address but loopback must
+then carry a bearer token the cluster vouches for (``authorize``; the rules
+are in ``core/metrics_auth.py``). ``/healthz`` and ``/readyz`` stay open.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -17,21 +19,52 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "RunningServer", "create_app", "serve"]
+from metal_agent.core.metrics_auth import Verdict, bearer_token, needs_authentication, verb_for
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Listeners", "RunningServer", "create_app", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9090
 
 Readiness = Callable[[], "bool | str"]  # True: ready; False or a reason: not ready
+Authorize = Callable[[str, str, str], Awaitable[Verdict]]  # (token, verb, path) -> verdict
 
 
-def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True) -> web.Application:
+def _local_address(request: web.Request) -> str | None:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[0] if isinstance(sockname, tuple) and sockname else None
+
+
+def auth_middleware(authorize: Authorize):
+    """Requests on a non-loopback address (other than the open probes) need the cluster's yes."""
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if not needs_authentication(_local_address(request), request.path):
+            return await handler(request)
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            return web.Response(status=401, text="unauthorized: a bearer token is required\n",
+                                headers={"WWW-Authenticate": 'Bearer realm="metal-agent"'})
+        found = await authorize(token, verb_for(request.method), request.path)
+        if found.allowed:
+            return await handler(request)
+        headers = {"WWW-Authenticate": 'Bearer realm="metal-agent"'} if found.status == 401 else {}
+        return web.Response(status=found.status, text=found.reason + "\n", headers=headers)
+
+    return check
+
+
+def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True,
+               authorize: Authorize | None = None) -> web.Application:
     """Build the app: ``/metrics`` from ``registry``, ``/healthz`` and ``/readyz``.
 
     ``/healthz`` answers 200 whenever the event loop is serving requests (the
     process is alive); ``/readyz`` answers 200 or 503 from ``ready()``, which
     the caller supplies because only it knows what "ready" means. A reason
-    returned instead of False is the 503's body, for whoever looks.
+    returned instead of False is the 503's body, for whoever looks. With
+    ``authorize``, requests that do not arrive on loopback are authenticated
+    (`metal-agent power serve`, which has no cluster to ask, passes none).
     """
 
     async def metrics(request: web.Request) -> web.Response:
@@ -49,7 +82,7 @@ def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True) 
             return web.Response(text="ready\n")
         return web.Response(status=503, text=f"not ready: {verdict}\n" if isinstance(verdict, str) else "not ready\n")
 
-    app = web.Application()
+    app = web.Application(middlewares=[auth_middleware(authorize)] if authorize is not None else [])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -67,6 +100,34 @@ class RunningServer:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+
+class Listeners:
+    """One app on several addresses, added and removed while it runs (the registered address
+    moves when the Mac changes networks; loopback stays)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+        self._sites: dict[tuple[str, int], web.TCPSite] = {}
+
+    async def start(self) -> None:
+        await self._runner.setup()
+
+    async def add(self, host: str, port: int) -> RunningServer:
+        """Listen on host:port too (a real port: the address is registered with it)."""
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self._sites[(host, port)] = site
+        return RunningServer(host, port)
+
+    async def remove(self, host: str, port: int) -> None:
+        site = self._sites.pop((host, port), None)
+        if site is not None:
+            await site.stop()
+
+    async def close(self) -> None:
+        self._sites.clear()
+        await self._runner.cleanup()
 
 
 @asynccontextmanager

@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
+from metal_agent.adapters.power_gauges import PowerGauges
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.powermetrics import PowerParser, PowerSample
 from metal_agent.core.sudoers import (
@@ -84,7 +85,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-METRIC_PREFIX = "llmkube_metal_agent_apple_power_"
 _READ_CHUNK = 64 * 1024
 # A powermetrics line is a few KB at most; a megabyte means garbage, not data.
 _MAX_LINE = 1024 * 1024
@@ -143,40 +143,6 @@ class PowerSamplerSettings:
         except SudoersError as exc:
             raise PowerConfigError(f"power.interval_ms: {exc}") from None
         return cls(enabled=enabled, interval_ms=interval)  # type: ignore[arg-type]
-
-
-class PowerGauges:
-    """The power gauges on a caller-owned registry (the daemon's, or a test's).
-
-    ``sampler_up`` is 1 only while samples are arriving: it goes to 0 when
-    powermetrics fails or stalls, together with the four power gauges.
-    """
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        def gauge(suffix: str, doc: str) -> Gauge:
-            return Gauge(METRIC_PREFIX + suffix, doc, registry=registry)
-
-        self.combined = gauge("combined_watts", "CPU+GPU+ANE power from powermetrics, watts; 0 when the sampler is off.")
-        self.gpu = gauge("gpu_watts", "GPU power from powermetrics, watts; 0 when the sampler is off.")
-        self.cpu = gauge("cpu_watts", "CPU power from powermetrics, watts; 0 when the sampler is off.")
-        self.ane = gauge("ane_watts", "Neural Engine power from powermetrics, watts; 0 when the sampler is off.")
-        self.up = gauge("sampler_up", "1 while powermetrics is running and delivering samples, else 0.")
-        self.last_sample = gauge(
-            "last_sample_timestamp_seconds", "Unix time the last powermetrics sample was received; 0 if never."
-        )
-
-    def publish(self, sample: PowerSample, received_at: float) -> None:
-        self.combined.set(sample.combined_w)
-        self.gpu.set(sample.gpu_w)
-        self.cpu.set(sample.cpu_w)
-        self.ane.set(sample.ane_w)
-        self.last_sample.set(received_at)
-        self.up.set(1)
-
-    def off(self) -> None:
-        """No fresh data: zero the power gauges (never leave a stale value) and mark down."""
-        for g in (self.combined, self.gpu, self.cpu, self.ane, self.up):
-            g.set(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +267,7 @@ class PowerSampler:
                 raise ValueError("executable_override_for_tests must not be empty")
             self._argv = (*executable_override_for_tests, *powermetrics_argv(interval_ms, samples_per_run)[1:])
             self._is_stand_in = True
-        self.gauges = PowerGauges(registry)
+        self.gauges = PowerGauges(registry, fallback_interval_s=interval_s)
         self.starts = 0
         self._fresh = asyncio.Event()
         self._live = False

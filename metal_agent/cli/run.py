@@ -20,6 +20,7 @@ from typer.core import TyperCommand
 from metal_agent import __version__
 from metal_agent.core.go_flags import GoFlagError, describe_ignored, normalize_run_argv
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
+from metal_agent.core.names import is_dns1123_label
 from metal_agent.paths import AgentPaths, default_paths, find_llama_server
 
 EXIT_FATAL = 3  # launchd restarts the agent on a non-zero exit
@@ -77,6 +78,8 @@ def run(
     host_ip: Optional[str] = typer.Option(None, envvar=_env("HOST_IP"), help="This Mac's address as the cluster reaches it (default: Tailscale, then the default route's interface)."),
     bind_all: bool = typer.Option(False, "--bind-all", envvar=_env("BIND_ALL"), help="llama-server listens on all interfaces (default: only on --host-ip)."),
     register: bool = typer.Option(True, "--register/--no-register", envvar=_env("REGISTER"), help="Publish a Service and EndpointSlice per model (off: supervise only, e.g. for local use)."),
+    register_metrics: bool = typer.Option(True, "--register-metrics/--no-register-metrics", envvar=_env("REGISTER_METRICS"), help="With --register: also serve /metrics on the registered address (a bearer token the cluster vouches for is required) and publish it as this Mac's EndpointSlice of the `metal-agent` Service, for the cluster's Prometheus."),
+    agent_namespace: str = typer.Option("metal-agent", envvar=_env("AGENT_NAMESPACE"), help="Namespace of the `metal-agent` Service that --register-metrics publishes this Mac's metrics endpoint in."),
     heartbeat_interval: float = typer.Option(60.0, min=1, envvar=_env("HEARTBEAT_INTERVAL"), help="Seconds between EndpointSlice heartbeats (LLMKube calls a slice stale after 180; each heartbeat costs LLMKube's controller a status write)."),
     address_check_interval: float = typer.Option(15.0, min=0.1, envvar=_env("ADDRESS_CHECK_INTERVAL"), help="Seconds between checks of this Mac's address when it was detected (not given with --host-ip); a change seen twice re-registers and respawns what listened on the old one."),
     status_mode: str = typer.Option("auto", envvar=_env("STATUS_MODE"), help="Who writes InferenceService status: auto (decide per object from the cluster), full (the agent writes all of it: CRDs only), shared (LLMKube's controller runs; the agent writes only its own fields)."),
@@ -126,6 +129,8 @@ def run(
         allowed = Allowlist.parse(allowlist)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--inference-service-allowlist")
+    if not is_dns1123_label(agent_namespace):
+        raise typer.BadParameter("expected a namespace name (DNS-1123 label)", param_hint="--agent-namespace")
     if status_mode not in ("auto", "full", "shared"):
         raise typer.BadParameter("expected auto, full or shared", param_hint="--status-mode")
     if memory_check_mode not in ("enforce", "warn"):
@@ -156,6 +161,8 @@ def run(
         host_ip=host_ip,
         bind_all=bind_all,
         register=register,
+        register_metrics=register_metrics,
+        agent_namespace=agent_namespace,
         heartbeat_interval=heartbeat_interval,
         status_mode=status_mode,
         address_check_interval=address_check_interval,

@@ -71,7 +71,11 @@ async def test_service_and_slice_follow_the_contract_and_serve(mac):
     assert svc.spec.selector is None
     assert [(p.name, p.port, p.target_port, p.protocol) for p in svc.spec.ports] == [("http", 8080, port, "TCP")]
     assert svc.metadata.labels == {"app": "qwen.chat", "llmkube.ai/managed-by": "metal-agent",
-                                   "llmkube.ai/inference-service": "qwen.chat"}
+                                   "llmkube.ai/inference-service": "qwen.chat",
+                                   # LLMKube's pod labels, which its PodMonitor (and ours) promote
+                                   "inference.llmkube.dev/service": "qwen.chat",
+                                   "inference.llmkube.dev/model": "tiny",
+                                   "inference.llmkube.dev/runtime": "llamacpp"}
     assert svc.metadata.annotations["llmkube.ai/metal-accelerated"] == "true"
     assert svc.metadata.annotations["llmkube.ai/native-process"] == "true"
 

@@ -43,10 +43,13 @@ class AgentProcess:
     def __init__(self, options: AgentOptions) -> None:
         self.options = options
         self.port = free_port()
-        # Inside a namespace the agent's HTTP API listens on the namespace's
-        # address, so the test (in the root namespace) can reach it.
-        self.listen_host = options.netns.inner_ip if options.netns else "127.0.0.1"
+        # The agent's HTTP API listens on loopback, inside the namespace too; there the test
+        # reaches it through a socket opened in the namespace (`_get`): loopback is where it
+        # is open. A registering agent also listens on its registered address, token-checked
+        # (`metrics_url`).
+        self.listen_host = "127.0.0.1"
         self.url = f"http://{self.listen_host}:{self.port}"
+        self.metrics_url = f"http://{options.netns.inner_ip}:{self.port}/metrics" if options.netns else None
         self.starts = 0
         self.process: ManagedProcess | None = None
 
@@ -81,6 +84,8 @@ class AgentProcess:
             await wait_for(self.ready, timeout=60, what="metal-agent /readyz", on_timeout=self.process.tail)
 
     async def _get(self, path: str) -> tuple[int, str]:
+        if self.options.netns is not None:
+            return await netns_module.http_get_in(self.options.netns, self.port, path)
         async with aiohttp.ClientSession() as http:
             async with http.get(self.url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 return resp.status, await resp.text()

@@ -179,3 +179,27 @@ async def kubeconfig_into(ns: NetNS, kubeconfig: Path, target: Path, api_port: i
         cluster["cluster"]["server"] = f"https://127.0.0.1:{inner_port}"
     target.write_text(yaml.safe_dump(config))
     return forwarder, target
+
+
+async def http_get_in(ns: NetNS, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path> as seen *inside* `ns` (its loopback, not the root
+    namespace's). Returns (status, body). A plain HTTP/1.0 request on a socket opened in the
+    namespace: what a local tool on "the Mac" does."""
+    import socket
+
+    def fetch() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    raw = await asyncio.to_thread(_in_netns, ns.name, fetch)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    try:
+        status = int(status_line.split()[1])
+    except (IndexError, ValueError):
+        raise OSError(f"not an HTTP response from 127.0.0.1:{port} in {ns.name}: {status_line!r}") from None
+    return status, body.decode(errors="replace")

@@ -1,0 +1,34 @@
+"""Read this host's identity for `host_info`: name, chip, macOS version, memory.
+
+On macOS the chip is `machdep.cpu.brand_string` ("Apple M5 Max") and the
+version comes from `platform.mac_ver()` (a plist read, no subprocess);
+elsewhere (the Linux machines tests run on) the CPU model from /proc/cpuinfo.
+Read once at start-up; none of it changes while the agent runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import socket
+import sys
+from pathlib import Path
+
+import psutil
+
+from metal_agent.adapters.host_cpu import sysctl_text
+from metal_agent.core.host_info import HostFacts, cpu_model_from_cpuinfo
+
+
+async def read_host_facts() -> HostFacts:
+    if sys.platform == "darwin":
+        chip = await sysctl_text("machdep.cpu.brand_string") or ""
+        version = platform.mac_ver()[0]
+    else:
+        try:
+            chip = cpu_model_from_cpuinfo(await asyncio.to_thread(Path("/proc/cpuinfo").read_text))
+        except OSError:
+            chip = ""
+        version = ""
+    return HostFacts(host=socket.gethostname(), chip=chip, macos_version=version,
+                     memory_bytes=psutil.virtual_memory().total)

@@ -1,0 +1,158 @@
+"""Who may read the agent's HTTP endpoint from the network: the cluster decides.
+
+A scrape that arrives on a non-loopback address must carry a bearer token
+the cluster vouches for: a TokenReview says who it is, then a
+SubjectAccessReview asks whether that identity may `get` the non-resource
+URL it asked for (`/metrics`). That is the check controller-runtime's
+metrics filter and kube-rbac-proxy make, so the ClusterRole a Prometheus
+already has for them (`nonResourceURLs: ["/metrics"], verbs: ["get"]`)
+works here too. No token or a token the cluster does not know is 401; a
+known identity without the permission is 403. `/healthz` and `/readyz` stay
+open (they reveal nothing but "alive" and "ready"), and so does loopback:
+whoever can connect to 127.0.0.1 on the Mac is already on the Mac, where
+the same numbers are a `ps` or `powermetrics` away.
+
+Decisions are cached briefly (keyed by a digest of the token, never the
+token) so that a Prometheus scraping every few seconds costs the API server
+two reviews a minute, not two per scrape; denials are cached for less, so a
+newly granted role takes effect within seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+ALLOWED_TTL_S = 60.0
+DENIED_TTL_S = 10.0
+MAX_CACHED = 1024  # distinct (token, verb, path) decisions kept; the oldest go first
+
+# The API server's own mapping of HTTP methods to authorizer verbs.
+_VERBS = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    status: int  # 200 allowed, 401 unauthenticated, 403 forbidden, 503 the cluster could not be asked
+    reason: str
+    user: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.status == 200
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a connection's local address is loopback (IPv4-mapped IPv6 included).
+    Unknown or unparsable counts as not loopback: then the request is authenticated."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def needs_authentication(local_address: str | None, path: str) -> bool:
+    return path not in OPEN_PATHS and not is_loopback(local_address)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token and " " not in token else None
+
+
+def verb_for(method: str) -> str:
+    return _VERBS.get(method.upper(), method.lower())
+
+
+def token_review(token: str) -> dict:
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
+
+
+def identity(review_status: dict) -> dict | None:
+    """The user a TokenReview's status names, or None if the token was not accepted."""
+    if not review_status.get("authenticated"):
+        return None
+    user = review_status.get("user") or {}
+    return user if user.get("username") else None
+
+
+def subject_access_review(user: dict, verb: str, path: str) -> dict:
+    """May `user` (a TokenReview's status.user) do `verb` on the non-resource URL `path`?"""
+    spec: dict = {"user": user["username"], "nonResourceAttributes": {"path": path, "verb": verb}}
+    if user.get("uid"):
+        spec["uid"] = user["uid"]
+    if user.get("groups"):
+        spec["groups"] = list(user["groups"])
+    if user.get("extra"):
+        spec["extra"] = {k: list(v) for k, v in user["extra"].items()}
+    return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+
+
+def verdict(review_status: dict, access_status: dict | None, verb: str, path: str) -> Verdict:
+    """The answer to a request from its two reviews (`access_status` None: not asked)."""
+    user = identity(review_status)
+    if user is None:
+        why = review_status.get("error") or "token not accepted by the cluster"
+        return Verdict(401, f"unauthenticated: {why}")
+    name = user["username"]
+    if access_status is not None and access_status.get("allowed") and not access_status.get("denied"):
+        return Verdict(200, "allowed", name)
+    return Verdict(403, f'forbidden: {name} may not {verb} "{path}"', name)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class DecisionCache:
+    """Recent verdicts per (token digest, verb, path), allowed ones longer than denied ones.
+
+    A 503 (the cluster could not be asked) is never cached: the next request asks again.
+    """
+
+    def __init__(self, *, clock: Callable[[], float], allowed_ttl: float = ALLOWED_TTL_S,
+                 denied_ttl: float = DENIED_TTL_S, max_entries: int = MAX_CACHED) -> None:
+        self._clock = clock
+        self._allowed_ttl = allowed_ttl
+        self._denied_ttl = denied_ttl
+        self._max = max_entries
+        self._entries: OrderedDict[tuple[str, str, str], tuple[float, Verdict]] = OrderedDict()
+
+    @staticmethod
+    def key(token: str, verb: str, path: str) -> tuple[str, str, str]:
+        return token_digest(token), verb, path
+
+    def get(self, key: tuple[str, str, str]) -> Verdict | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, found = entry
+        if self._clock() >= expires:
+            del self._entries[key]
+            return None
+        return found
+
+    def put(self, key: tuple[str, str, str], found: Verdict) -> None:
+        if found.status not in (200, 401, 403):
+            return
+        ttl = self._allowed_ttl if found.allowed else self._denied_ttl
+        self._entries[key] = (self._clock() + ttl, found)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
