@@ -188,9 +188,11 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         return record
 
     isvcs = Informer(api, CustomResource(GROUP, VERSION, ISVC_PLURAL), on_isvc, namespaces=cfg.namespaces or None,
-                     resync_period=cfg.resync_period, on_failure=on_watch_failure(ISVC_PLURAL))
+                     resync_period=cfg.resync_period, on_failure=on_watch_failure(ISVC_PLURAL),
+                     on_relist=lambda why: metrics.watch_relists.labels(ISVC_PLURAL, why).inc())
     models = Informer(api, CustomResource(GROUP, VERSION, MODEL_PLURAL), on_model, namespaces=cfg.namespaces or None,
-                      resync_period=cfg.resync_period, on_failure=on_watch_failure(MODEL_PLURAL))
+                      resync_period=cfg.resync_period, on_failure=on_watch_failure(MODEL_PLURAL),
+                      on_relist=lambda why: metrics.watch_relists.labels(MODEL_PLURAL, why).inc())
     informers += [isvcs, models]
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,

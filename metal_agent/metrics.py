@@ -41,6 +41,8 @@ class AgentMetrics:
         self.process_rss = Gauge(P + "process_rss_bytes", "resident memory of the service's llama-server", ["name", "namespace"], registry=registry)
         self.watch_consecutive_failures = Gauge(P + "watch_consecutive_failures", "consecutive failed list/watch attempts against the API server", registry=registry)
         self.watch_failures = Counter(P + "watch_failures", "failed list/watch attempts", ["resource"], registry=registry)
+        self.watch_relists = Counter(P + "watch_relists", "full lists of a watched resource: initial, or expired "
+                                     "(410 Gone: the resourceVersion was compacted away)", ["resource", "reason"], registry=registry)
         self.reconciles = Counter(P + "reconciles", "reconciles by outcome", ["outcome"], registry=registry)
         self.status_writes = Counter(P + "status_writes", "InferenceService status patches sent", registry=registry)
         self.fatal_exits = Counter(P + "fatal_exits", "agent exits on an unrecoverable subsystem failure, "

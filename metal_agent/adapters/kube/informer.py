@@ -84,6 +84,7 @@ class Informer:
         resync_period: float = 600.0,
         max_backoff: float = 30.0,
         on_failure: Callable[[int], None] | None = None,
+        on_relist: Callable[[str], None] | None = None,
     ) -> None:
         self.api = client.CustomObjectsApi(api)
         self.resource = resource
@@ -93,6 +94,7 @@ class Informer:
         self.resync_period = resync_period
         self.max_backoff = max_backoff
         self.on_failure = on_failure
+        self.on_relist = on_relist  # called with "initial" or "expired" (410 Gone) before each list
         self.cache: dict[str, dict] = {}
         self.consecutive_failures = 0
         self.unreachable_since: float | None = None
@@ -193,20 +195,24 @@ class Informer:
         return _rv(obj)
 
     async def _run_scope(self, scope: str | None) -> None:
+        why = "initial"
         while True:
             try:
                 if self._resume.get(scope) is None:
+                    if self.on_relist:
+                        self.on_relist(why)
                     self._resume[scope] = await self._relist(scope)
                     self._reachable()
                 self._resume[scope] = await self._watch(scope, self._resume[scope])
             except _Gone:
                 self._log.info("resourceVersion expired; relisting", namespace=scope)
-                self._resume[scope] = None
+                self._resume[scope], why = None, "expired"
             except asyncio.CancelledError:
                 raise
             except ApiException as err:
                 if err.status == 410:
-                    self._resume[scope] = None
+                    self._log.info("resourceVersion expired; relisting", namespace=scope)
+                    self._resume[scope], why = None, "expired"
                     continue
                 await self._failed(scope, f"HTTP {err.status}: {err.reason}")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as err:
