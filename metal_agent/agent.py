@@ -55,6 +55,7 @@ from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
+from metal_agent.core.engine import EngineName
 from metal_agent.tasks import LOOP_BACKOFF, cancel_and_wait, supervised_loop
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,8 @@ log = structlog.get_logger(__name__)
 class AgentConfig:
     llama_server: str
     paths: AgentPaths
+    mlx_server: str | None = None  # mlx_lm.server to run MLX Models with (None: look in the venv, Homebrew, PATH)
+    default_runtime: str = "llama-server"  # the engine of Models whose format names none (`custom`)
     kubeconfig: str | None = None
     context: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
@@ -91,6 +94,19 @@ class AgentConfig:
     resync_period: float = 600.0
     concurrency: int = 8
     allowlist: tuple[str, ...] = ()  # --inference-service-allowlist entries (core.claim.Allowlist); empty: all
+
+
+async def _find_mlx_server(explicit: str | None) -> tuple[str, ...]:
+    """How to start mlx_lm.server, or () without one: MLX Models then wait (RuntimeMissing), others run."""
+    from metal_agent.adapters import mlx_binary
+
+    path = mlx_binary.find_mlx_server(explicit)
+    found = await mlx_binary.probe(path) if path else "not found in the agent's venv, Homebrew or PATH"
+    if isinstance(found, str):
+        (log.warning if explicit else log.info)("mlx_lm.server unavailable; MLX models will not start", why=found)
+        return ()
+    log.info("mlx_lm.server found", command=list(found.command), mlx_lm_version=found.version)
+    return found.command
 
 
 class StartupError(Exception):
@@ -146,6 +162,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                 loop.add_signal_handler(sig, stop.set)
 
     info = await llama_binary.probe(cfg.llama_server)
+    mlx = await _find_mlx_server(cfg.mlx_server)
     threads = cfg.threads or await host_cpu.performance_core_count()
     choice: Choice | None = None
     if cfg.host_ip:
@@ -204,6 +221,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         log.info("supervising the previous agent's llama-servers until the cluster is read", services=kept)
     registrar = Registrar(api, agent_version=__version__, host=facts.host)
     model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api))
+    model_files.default_engine = EngineName(cfg.default_runtime)
     watchdog = MemoryWatchdog(
         registry, services=lambda: reconciler.memory_view(), evict=lambda key: reconciler.evict(key),
         unblock=lambda keys: reconciler.unblock(keys),
@@ -219,7 +237,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
                               mlock_style=info.mlock_style, verbosity_flag=info.dialect.verbosity_flag,
-                              no_jinja=info.dialect.no_jinja, register_address=host_ip if cfg.register else None),
+                              no_jinja=info.dialect.no_jinja, register_address=host_ip if cfg.register else None,
+                              mlx_server=mlx, default_engine=cfg.default_runtime),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
         allowlist=Allowlist(cfg.allowlist),
     )

@@ -68,7 +68,8 @@ class MemoryGuard:
             self.waiting.discard(key)
             return Waiting(Blocker(RESPAWN_BLOCKED, "evicted under memory pressure; it restarts on its own when "
                                    "memory pressure is Normal again", phase="Pending"), None)
-        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec)
+        estimate = await self.model_files.memory_estimate(
+                path, workload.isvc.spec, self.model_files.engine_of(workload.model))
         verdict = admit(key, estimate, self.committed, hardware=workload.model.spec.hardware,
                         total_ram_bytes=self.total_ram(), agent_fraction=self.agent_fraction, mode=self.mode)
         if isinstance(verdict, Reject):
@@ -85,7 +86,8 @@ class MemoryGuard:
         """Count a process that already runs (taken over after an agent restart): it is never
         refused, but what it holds must count against what others may start."""
         try:
-            estimate = await self.model_files.memory_estimate(path, workload.isvc.spec)
+            estimate = await self.model_files.memory_estimate(
+                path, workload.isvc.spec, self.model_files.engine_of(workload.model))
         except OSError as err:  # an estimate we cannot make must not stop a running model
             estimate = EstimateFailed(str(err))
         if isinstance(estimate, EstimateFailed):

@@ -31,7 +31,7 @@ from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
-from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.engine import Engine, EngineName, Launch, engine_for
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate, wanted_model
 from metal_agent.core.conditions import Condition
@@ -66,6 +66,12 @@ class LaunchSettings:
     verbosity_flag: str | None = None  # the binary's log-verbosity option (core.flags.Dialect)
     no_jinja: bool = True  # the binary knows --no-jinja
     register_address: str | None = None  # the address put in EndpointSlices; None: do not register
+    mlx_server: tuple[str, ...] = ()  # how to start mlx_lm.server (adapters.mlx_binary.exec_form); (): none found
+    default_engine: str = EngineName.LLAMA_SERVER.value  # serves Models whose format names no engine (`custom`)
+
+    def command(self, engine: Engine) -> tuple[str, ...]:
+        """How to start `engine`'s server; () when it is not installed."""
+        return {EngineName.LLAMA_SERVER: (self.llama_server,), EngineName.MLX_LM: self.mlx_server}[engine.name]
 
 
 @dataclass
@@ -191,7 +197,7 @@ class Reconciler:
 
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw, self.allowlist)
+        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine)
 
         if isinstance(verdict, NotOurs):
             model_missing = model_raw is None and ref is not None
@@ -287,6 +293,10 @@ class Reconciler:
                 await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=Blocker("ModelDownloading", found.message, phase="Creating"))
                 return None  # the store re-queues the key on progress and when done
+            if missing := self._engine_missing(workload):
+                await self._withdraw(key)
+                await self._write_status(key, raw, True, blocker=missing)
+                return None
             admission = await self.memory.check(key, workload, found.path)
             if isinstance(admission, Waiting):
                 self._report_waiting(key, raw, admission)
@@ -356,17 +366,30 @@ class Reconciler:
             log.warning("not starting: " + b.reason, service=key, why=b.message)
             self.events.emit(raw["metadata"], b.reason, b.message, warning=True)
 
+    def _engine(self, workload: Workload) -> Engine:
+        return engine_for(workload, EngineName(self.launch.default_engine))
+
+    def _engine_missing(self, workload: Workload) -> Blocker | None:
+        """The engine this Model's format calls for is not installed on this Mac."""
+        engine = self._engine(workload)
+        if self.launch.command(engine):
+            return None
+        return Blocker("RuntimeMissing", f"format {workload.model.spec.format.value} is served by {engine.display},"
+                       " which this agent did not find: pip install mlx-lm into the agent's venv (or pass"
+                       " --mlx-server PATH) and restart the agent; other services are unaffected")
+
     async def _start(self, key: str, workload: Workload, digest: str, uid: str, found: ModelReady) -> None:
         launch = self.launch
+        engine = self._engine(workload)
 
         def argv_for(port: int) -> tuple[str, ...]:
-            return build_argv(workload, AgentArgvOptions(
-                binary=launch.llama_server, model_path=str(found.path), host=launch.host, port=port,
+            return engine.argv(workload, Launch(
+                command=launch.command(engine), model_path=str(found.path), host=launch.host, port=port,
                 threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
                 verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja,
             ))
 
-        plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=launch.host, build_argv=argv_for)
+        plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=launch.host, build_argv=argv_for, engine=engine)
         self.managed[key] = _Managed(workload, digest, uid)
         await self.processes.start(plan)
         self.metrics.managed_processes.set(len(self.processes.supervisors))
@@ -401,7 +424,8 @@ class Reconciler:
         snap = supervisor.snapshot
         reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name, isvc_uid=raw["metadata"].get("uid") or "",
                            address=self.launch.register_address, port=snap.port, ready=snap.ready,
-                           model=str((raw.get("spec") or {}).get("modelRef") or ""))
+                           model=str((raw.get("spec") or {}).get("modelRef") or ""),
+                           runtime=supervisor.plan.engine.runtime_label)
         try:
             await self.registrar.ensure(reg)
         except Exception as err:  # noqa: BLE001 - API errors and outages alike: retry, keep serving
@@ -593,7 +617,7 @@ class Reconciler:
             return False
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw, self.allowlist)
+        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine)
         if isinstance(verdict, NotOurs):
             return model_raw is None and ref is not None and self.processes.has_record(key)
         return isinstance(verdict, Invalid) or verdict.value.isvc.spec.wants_process
@@ -605,7 +629,7 @@ class Reconciler:
             return False
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        return not isinstance(evaluate(raw, model_raw, self.allowlist), NotOurs) or self.wanted(key)
+        return not isinstance(evaluate(raw, model_raw, self.allowlist, self.launch.default_engine), NotOurs) or self.wanted(key)
 
     async def sweep_unwanted(self, namespaces: tuple[str, ...] | None = None) -> None:
         """After the first full sync: stop a previous agent's processes nobody wants any more,

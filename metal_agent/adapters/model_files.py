@@ -17,6 +17,9 @@ Sources:
   per destination however many services wait for it. An optional bearer
   token comes from the Secret named by `spec.sourceSecretRef`.
 * `pvc://`, `s3://` and bare catalogue names: refused, with the reason.
+* A directory model (MLX, `lookup(..., directory=True)`): a local directory
+  holding config.json and *.safetensors, or `hf://org/repo[@rev]` fetched
+  whole by `adapters.snapshots` under the same rules as one file.
 
 Callbacks (all take the waiting service's key and must not block):
 * `on_ready(key)` when a download the service waits for has finished, for
@@ -58,17 +61,17 @@ from metal_agent.adapters.downloads import (
     resolve_source,
 )
 from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
+from metal_agent.adapters.snapshots import HubRepo, SnapshotDownload, resolve_repo, snapshot_paths
 from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
-from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
+from metal_agent.core.engine import Engine, EngineName, engine_for_model
+from metal_agent.core.engines.llama_server import HEADER_FIRST_READ, HEADER_MAX_READ, LLAMA_SERVER, read_header
+from metal_agent.core.gguf_header import GGUFError, GGUFHeader
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
-
-HEADER_FIRST_READ = 8 << 20
-HEADER_MAX_READ = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,65 @@ def _unreadable(path: Path, err: OSError) -> Blocker:
     if isinstance(err, PermissionError):
         return Blocker("ModelUnreadable", f"model file {path} is not readable by the agent's user: {err.strerror}")
     return Blocker("ModelUnreadable", f"model file {path}: {err.strerror}")
+
+
+_GGUF_MAGIC = b"GGUF"
+_DIRECTORY_MODEL = "an MLX model is a directory holding config.json, *.safetensors weights and tokenizer files"
+
+
+def _check_local_dir(path: Path) -> Blocker | None:
+    """Why the MLX model directory at `path` cannot be served, or None (a few stats and one open)."""
+    try:
+        st = path.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            with path.open("rb") as f:
+                magic = f.read(4)
+            if magic == _GGUF_MAGIC:
+                return Blocker("ModelSourceInvalid", f"{path} is a GGUF file, not an MLX model directory; set the"
+                               " Model's spec.format to gguf to serve it with llama-server")
+            return Blocker("ModelSourceInvalid", f"{path} is a file; {_DIRECTORY_MODEL}")
+        names = set(os.listdir(path))
+    except FileNotFoundError:
+        return Blocker("ModelNotFound", f"model directory {path} does not exist on this Mac")
+    except OSError as err:
+        return _unreadable(path, err)
+    if "config.json" not in names:
+        return Blocker("ModelSourceInvalid", f"{path} has no config.json; {_DIRECTORY_MODEL}")
+    if not any(n.endswith(".safetensors") for n in names):
+        return Blocker("ModelSourceInvalid", f"{path} has no *.safetensors weights; {_DIRECTORY_MODEL}")
+    try:
+        os.close(os.open(path / "config.json", os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)))
+    except OSError as err:
+        return _unreadable(path, err)
+    return None
+
+
+class LocalModel:
+    """`core.engine.ModelReader` over a model file or directory on this Mac (blocking: use in a thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = str(path)
+
+    def explain(self, err: OSError) -> str:
+        hint = privacy_hint(self.path) if isinstance(err, PermissionError) else None
+        return f"{err.strerror or err}" + (f": {hint}" if hint else "")
+
+    def _file(self, name: str) -> Path:
+        return self.path / name if name else self.path
+
+    def names(self) -> list[str]:
+        if not self.path.is_dir():
+            return [""]
+        return sorted(entry.name for entry in os.scandir(self.path) if entry.is_file())
+
+    def size(self, name: str) -> int:
+        return self._file(name).stat().st_size
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        with self._file(name).open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
 
 
 def _check_local_file(path: Path) -> Blocker | None:
@@ -245,6 +307,7 @@ class ModelFiles:
         timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
     ) -> None:
         self.cache_dir = cache_dir
+        self.default_engine = EngineName.LLAMA_SERVER  # serves Models whose format names no engine (--default-runtime)
         self.on_ready = on_ready
         self.on_progress = on_progress
         self.metrics = DownloadMetrics(registry) if registry is not None else None
@@ -264,27 +327,41 @@ class ModelFiles:
 
     # -- the reconciler's entry point ---------------------------------------------
 
-    def lookup(self, model: Model, key: str | None = None, *, secret_ref: SecretRef | None = None) -> Lookup:
+    def engine_of(self, model: Model) -> Engine:
+        return engine_for_model(model, self.default_engine)
+
+    def lookup(self, model: Model, key: str | None = None, *, secret_ref: SecretRef | None = None,
+               directory: bool | None = None) -> Lookup:
         """Where the model file is, or why not yet, or why never. Never awaits.
 
         `key` is the InferenceService ("namespace/name") waiting for the
         file; it receives `on_ready`/`on_progress` calls and the byte gauges.
         `secret_ref` is the Model's `spec.sourceSecretRef`, read in the
-        Model's namespace when a download starts.
+        Model's namespace when a download starts. `directory`: the engine
+        loads a model directory (MLX), not one file; None: as its engine does.
         """
-        where = self._locate(model)
+        if directory is None:
+            directory = self.engine_of(model).directory_model
+        where = self._locate(model, directory)
         if isinstance(where, tuple):
             return self._lookup_download(model, key, *where, secret_ref)
         if key is not None:
             self._wait_on(key, None)  # no download (any more) for this service
         return where
 
-    def _locate(self, model: Model) -> Lookup | tuple[str, CachePaths]:
-        """A local file's answer, a refusal, or the (URL, cache paths) to download."""
+    def present(self, model: Model) -> Path | None:
+        """The model's file if it is on this Mac's disk now (a local file, or a finished
+        download in the cache), without starting anything: what the fleet's placement prefers."""
+        where = self._locate(model)
+        path = where.path if isinstance(where, ModelReady) else where[1].final if isinstance(where, tuple) else None
+        return path if path is not None and path.is_file() else None
+
+    def _locate(self, model: Model, directory: bool = False) -> Lookup | tuple[str | HubRepo, CachePaths]:
+        """A local file's answer, a refusal, or the (URL or hub repository, cache paths) to download."""
         source = model.spec.source
         if source.kind in (SourceKind.FILE, SourceKind.PATH):
             path = Path(source.local_path)
-            return _check_local_file(path) or ModelReady(path)
+            return (_check_local_dir(path) if directory else _check_local_file(path)) or ModelReady(path)
         if source.kind in (SourceKind.PVC, SourceKind.S3):
             return Blocker("ModelSourceUnsupported",
                            f"{source.kind.value}:// sources live inside the cluster and are not available on a Mac; "
@@ -292,6 +369,9 @@ class ModelFiles:
         if source.kind is SourceKind.NAME:
             return Blocker("ModelSourceUnsupported",
                            f"source {source.raw!r} is a bare name; give an https://, hf:// or file:// source")
+        if directory and source.kind is SourceKind.HUGGINGFACE:
+            repo = resolve_repo(source, self.hf_endpoint)
+            return repo if isinstance(repo, Blocker) else (repo, snapshot_paths(self.cache_dir, repo))
         url = resolve_source(source, self.hf_endpoint)
         if isinstance(url, Blocker):
             return url
@@ -299,7 +379,7 @@ class ModelFiles:
             return Blocker("ModelSourceInvalid", f"source {source.raw!r} does not end in a usable file name")
         return url, CachePaths.for_url(self.cache_dir, url, source.file_name)
 
-    def _lookup_download(self, model: Model, key: str | None, url: str, paths: CachePaths,
+    def _lookup_download(self, model: Model, key: str | None, url: str | HubRepo, paths: CachePaths,
                          secret_ref: SecretRef | None) -> Lookup:
         """Ready if verified and unchanged; else join the running download, repeat a
         remembered failure, or start a download."""
@@ -368,7 +448,8 @@ class ModelFiles:
             self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False)
         return self._session
 
-    def _start(self, model: Model, key: str | None, url: str, paths: CachePaths, secret_ref: SecretRef | None) -> None:
+    def _start(self, model: Model, key: str | None, url: str | HubRepo, paths: CachePaths,
+               secret_ref: SecretRef | None) -> None:
         namespace = model.meta.namespace
 
         async def token() -> str | None:
@@ -377,10 +458,16 @@ class ModelFiles:
             return await self.token_provider(namespace, secret_ref)
 
         job: _Job
-        download = Download(
-            url, paths, model.spec.sha256, session=self._session_for_downloads(), token=token,
-            backoff=self.backoff, max_failures=self.max_failures, on_update=lambda: job.throttle(),
-        )
+        download: Download | SnapshotDownload
+        if isinstance(url, HubRepo):
+            download = SnapshotDownload(url, paths, session=self._session_for_downloads(), token=token,
+                                        backoff=self.backoff, max_failures=self.max_failures,
+                                        on_update=lambda: job.throttle())
+        else:
+            download = Download(
+                url, paths, model.spec.sha256, session=self._session_for_downloads(), token=token,
+                backoff=self.backoff, max_failures=self.max_failures, on_update=lambda: job.throttle(),
+            )
         job = _Job(paths, model.spec.sha256, download, waiters={key} if key is not None else set())
         job.throttle = _Throttle(self.progress_interval, lambda: self._report(job))
         self._jobs[paths.final] = job
@@ -448,9 +535,12 @@ class ModelFiles:
 
     def retry(self, model: Model) -> None:
         """Forget a remembered failure for this Model's file, so the next lookup tries again."""
-        where = self._locate(model) if model.spec.source.kind in (SourceKind.HTTP, SourceKind.HUGGINGFACE) else None
-        if isinstance(where, tuple):
-            self._failures.pop((where[1].final, model.spec.sha256), None)
+        if model.spec.source.kind not in (SourceKind.HTTP, SourceKind.HUGGINGFACE):
+            return
+        for directory in (False, True):  # the file and the snapshot it might name
+            where = self._locate(model, directory)
+            if isinstance(where, tuple):
+                self._failures.pop((where[1].final, model.spec.sha256), None)
 
     def downloading(self) -> list[Path]:
         """Destinations with a download in flight (for diagnostics and tests)."""
@@ -473,29 +563,14 @@ class ModelFiles:
         section (in a thread): a first read of 8 MiB, more only if the header is longer."""
         return await asyncio.to_thread(read_gguf_header, path)
 
-    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
-        """What the service `spec` will need with the model at `path` (see core.memory)."""
-        header, size = await self.read_header(path)
-        return estimate_from_header(header, size, spec)
+    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,
+                              engine: Engine = LLAMA_SERVER) -> MemoryEstimate | EstimateFailed:
+        """What the service `spec` will need with the model at `path` under `engine` (see core.memory),
+        read in a thread."""
+        return await asyncio.to_thread(engine.estimate, LocalModel(path), spec)
 
 
 def read_gguf_header(path: Path, first: int = HEADER_FIRST_READ, limit: int = HEADER_MAX_READ) -> tuple[GGUFHeader | GGUFError, int]:
     """Blocking: call through `asyncio.to_thread`. Never reads past the metadata
     (plus the slack of the last read) and never more than `limit` bytes."""
-    try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            want = first
-            data = b""
-            while True:
-                if want > len(data):
-                    data += f.read(want - len(data))
-                header = parse_header(data)
-                if not (isinstance(header, GGUFError) and header.truncated) or len(data) >= size:
-                    return header, size
-                if len(data) >= limit:
-                    return GGUFError(f"the GGUF metadata is larger than {limit >> 20} MiB; not reading further"), size
-                want = min(limit, max(2 * len(data), (header.needed or 0) + (1 << 20)))
-    except OSError as err:
-        hint = privacy_hint(path) if isinstance(err, PermissionError) else None
-        return GGUFError(f"cannot read {path}: {err.strerror or err}" + (f": {hint}" if hint else "")), 0
+    return read_header(LocalModel(path), first, limit)

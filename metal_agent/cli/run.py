@@ -75,6 +75,8 @@ def run(
     context: Optional[str] = typer.Option(None, envvar=_env("CONTEXT"), help="Kubeconfig context to use."),
     namespace: List[str] = typer.Option([], "--namespace", "-n", envvar=_env("NAMESPACES"), help="Namespace to watch (repeat for several; default: all)."),
     llama_server: Optional[str] = typer.Option(None, envvar=_env("LLAMA_SERVER"), help="llama-server binary (default: Homebrew's, then PATH)."),
+    mlx_server: Optional[str] = typer.Option(None, envvar=_env("MLX_SERVER"), help="mlx_lm.server for MLX Models (default: the agent's venv, Homebrew, then PATH; none: MLX Models wait)."),
+    default_runtime: str = typer.Option("llama-server", envvar=_env("DEFAULT_RUNTIME"), help="Engine for Models whose format names none (custom): llama-server or mlx-lm. GGUF is always llama-server, MLX mlx-lm."),
     host_ip: Optional[str] = typer.Option(None, envvar=_env("HOST_IP"), help="This Mac's address as the cluster reaches it (default: Tailscale, then the default route's interface)."),
     bind_all: bool = typer.Option(False, "--bind-all", envvar=_env("BIND_ALL"), help="llama-server listens on all interfaces (default: only on --host-ip)."),
     register: bool = typer.Option(True, "--register/--no-register", envvar=_env("REGISTER"), help="Publish a Service and EndpointSlice per model (off: supervise only, e.g. for local use)."),
@@ -147,6 +149,8 @@ def run(
     if api_unreachable_limit is not None:
         typer.echo("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
                    "through an API outage of any length (see /readyz)", err=True)
+    if default_runtime not in ("llama-server", "mlx-lm"):
+        raise typer.BadParameter("expected llama-server or mlx-lm", param_hint="--default-runtime")
     defaults = default_paths()
     binary = find_llama_server(llama_server)
     if binary is None:
@@ -154,6 +158,8 @@ def run(
         raise typer.Exit(2)
     cfg = AgentConfig(
         llama_server=binary,
+        mlx_server=mlx_server,
+        default_runtime=default_runtime,
         paths=AgentPaths(model_dir or defaults.models, log_dir or defaults.logs, state_dir or defaults.state),
         kubeconfig=str(kubeconfig) if kubeconfig else None,
         context=context,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
-from metal_agent.core.api import InferenceServiceSpec, ModelFormat
+from metal_agent.core.api import InferenceServiceSpec, Model, ModelFormat
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
@@ -108,6 +108,7 @@ class ModelReader(Protocol):
 class Engine(Protocol):
     name: EngineName
     display: str  # what the process is called in Events and logs ("llama-server", "mlx_lm.server")
+    runtime_label: str  # the `inference.llmkube.dev/runtime` label value of its Service and slices
     probe: Probe
     directory_model: bool  # the model is a directory (MLX) rather than one file (GGUF)
 
@@ -132,9 +133,13 @@ def engine_name_for(fmt: ModelFormat, default: EngineName = EngineName.LLAMA_SER
 
 def engine_for(workload: Workload, default: EngineName = EngineName.LLAMA_SERVER) -> Engine:
     """The engine that serves `workload`'s Model."""
+    return engine_for_model(workload.model, default)
+
+
+def engine_for_model(model: Model, default: EngineName = EngineName.LLAMA_SERVER) -> Engine:
     from metal_agent.core.engines import ENGINES
 
-    return ENGINES[engine_name_for(workload.model.spec.format, default)]
+    return ENGINES[engine_name_for(model.spec.format, default)]
 
 
 def engine_named(name: EngineName | str) -> Engine:

@@ -226,8 +226,18 @@ def _version(value: object) -> Outcome:
     return Outcome(("--version",)) if value else Outcome()
 
 
-_RUNTIME = ("metal-agent runs llama-server only; InferenceServices whose runtime is unset or llamacpp "
-            "are served with it, other runtimes are left alone")
+_RUNTIME = ("metal-agent runs llama-server for GGUF Models and mlx_lm.server for MLX Models, side by side; "
+            "InferenceServices whose runtime is unset or llamacpp are served, other runtimes are left alone")
+
+
+def _runtime(value: object) -> Outcome:
+    """The Go agent's one runtime per Mac becomes the default engine (for Models whose format names none):
+    mlx-server -> mlx_lm.server. GGUF Models keep llama-server and MLX Models mlx_lm.server either way."""
+    if value == "llama-server":
+        return Outcome()
+    if value == "mlx-server":
+        return Outcome(("--default-runtime=mlx-lm",))
+    return Outcome(ignored=_RUNTIME)
 _PRESSURE = ("memory pressure is macOS's own level (kern.memorystatus_vm_pressure_level), not a threshold "
              "on free memory")
 _NO_PROXY = ("there is no host-side /v1 proxy: clients on this Mac use the address in `metal-agent status`, "
@@ -268,13 +278,16 @@ FLAGS: dict[str, GoFlag] = {f.name: f for f in (
     _flag("llama-server", S, "", "`--llama-server` (empty: auto-detect, Homebrew first, in both)", _ours("--llama-server")),
     _flag("llama-server-port", I, "0", "0: accepted (ports are allocated per service, as with 0). Other values: "
           "ignored, since several services run at once", _unless(0, "each service gets its own port; several run at once")),
-    _flag("runtime", S, "llama-server", "`llama-server`: accepted. Others: ignored", _unless("llama-server", _RUNTIME)),
+    _flag("runtime", S, "llama-server", "`llama-server`: accepted. `mlx-server`: `--default-runtime=mlx-lm` (every "
+          "Model is still served by the engine its format calls for). Others: ignored", _runtime),
     _flag("omlx-bin", S, "", "ignored (no oMLX runtime)", _ignored(_RUNTIME)),
     _flag("omlx-port", I, "8000", "ignored (no oMLX runtime)", _ignored(_RUNTIME)),
     _flag("ollama-port", I, "11434", "ignored (no Ollama runtime)", _ignored(_RUNTIME)),
     _flag("vllm-swift-bin", S, "", "ignored (no vllm-swift runtime)", _ignored(_RUNTIME)),
-    _flag("mlx-server-bin", S, "", "ignored (no mlx-server runtime)", _ignored(_RUNTIME)),
-    _flag("mlx-server-port", I, "8080", "ignored (no mlx-server runtime)", _ignored(_RUNTIME)),
+    _flag("mlx-server-bin", S, "", "`--mlx-server` (the MLX server to run; ours is mlx-lm's `mlx_lm.server`)",
+          _ours("--mlx-server")),
+    _flag("mlx-server-port", I, "8080", "ignored (each MLX service gets a free port, like llama-server's)",
+          _ignored("each MLX service gets a free port and its own EndpointSlice")),
     _flag("port", I, "9090", "`--listen 127.0.0.1:PORT` (metrics, health; the Go agent bound 127.0.0.1 too)", _port),
     _flag("client-port", I, "9999", "0: accepted. Other values: ignored (no host-side `/v1` proxy)", _unless(0, _NO_PROXY)),
     _flag("log-level", S, "info", "`--log-level` (`warn` is `warning`; an unknown level is info, as in Go)", _log_level),
@@ -298,7 +311,8 @@ FLAGS: dict[str, GoFlag] = {f.name: f for f in (
     _flag("llama-server-startup-timeout", D, "2m0s", "`--startup-timeout` in seconds", _startup_timeout),
     _flag("omlx-startup-timeout", D, "2m0s", "ignored (no oMLX runtime)", _ignored(_RUNTIME)),
     _flag("vllm-swift-startup-timeout", D, "2m0s", "ignored (no vllm-swift runtime)", _ignored(_RUNTIME)),
-    _flag("mlx-server-startup-timeout", D, "2m0s", "ignored (no mlx-server runtime)", _ignored(_RUNTIME)),
+    _flag("mlx-server-startup-timeout", D, "2m0s", "ignored (`--startup-timeout` covers every engine)",
+          _ignored("--startup-timeout covers every engine")),
     _flag("apple-power-enabled", B, "false", "`--power` / `--no-power` (needs `make install-powermetrics-sudo`: "
           "our sudoers grant pins the interval). Without it the Go agent sampled nothing; `migrate` writes "
           "`--no-power`, `run` alone samples on macOS", _bool_pair("--power", "--no-power")),

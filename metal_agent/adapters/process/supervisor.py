@@ -27,7 +27,8 @@ from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, same_start
 from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.llama_log import parse_acceleration, problem_lines
+from metal_agent.core.engine import Engine
+from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State, SupervisorEvent
 from metal_agent.tasks import cancel_and_wait
 
@@ -44,6 +45,7 @@ class LaunchPlan:
     host: str
     build_argv: Callable[[int], Sequence[str]]
     port: int = 0  # 0: pick a free port on `host`
+    engine: Engine = LLAMA_SERVER  # its probes and log reading (core.engine)
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,7 @@ class Supervisor:
         self._set(
             replace(self._snapshot, state=State.STARTING, pid=child.pid, port=port, adopted=False,
                     started_at=time.time(), ready_at=None, next_start_at=None),
-            SupervisorEvent("Started", f"llama-server started (pid {child.pid}, port {port}); loading model"),
+            SupervisorEvent("Started", f"{self.plan.engine.display} started (pid {child.pid}, port {port}); loading model"),
         )
         self._log.info("llama-server started", pid=child.pid, port=port)
         return running
@@ -310,10 +312,10 @@ class Supervisor:
         else:
             healthy_since = time.monotonic()
             text = await asyncio.to_thread(self.log_file.read_since, mark)
-            accel = parse_acceleration(text)
+            accel = self.plan.engine.acceleration(text)
             self._set(
                 replace(self._snapshot, state=State.READY, ready_at=time.time(), acceleration=accel or self._snapshot.acceleration),
-                SupervisorEvent("Ready", f"llama-server ready on port {self._port}"
+                SupervisorEvent("Ready", f"{self.plan.engine.display} ready on port {self._port}"
                                 + (f" ({accel.describe()})" if accel else "")),
             )
             self._log.info("llama-server ready", pid=running.pid, port=self._port)
@@ -323,12 +325,12 @@ class Supervisor:
         await running.exited
         healthy_for = time.monotonic() - healthy_since if healthy_since else 0.0
         text = await asyncio.to_thread(self.log_file.read_since, mark)
-        return ExitInfo(reason, running.returncode, tuple(problem_lines(text)), time.time()), healthy_for
+        return ExitInfo(reason, running.returncode, tuple(self.plan.engine.problem_lines(text)), time.time()), healthy_for
 
     async def _healthy(self, base: str, timeout: float | None = None) -> bool:
         started = time.monotonic()
         try:
-            async with self.http.get(f"{base}/health", timeout=aiohttp.ClientTimeout(
+            async with self.http.get(f"{base}{self.plan.engine.probe.health_path}", timeout=aiohttp.ClientTimeout(
                     total=self.settings.liveness_timeout if timeout is None else timeout)) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -344,13 +346,42 @@ class Supervisor:
         interval = 0.05
         while not running.exited.done():
             if await self._healthy(base):
-                return True
+                return await self._model_loaded(running, base, deadline)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
             await asyncio.wait({running.exited}, timeout=min(interval, remaining))
             interval = min(interval * 2, 1.0)
         return False
+
+    async def _model_loaded(self, running: _Running, base: str, deadline: float) -> bool:
+        """For a server whose /health is green before its model is loaded (mlx_lm.server): one
+        request it only answers once the model is (`Probe.ready_path`), raced against the
+        process's exit and /health turning red (its load failed). True at once for the others."""
+        probe = self.plan.engine.probe
+        if probe.ready_path is None:
+            return True
+        loop = asyncio.get_running_loop()
+        request = asyncio.ensure_future(self._ready_request(base, probe.ready_path, probe.ready_body or "{}",
+                                                            max(0.1, deadline - loop.time())))
+        try:
+            while True:
+                done, _ = await asyncio.wait({request, running.exited}, timeout=1.0)
+                if request in done:
+                    return request.result()
+                if running.exited.done() or loop.time() >= deadline or not await self._healthy(base):
+                    return False
+        finally:
+            await cancel_and_wait(request)
+
+    async def _ready_request(self, base: str, path: str, body: str, timeout: float) -> bool:
+        try:
+            async with self.http.post(f"{base}{path}", data=body, headers={"Content-Type": "application/json"},
+                                      timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
 
     async def _live(self, running: _Running, base: str) -> bool:
         """Probe until the process exits (True) or fails N liveness probes in a row (False).

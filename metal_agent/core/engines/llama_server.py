@@ -19,6 +19,7 @@ from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
+from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
 
 HEADER_FIRST_READ = 8 << 20
@@ -50,6 +51,7 @@ def read_header(reader: ModelReader, first: int = HEADER_FIRST_READ,
 class LlamaServer:
     name: EngineName = EngineName.LLAMA_SERVER
     display: str = "llama-server"
+    runtime_label: str = RUNTIME_LLAMACPP  # LLMKube's value for llama.cpp pods
     probe: Probe = Probe()
     directory_model: bool = False
 

@@ -132,6 +132,7 @@ def _cache_bits(spec: InferenceServiceSpec) -> int | None:
 class MlxLm:
     name: EngineName = EngineName.MLX_LM
     display: str = "mlx_lm.server"
+    runtime_label: str = "mlx"  # LLMKube has no MLX pods; the Model format's name
     probe: Probe = Probe(health_path="/health", ready_path="/v1/completions",
                          ready_body=json.dumps({"prompt": "ok", "max_tokens": 1}))
     directory_model: bool = True
