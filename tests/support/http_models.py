@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -156,3 +157,34 @@ class ModelHTTPServer:
             return resp
         await resp.write_eof()
         return resp
+
+
+def git_blob_id(data: bytes) -> str:
+    """The hub's `blobId` of a file kept in git (not LFS): git's blob sha1."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_hub_repo(server: ModelHTTPServer, repo: str, files: dict[str, bytes], *, revision: str = "main",
+                 commit: str = "c0ffee" * 6 + "abcd", lfs: tuple[str, ...] = (), lie: dict[str, dict] | None = None,
+                 per_file: dict[str, dict] | None = None, **behaviour) -> str:
+    """Publish `files` as hub repository `repo` at `revision`, the way the hub's API and
+    resolve URLs answer: `/api/models/<repo>/revision/<rev>` lists every file with its size
+    (LFS files with their sha256, the others with their git blob id), and
+    `/<repo>/resolve/<commit>/<path>` serves the bytes. `behaviour` (drop_after, token, gate, ...)
+    applies to every file, `per_file` to one; `lie` overrides listing fields per file. Returns the commit."""
+    siblings = []
+    for path, data in files.items():
+        entry: dict = {"rfilename": path, "size": len(data)}
+        if path in lfs:
+            entry["lfs"] = {"sha256": sha256(data), "size": len(data)}
+        else:
+            entry["blobId"] = git_blob_id(data)
+        entry.update((lie or {}).get(path, {}))
+        siblings.append(entry)
+        served = {k: (list(v) if isinstance(v, list) else v) for k, v in behaviour.items()}
+        served.update((per_file or {}).get(path, {}))
+        server.add(f"/{repo}/resolve/{commit}/{path}", data, **served)
+    listing = json.dumps({"id": repo, "sha": commit, "siblings": siblings}).encode()
+    token = behaviour.get("token")
+    server.add(f"/api/models/{repo}/revision/{revision}", listing, **({"token": token} if token else {}))
+    return commit
