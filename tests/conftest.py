@@ -76,6 +76,25 @@ def tiny_model(llama_vocab: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mlx_model() -> Path:
+    """A 2-layer llama MLX model directory (hidden 64, random weights, a trained BPE tokenizer)."""
+    from tests.support import tiny_mlx_model as tiny_mlx
+
+    return tiny_mlx.ensure_model()
+
+
+@pytest.fixture(scope="session")
+def mlx_server_bin() -> Path:
+    """`mlx_lm.server` from the test venv (mlx[cpu] + mlx-lm, the `test` extra): the agent finds it there too."""
+    import sys
+
+    path = Path(sys.executable).parent / "mlx_lm.server"
+    if not os.access(path, os.X_OK):
+        _missing("mlx_lm.server", "run `make dev` (installs the test extra: mlx[cpu], mlx-lm)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_model_bad_head_dim(llama_vocab: Path) -> Path:
     """Like `tiny_model` but head dim 16, which quantized KV caches cannot divide."""
     return tiny_models.ensure_model(tiny_models.BAD_HEAD_DIM, llama_vocab)
