@@ -148,10 +148,13 @@ class ModelHTTPServer:
 
         to_send = body if drop is None else body[:drop]
         step, pause = served.trickle or (256 * 1024, 0.0)
-        for i in range(0, len(to_send), step):
-            await resp.write(to_send[i:i + step])
-            if pause:
-                await asyncio.sleep(pause)
+        try:
+            for i in range(0, len(to_send), step):
+                await resp.write(to_send[i:i + step])
+                if pause:
+                    await asyncio.sleep(pause)
+        except ConnectionResetError:  # the client went away mid-body (e.g. a killed agent)
+            return resp
         if drop is not None:
             request.transport.close()  # cut the connection mid-body
             return resp
