@@ -94,6 +94,14 @@ class AgentConfig:
     resync_period: float = 600.0
     concurrency: int = 8
     allowlist: tuple[str, ...] = ()  # --inference-service-allowlist entries (core.claim.Allowlist); empty: all
+    # Fleet mode (metal_agent/fleet.py): several Macs place services among themselves with Leases.
+    fleet: bool = False
+    fleet_namespace: str = "metal-agent"
+    member_name: str | None = None  # None: from the host name
+    labels: tuple[tuple[str, str], ...] = ()  # --label k=v
+    lease_duration: float = 40.0
+    lease_renew_interval: float = 10.0
+    fleet_bid_step: float = 2.0
 
 
 async def _find_mlx_server(explicit: str | None) -> tuple[str, ...]:
@@ -232,6 +240,19 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     )
     memory = MemoryGuard(model_files, registry, mode=cfg.memory_check_mode, agent_fraction=cfg.memory_fraction,
                          is_blocked=watchdog.is_blocked)
+    fleet = None
+    if cfg.fleet:
+        from metal_agent.fleet_wiring import build_fleet
+
+        fleet = build_fleet(
+            cfg, api, host=facts.host, chip=facts.chip, total_ram=facts.memory_bytes, version=__version__,
+            isvcs=isvcs, models=models, memory=memory, model_files=model_files, events=lambda: reconciler.events,
+            on_key=lambda key: reconciler.queue.add(key),
+            process_ready=lambda key: bool((s := processes.get(key)) and s.snapshot.ready),
+            waiting=lambda key: reconciler.waiting_reason(key), address=lambda: reconciler.launch.register_address,
+            state_dir=cfg.paths.state, registrar_kwargs={"host": facts.host},
+        )
+        registrar = fleet.registrar
     reconciler = Reconciler(
         isvcs=isvcs, models=models, processes=processes, model_files=model_files, memory=memory,
         status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
@@ -240,7 +261,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                               no_jinja=info.dialect.no_jinja, register_address=host_ip if cfg.register else None,
                               mlx_server=mlx, default_engine=cfg.default_runtime),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
-        allowlist=Allowlist(cfg.allowlist),
+        allowlist=fleet.fleet if fleet else Allowlist(cfg.allowlist),
     )
 
     model_files.on_ready = model_files.on_progress = reconciler.queue.add
@@ -284,10 +305,16 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         return web.json_response({"version": __version__, "services": _services_view(reconciler)})
 
     app.router.add_get("/v1/services", services)
+    if fleet is not None:
+        from metal_agent.fleet_wiring import add_routes
+
+        add_routes(app, fleet.fleet)
 
     async def after_sync() -> None:
         await isvcs.synced.wait()
         await models.synced.wait()
+        while not reconciler.synced:  # fleet: until the Leases are read and ours renewed
+            await asyncio.sleep(0.2)
         reconciler.resync_all()
         await reconciler.queue.wait_idle()
         failures = 0
@@ -369,6 +396,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                 loops["address-watch"] = watcher.run
             if endpoint is not None:
                 loops["metrics-endpoint"] = endpoint.run
+            if fleet is not None:
+                loops["fleet"] = fleet.run
             background = [asyncio.create_task(supervised_loop(name, factory, metrics.loop_failures), name=name)
                           for name, factory in loops.items()]
             sync = asyncio.create_task(after_sync())

@@ -29,6 +29,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from metal_agent.core.admission import Reject, admit, memory_budget
 from metal_agent.core.claim import Allowlist, evaluate, wanted_model
 from metal_agent.core.leases import (
+    REPLICA_ROLE,
+    ROLE_LABEL,
     Liveness,
     MemberInfo,
     Replica,
@@ -108,6 +110,7 @@ class Fleet:
         self._served: set[str] = set()
         self._unplaced: dict[str, Blocker] = {}
         self._leases_synced = False
+        self._own_rv: str | None = None
         self.renew_failures = 0
 
     # -- the gate (core.claim.Allowlist's protocol) ---------------------------
@@ -237,14 +240,27 @@ class Fleet:
         body = member_lease(self.my_info(), duration_s=max(1, round(self.s.lease_duration)),
                             now=dt.datetime.now(dt.timezone.utc))
         try:
-            await self.leases.put(body)
+            written = await self.leases.put(body, self._own_rv)
+            self._own_rv = (written.get("metadata") or {}).get("resourceVersion")
         except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            self._own_rv = None  # read it afresh next time
             self.renew_failures += 1
             log.warning("fleet lease renewal failed", member=self.me, error=f"{type(err).__name__}: {err}",
                         serving_for_s=round(fence_deadline(self.last_renewed, self.s.lease_duration, self.s.renew_interval)
                                             - time.monotonic(), 1) if self.last_renewed else None)
             return
-        if self.last_renewed is None or self.fenced(started):
+        if self.last_renewed is not None and self.fenced(started):
+            # Back after a fence: our watch may still show replicas that moved while we were
+            # away. Read them afresh before serving anything again.
+            try:
+                fresh = await self.leases.list(f"{ROLE_LABEL}={REPLICA_ROLE}")
+            except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+                log.warning("could not re-read the replica leases; staying fenced", error=f"{type(err).__name__}: {err}")
+                return
+            self.replicas = {r.lease_name: r for r in map(parse_replica, fresh) if r is not None}
+            log.info("fleet lease renewed after a fence; replicas re-read", member=self.me,
+                     holds=sorted(f"{r.key}#{r.index}" for r in self.replicas.values() if r.holder == self.me))
+        elif self.last_renewed is None:
             log.info("fleet lease renewed", member=self.me, namespace=self.s.namespace)
         self.renew_failures = 0
         self.last_renewed = started

@@ -178,7 +178,8 @@ class Reconciler:
 
     @property
     def synced(self) -> bool:
-        return self.isvcs.synced.is_set() and self.models.synced.is_set()
+        # A fleet gate is ready once it knows which replicas this Mac holds.
+        return self.isvcs.synced.is_set() and self.models.synced.is_set() and self.allowlist.ready()
 
     async def _reconcile(self, key: str) -> float | None:
         if not self.synced:
@@ -200,6 +201,10 @@ class Reconciler:
         verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine)
 
         if isinstance(verdict, NotOurs):
+            if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
+                # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet.py).
+                await self._write_status(key, raw, True, blocker=unplaced, scheduling=(unplaced.reason, unplaced.message))
+                return None
             model_missing = model_raw is None and ref is not None
             if model_missing and managed is None and self.processes.get(key) is None:
                 # After an agent restart: the same rule as at run time, a vanished Model costs no reload.
@@ -358,6 +363,10 @@ class Reconciler:
         for key in {object_key(raw) for raw in self.isvcs.items()} | set(self.processes.supervisors):
             self.queue.add(key)
 
+    def waiting_reason(self, key: str) -> str | None:
+        """Why memory admission holds `key` back, while it does (the fleet hands such a replica on)."""
+        return self._waiting_reported.get(key) if key in self.memory.waiting else None
+
     def _report_waiting(self, key: str, raw: dict, waiting: Waiting) -> None:
         """One Event per distinct reason and message, not one per reconcile."""
         b = waiting.blocker
@@ -473,6 +482,8 @@ class Reconciler:
         scheduling: tuple[str, str] | None = None, rollout: Blocker | None = None,
     ) -> None:
         """Apply the status fields this agent owns, when what it means to say has changed."""
+        if not self.allowlist.speaks_for(key):
+            return  # fleet: another Mac serving this service writes its status
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
         ref = wanted_model(raw)

@@ -106,6 +106,13 @@ def run(
     log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
     log_format: str = typer.Option("auto", envvar=_env("LOG_FORMAT"), help="auto (text on a TTY, else JSON), json or text."),
     allowlist: List[str] = typer.Option([], "--inference-service-allowlist", envvar=_env("INFERENCE_SERVICE_ALLOWLIST"), help="Serve only these InferenceServices: NAME or NAMESPACE/NAME, comma-separated or repeated (default: every Metal one). Several Macs sharing a cluster each list their own."),
+    fleet: bool = typer.Option(False, "--fleet/--no-fleet", envvar=_env("FLEET"), help="Share services with the other Macs of the cluster: each is placed on Macs that fit it (nodeSelector, affinity, memory), spec.replicas Macs serve it, and it moves when its Mac goes away (see Fleets in the README)."),
+    fleet_namespace: str = typer.Option("metal-agent", envvar=_env("FLEET_NAMESPACE"), help="Namespace of the fleet's Leases (one per Mac, one per replica)."),
+    member_name: Optional[str] = typer.Option(None, envvar=_env("MEMBER_NAME"), help="This Mac's name in the fleet (default: its host name as a DNS label)."),
+    label: List[str] = typer.Option([], "--label", envvar=_env("LABELS"), help="A label of this Mac for nodeSelector/affinity, KEY=VALUE (repeat, or comma-separated); kubernetes.io/hostname, llmkube.ai/chip and llmkube.ai/memory-gib are added."),
+    lease_duration: float = typer.Option(40.0, min=1, envvar=_env("LEASE_DURATION"), help="Fleet: seconds without a renewal after which a Mac's replicas move to other Macs."),
+    lease_renew_interval: float = typer.Option(10.0, min=0.1, envvar=_env("LEASE_RENEW_INTERVAL"), help="Fleet: seconds between renewals of this Mac's Lease (one API write each)."),
+    fleet_bid_step: float = typer.Option(2.0, min=0.0, envvar=_env("FLEET_BID_STEP"), help="Fleet: seconds a Mac waits per place in a service's preference order before taking a free replica."),
     version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
@@ -131,6 +138,18 @@ def run(
         allowed = Allowlist.parse(allowlist)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--inference-service-allowlist")
+    from metal_agent.core.leases import member_name as to_member_name
+    from metal_agent.fleet_wiring import parse_labels
+
+    try:
+        labels = parse_labels(label)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--label")
+    if member_name is not None and to_member_name(member_name) != member_name:
+        raise typer.BadParameter(f"{member_name!r} is not a DNS label; try {to_member_name(member_name)!r}",
+                                 param_hint="--member-name")
+    if lease_renew_interval * 2 > lease_duration:
+        raise typer.BadParameter("must be at most half of --lease-duration", param_hint="--lease-renew-interval")
     if not is_dns1123_label(agent_namespace):
         raise typer.BadParameter("expected a namespace name (DNS-1123 label)", param_hint="--agent-namespace")
     if status_mode not in ("auto", "full", "shared"):
@@ -187,6 +206,13 @@ def run(
         power=sys.platform == "darwin" if power is None else power,
         power_interval_ms=power_interval_ms,
         allowlist=allowed.entries,
+        fleet=fleet,
+        fleet_namespace=fleet_namespace,
+        member_name=member_name,
+        labels=tuple(labels.items()),
+        lease_duration=lease_duration,
+        lease_renew_interval=lease_renew_interval,
+        fleet_bid_step=fleet_bid_step,
     )
     try:
         asyncio.run(run_agent(cfg))

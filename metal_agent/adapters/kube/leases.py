@@ -24,16 +24,24 @@ class LeaseClient:
         self.namespace = namespace
         self.timeout = timeout
 
-    async def put(self, body: dict) -> dict:
-        """Update the Lease (unconditionally without a resourceVersion), creating it if absent."""
+    async def put(self, body: dict, resource_version: str | None) -> dict:
+        """Write our own Lease: an update at `resource_version` (Leases refuse an update without
+        one), re-read once if someone else wrote it meanwhile; created if it does not exist."""
         name = body["metadata"]["name"]
-        try:
-            return await self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, body,
-                                                                   _request_timeout=self.timeout)
-        except ApiException as err:
-            if err.status != 404:
-                raise
-        return await self.create(body)
+        for _ in range(2):
+            if resource_version is None:
+                resource_version = await self.resource_version(name)
+                if resource_version is None:
+                    return await self.create(body)
+            body["metadata"]["resourceVersion"] = resource_version
+            try:
+                return await self.api.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                                       body, _request_timeout=self.timeout)
+            except ApiException as err:
+                if err.status not in (404, 409):
+                    raise
+                resource_version = None
+        raise ApiException(status=409, reason=f"Lease {name} keeps changing under us")
 
     async def create(self, body: dict) -> dict:
         return await self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body,
@@ -63,6 +71,12 @@ class LeaseClient:
                 return None
             raise
         return (obj.get("metadata") or {}).get("resourceVersion")
+
+    async def list(self, label_selector: str) -> list[dict]:
+        listing = await self.api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
+                                                               label_selector=label_selector,
+                                                               _request_timeout=self.timeout)
+        return listing.get("items") or []
 
     async def delete(self, name: str, resource_version: str) -> None:
         try:

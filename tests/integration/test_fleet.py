@@ -1,0 +1,278 @@
+"""Many Macs, one cluster (issue 14): three agents with `--fleet`, each in its own network namespace.
+
+Each "Mac" is a network namespace with its own routable address, its own
+state, model and log directories, and an agent that reaches the real
+kube-apiserver as the least-privilege identity (RBAC on: the fleet's Role
+grants Leases in `metal-agent` only). Leases are short (6 s, renewed every
+second) so failover happens within a test's patience; the rules are the
+same at the default 40 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import time
+
+import aiohttp
+import pytest
+from kubernetes_asyncio import client
+
+from metal_agent.adapters.model_cache import CachePaths
+from tests.support import netns
+from tests.support.agent import AgentProcess, agents_in_netns, kill_recorded_processes
+from tests.support.isvc import Cluster
+from tests.support.wait import wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
+]
+
+LEASE_S = 6.0
+FLEET_FLAGS = ("--fleet", "--lease-duration", str(LEASE_S), "--lease-renew-interval", "1", "--fleet-bid-step", "1",
+               "--heartbeat-interval", "1", "--liveness-interval", "0.5", "--liveness-failures", "2")
+START_TIMEOUT = 90  # a deadline for a condition on a shared 2-core machine, not a goal
+
+
+class Mac:
+    def __init__(self, name: str, ns: netns.NetNS, agent: AgentProcess, workdir) -> None:
+        self.name, self.ns, self.agent, self.workdir = name, ns, agent, workdir
+
+    async def fleet(self) -> dict:
+        status, text = await self.agent._get("/v1/fleet")
+        assert status == 200, text
+        return json.loads(text)
+
+    async def holds(self) -> list[str]:
+        view = await self.fleet()
+        return next(m["holds"] for m in view["members"] if m["member"] == self.name)
+
+
+@contextlib.asynccontextmanager
+async def fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs, *, api_ports=None, extra=()):
+    """Macs named after `specs` ({suffix: labels}); names are unique per test (the fleet namespace is shared)."""
+    tag = secrets.token_hex(2)
+    macs: list[Mac] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for suffix, labels in specs.items():
+            name = f"{suffix}-{tag}"
+            workdir = tmp_path / name
+            workdir.mkdir()
+            port = (api_ports or {}).get(suffix, control_plane.port)
+            kubeconfig = (api_ports or {}).get(suffix + ":kubeconfig", control_plane.agent_kubeconfig)
+            ns, make_agent = await stack.enter_async_context(agents_in_netns(
+                kubeconfig=kubeconfig, api_port=port, llama_server=llama_server_bin, workdir=workdir,
+                namespaces=(namespace,), extra_args=(*FLEET_FLAGS, "--member-name", name,
+                                                     *(a for k, v in labels.items() for a in ("--label", f"{k}={v}")),
+                                                     *extra)))
+            macs.append(Mac(name, ns, make_agent(), workdir))
+        yield macs
+
+
+async def slices(cluster: Cluster, service: str) -> list:
+    listing = await client.DiscoveryV1Api(cluster.api).list_namespaced_endpoint_slice(
+        cluster.ns, label_selector=f"kubernetes.io/service-name={service}")
+    return listing.items
+
+
+async def ready_endpoints(cluster: Cluster, service: str) -> list[tuple[str, int]]:
+    return [(e.addresses[0], s.ports[0].port) for s in await slices(cluster, service)
+            for e in s.endpoints or [] if e.conditions and e.conditions.ready]
+
+
+async def ready_on(cluster: Cluster, service: str, macs: list[Mac], count: int = 1) -> list[Mac] | None:
+    """The Macs whose slice for `service` is ready, once there are `count` of them."""
+    addresses = {a for a, _ in await ready_endpoints(cluster, service)}
+    on = [m for m in macs if m.ns.inner_ip in addresses]
+    return on if len(on) == count and len(addresses) == count else None
+
+
+async def answers(address: str, port: int) -> bool:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{address}:{port}/v1/chat/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return resp.status == 200 and bool((await resp.json())["choices"])
+
+
+class ReadyWatcher:
+    """Samples the service's ready endpoints every 50 ms: the most it ever saw, and when each
+    address was last seen ready."""
+
+    def __init__(self, cluster: Cluster, service: str) -> None:
+        self.cluster, self.service = cluster, service
+        self.most = 0
+        self.last_ready: dict[str, float] = {}
+        self.zero_since: float | None = None
+        self.zero_s = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            ready = await ready_endpoints(self.cluster, self.service)
+            self.most = max(self.most, len(ready))
+            for address, _ in ready:
+                self.last_ready[address] = now
+            if not ready:
+                self.zero_since = self.zero_since or now
+            elif self.zero_since is not None:
+                self.zero_s += now - self.zero_since
+                self.zero_since = None
+            await asyncio.sleep(0.05)
+
+    async def __aenter__(self) -> "ReadyWatcher":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+@pytest.fixture
+async def cluster(admin_api, namespace, tiny_model):
+    cluster = Cluster(admin_api, namespace)
+    await cluster.create_model("tiny", f"file://{tiny_model}")
+    return cluster
+
+
+async def test_placement_follows_selectors_prefers_the_model_on_disk_and_says_what_fits_nowhere(
+        control_plane, llama_server_bin, tmp_path, namespace, cluster, tiny_model):
+    specs = {"a": {"size": "small"}, "b": {"size": "big"}, "c": {"size": "big"}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs) as macs:
+        a, b, c = macs
+        # Only b has the file of a model downloaded from elsewhere (its cache, as a finished download).
+        url = "https://127.0.0.1:9/models/tiny-remote.gguf"
+        cached = CachePaths.for_url(b.workdir / "models", url, "tiny-remote.gguf").final
+        cached.parent.mkdir(parents=True)
+        shutil.copyfile(tiny_model, cached)
+        await asyncio.gather(*(m.agent.start() for m in macs))
+        await cluster.create_model("remote", url)
+        await cluster.create_model("huge", f"file://{tiny_model}", hardware={"accelerator": "metal",
+                                                                              "memoryBudget": "1Mi"})
+        await cluster.create_isvc("small-one", "tiny", contextSize=256, nodeSelector={"size": "small"})
+        await cluster.create_isvc("pinned", "tiny", contextSize=256, affinity={"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [c.name]}]}]}}})
+        await cluster.create_isvc("from-disk", "remote", contextSize=256)
+        await cluster.create_isvc("too-big", "huge", contextSize=256)
+
+        assert await wait_for(lambda: ready_on(cluster, "small-one", macs), timeout=START_TIMEOUT,
+                              what="small-one ready") == [a]
+        assert await wait_for(lambda: ready_on(cluster, "pinned", macs), timeout=START_TIMEOUT,
+                              what="pinned ready") == [c]
+        assert await wait_for(lambda: ready_on(cluster, "from-disk", macs), timeout=START_TIMEOUT,
+                              what="from-disk ready") == [b]
+        # One slice per serving Mac, named for it, behind the one Service.
+        assert [s.metadata.name for s in await slices(cluster, "small-one")] == [f"small-one-{a.name}"]
+        for name in ("small-one", "pinned", "from-disk"):
+            assert (await cluster.core.read_namespaced_service(name, cluster.ns)).spec.ports[0].target_port == "http"
+        assert f"{namespace}/from-disk#0" in await b.holds()
+
+        async def unschedulable():
+            status = await cluster.status("too-big")
+            return status if status.get("schedulingStatus") == "Unschedulable" else None
+        status = await wait_for(unschedulable, timeout=START_TIMEOUT, what="too-big Unschedulable")
+        message = status["schedulingMessage"]
+        assert message.startswith("0/3 Macs can take it: "), message
+        for mac in macs:
+            assert mac.name in message
+        assert "needs" in message and "exceeds the budget of 0.00 GiB (the Model's memoryBudget)" in message
+        assert status["phase"] == "Pending"
+        assert not await slices(cluster, "too-big")
+        assert "Placed" in await cluster.event_reasons("pinned")
+
+
+async def test_two_replicas_on_two_macs_then_a_mac_loses_power(
+        control_plane, llama_server_bin, tmp_path, namespace, cluster):
+    specs = {"a": {}, "b": {}, "c": {}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs) as macs:
+        await asyncio.gather(*(m.agent.start() for m in macs))
+        await cluster.create_isvc("pair", "tiny", contextSize=256, replicas=2)
+        serving = await wait_for(lambda: ready_on(cluster, "pair", macs, count=2), timeout=START_TIMEOUT,
+                                 what="two replicas ready")
+        assert len(await slices(cluster, "pair")) == 2
+        for address, port in await ready_endpoints(cluster, "pair"):
+            assert await answers(address, port)
+        spare = next(m for m in macs if m not in serving)
+
+        async with ReadyWatcher(cluster, "pair") as watcher:
+            dead = serving[0]
+            dead.agent.kill()
+            kill_recorded_processes(dead.workdir / "state")
+            await netns._ip("link", "set", dead.ns.outer_if, "down")
+            gone = time.monotonic()
+            async def moved():
+                on = await ready_on(cluster, "pair", macs, count=2)
+                return on if on and dead not in on else None
+            now_serving = await wait_for(moved, timeout=START_TIMEOUT, what="replica served elsewhere")
+            took = time.monotonic() - gone
+        assert sorted(m.name for m in now_serving) == sorted([serving[1].name, spare.name])
+        assert watcher.most <= 2, "more ready endpoints than replicas"
+        # The dead Mac's endpoint went not-ready once its Lease expired (plus one renew interval of slack).
+        assert watcher.last_ready[dead.ns.inner_ip] - gone <= LEASE_S + 3
+        assert took < LEASE_S + 60
+        assert "Moved" in await cluster.event_reasons("pair")
+        for address, port in await ready_endpoints(cluster, "pair"):
+            assert await answers(address, port)
+
+
+async def test_a_mac_cut_off_from_the_api_stops_serving_before_another_takes_over(
+        control_plane, llama_server_bin, tmp_path, namespace, cluster, toxic_api):
+    specs = {"a": {}, "b": {}}
+    ports = {"b": toxic_api.proxy.port, "b:kubeconfig": toxic_api.kubeconfig}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs, api_ports=ports) as macs:
+        a, b = macs
+        await b.agent.start()
+        await cluster.create_isvc("solo", "tiny", contextSize=256)
+        assert await wait_for(lambda: ready_on(cluster, "solo", macs), timeout=START_TIMEOUT, what="solo on b") == [b]
+        await a.agent.start()
+        pid = (await b.agent.services())[0]["pid"]
+
+        async with ReadyWatcher(cluster, "solo") as watcher:
+            await toxic_api.proxy.disable()
+            cut = time.monotonic()
+
+            async def b_stopped() -> bool:
+                return not await b.agent.services()
+            await wait_for(b_stopped, timeout=LEASE_S + 10, what="b to stop its llama-server")
+            stopped_after = time.monotonic() - cut
+
+            async def on_a():
+                return await ready_on(cluster, "solo", macs) == [a]
+            await wait_for(on_a, timeout=START_TIMEOUT, what="solo on a")
+        assert stopped_after <= LEASE_S, f"b served {stopped_after:.1f}s after losing the API"
+        assert watcher.most <= 1, "two Macs served one replica"
+        with pytest.raises(ProcessLookupError):
+            import os
+            os.kill(pid, 0)
+        # b comes back: it does not resume what moved.
+        await toxic_api.proxy.enable()
+        await wait_for(lambda: _renewed(b), timeout=30, what="b renewing again")
+        assert await ready_on(cluster, "solo", macs) == [a]
+        assert not await b.agent.services()
+
+
+async def _renewed(mac: Mac) -> bool:
+    return not (await mac.fleet())["fenced"]
+
+
+async def test_the_allowlist_keeps_its_meaning_in_a_fleet(control_plane, llama_server_bin, tmp_path, namespace,
+                                                          cluster):
+    specs = {"a": {}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs,
+                        extra=("--inference-service-allowlist", "mine")) as macs:
+        (a,) = macs
+        await a.agent.start()
+        await cluster.create_isvc("mine", "tiny", contextSize=256)
+        await cluster.create_isvc("theirs", "tiny", contextSize=256)
+        assert await wait_for(lambda: ready_on(cluster, "mine", macs), timeout=START_TIMEOUT, what="mine") == [a]
+        assert [r["service"] for r in await a.agent.services()] == [f"{namespace}/mine"]
+        assert not await slices(cluster, "theirs")
+        assert await cluster.status("theirs") == {}  # not this Mac's to speak for: untouched
