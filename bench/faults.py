@@ -140,6 +140,7 @@ class FaultBench:
         self._watch: asyncio.Task | None = None
         self._late = 0
         self.orphans: set[int] = set()
+        self.transient = 0  # services a fault created and deleted again (their first start is no restart)
 
     # -- the agent, kept running as launchd would ------------------------------
 
@@ -260,7 +261,8 @@ class FaultBench:
         row.converge_s = None if converge is None else round(converge, 2)
         if converge is None:
             row.notes.append(f"not converged after {CONVERGE_LIMIT:.0f}s: {self.mac.why}")
-        new_services = len(self.extra) - new_services
+        new_services = len(self.extra) - new_services + self.transient
+        self.transient = 0
         started = self.starts.mark() - before
         row.restarts = len(started) - new_services
         row.started = {pid: self.starts.owner.get(pid, "?") for pid in sorted(started)}
@@ -460,13 +462,19 @@ class FaultBench:
 
     async def memory_wait(self, row: Row) -> None:
         row.fault = "a service waits for memory, then another is deleted"
-        each = await self.agent.metric("llmkube_metal_agent_memory_estimated_bytes",
-                                       {"name": self.services[-1], "namespace": self.mac.cluster.ns})
-        committed = each * (len(self.services) + len(self.extra))
+        estimates = [await self.agent.metric("llmkube_metal_agent_memory_estimated_bytes",
+                                             {"name": name, "namespace": self.mac.cluster.ns})
+                     for name in self.services + self.extra]
+        if None in estimates:
+            raise RuntimeError(f"a running service's memory is not counted: {estimates}")
+        each, committed = max(estimates), sum(estimates)  # what the agent's admission counts
+        row.notes.append(f"budget {committed + 1.5 * each:.0f} B: {len(estimates)} running × ~{each:.0f} B + 1.5 more")
         await self.mac.cluster.create_model("tight", f"file://{self.model}",
                                             hardware={"accelerator": "metal", "memoryBudget": str(int(committed + 1.5 * each))})
         await self.mac.cluster.create_isvc("fits", "tight", contextSize=256)
         self.prober.watch("fits")  # probed while it lives; deleted by the fault itself
+        self.transient += 1
+        await wait_for(lambda: self.ready_pid("fits"), timeout=60, what="the first service of the tight Model")
         await self.mac.cluster.create_isvc("waits", "tight", contextSize=256)
         self.add_extra("waits")
 
@@ -487,6 +495,13 @@ class FaultBench:
             await wait_for(lambda: process_gone(pid), timeout=60, what="the eviction")
         finally:
             self.memory.set(0.5)
+        # The fault ends when the agent sees Normal pressure again (it reads memory every
+        # --memory-interval, 5 s by default): from there on the service must come back.
+        await wait_for(self._pressure_normal, timeout=60, what="Normal pressure read by the agent")
+        row.notes.append("converge counted from the watchdog's first Normal reading (every --memory-interval)")
+
+    async def _pressure_normal(self) -> bool:
+        return await self.agent.metric("llmkube_metal_agent_memory_pressure_level") == 0
 
 
 FAULTS = {  # name -> (method, restarts the fault itself asks for)
