@@ -20,11 +20,12 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed ## Create .venv with metal-agent (editable) and test dependencies
 
 .PHONY: assets
-assets: venv ## Build/cache kube-apiserver, etcd, llama-server, LLMKube's manager (needs ../shared) and the tiny test models (~/.cache/metal-agent)
+assets: venv ## Build/cache kube-apiserver, etcd, llama-server, LLMKube's manager (needs ../shared) and the tiny test models, GGUF and MLX (~/.cache/metal-agent)
 	scripts/build-controlplane.sh
 	scripts/build-toxiproxy.sh
 	scripts/build-llama-server.sh
 	$(BIN)/python tests/support/tiny_model.py --vocab "$$(dirname "$$(dirname "$$(scripts/build-llama-server.sh)")")/models/ggml-vocab-llama-spm.gguf"
+	$(BIN)/python tests/support/tiny_mlx_model.py
 	@# Exit 4: no vendored LLMKube source (a user's clone); the tests that need it skip.
 	scripts/build-llmkube.sh || { rc=$$?; if [ $$rc -eq 4 ]; then echo ">> skipped LLMKube's manager: no ../shared (its coexistence tests will skip)"; else exit $$rc; fi; }
 
