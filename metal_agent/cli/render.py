@@ -1,4 +1,4 @@
-"""`metal-agent render`: show the llama-server command line for a manifest, offline.
+"""`metal-agent render`: show the command line (llama-server, or mlx_lm.server for MLX Models) for a manifest, offline.
 
 Runs the same claim, validation and argv code as the daemon, on YAML files
 instead of a cluster, so a manifest can be checked (and its command line
@@ -22,8 +22,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from metal_agent.core.api import ModelSource
-from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import evaluate, wanted_model
+from metal_agent.core.engine import EngineName, Launch, engine_for
 from metal_agent.core.flags import Dialect
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 
@@ -72,8 +72,15 @@ def render(
         ),
     ] = None,
     mlock: Annotated[bool, typer.Option(help="Lock the model in RAM.")] = True,
+    mlx_server: Annotated[
+        str | None,
+        typer.Option(help="mlx_lm.server for MLX Models' argv (a Python script is shown run by its interpreter)."),
+    ] = None,
+    default_runtime: Annotated[
+        str, typer.Option(help="Engine for Models whose format names none (custom): llama-server or mlx-lm.")
+    ] = "llama-server",
 ) -> None:
-    """Print the llama-server argv for an InferenceService and its Model as JSON."""
+    """Print the argv (llama-server, or mlx_lm.server for MLX Models) for an InferenceService and its Model as JSON."""
     from metal_agent.adapters.host_cpu import performance_core_count
 
     paths = [*(model or []), *(isvc or []), *(file or [])]
@@ -84,7 +91,9 @@ def render(
     except _Usage as problem:
         _fail([str(problem)])
 
-    outcome = evaluate(isvc_doc, model_doc)
+    if default_runtime not in ("llama-server", "mlx-lm"):
+        _fail(["--default-runtime: expected llama-server or mlx-lm"])
+    outcome = evaluate(isvc_doc, model_doc, default_engine=default_runtime)
     if isinstance(outcome, NotOurs):
         _fail([f"InferenceService {_key(isvc_doc)} is not served by metal-agent: {outcome.reason}"])
     if isinstance(outcome, Invalid):
@@ -92,16 +101,23 @@ def render(
     assert isinstance(outcome, Parsed)
     workload = outcome.value
 
-    options = AgentArgvOptions(
-        binary=llama_server or "llama-server",
+    engine = engine_for(workload, EngineName(default_runtime))
+    if engine.name is EngineName.MLX_LM:
+        from metal_agent.adapters.mlx_binary import exec_form
+
+        command, dialect = (exec_form(mlx_server) if mlx_server else ("mlx_lm.server",)), {}
+    else:
+        command, dialect = (llama_server or "llama-server",), asdict(_probe_dialect(llama_server))
+    launch = Launch(
+        command=command,
         model_path=model_path or placeholder_model_path(workload.model.spec.source),
         host=host,
         port=port,
         threads=threads if threads is not None else asyncio.run(performance_core_count()),
         mlock=mlock,
-        **asdict(_probe_dialect(llama_server)),
+        **dialect,
     )
-    typer.echo(json.dumps(list(build_argv(workload, options))))
+    typer.echo(json.dumps(list(engine.argv(workload, launch))))
 
 
 def placeholder_model_path(source: ModelSource) -> str:

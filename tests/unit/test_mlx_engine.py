@@ -262,3 +262,16 @@ def test_a_python_script_is_run_through_its_interpreter(tmp_path):
     binary = tmp_path / "bin"
     binary.write_bytes(b"\x7fELF...")
     assert exec_form(str(binary)) == (str(binary),)
+
+
+def test_the_mlx_sample_renders_the_mlx_command_line():
+    from typer.testing import CliRunner
+
+    from metal_agent.cli.main import app
+
+    sample = Path(__file__).resolve().parents[2] / "manifests" / "samples" / "mlx.yaml"
+    result = CliRunner().invoke(app, ["render", "-f", str(sample)])
+    assert result.exit_code == 0, result.output
+    argv = json.loads(result.output)
+    assert argv[0] == "mlx_lm.server" and argv[argv.index("--decode-concurrency") + 1] == "2"
+    assert argv[-6:] == ["--temp", "0.7", "--top-p", "0.8", "--max-tokens", "2048"]
