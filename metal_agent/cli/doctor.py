@@ -28,6 +28,7 @@ def doctor(
     context: Annotated[str | None, typer.Option(envvar="METAL_AGENT_CONTEXT", help="Kubeconfig context to use.")] = None,
     namespace: Annotated[list[str] | None, typer.Option("--namespace", "-n", envvar="METAL_AGENT_NAMESPACES", help="Namespace the agent watches (repeat; default: all).")] = None,
     llama_server: Annotated[str | None, typer.Option(envvar="METAL_AGENT_LLAMA_SERVER", help="llama-server binary (default: Homebrew's, then PATH).")] = None,
+    mlx_server: Annotated[str | None, typer.Option(envvar="METAL_AGENT_MLX_SERVER", help="mlx_lm.server for MLX Models (default: the agent's venv, Homebrew, then PATH).")] = None,
     listen: Annotated[str, typer.Option(envvar="METAL_AGENT_LISTEN", help="The agent's --listen address.")] = DEFAULT_LISTEN,
     power_interval_ms: Annotated[int, typer.Option(envvar="METAL_AGENT_POWER_INTERVAL_MS", help="The agent's power sampling interval (the sudoers grant pins it).")] = DEFAULT_POWER_INTERVAL_MS,
 ) -> None:
@@ -40,7 +41,7 @@ def doctor(
     namespaces = tuple(n for item in namespace or () for n in item.split(",") if n)
     results = asyncio.run(run_checks(
         kubeconfig=str(kubeconfig) if kubeconfig else None, context=context, namespaces=namespaces,
-        llama_server=llama_server, listen=listen, power_interval_ms=power_interval_ms,
+        llama_server=llama_server, listen=listen, power_interval_ms=power_interval_ms, mlx_server=mlx_server,
     ))
     for result in results:
         typer.echo(format_result(result))

@@ -672,7 +672,7 @@ async def check_firewall(explicit: str | None, system: str | None = None, socket
 
 async def run_checks(
     *, kubeconfig: str | None, context: str | None, namespaces: Sequence[str], llama_server: str | None,
-    listen: str, power_interval_ms: int, system: str | None = None,
+    listen: str, power_interval_ms: int, system: str | None = None, mlx_server: str | None = None,
 ) -> list[CheckResult]:
     """All checks, concurrently; results in a fixed order."""
     groups: list[Awaitable[CheckResult | list[CheckResult]]] = [
@@ -680,6 +680,7 @@ async def run_checks(
         check_metal(system),
         check_memory(),
         check_llama_server(llama_server),
+        _check_mlx_server(mlx_server),
         cluster_checks(kubeconfig, context, namespaces),
         check_sudo(power_interval_ms, system),
         check_launchd(system),
@@ -691,6 +692,12 @@ async def run_checks(
     for item in await asyncio.gather(*groups):
         results.extend(item if isinstance(item, list) else [item])
     return results
+
+
+async def _check_mlx_server(explicit: str | None) -> CheckResult:
+    from metal_agent.cli.doctor_mlx import check_mlx_server  # its own module: it imports this one
+
+    return await check_mlx_server(explicit)
 
 
 def format_result(result: CheckResult) -> str:
