@@ -22,11 +22,11 @@ import structlog
 from aiohttp import web
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
-from prometheus_client import CollectorRegistry, Info
+from prometheus_client import CollectorRegistry
 
 from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
-from metal_agent.adapters.host_facts import read_host_facts
+from metal_agent.adapters.host_facts import read_host_facts, register_host_info
 from metal_agent.adapters.http_server import Listeners, create_app
 from metal_agent.adapters.host_address import AddressWatcher, detect_host_ip
 from metal_agent.adapters.kube.agent_registrar import AgentRegistrar
@@ -46,9 +46,8 @@ from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.agent_endpoint import MetricsEndpoint
 from metal_agent.core.agent_registration import DEFAULT_AGENT_NAMESPACE
 from metal_agent.core.claim import Allowlist
-from metal_agent.core.host_info import host_info_labels
 from metal_agent.core.host_address import Choice, bind_address
-from metal_agent.core.names import GROUP, ISVC_PLURAL, METRIC_PREFIX, MODEL_PLURAL, VERSION
+from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.memory_guard import MemoryGuard
@@ -188,8 +187,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
     facts = await read_host_facts()
-    Info(METRIC_PREFIX + "host", "This Mac: host name, chip, macOS version, memory, agent version (value 1).",
-         registry=registry).info(host_info_labels(facts, __version__))
+    register_host_info(registry, facts, __version__)
     fatal_exits = FatalExitLog(cfg.paths.state / "fatal_exits.json", metrics.fatal_exits)
     await asyncio.to_thread(fatal_exits.load)
     api = await _api_client(cfg)

@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 import psutil
+from prometheus_client import CollectorRegistry, Info
 
 from metal_agent.adapters.host_cpu import sysctl_text
-from metal_agent.core.host_info import HostFacts, cpu_model_from_cpuinfo
+from metal_agent.core.host_info import HostFacts, cpu_model_from_cpuinfo, host_info_labels
+from metal_agent.core.names import METRIC_PREFIX
 
 
 async def read_host_facts() -> HostFacts:
@@ -32,3 +34,11 @@ async def read_host_facts() -> HostFacts:
         version = ""
     return HostFacts(host=socket.gethostname(), chip=chip, macos_version=version,
                      memory_bytes=psutil.virtual_memory().total)
+
+
+def register_host_info(registry: CollectorRegistry, facts: HostFacts, agent_version: str) -> Info:
+    """`llmkube_metal_agent_host_info{hostname,chip,macos_version,memory_bytes,agent_version} 1`."""
+    info = Info(METRIC_PREFIX + "host", "This Mac: host name, chip, macOS version, memory, agent version (value 1).",
+                registry=registry)
+    info.info(host_info_labels(facts, agent_version))
+    return info

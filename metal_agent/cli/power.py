@@ -1,6 +1,7 @@
 """`metal-agent power ...` and `metal-agent render-sudoers`: the Apple power tooling.
 
-``power parse`` runs recorded or live powermetrics text through the same
+``power serve`` serves the power metrics alone (no cluster at all), for a
+Mac whose only job is to report its power. ``power parse`` runs recorded or live powermetrics text through the same
 parser the daemon uses, which is how one checks a new macOS release or chip
 before trusting its gauges (``sudo powermetrics --samplers cpu_power,gpu_power
 -i 1000 | metal-agent power parse -``). ``render-sudoers`` prints the grant
@@ -96,3 +97,35 @@ def render_sudoers(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(text, nl=False)
+
+
+@power_app.command("serve")
+def serve(
+    listen: str = typer.Option("127.0.0.1:9090", envvar="METAL_AGENT_LISTEN", help="host:port for /metrics, /healthz and /readyz (not authenticated: keep it on loopback unless the network is yours)."),
+    interval_ms: int = typer.Option(1000, "--interval-ms", min=100, max=60000, envvar="METAL_AGENT_POWER_INTERVAL_MS", help="powermetrics sample interval; must equal the interval in the sudoers grant."),
+    log_level: str = typer.Option("info", envvar="METAL_AGENT_LOG_LEVEL", help="debug, info, warning or error."),
+    log_format: str = typer.Option("auto", envvar="METAL_AGENT_LOG_FORMAT", help="auto (text on a TTY, else JSON), json or text."),
+) -> None:
+    """Serve only the Apple power metrics (gauges, energy counter, host_info): no cluster, no models.
+
+    Runs the same pinned `sudo powermetrics` sampler as `metal-agent run`
+    (grant it with `make install-powermetrics-sudo`).
+    """
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise typer.BadParameter("expected host:port, e.g. 127.0.0.1:9090", param_hint="--listen")
+    # Imported here: every `metal-agent` invocation imports this module to build its command table.
+    import asyncio
+
+    from metal_agent.logging_setup import configure_logging
+    from metal_agent.power_service import serve_power
+
+    try:
+        configure_logging(log_level, log_format)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--log-level")
+    try:
+        asyncio.run(serve_power(host.strip("[]"), int(port), interval_ms))
+    except OSError as err:
+        typer.echo(f"error: cannot listen on {listen} ({err.strerror or err})", err=True)
+        raise typer.Exit(2) from None

@@ -2,7 +2,8 @@
 
 Several Macs scrape into one Prometheus; `llmkube_metal_agent_host_info`
 (value 1, in the style of `node_uname_info`) carries the facts that make a
-row recognisable, and `host` joins it to everything else a Mac exports.
+row recognisable, and the scrape target's `host` label (relabelled from the Mac's EndpointSlice)
+joins it to everything else a Mac exports.
 Pure: the adapter (`adapters/host_facts.py`) reads the facts.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HOST_INFO_LABELS = ("host", "chip", "macos_version", "memory_bytes", "agent_version")
+# `hostname`, not `host`: the scrape target already has `host` (from its EndpointSlice), and a
+# scraped label that collides with a target label would be renamed `exported_host`.
+HOST_INFO_LABELS = ("hostname", "chip", "macos_version", "memory_bytes", "agent_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +26,7 @@ class HostFacts:
 
 def host_info_labels(facts: HostFacts, agent_version: str) -> dict[str, str]:
     return {
-        "host": facts.host, "chip": facts.chip, "macos_version": facts.macos_version,
+        "hostname": facts.host, "chip": facts.chip, "macos_version": facts.macos_version,
         "memory_bytes": str(facts.memory_bytes), "agent_version": agent_version,
     }
 

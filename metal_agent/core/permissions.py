@@ -76,6 +76,10 @@ AGENT_PERMISSIONS: tuple[Permission, ...] = (
             why="Events on InferenceServices: started, ready, exited, memory pressure"),
     *_grant("patch", "", "events",
             why="a repeated Event is counted on the existing one instead of duplicated"),
+    *_grant("create", "authentication.k8s.io", "tokenreviews",
+            why="a scrape of /metrics from the network: who does its bearer token belong to?"),
+    *_grant("create", "authorization.k8s.io", "subjectaccessreviews",
+            why="... and may that identity get the non-resource URL /metrics?"),
 )
 
 COORDINATION_GROUP = "coordination.k8s.io"

@@ -40,7 +40,7 @@ report.append(["control", 0, loaded()])
 print(json.dumps(report))
 """
 
-HELP = [["--help"], ["--version"], ["power", "--help"]] + [
+HELP = [["--help"], ["--version"], ["power", "--help"], ["power", "serve", "--help"]] + [
     [name, "--help"] for name in
     ("run", "doctor", "status", "logs", "render", "render-plist", "render-sudoers", "stop-all", "config-reference")
 ]  # fmt: skip
@@ -102,3 +102,21 @@ def test_help_as_a_user_runs_it_imports_nothing_heavy():
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert {"typer", "metal_agent.cli.main"} <= imported  # the listing is there to check
     assert not imported & set(HEAVY)
+
+
+def test_power_serve_runs_without_the_kubernetes_client():
+    """`metal-agent power serve` is for a Mac with no cluster: building and serving its app
+    (sampler, energy, host_info, HTTP) must not even import the client."""
+    probe = (
+        "import asyncio, json, sys\n"
+        "from metal_agent.power_service import build\n"
+        "from metal_agent.adapters.http_server import serve\n"
+        "async def main():\n"
+        "    app, _ = await build(1000)\n"
+        "    async with serve(app, '127.0.0.1', 0):\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+        "print(json.dumps(sorted(m for m in ('kubernetes_asyncio', 'metal_agent.agent') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == []

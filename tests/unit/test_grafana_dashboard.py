@@ -13,17 +13,23 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+import yaml
+
+from metal_agent.adapters.host_facts import register_host_info
 from metal_agent.adapters.powermetrics import PowerGauges
+from metal_agent.core.host_info import HostFacts
 from metal_agent.metrics import AgentMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "manifests" / "grafana" / "metal-agent-dashboard.json"
-SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+RULES = DASHBOARD.parents[1] / "monitoring" / "recording-rules.yaml"
+SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",), "info": ("_info",)}
 
 
 def exported_series() -> set[str]:
     registry = CollectorRegistry()
     AgentMetrics(registry)
     PowerGauges(registry)
+    register_host_info(registry, HostFacts("h", "c", "v", 1), "0")
     return {family.name + suffix for family in registry.collect() for suffix in SERIES_SUFFIXES[family.type]}
 
 
@@ -43,11 +49,14 @@ def test_every_expr_uses_exported_metrics():
     dashboard = json.loads(DASHBOARD.read_text())
     exported = exported_series()
     used = set()
+    recorded = {r["record"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     for expr in exprs(dashboard):
-        names = set(re.findall(r"\bllmkube_metal_agent_\w+", expr))
-        assert names, f"query uses no metal-agent metric: {expr}"
+        names = set(re.findall(r"(?<![\w:])llmkube_metal_agent_\w+", expr))
+        rules = set(re.findall(r"\b[a-z_]+:[a-z0-9_:]+\b", expr))
+        assert names or rules, f"query uses no metal-agent metric or recording rule: {expr}"
         assert names <= exported, f"{expr}: not exported by the agent: {sorted(names - exported)}"
-        used |= names
+        assert rules <= recorded, f"{expr}: not recorded by {RULES.name}: {sorted(rules - recorded)}"
+        used |= names | rules
     assert {
         "llmkube_metal_agent_managed_processes",
         "llmkube_metal_agent_process_healthy",
@@ -60,6 +69,12 @@ def test_every_expr_uses_exported_metrics():
         "llmkube_metal_agent_apple_power_cpu_watts",
         "llmkube_metal_agent_apple_power_ane_watts",
         "llmkube_metal_agent_apple_power_sampler_up",
+        "llmkube_metal_agent_apple_power_energy_joules_total",
+        "llmkube_metal_agent_host_info",
+        "host:llamacpp_tokens_predicted:rate5m",
+        "model:llamacpp_tokens_predicted:rate5m",
+        "host:llmkube_joules_per_token:ratio_rate5m",
+        "model:llmkube_joules_per_token:ratio_rate5m",
     } <= used
 
 
