@@ -37,8 +37,9 @@ demo: dev ## Run the whole loop locally: control plane, agent, a sample model, a
 	$(BIN)/python scripts/demo.py
 
 .PHONY: bench
-bench: dev ## Control-loop figures (latency, API load, adoption, footprint); table + bench/results/*.json
+bench: dev ## Control-loop figures (latency, API load, adoption, footprint) and per-engine start figures (llama-server, mlx_lm.server); tables + bench/results/*.json
 	$(BIN)/python bench/control_loop.py
+	$(BIN)/python bench/runtimes.py
 
 .PHONY: bench-compat
 bench-compat: dev ## Status writes beside LLMKube's real controller (needs root and ../shared); table + bench/results/compat.json
