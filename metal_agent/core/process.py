@@ -35,6 +35,7 @@ class ExitInfo:
     code: int | None  # None when unknown (an adopted process is not our child)
     stderr_tail: tuple[str, ...]
     at: float
+    server: str = "llama-server"  # the engine's process (core.engine `display`), for messages
 
     def describe(self) -> str:
         if self.code is None:
@@ -44,10 +45,10 @@ class ExitInfo:
         else:
             how = f"exited with code {self.code}"
         head = {
-            ExitReason.STARTUP_TIMEOUT: "llama-server did not become healthy in time and was stopped",
-            ExitReason.UNHEALTHY: "llama-server stopped answering /health and was restarted",
-            ExitReason.SPAWN_FAILED: "llama-server could not be started",
-        }.get(self.reason, f"llama-server {how}")
+            ExitReason.STARTUP_TIMEOUT: f"{self.server} did not become healthy in time and was stopped",
+            ExitReason.UNHEALTHY: f"{self.server} stopped answering /health and was restarted",
+            ExitReason.SPAWN_FAILED: f"{self.server} could not be started",
+        }.get(self.reason, f"{self.server} {how}")
         tail = " | ".join(self.stderr_tail)
         return f"{head}: {tail}" if tail else head
 
@@ -67,6 +68,7 @@ class Snapshot:
     next_start_at: float | None = None
     last_exit: ExitInfo | None = None
     acceleration: Acceleration | None = None
+    server: str = "llama-server"  # the engine's process (core.engine `display`), for messages
 
     @property
     def ready(self) -> bool:

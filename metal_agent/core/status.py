@@ -71,18 +71,18 @@ def _process_condition(inputs: StatusInputs) -> Condition:
     p = inputs.process
     if p is not None and p.state is not State.STOPPED:
         if p.state is State.READY:
-            serving = f"llama-server is serving on port {p.port}"
+            serving = f"{p.server} is serving on port {p.port}"
             if inputs.rollout is not None:
                 serving += f" (the previous spec, until the new one is ready: {inputs.rollout.message})"
             shortfall = _offload_shortfall(inputs)
             return Condition(PROCESS_READY, True, "Ready", f"{shortfall}; {serving}" if shortfall else serving)
         if p.state is State.STARTING:
             # No pid here: a spawn would then be two writes (before and after the pid is known).
-            what = "re-attached to running llama-server" if p.adopted else "llama-server is loading the model"
+            what = f"re-attached to running {p.server}" if p.adopted else f"{p.server} is loading the model"
             return Condition(PROCESS_READY, False, "ModelLoading", what)
         if p.state is State.UNHEALTHY:
-            return Condition(PROCESS_READY, False, "Unhealthy", "llama-server does not answer /health")
-        exit_message = p.last_exit.describe() if p.last_exit else "llama-server exited"
+            return Condition(PROCESS_READY, False, "Unhealthy", f"{p.server} does not answer /health")
+        exit_message = p.last_exit.describe() if p.last_exit else f"{p.server} exited"
         return Condition(PROCESS_READY, False, "CrashLoopBackOff",
                          f"restart #{p.restarts} pending after back-off: {exit_message}")
     if inputs.spec_errors:

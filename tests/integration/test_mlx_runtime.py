@@ -94,6 +94,8 @@ async def test_mlx_service_full_loop(mac, tiny_mlx_model):
     assert argv_of(pid)[1].endswith("mlx_lm.server")  # the interpreter runs the script: argv is the cmdline
     assert flag(pid, "--model") == str(tiny_mlx_model) and flag(pid, "--host") == ns.inner_ip
     assert flag(pid, "--decode-concurrency") == "1"
+    assert (await cluster.condition("mlx-chat", "MetalProcessReady"))["message"].startswith(
+        "mlx_lm.server is serving on port")
     await cluster.wait_event("mlx-chat", "Started")
     assert any(e.message.startswith("mlx_lm.server started") for e in await cluster.events("mlx-chat"))
     svc = await cluster.core.read_namespaced_service("mlx-chat", cluster.ns)

@@ -133,7 +133,8 @@ class Supervisor:
         self.http = http
         self.on_change = on_change
         self.settings = settings
-        self._snapshot = Snapshot(key=plan.key, spec_hash=plan.spec_hash, state=State.STOPPED, host=plan.host)
+        self._snapshot = Snapshot(key=plan.key, spec_hash=plan.spec_hash, state=State.STOPPED, host=plan.host,
+                                  server=plan.engine.display)
         self._task: asyncio.Task | None = None
         self._running: _Running | None = None
         self._port = plan.port
@@ -221,7 +222,7 @@ class Supervisor:
                 try:
                     running = await self._spawn()
                 except OSError as err:
-                    exit_info, healthy_for = ExitInfo(ExitReason.SPAWN_FAILED, None, (str(err),), time.time()), 0.0
+                    exit_info, healthy_for = ExitInfo(ExitReason.SPAWN_FAILED, None, (str(err),), time.time(), self.plan.engine.display), 0.0
                 else:
                     exit_info, healthy_for = await self._watch(running, mark)
             self._running = None
@@ -325,7 +326,8 @@ class Supervisor:
         await running.exited
         healthy_for = time.monotonic() - healthy_since if healthy_since else 0.0
         text = await asyncio.to_thread(self.log_file.read_since, mark)
-        return ExitInfo(reason, running.returncode, tuple(self.plan.engine.problem_lines(text)), time.time()), healthy_for
+        return ExitInfo(reason, running.returncode, tuple(self.plan.engine.problem_lines(text)), time.time(),
+                        self.plan.engine.display), healthy_for
 
     async def _healthy(self, base: str, timeout: float | None = None) -> bool:
         started = time.monotonic()
@@ -408,11 +410,11 @@ class Supervisor:
             if healthy:
                 failures = 0
                 if self._snapshot.state is State.UNHEALTHY:
-                    self._set(replace(self._snapshot, state=State.READY), SupervisorEvent("Recovered", "llama-server answers /health again"))
+                    self._set(replace(self._snapshot, state=State.READY), SupervisorEvent("Recovered", f"{self.plan.engine.display} answers /health again"))
                 continue
             if self._snapshot.state is not State.UNHEALTHY:
                 self._set(replace(self._snapshot, state=State.UNHEALTHY),
-                          SupervisorEvent("Unhealthy", "llama-server did not answer /health", warning=True))
+                          SupervisorEvent("Unhealthy", f"{self.plan.engine.display} did not answer /health", warning=True))
             if due:
                 failures += 1
                 if failures >= s.liveness_failures:
