@@ -111,6 +111,7 @@ class Fleet:
         self._unplaced: dict[str, Blocker] = {}
         self._leases_synced = False
         self._own_rv: str | None = None
+        self._published: tuple = ()
         self.renew_failures = 0
 
     # -- the gate (core.claim.Allowlist's protocol) ---------------------------
@@ -235,8 +236,12 @@ class Fleet:
                 present.add(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
         return present
 
+    def _fingerprint(self) -> tuple:
+        return (frozenset(self._models_present()), frozenset(self.unfit), self.cordoned)
+
     async def renew(self) -> None:
         started = time.monotonic()
+        self._published = self._fingerprint()
         body = member_lease(self.my_info(), duration_s=max(1, round(self.s.lease_duration)),
                             now=dt.datetime.now(dt.timezone.utc))
         try:
@@ -304,7 +309,11 @@ class Fleet:
         try:
             while True:
                 now = time.monotonic()
-                if now - self._last_attempt >= self.s.renew_interval and (self._renewing is None or self._renewing.done()):
+                # What others rank us by changed (a model now on disk, a refusal): say it now, not
+                # at the next renewal, so the Mac that should win a bid is known to before it starts.
+                news = self._fingerprint() != self._published
+                if (news or now - self._last_attempt >= self.s.renew_interval) and \
+                        (self._renewing is None or self._renewing.done()):
                     self._last_attempt = now
                     self._renewing = asyncio.create_task(self.renew(), name="fleet-renew")
                 self._notify()  # a fence that just fell stops what we serve
@@ -409,6 +418,7 @@ class Fleet:
         delay = bid_delay(wanted, members, self.me, self.s.bid_step, holders)
         if delay is None:
             return None
+        delay += self.s.bid_step  # even the first in line waits one step: the others' news must arrive first
         index, r, kind = free[0]
         since = self._free_since.setdefault((wanted.key, index), now)
         if now - since >= delay:
