@@ -20,9 +20,10 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed ## Create .venv with metal-agent (editable) and test dependencies
 
 .PHONY: assets
-assets: venv ## Build/cache kube-apiserver, etcd, llama-server, LLMKube's manager (needs ../shared) and the tiny test models, GGUF and MLX (~/.cache/metal-agent)
+assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Kubernetes discovery), llama-server, LLMKube's manager (needs ../shared) and the tiny test models, GGUF and MLX (~/.cache/metal-agent)
 	scripts/build-controlplane.sh
 	scripts/build-toxiproxy.sh
+	scripts/build-prometheus.sh
 	scripts/build-llama-server.sh
 	$(BIN)/python tests/support/tiny_model.py --vocab "$$(dirname "$$(dirname "$$(scripts/build-llama-server.sh)")")/models/ggml-vocab-llama-spm.gguf"
 	$(BIN)/python tests/support/tiny_mlx_model.py

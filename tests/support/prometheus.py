@@ -3,6 +3,10 @@
 Used to prove that what the agent serves on /metrics is what a scraper (and
 so InferCost) actually reads, names and values included, rather than
 trusting our own rendering of the exposition format.
+
+Two binaries: Debian's package (static targets), and upstream Prometheus
+built by scripts/build-prometheus.sh for the tests that need Kubernetes
+service discovery, which Debian's build has patched out.
 """
 
 from __future__ import annotations
@@ -35,25 +39,25 @@ def require_prometheus() -> Path:
 class Prometheus:
     """One Prometheus scraping ``targets`` every ``scrape_interval``; start, query, stop."""
 
-    def __init__(self, binary: Path, workdir: Path, targets: Sequence[str], *, scrape_interval: str = "1s") -> None:
+    def __init__(self, binary: Path, workdir: Path, targets: Sequence[str] = (), *, scrape_interval: str = "1s",
+                 config: dict[str, Any] | None = None) -> None:
+        """Scrape static `targets` as job "metal-agent", or run a whole `config` (prometheus.yml as a dict)."""
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = workdir / "prometheus.yml"
+        config_file = workdir / "prometheus.yml"
+        if config is None:
+            config = {
+                "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
+                "scrape_configs": [{"job_name": "metal-agent", "static_configs": [{"targets": list(targets)}]}],
+            }
         # JSON is valid YAML; no templating of YAML by hand.
-        config.write_text(
-            json.dumps(
-                {
-                    "global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval},
-                    "scrape_configs": [{"job_name": "metal-agent", "static_configs": [{"targets": list(targets)}]}],
-                }
-            )
-        )
+        config_file.write_text(json.dumps(config))
         self.process = ManagedProcess(
             "prometheus",
             [
                 str(binary),
-                f"--config.file={config}",
+                f"--config.file={config_file}",
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
             ],
@@ -86,6 +90,13 @@ class Prometheus:
         if body.get("status") != "success":
             raise RuntimeError(f"query {promql!r} failed: {body}")
         return body["data"]["result"]
+
+    async def active_targets(self) -> list[dict[str, Any]]:
+        """`/api/v1/targets`' active targets: discovered, kept by relabelling, scraped."""
+        assert self._session is not None, "start() first"
+        async with self._session.get(f"{self.url}/api/v1/targets", params={"state": "active"}) as resp:
+            body = await resp.json()
+        return body["data"]["activeTargets"]
 
     async def stop(self) -> None:
         if self._session is not None:
