@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 import psutil
@@ -222,3 +223,29 @@ async def test_a_download_that_fails_after_a_spec_change_keeps_the_previous_spec
         os.kill(pids["steady"], 0)
     assert probe.longest_dead() <= DEAD_READY_LIMIT, probe.describe()
     assert probe.wrong_seconds() <= DEAD_READY_LIMIT, probe.describe()
+
+
+async def test_sigterm_mid_download_exits_promptly_and_the_next_agent_resumes(mac, tiny_model):
+    """Shutdown does not wait for a download: the agent exits within seconds, the partial
+    file stays, and the next agent resumes it rather than starting over."""
+    data = tiny_model.read_bytes()
+    mac.models.add("/models/slow.gguf", data, trickle=(max(1, len(data) // 200), 0.05))  # ~10 s
+    await mac.cluster.create_model("slow", mac.inner_url("/models/slow.gguf"))
+    agent = mac.agent()
+    await agent.start()
+    await mac.cluster.create_isvc("fetching", "slow", contextSize=256)
+
+    def partial_bytes() -> int:
+        return sum(p.stat().st_size for p in (mac.workdir / "models").rglob("slow.gguf.partial"))
+    await wait_for(lambda: partial_bytes() > 0, timeout=30, interval=0.02, what="the download under way")
+    agent.process.signal(signal.SIGTERM)
+    assert await agent.process.wait(timeout=15) == 0, agent.process.tail()
+    kept = partial_bytes()
+    assert 0 < kept < len(data)
+    assert mac.llama_servers() == set(mac.recorded().values())
+
+    agent = mac.agent()
+    await agent.start()
+    await mac.wait_converged(agent, ["fetching"])
+    ranges = [seen.range for seen in mac.models.requests_for("/models/slow.gguf")]
+    assert any(r and int(r.removeprefix("bytes=").rstrip("-")) > 0 for r in ranges[1:]), ranges
