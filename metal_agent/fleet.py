@@ -78,6 +78,7 @@ class Fleet:
                  events, version: str, namespaces: tuple[str, ...] | None, state_dir: Path,
                  on_key: Callable[[str], None] = lambda key: None,
                  process_ready: Callable[[str], bool] = lambda key: False,
+                 announced: Callable[[str], bool] = lambda key: False,
                  waiting: Callable[[str], str | None] = lambda key: None) -> None:
         self.s = settings
         self.me = settings.member
@@ -92,6 +93,7 @@ class Fleet:
         self.namespaces = namespaces
         self.on_key = on_key
         self.process_ready = process_ready
+        self.announced = announced  # our slice for the service is in the cluster, saying ready
         self.waiting = waiting
         self.registrar = None  # set by the composition root (the registrar needs `holds` first)
         self.members: dict[str, MemberInfo] = {}
@@ -282,26 +284,29 @@ class Fleet:
         log.info("cordoned: handing replicas over and taking no new ones" if cordoned else "uncordoned", member=self.me)
         await self.renew()
 
-    def view(self) -> dict:
-        """What `metal-agent fleet` and `drain` show."""
-        now = time.monotonic()
-        infos = dict(self.members)
-        infos[self.me] = self.my_info()
-        rows = []
-        for name, info in sorted(infos.items()):
-            m = info.member
-            rows.append({
-                "member": name, "alive": self._alive(name, now), "cordoned": m.cordoned, "host": info.host,
-                "chip": info.chip, "labels": dict(m.labels), "total_bytes": info.total_bytes,
-                "budget_bytes": m.budget_bytes, "free_bytes": m.free_bytes,
-                "holds": sorted(f"{r.key}#{r.index}" for r in self.replicas.values() if r.holder == name),
-                "ready": list(info.serving), "models": sorted(m.models), "unfit": dict(m.unfit),
-                "expires_in_s": None if name == self.me else
-                round(self.liveness.expires_in(name, now) or 0.0, 1),
-            })
-        return {"member": self.me, "namespace": self.s.namespace, "cordoned": self.cordoned,
-                "fenced": self.fenced(now), "members": rows,
-                "unplaced": {k: b.message for k, b in sorted(self._unplaced.items())}}
+    def alive_members(self, now: float | None = None, *, me: bool = True) -> list[Member]:
+        """Placement's view: every member whose Lease is live (ourselves from our own numbers)."""
+        now = now or time.monotonic()
+        members = [info.member for name, info in self.members.items() if name != self.me and self._alive(name, now)]
+        if me and not self.fenced(now):
+            members.append(self.my_info().member)
+        return members
+
+    def wanted_services(self) -> list[tuple[Wanted, Any]]:
+        """Every Metal service with a valid spec, as placement reads it, with its workload."""
+        found = []
+        for raw in self.isvcs.items():
+            ref = wanted_model(raw)
+            model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+            verdict = evaluate(raw, model_raw, Allowlist())
+            if isinstance(verdict, Parsed):
+                spec = verdict.value.isvc.spec
+                found.append((wanted_from(raw, f"{ref[0]}/{ref[1]}", spec.replicas if spec.wants_process else 0),
+                              verdict.value))
+        return found
+
+    def replicas_held(self, member: str) -> list[Replica]:
+        return sorted((r for r in self.replicas.values() if r.holder == member), key=lambda r: (r.key, r.index))
 
     # -- the loop ---------------------------------------------------------------
 
@@ -356,27 +361,16 @@ class Fleet:
                 log.info("marked a silent member's slices not ready", member=dead, slices=changed)
 
     def _place_all(self, now: float) -> None:
-        alive_members = [info.member for name, info in self.members.items()
-                         if name != self.me and self._alive(name, now)]
-        if not self.fenced(now):
-            alive_members.append(self.my_info().member)
+        alive_members = self.alive_members(now)
         for key in [k for k in self.reserved if k in self.memory.committed or not self.serves(k)]:
             del self.reserved[key]  # admitted (now counted by the memory guard) or no longer ours
         unplaced: dict[str, Blocker] = {}
         keys = set()
-        for raw in self.isvcs.items():
-            meta = raw.get("metadata") or {}
-            key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-            ref = wanted_model(raw)
-            model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-            verdict = evaluate(raw, model_raw, Allowlist())
-            if not isinstance(verdict, Parsed):
-                continue  # not Metal's, or invalid: whoever holds it keeps it (the reconciler decides)
-            keys.add(key)
-            spec = verdict.value.isvc.spec
-            wanted = wanted_from(raw, f"{ref[0]}/{ref[1]}", spec.replicas if spec.wants_process else 0)
-            if blocker := self._place(wanted, verdict.value, alive_members, now):
-                unplaced[key] = blocker
+        # Not Metal's, or invalid: not placed; whoever holds it keeps it (the reconciler decides).
+        for wanted, workload in self.wanted_services():
+            keys.add(wanted.key)
+            if blocker := self._place(wanted, workload, alive_members, now):
+                unplaced[wanted.key] = blocker
         for r in list(self.replicas.values()):  # the service is gone: its holder removes the Lease
             if r.holder == self.me and r.key not in keys and self.isvcs.get(r.key) is None:
                 self._spawn((r.key, r.index), self._release(r))
@@ -392,7 +386,7 @@ class Fleet:
         for index, r in reps.items():
             if index >= wanted.replicas and r.holder == self.me:
                 self._spawn((wanted.key, index), self._release(r))  # scaled down
-            elif r.successor == self.me and r.holder and self.process_ready(wanted.key):
+            elif r.successor == self.me and r.holder and self.announced(wanted.key):
                 self._spawn((wanted.key, index), self._promote(r))  # drained Mac's replica: ours is Ready
             elif r.holder == self.me and self.waiting(wanted.key):
                 self.unfit[wanted.key] = (self.waiting(wanted.key) or "", sum(self.memory.committed.values()))
@@ -501,6 +495,7 @@ class Fleet:
         won = await self.leases.swap(body)
         if won is not None:
             self._adopt(won)
+            self.on_key(r.key)  # successor -> holder: "ours?" is unchanged, but the status speaker may be us now
             message = f"replica {r.index} moved from {r.holder} (draining) to {self.me}: ready here"
             log.info("fleet: " + message, service=r.key)
             if (raw := self.isvcs.get(r.key)) is not None:

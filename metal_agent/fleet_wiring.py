@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from metal_agent.adapters.kube.leases import LeaseClient
 from metal_agent.core.claim import Allowlist
 from metal_agent.core.leases import COORDINATION, member_name
 from metal_agent.core.memory import GiB
-from metal_agent.core.placement import CHIP_LABEL, HOSTNAME_LABEL, MEMORY_LABEL
+from metal_agent.core.placement import CHIP_LABEL, HOSTNAME_LABEL, MEMORY_LABEL, rank, unschedulable_message
 from metal_agent.fleet import Fleet, FleetSettings
 
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -89,12 +90,52 @@ def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str,
                   events=SimpleNamespace(emit=lambda *a, **k: events().emit(*a, **k)), version=version,
                   namespaces=cfg.namespaces or None, state_dir=state_dir, on_key=on_key,
                   process_ready=process_ready, waiting=waiting)
-    registrar = FleetRegistrar(api, agent_version=version, member=name, holds=fleet.holds,
+    registrar = FleetRegistrar(api, agent_version=version, member=name, holds=fleet.serves,
                                exists=lambda key: isvcs.get(key) is not None, address=address, **registrar_kwargs)
     fleet.registrar = registrar
+    fleet.announced = registrar.announced
     informer = Informer(api, CustomResource(*COORDINATION), fleet.on_lease_change, namespaces=(cfg.fleet_namespace,),
                         resync_period=cfg.resync_period)
     return FleetParts(fleet, registrar, informer)
+
+
+def fleet_view(fleet: Fleet) -> dict:
+    """What `metal-agent fleet` and `metal-agent drain` show: every member, its health, what it
+    holds and serves, its memory; and, for a cordoned Mac, where each of its replicas is going."""
+    now = time.monotonic()
+    infos = dict(fleet.members)
+    infos[fleet.me] = fleet.my_info()
+    rows = []
+    for name, info in sorted(infos.items()):
+        m = info.member
+        expires = fleet.liveness.expires_in(name, now)
+        rows.append({
+            "member": name, "alive": fleet._alive(name, now), "cordoned": m.cordoned, "host": info.host,
+            "chip": info.chip, "labels": dict(m.labels), "total_bytes": info.total_bytes,
+            "budget_bytes": m.budget_bytes, "free_bytes": m.free_bytes,
+            "holds": [f"{r.key}#{r.index}" for r in fleet.replicas_held(name)],
+            "ready": list(info.serving), "models": sorted(m.models), "unfit": dict(m.unfit),
+            "expires_in_s": None if name == fleet.me or expires is None else round(expires, 1),
+        })
+    draining: dict[str, str] = {}
+    if fleet.cordoned:
+        wanted = {w.key: w for w, _ in fleet.wanted_services()}
+        others = fleet.alive_members(now, me=False)
+        for r in fleet.replicas_held(fleet.me):
+            slot = f"{r.key}#{r.index}"
+            holders = frozenset(x.holder for x in fleet.replicas.values()
+                                if x.key == r.key and x.holder and fleet._alive(x.holder, now))
+            if r.successor and fleet._alive(r.successor, now):
+                draining[slot] = f"moving to {r.successor}: starting there"
+            elif r.key not in wanted:
+                draining[slot] = "the service is gone or invalid; released when it is deleted"
+            elif candidates := rank(wanted[r.key], others, holders):
+                draining[slot] = f"waiting for {candidates[0].name} to take it"
+            else:
+                draining[slot] = "no other Mac can take it: " + unschedulable_message(wanted[r.key], others, holders)
+    return {"member": fleet.me, "namespace": fleet.s.namespace, "cordoned": fleet.cordoned,
+            "fenced": fleet.fenced(now), "members": rows, "draining": draining,
+            "unplaced": {k: b.message for k, b in sorted(fleet._unplaced.items())}}
 
 
 def add_routes(app: web.Application, fleet: Fleet) -> None:
@@ -102,15 +143,15 @@ def add_routes(app: web.Application, fleet: Fleet) -> None:
     and `/v1/fleet/uncordon` for the CLI commands of the same names."""
 
     async def view(_: web.Request) -> web.Response:
-        return web.json_response(fleet.view())
+        return web.json_response(fleet_view(fleet))
 
     async def drain(_: web.Request) -> web.Response:
         await fleet.set_cordoned(True)
-        return web.json_response(fleet.view())
+        return web.json_response(fleet_view(fleet))
 
     async def uncordon(_: web.Request) -> web.Response:
         await fleet.set_cordoned(False)
-        return web.json_response(fleet.view())
+        return web.json_response(fleet_view(fleet))
 
     app.router.add_get("/v1/fleet", view)
     app.router.add_post("/v1/fleet/drain", drain)

@@ -276,3 +276,50 @@ async def test_the_allowlist_keeps_its_meaning_in_a_fleet(control_plane, llama_s
         assert [r["service"] for r in await a.agent.services()] == [f"{namespace}/mine"]
         assert not await slices(cluster, "theirs")
         assert await cluster.status("theirs") == {}  # not this Mac's to speak for: untouched
+
+
+async def cli_in(mac: Mac, *argv: str) -> tuple[int, str]:
+    """Run `metal-agent <argv>` on the Mac (inside its namespace), as its user would."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        *mac.ns.wrap([sys.executable, "-m", "metal_agent", *argv, "--listen", f"{mac.agent.listen_host}:{mac.agent.port}"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=START_TIMEOUT + 30)
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def test_drain_moves_a_service_with_no_moment_without_a_ready_endpoint(
+        control_plane, llama_server_bin, tmp_path, namespace, cluster):
+    specs = {"a": {}, "b": {}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs) as macs:
+        a, b = macs
+        await a.agent.start()
+        await cluster.create_isvc("moving", "tiny", contextSize=256)
+        assert await wait_for(lambda: ready_on(cluster, "moving", macs), timeout=START_TIMEOUT, what="on a") == [a]
+        await b.agent.start()
+        code, out = await cli_in(a, "fleet")
+        assert code == 0, out
+        assert f"{a.name} (this Mac)" in out and b.name in out and f"{namespace}/moving#0" in out
+
+        async with ReadyWatcher(cluster, "moving") as watcher:
+            code, out = await cli_in(a, "drain")
+            assert code == 0, out
+            assert f"{namespace}/moving#0: " in out and "drained" in out
+
+            async def only_on_b():
+                return await ready_on(cluster, "moving", macs) == [b] and not await a.agent.services()
+            await wait_for(only_on_b, timeout=START_TIMEOUT, what="moving served by b only")
+        assert watcher.zero_s == 0 and watcher.zero_since is None, "the service had no ready endpoint"
+        assert watcher.most <= 2  # make before break: at most the new one beside the old, briefly
+        assert "Moved" in await cluster.event_reasons("moving")
+        assert (await a.fleet())["cordoned"]
+
+        # Cordoned survives an agent restart; a new service does not go to a drained Mac.
+        await a.agent.stop()
+        await a.agent.start()
+        await cluster.create_isvc("fresh", "tiny", contextSize=256)
+        assert await wait_for(lambda: ready_on(cluster, "fresh", macs), timeout=START_TIMEOUT, what="fresh") == [b]
+        code, out = await cli_in(a, "uncordon")
+        assert code == 0 and "uncordoned" in out, out
+        assert not (await a.fleet())["cordoned"]

@@ -5,7 +5,8 @@ Each serving Mac applies its own EndpointSlice, named and labelled for it
 LLMKube's controller see every replica behind the one ClusterIP. The
 differences from the single-Mac `Registrar` are all about sharing:
 
-- a slice says ready only while this Mac holds a replica Lease: a Mac that
+- a slice says ready only while this Mac holds a replica Lease (or is the
+  named successor of a draining Mac's replica): a Mac that
   cannot renew stops announcing itself, even from a heartbeat already in
   flight, and a returning Mac never re-announces what moved;
 - the Service is shared: it is deleted only with its InferenceService, and
@@ -37,7 +38,9 @@ class FleetRegistrar(Registrar):
                  **kwargs) -> None:
         super().__init__(api, agent_version=agent_version, **kwargs)
         self.member = member
-        self.holds = holds  # "namespace/name" -> does this Mac hold a replica of it right now?
+        # "namespace/name" -> may this Mac serve it right now (it holds a replica, or starts one
+        # a draining Mac hands over: make before break), with its own Lease renewed in time?
+        self.holds = holds
         self.exists = exists  # is the InferenceService still in the cluster?
         self.address = address  # this Mac's registered address
         self.stop_timeout = stop_timeout
@@ -49,6 +52,11 @@ class FleetRegistrar(Registrar):
         if reg.ready and not self.holds(key):
             reg = replace(reg, ready=False)  # the Lease is gone or lapsing: never announce a replica we do not hold
         await super()._apply(key, reg)
+
+    def announced(self, key: str) -> bool:
+        """Our slice for `key` was last written saying ready."""
+        reg = self._applied.get(key)
+        return reg is not None and reg.ready
 
     async def mark_not_ready(self, namespace: str, isvc_name: str) -> None:
         """Bounded: the stop that follows must not wait out an unreachable API (a partitioned
