@@ -323,3 +323,14 @@ async def test_a_moved_address_is_followed(mac):
                              timeout=aiohttp.ClientTimeout(total=30)) as resp:
             assert resp.status == 200
     assert "HostAddressChanged" in await cluster.wait_event("roam", "HostAddressChanged")
+
+    # The agent's own metrics endpoint moves with it: its slice names the new address, where
+    # it now listens (a scrape without a token is refused there, not unanswered).
+    async def agent_slice_moved():
+        slices = await client.DiscoveryV1Api(cluster.api).list_namespaced_endpoint_slice(
+            "metal-agent", label_selector="kubernetes.io/service-name=metal-agent")
+        return any(e.addresses == [moved.inner_ip] for s in slices.items for e in s.endpoints or [])
+    await wait_for(agent_slice_moved, timeout=30, what="the agent's metrics slice on the new address")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{moved.inner_ip}:{agent.port}/metrics") as resp:
+            assert resp.status == 401
