@@ -10,7 +10,7 @@ something stops), and whether the pressure watchdog has blocked a service.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -21,7 +21,7 @@ from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.core.claim import Workload
 from metal_agent.core.admission import Admit, Reject, admit
-from metal_agent.core.memory import EstimateFailed
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate, gib
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
 from metal_agent.metrics import service_labels
@@ -62,14 +62,27 @@ class MemoryGuard:
         self.estimated = Gauge(P + "memory_estimated_bytes", "estimated unified memory of a service (weights + KV cache + overhead)",
                                ["name", "namespace"], registry=registry)
 
-    async def check(self, key: str, workload: Workload, path: Path) -> Admit | Waiting:
-        """May `key` start now with the model file at `path`?"""
+    async def _estimate(self, workload: Workload, path: Path, draft: Path | None) -> MemoryEstimate | EstimateFailed:
+        """The engine's estimate for the model at `path`, plus the weights and KV cache of the
+        draft model at `draft` (speculative decoding loads both into the one process)."""
+        engine = self.model_files.engine_of(workload.model)
+        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec, engine)
+        if draft is None or isinstance(estimate, EstimateFailed):
+            return estimate
+        extra = await self.model_files.memory_estimate(draft, workload.isvc.spec, engine)
+        if isinstance(extra, EstimateFailed):
+            return EstimateFailed(f"draft model: {extra.message}")
+        return replace(estimate, weights_bytes=estimate.weights_bytes + extra.weights_bytes,
+                       kv_bytes=estimate.kv_bytes + extra.kv_bytes,
+                       notes=(*estimate.notes, f"includes the draft model ({gib(extra.weights_bytes + extra.kv_bytes)})"))
+
+    async def check(self, key: str, workload: Workload, path: Path, draft: Path | None = None) -> Admit | Waiting:
+        """May `key` start now with the model at `path` (and its draft model at `draft`)?"""
         if self.is_blocked(key):
             self.waiting.discard(key)
             return Waiting(Blocker(RESPAWN_BLOCKED, "evicted under memory pressure; it restarts on its own when "
                                    "memory pressure is Normal again", phase="Pending"), None)
-        estimate = await self.model_files.memory_estimate(
-                path, workload.isvc.spec, self.model_files.engine_of(workload.model))
+        estimate = await self._estimate(workload, path, draft)
         verdict = admit(key, estimate, self.committed, hardware=workload.model.spec.hardware,
                         total_ram_bytes=self.total_ram(), agent_fraction=self.agent_fraction, mode=self.mode)
         if isinstance(verdict, Reject):
@@ -82,12 +95,11 @@ class MemoryGuard:
         self.estimated.labels(**service_labels(key)).set(verdict.needed_bytes)
         return verdict
 
-    async def commit_running(self, key: str, workload: Workload, path: Path) -> None:
+    async def commit_running(self, key: str, workload: Workload, path: Path, draft: Path | None = None) -> None:
         """Count a process that already runs (taken over after an agent restart): it is never
         refused, but what it holds must count against what others may start."""
         try:
-            estimate = await self.model_files.memory_estimate(
-                path, workload.isvc.spec, self.model_files.engine_of(workload.model))
+            estimate = await self._estimate(workload, path, draft)
         except OSError as err:  # an estimate we cannot make must not stop a running model
             estimate = EstimateFailed(str(err))
         if isinstance(estimate, EstimateFailed):

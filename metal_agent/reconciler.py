@@ -33,7 +33,7 @@ from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.engine import Engine, EngineName, Launch, engine_for
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate, wanted_model
+from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate, wanted_draft, wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
@@ -146,8 +146,7 @@ class Reconciler:
             if not isinstance(parsed, Invalid):
                 self.model_files.retry(parsed.value)  # a fixed URL or sha256 must not wait out a remembered failure
         for isvc in self.isvcs.items():
-            ref = wanted_model(isvc)
-            if ref and f"{ref[0]}/{ref[1]}" == model_key:
+            if model_key in {f"{ref[0]}/{ref[1]}" for ref in (wanted_model(isvc), wanted_draft(isvc)) if ref}:
                 self.queue.add(object_key(isvc))
 
     def on_process_change(self, key: str, snap: Snapshot, event: SupervisorEvent | None) -> None:
@@ -198,7 +197,7 @@ class Reconciler:
 
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine)
+        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, self._draft_raw(raw))
 
         if isinstance(verdict, NotOurs):
             if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
@@ -298,18 +297,23 @@ class Reconciler:
                 await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=Blocker("ModelDownloading", found.message, phase="Creating"))
                 return None  # the store re-queues the key on progress and when done
+            draft = self._draft_lookup(workload)
+            if isinstance(draft, Blocker):
+                await self._withdraw(key)
+                await self._write_status(key, raw, True, blocker=draft)
+                return 2.0 if draft.reason == "ModelDownloading" else 30.0  # the draft's download calls no one back
             if missing := self._engine_missing(workload):
                 await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=missing)
                 return None
-            admission = await self.memory.check(key, workload, found.path)
+            admission = await self.memory.check(key, workload, found.path, draft.path if draft else None)
             if isinstance(admission, Waiting):
                 self._report_waiting(key, raw, admission)
                 await self._withdraw(key)
                 await self._write_status(key, raw, True, blocker=admission.blocker, scheduling=admission.scheduling)
                 return None  # re-queued when memory is freed or pressure clears
             self._waiting_reported.pop(key, None)
-            await self._start(key, workload, digest, uid, found)
+            await self._start(key, workload, digest, uid, found, draft)
         elif not self.memory.counts(key):
             # Taken over while its downloaded file was being re-verified (the store re-queues
             # the key when that ends): what it holds counts against others from now on.
@@ -343,8 +347,9 @@ class Reconciler:
     async def _commit_running(self, key: str, workload: Workload) -> None:
         """A running process's memory counts against what others may start."""
         found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
-        if isinstance(found, ModelReady):
-            await self.memory.commit_running(key, workload, found.path)
+        draft = self._draft_lookup(workload)
+        if isinstance(found, ModelReady) and not isinstance(draft, Blocker):
+            await self.memory.commit_running(key, workload, found.path, draft.path if draft else None)
 
     def on_address_change(self, old: str, new: str, why: str, bind: str) -> None:
         """This Mac's address moved: register the new one; a llama-server bound to the old
@@ -375,6 +380,22 @@ class Reconciler:
             log.warning("not starting: " + b.reason, service=key, why=b.message)
             self.events.emit(raw["metadata"], b.reason, b.message, warning=True)
 
+    def _draft_raw(self, raw: dict) -> dict | None:
+        ref = wanted_draft(raw)
+        return self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+
+    def _draft_lookup(self, workload: Workload) -> ModelReady | Blocker | None:
+        """Where the workload's draft Model is (None: it has none), or why it cannot start yet."""
+        if workload.draft is None:
+            return None
+        found = self.model_files.lookup(workload.draft, None, secret_ref=workload.draft.spec.source_secret_ref)
+        name = workload.draft.meta.name
+        if isinstance(found, ModelPending):
+            return Blocker("ModelDownloading", f"draft model {name}: {found.message}", phase="Creating")
+        if isinstance(found, Blocker):
+            return Blocker(found.reason, f"draft model {name}: {found.message}", phase=found.phase)
+        return found
+
     def _engine(self, workload: Workload) -> Engine:
         return engine_for(workload, EngineName(self.launch.default_engine))
 
@@ -387,7 +408,8 @@ class Reconciler:
                        " which this agent did not find: pip install mlx-lm into the agent's venv (or pass"
                        " --mlx-server PATH) and restart the agent; other services are unaffected")
 
-    async def _start(self, key: str, workload: Workload, digest: str, uid: str, found: ModelReady) -> None:
+    async def _start(self, key: str, workload: Workload, digest: str, uid: str, found: ModelReady,
+                     draft: ModelReady | None = None) -> None:
         launch = self.launch
         engine = self._engine(workload)
 
@@ -396,6 +418,7 @@ class Reconciler:
                 command=launch.command(engine), model_path=str(found.path), host=launch.host, port=port,
                 threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
                 verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja,
+                draft_model_path=str(draft.path) if draft else None,
             ))
 
         plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=launch.host, build_argv=argv_for, engine=engine)

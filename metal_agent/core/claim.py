@@ -37,10 +37,12 @@ class Ours:
 
 @dataclass(frozen=True, slots=True)
 class Workload:
-    """A validated InferenceService together with the Model it serves."""
+    """A validated InferenceService together with the Model it serves, and the draft Model
+    of its speculative decoding when its engine uses one (mlx_lm.server)."""
 
     isvc: InferenceService
     model: Model
+    draft: Model | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,15 +157,24 @@ def claim(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) ->
     return Ours()
 
 
+def wanted_draft(isvc: Any) -> tuple[str, str] | None:
+    """(namespace, name) of the draft Model `isvc`'s speculative decoding names, if any."""
+    ref = _get(isvc, "spec", "speculativeDecoding", "draftModelRef")
+    if not isinstance(ref, str) or not ref:
+        return None
+    return _namespace(isvc), ref
+
+
 def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
-             default_engine: str = "llama-server") -> NotOurs | Invalid | Parsed[Workload]:
+             default_engine: str = "llama-server", draft: Any | None = None) -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.
 
     This is the one call the reconciler and `metal-agent render` need:
     `NotOurs` -> ignore, `Invalid` -> report on the InferenceService's
     status, `Parsed` -> build the argv and run it. The engine that will
     serve the Model (its format, else `default_engine`) adds what it cannot
-    honour (`core.engine`).
+    honour (`core.engine`). `draft` is the Model `wanted_draft` names (None if
+    not found), checked when that engine does speculative decoding with it.
     """
     from metal_agent.core.engine import EngineName, engine_for
 
@@ -182,7 +193,25 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
         errors.extend(parsed_isvc.errors)
     if not errors and isinstance(parsed_model, Parsed) and isinstance(parsed_isvc, Parsed):
         workload = Workload(isvc=parsed_isvc.value, model=parsed_model.value)
-        errors.extend(engine_for(workload, EngineName(default_engine)).refusals(workload))
+        engine = engine_for(workload, EngineName(default_engine))
+        errors.extend(engine.refusals(workload))
+        if not errors and engine.wants_draft(workload.isvc.spec):
+            parsed_draft = _parse_draft(isvc, draft)
+            if isinstance(parsed_draft, Invalid):
+                errors.extend(parsed_draft.errors)
+            else:
+                errors.extend(engine.draft_refusals(parsed_draft.value))
+                workload = Workload(isvc=workload.isvc, model=workload.model, draft=parsed_draft.value)
     if errors or not isinstance(parsed_model, Parsed) or not isinstance(parsed_isvc, Parsed):
         return Invalid(tuple(errors))
     return Parsed(workload)
+
+
+def _parse_draft(isvc: Any, draft: Any | None) -> Parsed[Model] | Invalid:
+    path = "spec.speculativeDecoding.draftModelRef"
+    namespace, ref = wanted_draft(isvc) or (_namespace(isvc), "")
+    name = f"{_namespace(isvc)}/{_get(isvc, 'metadata', 'name')}"
+    if draft is None or (_namespace(draft), _get(draft, "metadata", "name")) != (namespace, ref):
+        return Invalid((FieldError(path, f"Model {namespace}/{ref} was not found; the draft model must be a Model"
+                                   " in the same namespace", "InferenceService", name),))
+    return parse_model(draft)

@@ -84,6 +84,7 @@ class Launch:
     mlock_style: MlockStyle = MlockStyle.FLAG
     verbosity_flag: str | None = None
     no_jinja: bool = True
+    draft_model_path: str | None = None  # the workload's draft Model, on this Mac (speculative decoding)
 
 
 class ModelReader(Protocol):
@@ -113,6 +114,11 @@ class Engine(Protocol):
     directory_model: bool  # the model is a directory (MLX) rather than one file (GGUF)
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]: ...
+
+    def wants_draft(self, spec: InferenceServiceSpec) -> bool:
+        """Does it run `spec`'s speculative decoding with a draft Model (which must then be found)?"""
+
+    def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]: ...
 
     def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]: ...
 

@@ -53,7 +53,7 @@ class SpecHash:
 
 def spec_hash(workload: Workload) -> SpecHash:
     payload = json.dumps(
-        _payload(workload.model.spec, workload.isvc.spec),
+        _payload(workload.model.spec, workload.isvc.spec, workload.draft.spec if workload.draft else None),
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=True,
@@ -61,7 +61,7 @@ def spec_hash(workload: Workload) -> SpecHash:
     return SpecHash(hashlib.sha256(payload.encode("ascii")).hexdigest())
 
 
-def _payload(model: ModelSpec, spec: InferenceServiceSpec) -> dict[str, Any]:
+def _payload(model: ModelSpec, spec: InferenceServiceSpec, draft: ModelSpec | None = None) -> dict[str, Any]:
     gpu = model.hardware.gpu
     sharding = gpu.sharding
     rope = spec.rope_scaling
@@ -106,4 +106,7 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec) -> dict[str, Any]:
         "mode": spec.mode.value,
         "extraArgs": list(spec.extra_args),
     }
+    if draft is not None:  # only engines that run a draft Model carry one: other digests never move
+        fields["draft.source"] = draft.source.raw
+        fields["draft.tokens"] = spec.draft_tokens
     return {key: value for key, value in fields.items() if value is not None and value != []}

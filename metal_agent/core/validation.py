@@ -616,7 +616,7 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
         eviction_protection=r.boolean(
             s, "evictionProtection", "spec.evictionProtection", default=False
         ),
-        speculative_type=_read_speculative_type(r, s),
+        **_read_speculative(r, s),
     )
     _check_flash_attention(r, spec)
     if r.errors:
@@ -624,12 +624,23 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
     return Parsed(InferenceService(meta=meta, spec=spec))
 
 
-def _read_speculative_type(r: _Reader, s: Mapping[str, Any] | None) -> str | None:
-    """`speculativeDecoding.type`, leniently: llama-server ignores the block (LLMKube's CRD
-    validates it), so only its type is kept, for engines that must refuse it."""
+def _read_speculative(r: _Reader, s: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`speculativeDecoding`, leniently: llama-server ignores the block (LLMKube's CRD validates
+    it), so values of the wrong type are dropped here and the engines that read it check the rest."""
     block = r.get(s, "speculativeDecoding")
-    kind = block.get("type") if isinstance(block, Mapping) else None
-    return kind if isinstance(kind, str) and kind else None
+    block = block if isinstance(block, Mapping) else {}
+
+    def text(key: str) -> str | None:
+        value = block.get(key)
+        return value if isinstance(value, str) and value else None
+
+    tokens = block.get("nDraftMax")
+    return {
+        "speculative_type": text("type"),
+        "draft_model_ref": text("draftModelRef"),
+        "draft_model_file": text("draftModel"),
+        "draft_tokens": tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1 else None,
+    }
 
 
 def _check_flash_attention(r: _Reader, spec: InferenceServiceSpec) -> None:

@@ -206,3 +206,28 @@ async def test_bad_mlx_specs_get_clear_conditions_and_leave_others_alone(local_e
     assert [row["service"] for row in await agent.services()] == [f"{cluster.ns}/anchor"]
     assert await ready_pid(agent, f"{cluster.ns}/anchor") == anchor
     assert (await cluster.status("anchor"))["phase"] == "Ready"
+
+
+async def test_speculative_decoding_with_a_draft_model(local_env, tiny_mlx_model):
+    """The draft is its own MLX Model (here the tiny model again: same tokenizer). Missing, the
+    service says so; created, the waiting service starts with it and answers."""
+    cluster, agent = local_env
+    await cluster.create_model("tiny-mlx", f"file://{tiny_mlx_model}", format="mlx")
+    await agent.start()
+    await cluster.create_isvc("spec-dec", "tiny-mlx", speculativeDecoding={
+        "type": "draft", "draftModelRef": "tiny-draft", "nDraftMax": 2})
+    await wait_for(lambda: _condition_says(cluster, "spec-dec", "InvalidSpec", "draftModelRef",
+                                           "tiny-draft was not found"), timeout=30, what="missing draft reported")
+    assert await agent.services() == []
+
+    await cluster.create_model("tiny-draft", str(tiny_mlx_model), format="mlx")
+    await cluster.wait_phase("spec-dec", "Ready", timeout=LOAD_TIMEOUT)
+    rows = await agent.services()
+    pid, port = rows[0]["pid"], rows[0]["port"]
+    assert flag(pid, "--draft-model") == str(tiny_mlx_model) and flag(pid, "--num-draft-tokens") == "2"
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["usage"]["completion_tokens"] >= 1

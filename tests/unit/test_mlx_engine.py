@@ -118,7 +118,14 @@ def test_an_unquantized_cache_adds_no_flag():
     ({"metadataOverrides": ["a=int:1"]}, "spec.metadataOverrides", "llama-server option"),
     ({"reasoningBudget": 10}, "spec.reasoningBudget", "llama-server option"),
     ({"uBatchSize": 64}, "spec.uBatchSize", "llama-server option"),
-    ({"speculativeDecoding": {"type": "draft", "draftModelRef": "small"}}, "spec.speculativeDecoding", "draft"),
+    ({"speculativeDecoding": {"type": "mtp"}}, "spec.speculativeDecoding.type", "draft model only"),
+    ({"speculativeDecoding": {"type": "draft", "draftModel": "d.gguf"}}, "spec.speculativeDecoding.draftModel",
+     "its own MLX Model"),
+    ({"speculativeDecoding": {"type": "draft-simple"}}, "spec.speculativeDecoding.draftModelRef", "needs a draft"),
+    ({"speculativeDecoding": {"type": "draft", "draftModelRef": "small"}, "parallelSlots": 2}, "spec.parallelSlots",
+     "draft model"),
+    ({"speculativeDecoding": {"type": "draft", "draftModelRef": "small"}}, "spec.speculativeDecoding.draftModelRef",
+     "was not found"),
     ({"extraArgs": ["--kv-bits", "8"]}, "spec.extraArgs[0]", "cacheTypeK"),
     ({"extraArgs": ["--trust-remote-code"]}, "spec.extraArgs[0]", "Python code"),
     ({"extraArgs": ["--mod", "/other"]}, "spec.extraArgs[0]", "reads --mod as --model"),
@@ -275,3 +282,32 @@ def test_the_mlx_sample_renders_the_mlx_command_line():
     argv = json.loads(result.output)
     assert argv[0] == "mlx_lm.server" and argv[argv.index("--decode-concurrency") + 1] == "2"
     assert argv[-6:] == ["--temp", "0.7", "--top-p", "0.8", "--max-tokens", "2048"]
+
+
+# -- speculative decoding with a draft Model ----------------------------------------------
+
+
+DRAFT = {"type": "draft", "draftModelRef": "small", "nDraftMax": 3}
+
+
+def test_a_draft_model_is_found_checked_and_passed_with_its_token_count():
+    draft = model_doc("small", format="mlx", source="/models/small-mlx")
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(format="mlx", source=MLX_SOURCE), draft=draft)
+    assert isinstance(outcome, Parsed) and outcome.value.draft.spec.source.raw == "/models/small-mlx"
+    argv = MLX_LM.argv(outcome.value, Launch(command=LAUNCH.command, model_path=MLX_SOURCE, host="h", port=1,
+                                             draft_model_path="/models/small-mlx"))
+    assert argv[-4:] == ("--draft-model", "/models/small-mlx", "--num-draft-tokens", "3")
+    without = evaluate(isvc_doc(), model_doc(format="mlx", source=MLX_SOURCE)).value
+    assert spec_hash(outcome.value) != spec_hash(without)
+
+
+def test_a_draft_that_mlx_cannot_load_is_refused_on_the_draft_model():
+    draft = model_doc("small", source="/models/small.gguf")
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(format="mlx", source=MLX_SOURCE), draft=draft)
+    assert isinstance(outcome, Invalid)
+    assert [(e.kind, e.name, e.path) for e in outcome.errors] == [("Model", "default/small", "spec.format")]
+
+
+def test_llama_server_still_ignores_speculative_decoding():
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc())
+    assert isinstance(outcome, Parsed) and outcome.value.draft is None

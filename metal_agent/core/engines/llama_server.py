@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metal_agent.core import llama_log
-from metal_agent.core.api import InferenceServiceSpec
+from metal_agent.core.api import InferenceServiceSpec, Model
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
@@ -57,6 +57,12 @@ class LlamaServer:
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
         return ()  # validation's rules are llama-server's own
+
+    def wants_draft(self, spec: InferenceServiceSpec) -> bool:
+        return False  # speculativeDecoding is ignored, as it always was
+
+    def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]:
+        return ()
 
     def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
         argv = build_argv(workload, AgentArgvOptions(

@@ -28,12 +28,16 @@ Spec mapping (checked against `mlx_lm.server --help` of mlx-lm 0.32):
 * `extraArgs` come last (argparse: the last occurrence wins), under the same
   owned-flag rule as llama-server's, with mlx_lm.server's own list below,
   including every unambiguous abbreviation argparse would accept.
-* `speculativeDecoding` with a draft model is refused for now (the draft
-  would be a second MLX directory to fetch and admit); every llama-server-only
-  field (rope scaling, MoE offload, tensor/metadata overrides, reasoning
-  budget, uBatchSize, embedding and rerank modes, GPU layer counts and
-  sharding, a sha256 for a whole directory) is refused by path, never
-  silently dropped.
+* `speculativeDecoding` of type `draft` (or `draft-simple`) with
+  `draftModelRef` naming an MLX Model in the same namespace ->
+  `--draft-model <its directory>` and `nDraftMax` -> `--num-draft-tokens`.
+  The draft is fetched and checked like the served model and its memory is
+  admitted with it; a draft makes mlx_lm.server serve one request at a
+  time, so more slots are refused, as are the other speculation types and a
+  draft named as a file (`draftModel`). Every llama-server-only field (rope
+  scaling, MoE offload, tensor/metadata overrides, reasoning budget,
+  uBatchSize, embedding and rerank modes, GPU layer counts and sharding, a
+  sha256 for a whole directory) is refused by path, never silently dropped.
 
 Readiness: mlx_lm.server answers /health 200 as soon as its HTTP server is up,
 while the model is still loading in its generation thread (and 503 once that
@@ -51,7 +55,7 @@ import struct
 from dataclasses import dataclass
 from fractions import Fraction
 
-from metal_agent.core.api import InferenceServiceSpec, Mode, SourceKind, UNQUANTIZED_CACHE_TYPES
+from metal_agent.core.api import InferenceServiceSpec, Mode, Model, ModelFormat, SourceKind, UNQUANTIZED_CACHE_TYPES
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
 from metal_agent.core.flags import flag_name
@@ -61,6 +65,10 @@ from metal_agent.core.result import FieldError
 
 MODEL_KIND = "Model"
 ISVC_KIND = "InferenceService"
+
+#: speculativeDecoding types mlx_lm.server runs (with a draft Model), and the ones that mean "none".
+DRAFT_TYPES = ("draft", "draft-simple")
+NO_SPECULATION = ("none", "disabled")
 
 #: `cacheType*` -> `--kv-bits`.
 KV_BITS = {"q8_0": 8, "q4_0": 4}
@@ -139,38 +147,24 @@ class MlxLm:
 
     # -- what it honours ----------------------------------------------------
 
-    def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
-        model, spec = workload.model, workload.isvc.spec
-        errors: list[FieldError] = []
+    def wants_draft(self, spec: InferenceServiceSpec) -> bool:
+        return spec.speculative_type in DRAFT_TYPES and spec.draft_model_ref is not None
 
-        def model_error(path: str, message: str) -> None:
-            errors.append(FieldError(path, message, MODEL_KIND, model.meta.key))
+    def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]:
+        """A draft Model is an MLX directory like any other (mlx_lm.server loads it with `load`)."""
+        errors = list(_model_refusals(draft))
+        if draft.spec.format is not ModelFormat.MLX and not any(e.path == "spec.format" for e in errors):
+            errors.append(FieldError("spec.format", f"{draft.spec.format.value} cannot be a draft model for"
+                                     " mlx_lm.server, which loads MLX directories only; use format mlx",
+                                     MODEL_KIND, draft.meta.key))
+        return tuple(errors)
+
+    def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
+        spec = workload.isvc.spec
+        errors: list[FieldError] = list(_model_refusals(workload.model))
 
         def isvc_error(path: str, message: str) -> None:
             errors.append(FieldError(path, message, ISVC_KIND, workload.isvc.meta.key))
-
-        source = model.spec.source
-        tail = source.raw.split("?", 1)[0].split("#", 1)[0].rstrip("/")
-        if tail.lower().endswith(".gguf"):
-            model_error("spec.format", f"mlx names an MLX model directory, but spec.source {source.raw!r} is a GGUF"
-                        " file; use format gguf (served by llama-server) or point spec.source at an MLX directory")
-        elif source.kind is SourceKind.HTTP:
-            model_error("spec.source", "an MLX model is a directory, which a single http(s):// URL cannot name; use"
-                        " hf://org/repo[@revision], file:///path/to/dir or an absolute directory path")
-        elif source.kind is SourceKind.HUGGINGFACE:
-            repo = tail.split("://", 1)[1]
-            if len([p for p in repo.split("/") if p]) != 2:
-                model_error("spec.source", "an MLX model from the hub is a whole repository: write"
-                            " hf://org/repo or hf://org/repo@revision, without a file path")
-        if model.spec.sha256:
-            model_error("spec.sha256", "an MLX model is a directory of files, which has no single sha256; remove"
-                        " it (hub downloads are verified file by file against the sizes and hashes the hub lists)")
-        gpu = model.spec.hardware.gpu
-        if gpu.layers != 0:
-            model_error("spec.hardware.gpu.layers", f"MLX runs every layer on the GPU; {gpu.layers} cannot be"
-                        " honoured (remove it or set 0)")
-        if gpu.sharding is not None:
-            model_error("spec.hardware.gpu.sharding", "MLX on one Mac does not split a model across devices")
 
         k, v = spec.effective_cache_type_k, spec.effective_cache_type_v
         for field, value in (("cacheTypeK", k), ("cacheTypeV", v)):
@@ -211,9 +205,19 @@ class MlxLm:
         for path, is_set in llama_only:
             if is_set:
                 isvc_error(path, _LLAMA_ONLY)
-        if spec.speculative_type not in (None, "none", "disabled"):
-            isvc_error("spec.speculativeDecoding", f"type {spec.speculative_type!r} cannot be honoured yet: metal-agent"
-                       " does not fetch a draft model for mlx_lm.server; remove speculativeDecoding")
+        kind = spec.speculative_type
+        if kind in DRAFT_TYPES and spec.draft_model_file is not None:
+            isvc_error("spec.speculativeDecoding.draftModel", "names a file in the Model's spec.files, which an MLX"
+                       " directory does not have; give the draft as its own MLX Model in draftModelRef")
+        elif kind in DRAFT_TYPES and spec.draft_model_ref is None:
+            isvc_error("spec.speculativeDecoding.draftModelRef", f"type {kind} needs a draft model: name an MLX Model"
+                       " in the same namespace")
+        elif kind not in (None, *NO_SPECULATION, *DRAFT_TYPES):
+            isvc_error("spec.speculativeDecoding.type", f"{kind!r} cannot be honoured: mlx_lm.server speculates with"
+                       " a draft model only (type draft with draftModelRef)")
+        elif kind in DRAFT_TYPES and spec.parallel_slots > 1:
+            isvc_error("spec.parallelSlots", f"{spec.parallel_slots} slots cannot be honoured with a draft model:"
+                       " mlx_lm.server then serves one request at a time; use 1")
         for i, arg in enumerate(spec.extra_args):
             reason = owned_flag(arg)
             if reason is not None:
@@ -233,6 +237,10 @@ class MlxLm:
                 "--prefill-step-size", str(spec.batch_size)]
         if (bits := _cache_bits(spec)) is not None:
             argv += ["--kv-bits", str(bits), "--kv-group-size", str(KV_GROUP_SIZE), "--quantized-kv-start", "0"]
+        if workload.draft is not None and launch.draft_model_path:
+            argv += ["--draft-model", launch.draft_model_path]
+            if spec.draft_tokens is not None:
+                argv += ["--num-draft-tokens", str(spec.draft_tokens)]
         argv += spec.extra_args
         return tuple(argv)
 
@@ -296,6 +304,38 @@ class MlxLm:
             notes = (f"contextSize {spec.context_size} is beyond the model's trained context {trained}",)
         return MemoryEstimate(weights_bytes=weights, kv_bytes=kv, overhead_bytes=overhead_bytes(weights),
                               context=context, cache_type_k=cache_name, cache_type_v=cache_name, notes=notes)
+
+
+def _model_refusals(model: Model) -> tuple[FieldError, ...]:
+    """What mlx_lm.server cannot honour in a Model it loads (the served one or a draft)."""
+    errors: list[FieldError] = []
+
+    def model_error(path: str, message: str) -> None:
+        errors.append(FieldError(path, message, MODEL_KIND, model.meta.key))
+
+    source = model.spec.source
+    tail = source.raw.split("?", 1)[0].split("#", 1)[0].rstrip("/")
+    if tail.lower().endswith(".gguf"):
+        model_error("spec.format", f"mlx names an MLX model directory, but spec.source {source.raw!r} is a GGUF"
+                    " file; use format gguf (served by llama-server) or point spec.source at an MLX directory")
+    elif source.kind is SourceKind.HTTP:
+        model_error("spec.source", "an MLX model is a directory, which a single http(s):// URL cannot name; use"
+                    " hf://org/repo[@revision], file:///path/to/dir or an absolute directory path")
+    elif source.kind is SourceKind.HUGGINGFACE:
+        repo = tail.split("://", 1)[1]
+        if len([p for p in repo.split("/") if p]) != 2:
+            model_error("spec.source", "an MLX model from the hub is a whole repository: write"
+                        " hf://org/repo or hf://org/repo@revision, without a file path")
+    if model.spec.sha256:
+        model_error("spec.sha256", "an MLX model is a directory of files, which has no single sha256; remove"
+                    " it (hub downloads are verified file by file against the sizes and hashes the hub lists)")
+    gpu = model.spec.hardware.gpu
+    if gpu.layers != 0:
+        model_error("spec.hardware.gpu.layers", f"MLX runs every layer on the GPU; {gpu.layers} cannot be"
+                    " honoured (remove it or set 0)")
+    if gpu.sharding is not None:
+        model_error("spec.hardware.gpu.sharding", "MLX on one Mac does not split a model across devices")
+    return tuple(errors)
 
 
 def _json(data: bytes) -> dict | None:
