@@ -43,7 +43,9 @@ from metal_agent.core.leases import (
     role,
 )
 from metal_agent.core.memory import EstimateFailed, gib
-from metal_agent.core.placement import Member, Wanted, bid_delay, rank, unschedulable_message, wanted_from
+from metal_agent.core.conditions import Condition
+from metal_agent.core.placement import Member, Wanted, bid_delay, placement_condition, rank, unschedulable_message, \
+    wanted_from
 from metal_agent.core.result import Parsed
 from metal_agent.core.status import Blocker
 from metal_agent.core.validation import parse_model
@@ -111,6 +113,9 @@ class Fleet:
         self._alive_before: set[str] = set()
         self._served: set[str] = set()
         self._unplaced: dict[str, Blocker] = {}
+        self._desired: dict[str, int] = {}  # replicas wanted, per service
+        self._reporters: dict[str, str | None] = {}  # who speaks for a service no Mac serves
+        self._said: dict[str, Condition | None] = {}  # the placement each service's status last heard of
         self._leases_synced = False
         self._own_rv: str | None = None
         self._published: tuple = ()
@@ -142,10 +147,36 @@ class Fleet:
         live = sorted((r.index, r.holder) for r in self._replicas_of(key) if r.holder and self._alive(r.holder))
         if live:
             return live[0][1] == self.me and not self.fenced()
-        return key in self._unplaced
+        return key in self._unplaced or self._keeps_stopped(key)
+
+    def _keeps_stopped(self, key: str) -> bool:
+        """A service scaled to zero (or suspended) is nobody's replica: one Mac, the reporter,
+        takes it as its own so that its status says Stopped/Suspended."""
+        return self._desired.get(key) == 0 and self._reporters.get(key) == self.me and not self.fenced()
 
     def unplaced(self, key: str) -> Blocker | None:
         return self._unplaced.get(key)
+
+    def placement(self, key: str) -> tuple[Condition | None, int]:
+        """Which Mac serves each replica (`FleetPlacement`), and how many are ready elsewhere."""
+        now = time.monotonic()
+        holders: dict[int, tuple[str, bool]] = {}
+        elsewhere = 0
+        for r in self._replicas_of(key):
+            if not r.holder or not self._alive(r.holder, now):
+                continue
+            if r.holder == self.me:
+                ready = self.process_ready(key)
+            else:
+                info = self.members.get(r.holder)
+                ready = info is not None and f"{key}#{r.index}" in info.serving
+                elsewhere += ready
+            holders[r.index] = (r.holder, ready)
+        unplaced = self._unplaced.get(key)
+        replicas = self._desired.get(key, max(holders, default=-1) + 1)
+        if replicas == 0:
+            return None, 0
+        return placement_condition(replicas, holders, unplaced.message if unplaced else None), elsewhere
 
     # -- what this Mac holds ------------------------------------------------
 
@@ -162,6 +193,8 @@ class Fleet:
         """Should this Mac run `key`: it holds a replica, or takes one over from a draining Mac."""
         if self.fenced():
             return False
+        if self._keeps_stopped(key):
+            return True
         return any(r.holder == self.me or (r.successor == self.me and r.holder and self._alive(r.holder))
                    for r in self._replicas_of(key))
 
@@ -210,7 +243,8 @@ class Fleet:
 
     def _notify(self) -> None:
         """Re-queue every service whose "ours?" answer changed."""
-        served = {r.key for r in self.replicas.values() if self.serves(r.key)}
+        served = {r.key for r in self.replicas.values() if self.serves(r.key)} | \
+            {k for k in self._desired if self._keeps_stopped(k)}
         for key in served ^ self._served:
             self.on_key(key)
         self._served = served
@@ -239,7 +273,8 @@ class Fleet:
         return present
 
     def _fingerprint(self) -> tuple:
-        return (frozenset(self._models_present()), frozenset(self.unfit), self.cordoned)
+        serving = frozenset(r.key for r in self.replicas.values() if r.holder == self.me and self.process_ready(r.key))
+        return (frozenset(self._models_present()), frozenset(self.unfit), self.cordoned, serving)
 
     async def renew(self) -> None:
         started = time.monotonic()
@@ -367,15 +402,26 @@ class Fleet:
         unplaced: dict[str, Blocker] = {}
         keys = set()
         # Not Metal's, or invalid: not placed; whoever holds it keeps it (the reconciler decides).
+        desired, reporters = {}, {}
         for wanted, workload in self.wanted_services():
             keys.add(wanted.key)
+            desired[wanted.key] = wanted.replicas
+            reporters[wanted.key] = self._reporter(wanted, alive_members)
             if blocker := self._place(wanted, workload, alive_members, now):
                 unplaced[wanted.key] = blocker
         for r in list(self.replicas.values()):  # the service is gone: its holder removes the Lease
             if r.holder == self.me and r.key not in keys and self.isvcs.get(r.key) is None:
                 self._spawn((r.key, r.index), self._release(r))
         changed = {k for k in set(unplaced) | set(self._unplaced) if unplaced.get(k) != self._unplaced.get(k)}
-        self._unplaced = unplaced
+        self._unplaced, self._desired, self._reporters = unplaced, desired, reporters
+        self._notify()  # a service scaled to zero changes hands (see `_keeps_stopped`)
+        for key in keys:  # the Mac that writes a service's status rewrites it when its placement changes
+            said = self.placement(key)[0] if self.speaks_for(key) else None
+            if said != self._said.get(key):
+                self._said[key] = said
+                changed.add(key)
+        for key in set(self._said) - keys:
+            del self._said[key]
         for key in changed:
             self.on_key(key)
 

@@ -536,6 +536,7 @@ class Reconciler:
             model_not_accepted=Blocker(*not_ready) if not_ready else None,
             gpu_layers=managed.workload.model.spec.hardware.gpu.layers if managed else 0,
             shared=owner.shared,
+            **dict(zip(("placement", "ready_elsewhere"), self.allowlist.placement(key))),
         )
         if owner.shared and scheduling is None:
             await self._clear_stale_scheduling(key, raw)

@@ -183,3 +183,22 @@ def unschedulable_message(wanted: Wanted, members: list[Member], holding: frozen
     if wanted.node_selector:
         head += f" (nodeSelector {', '.join(f'{k}={v}' for k, v in sorted(wanted.node_selector.items()))})"
     return head + ": " + "; ".join(f"{', '.join(names)}: {why}" for why, names in sorted(reasons.items()))
+
+
+def placement_condition(replicas: int, holders: Mapping[int, tuple[str, bool]], unplaced: str | None = None):
+    """`FleetPlacement`: which Mac serves each replica (`holders`: index -> (member, ready)).
+
+    True once every wanted replica has a Mac; the message names them all, so
+    `kubectl describe` answers "where does this run?" without a second command.
+    """
+    from metal_agent.core.conditions import Condition
+
+    placed = [f"replica {i} on {name} ({'ready' if ready else 'starting'})"
+              for i, (name, ready) in sorted(holders.items()) if i < replicas]
+    message = ", ".join(placed) or "no Mac serves it"
+    if len(placed) >= replicas:
+        return Condition("FleetPlacement", True, "Placed", message)
+    missing = replicas - len(placed)
+    reason = "Unschedulable" if unplaced else "Placing"
+    tail = f"; {missing} replica{'s' if missing > 1 else ''} unplaced" + (f": {unplaced}" if unplaced else "")
+    return Condition("FleetPlacement", False, reason, message + tail)

@@ -31,7 +31,8 @@ from metal_agent.core.process import Snapshot, State
 PROCESS_READY = "MetalProcessReady"
 SPEC_ACCEPTED = "MetalSpecAccepted"
 MEMORY_PRESSURE = "MemoryPressure"
-AGENT_CONDITIONS = (PROCESS_READY, SPEC_ACCEPTED, MEMORY_PRESSURE)
+FLEET_PLACEMENT = "FleetPlacement"
+AGENT_CONDITIONS = (PROCESS_READY, SPEC_ACCEPTED, MEMORY_PRESSURE, FLEET_PLACEMENT)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class StatusInputs:
     # The Model's spec.hardware.gpu.layers (0: all, -1: auto, N: that many): a partial
     # offload of exactly the N layers asked for is not a memory shortfall.
     gpu_layers: int = 0
+    # Fleet mode (metal_agent/fleet.py): the replicas ready on other Macs, and the condition
+    # saying which Macs serve the service (`FleetPlacement`), written by one Mac for all.
+    ready_elsewhere: int = 0
+    placement: Condition | None = None
 
 
 def _process_condition(inputs: StatusInputs) -> Condition:
@@ -187,7 +192,8 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
     """The status fields the agent applies (without `lastUpdated`, which the writer stamps)."""
     p = inputs.process
     running = p is not None and p.state is not State.STOPPED
-    agent = [_process_condition(inputs), _spec_condition(inputs), *filter(None, [inputs.memory_pressure])]
+    agent = [_process_condition(inputs), _spec_condition(inputs),
+             *filter(None, [inputs.memory_pressure, inputs.placement])]
     old = [c for c in (previous or {}).get("conditions") or [] if isinstance(c, dict)]
     status: dict = {}
 
@@ -196,7 +202,7 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
             status["phase"] = "Suspended" if inputs.suspended else "Stopped"
         wanted = agent
     else:
-        ready = 1 if running and p.state is State.READY else 0
+        ready = (1 if running and p.state is State.READY else 0) + inputs.ready_elsewhere
         desired = max(0, inputs.desired_replicas) if inputs.wants_process else 0
         phase, standard = _full_conditions(inputs, ready, desired)
         status["phase"] = phase

@@ -202,6 +202,15 @@ async def test_two_replicas_on_two_macs_then_a_mac_loses_power(
             assert await answers(address, port)
         spare = next(m for m in macs if m not in serving)
 
+        async def placed_on_both():
+            cond = await cluster.condition("pair", "FleetPlacement")
+            status = await cluster.status("pair")
+            return cond if cond and cond["status"] == "True" and "starting" not in cond["message"] \
+                and status.get("readyReplicas") == 2 and status.get("phase") == "Ready" else None
+        cond = await wait_for(placed_on_both, timeout=30, what="FleetPlacement names both Macs")
+        for mac in serving:
+            assert f"on {mac.name} (ready)" in cond["message"]
+
         async with ReadyWatcher(cluster, "pair") as watcher:
             dead = serving[0]
             dead.agent.kill()
@@ -221,6 +230,16 @@ async def test_two_replicas_on_two_macs_then_a_mac_loses_power(
         assert "Moved" in await cluster.event_reasons("pair")
         for address, port in await ready_endpoints(cluster, "pair"):
             assert await answers(address, port)
+
+        # Scaled to zero: nobody serves it, one Mac says so.
+        await cluster.patch_isvc("pair", {"replicas": 0})
+        await cluster.wait_phase("pair", "Stopped", timeout=30)
+        await wait_for(lambda: _no_ready(cluster, "pair"), timeout=30, what="no ready endpoint")
+        assert (await cluster.core.read_namespaced_service("pair", cluster.ns)).spec.cluster_ip
+
+
+async def _no_ready(cluster: Cluster, service: str) -> bool:
+    return not await ready_endpoints(cluster, service)
 
 
 async def test_a_mac_cut_off_from_the_api_stops_serving_before_another_takes_over(

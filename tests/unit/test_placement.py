@@ -18,8 +18,10 @@ from metal_agent.core.leases import (
     replica_lease_name,
 )
 from metal_agent.core.memory import GiB
-from metal_agent.core.placement import Member, Wanted, bid_delay, rank, selector_matches, unschedulable_message, \
-    wanted_from, why_not
+from metal_agent.core.placement import Member, Wanted, bid_delay, placement_condition, rank, selector_matches, \
+    unschedulable_message, wanted_from, why_not
+from metal_agent.core.process import Snapshot, State
+from metal_agent.core.status import StatusInputs, compute_status
 
 STUDIO = Member("studio", {"llmkube.ai/chip": "M2-Ultra", "size": "big", "llmkube.ai/memory-gib": "192"},
                 budget_bytes=144 * GiB, committed_bytes=20 * GiB)
@@ -165,3 +167,28 @@ def test_a_member_fences_itself_before_anyone_may_take_over():
     assert fence_deadline(100.0, 4.0, 3.0) == 102.0  # never more than half the duration's margin lost
     w = Wanted("ml/chat", "ml/qwen", 1)
     assert w.namespace == "ml" and w.name == "chat"
+
+
+def test_placement_condition_names_every_mac_and_what_is_missing():
+    full = placement_condition(2, {0: ("studio", True), 1: ("mini", False)})
+    assert (full.type, full.status, full.reason) == ("FleetPlacement", True, "Placed")
+    assert full.message == "replica 0 on studio (ready), replica 1 on mini (starting)"
+    short = placement_condition(3, {1: ("mini", True)}, unplaced="0/3 Macs can take another replica: ...")
+    assert (short.status, short.reason) == (False, "Unschedulable")
+    assert short.message == "replica 1 on mini (ready); 2 replicas unplaced: 0/3 Macs can take another replica: ..."
+    assert placement_condition(1, {}).reason == "Placing"
+    assert placement_condition(1, {0: ("a", True), 1: ("b", True)}).message == "replica 0 on a (ready)"  # scaled down
+
+
+def test_status_counts_replicas_ready_on_other_macs_and_carries_the_placement():
+    ready = Snapshot(key="ml/chat", spec_hash="x", state=State.READY, pid=1, port=8000)
+    placed = placement_condition(2, {0: ("a", True), 1: ("b", True)})
+    status = compute_status(StatusInputs(generation=1, wants_process=True, desired_replicas=2, process=ready,
+                                         ready_elsewhere=1, placement=placed), None, "2026-01-01T00:00:00Z")
+    assert status["phase"] == "Ready" and status["readyReplicas"] == 2
+    cond = next(c for c in status["conditions"] if c["type"] == "FleetPlacement")
+    assert cond["status"] == "True" and cond["message"] == placed.message
+    alone = compute_status(StatusInputs(generation=1, wants_process=True, desired_replicas=2, process=ready),
+                           None, "2026-01-01T00:00:00Z")
+    assert alone["phase"] == "Progressing" and alone["readyReplicas"] == 1
+    assert "FleetPlacement" not in {c["type"] for c in alone["conditions"]}
