@@ -125,6 +125,10 @@ async def test_mlx_service_full_loop(mac, tiny_mlx_model):
     assert psutil.Process(pid).create_time() == created
     assert any(row["adopted"] for row in await successor.services() if row["service"] == key)
     await chat_through_slice(cluster, "mlx-chat")
+    # The successor knew the engine from the process record before it read the spec.
+    svc = await cluster.core.read_namespaced_service("mlx-chat", cluster.ns)
+    assert svc.metadata.labels["inference.llmkube.dev/runtime"] == "mlx"
+    assert (await cluster.condition("mlx-chat", "MetalProcessReady"))["message"].startswith("mlx_lm.server")
 
     # Delete cleans up: process and Service gone.
     await cluster.delete_isvc("mlx-chat")

@@ -311,3 +311,16 @@ def test_a_draft_that_mlx_cannot_load_is_refused_on_the_draft_model():
 def test_llama_server_still_ignores_speculative_decoding():
     outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc())
     assert isinstance(outcome, Parsed) and outcome.value.draft is None
+
+
+def test_process_records_name_their_engine_and_older_ones_are_llama_servers(tmp_path):
+    from metal_agent.adapters.process.manager import _engine_of
+    from metal_agent.adapters.process.records import ProcessRecord, RecordStore
+
+    store = RecordStore(tmp_path)
+    store.save(ProcessRecord("ns/a", "u", 1, 1.0, "h", 8080, "127.0.0.1", "d", engine="mlx-lm"))
+    old = ProcessRecord("ns/b", "u", 2, 1.0, "h", 8081, "127.0.0.1", "d")
+    (tmp_path / "ns__b.json").write_text(json.dumps({k: v for k, v in old.__dict__.items() if k != "engine"}))
+    records = {r.key: r for r in store.load_all()}
+    assert _engine_of(records["ns/a"]) is MLX_LM and _engine_of(records["ns/b"]) is LLAMA_SERVER
+    assert _engine_of(ProcessRecord("ns/c", "u", 3, 1.0, "h", 1, "h", "d", engine="vllm-swift")) is LLAMA_SERVER

@@ -24,6 +24,8 @@ from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, find_unrecorded, live_process
 from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
 from metal_agent.adapters.process.terminate import terminate_group
+from metal_agent.core.engine import Engine, engine_named
+from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.process import Snapshot, SupervisorEvent
 
 log = structlog.get_logger(__name__)
@@ -141,7 +143,7 @@ class ProcessManager:
         del self.adoptable[key]
         argv = record.argv
         plan = LaunchPlan(key=key, uid=uid, spec_hash=record.spec_hash, host=record.host,
-                          build_argv=lambda port: argv, port=record.port)
+                          build_argv=lambda port: argv, port=record.port, engine=_engine_of(record))
         supervisor = self._supervisor(plan)
         self.supervisors[key] = supervisor
         supervisor.adopt(record)
@@ -182,3 +184,11 @@ class ProcessManager:
         live = {log_file_name(key) for key in (*self.supervisors, *self.adoptable)}
         if removed := await asyncio.to_thread(remove_stale_service_logs, self.log_dir, live, retention):
             log.info("removed logs of services gone for a while", files=removed)
+
+
+def _engine_of(record: ProcessRecord) -> Engine:
+    """The engine a record names; one this agent does not know is probed as llama-server."""
+    try:
+        return engine_named(record.engine)
+    except ValueError:
+        return LLAMA_SERVER

@@ -42,6 +42,9 @@ class ProcessRecord:
     # process (and restart it as it was) while the current spec is invalid.
     argv: tuple[str, ...] = ()
     boot_time: float = 0.0  # psutil.boot_time() when recorded (0: unknown, older records)
+    # The engine that runs it (core.engine.EngineName), so a later agent probes and names it
+    # right before it sees the spec; records of older agents are llama-server's.
+    engine: str = "llama-server"
 
 
 def _file_name(key: str) -> str:
@@ -97,7 +100,7 @@ class RecordStore:
         typed = (isinstance(record.pid, int) and not isinstance(record.pid, bool) and record.pid >= 0
                  and isinstance(record.create_time, (int, float)) and isinstance(record.boot_time, (int, float))
                  and isinstance(record.port, int) and all(isinstance(v, str) for v in (
-                     record.key, record.uid, record.spec_hash, record.host, record.argv_digest)))
+                     record.key, record.uid, record.spec_hash, record.host, record.argv_digest, record.engine)))
         return record if typed else None
 
     def load_all(self) -> list[ProcessRecord]:

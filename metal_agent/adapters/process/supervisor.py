@@ -258,7 +258,8 @@ class Supervisor:
         argv = [str(a) for a in self.plan.build_argv(port)]
         record = ProcessRecord(key=self.plan.key, uid=self.plan.uid, pid=0, create_time=0.0,
                                spec_hash=self.plan.spec_hash, port=port, host=self.plan.host,
-                               argv_digest=argv_digest(argv), argv=tuple(argv), boot_time=psutil.boot_time())
+                               argv_digest=argv_digest(argv), argv=tuple(argv), boot_time=psutil.boot_time(),
+                               engine=self.plan.engine.name.value)
         # Written before the exec, without a pid: an agent killed between the exec and the
         # full record leaves a process the next agent can still find by its command line
         # (unique: it holds the port) and adopt or stop, never an orphan beside a second copy.
