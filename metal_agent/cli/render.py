@@ -103,9 +103,10 @@ def render(
 
     engine = engine_for(workload, EngineName(default_runtime))
     if engine.name is EngineName.MLX_LM:
-        from metal_agent.adapters.mlx_binary import exec_form
+        from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server
 
-        command, dialect = (exec_form(mlx_server) if mlx_server else ("mlx_lm.server",)), {}
+        found = find_mlx_server(mlx_server)
+        command, dialect = (exec_form(found) if found else ("python3", "mlx_lm.server")), {}
     else:
         command, dialect = (llama_server or "llama-server",), asdict(_probe_dialect(llama_server))
     launch = Launch(

@@ -20,6 +20,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from metal_agent.core.engines.mlx_lm import ONE_MODEL
 from tests.support import netns
 from tests.support.agent import AgentOptions, AgentProcess, agents_in_netns, kill_recorded_processes
 from tests.support.isvc import Cluster
@@ -57,7 +58,9 @@ async def chat_through_slice(cluster: Cluster, name: str) -> dict:
     """What a cluster client does: find the ready endpoint, send a chat completion there."""
     found = await wait_for(lambda: ready_slice(cluster, name), timeout=30, what=f"ready slice of {name}")
     address, port = found.endpoints[0].addresses[0], found.ports[0].port
-    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    # Like any OpenAI client, name a model: the server answers with the one it serves,
+    # it never fetches or loads what a request names.
+    body = {"model": "someone/another-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://{address}:{port}/v1/chat/completions", json=body,
                              timeout=aiohttp.ClientTimeout(total=60)) as resp:
@@ -91,7 +94,7 @@ async def test_mlx_service_full_loop(mac, tiny_mlx_model):
     await cluster.create_isvc("mlx-chat", "tiny-mlx", contextSize=1024)
     await cluster.wait_phase("mlx-chat", "Ready", timeout=LOAD_TIMEOUT)
     pid = await ready_pid(agent, key)
-    assert argv_of(pid)[1].endswith("mlx_lm.server")  # the interpreter runs the script: argv is the cmdline
+    assert argv_of(pid)[1:3] == ["-c", ONE_MODEL]  # mlx-lm's interpreter runs it: argv is the cmdline
     assert flag(pid, "--model") == str(tiny_mlx_model) and flag(pid, "--host") == ns.inner_ip
     assert flag(pid, "--decode-concurrency") == "1"
     assert (await cluster.condition("mlx-chat", "MetalProcessReady"))["message"].startswith(
@@ -154,7 +157,7 @@ async def test_one_mac_serves_gguf_and_mlx_at_once(mac):
     await cluster.wait_phase("mlx-chat", "Ready", timeout=LOAD_TIMEOUT)
     gguf = await ready_pid(agent, f"{cluster.ns}/gguf-chat")
     mlx = await ready_pid(agent, f"{cluster.ns}/mlx-chat")
-    assert os.path.basename(argv_of(gguf)[0]) == "llama-server" and argv_of(mlx)[1].endswith("mlx_lm.server")
+    assert os.path.basename(argv_of(gguf)[0]) == "llama-server" and argv_of(mlx)[1:3] == ["-c", ONE_MODEL]
     for name, runtime in (("gguf-chat", "llamacpp"), ("mlx-chat", "mlx")):
         svc = await cluster.core.read_namespaced_service(name, cluster.ns)
         assert svc.metadata.labels["inference.llmkube.dev/runtime"] == runtime

@@ -16,7 +16,7 @@ from metal_agent.core.api import CacheType, InferenceServiceSpec
 from metal_agent.core.claim import evaluate
 from metal_agent.core.engine import EngineName, Launch, engine_for
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
-from metal_agent.core.engines.mlx_lm import MLX_LM, owned_flag
+from metal_agent.core.engines.mlx_lm import MLX_LM, ONE_MODEL, owned_flag
 from metal_agent.core.go_flags import normalize_run_argv
 from metal_agent.core.result import Invalid, Parsed
 from metal_agent.core.spec_hash import spec_hash
@@ -81,7 +81,7 @@ def test_mlx_argv_maps_the_spec():
                                 extraArgs=["--temp", "0.7", "--chat-template-args", '{"enable_thinking":false}']),
                        LAUNCH)
     assert argv == (
-        "/venv/bin/python3", "/venv/bin/mlx_lm.server", "--model", MLX_SOURCE, "--host", "10.0.0.5", "--port", "8123",
+        "/venv/bin/python3", "-c", ONE_MODEL, "--model", MLX_SOURCE, "--host", "10.0.0.5", "--port", "8123",
         "--log-level", "INFO", "--decode-concurrency", "4", "--prompt-cache-size", "4", "--prefill-step-size", "512",
         "--temp", "0.7", "--chat-template-args", '{"enable_thinking":false}',
     )
@@ -280,7 +280,7 @@ def test_the_mlx_sample_renders_the_mlx_command_line():
     result = CliRunner().invoke(app, ["render", "-f", str(sample)])
     assert result.exit_code == 0, result.output
     argv = json.loads(result.output)
-    assert argv[0] == "mlx_lm.server" and argv[argv.index("--decode-concurrency") + 1] == "2"
+    assert argv[1:3] == ["-c", ONE_MODEL] and argv[argv.index("--decode-concurrency") + 1] == "2"
     assert argv[-6:] == ["--temp", "0.7", "--top-p", "0.8", "--max-tokens", "2048"]
 
 
@@ -324,3 +324,18 @@ def test_process_records_name_their_engine_and_older_ones_are_llama_servers(tmp_
     records = {r.key: r for r in store.load_all()}
     assert _engine_of(records["ns/a"]) is MLX_LM and _engine_of(records["ns/b"]) is LLAMA_SERVER
     assert _engine_of(ProcessRecord("ns/c", "u", 3, 1.0, "h", 1, "h", "d", engine="vllm-swift")) is LLAMA_SERVER
+
+
+def test_one_model_wrapper_makes_every_request_use_the_served_model(monkeypatch):
+    """Run the wrapper's code against mlx_lm's real ModelProvider class, with its loader stubbed."""
+    import mlx_lm.server as server
+
+    calls = []
+    monkeypatch.setattr(server.ModelProvider, "load", lambda self, m, a=None, d=None: calls.append((m, a, d)))
+    monkeypatch.setattr(server, "main", lambda: None)
+    monkeypatch.setattr("sys.argv", ["-c"])
+    exec(ONE_MODEL, {})
+    server.ModelProvider.load(object(), "someone/another-model", "/tmp/adapters", "other/draft")
+    assert calls == [("default_model", None, "default_model")]
+    import sys
+    assert sys.argv[0] == "mlx_lm.server"

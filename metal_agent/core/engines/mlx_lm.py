@@ -39,6 +39,16 @@ Spec mapping (checked against `mlx_lm.server --help` of mlx-lm 0.32):
   uBatchSize, embedding and rerank modes, GPU layer counts and sharding, a
   sha256 for a whole directory) is refused by path, never silently dropped.
 
+One model per server: a request to mlx_lm.server may name another model,
+adapters or a draft model in its body (`model`, `adapters`, `draft_model`),
+and the server would load it, from the hub or from any directory the
+agent's user can read, replacing the one it serves. OpenAI clients send a
+`model` name with every request, so plain mlx_lm.server would also fail
+them. The agent therefore starts it through `ONE_MODEL`, a few lines run by
+the same interpreter (`python -c`) that make every request use the model the
+server was started with, as llama-server does, before calling mlx_lm's own
+`main()` with the same arguments.
+
 Readiness: mlx_lm.server answers /health 200 as soon as its HTTP server is up,
 while the model is still loading in its generation thread (and 503 once that
 thread has died, e.g. of a broken model). So readiness is one 1-token
@@ -111,6 +121,19 @@ _LLAMA_ONLY = "a llama-server option; mlx_lm.server has no equivalent, so it can
 
 # A Python traceback's last line ("ValueError: ..."), logged errors, a dead generation thread.
 _PROBLEM = re.compile(r"^\w*(?:Error|Exception)\b|\b(?:ERROR|CRITICAL|error|died|failed|cannot|No such file)\b")
+
+
+#: Run by mlx-lm's own interpreter in place of the `mlx_lm.server` script (see the module docstring).
+ONE_MODEL = (
+    "import sys\n"
+    "import mlx_lm.server as server\n"
+    "load = server.ModelProvider.load\n"
+    "def one_model(self, model_path, adapter_path=None, draft_model_path=None):\n"
+    "    return load(self, 'default_model', None, 'default_model')\n"
+    "server.ModelProvider.load = one_model\n"
+    "sys.argv[0] = 'mlx_lm.server'\n"
+    "server.main()\n"
+)
 
 
 def owned_flag(token: str) -> str | None:
@@ -230,7 +253,9 @@ class MlxLm:
 
     def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
         spec = workload.isvc.spec
-        argv = [*launch.command, "--model", launch.model_path, "--host", launch.host, "--port", str(launch.port),
+        # (interpreter, script): run the script's module through ONE_MODEL; a binary runs as it is.
+        command = [launch.command[0], "-c", ONE_MODEL] if len(launch.command) == 2 else list(launch.command)
+        argv = [*command, "--model", launch.model_path, "--host", launch.host, "--port", str(launch.port),
                 "--log-level", "INFO",
                 "--decode-concurrency", str(spec.parallel_slots),
                 "--prompt-cache-size", str(spec.parallel_slots),
