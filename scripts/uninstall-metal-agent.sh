@@ -8,15 +8,21 @@
 # reloading any model. STOP_MODELS=1 stops them too, via `metal-agent
 # stop-all`, which signals only processes it can prove the agent started.
 #
-# Environment: STOP_MODELS=1; METAL_AGENT_VENV (the venv an install was told
-# to use: used for stop-all, never deleted); METAL_AGENT_INSTALL_ROOT,
+# In a fleet (`run --fleet`) the Mac is drained first: every replica it
+# serves starts on another Mac before it stops here (`metal-agent drain`);
+# if no other Mac can take one, nothing is uninstalled (DRAIN=0 skips it:
+# the other Macs then take over once this Mac's lease expires).
+#
+# Environment: STOP_MODELS=1; DRAIN=0; METAL_AGENT_LISTEN (the agent's
+# --listen, for the drain); METAL_AGENT_VENV (the venv an install was told
+# to use: used for drain and stop-all, never deleted); METAL_AGENT_INSTALL_ROOT,
 # LAUNCHCTL and SUDO as for install-metal-agent.sh (the first two required
 # off macOS).
 set -euo pipefail
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,14s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+  -h|--help) sed -n '2,20s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
   *) echo "unknown argument: $1" >&2; exit 2 ;;
 esac
 
@@ -34,6 +40,18 @@ stop_models="${STOP_MODELS:-0}"
 if [[ "$stop_models" == 1 && ! -x "$agent" ]]; then
   echo "STOP_MODELS=1 needs $agent to find the llama-servers safely; it is missing, so nothing was changed" >&2
   exit 1
+fi
+
+# Drain before unloading: the agent is what hands its replicas over.
+if [[ "${DRAIN:-1}" == 1 && -x "$agent" ]]; then
+  drain_rc=0
+  "$agent" drain || drain_rc=$?
+  case "$drain_rc" in
+    0) ;;
+    3) echo "nothing was uninstalled: the Mac still serves what no other Mac can take (DRAIN=0 uninstalls anyway)" >&2
+       exit 1 ;;
+    *) echo "no drain: the agent is not running, or not with --fleet" ;;
+  esac
 fi
 
 # Unload first, so the agent cannot start anything again meanwhile.

@@ -19,6 +19,7 @@ from metal_agent.cli.status import DEFAULT_LISTEN, AgentUnreachable, format_byte
 
 __all__ = ["drain", "fleet", "uncordon"]
 
+NOT_DRAINED = 3  # exit code: the agent answered, but replicas are still served here (1: no agent, or no fleet)
 ListenOption = Annotated[str, typer.Option(envvar="METAL_AGENT_LISTEN", help="The agent's --listen address.")]
 
 
@@ -90,7 +91,11 @@ def _mine(view: dict) -> list[str]:
 def drain(listen: ListenOption = DEFAULT_LISTEN,
           timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 600.0,
           stuck_after: Annotated[float, typer.Option(min=1, help="Give up when no other Mac can take what is left for this long.")] = 15.0) -> None:
-    """Move this Mac's replicas to other Macs (each starts there before it stops here) and take no new ones."""
+    """Move this Mac's replicas to other Macs (each starts there before it stops here) and take no new ones.
+
+    Exits 0 once nothing is served here, 3 if something still is (no other Mac can take it, or
+    the timeout passed), 1 if no agent with --fleet answers.
+    """
     async def run() -> int:
         view = await _call(listen, "/v1/fleet/drain", "POST")
         typer.echo(f"{view['member']} cordoned: it takes no new replicas")
@@ -105,12 +110,12 @@ def drain(listen: ListenOption = DEFAULT_LISTEN,
                 stuck_since = stuck_since or time.monotonic()
                 if time.monotonic() - stuck_since >= stuck_after:
                     typer.echo("not drained: no other Mac can take what is left; it is still served here", err=True)
-                    return 1
+                    return NOT_DRAINED
             else:
                 stuck_since = None
             if time.monotonic() - began >= timeout:
                 typer.echo(f"not drained after {timeout:.0f}s; left here: {', '.join(_mine(view))}", err=True)
-                return 1
+                return NOT_DRAINED
             await asyncio.sleep(1.0)
             view = await _call(listen, "/v1/fleet")
         typer.echo("drained: nothing is served here now (metal-agent uncordon takes replicas again)")

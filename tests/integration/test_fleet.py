@@ -342,3 +342,29 @@ async def test_drain_moves_a_service_with_no_moment_without_a_ready_endpoint(
         code, out = await cli_in(a, "uncordon")
         assert code == 0 and "uncordoned" in out, out
         assert not (await a.fleet())["cordoned"]
+
+
+async def test_uninstall_drains_the_mac_first(control_plane, llama_server_bin, tmp_path, namespace, cluster):
+    """scripts/uninstall-metal-agent.sh in prefix mode (tests/integration/test_install_scripts.py's
+    stand-in launchctl), run on the Mac: the drain comes before anything is unloaded."""
+    from tests.integration.test_install_scripts import UNINSTALL
+    from tests.integration.test_install_scripts import Mac as InstallRoot
+
+    specs = {"a": {}, "b": {}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs) as macs:
+        a, b = macs
+        await a.agent.start()
+        await cluster.create_isvc("leaving", "tiny", contextSize=256)
+        assert await wait_for(lambda: ready_on(cluster, "leaving", macs), timeout=START_TIMEOUT, what="on a") == [a]
+        await b.agent.start()
+        (tmp_path / "install").mkdir()
+        root = InstallRoot(tmp_path / "install")
+        env = root.env(METAL_AGENT_LISTEN=f"{a.agent.listen_host}:{a.agent.port}")
+        async with ReadyWatcher(cluster, "leaving") as watcher:
+            proc = await asyncio.create_subprocess_exec(*a.ns.wrap(["bash", str(UNINSTALL)]), env=env,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            out = (await asyncio.wait_for(proc.communicate(), timeout=START_TIMEOUT + 30))[0].decode()
+            assert proc.returncode == 0, out
+            assert await ready_on(cluster, "leaving", macs) == [b]
+        assert out.index("drained") < out.index("was not loaded"), out
+        assert watcher.zero_s == 0 and watcher.zero_since is None
