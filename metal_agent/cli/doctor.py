@@ -30,6 +30,8 @@ def doctor(
     llama_server: Annotated[str | None, typer.Option(envvar="METAL_AGENT_LLAMA_SERVER", help="llama-server binary (default: Homebrew's, then PATH).")] = None,
     mlx_server: Annotated[str | None, typer.Option(envvar="METAL_AGENT_MLX_SERVER", help="mlx_lm.server for MLX Models (default: the agent's venv, Homebrew, then PATH).")] = None,
     listen: Annotated[str, typer.Option(envvar="METAL_AGENT_LISTEN", help="The agent's --listen address.")] = DEFAULT_LISTEN,
+    fleet: Annotated[bool, typer.Option("--fleet/--no-fleet", envvar="METAL_AGENT_FLEET", help="The agent runs with --fleet: check its Lease permissions too.")] = False,
+    fleet_namespace: Annotated[str, typer.Option(envvar="METAL_AGENT_FLEET_NAMESPACE", help="The agent's --fleet-namespace.")] = "metal-agent",
     power_interval_ms: Annotated[int, typer.Option(envvar="METAL_AGENT_POWER_INTERVAL_MS", help="The agent's power sampling interval (the sudoers grant pins it).")] = DEFAULT_POWER_INTERVAL_MS,
 ) -> None:
     """Check this Mac, llama-server, the cluster and the install; print a fix for each problem.
@@ -42,6 +44,7 @@ def doctor(
     results = asyncio.run(run_checks(
         kubeconfig=str(kubeconfig) if kubeconfig else None, context=context, namespaces=namespaces,
         llama_server=llama_server, listen=listen, power_interval_ms=power_interval_ms, mlx_server=mlx_server,
+        fleet_namespace=fleet_namespace if fleet else None,
     ))
     for result in results:
         typer.echo(format_result(result))

@@ -39,7 +39,7 @@ from metal_agent.cli.agent_client import fetch_services
 from metal_agent.cli.status import AgentUnreachable
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.claim import evaluate, wanted_model
-from metal_agent.core.permissions import AGENT_PERMISSIONS, Permission
+from metal_agent.core.permissions import AGENT_PERMISSIONS, FLEET_PERMISSIONS, Permission
 from metal_agent.core.result import NotOurs
 from metal_agent.core.status_owner import StatusMode, decide, shows_controller
 from metal_agent.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
@@ -269,7 +269,8 @@ async def _allowed(api: client.ApiClient, perm: Permission, namespace: str) -> b
     return bool(answer.status.allowed)
 
 
-async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = ()) -> CheckResult:
+async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = (),
+                            fleet_namespace: str | None = None) -> CheckResult:
     """A SelfSubjectAccessReview per entry of the agent's permission table: the authorizer's own answer.
 
     The table (`metal_agent.core.permissions`) is the one the code and the
@@ -281,6 +282,8 @@ async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = (
     name = "Permissions"
     scopes = list(namespaces) or [""]
     asks = [(perm, ns) for ns in scopes for perm in AGENT_PERMISSIONS]
+    if fleet_namespace:  # run --fleet: the Leases, in their one namespace (the Role metal-agent-fleet)
+        asks += [(perm, fleet_namespace) for perm in FLEET_PERMISSIONS]
     limit = asyncio.Semaphore(8)
 
     async def ask(perm: Permission, ns: str) -> bool:
@@ -298,7 +301,10 @@ async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = (
     where = ", ".join(namespaces) if namespaces else "all namespaces"
     if denied:
         return fail(name, f"denied ({where}): {'; '.join(denied)}", RBAC_FIX)
-    return ok(name, f"all {len(AGENT_PERMISSIONS)} permissions granted ({where})")
+    if fleet_namespace:
+        where += f"; fleet Leases in {fleet_namespace}"
+    count = len(AGENT_PERMISSIONS) + (len(FLEET_PERMISSIONS) if fleet_namespace else 0)
+    return ok(name, f"all {count} permissions granted ({where})")
 
 
 async def _list(api: client.ApiClient, plural: str, namespaces: Sequence[str]) -> list[dict]:
@@ -350,7 +356,8 @@ def _kubeconfig_files(kubeconfig: str | None) -> list[str]:
     return [os.path.expanduser(p) for p in value.split(os.pathsep) if p]
 
 
-async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces: Sequence[str]) -> list[CheckResult]:
+async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces: Sequence[str],
+                         fleet_namespace: str | None = None) -> list[CheckResult]:
     """API, CRDs and permissions; the last two are skipped when the API does not answer."""
     needs_api = [skip("CRDs", "needs the Kubernetes API"), skip("Permissions", "needs the Kubernetes API"),
                  skip("Status ownership", "needs the Kubernetes API")]
@@ -367,7 +374,7 @@ async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces
         api_result = await check_kube(api)
         if api_result.status is not Status.OK:
             return [api_result, *needs_api]
-        crds, perms, owner = await asyncio.gather(check_crds(api), check_permissions(api, namespaces),
+        crds, perms, owner = await asyncio.gather(check_crds(api), check_permissions(api, namespaces, fleet_namespace),
                                                   check_status_ownership(api, namespaces))
         return [api_result, crds, perms, owner]
     finally:
@@ -673,6 +680,7 @@ async def check_firewall(explicit: str | None, system: str | None = None, socket
 async def run_checks(
     *, kubeconfig: str | None, context: str | None, namespaces: Sequence[str], llama_server: str | None,
     listen: str, power_interval_ms: int, system: str | None = None, mlx_server: str | None = None,
+    fleet_namespace: str | None = None,
 ) -> list[CheckResult]:
     """All checks, concurrently; results in a fixed order."""
     groups: list[Awaitable[CheckResult | list[CheckResult]]] = [
@@ -681,7 +689,7 @@ async def run_checks(
         check_memory(),
         check_llama_server(llama_server),
         _check_mlx_server(mlx_server),
-        cluster_checks(kubeconfig, context, namespaces),
+        cluster_checks(kubeconfig, context, namespaces, fleet_namespace),
         check_sudo(power_interval_ms, system),
         check_launchd(system),
         check_agent(listen),

@@ -12,7 +12,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.core.permissions import AGENT_PERMISSIONS
+from metal_agent.core.permissions import AGENT_PERMISSIONS, FLEET_NAMESPACE, FLEET_PERMISSIONS
 from tests.support.controlplane import AGENT_USER
 
 pytestmark = pytest.mark.integration
@@ -97,3 +97,14 @@ async def test_agent_requests_are_enforced(admin_api, agent_api, namespace):
             _content_type="application/merge-patch+json",
         )
     assert spec_edit.value.status == 403
+
+
+#: Fleet mode's Leases: granted in the fleet namespace only (the Role metal-agent-fleet).
+FLEET_ALLOWED = [(p.group, p.resource, p.verb) for p in FLEET_PERMISSIONS]
+
+
+@pytest.mark.parametrize("group,resource,verb", FLEET_ALLOWED)
+async def test_fleet_leases_are_allowed_in_the_fleet_namespace_only(admin_api, namespace, group, resource, verb):
+    assert await _allowed(admin_api, group, resource, "", verb, FLEET_NAMESPACE)
+    for elsewhere in (namespace, "kube-node-lease", "kube-system", None):  # None: cluster-wide
+        assert not await _allowed(admin_api, group, resource, "", verb, elsewhere), elsewhere

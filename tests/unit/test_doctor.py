@@ -167,6 +167,24 @@ async def test_permissions_without_namespaces_are_asked_cluster_wide(monkeypatch
     assert result.detail == f"all {len(AGENT_PERMISSIONS)} permissions granted (all namespaces)"
 
 
+async def test_permissions_of_a_fleet_agent_include_the_leases_in_the_fleet_namespace(monkeypatch):
+    from metal_agent.core.permissions import FLEET_PERMISSIONS
+
+    asked: list = []
+    denied = next(p for p in FLEET_PERMISSIONS if p.verb == "update")
+    monkeypatch.setattr(doctor_checks, "_allowed", authorizer(asked, denied))
+    result = await check_permissions(None, ("team-a",), "metal-agent")
+    assert sorted(asked, key=str) == sorted([*((p, "team-a") for p in AGENT_PERMISSIONS),
+                                             *((p, "metal-agent") for p in FLEET_PERMISSIONS)], key=str)
+    assert result.status is Status.FAIL
+    assert result.detail == f"denied (team-a): update leases.coordination.k8s.io in metal-agent ({denied.why})"
+    asked.clear()
+    monkeypatch.setattr(doctor_checks, "_allowed", authorizer(asked))
+    result = await check_permissions(None, (), "metal-agent")
+    assert result.detail == (f"all {len(AGENT_PERMISSIONS) + len(FLEET_PERMISSIONS)} permissions granted "
+                             "(all namespaces; fleet Leases in metal-agent)")
+
+
 def test_doctor_power_interval_default_is_the_agents():
     """Kept as a literal in the command module so `--help` need not import the sampler."""
     from metal_agent.adapters.powermetrics import DEFAULT_INTERVAL_MS
