@@ -403,9 +403,10 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
                 await stop.wait()
             finally:
                 await cancel_and_wait(*(t for t in [sync, *background] if not t.done()))
-                if endpoint is not None:
-                    await endpoint.withdraw()
-                await reconciler.shutdown(stop_processes=cfg.stop_on_exit)
+                # Side by side: an API server that does not answer costs the shutdown one
+                # timeout, not two in a row.
+                await asyncio.gather(reconciler.shutdown(stop_processes=cfg.stop_on_exit),
+                                     *([endpoint.withdraw()] if endpoint is not None else []))
     except StartupError:
         raise
     except Exception as exc:  # a bug outside every loop: exit non-zero so launchd restarts the agent

@@ -79,7 +79,7 @@ class MetricsEndpoint:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._moved.wait(), timeout=delay)
 
-    async def withdraw(self, timeout: float = 5.0) -> None:
+    async def withdraw(self, timeout: float = 2.0) -> None:
         """Remove this Mac's slice on the way out (best effort: a stale heartbeat tells the rest)."""
         try:
             await asyncio.wait_for(self.registrar.remove(), timeout=timeout)
