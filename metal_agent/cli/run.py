@@ -56,6 +56,20 @@ class GoCompatCommand(TyperCommand):
         return super().parse_args(ctx, normalized.argv)
 
 
+IO_THREADS = 4
+
+
+async def _with_io_threads(main):
+    """Run `main` with a small pool for the agent's blocking file work (log reads, hashing,
+    records). asyncio's default pool grows to cores + 4 threads, and on glibc every thread
+    that allocates gets a malloc arena of its own: measured 24 MB more RSS with 10
+    services, for no gain (the work is short, or one long hash at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="metal-agent-io"))
+    return await main
+
+
 def _file_reader(path: Path):
     from metal_agent.adapters.memory_watchdog import file_reader
 
@@ -215,7 +229,7 @@ def run(
         fleet_bid_step=fleet_bid_step,
     )
     try:
-        asyncio.run(run_agent(cfg))
+        asyncio.run(_with_io_threads(run_agent(cfg)))
     except (LlamaServerMissing, NoUsableAddress, StartupError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
