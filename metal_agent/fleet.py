@@ -108,7 +108,9 @@ class Fleet:
         self.cordoned = self._cordon_file.exists()
         self.unfit: dict[str, tuple[str, int]] = {}  # key -> (why, committed bytes when judged)
         self.reserved: dict[str, int] = {}  # won, not yet admitted by the reconciler
-        self._free_since: dict[tuple[str, int], float] = {}
+        # per free replica: since when we wait, and at which place in line (a new place restarts the wait)
+        self._free_since: dict[tuple[str, int], tuple[float, float]] = {}
+        self._bidding: asyncio.Task | None = None  # one bid at a time: each win changes the numbers
         self._tasks: dict[tuple[str, int], asyncio.Task] = {}
         self._alive_before: set[str] = set()
         self._served: set[str] = set()
@@ -274,7 +276,8 @@ class Fleet:
 
     def _fingerprint(self) -> tuple:
         serving = frozenset(r.key for r in self.replicas.values() if r.holder == self.me and self.process_ready(r.key))
-        return (frozenset(self._models_present()), frozenset(self.unfit), self.cordoned, serving)
+        committed = sum(self.memory.committed.values()) + sum(self.reserved.values())
+        return (frozenset(self._models_present()), frozenset(self.unfit), self.cordoned, serving, committed)
 
     async def renew(self) -> None:
         started = time.monotonic()
@@ -460,9 +463,15 @@ class Fleet:
             return None
         delay += self.s.bid_step  # even the first in line waits one step: the others' news must arrive first
         index, r, kind = free[0]
-        since = self._free_since.setdefault((wanted.key, index), now)
-        if now - since >= delay:
+        since, waited_for = self._free_since.get((wanted.key, index), (now, delay))
+        if delay > waited_for:  # we fell back in line (another Mac has more room now): wait anew
+            since = now
+        self._free_since[(wanted.key, index)] = (since, delay)
+        if now - since >= delay and (self._bidding is None or self._bidding.done()):
+            # One bid at a time: what we win lowers our free memory, and the next service
+            # must be ranked with that (else the first Mac in name order takes everything).
             self._spawn((wanted.key, index), self._bid(wanted, workload, index, r, kind, candidates[0].name == self.me))
+            self._bidding = self._tasks[(wanted.key, index)]
         return None
 
     def _reporter(self, wanted: Wanted, members: list[Member]) -> str | None:

@@ -19,11 +19,11 @@ import time
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client
 
 from metal_agent.adapters.model_cache import CachePaths
 from tests.support import netns
 from tests.support.agent import AgentProcess, agents_in_netns, kill_recorded_processes
+from tests.support.fleet import ReadyWatcher, ready_endpoints, slices
 from tests.support.isvc import Cluster
 from tests.support.wait import wait_for
 
@@ -73,17 +73,6 @@ async def fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs, 
         yield macs
 
 
-async def slices(cluster: Cluster, service: str) -> list:
-    listing = await client.DiscoveryV1Api(cluster.api).list_namespaced_endpoint_slice(
-        cluster.ns, label_selector=f"kubernetes.io/service-name={service}")
-    return listing.items
-
-
-async def ready_endpoints(cluster: Cluster, service: str) -> list[tuple[str, int]]:
-    return [(e.addresses[0], s.ports[0].port) for s in await slices(cluster, service)
-            for e in s.endpoints or [] if e.conditions and e.conditions.ready]
-
-
 async def ready_on(cluster: Cluster, service: str, macs: list[Mac], count: int = 1) -> list[Mac] | None:
     """The Macs whose slice for `service` is ready, once there are `count` of them."""
     addresses = {a for a, _ in await ready_endpoints(cluster, service)}
@@ -97,42 +86,6 @@ async def answers(address: str, port: int) -> bool:
         async with http.post(f"http://{address}:{port}/v1/chat/completions", json=body,
                              timeout=aiohttp.ClientTimeout(total=30)) as resp:
             return resp.status == 200 and bool((await resp.json())["choices"])
-
-
-class ReadyWatcher:
-    """Samples the service's ready endpoints every 50 ms: the most it ever saw, and when each
-    address was last seen ready."""
-
-    def __init__(self, cluster: Cluster, service: str) -> None:
-        self.cluster, self.service = cluster, service
-        self.most = 0
-        self.last_ready: dict[str, float] = {}
-        self.zero_since: float | None = None
-        self.zero_s = 0.0
-        self._task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        while True:
-            now = time.monotonic()
-            ready = await ready_endpoints(self.cluster, self.service)
-            self.most = max(self.most, len(ready))
-            for address, _ in ready:
-                self.last_ready[address] = now
-            if not ready:
-                self.zero_since = self.zero_since or now
-            elif self.zero_since is not None:
-                self.zero_s += now - self.zero_since
-                self.zero_since = None
-            await asyncio.sleep(0.05)
-
-    async def __aenter__(self) -> "ReadyWatcher":
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 @pytest.fixture
