@@ -212,6 +212,7 @@ class SnapshotDownload:
         self.progress.phase = "downloading"
         for item in files:
             target = CachePaths(self.staging / item.path)
+            await asyncio.to_thread(self._drop_stale, item, target)
             self._current = Download(self.repo.file_url(commit, item.path), target, item.sha256,
                                      session=self.session, token=self.token, backoff=self.backoff,
                                      max_failures=self.max_failures, on_update=self._file_update)
@@ -237,6 +238,18 @@ class SnapshotDownload:
             await asyncio.to_thread(self._discard, verified.path)
             raise DownloadError(f"snapshot of {self.where}: {problem}; the file was removed", permanent=True,
                                 reason=REASON_LENGTH, integrity=True)
+
+    @staticmethod
+    def _drop_stale(item: _File, target: CachePaths) -> None:
+        """A file finished by an earlier attempt that is not the one listed now (the revision
+        moved on since) is fetched again rather than failed as corrupt."""
+        try:
+            size = target.final.stat().st_size
+        except FileNotFoundError:
+            return
+        if (item.size is not None and size != item.size) or (
+                item.blob_id is not None and _git_blob_id(target.final) != item.blob_id):
+            SnapshotDownload._discard(target.final)
 
     @staticmethod
     def _discard(path: Path) -> None:

@@ -217,3 +217,27 @@ async def test_local_directories_are_checked_before_anything_starts(make_store, 
     (junk / "model.safetensors").write_bytes(model_bytes(64))
     failed = await store.memory_estimate(junk, InferenceServiceSpec(model_ref="m"), MLX_LM)
     assert "not a safetensors file" in failed.message
+
+
+async def test_a_revision_that_moved_between_attempts_is_fetched_anew(server, make_store, repo_files):
+    """The first attempt finished config.json of commit A and part of the weights; by the
+    second, `main` points at commit B with another config.json: B is what lands, whole."""
+    add_hub_repo(server, "org/moving", repo_files, commit="a" * 40, lfs=("model.safetensors",),
+                 per_file={"model.safetensors": {"trickle": (16 * 1024, 0.02)}})
+    model = mlx_model("hf://org/moving", SourceKind.HUGGINGFACE)
+    registry = CollectorRegistry()
+    first = make_store(registry=registry)
+    assert isinstance(first.lookup(model, f"{NS}/mv"), ModelPending)
+    await wait_for(lambda: (registry.get_sample_value("llmkube_metal_agent_model_download_bytes",
+                                                      {"name": "mv", "namespace": NS}) or 0) >= 100_000,
+                   timeout=20, what="config.json done and part of the weights")
+    await first.aclose()
+
+    moved = dict(repo_files, **{"config.json": repo_files["config.json"].replace(b'"rms_norm_eps": 1e-05',
+                                                                                 b'"rms_norm_eps": 1e-06')})
+    assert moved["config.json"] != repo_files["config.json"]
+    add_hub_repo(server, "org/moving", moved, commit="b" * 40, lfs=("model.safetensors",))
+    make_store.ready.clear()
+    found = await settle(make_store(), model, f"{NS}/mv", make_store.ready)
+    assert isinstance(found, ModelReady) and found.sha256 == "b" * 40
+    assert (found.path / "config.json").read_bytes() == moved["config.json"]
