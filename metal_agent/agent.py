@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
+from metal_agent.adapters.downloads import HF_ENDPOINT
 from metal_agent.core.engine import EngineName
 from metal_agent.tasks import LOOP_BACKOFF, cancel_and_wait, supervised_loop
 
@@ -226,7 +228,9 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     if kept := processes.supervise_recorded():
         log.info("supervising the previous agent's llama-servers until the cluster is read", services=kept)
     registrar = Registrar(api, agent_version=__version__, host=facts.host)
-    model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api))
+    # HF_ENDPOINT: huggingface_hub's own variable, for a mirror of the hub (hf:// sources).
+    model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api),
+                             hf_endpoint=os.environ.get("HF_ENDPOINT") or HF_ENDPOINT)
     model_files.default_engine = EngineName(cfg.default_runtime)
     watchdog = MemoryWatchdog(
         registry, services=lambda: reconciler.memory_view(), evict=lambda key: reconciler.evict(key),

@@ -238,3 +238,42 @@ async def test_speculative_decoding_with_a_draft_model(local_env, tiny_mlx_model
                              timeout=aiohttp.ClientTimeout(total=60)) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["usage"]["completion_tokens"] >= 1
+
+
+@pytest.fixture
+async def hub(tiny_mlx_model):
+    from tests.support.http_models import ModelHTTPServer, add_hub_repo
+
+    server = await ModelHTTPServer().start()
+    files = {p.name: p.read_bytes() for p in sorted(tiny_mlx_model.iterdir()) if p.is_file()}
+    add_hub_repo(server, "org/tiny-mlx", files, lfs=("model.safetensors",),
+                 per_file={"model.safetensors": {"trickle": (32 * 1024, 0.05)}})  # ~1 s of weights
+    yield server
+    await server.stop()
+
+
+async def test_an_mlx_model_from_the_hub_shows_progress_then_serves(control_plane, admin_api, namespace,
+                                                                     llama_server_bin, mlx_server_bin, hub, tmp_path):
+    """hf://org/repo through the whole agent, the hub played over real HTTP (HF_ENDPOINT)."""
+    cluster = Cluster(admin_api, namespace)
+    agent = AgentProcess(AgentOptions(kubeconfig=control_plane.agent_kubeconfig, llama_server=llama_server_bin,
+                                      workdir=tmp_path, namespaces=(namespace,),
+                                      env={"HF_ENDPOINT": f"http://127.0.0.1:{hub.port}"}))
+    try:
+        await cluster.create_model("hub-mlx", "hf://org/tiny-mlx", format="mlx")
+        await agent.start()
+        await cluster.create_isvc("hub-chat", "hub-mlx")
+        await wait_for(lambda: _condition_says(cluster, "hub-chat", "ModelDownloading", "downloading file"),
+                       timeout=30, what="download progress in status")
+        await cluster.wait_phase("hub-chat", "Ready", timeout=LOAD_TIMEOUT)
+        row = (await agent.services())[0]
+        assert flag(row["pid"], "--model").startswith(str(tmp_path / "models"))
+        async with aiohttp.ClientSession() as http:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+            async with http.post(f"http://127.0.0.1:{row['port']}/v1/chat/completions", json=body,
+                                 timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        if agent.process and agent.process.running:
+            await agent.stop()
+        kill_recorded_processes(tmp_path / "state")
