@@ -1,0 +1,146 @@
+"""What authenticated metrics cost: scrape latency from the network, and reviews sent to the API server.
+
+Real parts: etcd + kube-apiserver (RBAC on), the real agent in a network
+namespace (the "Mac") with its least-privilege identity, ServiceAccount
+tokens from the TokenRequest API bound to the shipped monitoring
+ClusterRole. Prints a table and writes JSON to bench/results/.
+
+    .venv/bin/python bench/metrics_scrape.py [--scrapes 200] [--seconds 60]   (root: network namespaces)
+
+Figures:
+  /metrics from the network, a token not seen before (TokenReview + SubjectAccessReview), p50/p95
+  /metrics from the network, a token seen within the cache's 60 s, p50/p95
+  API reviews/min for one Prometheus scraping every second (goal: 2, the cache's worth)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+from kubernetes_asyncio import client
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import netns  # noqa: E402
+from tests.support.agent import agents_in_netns  # noqa: E402
+from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
+from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+
+def cached(script: str) -> Path:
+    import os
+    import subprocess
+
+    out = subprocess.run(["bash", str(REPO / "scripts" / script)], env=dict(os.environ, METAL_AGENT_NO_BUILD="1"),
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+REVIEWS = re.compile(r'^apiserver_request_total\{.*[{,]resource="(tokenreviews|subjectaccessreviews)".* (\S+)$')
+
+
+async def reviews(cp: ControlPlane) -> float:
+    return sum(float(m.group(2)) for line in (await cp.metrics_text()).splitlines() if (m := REVIEWS.match(line)))
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scrapes", type=int, default=200)
+    parser.add_argument("--fresh-tokens", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    if not netns.available():
+        sys.exit("needs root and iproute2 (network namespaces)")
+    llama = cached("build-llama-server.sh")
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="metal-agent-bench-scrape-") as tmpdir:
+        tmp = Path(tmpdir)
+        cp = ControlPlane(Binaries.in_dir(cached("build-controlplane.sh")), tmp / "cp")
+        await cp.start()
+        admin = await api_client(cp.admin_kubeconfig)
+        try:
+            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
+            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
+            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+            ns = await create_namespace(admin)
+            role = next(d for d in yaml.safe_load_all((REPO / "manifests/monitoring/prometheus-rbac.yaml").read_text())
+                        if d and d["kind"] == "ClusterRole")
+            await apply(admin, [role])
+            core = client.CoreV1Api(admin)
+            await core.create_namespaced_service_account(ns, {"metadata": {"name": "prometheus"}})
+            await client.RbacAuthorizationV1Api(admin).create_cluster_role_binding({
+                "metadata": {"name": "bench-prometheus"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
+                "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": ns}]})
+
+            async def token() -> str:
+                request = await core.create_namespaced_service_account_token(
+                    "prometheus", ns, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}})
+                return request.status.token
+
+            tokens = [await token() for _ in range(args.fresh_tokens)]
+            (tmp / "agent").mkdir()
+            async with agents_in_netns(kubeconfig=cp.agent_kubeconfig, api_port=cp.port, llama_server=llama,
+                                       workdir=tmp / "agent", namespaces=(ns,),
+                                       extra_args=("--agent-namespace", ns, "--log-level", "info")) as (_, make_agent):
+                agent = make_agent()
+                await agent.start()
+                async with aiohttp.ClientSession() as http:
+                    async def scrape(tok: str) -> float:
+                        t0 = time.perf_counter()
+                        async with http.get(agent.metrics_url, headers={"Authorization": f"Bearer {tok}"}) as resp:
+                            await resp.read()
+                            assert resp.status == 200, resp.status
+                        return (time.perf_counter() - t0) * 1000
+
+                    await scrape(tokens[0])  # warm the connection pool and the agent
+                    fresh = [await scrape(t) for t in tokens[1:]]
+                    warm = [await scrape(tokens[0]) for _ in range(args.scrapes)]
+                    before, t0 = await reviews(cp), time.monotonic()
+                    end = t0 + args.seconds
+                    while time.monotonic() < end:
+                        await scrape(tokens[0])
+                        await asyncio.sleep(1.0)  # a Prometheus with scrape_interval 1s
+                    per_min = (await reviews(cp) - before) * 60 / (time.monotonic() - t0)
+                    total = await reviews(cp)
+            results = {
+                "fresh_token_ms": {"p50": round(statistics.median(fresh), 1), "p95": round(pct(fresh, 0.95), 1)},
+                "cached_token_ms": {"p50": round(statistics.median(warm), 1), "p95": round(pct(warm, 0.95), 1)},
+                "reviews_per_min_1s_scrapes": round(per_min, 2),
+                "reviews_total": total,  # fresh tokens: 2 each, plus the cached token's renewals
+            }
+        finally:
+            await admin.close()
+            await cp.stop()
+    rows = [
+        ("/metrics from the network, new token (TokenReview + SAR), p50 / p95",
+         f"{results['fresh_token_ms']['p50']} / {results['fresh_token_ms']['p95']} ms", "-"),
+        ("/metrics from the network, cached token, p50 / p95",
+         f"{results['cached_token_ms']['p50']} / {results['cached_token_ms']['p95']} ms", "-"),
+        ("API reviews/min, one Prometheus scraping every 1 s", str(results["reviews_per_min_1s_scrapes"]), "<= 2"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure':<{width}}  measured  goal")
+    for name, value, goal in rows:
+        print(f"{name:<{width}}  {value}  {goal}")
+    out = REPO / "bench" / "results" / "metrics_scrape.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
