@@ -15,7 +15,10 @@ the same numbers are a `ps` or `powermetrics` away.
 Decisions are cached briefly (keyed by a digest of the token, never the
 token) so that a Prometheus scraping every few seconds costs the API server
 two reviews a minute, not two per scrape; denials are cached for less, so a
-newly granted role takes effect within seconds.
+newly granted role takes effect within seconds. While the API server cannot
+be asked, a token allowed within the last ten minutes stays allowed: an
+outage is when the Mac's metrics matter most, and a revoked token gains at
+most that long, only while nobody can check it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Callable
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 ALLOWED_TTL_S = 60.0
 DENIED_TTL_S = 10.0
+STALE_ALLOWED_S = 600.0  # how long an expired "allowed" still serves while the API server is away
 MAX_CACHED = 1024  # distinct (token, verb, path) decisions kept; the oldest go first
 
 # The API server's own mapping of HTTP methods to authorizer verbs.
@@ -124,10 +128,12 @@ class DecisionCache:
     """
 
     def __init__(self, *, clock: Callable[[], float], allowed_ttl: float = ALLOWED_TTL_S,
-                 denied_ttl: float = DENIED_TTL_S, max_entries: int = MAX_CACHED) -> None:
+                 denied_ttl: float = DENIED_TTL_S, stale_allowed: float = STALE_ALLOWED_S,
+                 max_entries: int = MAX_CACHED) -> None:
         self._clock = clock
         self._allowed_ttl = allowed_ttl
         self._denied_ttl = denied_ttl
+        self._stale_allowed = stale_allowed
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, str, str], tuple[float, Verdict]] = OrderedDict()
 
@@ -136,14 +142,23 @@ class DecisionCache:
         return token_digest(token), verb, path
 
     def get(self, key: tuple[str, str, str]) -> Verdict | None:
+        """A fresh verdict, or None (ask the cluster)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
         expires, found = entry
-        if self._clock() >= expires:
-            del self._entries[key]
+        if self._clock() < expires:
+            return found
+        if not found.allowed or self._clock() >= expires + self._stale_allowed:
+            del self._entries[key]  # an expired "allowed" stays a while for stale_allowed()
+        return None
+
+    def stale_allowed(self, key: tuple[str, str, str]) -> Verdict | None:
+        """The cluster cannot be asked: an "allowed" that expired less than `stale_allowed` ago."""
+        entry = self._entries.get(key)
+        if entry is None or not entry[1].allowed or self._clock() >= entry[0] + self._stale_allowed:
             return None
-        return found
+        return entry[1]
 
     def put(self, key: tuple[str, str, str], found: Verdict) -> None:
         if found.status not in (200, 401, 403):

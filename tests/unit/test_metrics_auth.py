@@ -101,7 +101,21 @@ def test_allowed_is_cached_longer_than_denied_and_503_never():
     clock.now += 0.2
     assert cache.get(no) is None and cache.get(ok).allowed
     clock.now += 50
-    assert cache.get(ok) is None
+    assert cache.get(ok) is None  # ask the cluster again...
+    assert cache.get(no) is None and cache.stale_allowed(no) is None  # a refusal is never stretched
+
+
+def test_an_expired_allowed_serves_only_while_the_cluster_cannot_be_asked_and_only_for_a_while():
+    clock = Clock()
+    cache = DecisionCache(clock=clock, allowed_ttl=60, stale_allowed=600)
+    key = DecisionCache.key("good", "get", "/metrics")
+    assert cache.stale_allowed(key) is None
+    cache.put(key, Verdict(200, "allowed", "prom"))
+    clock.now += 61
+    assert cache.get(key) is None  # ...first
+    assert cache.stale_allowed(key) == Verdict(200, "allowed", "prom")  # the API server is away
+    clock.now += 600
+    assert cache.get(key) is None and cache.stale_allowed(key) is None
     assert len(cache) == 0
 
 

@@ -2,8 +2,11 @@
 
 The rules and the cache are in `core/metrics_auth.py`; this adapter only
 makes the two API calls. Concurrent requests carrying the same token share
-one pair of reviews, so a burst of scrapes is one round trip. An API server
-that cannot be asked gives 503 (never cached, never a silent allow).
+one pair of reviews, so a burst of scrapes is one round trip, and at most a
+few reviews are in flight at once, so a flood of made-up tokens from the
+network cannot turn the agent into a flood of reviews. An API server that
+cannot be asked gives 503 (never cached), unless the same token was allowed
+within the last ten minutes (core.metrics_auth.DecisionCache.stale_allowed).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from metal_agent.core.metrics_auth import (
 
 log = structlog.get_logger(__name__)
 
+MAX_CONCURRENT_REVIEWS = 4
+
 
 class KubeAuthorizer:
     def __init__(self, api: client.ApiClient, *, cache: DecisionCache | None = None) -> None:
@@ -33,6 +38,7 @@ class KubeAuthorizer:
         self.authz = client.AuthorizationV1Api(api)
         self.cache = cache or DecisionCache(clock=time.monotonic)
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Verdict]] = {}
+        self._reviewing = asyncio.Semaphore(MAX_CONCURRENT_REVIEWS)
         self.reviews = 0  # TokenReviews sent (tests and benchmarks read it)
 
     async def authorize(self, token: str, verb: str, path: str) -> Verdict:
@@ -44,10 +50,16 @@ class KubeAuthorizer:
             task = self._inflight[key] = asyncio.ensure_future(self._review(token, verb, path))
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
         found = await asyncio.shield(task)
+        if found.status == 503 and (stale := self.cache.stale_allowed(key)) is not None:
+            return stale
         self.cache.put(key, found)
         return found
 
     async def _review(self, token: str, verb: str, path: str) -> Verdict:
+        async with self._reviewing:
+            return await self._review_now(token, verb, path)
+
+    async def _review_now(self, token: str, verb: str, path: str) -> Verdict:
         self.reviews += 1
         try:
             review = await self.authn.create_token_review(token_review(token))
