@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from pathlib import Path
@@ -14,8 +16,13 @@ from prometheus_client import CollectorRegistry
 
 from metal_agent.adapters.http_server import create_app, serve
 from metal_agent.adapters.powermetrics import PowerSampler
-from tests.support.fake_powermetrics import M5_CAPTURE, M5_COMBINED_W
+from metal_agent.core.energy import sample_energy
+from metal_agent.core.powermetrics import parse_text
+from metal_agent.core.sudoers import POWERMETRICS_PATH
+from tests.support.fake_powermetrics import M5_CAPTURE, M5_COMBINED_W, exclusive_stand_in_slot, stand_in_script
 from tests.support.fake_powermetrics import command as stand_in
+from tests.support.ports import free_port
+from tests.support.procs import ManagedProcess
 from tests.support.prometheus import Prometheus, require_prometheus
 from tests.support.wait import wait_for
 
@@ -105,3 +112,59 @@ async def test_http_endpoints() -> None:
     for suffix in ("combined", "gpu", "cpu", "ane"):
         assert f"\nllmkube_metal_agent_apple_power_{suffix}_watts 0.0\n" in text
     assert f"\n{UP} 0.0\n" in text
+
+
+PRIVILEGED = hasattr(os, "geteuid") and os.geteuid() == 0 and (
+    bool(os.environ.get("CI")) or os.environ.get("METAL_AGENT_PRIVILEGED_TESTS") == "1"
+)
+
+
+@pytest.mark.skipif(not PRIVILEGED, reason="installs a stand-in /usr/bin/powermetrics and runs the real sudo: "
+                                           "root with CI or METAL_AGENT_PRIVILEGED_TESTS=1")
+async def test_power_serve_alone_gives_prometheus_the_capture_and_its_energy(shared_dir: Path, tmp_path: Path,
+                                                                              prometheus_for) -> None:
+    """`metal-agent power serve`, as a user runs it on a Mac with no cluster: the pinned
+    `sudo -n /usr/bin/powermetrics ...` (real sudo; powermetrics a stand-in replaying the M5
+    capture in a loop), scraped by Prometheus: gauges, energy to 1 %, host_info, exit 0 on SIGTERM."""
+    per_sample = [sample_energy(x, 0.5).joules["combined"] for x in parse_text((shared_dir / M5_CAPTURE).read_text())]
+
+    def expected(n: int) -> float:
+        loops, rest = divmod(n, len(per_sample))
+        return loops * sum(per_sample) + sum(per_sample[:rest])
+
+    with exclusive_stand_in_slot():
+        if Path(POWERMETRICS_PATH).exists():
+            pytest.skip(f"{POWERMETRICS_PATH} exists; only a stand-in where there is none")
+        options = tmp_path / "options"
+        options.write_text("--after loop")
+        tmp_path.chmod(0o755)
+        Path(POWERMETRICS_PATH).write_text(stand_in_script(shared_dir / M5_CAPTURE, options))
+        Path(POWERMETRICS_PATH).chmod(0o755)
+        port = free_port()
+        served = ManagedProcess("power-serve", [sys.executable, "-m", "metal_agent", "power", "serve", "--listen",
+                                                f"127.0.0.1:{port}", "--interval-ms", "500", "--log-format", "json"],
+                                tmp_path / "power-serve.log")
+        try:
+            await served.start()
+            prom = await prometheus_for(f"127.0.0.1:{port}")
+
+            async def seven_samples() -> dict | None:
+                result = await prom.query("llmkube_metal_agent_apple_power_samples_total")
+                return result[0] if result and float(result[0]["value"][1]) >= 7 else None
+
+            samples = await wait_for(seven_samples, timeout=60, what="7 samples scraped", interval=0.25,
+                                     on_timeout=served.tail)
+            at, n = samples["value"][0], int(float(samples["value"][1]))
+            (energy,) = await prom.query('llmkube_metal_agent_apple_power_energy_joules_total{component="combined"}', at=at)
+            (info,) = await prom.query("llmkube_metal_agent_host_info", at=at)
+            (up,) = await prom.query("llmkube_metal_agent_apple_power_sampler_up", at=at)
+            assert float(energy["value"][1]) == pytest.approx(expected(n), rel=0.01)
+            assert info["metric"]["hostname"] and info["value"][1] == "1" and up["value"][1] == "1"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    assert resp.status == 200
+            served.signal(15)
+            assert await served.wait(timeout=20) == 0, served.tail()
+        finally:
+            await served.stop()
+            Path(POWERMETRICS_PATH).unlink(missing_ok=True)
