@@ -27,7 +27,7 @@ import structlog
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from metal_agent.core.admission import Reject, admit, memory_budget
-from metal_agent.core.claim import Allowlist, evaluate, wanted_model
+from metal_agent.core.claim import Allowlist, evaluate, wanted_draft, wanted_model
 from metal_agent.core.leases import (
     REPLICA_ROLE,
     ROLE_LABEL,
@@ -46,6 +46,7 @@ from metal_agent.core.memory import EstimateFailed, gib
 from metal_agent.core.conditions import Condition
 from metal_agent.core.placement import Member, Wanted, bid_delay, placement_condition, rank, unschedulable_message, \
     wanted_from
+from metal_agent.core.replicas import plan_replicas
 from metal_agent.core.result import Parsed
 from metal_agent.core.status import Blocker
 from metal_agent.core.validation import parse_model
@@ -67,6 +68,7 @@ class FleetSettings:
     chip: str = ""
     total_ram: int = 0
     agent_fraction: float | None = None
+    default_engine: str = "llama-server"  # the agent's --default-runtime: judged as the reconciler judges
 
     @property
     def tick(self) -> float:
@@ -114,6 +116,7 @@ class Fleet:
         self._tasks: dict[tuple[str, int], asyncio.Task] = {}
         self._alive_before: set[str] = set()
         self._served: set[str] = set()
+        self._parse_cache: dict[tuple, tuple[tuple, Any]] = {}
         self._unplaced: dict[str, Blocker] = {}
         self._desired: dict[str, int] = {}  # replicas wanted, per service
         self._reporters: dict[str, str | None] = {}  # who speaks for a service no Mac serves
@@ -266,13 +269,25 @@ class Fleet:
                           serving=serving, version=self.version)
 
     def _models_present(self) -> set[str]:
+        """The Metal Models whose file is on this disk (a stat each; parsed once per version)."""
         present = set()
         for raw in self.models.items():
-            parsed = parse_model(raw)
-            if isinstance(parsed, Parsed) and self.model_files.present(parsed.value) is not None:
-                meta = raw.get("metadata") or {}
-                present.add(f"{meta.get('namespace', '')}/{meta.get('name', '')}")
+            meta = raw.get("metadata") or {}
+            key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+            model = self._parsed(("model", key), (meta.get("resourceVersion"),), lambda: parse_model(raw))
+            if isinstance(model, Parsed) and model.value.spec.hardware.accelerator.value == "metal" and \
+                    self.model_files.present(model.value) is not None:
+                present.add(key)
         return present
+
+    def _parsed(self, key: tuple, version: tuple, parse: Callable[[], Any]) -> Any:
+        """`parse()` once per object version: a tick must cost nothing while nothing changes."""
+        if len(self._parse_cache) > 2 * (len(self.isvcs.cache) + len(self.models.cache)) + 64:
+            self._parse_cache.clear()  # deleted objects' entries: start over now and then
+        cached = self._parse_cache.get(key)
+        if cached is None or cached[0] != version:
+            cached = self._parse_cache[key] = (version, parse())
+        return cached[1]
 
     def _fingerprint(self) -> tuple:
         serving = frozenset(r.key for r in self.replicas.values() if r.holder == self.me and self.process_ready(r.key))
@@ -336,7 +351,13 @@ class Fleet:
         for raw in self.isvcs.items():
             ref = wanted_model(raw)
             model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-            verdict = evaluate(raw, model_raw, Allowlist())
+            version = tuple((o or {}).get("metadata", {}).get("resourceVersion") for o in (raw, model_raw))
+            meta = raw.get("metadata") or {}
+            draft_ref = wanted_draft(raw)
+            draft = self.models.get(f"{draft_ref[0]}/{draft_ref[1]}") if draft_ref else None
+            version += ((draft or {}).get("metadata", {}).get("resourceVersion"),)
+            verdict = self._parsed(("isvc", f"{meta.get('namespace', '')}/{meta.get('name', '')}"), version,
+                                   lambda: evaluate(raw, model_raw, Allowlist(), self.s.default_engine, draft))
             if isinstance(verdict, Parsed):
                 spec = verdict.value.isvc.spec
                 found.append((wanted_from(raw, f"{ref[0]}/{ref[1]}", spec.replicas if spec.wants_process else 0),
@@ -361,7 +382,8 @@ class Fleet:
                     self._renewing = asyncio.create_task(self.renew(), name="fleet-renew")
                 self._notify()  # a fence that just fell stops what we serve
                 if self.ready():
-                    self._notice_deaths(now)
+                    if not self.fenced(now):  # cut off ourselves, everyone looks dead: judge nobody
+                        self._notice_deaths(now)
                     self._place_all(now)
                 await asyncio.sleep(self.s.tick)
         finally:
@@ -393,6 +415,9 @@ class Fleet:
         self._alive_before = alive
 
     async def _mark_dead(self, dead: str) -> None:
+        seen = self.liveness.resource_version(dead)
+        if seen is not None and await self.leases.resource_version(member_lease_name(dead)) not in (seen, None):
+            return  # it did renew: our watch is behind, not the member dead
         if self.registrar is not None:
             changed = await self.registrar.mark_member_not_ready(dead, self.namespaces)
             if changed:
@@ -429,25 +454,19 @@ class Fleet:
             self.on_key(key)
 
     def _place(self, wanted: Wanted, workload: Any, members: list[Member], now: float) -> Blocker | None:
-        reps = {r.index: r for r in self._replicas_of(wanted.key)}
-        holders = frozenset(r.holder for r in reps.values() if r.holder and self._alive(r.holder, now))
         infos = {m.name: m for m in members}
-        for index, r in reps.items():
-            if index >= wanted.replicas and r.holder == self.me:
-                self._spawn((wanted.key, index), self._release(r))  # scaled down
-            elif r.successor == self.me and r.holder and self.announced(wanted.key):
-                self._spawn((wanted.key, index), self._promote(r))  # drained Mac's replica: ours is Ready
-            elif r.holder == self.me and self.waiting(wanted.key):
-                self.unfit[wanted.key] = (self.waiting(wanted.key) or "", sum(self.memory.committed.values()))
-                self._spawn((wanted.key, index), self._release(r))  # admission refused it here: let another try
-        free = []
-        for index in range(wanted.replicas):
-            r = reps.get(index)
-            if r is None or not r.holder or not self._alive(r.holder, now):
-                free.append((index, r, "free"))
-            elif infos.get(r.holder) and infos[r.holder].cordoned and r.holder != self.me and \
-                    not (r.successor and self._alive(r.successor, now)):
-                free.append((index, r, "handoff"))
+        refused = self.waiting(wanted.key)
+        plan = plan_replicas(wanted, self._replicas_of(wanted.key), self.me, alive=lambda name: self._alive(name, now),
+                             cordoned=lambda name: name in infos and infos[name].cordoned,
+                             announced=self.announced(wanted.key), refused=bool(refused))
+        holders = plan.holders
+        if refused and plan.release:  # admission refused it here: let another Mac try, and say why
+            self.unfit[wanted.key] = (refused, sum(self.memory.committed.values()))
+        for r in plan.release:
+            self._spawn((wanted.key, r.index), self._release(r))
+        for r in plan.promote:
+            self._spawn((wanted.key, r.index), self._promote(r))
+        free = list(plan.free)
         for slot in [s for s in self._free_since if s[0] == wanted.key and s[1] not in {f[0] for f in free}]:
             del self._free_since[slot]
         if not free:

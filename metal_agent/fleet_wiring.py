@@ -84,6 +84,7 @@ def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str,
         member=name, namespace=cfg.fleet_namespace, labels=member_labels(name, chip, total_ram, dict(cfg.labels)),
         lease_duration=cfg.lease_duration, renew_interval=cfg.lease_renew_interval, bid_step=cfg.fleet_bid_step,
         host=host, chip=chip, total_ram=total_ram, agent_fraction=cfg.memory_fraction,
+        default_engine=cfg.default_runtime,
     )
     fleet = Fleet(settings, leases=LeaseClient(api, cfg.fleet_namespace, timeout=max(1.0, cfg.lease_renew_interval)),
                   isvcs=isvcs, models=models, static=Allowlist(cfg.allowlist), memory=memory, model_files=model_files,

@@ -506,6 +506,7 @@ class Reconciler:
     ) -> None:
         """Apply the status fields this agent owns, when what it means to say has changed."""
         if not self.allowlist.speaks_for(key):
+            self._applied_status.pop(key, None)  # when it is our turn again, the status may be another Mac's
             return  # fleet: another Mac serving this service writes its status
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
