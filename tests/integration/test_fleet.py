@@ -321,3 +321,28 @@ async def test_uninstall_drains_the_mac_first(control_plane, llama_server_bin, t
             assert await ready_on(cluster, "leaving", macs) == [b]
         assert out.index("drained") < out.index("was not loaded"), out
         assert watcher.zero_s == 0 and watcher.zero_since is None
+
+
+async def test_an_agent_restart_keeps_its_replicas_and_their_llama_servers(
+        control_plane, llama_server_bin, tmp_path, namespace, cluster):
+    """Within the lease duration a restarted agent is the same member: it still holds its replicas
+    and adopts its running llama-servers (no reload), as a single agent does."""
+    specs = {"a": {}, "b": {}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs) as macs:
+        a, b = macs
+        await a.agent.start()
+        await cluster.create_isvc("kept", "tiny", contextSize=256)
+        assert await wait_for(lambda: ready_on(cluster, "kept", macs), timeout=START_TIMEOUT, what="on a") == [a]
+        await b.agent.start()
+        pid = (await a.agent.services())[0]["pid"]
+        async with ReadyWatcher(cluster, "kept") as watcher:
+            await a.agent.stop()
+            await a.agent.start()
+
+            async def adopted():
+                rows = await a.agent.services()
+                return rows and rows[0]["pid"] == pid and rows[0]["state"] == "Ready" and rows[0]["adopted"]
+            await wait_for(adopted, timeout=30, what="a to adopt its llama-server")
+        assert await ready_on(cluster, "kept", macs) == [a]
+        assert watcher.zero_s == 0 and watcher.zero_since is None
+        assert f"{namespace}/kept#0" in await a.holds() and not await b.agent.services()
