@@ -69,9 +69,9 @@ def test_secrets_are_never_in_the_table():
 
 def test_fleet_role_grants_exactly_the_fleet_table_in_the_fleet_namespace_only():
     docs = [d for d in yaml.safe_load_all(RBAC.read_text()) if d]
-    roles = [d for d in docs if d["kind"] == "Role"]
-    assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in roles] == [("metal-agent-fleet", FLEET_NAMESPACE)]
-    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "metal-agent-fleet"]
+    assert [r["metadata"]["namespace"] for r in roles] == [FLEET_NAMESPACE]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"] == "metal-agent-fleet")
     assert binding["metadata"]["namespace"] == FLEET_NAMESPACE
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "metal-agent-fleet"}
     grants = {(g, r, v) for rule in roles[0]["rules"] for g in rule["apiGroups"] for r in rule["resources"]
