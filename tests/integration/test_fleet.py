@@ -346,3 +346,40 @@ async def test_an_agent_restart_keeps_its_replicas_and_their_llama_servers(
         assert await ready_on(cluster, "kept", macs) == [a]
         assert watcher.zero_s == 0 and watcher.zero_since is None
         assert f"{namespace}/kept#0" in await a.holds() and not await b.agent.services()
+
+
+async def test_scaling_up_and_down_and_deleting(control_plane, llama_server_bin, tmp_path, namespace, cluster,
+                                                admin_api):
+    from kubernetes_asyncio import client
+
+    specs = {"a": {}, "b": {}}
+    async with fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs) as macs:
+        await asyncio.gather(*(m.agent.start() for m in macs))
+        await cluster.create_isvc("elastic", "tiny", contextSize=256)
+        (first,) = await wait_for(lambda: ready_on(cluster, "elastic", macs), timeout=START_TIMEOUT, what="one")
+        await cluster.patch_isvc("elastic", {"replicas": 2})
+        await wait_for(lambda: ready_on(cluster, "elastic", macs, count=2), timeout=START_TIMEOUT, what="two")
+        await cluster.patch_isvc("elastic", {"replicas": 1})
+        assert await wait_for(lambda: _only(cluster, "elastic", macs, first), timeout=START_TIMEOUT,
+                              what="back to the first Mac only") == [first]
+        other = next(m for m in macs if m is not first)
+        await wait_for(lambda: _idle(other), timeout=30, what="the second Mac to stop its llama-server")
+
+        await cluster.delete_isvc("elastic")
+        leases = client.CoordinationV1Api(admin_api)
+
+        async def gone() -> bool:
+            left = await leases.list_namespaced_lease("metal-agent", label_selector="llmkube.ai/fleet-role=replica")
+            mine = [x for x in left.items if x.metadata.labels.get("llmkube.ai/inference-service-namespace") == namespace]
+            services = await cluster.core.list_namespaced_service(namespace)
+            return not mine and not await slices(cluster, "elastic") and not services.items
+        await wait_for(gone, timeout=30, what="replica Leases, slices and the Service removed")
+
+
+async def _only(cluster: Cluster, service: str, macs: list[Mac], mac: Mac):
+    on = await ready_on(cluster, service, macs)
+    return on if on == [mac] and len(await slices(cluster, service)) == 1 else None
+
+
+async def _idle(mac: Mac) -> bool:
+    return not await mac.agent.services()
