@@ -252,7 +252,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
             on_key=lambda key: reconciler.queue.add(key),
             process_ready=lambda key: bool((s := processes.get(key)) and s.snapshot.ready),
             waiting=lambda key: reconciler.waiting_reason(key), address=lambda: reconciler.launch.register_address,
-            state_dir=cfg.paths.state, registrar_kwargs={"host": facts.host},
+            state_dir=cfg.paths.state, registrar_kwargs={"host": facts.host}, registry=registry,
         )
         registrar = fleet.registrar
     reconciler = Reconciler(

@@ -124,7 +124,8 @@ class Fleet:
         self._leases_synced = False
         self._own_rv: str | None = None
         self._published: tuple = ()
-        self.renew_failures = 0
+        self.renew_failures = 0  # in a row
+        self.renewals = {"ok": 0, "failed": 0}  # since start, for /metrics
 
     # -- the gate (core.claim.Allowlist's protocol) ---------------------------
 
@@ -305,6 +306,7 @@ class Fleet:
         except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             self._own_rv = None  # read it afresh next time
             self.renew_failures += 1
+            self.renewals["failed"] += 1
             log.warning("fleet lease renewal failed", member=self.me, error=f"{type(err).__name__}: {err}",
                         serving_for_s=round(fence_deadline(self.last_renewed, self.s.lease_duration, self.s.renew_interval)
                                             - time.monotonic(), 1) if self.last_renewed else None)
@@ -323,6 +325,7 @@ class Fleet:
         elif self.last_renewed is None:
             log.info("fleet lease renewed", member=self.me, namespace=self.s.namespace)
         self.renew_failures = 0
+        self.renewals["ok"] += 1
         self.last_renewed = started
         self._notify()
 
@@ -480,8 +483,9 @@ class Fleet:
         delay = bid_delay(wanted, members, self.me, self.s.bid_step, holders)
         if delay is None:
             return None
-        delay += self.s.bid_step  # even the first in line waits one step: the others' news must arrive first
         index, r, kind = free[0]
+        if not (r is not None and r.holder):  # a new replica: even the first in line waits one step, for the
+            delay += self.s.bid_step          # news (models on disk, refusals) of a new service to arrive
         since, waited_for = self._free_since.get((wanted.key, index), (now, delay))
         if delay > waited_for:  # we fell back in line (another Mac has more room now): wait anew
             since = now

@@ -23,6 +23,7 @@ from metal_agent.adapters.kube.leases import LeaseClient
 from metal_agent.core.claim import Allowlist
 from metal_agent.core.leases import COORDINATION, member_name
 from metal_agent.core.memory import GiB
+from metal_agent.core.names import METRIC_PREFIX
 from metal_agent.core.placement import CHIP_LABEL, HOSTNAME_LABEL, MEMORY_LABEL, rank, unschedulable_message
 from metal_agent.fleet import Fleet, FleetSettings
 
@@ -78,7 +79,8 @@ class FleetParts:
 def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str, isvcs: Informer, models: Informer,
                 memory, model_files, events: Callable[[], object], on_key: Callable[[str], None],
                 process_ready: Callable[[str], bool], waiting: Callable[[str], str | None],
-                address: Callable[[], str | None], state_dir: Path, registrar_kwargs: dict) -> FleetParts:
+                address: Callable[[], str | None], state_dir: Path, registrar_kwargs: dict,
+                registry=None) -> FleetParts:
     name = cfg.member_name or member_name(host)
     settings = FleetSettings(
         member=name, namespace=cfg.fleet_namespace, labels=member_labels(name, chip, total_ram, dict(cfg.labels)),
@@ -95,6 +97,8 @@ def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str,
                                exists=lambda key: isvcs.get(key) is not None, address=address, **registrar_kwargs)
     fleet.registrar = registrar
     fleet.announced = registrar.announced
+    if registry is not None:
+        registry.register(FleetCollector(fleet))
     informer = Informer(api, CustomResource(*COORDINATION), fleet.on_lease_change, namespaces=(cfg.fleet_namespace,),
                         resync_period=cfg.resync_period)
     return FleetParts(fleet, registrar, informer)
@@ -137,6 +141,32 @@ def fleet_view(fleet: Fleet) -> dict:
     return {"member": fleet.me, "namespace": fleet.s.namespace, "cordoned": fleet.cordoned,
             "fenced": fleet.fenced(now), "members": rows, "draining": draining,
             "unplaced": {k: b.message for k, b in sorted(fleet._unplaced.items())}}
+
+
+class FleetCollector:
+    """The fleet on /metrics, read at scrape time (nothing to keep up to date between scrapes)."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        f, now = self.fleet, time.monotonic()
+        held = GaugeMetricFamily(METRIC_PREFIX + "fleet_replicas_held", "replica Leases this Mac holds")
+        held.add_metric([], len(f.replicas_held(f.me)))
+        members = GaugeMetricFamily(METRIC_PREFIX + "fleet_members", "members of the fleet by state", labels=["state"])
+        alive = sum(1 for name in f.members if name != f.me and f._alive(name, now)) + (not f.fenced(now))
+        members.add_metric(["alive"], alive)
+        members.add_metric(["expired"], len(set(f.members) | {f.me}) - alive)
+        fenced = GaugeMetricFamily(METRIC_PREFIX + "fleet_fenced",
+                                   "1 while this Mac could not renew its Lease in time (it serves nothing)")
+        fenced.add_metric([], 1 if f.fenced(now) else 0)
+        renewals = CounterMetricFamily(METRIC_PREFIX + "fleet_lease_renewals", "renewals of this Mac's Lease",
+                                       labels=["outcome"])
+        for outcome, count in f.renewals.items():
+            renewals.add_metric([outcome], count)
+        return [held, members, fenced, renewals]
 
 
 def add_routes(app: web.Application, fleet: Fleet) -> None:

@@ -358,6 +358,11 @@ async def test_an_agent_restart_keeps_its_replicas_and_their_llama_servers(
         assert await ready_on(cluster, "kept", macs) == [a]
         assert watcher.zero_s == 0 and watcher.zero_since is None
         assert f"{namespace}/kept#0" in await a.holds() and not await b.agent.services()
+        assert await a.agent.metric("llmkube_metal_agent_fleet_replicas_held") == 1
+        assert await b.agent.metric("llmkube_metal_agent_fleet_replicas_held") == 0
+        assert await a.agent.metric("llmkube_metal_agent_fleet_members", {"state": "alive"}) == 2
+        assert await a.agent.metric("llmkube_metal_agent_fleet_fenced") == 0
+        assert await a.agent.metric("llmkube_metal_agent_fleet_lease_renewals_total", {"outcome": "ok"}) >= 1
 
 
 async def test_scaling_up_and_down_and_deleting(control_plane, llama_server_bin, tmp_path, namespace, cluster,
