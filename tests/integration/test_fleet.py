@@ -228,6 +228,7 @@ async def test_a_mac_cut_off_from_the_api_stops_serving_before_another_takes_ove
             async def on_a():
                 return await ready_on(cluster, "solo", macs) == [a]
             await wait_for(on_a, timeout=START_TIMEOUT, what="solo on a")
+            await wait_for(lambda: a.ns.inner_ip in watcher.first_ready, timeout=10, what="the watcher to see a")
         # b fences itself one renew interval before its lease can expire for others: it has stopped
         # before a's endpoint is first seen ready (the bound allows for the polling on a loaded machine).
         assert stopped_at <= watcher.first_ready[a.ns.inner_ip], "b still served when a took over"
@@ -360,7 +361,8 @@ async def test_an_agent_restart_keeps_its_replicas_and_their_llama_servers(
         assert f"{namespace}/kept#0" in await a.holds() and not await b.agent.services()
         assert await a.agent.metric("llmkube_metal_agent_fleet_replicas_held") == 1
         assert await b.agent.metric("llmkube_metal_agent_fleet_replicas_held") == 0
-        assert await a.agent.metric("llmkube_metal_agent_fleet_members", {"state": "alive"}) == 2
+        # (>=: the fleet namespace is shared by the tests; earlier tests' Macs look alive for one lease)
+        assert await a.agent.metric("llmkube_metal_agent_fleet_members", {"state": "alive"}) >= 2
         assert await a.agent.metric("llmkube_metal_agent_fleet_fenced") == 0
         assert await a.agent.metric("llmkube_metal_agent_fleet_lease_renewals_total", {"outcome": "ok"}) >= 1
 
