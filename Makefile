@@ -42,6 +42,10 @@ bench: dev ## Control-loop figures (latency, API load, adoption, footprint) and 
 	$(BIN)/python bench/control_loop.py
 	$(BIN)/python bench/runtimes.py
 
+.PHONY: bench-fleet
+bench-fleet: dev ## Three fleet Macs (needs root): failover, double serving, drain gaps, idle API load; table + bench/results/fleet.json
+	$(BIN)/python bench/fleet.py
+
 .PHONY: bench-compat
 bench-compat: dev ## Status writes beside LLMKube's real controller (needs root and ../shared); table + bench/results/compat.json
 	$(BIN)/python bench/compat.py
