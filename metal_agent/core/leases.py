@@ -4,7 +4,8 @@ Two kinds live in the fleet namespace (the agent's own, `metal-agent` by
 default), told apart by the `llmkube.ai/fleet-role` label:
 
 - `member.<mac>`: one per agent, renewed every renew interval like a
-  kubelet's node Lease. Its labels are the Mac's (so `kubectl get leases
+  kubelet's node Lease. Its labels are the Mac's, plus its free memory,
+  replicas serving and cordon as labels (so `kubectl get leases
   -l llmkube.ai/fleet-role=member -L llmkube.ai/chip` prints the fleet) and
   its `llmkube.ai/member` annotation carries the capacity placement reads.
 - `replica.<namespace>.<service>.<N>`: who serves replica N. It is not
@@ -35,6 +36,9 @@ MEMBER_LABEL = "llmkube.ai/fleet-member"  # on replica Leases (the holder) and p
 ISVC_NAMESPACE_LABEL = "llmkube.ai/inference-service-namespace"
 REPLICA_LABEL = "llmkube.ai/replica"
 MEMBER_ANNOTATION = "llmkube.ai/member"
+# Status as labels on a member Lease, for `kubectl get leases -L ...`; never placement labels.
+FREE_GIB_LABEL, SERVING_LABEL, CORDONED_LABEL = "llmkube.ai/free-gib", "llmkube.ai/serving", "llmkube.ai/cordoned"
+_NOT_PLACEMENT_LABELS = frozenset({ROLE_LABEL, MANAGED_BY_LABEL, FREE_GIB_LABEL, SERVING_LABEL, CORDONED_LABEL})
 SUCCESSOR_ANNOTATION = "llmkube.ai/successor"  # a drain hands the replica over: who starts before the holder stops
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
@@ -83,7 +87,9 @@ def member_lease(info: MemberInfo, *, duration_s: int, now: dt.datetime, resourc
     }
     meta: dict = {
         "name": member_lease_name(m.name),
-        "labels": {**m.labels, ROLE_LABEL: MEMBER_ROLE, MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+        "labels": {**m.labels, ROLE_LABEL: MEMBER_ROLE, MANAGED_BY_LABEL: MANAGED_BY_VALUE,
+                   FREE_GIB_LABEL: str(m.free_bytes >> 30), SERVING_LABEL: str(len(info.serving)),
+                   CORDONED_LABEL: str(m.cordoned).lower()},
         "annotations": {MEMBER_ANNOTATION: json.dumps(payload, separators=(",", ":"))},
     }
     if resource_version:
@@ -109,7 +115,7 @@ def parse_member(lease: dict) -> MemberInfo | None:
     holder = (lease.get("spec") or {}).get("holderIdentity")
     try:
         payload = json.loads(((lease.get("metadata") or {}).get("annotations") or {}).get(MEMBER_ANNOTATION) or "{}")
-        labels = {k: v for k, v in _labels(lease).items() if k not in (ROLE_LABEL, MANAGED_BY_LABEL)}
+        labels = {k: v for k, v in _labels(lease).items() if k not in _NOT_PLACEMENT_LABELS}
         member = Member(
             name=str(holder or ""), labels=labels, cordoned=bool(payload.get("cordoned")),
             budget_bytes=int(payload.get("budgetBytes") or 0), committed_bytes=int(payload.get("committedBytes") or 0),

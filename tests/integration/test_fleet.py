@@ -134,6 +134,18 @@ async def test_placement_follows_selectors_prefers_the_model_on_disk_and_says_wh
             assert (await cluster.core.read_namespaced_service(name, cluster.ns)).spec.ports[0].target_port == "http"
         assert f"{namespace}/from-disk#0" in await b.holds()
 
+        # `kubectl get leases -l llmkube.ai/fleet-role=member -L ...` shows the Macs: labels on the member Lease.
+        from kubernetes_asyncio import client
+
+        async def a_lease_labels():
+            lease = await client.CoordinationV1Api(cluster.api).read_namespaced_lease(f"member.{a.name}", "metal-agent")
+            labels = lease.metadata.labels
+            return labels if labels.get("llmkube.ai/serving") == "1" else None
+        labels = await wait_for(a_lease_labels, timeout=30, what="a's Lease to say it serves one replica")
+        assert labels["kubernetes.io/hostname"] == a.name and labels["size"] == "small"
+        assert labels["llmkube.ai/fleet-role"] == "member" and labels["llmkube.ai/cordoned"] == "false"
+        assert int(labels["llmkube.ai/memory-gib"]) >= 1 and int(labels["llmkube.ai/free-gib"]) >= 0
+
         async def unschedulable():
             status = await cluster.status("too-big")
             return status if status.get("schedulingStatus") == "Unschedulable" else None

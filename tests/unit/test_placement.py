@@ -129,6 +129,10 @@ def test_member_lease_round_trips():
     body = member_lease(info, duration_s=40, now=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
     assert body["metadata"]["name"] == "member.studio"
     assert body["metadata"]["labels"]["size"] == "big"
+    # kubectl-friendly status labels, never read back as placement labels
+    assert {k: body["metadata"]["labels"][k] for k in ("llmkube.ai/free-gib", "llmkube.ai/serving",
+                                                        "llmkube.ai/cordoned")} == \
+        {"llmkube.ai/free-gib": "0", "llmkube.ai/serving": "1", "llmkube.ai/cordoned": "true"}
     assert body["spec"] == {"holderIdentity": "studio", "leaseDurationSeconds": 40,
                             "renewTime": "2026-01-01T00:00:00.000000Z"}
     assert parse_member(body) == info
