@@ -350,11 +350,15 @@ class ModelFiles:
         return where
 
     def present(self, model: Model) -> Path | None:
-        """The model's file if it is on this Mac's disk now (a local file, or a finished
-        download in the cache), without starting anything: what the fleet's placement prefers."""
-        where = self._locate(model)
+        """The model if it is on this Mac's disk now (a local file or directory, or a finished
+        download in the cache), without starting anything: what the fleet's placement prefers.
+        Only a complete snapshot directory is ever at its final path (it is renamed there whole)."""
+        directory = self.engine_of(model).directory_model
+        where = self._locate(model, directory)
         path = where.path if isinstance(where, ModelReady) else where[1].final if isinstance(where, tuple) else None
-        return path if path is not None and path.is_file() else None
+        if path is None:
+            return None
+        return path if (path.is_dir() if directory else path.is_file()) else None
 
     def _locate(self, model: Model, directory: bool = False) -> Lookup | tuple[str | HubRepo, CachePaths]:
         """A local file's answer, a refusal, or the (URL or hub repository, cache paths) to download."""

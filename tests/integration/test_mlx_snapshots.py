@@ -93,6 +93,7 @@ async def test_snapshot_is_fetched_whole_verified_and_placed_atomically(server, 
 
     pending = store.lookup(model, f"{NS}/a")
     assert isinstance(pending, ModelPending)
+    assert store.present(model) is None  # a fleet Mac does not count a half-fetched snapshot as on disk
     # A second service wanting the same repository joins the one download.
     assert isinstance(store.lookup(model, f"{NS}/b"), ModelPending)
     assert len(store.downloading()) == 1
@@ -102,6 +103,7 @@ async def test_snapshot_is_fetched_whole_verified_and_placed_atomically(server, 
     assert {p.name: p.read_bytes() for p in found.path.iterdir() if p.name in repo_files} == repo_files
     assert (found.path / MARKER).exists()
     assert not found.path.with_name(found.path.name + ".partial").exists()
+    assert store.present(model) == found.path  # ...and does count the complete one
     # Every file was fetched once, from the resolved commit, not the moving revision.
     fetched = [r.path for r in server.requests if "/resolve/" in r.path]
     assert sorted(fetched) == sorted(f"/org/tiny-mlx/resolve/{commit}/{name}" for name in repo_files)
