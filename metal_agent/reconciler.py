@@ -13,7 +13,10 @@ Rules that protect users' models:
   re-creating it is not an outage. A Model that changes hands (accelerator
   no longer metal) stops it.
 - A changed spec hash respawns exactly once, stopping the old process first
-  so two copies of a model never share the Mac's memory.
+  so two copies of a model never share the Mac's memory; when the new
+  model must first be downloaded, the old process serves until it is there.
+
+What the status then says, and when it is written, is `StatusReporter`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import structlog
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
 from metal_agent.adapters.kube.registrar import Registrar
-from metal_agent.adapters.kube.status_writer import StatusWriter, already_applied, utc_now
+from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.adapters.process.manager import ProcessManager
@@ -41,11 +44,12 @@ from metal_agent.core.process import Snapshot, State, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_path, endpoint_url, service_name_problem
 from metal_agent.core.result import Invalid, NotOurs
 from metal_agent.core.spec_hash import spec_hash
-from metal_agent.core.status import Blocker, StatusInputs, compute_status
-from metal_agent.core.status_owner import StatusMode, decide, model_not_ready, shows_controller, stale_scheduling
+from metal_agent.core.status import Blocker
+from metal_agent.core.status_owner import StatusMode
 from metal_agent.core.validation import parse_model
 from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
+from metal_agent.status_reporter import StatusReporter
 from metal_agent.workqueue import WorkQueue
 
 log = structlog.get_logger(__name__)
@@ -112,7 +116,6 @@ class Reconciler:
         self.models = models
         self.processes = processes
         self.model_files = model_files
-        self.status = status
         self.events = events
         self.metrics = metrics
         self.launch = launch
@@ -126,11 +129,8 @@ class Reconciler:
         self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
         self.managed: dict[str, _Managed] = {}
         self._invalid_reported: dict[str, tuple] = {}
-        self.status_mode = status_mode
-        self.controller_seen = False  # some object showed LLMKube's controller writing status
-        self._applied_status: dict[str, dict] = {}  # our last applied status intent, per key
-        self._ownership: dict[str, str] = {}  # per key: "full" or "shared", to log changes once
-        self._model_not_ready_reported: dict[str, str] = {}
+        self.reporter = StatusReporter(models=models, status=status, events=events, metrics=metrics,
+                                       allowlist=allowlist, status_mode=status_mode)
         self._registration_failures: dict[str, int] = {}
 
     # -- event intake -----------------------------------------------------
@@ -200,41 +200,9 @@ class Reconciler:
         verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, self._draft_raw(raw))
 
         if isinstance(verdict, NotOurs):
-            if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
-                # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet.py).
-                await self._write_status(key, raw, True, blocker=unplaced, scheduling=(unplaced.reason, unplaced.message))
-                return None
-            model_missing = model_raw is None and ref is not None
-            if model_missing and managed is None and self.processes.get(key) is None:
-                # After an agent restart: the same rule as at run time, a vanished Model costs no reload.
-                if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
-                    log.info("kept the running llama-server although its Model is missing", service=key)
-            if managed is None and self.processes.get(key) is None:
-                return None
-            if model_missing:
-                await self._write_status(key, raw, managed.workload.isvc.spec.wants_process if managed else True,
-                                         degraded=Blocker("ModelNotFound",
-                                                          f"Model {ref[1]} was not found; still serving the last valid spec"))
-                return None
-            log.info("InferenceService is no longer ours; stopping llama-server", service=key, why=verdict.reason)
-            await self._stop(key)
-            await self._unregister(key)
-            return None
-
+            return await self._not_ours(key, raw, verdict, ref, model_raw)
         if isinstance(verdict, Invalid):
-            errors = tuple(e.describe() for e in verdict.errors)
-            marker = (raw["metadata"].get("generation"), errors)
-            if self._invalid_reported.get(key) != marker:
-                self._invalid_reported[key] = marker
-                log.warning("invalid spec", service=key, errors=list(errors))
-                self.events.emit(raw["metadata"], "InvalidSpec", "; ".join(errors), warning=True)
-            if managed is None and self.processes.get(key) is None:
-                # After an agent restart: keep the previous agent's process serving its last valid spec.
-                if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
-                    log.info("kept the running llama-server of the last valid spec", service=key)
-            wants = managed.workload.isvc.spec.wants_process if managed else True
-            await self._write_status(key, raw, wants, spec_errors=errors)
-            return None
+            return await self._invalid(key, raw, verdict)
         self._invalid_reported.pop(key, None)
 
         workload = verdict.value
@@ -322,6 +290,48 @@ class Reconciler:
         problem, retry = await self._register(key, raw)
         await self._write_status(key, raw, True, degraded=problem)
         return retry
+
+    async def _not_ours(self, key: str, raw: dict, verdict: NotOurs, ref: tuple[str, str] | None,
+                        model_raw: dict | None) -> None:
+        """Not (or no longer) a service this Mac serves: stop what runs, unless only its Model
+        vanished (a deleted Model is not an outage), and speak for an unplaced fleet service."""
+        managed = self.managed.get(key)
+        if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
+            # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet.py).
+            await self._write_status(key, raw, True, blocker=unplaced, scheduling=(unplaced.reason, unplaced.message))
+            return
+        model_missing = model_raw is None and ref is not None
+        if model_missing and managed is None and self.processes.get(key) is None:
+            # After an agent restart: the same rule as at run time, a vanished Model costs no reload.
+            if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
+                log.info("kept the running llama-server although its Model is missing", service=key)
+        if managed is None and self.processes.get(key) is None:
+            return
+        if model_missing:
+            await self._write_status(key, raw, managed.workload.isvc.spec.wants_process if managed else True,
+                                     degraded=Blocker("ModelNotFound",
+                                                      f"Model {ref[1]} was not found; still serving the last valid spec"))
+            return
+        log.info("InferenceService is no longer ours; stopping llama-server", service=key, why=verdict.reason)
+        await self._stop(key)
+        await self._unregister(key)
+
+    async def _invalid(self, key: str, raw: dict, verdict: Invalid) -> None:
+        """An invalid spec starts nothing and stops nothing: a running process keeps serving
+        its last valid spec; the errors go to status and, once per change, to an Event."""
+        managed = self.managed.get(key)
+        errors = tuple(e.describe() for e in verdict.errors)
+        marker = (raw["metadata"].get("generation"), errors)
+        if self._invalid_reported.get(key) != marker:
+            self._invalid_reported[key] = marker
+            log.warning("invalid spec", service=key, errors=list(errors))
+            self.events.emit(raw["metadata"], "InvalidSpec", "; ".join(errors), warning=True)
+        if managed is None and self.processes.get(key) is None:
+            # After an agent restart: keep the previous agent's process serving its last valid spec.
+            if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
+                log.info("kept the running llama-server of the last valid spec", service=key)
+        wants = managed.workload.isvc.spec.wants_process if managed else True
+        await self._write_status(key, raw, wants, spec_errors=errors)
 
     def _new_model_not_ready(self, key: str, raw: dict, workload: Workload, digest: str) -> _Deferred | None:
         """Whether a changed spec's model is not on disk yet (downloading, or failed to),
@@ -492,74 +502,26 @@ class Reconciler:
         self._waiting_reported.pop(key, None)
         self._deferred_reported.pop(key, None)
         self._invalid_reported.pop(key, None)
-        self._applied_status.pop(key, None)
-        self._ownership.pop(key, None)
-        self._model_not_ready_reported.pop(key, None)
+        self.reporter.forget(key)
         self._registration_failures.pop(key, None)
         namespace, name = key.split("/", 1)
         self.metrics.forget_service(namespace, name)
 
-    async def _write_status(
-        self, key: str, raw: dict, wants_process: bool, *, suspended: bool = False,
-        spec_errors: tuple[str, ...] = (), blocker: Blocker | None = None, degraded: Blocker | None = None,
-        scheduling: tuple[str, str] | None = None, rollout: Blocker | None = None,
-    ) -> None:
-        """Apply the status fields this agent owns, when what it means to say has changed."""
-        if not self.allowlist.speaks_for(key):
-            self._applied_status.pop(key, None)  # when it is our turn again, the status may be another Mac's
-            return  # fleet: another Mac serving this service writes its status
+    async def _write_status(self, key: str, raw: dict, wants_process: bool, **facts) -> None:
+        """Tell the StatusReporter what is true of `key` (see its `write` for `facts`)."""
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
-        ref = wanted_model(raw)
-        model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        self.controller_seen = self.controller_seen or shows_controller(raw, model_raw)
-        owner = decide(self.status_mode, raw, model_raw, controller_seen=self.controller_seen)
-        if self._ownership.get(key) != owner.label:
-            self._ownership[key] = owner.label
-            log.info("status ownership", service=key, mode=owner.label, why=owner.why)
-        not_ready = model_not_ready(model_raw) if owner.shared else None
-        spec = raw.get("spec") or {}
-        replicas = spec.get("replicas", 1)
-        inputs = StatusInputs(
-            generation=raw["metadata"].get("generation"),
-            wants_process=wants_process,
-            suspended=suspended,
-            desired_replicas=replicas if isinstance(replicas, int) else 1,
-            spec_errors=spec_errors,
-            degraded=degraded,
-            rollout=rollout,
-            scheduling=scheduling,
-            memory_pressure=self._pressure_condition(key),
-            blocker=blocker,
+        registered = self.registrar is not None and self.registrar.registered(key)
+        await self.reporter.write(
+            key, raw, wants_process,
             process=self._snapshot(supervisor),
             endpoint=self.endpoint_for(key, raw, managed.workload.isvc.spec.mode.value if managed else "chat")
             if supervisor else None,
-            model_not_accepted=Blocker(*not_ready) if not_ready else None,
+            serving=supervisor is not None and supervisor.snapshot.ready and registered,
+            memory_pressure=self._pressure_condition(key),
             gpu_layers=managed.workload.model.spec.hardware.gpu.layers if managed else 0,
-            shared=owner.shared,
-            **dict(zip(("placement", "ready_elsewhere"), self.allowlist.placement(key))),
+            **facts,
         )
-        if owner.shared and scheduling is None:
-            await self._clear_stale_scheduling(key, raw)
-        last = self._applied_status.get(key)
-        # Our own conditions are what we last applied, whatever a stale cache says:
-        # a transition time must not move because our write has not come back yet.
-        intent = compute_status(inputs, last or raw.get("status"), utc_now())
-        if last == intent or (last is None and already_applied(raw, intent, stamped=("lastUpdated",))):
-            self._applied_status[key] = intent
-            return
-        if not_ready and self._model_not_ready_reported.get(key) != not_ready[1]:
-            self._model_not_ready_reported[key] = not_ready[1]
-            log.warning("LLMKube has not marked the Model Ready", service=key, why=not_ready[1])
-            self.events.emit(raw["metadata"], "ModelNotReady", not_ready[1], warning=True)
-        body = intent if owner.shared else {**intent, "lastUpdated": utc_now()}
-        namespace, name = key.split("/", 1)
-        if await self.status.apply(namespace, name, body) is not None:
-            self.metrics.status_writes.inc()
-            log.debug("status applied", service=key, mode=owner.label, phase=intent.get("phase"),
-                      conditions=[f"{c['type']}={c['status']}/{c['reason']}" for c in intent["conditions"]],
-                      scheduling=intent.get("schedulingStatus"), first=last is None)
-        self._applied_status[key] = intent
 
     @staticmethod
     def _snapshot(supervisor) -> Snapshot | None:
@@ -569,18 +531,6 @@ class Reconciler:
             return None
         snap = supervisor.snapshot
         return replace(snap, state=State.STARTING) if snap.state is State.STOPPED else snap
-
-    async def _clear_stale_scheduling(self, key: str, raw: dict) -> None:
-        supervisor = self.processes.get(key)
-        serving = supervisor is not None and supervisor.snapshot.ready and \
-            self.registrar is not None and self.registrar.registered(key)
-        fields = stale_scheduling(raw, serving=serving)
-        if fields:
-            namespace, name = key.split("/", 1)
-            if await self.status.clear(namespace, name, fields, raw["metadata"].get("resourceVersion") or ""):
-                self.metrics.status_writes.inc()
-                log.info("cleared LLMKube's stale agent-absent scheduling status", service=key,
-                         was=(raw.get("status") or {}).get("schedulingStatus"))
 
     # -- memory pressure (called by the watchdog) ---------------------------
 
