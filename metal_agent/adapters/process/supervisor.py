@@ -23,6 +23,7 @@ import psutil
 import structlog
 
 from metal_agent.adapters.process.exitwatch import wait_exit
+from metal_agent.adapters.process.health_probe import HealthProbe
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, same_start
 from metal_agent.adapters.process.terminate import terminate_group
@@ -305,6 +306,13 @@ class Supervisor:
     async def _watch(self, running: _Running, mark: int) -> tuple[ExitInfo, float]:
         """Readiness then liveness, until the process is gone; returns why and how long it was healthy."""
         base = f"http://{_health_host(self.plan.host)}:{self._port}"
+        self._probe = HealthProbe(_health_host(self.plan.host).strip("[]"), self._port, self.plan.engine.probe.health_path)
+        try:
+            return await self._watch_with(running, mark, base)
+        finally:
+            self._probe.close()
+
+    async def _watch_with(self, running: _Running, mark: int, base: str) -> tuple[ExitInfo, float]:
         reason = ExitReason.PROCESS_EXITED
         healthy_since: float | None = None
         if not await self._await_ready(running, base):
@@ -331,13 +339,11 @@ class Supervisor:
                         self.plan.engine.display), healthy_for
 
     async def _healthy(self, base: str, timeout: float | None = None) -> bool:
+        """The engine's health path answers 200 (`base` names the server; the probe holds its
+        connection). The default timeout is the liveness probe's."""
         started = time.monotonic()
         try:
-            async with self.http.get(f"{base}{self.plan.engine.probe.health_path}", timeout=aiohttp.ClientTimeout(
-                    total=self.settings.liveness_timeout if timeout is None else timeout)) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+            return await self._probe(self.settings.liveness_timeout if timeout is None else timeout)
         finally:
             if self.on_probe is not None:
                 self.on_probe(time.monotonic() - started)
