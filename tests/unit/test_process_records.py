@@ -39,6 +39,7 @@ def test_a_pre_exec_record_finds_its_process_by_command_line(tmp_path):
     (pid 0); the next agent finds the process by its unique command line."""
     import subprocess
     import sys
+    import time
 
     import psutil
 
@@ -47,8 +48,13 @@ def test_a_pre_exec_record_finds_its_process_by_command_line(tmp_path):
     argv = [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)]  # the path makes it unique
     proc = subprocess.Popen(argv)
     try:
+        # Until the child has exec'd, its command line is still the parent's (fork): wait for it.
+        deadline = time.monotonic() + 30
+        while psutil.Process(proc.pid).cmdline() != argv:
+            assert time.monotonic() < deadline, "the child never exec'd"
+            time.sleep(0.001)
         pending = ProcessRecord(key="ns/a", uid="u", pid=0, create_time=0.0, spec_hash="h", port=1,
-                                host="127.0.0.1", argv_digest=argv_digest(psutil.Process(proc.pid).cmdline()))
+                                host="127.0.0.1", argv_digest=argv_digest(argv))
         found = find_unrecorded(pending)
         assert found is not None and found.pid == proc.pid
         assert abs(found.create_time - psutil.Process(proc.pid).create_time()) < 0.01
