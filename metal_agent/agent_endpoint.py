@@ -77,7 +77,8 @@ class MetricsEndpoint:
                             address=f"{address}:{self.port}", namespace=self.namespace,
                             error=f"{type(err).__name__}: {err}", retry_in_s=round(delay, 2))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._moved.wait(), timeout=delay)
+                async with asyncio.timeout(delay):  # not wait_for: 3.11's can swallow a cancellation
+                    await self._moved.wait()
 
     async def withdraw(self, timeout: float = 2.0) -> None:
         """Remove this Mac's slice on the way out (best effort: a stale heartbeat tells the rest)."""

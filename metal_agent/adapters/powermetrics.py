@@ -468,7 +468,8 @@ class PowerSampler:
         """Zero the gauges when no sample arrived for ``stale_intervals`` intervals."""
         while True:
             try:
-                await asyncio.wait_for(self._fresh.wait(), timeout=self._stale_after_s)
+                async with asyncio.timeout(self._stale_after_s):  # not wait_for: 3.11's can swallow a cancellation
+                    await self._fresh.wait()
             except TimeoutError:
                 if self._live:
                     self._log.warning("no powermetrics sample; power gauges set to 0", stale_after_s=self._stale_after_s)

@@ -28,8 +28,11 @@ class HealthProbe:
     async def __call__(self, timeout: float) -> bool:
         """True when the server answers 200 within `timeout` seconds."""
         try:
-            status, keep = await asyncio.wait_for(self._exchange(), timeout)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that lands as the exchange completes, and a supervisor being stopped must stop.
+            async with asyncio.timeout(timeout):
+                status, keep = await self._exchange()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             self.close()
             return False
         if not keep:
