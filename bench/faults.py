@@ -64,7 +64,7 @@ from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.http_models import ModelHTTPServer  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
 from tests.support.memory_file import MemoryFile  # noqa: E402
-from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+from tests.support.kube import api_client, create_namespace, install_metal_agent  # noqa: E402
 from tests.support.procs import process_gone  # noqa: E402
 from tests.support.toxiproxy import FaultyMac, ToxiproxyServer, faulty_mac, fill_filesystem, kubeconfig_via  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
@@ -574,9 +574,7 @@ async def main() -> None:
         models = await ModelHTTPServer().start()
         admin = await api_client(cp.admin_kubeconfig)
         try:
-            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
-            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
-            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+            await install_metal_agent(admin)
             cluster = Cluster(admin, await create_namespace(admin, "faults"))
             await cluster.create_model("tiny", f"file://{model}")
             proxy = await toxiproxy.create_proxy(f"127.0.0.1:{cp.port}")

@@ -41,7 +41,7 @@ from tests.support.agent import AgentProcess, agents_in_netns, kill_recorded_pro
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.fleet import ReadyWatcher, ready_endpoints  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
-from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+from tests.support.kube import api_client, create_namespace, install_metal_agent  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 
 RESOURCE_LABEL = re.compile(r'[{,]resource="([^"]*)"')
@@ -141,9 +141,7 @@ async def main() -> None:
         await cp.start()
         admin = await api_client(cp.admin_kubeconfig)
         try:
-            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
-            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
-            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+            await install_metal_agent(admin)
             ns = await create_namespace(admin, "fleet")
             cluster = Cluster(admin, ns)
             await cluster.create_model("tiny", f"file://{model}")

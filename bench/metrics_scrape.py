@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from tests.support import netns  # noqa: E402
 from tests.support.agent import agents_in_netns  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
-from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+from tests.support.kube import api_client, apply, create_namespace, install_metal_agent  # noqa: E402
 
 def cached(script: str) -> Path:
     import os
@@ -73,9 +73,7 @@ async def main() -> None:
         await cp.start()
         admin = await api_client(cp.admin_kubeconfig)
         try:
-            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
-            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
-            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+            await install_metal_agent(admin)
             ns = await create_namespace(admin)
             role = next(d for d in yaml.safe_load_all((REPO / "manifests/monitoring/prometheus-rbac.yaml").read_text())
                         if d and d["kind"] == "ClusterRole")

@@ -37,7 +37,7 @@ from tests.support import tiny_mlx_model, tiny_model  # noqa: E402
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
-from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established  # noqa: E402
+from tests.support.kube import api_client, create_namespace, install_metal_agent  # noqa: E402
 from tests.support.procs import process_gone  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 
@@ -86,9 +86,7 @@ async def main() -> None:
         admin = await api_client(cp.admin_kubeconfig)
         agent: AgentProcess | None = None
         try:
-            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
-            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
-            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+            await install_metal_agent(admin)
             ns = await create_namespace(admin, "bench")
             cluster = Cluster(admin, ns)
             await cluster.create_model("tiny-gguf", f"file://{gguf}")

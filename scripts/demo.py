@@ -34,7 +34,7 @@ from tests.support import netns, tiny_model  # noqa: E402
 from tests.support.agent import AgentOptions, AgentProcess  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
-from tests.support.kube import api_client, apply, load_documents, wait_crds_established  # noqa: E402
+from tests.support.kube import api_client, install_metal_agent  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 
 NAMESPACE = "demo"
@@ -80,9 +80,7 @@ async def main() -> None:
         admin = await api_client(cp.admin_kubeconfig)
         agent = None
         try:
-            await apply(admin, load_documents([REPO / "manifests" / "crds"]))
-            await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
-            await apply(admin, load_documents([REPO / "manifests" / "rbac" / "metal-agent.yaml"]))
+            await install_metal_agent(admin)
             await client.CoreV1Api(admin).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
 
             async with (netns.network_namespace() if use_netns else contextlib.nullcontext()) as ns:

@@ -19,11 +19,10 @@ import pytest
 
 from tests.support import tiny_model as tiny_models
 from tests.support.controlplane import Binaries, ControlPlane
-from tests.support.kube import api_client, apply, create_namespace, delete_namespace, load_documents, wait_crds_established
+from tests.support.kube import api_client, create_namespace, delete_namespace, install_metal_agent
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
-CRD_NAMES = ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev")
 
 
 def _missing(what: str, hint: str):
@@ -117,9 +116,7 @@ async def control_plane(controlplane_binaries: Binaries, tmp_path_factory) -> As
         await cp.start()
         admin = await api_client(cp.admin_kubeconfig)
         try:
-            await apply(admin, load_documents([MANIFESTS / "crds"]))
-            await wait_crds_established(admin, CRD_NAMES)
-            await apply(admin, load_documents([MANIFESTS / "rbac" / "metal-agent.yaml"]))
+            await install_metal_agent(admin)
         finally:
             await admin.close()
         yield cp

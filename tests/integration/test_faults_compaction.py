@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.support import netns
 from tests.support.controlplane import ControlPlane
 from tests.support.isvc import GROUP, MERGE_PATCH, VERSION, Cluster
-from tests.support.kube import api_client, apply, create_namespace, load_documents, wait_crds_established
+from tests.support.kube import api_client, create_namespace, install_metal_agent
 from tests.support.toxiproxy import faulty_mac, kubeconfig_via
 from tests.support.wait import wait_for
 
@@ -30,7 +29,6 @@ pytestmark = [
     pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
 ]
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 AGENT_FLAGS = ("--liveness-interval", "0.5", "--liveness-failures", "2", "--heartbeat-interval", "1")
 DEAD_READY_LIMIT = 1.0
 
@@ -41,9 +39,7 @@ async def uncached_plane(controlplane_binaries, tmp_path):
     await cp.start()
     admin = await api_client(cp.admin_kubeconfig)
     try:
-        await apply(admin, load_documents([MANIFESTS / "crds"]))
-        await wait_crds_established(admin, ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev"))
-        await apply(admin, load_documents([MANIFESTS / "rbac" / "metal-agent.yaml"]))
+        await install_metal_agent(admin)
         yield cp, admin
     finally:
         await admin.close()

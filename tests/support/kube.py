@@ -14,6 +14,9 @@ from kubernetes_asyncio.dynamic import DynamicClient
 
 from tests.support.wait import wait_for
 
+MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
+OUR_CRDS = ("models.inference.llmkube.dev", "inferenceservices.inference.llmkube.dev")
+
 FIELD_MANAGER = "metal-agent-tests"
 
 
@@ -93,3 +96,11 @@ async def delete_namespace(api: client.ApiClient, name: str) -> None:
     # stays Terminating; its name is unique, so nothing else ever reuses it.
     with contextlib.suppress(ApiException):
         await client.CoreV1Api(api).delete_namespace(name)
+
+
+async def install_metal_agent(admin: client.ApiClient) -> None:
+    """What every control plane of the tests, benches and demo needs: our CRDs (established,
+    so objects of their kinds can be created at once) and the agent's least-privilege role."""
+    await apply(admin, load_documents([MANIFESTS / "crds"]))
+    await wait_crds_established(admin, OUR_CRDS)
+    await apply(admin, load_documents([MANIFESTS / "rbac" / "metal-agent.yaml"]))
