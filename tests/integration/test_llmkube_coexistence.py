@@ -91,6 +91,7 @@ class Changes:
     def __init__(self, cluster: Cluster, name: str) -> None:
         self.cluster, self.name = cluster, name
         self.phases: list[str] = []
+        self.scheduling: list[str] = []  # every schedulingStatus seen, in order
         self.count = 0
         self._task: asyncio.Task | None = None
 
@@ -103,7 +104,9 @@ class Changes:
             async for event in stream:
                 if event["type"] == "MODIFIED":
                     self.count += 1
-                    self.phases.append((event["object"].get("status") or {}).get("phase"))
+                    status = event["object"].get("status") or {}
+                    self.phases.append(status.get("phase"))
+                    self.scheduling.append(status.get("schedulingStatus") or "")
 
     async def __aenter__(self) -> "Changes":
         self._task = asyncio.create_task(self._run())
@@ -200,15 +203,21 @@ async def test_spec_change_respawns_once_and_writers_converge(lk, llmkube_plane,
             status = await llmkube_ready(cluster, name)
             process = await cond(cluster, name, "MetalProcessReady")
             rows = await agent.services()
-            return status and process.get("observedGeneration") == generation and rows and rows[0]["pid"] != old_pid
-        await wait_for(settled, timeout=90, what="respawned and Ready again")
+            return (status and not status.get("schedulingStatus") and process.get("observedGeneration") == generation
+                    and rows and rows[0]["pid"] != old_pid)
+        await wait_for(settled, timeout=90, what="respawned and Ready again, no agent-absent leftover")
         settled_at, writes_at = changes.count, await agent.metric(WRITES)
         # Once settled, the agent is quiet; what remains is LLMKube's answer to each heartbeat
         # (one status update, two when its second reconcile crosses a second of lastUpdated).
         first = (await slices(cluster, name))[0].metadata.annotations["llmkube.ai/agent-heartbeat"]
         await wait_for(lambda: _heartbeats_seen(cluster, name, first, 3), timeout=60, what="3 heartbeats")
-    assert writes_at - writes <= 2, "a spec change costs at most two agent writes"
-    assert await agent.metric(WRITES) == writes_at, "the agent wrote after settling"
+    applied = "\n".join(line for line in agent.log_text().splitlines() if "status applied" in line or "cleared LLMKube" in line)
+    # Two writes of our own (loading, ready). If LLMKube's controller reconciled while the slice
+    # was not ready during the respawn (a race the machine's load decides), it wrote its
+    # "WaitingForMetalAgent", which it then keeps after Ready; clearing it is one more write.
+    clears = 1 if "WaitingForMetalAgent" in changes.scheduling else 0
+    assert writes_at - writes <= 2 + clears, f"a spec change costs at most two agent writes:\n{applied}"
+    assert await agent.metric(WRITES) == writes_at, f"the agent wrote after settling:\n{applied}"
     assert changes.count - settled_at <= 2 * 4 + 1
     assert (await cluster.wait_event(name, "Respawning")).count("Respawning") == 1
 
