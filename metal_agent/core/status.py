@@ -218,13 +218,10 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
     status["conditions"] = [c for c in merge_conditions(old, wanted, now, inputs.generation) if c.get("type") in own]
     if inputs.scheduling is not None:
         status["schedulingStatus"], status["schedulingMessage"] = inputs.scheduling
-    elif inputs.shared:
-        # The scheduling fields are the agent's (LLMKube's controller keeps them when it has
-        # nothing to say), but it also writes "waiting for the agent" there and then keeps
-        # that after the service is Ready. Applying "nothing to report" with every change of
-        # ours clears such a leftover in the same write; LLMKube's next update drops the
-        # empty strings (its fields are omitempty).
-        status["schedulingStatus"] = status["schedulingMessage"] = ""
+    # Otherwise the scheduling fields are left out (given up: a diagnosis of ours goes).
+    # Applying "" here would blank LLMKube's "WaitingForMetalAgent" while it is true (no
+    # Mac serves yet: a write of ours while the model loads) and LLMKube would write it
+    # straight back; its leftover after Ready is the reporter's to clear (`status_owner`).
     if running and p.acceleration is not None:
         status["acceleration"] = p.acceleration.as_status()
     return status

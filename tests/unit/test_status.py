@@ -147,6 +147,14 @@ def test_scheduling_fields_are_written_while_waiting_for_memory():
     assert "schedulingStatus" not in compute_status(StatusInputs(generation=1, wants_process=True), None, T0)
 
 
+def test_shared_status_leaves_llmkubes_waiting_for_the_agent_alone_while_nothing_is_diagnosed():
+    """Beside LLMKube, "WaitingForMetalAgent" is true while no Mac serves: a write of ours then
+    (the model loading) must not blank it, or LLMKube's controller writes it straight back."""
+    loading = StatusInputs(generation=1, wants_process=True, shared=True, process=snap(State.STARTING))
+    status = compute_status(loading, {"phase": "Creating", "schedulingStatus": "WaitingForMetalAgent"}, T0)
+    assert not {"schedulingStatus", "schedulingMessage", "waitingFor"} & set(status)
+
+
 def test_transition_time_moves_only_when_status_flips():
     first = compute_status(StatusInputs(generation=1, wants_process=True, process=snap(State.STARTING)), None, T0)
     second = compute_status(StatusInputs(generation=1, wants_process=True, process=snap(State.READY)), first, T1)
