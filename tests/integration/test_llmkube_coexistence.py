@@ -11,16 +11,14 @@ what a user of both sees with kubectl: LLMKube's phase and conditions, our
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
-import aiohttp
 import pytest
 import yaml
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client
 
 from tests.support import netns
 from tests.support.agent import AgentProcess, agents_in_netns
+from tests.support.coexistence import WRITES, Changes, agent_fields, chat, heartbeats_seen, llmkube_ready
+from tests.support.fleet import slices
 from tests.support.isvc import GROUP, VERSION, Cluster
 from tests.support.wait import wait_for
 
@@ -28,9 +26,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
 ]
-
-WRITES = "llmkube_metal_agent_status_writes_total"
-
 
 @pytest.fixture
 async def lk(llmkube_plane, llmkube_admin_api, llmkube_namespace, llama_server_bin, llmkube_tiny_model, tmp_path):
@@ -67,69 +62,6 @@ async def apply_docs(cluster: Cluster, docs: list[dict]) -> str:
 
 async def cond(cluster: Cluster, name: str, ctype: str) -> dict:
     return await cluster.condition(name, ctype) or {}
-
-
-async def llmkube_ready(cluster: Cluster, name: str) -> dict | None:
-    status = await cluster.status(name)
-    available = next((c for c in status.get("conditions") or [] if c["type"] == "Available"), {})
-    process = next((c for c in status.get("conditions") or [] if c["type"] == "MetalProcessReady"), {})
-    ok = status.get("phase") == "Ready" and available.get("reason") == "InferenceReady" and process.get("status") == "True"
-    return status if ok else None
-
-
-def agent_fields(obj: dict) -> tuple[str | None, set[str]]:
-    """(time of metal-agent's last status apply, the status fields it owns) from managedFields."""
-    for entry in obj["metadata"].get("managedFields") or []:
-        if entry.get("manager") == "metal-agent" and entry.get("subresource") == "status":
-            return entry.get("time"), set((entry.get("fieldsV1") or {}).get("f:status", {}))
-    return None, set()
-
-
-class Changes:
-    """Counts MODIFIED events of one InferenceService from a real watch, and their writers."""
-
-    def __init__(self, cluster: Cluster, name: str) -> None:
-        self.cluster, self.name = cluster, name
-        self.phases: list[str] = []
-        self.scheduling: list[str] = []  # every schedulingStatus seen, in order
-        self.count = 0
-        self._task: asyncio.Task | None = None
-
-    async def _run(self) -> None:
-        w = watch.Watch()
-        async with w.stream(self.cluster.custom.list_namespaced_custom_object, GROUP, VERSION, self.cluster.ns,
-                            "inferenceservices", field_selector=f"metadata.name={self.name}",
-                            resource_version=(await self.cluster.isvc(self.name))["metadata"]["resourceVersion"],
-                            timeout_seconds=600) as stream:
-            async for event in stream:
-                if event["type"] == "MODIFIED":
-                    self.count += 1
-                    status = event["object"].get("status") or {}
-                    self.phases.append(status.get("phase"))
-                    self.scheduling.append(status.get("schedulingStatus") or "")
-
-    async def __aenter__(self) -> "Changes":
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
-
-
-async def chat(address: str, port: int) -> int:
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"http://{address}:{port}/v1/chat/completions", json=body,
-                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
-            return resp.status
-
-
-async def slices(cluster: Cluster, service: str) -> list:
-    found = await client.DiscoveryV1Api(cluster.api).list_namespaced_endpoint_slice(
-        cluster.ns, label_selector=f"kubernetes.io/service-name={service}")
-    return found.items
 
 
 async def test_ready_under_llmkube_with_zero_idle_writes_and_the_go_agent_slice_gone(lk, llmkube_plane,
@@ -169,21 +101,13 @@ async def test_ready_under_llmkube_with_zero_idle_writes_and_the_go_agent_slice_
     writes = await agent.metric(WRITES)
     async with Changes(cluster, name) as changes:
         heartbeat = slice_.metadata.annotations["llmkube.ai/agent-heartbeat"]
-        await wait_for(lambda: _heartbeats_seen(cluster, name, heartbeat, 5), timeout=60, what="5 heartbeats")
+        await wait_for(lambda: heartbeats_seen(cluster, name, heartbeat, 5, every=2), timeout=60, what="5 heartbeats")
     assert await agent.metric(WRITES) == writes, "the agent wrote status while idle"
     assert agent_fields(await cluster.isvc(name))[0] == when
     assert set(changes.phases) <= {"Ready"}  # nothing flips while idle
     # LLMKube answers each heartbeat with one status update, two when its second reconcile
     # crosses a second of lastUpdated: ~6 heartbeats pass in this window.
     assert changes.count <= 2 * 6 + 1, f"{changes.count} changes in ~6 heartbeats: the writers do not settle"
-
-
-async def _heartbeats_seen(cluster: Cluster, name: str, first: str, count: int) -> bool:
-    """The heartbeat is whole seconds, every 2 s: `count` of them have passed once it is far enough ahead."""
-    current = (await slices(cluster, name))[0].metadata.annotations["llmkube.ai/agent-heartbeat"]
-    import datetime as dt
-    parse = lambda s: dt.datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
-    return (parse(current) - parse(first)).total_seconds() >= 2 * count
 
 
 async def test_spec_change_respawns_once_and_writers_converge(lk, llmkube_plane, llmkube_tiny_model):
@@ -210,7 +134,7 @@ async def test_spec_change_respawns_once_and_writers_converge(lk, llmkube_plane,
         # Once settled, the agent is quiet; what remains is LLMKube's answer to each heartbeat
         # (one status update, two when its second reconcile crosses a second of lastUpdated).
         first = (await slices(cluster, name))[0].metadata.annotations["llmkube.ai/agent-heartbeat"]
-        await wait_for(lambda: _heartbeats_seen(cluster, name, first, 3), timeout=60, what="3 heartbeats")
+        await wait_for(lambda: heartbeats_seen(cluster, name, first, 3, every=2), timeout=60, what="3 heartbeats")
     applied = "\n".join(line for line in agent.log_text().splitlines() if "status applied" in line or "cleared LLMKube" in line)
     # Two writes of our own (loading, ready). If LLMKube's controller reconciled while the slice
     # was not ready during the respawn (a race the machine's load decides), it wrote its

@@ -1,14 +1,84 @@
-"""Watching a service's EndpointSlices the way a cluster client sees them (fleet tests and bench/fleet.py)."""
+"""Fleets of "Macs" for tests, and watching a service's EndpointSlices the way a cluster
+client sees them (tests/integration/test_fleet*.py and bench/fleet.py).
+
+Each "Mac" is a network namespace with its own routable address, its own
+state, model and log directories, and an agent that reaches the real
+kube-apiserver as the least-privilege identity. Leases are short (6 s,
+renewed every second) so failover happens within a test's patience; the
+rules are the same at the default 40 s.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import secrets
 import time
 
+import aiohttp
 from kubernetes_asyncio import client
 
+from tests.support.agent import AgentProcess, agents_in_netns
 from tests.support.isvc import Cluster
+from tests.support.netns import NetNS
+
+LEASE_S = 6.0
+FLEET_FLAGS = ("--fleet", "--lease-duration", str(LEASE_S), "--lease-renew-interval", "1", "--fleet-bid-step", "1",
+               "--heartbeat-interval", "1", "--liveness-interval", "0.5", "--liveness-failures", "2")
+START_TIMEOUT = 90  # a deadline for a condition on a shared 2-core machine, not a goal
+
+
+class Mac:
+    def __init__(self, name: str, ns: NetNS, agent: AgentProcess, workdir) -> None:
+        self.name, self.ns, self.agent, self.workdir = name, ns, agent, workdir
+
+    async def fleet(self) -> dict:
+        status, text = await self.agent._get("/v1/fleet")
+        assert status == 200, text
+        return json.loads(text)
+
+    async def holds(self) -> list[str]:
+        view = await self.fleet()
+        return next(m["holds"] for m in view["members"] if m["member"] == self.name)
+
+
+@contextlib.asynccontextmanager
+async def fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs, *, api_ports=None, extra=()):
+    """Macs named after `specs` ({suffix: labels}) on `control_plane` (anything with `port` and
+    `agent_kubeconfig`); names are unique per test (the fleet namespace is shared)."""
+    tag = secrets.token_hex(2)
+    macs: list[Mac] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for suffix, labels in specs.items():
+            name = f"{suffix}-{tag}"
+            workdir = tmp_path / name
+            workdir.mkdir()
+            port = (api_ports or {}).get(suffix, control_plane.port)
+            kubeconfig = (api_ports or {}).get(suffix + ":kubeconfig", control_plane.agent_kubeconfig)
+            ns, make_agent = await stack.enter_async_context(agents_in_netns(
+                kubeconfig=kubeconfig, api_port=port, llama_server=llama_server_bin, workdir=workdir,
+                namespaces=(namespace,), extra_args=(*FLEET_FLAGS, "--member-name", name,
+                                                     *(a for k, v in labels.items() for a in ("--label", f"{k}={v}")),
+                                                     *extra)))
+            macs.append(Mac(name, ns, make_agent(), workdir))
+        yield macs
+
+
+async def ready_on(cluster: Cluster, service: str, macs: list[Mac], count: int = 1) -> list[Mac] | None:
+    """The Macs whose slice for `service` is ready, once there are `count` of them."""
+    addresses = {a for a, _ in await ready_endpoints(cluster, service)}
+    on = [m for m in macs if m.ns.inner_ip in addresses]
+    return on if len(on) == count and len(addresses) == count else None
+
+
+async def answers(address: str, port: int) -> bool:
+    """A chat completion from the llama-server at `address:port`."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://{address}:{port}/v1/chat/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return resp.status == 200 and bool((await resp.json())["choices"])
 
 
 async def slices(cluster: Cluster, service: str) -> list:
