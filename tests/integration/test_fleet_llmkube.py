@@ -92,6 +92,7 @@ async def test_two_replicas_beside_llmkube_then_the_speaking_mac_loses_power(
             await wait_for(lambda: settled_on(cluster, "pair", serving), timeout=START_TIMEOUT,
                            what="LLMKube: Ready with 2 ready replicas, FleetPlacement names both, no leftover")
         assert max(starting.ready_replicas) <= 2, starting.ready_replicas
+        assert_waiting_left_alone(starting)
         for address, port in await ready_endpoints(cluster, "pair"):
             assert await answers(address, port)
 
@@ -184,14 +185,20 @@ async def test_drain_then_power_loss_beside_llmkube(llmkube_plane, llama_server_
                            what="LLMKube: Ready on a again, its agent-absent leftover cleared",
                            on_timeout=llmkube_plane.manager_tail)
         assert "WaitingForMetalAgent" in failover.scheduling, failover.scheduling
-        # While a's model loads LLMKube's "waiting for the agent" is true: a write of ours then
-        # must leave it alone (it used to blank it, and LLMKube wrote it straight back).
-        seen = failover.statuses[failover.scheduling.index("WaitingForMetalAgent"):]
-        blanked = [s.get("schedulingStatus") for s in seen if s.get("phase") != "Ready" and not _process_ready(s)
-                   and s.get("schedulingStatus") != "WaitingForMetalAgent"]
-        assert not blanked, f"the agent blanked LLMKube's WaitingForMetalAgent while loading: {failover.scheduling}"
+        assert_waiting_left_alone(failover)
         assert max(failover.ready_replicas) <= 1
         await idle_for(cluster, "moving", [a], heartbeats=3)
+
+
+def assert_waiting_left_alone(changes: Changes) -> None:
+    """While no Mac serves yet LLMKube's "WaitingForMetalAgent" is true: a write of ours then
+    (a model loading) must leave it alone; blanking it made LLMKube write it straight back."""
+    if "WaitingForMetalAgent" not in changes.scheduling:
+        return
+    seen = changes.statuses[changes.scheduling.index("WaitingForMetalAgent"):]
+    blanked = [s.get("schedulingStatus") for s in seen if s.get("phase") != "Ready" and not _process_ready(s)
+               and s.get("schedulingStatus") != "WaitingForMetalAgent"]
+    assert not blanked, f"the agent blanked LLMKube's WaitingForMetalAgent while loading: {changes.scheduling}"
 
 
 def _process_ready(status: dict) -> bool:
