@@ -8,15 +8,17 @@ copies of LLMKube's turboquant sample on the tiny model, then measures:
 
   status writes/min per service, idle      agent (APPLY, PATCH) and controller (PUT)
   status writes per service, spec change   from the change until both writers are quiet again
+                                           (`--changes` rounds, averaged)
   kube-apiserver CPU seconds per minute    idle
 
-The two writers are told apart by verb on `inferenceservices/status` in the
-API server's own request counter: the agent applies (verb APPLY; a merge
-patch clearing LLMKube's leftover scheduling fields counts as PATCH), and
-LLMKube's controller updates (PUT). Needs root (network namespaces). Prints a table
-and writes bench/results/compat.json.
+Writes to `inferenceservices/status` are counted by the API server's own
+request counter (every writer, every verb); the agent's share is its own
+`status_writes_total` (its applies and its merge patches clearing LLMKube's
+leftover scheduling fields), and LLMKube's controllers are the rest (the main
+one updates with PUT, its SLO and gateway controllers merge-patch). Needs
+root (network namespaces). Prints a table and writes bench/results/compat.json.
 
-    .venv/bin/python bench/compat.py [--services 2] [--idle-seconds 300] [--heartbeat 60]
+    .venv/bin/python bench/compat.py [--services 2] [--changes 1] [--idle-seconds 300] [--heartbeat 60]
 
 Goals (coexistence issue): agent 0 writes idle; <= 2 agent writes per change.
 """
@@ -54,15 +56,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-async def status_writes(plane) -> dict[str, float]:
-    """Cumulative inferenceservices/status writes by verb, from kube-apiserver's metrics."""
-    counts = {"APPLY": 0.0, "PATCH": 0.0, "PUT": 0.0}
+AGENT_WRITES = "llmkube_metal_agent_status_writes_total"
+
+
+async def status_writes(plane, agent: AgentProcess) -> dict[str, float]:
+    """Cumulative inferenceservices/status writes: all (kube-apiserver's metrics) and the agent's."""
+    counts = {"all": 0.0, "agent": await agent.metric(AGENT_WRITES) or 0.0}
     for line in (await plane.control_plane.metrics_text()).splitlines():
         if line.startswith("apiserver_request_total{") and 'resource="inferenceservices"' in line \
-                and 'subresource="status"' in line:
-            for verb in counts:
-                if f'verb="{verb}"' in line:
-                    counts[verb] += float(line.rsplit(" ", 1)[1])
+                and 'subresource="status"' in line and any(f'verb="{v}"' in line for v in ("APPLY", "PATCH", "PUT")):
+            counts["all"] += float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -92,12 +95,12 @@ async def all_ready(cluster: Cluster, names: list[str], generation: dict[str, in
     return True
 
 
-async def quiet(plane, seconds: float) -> dict[str, float]:
+async def quiet(plane, agent: AgentProcess, seconds: float) -> dict[str, float]:
     """Wait until no status write happened for `seconds`; the counts then."""
-    last, since = await status_writes(plane), time.monotonic()
+    last, since = await status_writes(plane, agent), time.monotonic()
     while time.monotonic() - since < seconds:
         await asyncio.sleep(0.5)
-        now = await status_writes(plane)
+        now = await status_writes(plane, agent)
         if now != last:
             last, since = now, time.monotonic()
     return last
@@ -106,6 +109,7 @@ async def quiet(plane, seconds: float) -> dict[str, float]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=2)
+    parser.add_argument("--changes", type=int, default=1, help="spec changes per service, one round at a time")
     parser.add_argument("--idle-seconds", type=float, default=300)
     parser.add_argument("--heartbeat", type=float, default=60, help="agent --heartbeat-interval (its default)")
     args = parser.parse_args()
@@ -143,21 +147,23 @@ async def main() -> None:
                         plural = "models" if doc["kind"] == "Model" else "inferenceservices"
                         await cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, doc)
                 await wait_for(lambda: all_ready(cluster, names), timeout=180, what="all services Ready")
-                settled = await quiet(plane, 5)
+                settled = await quiet(plane, agent, 5)
 
                 apiserver_pid = plane.control_plane.apiserver.pid
                 cpu0, t0 = cpu_seconds(apiserver_pid), time.monotonic()
                 await asyncio.sleep(args.idle_seconds)  # the measurement window itself
-                idle = await status_writes(plane)
+                idle = await status_writes(plane, agent)
                 minutes = (time.monotonic() - t0) / 60
                 cpu = (cpu_seconds(apiserver_pid) - cpu0) / minutes
 
-                generations = {}
-                for name in names:
-                    patched = await cluster.patch_isvc(name, {"contextSize": 4096})
-                    generations[name] = patched["metadata"]["generation"]
-                await wait_for(lambda: all_ready(cluster, names, generations), timeout=180, what="respawned, Ready")
-                changed = await quiet(plane, 10)
+                changed = idle
+                for round_ in range(args.changes):
+                    generations = {}
+                    for name in names:  # every round a new context size: a new spec hash, a respawn
+                        patched = await cluster.patch_isvc(name, {"contextSize": 4096 + 256 * round_})
+                        generations[name] = patched["metadata"]["generation"]
+                    await wait_for(lambda: all_ready(cluster, names, generations), timeout=180, what="respawned, Ready")
+                    changed = await quiet(plane, agent, 10)
                 forwarder.close()
         finally:
             if agent and agent.process and agent.process.running:
@@ -167,16 +173,18 @@ async def main() -> None:
             await stop_llmkube_plane(plane)
 
     per = args.services
+    changes = per * args.changes
 
-    def agent(counts: dict[str, float]) -> float:
-        return counts["APPLY"] + counts["PATCH"]
+    def controller(counts: dict[str, float]) -> float:
+        return counts["all"] - counts["agent"]
 
     result = {
         "services": per, "idle_seconds": args.idle_seconds, "heartbeat_seconds": args.heartbeat,
-        "idle_agent_writes_per_min_per_service": (agent(idle) - agent(settled)) / minutes / per,
-        "idle_controller_writes_per_min_per_service": (idle["PUT"] - settled["PUT"]) / minutes / per,
-        "change_agent_writes_per_service": (agent(changed) - agent(idle)) / per,
-        "change_controller_writes_per_service": (changed["PUT"] - idle["PUT"]) / per,
+        "idle_agent_writes_per_min_per_service": (idle["agent"] - settled["agent"]) / minutes / per,
+        "idle_controller_writes_per_min_per_service": (controller(idle) - controller(settled)) / minutes / per,
+        "changes": args.changes,
+        "change_agent_writes_per_service": (changed["agent"] - idle["agent"]) / changes,
+        "change_controller_writes_per_service": (controller(changed) - controller(idle)) / changes,
         "apiserver_cpu_seconds_per_min_idle": cpu,
     }
     rows = [

@@ -13,8 +13,9 @@ a good neighbour of LLMKube's controller:
   write, and a condition's transition time never moves because a stale cache
   has not seen our last write yet.
 - LLMKube's controller keeps its "waiting for the agent" scheduling status
-  after the service is Ready; in shared mode that leftover is cleared (a
-  guarded merge patch) once the service is served.
+  after the service is Ready; in shared mode that leftover is blanked in the
+  write that reports the service served, or, if it appears later, cleared by
+  a guarded merge patch.
 - In a fleet only one Mac speaks for a service (`Allowlist.speaks_for`).
 """
 
@@ -29,7 +30,8 @@ from metal_agent.core.claim import Allowlist, wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.process import Snapshot
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
-from metal_agent.core.status_owner import StatusMode, decide, model_not_ready, shows_controller, stale_scheduling
+from metal_agent.core.status_owner import (StatusMode, decide, leftover_blanks, model_not_ready, shows_controller,
+                                          stale_scheduling)
 from metal_agent.metrics import AgentMetrics
 
 log = structlog.get_logger(__name__)
@@ -91,8 +93,7 @@ class StatusReporter:
             shared=owner.shared,
             **dict(zip(("placement", "ready_elsewhere"), self.allowlist.placement(key))),
         )
-        if owner.shared and scheduling is None:
-            await self._clear_stale_scheduling(key, raw, serving)
+        cleared = owner.shared and scheduling is None and await self._clear_stale_scheduling(key, raw, serving)
         last = self._applied.get(key)
         # Our own conditions are what we last applied, whatever a stale cache says:
         # a transition time must not move because our write has not come back yet.
@@ -105,19 +106,25 @@ class StatusReporter:
             log.warning("LLMKube has not marked the Model Ready", service=key, why=not_ready[1])
             self.events.emit(raw["metadata"], "ModelNotReady", not_ready[1], warning=True)
         body = intent if owner.shared else {**intent, "lastUpdated": utc_now()}
+        blanks = leftover_blanks(raw, serving=serving) if owner.shared and scheduling is None and not cleared else {}
+        body = {**blanks, **body}
         namespace, name = key.split("/", 1)
         if await self.status.apply(namespace, name, body) is not None:
             self.metrics.status_writes.inc()
             log.debug("status applied", service=key, mode=owner.label, phase=intent.get("phase"),
                       conditions=[f"{c['type']}={c['status']}/{c['reason']}" for c in intent["conditions"]],
-                      scheduling=intent.get("schedulingStatus"), first=last is None)
+                      scheduling=intent.get("schedulingStatus"), first=last is None,
+                      blanked=(raw.get("status") or {}).get("schedulingStatus") if blanks else None)
         self._applied[key] = intent
 
-    async def _clear_stale_scheduling(self, key: str, raw: dict, serving: bool) -> None:
+    async def _clear_stale_scheduling(self, key: str, raw: dict, serving: bool) -> bool:
         fields = stale_scheduling(raw, serving=serving)
-        if fields:
-            namespace, name = key.split("/", 1)
-            if await self.status.clear(namespace, name, fields, raw["metadata"].get("resourceVersion") or ""):
-                self.metrics.status_writes.inc()
-                log.info("cleared LLMKube's stale agent-absent scheduling status", service=key,
-                         was=(raw.get("status") or {}).get("schedulingStatus"))
+        if not fields:
+            return False
+        namespace, name = key.split("/", 1)
+        if not await self.status.clear(namespace, name, fields, raw["metadata"].get("resourceVersion") or ""):
+            return False
+        self.metrics.status_writes.inc()
+        log.info("cleared LLMKube's stale agent-absent scheduling status", service=key,
+                 was=(raw.get("status") or {}).get("schedulingStatus"))
+        return True

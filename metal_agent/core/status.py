@@ -221,7 +221,8 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
     # Otherwise the scheduling fields are left out (given up: a diagnosis of ours goes).
     # Applying "" here would blank LLMKube's "WaitingForMetalAgent" while it is true (no
     # Mac serves yet: a write of ours while the model loads) and LLMKube would write it
-    # straight back; its leftover after Ready is the reporter's to clear (`status_owner`).
+    # straight back. Once this Mac serves, the reporter blanks it inside the write that says
+    # so, or clears it if it appears later (`status_owner.leftover_blanks`, `stale_scheduling`).
     if running and p.acceleration is not None:
         status["acceleration"] = p.acceleration.as_status()
     return status

@@ -110,6 +110,15 @@ def model_not_ready(model: dict | None) -> tuple[str, str] | None:
 AGENT_ABSENT = ("AgentHeartbeatStale", "WaitingForMetalAgent")
 
 
+SCHEDULING_FIELDS = ("schedulingStatus", "schedulingMessage", "waitingFor")
+
+
+def _agent_absent(status: dict, serving: bool) -> tuple[str, ...]:
+    if not serving or status.get("schedulingStatus") not in AGENT_ABSENT:
+        return ()
+    return tuple(f for f in SCHEDULING_FIELDS if f in status)
+
+
 def stale_scheduling(isvc: dict | None, *, serving: bool) -> tuple[str, ...]:
     """Scheduling fields LLMKube's controller left saying the agent is away, although it
     itself now reports the service Ready and this Mac serves it: the fields to clear.
@@ -119,6 +128,17 @@ def stale_scheduling(isvc: dict | None, *, serving: bool) -> tuple[str, ...]:
     stale" outlives the outage; LLMKube's Go agent clears these fields, and so do we.
     """
     status = (isvc or {}).get("status") or {}
-    if not serving or status.get("phase") != "Ready" or status.get("schedulingStatus") not in AGENT_ABSENT:
-        return ()
-    return tuple(f for f in ("schedulingStatus", "schedulingMessage", "waitingFor") if f in status)
+    return _agent_absent(status, serving) if status.get("phase") == "Ready" else ()
+
+
+def leftover_blanks(isvc: dict | None, *, serving: bool) -> dict[str, str]:
+    """The same leftover, to blank inside a status write the agent makes anyway.
+
+    A respawn leaves the slice not ready for a moment; if LLMKube's controller
+    reconciles then, it writes "WaitingForMetalAgent", and keeps it after Ready.
+    Blanking it in the very write that reports the new process Ready saves the
+    separate clear (`stale_scheduling`) that would otherwise follow, whatever
+    LLMKube's phase says yet: this Mac serves, so the agent is not absent. Its
+    fields are omitempty strings, so "" reads as unset and its next update drops them.
+    """
+    return {f: "" for f in _agent_absent((isvc or {}).get("status") or {}, serving)}

@@ -82,6 +82,21 @@ def test_stale_agent_absent_scheduling_is_cleared_only_when_llmkube_says_ready_a
     assert stale_scheduling(stale, serving=True) == ("schedulingStatus", "schedulingMessage")
     assert stale_scheduling(stale, serving=False) == ()
     creating = {"status": {"phase": "Creating", "schedulingStatus": "WaitingForMetalAgent"}}
-    assert stale_scheduling(creating, serving=True) == ()  # LLMKube means it: not ours to touch
+    assert stale_scheduling(creating, serving=True) == ()  # not worth a write of its own: LLMKube may still mean it
     memory = {"status": {"phase": "Ready", "schedulingStatus": "InsufficientMemory"}}
     assert stale_scheduling(memory, serving=True) == ()  # ours: server-side apply gives it up
+
+
+def test_the_agent_absent_leftover_is_blanked_in_a_write_made_anyway_once_we_serve():
+    from metal_agent.core.status_owner import leftover_blanks
+    # Mid-respawn LLMKube saw no ready endpoint; the write reporting the new process Ready blanks
+    # what it wrote, before its phase catches up.
+    creating = {"status": {"phase": "Creating", "schedulingStatus": "WaitingForMetalAgent",
+                           "schedulingMessage": "Waiting for the host metal-agent"}}
+    assert leftover_blanks(creating, serving=True) == {"schedulingStatus": "", "schedulingMessage": ""}
+    assert leftover_blanks(creating, serving=False) == {}  # not serving: LLMKube is right
+    stale = {"status": {"phase": "Creating", "schedulingStatus": "AgentHeartbeatStale", "waitingFor": "x"}}
+    assert leftover_blanks(stale, serving=True) == {"schedulingStatus": "", "waitingFor": ""}
+    memory = {"status": {"phase": "Creating", "schedulingStatus": "InsufficientMemory", "schedulingMessage": "m"}}
+    assert leftover_blanks(memory, serving=True) == {}  # the agent's own diagnosis is applied, not blanked
+    assert leftover_blanks({"status": {"phase": "Ready"}}, serving=True) == {} and leftover_blanks(None, serving=True) == {}
