@@ -174,7 +174,8 @@ class Fleet(Placer):
                 elsewhere += ready
             holders[r.index] = (r.holder, ready)
         unplaced = self._unplaced.get(key)
-        replicas = self._desired.get(key, max(holders, default=-1) + 1)
+        replicas = self._replicas_now(key)
+        replicas = max(holders, default=-1) + 1 if replicas is None else replicas
         if replicas == 0:
             return None, 0
         return placement_condition(replicas, holders, unplaced.message if unplaced else None), elsewhere
@@ -345,22 +346,30 @@ class Fleet(Placer):
 
     def wanted_services(self) -> list[tuple[Wanted, Any]]:
         """Every Metal service with a valid spec, as placement reads it, with its workload."""
-        found = []
-        for raw in self.isvcs.items():
-            ref = wanted_model(raw)
-            model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-            version = tuple((o or {}).get("metadata", {}).get("resourceVersion") for o in (raw, model_raw))
-            meta = raw.get("metadata") or {}
-            draft_ref = wanted_draft(raw)
-            draft = self.models.get(f"{draft_ref[0]}/{draft_ref[1]}") if draft_ref else None
-            version += ((draft or {}).get("metadata", {}).get("resourceVersion"),)
-            verdict = self._parsed(("isvc", f"{meta.get('namespace', '')}/{meta.get('name', '')}"), version,
-                                   lambda: evaluate(raw, model_raw, Allowlist(), self.s.default_engine, draft))
-            if isinstance(verdict, Parsed):
-                spec = verdict.value.isvc.spec
-                found.append((wanted_from(raw, f"{ref[0]}/{ref[1]}", spec.replicas if spec.wants_process else 0),
-                              verdict.value))
-        return found
+        return [found for raw in self.isvcs.items() if (found := self._wanted(raw)) is not None]
+
+    def _wanted(self, raw: dict) -> tuple[Wanted, Any] | None:
+        ref = wanted_model(raw)
+        model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
+        version = tuple((o or {}).get("metadata", {}).get("resourceVersion") for o in (raw, model_raw))
+        meta = raw.get("metadata") or {}
+        draft_ref = wanted_draft(raw)
+        draft = self.models.get(f"{draft_ref[0]}/{draft_ref[1]}") if draft_ref else None
+        version += ((draft or {}).get("metadata", {}).get("resourceVersion"),)
+        verdict = self._parsed(("isvc", f"{meta.get('namespace', '')}/{meta.get('name', '')}"), version,
+                               lambda: evaluate(raw, model_raw, Allowlist(), self.s.default_engine, draft))
+        if not isinstance(verdict, Parsed):
+            return None
+        spec = verdict.value.isvc.spec
+        return wanted_from(raw, f"{ref[0]}/{ref[1]}", spec.replicas if spec.wants_process else 0), verdict.value
+
+    def _replicas_now(self, key: str) -> int | None:
+        """The replicas `key` wants per the informer now, not as of placement's last tick: the
+        status written for a scale must count with the new number (with the old one, a scale
+        from 3 to 2 said "1 replica unplaced" once the third was released, then took it back)."""
+        raw = self.isvcs.get(key)
+        found = self._wanted(raw) if raw is not None else None
+        return found[0].replicas if found else self._desired.get(key)
 
     def replicas_held(self, member: str) -> list[Replica]:
         return sorted((r for r in self.replicas.values() if r.holder == member), key=lambda r: (r.key, r.index))

@@ -109,20 +109,38 @@ async def test_two_replicas_beside_llmkube_then_the_speaking_mac_loses_power(
 
         # A change every serving Mac sees (a third replica, on the spare): only the speaker writes it.
         before = await writes(macs)
-        await cluster.patch_isvc("pair", {"replicas": 3})
-        await wait_for(lambda: settled_on(cluster, "pair", macs), timeout=START_TIMEOUT,
-                       what="LLMKube: Ready with 3 ready replicas")
+        async with Changes(cluster, "pair") as up:
+            await cluster.patch_isvc("pair", {"replicas": 3})
+            await wait_for(lambda: settled_on(cluster, "pair", macs), timeout=START_TIMEOUT,
+                           what="LLMKube: Ready with 3 ready replicas")
         assert await speaker(macs, key) is first
         after = await writes(macs)
         assert after[first.name] > before[first.name], "the speaker did not write the new placement"
         assert {n: after[n] - before[n] for n in after if n != first.name} == \
             {m.name: 0 for m in macs if m is not first}, "a Mac that does not speak for the service wrote its status"
-        await cluster.patch_isvc("pair", {"replicas": 2})
-        serving = await wait_for(lambda: settled_on(cluster, "pair", macs, count=2), timeout=START_TIMEOUT,
-                                 what="LLMKube: Ready with 2 ready replicas again")
+        assert_placement_counts(up, 3)
+        async with Changes(cluster, "pair") as down:
+            await cluster.patch_isvc("pair", {"replicas": 2})
+            serving = await wait_for(lambda: settled_on(cluster, "pair", macs, count=2), timeout=START_TIMEOUT,
+                                     what="LLMKube: Ready with 2 ready replicas again")
+        assert_placement_counts(down, 2)
         (spare,) = [m for m in macs if m not in serving]
         assert first in serving
         await wait_for(lambda: _idle(spare), timeout=30, what="the spare to stop its llama-server")
+
+        # The speaker's agent restarts (an upgrade): it adopts its llama-server; LLMKube stays Ready.
+        pid = (await first.agent.services())[0]["pid"]
+        others = [m for m in macs if m is not first]
+        before = await writes(others)
+        async with Changes(cluster, "pair") as restart, ReadyWatcher(cluster, "pair") as watcher:
+            await first.agent.stop()
+            await first.agent.start()
+            await wait_for(lambda: _adopted(first, pid), timeout=30, what="the speaker to adopt its llama-server")
+            await wait_for(lambda: settled_on(cluster, "pair", serving), timeout=30, what="still Ready")
+        assert first.agent.starts == 2 and await first.agent.metric(WRITES) == 0, "the restarted speaker rewrote status"
+        assert set(restart.phases) <= {"Ready"} and set(restart.ready_replicas) <= {2}, restart.phases
+        assert watcher.most == 2 and watcher.zero_s == 0
+        assert await writes(others) == before
 
         # The speaking Mac loses power: its agent and llama-server die, its network goes.
         async with ReadyWatcher(cluster, "pair") as watcher, Changes(cluster, "pair") as failover:
@@ -190,6 +208,18 @@ async def test_drain_then_power_loss_beside_llmkube(llmkube_plane, llama_server_
         await idle_for(cluster, "moving", [a], heartbeats=3)
 
 
+def assert_placement_counts(changes: Changes, replicas: int) -> None:
+    """Every FleetPlacement written for the scaled spec counts with its replica count: never a
+    replica beyond it, never "unplaced" once it is placed (no flip on the way)."""
+    generation = max(c.get("observedGeneration", 0) for s in changes.statuses for c in s.get("conditions") or [])
+    said = [c for s in changes.statuses for c in s.get("conditions") or []
+            if c["type"] == "FleetPlacement" and c.get("observedGeneration") == generation]
+    assert said, "no FleetPlacement for the scaled spec"
+    assert not [c for c in said if f"replica {replicas} on" in c["message"]], said
+    placed = [c["status"] for c in said]
+    assert "False" not in placed[placed.index("True"):], f"FleetPlacement flipped: {said}"
+
+
 def assert_waiting_left_alone(changes: Changes) -> None:
     """While no Mac serves yet LLMKube's "WaitingForMetalAgent" is true: a write of ours then
     (a model loading) must leave it alone; blanking it made LLMKube write it straight back."""
@@ -208,6 +238,11 @@ def _process_ready(status: dict) -> bool:
 async def _members_see(mac: Mac, other: Mac) -> bool:
     view = await mac.fleet()
     return any(m["member"] == other.name for m in view["members"])
+
+
+async def _adopted(mac: Mac, pid: int) -> bool:
+    rows = await mac.agent.services()
+    return bool(rows) and rows[0]["pid"] == pid and rows[0]["state"] == "Ready" and rows[0]["adopted"]
 
 
 async def _idle(mac: Mac) -> bool:
