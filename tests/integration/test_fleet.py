@@ -16,8 +16,8 @@ import pytest
 from metal_agent.adapters.model_cache import CachePaths
 from tests.support import netns
 from tests.support.agent import kill_recorded_processes
-from tests.support.fleet import (LEASE_S, START_TIMEOUT, Mac, ReadyWatcher, answers, fleet_of, ready_endpoints,
-                                 ready_on, slices)
+from tests.support.fleet import (LEASE_S, START_TIMEOUT, Mac, ReadyWatcher, answers, cli_in, fleet_of,
+                                 ready_endpoints, ready_on, slices)
 from tests.support.isvc import Cluster
 from tests.support.wait import wait_for
 
@@ -212,17 +212,6 @@ async def test_the_allowlist_keeps_its_meaning_in_a_fleet(control_plane, llama_s
         assert [r["service"] for r in await a.agent.services()] == [f"{namespace}/mine"]
         assert not await slices(cluster, "theirs")
         assert await cluster.status("theirs") == {}  # not this Mac's to speak for: untouched
-
-
-async def cli_in(mac: Mac, *argv: str) -> tuple[int, str]:
-    """Run `metal-agent <argv>` on the Mac (inside its namespace), as its user would."""
-    import sys
-
-    proc = await asyncio.create_subprocess_exec(
-        *mac.ns.wrap([sys.executable, "-m", "metal_agent", *argv, "--listen", f"{mac.agent.listen_host}:{mac.agent.port}"]),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=START_TIMEOUT + 30)
-    return proc.returncode, out.decode(errors="replace")
 
 
 async def test_drain_moves_a_service_with_no_moment_without_a_ready_endpoint(

@@ -18,8 +18,8 @@ import pytest
 from tests.support import netns
 from tests.support.agent import kill_recorded_processes
 from tests.support.coexistence import WRITES, Changes, agent_fields, freshest_heartbeat, heartbeats_seen, llmkube_ready
-from tests.integration.test_fleet import cli_in
-from tests.support.fleet import START_TIMEOUT, Mac, ReadyWatcher, answers, fleet_of, ready_endpoints, ready_on
+from tests.support.fleet import (START_TIMEOUT, Mac, ReadyWatcher, answers, cli_in, fleet_of, ready_endpoints,
+                                 ready_on)
 from tests.support.isvc import Cluster
 from tests.support.wait import wait_for
 
@@ -156,7 +156,8 @@ async def test_two_replicas_beside_llmkube_then_the_speaking_mac_loses_power(
         assert min(failover.ready_replicas) < 2 and "Progressing" in failover.phases, \
             f"LLMKube never reported the drop: {failover.phases} {failover.ready_replicas}"
         assert await speaker(survivors, key) in survivors
-        assert sorted(m.name for m in await ready_on(cluster, "pair", macs, count=2)) == sorted(m.name for m in survivors)
+        now_on = await ready_on(cluster, "pair", macs, count=2)
+        assert now_on and sorted(m.name for m in now_on) == sorted(m.name for m in survivors)
         for address, port in await ready_endpoints(cluster, "pair"):
             assert await answers(address, port)
         owned = agent_fields(await cluster.isvc("pair"))[1]

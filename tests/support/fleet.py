@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 import time
 
 import aiohttp
@@ -70,6 +71,15 @@ async def ready_on(cluster: Cluster, service: str, macs: list[Mac], count: int =
     addresses = {a for a, _ in await ready_endpoints(cluster, service)}
     on = [m for m in macs if m.ns.inner_ip in addresses]
     return on if len(on) == count and len(addresses) == count else None
+
+
+async def cli_in(mac: Mac, *argv: str) -> tuple[int, str]:
+    """Run `metal-agent <argv>` on the Mac (inside its namespace), as its user would."""
+    proc = await asyncio.create_subprocess_exec(
+        *mac.ns.wrap([sys.executable, "-m", "metal_agent", *argv, "--listen", f"{mac.agent.listen_host}:{mac.agent.port}"]),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=START_TIMEOUT + 30)
+    return proc.returncode, out.decode(errors="replace")
 
 
 async def answers(address: str, port: int) -> bool:
