@@ -48,7 +48,7 @@ bench-fleet: dev ## Three fleet Macs (needs root): failover, double serving, dra
 
 .PHONY: bench-compat
 bench-compat: dev ## Status writes beside LLMKube's real controller (needs root and ../shared); table + bench/results/compat.json
-	$(BIN)/python bench/compat.py
+	$(BIN)/python bench/compat.py --changes 5
 
 .PHONY: test
 test: venv ## Run the whole test suite against real parts (run `make dev` first)
