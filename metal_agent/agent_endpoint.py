@@ -21,6 +21,7 @@ from metal_agent.adapters.http_server import Listeners
 from metal_agent.adapters.kube.agent_registrar import AgentRegistrar
 from metal_agent.core.agent_registration import AgentEndpoint
 from metal_agent.core.backoff import Backoff
+from metal_agent.tasks import within
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +84,6 @@ class MetricsEndpoint:
     async def withdraw(self, timeout: float = 2.0) -> None:
         """Remove this Mac's slice on the way out (best effort: a stale heartbeat tells the rest)."""
         try:
-            await asyncio.wait_for(self.registrar.remove(), timeout=timeout)
+            await within(self.registrar.remove(), timeout)
         except Exception as err:  # noqa: BLE001 - shutting down: log and go
             log.warning("could not remove this agent's metrics EndpointSlice", error=f"{type(err).__name__}: {err}")

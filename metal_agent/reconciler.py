@@ -51,6 +51,7 @@ from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.status_reporter import StatusReporter
 from metal_agent.workqueue import WorkQueue
+from metal_agent.tasks import within
 
 log = structlog.get_logger(__name__)
 
@@ -633,7 +634,7 @@ class Reconciler:
         await self.model_files.aclose()
         await self.processes.shutdown(stop_processes=stop_processes)
         try:
-            await asyncio.wait_for(self.events.flush(), 5)
+            await within(self.events.flush(), 5)
         except asyncio.TimeoutError:
             pass
         await self.events.close()

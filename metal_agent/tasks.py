@@ -14,13 +14,16 @@ Two rules every long-lived task in the agent follows:
   carries on reconciling and never ends. `cancel_and_wait` waits for the
   children to finish their clean-up (a spawn in flight must still be
   recorded and stopped) and then re-raises the caller's own cancellation.
+  For the same reason a time limit is `within`, never `asyncio.wait_for`:
+  Python 3.11's `wait_for` returns the result, and drops the cancellation,
+  when what it waits for finishes as the cancellation lands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import structlog
 from prometheus_client import Counter
@@ -34,6 +37,15 @@ log = structlog.get_logger(__name__)
 # slate after ten healthy minutes. Jittered so loops that failed together
 # (one network change) do not all return at the same instant.
 LOOP_BACKOFF = Backoff(initial=1.0, factor=2.0, cap=60.0, reset_after=600.0, jitter=0.5)
+
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], timeout: float) -> T:
+    """`awaitable`'s result, or TimeoutError after `timeout` seconds; a cancellation always propagates."""
+    async with asyncio.timeout(timeout):
+        return await awaitable
 
 
 async def cancel_and_wait(*tasks: asyncio.Future) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import sys
 
 import psutil
+from metal_agent.tasks import within
 
 SYSCTL = "/usr/sbin/sysctl"  # absolute: launchd gives agents a minimal PATH
 _TIMEOUT_S = 5.0
@@ -49,7 +50,7 @@ async def sysctl_text(key: str) -> str | None:
     except OSError:
         return None
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), _TIMEOUT_S)
+        out, _ = await within(proc.communicate(), _TIMEOUT_S)
     except TimeoutError:
         proc.kill()
         await proc.wait()

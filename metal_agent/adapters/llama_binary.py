@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help
+from metal_agent.tasks import within
 
 
 class LlamaServerMissing(RuntimeError):
@@ -36,7 +37,7 @@ async def _output(argv: list[str], timeout: float) -> str:
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await within(proc.communicate(), timeout)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()

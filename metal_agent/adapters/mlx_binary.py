@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metal_agent.paths import HOMEBREW_BIN_DIRS
+from metal_agent.tasks import within
 
 SCRIPT = "mlx_lm.server"
 VERSION_CODE = "import importlib.metadata as m; print(m.version('mlx-lm'))"
@@ -76,7 +77,7 @@ async def probe(path: str, timeout: float = 20.0) -> MlxServerInfo | str:
                 command[0], "-c", VERSION_CODE, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
             try:
-                out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+                out, _ = await within(proc.communicate(), timeout)
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()

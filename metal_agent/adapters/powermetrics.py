@@ -72,7 +72,7 @@ from metal_agent.core.sudoers import (
     validate_interval_ms,
     validate_samples,
 )
-from metal_agent.tasks import cancel_and_wait
+from metal_agent.tasks import cancel_and_wait, within
 
 __all__ = [
     "PowerConfigError",
@@ -188,7 +188,7 @@ async def _exited_within(proc: asyncio.subprocess.Process, timeout: float) -> bo
     if proc.returncode is not None:
         return True
     try:
-        await asyncio.wait_for(proc.wait(), timeout=timeout)
+        await within(proc.wait(), timeout)
     except TimeoutError:
         return False
     return True
@@ -615,7 +615,7 @@ async def _run_quiet(argv: list[str]) -> tuple[int, str, str]:
         env={**os.environ, "LC_ALL": "C"},
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=_SUDO_CHECK_TIMEOUT_S)
+        out, err = await within(proc.communicate(), _SUDO_CHECK_TIMEOUT_S)
     finally:
         if proc.returncode is None:  # timed out or cancelled: end it if we may, never raise over it
             if _signal(proc, signal.SIGKILL):

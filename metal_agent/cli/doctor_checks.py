@@ -44,6 +44,7 @@ from metal_agent.core.result import NotOurs
 from metal_agent.core.status_owner import StatusMode, decide, shows_controller
 from metal_agent.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
 from metal_agent.paths import HOMEBREW_BIN_DIRS, find_llama_server
+from metal_agent.tasks import within
 
 __all__ = [
     "CheckResult", "Status", "check_agent", "check_apple_silicon", "check_crds", "check_kube", "check_launchd",
@@ -116,7 +117,7 @@ async def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT_S, **how) -
         **how,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        out, _ = await within(proc.communicate(), timeout)
     except asyncio.TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from metal_agent.core.backoff import Backoff
-from metal_agent.tasks import cancel_and_wait, supervised_loop
+from metal_agent.tasks import cancel_and_wait, supervised_loop, within
 from tests.support.wait import wait_for
 
 QUICK = Backoff(initial=0.01, factor=1.0, cap=0.01, reset_after=60)
@@ -195,3 +195,33 @@ async def test_nothing_to_cancel_is_fine(n):
     done = asyncio.get_running_loop().create_future()
     done.set_result(None)
     await asyncio.wait_for(cancel_and_wait(*[done] * n), 1)
+
+
+async def _cancel_as_it_finishes(limit) -> asyncio.Task:
+    """A loop that waits under `limit`, cancelled in the very iteration its wait finishes
+    (a powermetrics run exiting as the agent stops): the moment 3.11's wait_for loses it."""
+    finished = asyncio.get_running_loop().create_future()
+
+    async def loop() -> None:
+        while True:
+            await limit(finished, 5)
+            await asyncio.sleep(0.01)  # the next run; a lost cancellation keeps it going
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0)  # the loop now waits on `finished`
+    finished.set_result(None)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # ended: the cancellation reached the loop
+        async with asyncio.timeout(2):
+            await task
+    return task
+
+
+async def test_within_never_loses_a_cancellation_that_lands_as_its_wait_finishes():
+    assert (await _cancel_as_it_finishes(within)).cancelled()
+
+
+async def test_within_still_times_out_and_returns_results():
+    with pytest.raises(TimeoutError):
+        await within(asyncio.sleep(10), 0.01)
+    assert await within(asyncio.sleep(0, result="done"), 1) == "done"

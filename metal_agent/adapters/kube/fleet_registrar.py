@@ -28,6 +28,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from metal_agent.adapters.kube.registrar import MANAGED_SELECTOR, Registrar
 from metal_agent.core.registration import FLEET_MEMBER_LABEL, ISVC_LABEL, SERVICE_NAME_LABEL, Registration, service_name
+from metal_agent.tasks import within
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +64,7 @@ class FleetRegistrar(Registrar):
         Mac has to stop before another may take its replica); the other members mark this
         Mac's slice not ready when its Lease expires."""
         try:
-            await asyncio.wait_for(super().mark_not_ready(namespace, isvc_name), self.stop_timeout)
+            await within(super().mark_not_ready(namespace, isvc_name), self.stop_timeout)
         except asyncio.TimeoutError:
             log.warning("could not mark the slice not ready in time; stopping anyway",
                         service=f"{namespace}/{isvc_name}")
