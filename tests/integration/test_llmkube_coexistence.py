@@ -115,9 +115,13 @@ async def test_spec_change_respawns_once_and_writers_converge(lk, llmkube_plane,
     agent = make_agent()
     await agent.start()
     name = await apply_docs(cluster, turboquant_sample(llmkube_plane, llmkube_tiny_model))
-    await wait_for(lambda: llmkube_ready(cluster, name), timeout=90, what="Ready")
+
+    async def ready_no_leftover():
+        status = await llmkube_ready(cluster, name)
+        return status if status and not status.get("schedulingStatus") else None
+    await wait_for(ready_no_leftover, timeout=90, what="Ready, no agent-absent leftover")
     old_pid = (await agent.services())[0]["pid"]
-    writes = await agent.metric(WRITES)
+    writes = await _writes_once_settled(agent, cluster, name)
 
     async with Changes(cluster, name) as changes:
         await cluster.patch_isvc(name, {"contextSize": 4096})
@@ -130,7 +134,8 @@ async def test_spec_change_respawns_once_and_writers_converge(lk, llmkube_plane,
             return (status and not status.get("schedulingStatus") and process.get("observedGeneration") == generation
                     and rows and rows[0]["pid"] != old_pid)
         await wait_for(settled, timeout=90, what="respawned and Ready again, no agent-absent leftover")
-        settled_at, writes_at = changes.count, await agent.metric(WRITES)
+        writes_at = await _writes_once_settled(agent, cluster, name)
+        settled_at = changes.count
         # Once settled, the agent is quiet; what remains is LLMKube's answer to each heartbeat
         # (one status update, two when its second reconcile crosses a second of lastUpdated).
         first = (await slices(cluster, name))[0].metadata.annotations["llmkube.ai/agent-heartbeat"]
@@ -146,6 +151,15 @@ async def test_spec_change_respawns_once_and_writers_converge(lk, llmkube_plane,
     assert await agent.metric(WRITES) == writes_at, f"the agent wrote after settling:\n{applied}"
     assert changes.count - settled_at <= 2 * 4 + 1
     assert (await cluster.wait_event(name, "Respawning")).count("Respawning") == 1
+
+
+async def _writes_once_settled(agent: AgentProcess, cluster: Cluster, name: str) -> float:
+    """The agent's status-write count for what the server already shows. The agent counts a
+    write when the answer is back, so a reader can see the write on the server a moment before
+    the count: read it one heartbeat later (the agent's next act on the server), not at once."""
+    first = (await slices(cluster, name))[0].metadata.annotations["llmkube.ai/agent-heartbeat"]
+    await wait_for(lambda: heartbeats_seen(cluster, name, first, 1, every=2), timeout=30, what="a heartbeat")
+    return await agent.metric(WRITES)
 
 
 def _leftover_beside_ready(status: dict, generation: int) -> bool:
