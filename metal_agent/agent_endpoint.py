@@ -78,8 +78,7 @@ class MetricsEndpoint:
                             address=f"{address}:{self.port}", namespace=self.namespace,
                             error=f"{type(err).__name__}: {err}", retry_in_s=round(delay, 2))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):  # not wait_for: 3.11's can swallow a cancellation
-                    await self._moved.wait()
+                await within(self._moved.wait(), delay)
 
     async def withdraw(self, timeout: float = 2.0) -> None:
         """Remove this Mac's slice on the way out (best effort: a stale heartbeat tells the rest)."""

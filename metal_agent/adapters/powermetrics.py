@@ -468,8 +468,7 @@ class PowerSampler:
         """Zero the gauges when no sample arrived for ``stale_intervals`` intervals."""
         while True:
             try:
-                async with asyncio.timeout(self._stale_after_s):  # not wait_for: 3.11's can swallow a cancellation
-                    await self._fresh.wait()
+                await within(self._fresh.wait(), self._stale_after_s)
             except TimeoutError:
                 if self._live:
                     self._log.warning("no powermetrics sample; power gauges set to 0", stale_after_s=self._stale_after_s)

@@ -41,7 +41,7 @@ from prometheus_client import Counter
 from metal_agent.adapters.kube.client import DEFAULT_TIMEOUT
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.names import COMPONENT, GROUP, VERSION
-from metal_agent.tasks import cancel_and_wait
+from metal_agent.tasks import cancel_and_wait, within
 
 log = structlog.get_logger(__name__)
 
@@ -143,8 +143,7 @@ class EventRecorder:
             key, item = next(iter(self._pending.items()))
             sending = item.count
             try:
-                async with asyncio.timeout(self.call_timeout):
-                    await self._record(key, item, sending)
+                await within(self._record(key, item, sending), self.call_timeout)
             except ApiException as err:
                 if err.status in (401, 403):
                     item.denied += 1

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from metal_agent.tasks import within
+
 
 class HealthProbe:
     def __init__(self, host: str, port: int, path: str = "/health") -> None:
@@ -30,8 +32,7 @@ class HealthProbe:
         try:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
             # that lands as the exchange completes, and a supervisor being stopped must stop.
-            async with asyncio.timeout(timeout):
-                status, keep = await self._exchange()
+            status, keep = await within(self._exchange(), timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             self.close()
             return False
