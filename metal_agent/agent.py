@@ -50,6 +50,7 @@ from metal_agent.core.claim import Allowlist
 from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
+from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
@@ -103,6 +104,9 @@ class AgentConfig:
     lease_duration: float = 40.0
     lease_renew_interval: float = 10.0
     fleet_bid_step: float = 2.0
+    # What specs may do beyond the built-in rules (--allow-extra-arg, --allowed-model-roots); None:
+    # nothing beyond them, model sources in the model store only (cli.spec_policy_flags builds it).
+    policy: SpecPolicy | None = None
 
 
 async def _find_mlx_server(explicit: str | None) -> tuple[str, ...]:
@@ -261,7 +265,8 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
                               mlock_style=info.mlock_style, verbosity_flag=info.dialect.verbosity_flag,
                               no_jinja=info.dialect.no_jinja, register_address=host_ip if cfg.register else None,
-                              mlx_server=mlx, default_engine=cfg.default_runtime),
+                              mlx_server=mlx, default_engine=cfg.default_runtime, no_slots=info.dialect.no_slots,
+                              policy=cfg.policy or SpecPolicy(model_roots=(str(cfg.paths.models),))),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
         allowlist=fleet.fleet if fleet else Allowlist(cfg.allowlist),
     )

@@ -32,6 +32,7 @@ from metal_agent.adapters.kube.registrar import Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
+from metal_agent.adapters.model_roots import workload_refusals
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.engine import Engine, EngineName, Launch, engine_for
@@ -42,7 +43,8 @@ from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.process import Snapshot, State, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_path, endpoint_url, service_name_problem
-from metal_agent.core.result import Invalid, NotOurs
+from metal_agent.core.result import FieldError, Invalid, NotOurs
+from metal_agent.core.spec_policy import SECURITY_REASONS, SpecPolicy, spec_reason
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker
 from metal_agent.core.status_owner import StatusMode
@@ -73,6 +75,8 @@ class LaunchSettings:
     register_address: str | None = None  # the address put in EndpointSlices; None: do not register
     mlx_server: tuple[str, ...] = ()  # how to start mlx_lm.server (adapters.mlx_binary.exec_form); (): none found
     default_engine: str = EngineName.LLAMA_SERVER.value  # serves Models whose format names no engine (`custom`)
+    no_slots: bool = True  # pass --no-slots (core.flags.Dialect)
+    policy: SpecPolicy = SpecPolicy()  # what the Mac's owner allows specs (extraArgs, model roots)
 
     def command(self, engine: Engine) -> tuple[str, ...]:
         """How to start `engine`'s server; () when it is not installed."""
@@ -198,7 +202,10 @@ class Reconciler:
 
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, self._draft_raw(raw))
+        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, self._draft_raw(raw),
+                           self.launch.policy)
+        if not isinstance(verdict, NotOurs | Invalid) and (refused := self._source_refusals(verdict.value, model_raw)):
+            verdict = Invalid(refused)
 
         if isinstance(verdict, NotOurs):
             return await self._not_ours(key, raw, verdict, ref, model_raw)
@@ -223,7 +230,11 @@ class Reconciler:
             # Run as recorded (from start-up, or while the spec was invalid): take it over if it
             # runs this very spec, otherwise it is replaced like any changed spec.
             managed = self.managed[key] = _Managed(workload, kept.plan.spec_hash, kept.plan.uid)
-            if (kept.plan.spec_hash, kept.plan.uid, kept.plan.host) == (digest, uid, self.launch.host):
+            if self._slots_open(kept):
+                # Started by an agent from before --no-slots: /slots shows prompts to any client.
+                log.warning("respawning: the running llama-server serves /slots", service=key)
+                managed = self.managed[key] = _Managed(workload, "", kept.plan.uid)
+            elif (kept.plan.spec_hash, kept.plan.uid, kept.plan.host) == (digest, uid, self.launch.host):
                 log.info("took over the running llama-server", service=key, pid=kept.snapshot.pid)
                 await self._commit_running(key, workload)
         running = self.processes.get(key)
@@ -317,16 +328,44 @@ class Reconciler:
         await self._stop(key)
         await self._unregister(key)
 
+    def _slots_open(self, kept) -> bool:
+        """Does a process the agent found running (from an older agent) lack --no-slots?"""
+        if not self.launch.no_slots or kept.plan.engine.name is not EngineName.LLAMA_SERVER:
+            return False
+        try:
+            return "--no-slots" not in kept.plan.build_argv(kept.plan.port or 1)
+        except Exception:  # noqa: BLE001 - an argv we cannot rebuild: leave the process to the usual rules
+            return False
+
+    def _source_refusals(self, workload: Workload, model_raw: dict | None) -> tuple[FieldError, ...]:
+        """A local source outside the owner's model roots, or one LLMKube's controller refused."""
+        return workload_refusals(workload, model_raw, self.launch.policy.model_roots)
+
     async def _invalid(self, key: str, raw: dict, verdict: Invalid) -> None:
         """An invalid spec starts nothing and stops nothing: a running process keeps serving
-        its last valid spec; the errors go to status and, once per change, to an Event."""
+        its last valid spec; the errors go to status and, once per change, to an Event.
+
+        A refused spec (an extraArgs option or a model source outside the owner's policy:
+        core.spec_policy) is different: the user may not have changed anything (the agent was
+        upgraded, or its owner narrowed the policy), but a process serving it keeps the very
+        hole open, so it is stopped, and a recorded one is never adopted."""
         managed = self.managed.get(key)
         errors = tuple(e.describe() for e in verdict.errors)
+        reason = spec_reason(e.reason for e in verdict.errors)
+        refused = reason in SECURITY_REASONS
         marker = (raw["metadata"].get("generation"), errors)
         if self._invalid_reported.get(key) != marker:
             self._invalid_reported[key] = marker
-            log.warning("invalid spec", service=key, errors=list(errors))
-            self.events.emit(raw["metadata"], "InvalidSpec", "; ".join(errors), warning=True)
+            log.warning("spec refused" if refused else "invalid spec", service=key, reason=reason,
+                        errors=list(errors))
+            self.events.emit(raw["metadata"], reason, "; ".join(errors), warning=True)
+        if refused:
+            if managed is not None or self.processes.get(key) is not None or self.processes.has_record(key):
+                log.warning("stopping the running process: its spec is refused", service=key, reason=reason)
+                await self._stop(key)
+            await self._withdraw(key)
+            await self._write_status(key, raw, True, spec_errors=errors, spec_reason=reason)
+            return
         if managed is None and self.processes.get(key) is None:
             # After an agent restart: keep the previous agent's process serving its last valid spec.
             if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
@@ -428,7 +467,7 @@ class Reconciler:
             return engine.argv(workload, Launch(
                 command=launch.command(engine), model_path=str(found.path), host=launch.host, port=port,
                 threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
-                verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja,
+                verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja, no_slots=launch.no_slots,
                 draft_model_path=str(draft.path) if draft else None,
             ))
 
@@ -604,10 +643,14 @@ class Reconciler:
             return False
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine)
+        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, policy=self.launch.policy)
         if isinstance(verdict, NotOurs):
             return model_raw is None and ref is not None and self.processes.has_record(key)
-        return isinstance(verdict, Invalid) or verdict.value.isvc.spec.wants_process
+        if isinstance(verdict, Invalid):
+            return spec_reason(e.reason for e in verdict.errors) not in SECURITY_REASONS  # refused: stop it
+        if self._source_refusals(verdict.value, model_raw):
+            return False
+        return verdict.value.isvc.spec.wants_process
 
     def ours(self, key: str) -> bool:
         """Is `key` a service of this agent at all (running or scaled to zero)? Its Service stays."""
@@ -616,7 +659,8 @@ class Reconciler:
             return False
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        return not isinstance(evaluate(raw, model_raw, self.allowlist, self.launch.default_engine), NotOurs) or self.wanted(key)
+        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, policy=self.launch.policy)
+        return not isinstance(verdict, NotOurs) or self.wanted(key)
 
     async def sweep_unwanted(self, namespaces: tuple[str, ...] | None = None) -> None:
         """After the first full sync: stop a previous agent's processes nobody wants any more,

@@ -59,7 +59,7 @@ class StatusReporter:
     async def write(
         self, key: str, raw: dict, wants_process: bool, *, process: Snapshot | None, endpoint: str | None,
         serving: bool, memory_pressure: Condition, gpu_layers: int = 0, suspended: bool = False,
-        spec_errors: tuple[str, ...] = (), blocker: Blocker | None = None, degraded: Blocker | None = None,
+        spec_errors: tuple[str, ...] = (), spec_reason: str = "InvalidSpec", blocker: Blocker | None = None, degraded: Blocker | None = None,
         scheduling: tuple[str, str] | None = None, rollout: Blocker | None = None,
     ) -> None:
         """Apply what is true of `key` now. `serving`: its process is ready and registered."""
@@ -81,6 +81,7 @@ class StatusReporter:
             suspended=suspended,
             desired_replicas=replicas if isinstance(replicas, int) else 1,
             spec_errors=spec_errors,
+            spec_reason=spec_reason,
             degraded=degraded,
             rollout=rollout,
             scheduling=scheduling,

@@ -17,10 +17,11 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, List, NoReturn, Optional
 
 import typer
 
+from metal_agent.cli.spec_policy_flags import allow_extra_arg_option, allowed_model_roots_option, build_policy
 from metal_agent.core.api import ModelSource
 from metal_agent.core.claim import evaluate, wanted_model
 from metal_agent.core.engine import EngineName, Launch, engine_for
@@ -79,6 +80,10 @@ def render(
     default_runtime: Annotated[
         str, typer.Option(help="Engine for Models whose format names none (custom): llama-server or mlx-lm.")
     ] = "llama-server",
+    model_dir: Optional[Path] = typer.Option(None, envvar="METAL_AGENT_MODEL_DIR",
+                                             help="The agent's model store: the default --allowed-model-roots."),
+    allow_extra_arg: List[str] = allow_extra_arg_option(),
+    allowed_model_roots: List[str] = allowed_model_roots_option(),
 ) -> None:
     """Print the argv (llama-server, or mlx_lm.server for MLX Models) for an InferenceService and its Model as JSON."""
     from metal_agent.adapters.host_cpu import performance_core_count
@@ -93,11 +98,20 @@ def render(
 
     if default_runtime not in ("llama-server", "mlx-lm"):
         _fail(["--default-runtime: expected llama-server or mlx-lm"])
-    outcome = evaluate(isvc_doc, model_doc, default_engine=default_runtime)
+    from metal_agent.adapters.model_roots import workload_refusals
+    from metal_agent.paths import default_paths
+
+    try:
+        policy = build_policy(allow_extra_arg, allowed_model_roots, model_dir or default_paths().models)
+    except ValueError as err:
+        _fail([str(err)])
+    outcome = evaluate(isvc_doc, model_doc, default_engine=default_runtime, policy=policy)
     if isinstance(outcome, NotOurs):
         _fail([f"InferenceService {_key(isvc_doc)} is not served by metal-agent: {outcome.reason}"])
+    if isinstance(outcome, Parsed) and (refused := workload_refusals(outcome.value, model_doc, policy.model_roots)):
+        outcome = Invalid(refused)
     if isinstance(outcome, Invalid):
-        _fail([error.describe() for error in outcome.errors])
+        _fail([_described(error) for error in outcome.errors])
     assert isinstance(outcome, Parsed)
     workload = outcome.value
 
@@ -129,6 +143,11 @@ def placeholder_model_path(source: ModelSource) -> str:
     placeholder rather than a file that exists.
     """
     return source.local_path or f"{MODEL_CACHE_DISPLAY}/{source.file_name or 'model.gguf'}"
+
+
+def _described(error) -> str:
+    """The error as the agent's status says it, with the reason of a refusal first."""
+    return f"{error.reason}: {error.describe()}" if error.reason else error.describe()
 
 
 def _fail(lines: Iterable[str]) -> NoReturn:

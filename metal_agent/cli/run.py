@@ -20,6 +20,7 @@ from typer.core import TyperCommand
 from metal_agent import __version__
 from metal_agent.core.go_flags import GoFlagError, describe_ignored, normalize_run_argv
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
+from metal_agent.cli.spec_policy_flags import allow_extra_arg_option, allowed_model_roots_option, build_policy
 from metal_agent.core.names import is_dns1123_label
 from metal_agent.paths import AgentPaths, default_paths, find_llama_server
 
@@ -127,6 +128,8 @@ def run(
     lease_duration: float = typer.Option(40.0, min=1, envvar=_env("LEASE_DURATION"), help="Fleet: seconds without a renewal after which a Mac's replicas move to other Macs."),
     lease_renew_interval: float = typer.Option(10.0, min=0.1, envvar=_env("LEASE_RENEW_INTERVAL"), help="Fleet: seconds between renewals of this Mac's Lease (one API write each)."),
     fleet_bid_step: float = typer.Option(2.0, min=0.0, envvar=_env("FLEET_BID_STEP"), help="Fleet: seconds a Mac waits per place in a service's preference order before taking a free replica."),
+    allow_extra_arg: List[str] = allow_extra_arg_option(),
+    allowed_model_roots: List[str] = allowed_model_roots_option(),
     version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
@@ -185,6 +188,10 @@ def run(
     if default_runtime not in ("llama-server", "mlx-lm"):
         raise typer.BadParameter("expected llama-server or mlx-lm", param_hint="--default-runtime")
     defaults = default_paths()
+    try:
+        policy = build_policy(allow_extra_arg, allowed_model_roots, model_dir or defaults.models)
+    except ValueError as err:
+        raise typer.BadParameter(str(err))
     binary = find_llama_server(llama_server)
     if binary is None:
         typer.echo("error: llama-server not found; install llama.cpp (brew install llama.cpp) or pass --llama-server PATH", err=True)
@@ -227,6 +234,7 @@ def run(
         lease_duration=lease_duration,
         lease_renew_interval=lease_renew_interval,
         fleet_bid_step=fleet_bid_step,
+        policy=policy,
     )
     try:
         asyncio.run(_with_io_threads(run_agent(cfg)))

@@ -69,7 +69,7 @@ class AgentArgvOptions:
     binary, from `core.flags.Dialect` (probed from its `--help`):
     `mlock_style` is the mlock spelling it understands, `verbosity_flag` its
     log-verbosity option (None: it has none, nothing is passed), `no_jinja`
-    whether it knows `--no-jinja`.
+    whether it knows `--no-jinja`, `no_slots` whether to pass `--no-slots`.
     """
 
     binary: str
@@ -81,6 +81,7 @@ class AgentArgvOptions:
     mlock_style: MlockStyle = MlockStyle.FLAG
     verbosity_flag: str | None = None
     no_jinja: bool = True
+    no_slots: bool = True
 
     def __post_init__(self) -> None:
         # Programming errors, not user input: fail loudly at construction.
@@ -145,6 +146,10 @@ def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]
     elif spec.jinja is False and options.no_jinja:
         argv.append("--no-jinja")
     argv += _mode_args(spec.mode)
+    if options.no_slots:
+        # /slots (on by default) shows every slot's prompt in flight to any client. /props
+        # writes stay off: llama-server enables them only with --props, which extraArgs refuse.
+        argv.append("--no-slots")
     argv.append("--metrics")
     if options.verbosity_flag:
         argv += [options.verbosity_flag, str(LOG_VERBOSITY)]

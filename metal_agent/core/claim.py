@@ -17,11 +17,13 @@ list is another Mac's, so it is left alone like any other not-ours.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from metal_agent.core.api import Accelerator, InferenceService, Model, Runtime
+from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, check_extra_args, with_checked_args
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
+from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.validation import (
     DEFAULT_NAMESPACE,
     check_servable,
@@ -170,7 +172,8 @@ def wanted_draft(isvc: Any) -> tuple[str, str] | None:
 
 
 def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
-             default_engine: str = "llama-server", draft: Any | None = None) -> NotOurs | Invalid | Parsed[Workload]:
+             default_engine: str = "llama-server", draft: Any | None = None,
+             policy: SpecPolicy = SpecPolicy()) -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.
 
     This is the one call the reconciler and `metal-agent render` need:
@@ -179,6 +182,9 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
     serve the Model (its format, else `default_engine`) adds what it cannot
     honour (`core.engine`). `draft` is the Model `wanted_draft` names (None if
     not found), checked when that engine does speculative decoding with it.
+    `extraArgs` are checked against that engine's allowlist, widened by what
+    the Mac's owner allows in `policy` (refusals carry ExtraArgRefused), and
+    come back as they go on the command line (`core.extra_args`).
     """
     from metal_agent.core.engine import EngineName, engine_for
 
@@ -199,6 +205,11 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
         workload = Workload(isvc=parsed_isvc.value, model=parsed_model.value)
         engine = engine_for(workload, EngineName(default_engine))
         errors.extend(engine.refusals(workload))
+        spec = workload.isvc.spec
+        checked = check_extra_args(engine.options, spec.extra_args, policy.extra_args)
+        errors.extend(FieldError(f"spec.extraArgs[{r.index}]", r.message, "InferenceService", workload.isvc.meta.key,
+                                 EXTRA_ARG_REFUSED) for r in checked.refusals)
+        workload = replace(workload, isvc=replace(workload.isvc, spec=with_checked_args(spec, checked.tokens)))
         if not errors and engine.wants_draft(workload.isvc.spec):
             parsed_draft = _parse_draft(isvc, draft)
             if isinstance(parsed_draft, Invalid):

@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from metal_agent.core.api import InferenceServiceSpec, Model, ModelFormat
+from metal_agent.core.extra_args import OptionTable
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
@@ -84,6 +85,7 @@ class Launch:
     mlock_style: MlockStyle = MlockStyle.FLAG
     verbosity_flag: str | None = None
     no_jinja: bool = True
+    no_slots: bool = True
     draft_model_path: str | None = None  # the workload's draft Model, on this Mac (speculative decoding)
 
 
@@ -112,6 +114,7 @@ class Engine(Protocol):
     runtime_label: str  # the `inference.llmkube.dev/runtime` label value of its Service and slices
     probe: Probe
     directory_model: bool  # the model is a directory (MLX) rather than one file (GGUF)
+    options: OptionTable  # every option of its server, classified for extraArgs (core.extra_args)
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]: ...
 

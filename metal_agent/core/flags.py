@@ -1,15 +1,7 @@
 """What we know about llama-server's command line, in one place.
 
-Two concerns live here because both are facts about llama-server, not about
-LLMKube's API:
-
-* **Owned flags.** `spec.extraArgs` is appended after everything the agent
-  emits, and llama-server lets the last occurrence of a flag win. Without a
-  guard, a user who may edit an InferenceService could therefore move the
-  server to another port (the agent's health checks and EndpointSlice would
-  point at nothing), serve another file, switch on TLS, or expose the Mac's
-  file system and shell (`--path`, `--tools`). The table below lists every
-  flag the agent reserves, each with the reason shown to the user.
+What `spec.extraArgs` may carry is `core.extra_args` (an allowlist per
+engine: `core.llama_options`, `core.mlx_options`). This module holds:
 
 * **Dialects.** llama.cpp renames flags over time. Recent builds dropped
   `--mlock` in favour of `--load-mode mmap+mlock`; Homebrew still ships
@@ -25,107 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-
-_MODEL = "the agent chooses the model file from the Model resource"
-_NETWORK = "the agent chooses where llama-server listens and registers that endpoint"
-_AUTH = "authentication is configured by the agent, not per service"
-_OBSERVABILITY = "the agent captures logs and always enables /metrics"
-_MEMORY = "memory locking is an agent-level setting"
-_EXPOSURE = "it would expose this Mac's files or shell to API clients"
-_EXITS = "llama-server would print and exit instead of serving"
-_LOG_LEVEL = (
-    "the agent sets the log verbosity: below it llama-server stops printing where the model"
-    " was loaded, and status.acceleration goes blind"
-)
-
-#: Flag (every spelling llama-server accepts) -> why extraArgs may not use it.
-OWNED_FLAGS: dict[str, str] = {
-    # What is served.
-    "-m": _MODEL,
-    "--model": _MODEL,
-    "-mu": _MODEL,
-    "--model-url": _MODEL,
-    "-hf": _MODEL,
-    "-hfr": _MODEL,
-    "--hf-repo": _MODEL,
-    "-hff": _MODEL,
-    "--hf-file": _MODEL,
-    "-hft": _MODEL,
-    "--hf-token": _MODEL,
-    "-dr": _MODEL,
-    "--docker-repo": _MODEL,
-    "--models-dir": _MODEL,
-    "--models-preset": _MODEL,
-    # Where and how it is reachable.
-    "--host": _NETWORK,
-    "--port": _NETWORK,
-    "--reuse-port": _NETWORK,
-    "--api-prefix": _NETWORK,
-    "--ssl-key-file": _NETWORK,
-    "--ssl-cert-file": _NETWORK,
-    "--api-key": _AUTH,
-    "--api-key-file": _AUTH,
-    # What the agent observes.
-    "--metrics": _OBSERVABILITY,
-    "--log-file": _OBSERVABILITY,
-    "--log-disable": _OBSERVABILITY,
-    "-lv": _LOG_LEVEL,
-    "--verbosity": _LOG_LEVEL,
-    "--log-verbosity": _LOG_LEVEL,
-    # Host memory policy.
-    "--mlock": _MEMORY,
-    "--no-mlock": _MEMORY,
-    "-lm": _MEMORY,
-    "--load-mode": _MEMORY,
-    # Host exposure.
-    "--path": _EXPOSURE,
-    "--media-path": _EXPOSURE,
-    "--slot-save-path": _EXPOSURE,
-    "--tools": _EXPOSURE,
-    "--mcp-servers-config": _EXPOSURE,
-    "--mcp-servers-json": _EXPOSURE,
-    # Print-and-exit flags.
-    "-h": _EXITS,
-    "--help": _EXITS,
-    "--usage": _EXITS,
-    "--version": _EXITS,
-    "--list-devices": _EXITS,
-    "--completion-bash": _EXITS,
-}
-
-_OWNED_FOLDED = {flag.casefold(): reason for flag, reason in OWNED_FLAGS.items()}
-
-
-def flag_name(token: str) -> str | None:
-    """The option name a command-line token stands for, or None for a plain value.
-
-    Normalised the way llama.cpp (and common forks) read it, plus spellings
-    a lenient parser might accept, so no variant slips past `owned_flag`:
-    `--port=1` and `--port 1` (one token) are `--port`; `--api_key` is
-    `--api-key` (llama.cpp maps `_` to `-` in long options); case is folded.
-    """
-    if not token.startswith("-") or token in ("-", "--"):
-        return None
-    name = re.split(r"[=\s]", token, maxsplit=1)[0]
-    if name.startswith("--"):
-        name = "--" + name[2:].replace("_", "-")
-    return name.casefold()
-
-
-def owned_flag(token: str) -> str | None:
-    """Why `token` may not appear in extraArgs, or None if it may.
-
-    A single-dash long name (`-port`) is checked as `--port` too: llama.cpp
-    rejects it today, but a fork with a Go-style parser would not.
-    """
-    name = flag_name(token)
-    if name is None:
-        return None
-    reason = _OWNED_FOLDED.get(name)
-    if reason is None and not name.startswith("--") and len(name) > 2:
-        reason = _OWNED_FOLDED.get("--" + name[1:].replace("_", "-"))
-    return reason
-
 
 # Custom KV cache type names end up as one argv element; only plain
 # identifiers like `turbo3` or `tbqp3` are allowed, so nothing that looks
@@ -189,15 +80,21 @@ class Dialect:
       builds without it have the engine off by default, so saying nothing
       already means "off".
 
+    * `no_slots`: pass `--no-slots`. Builds that know it serve `/slots` (every
+      slot's prompt in flight) to any client unless told not to.
+
     The defaults describe a binary whose help could not be read: the
     classic `--mlock` spelling, no verbosity option (never pass what may
     not exist), and `--no-jinja` (an explicit `jinja: false` is then
-    honoured, or fails loudly on an old build rather than silently).
+    honoured, or fails loudly on an old build rather than silently), and
+    `--no-slots` (a build that does not know it fails loudly at start
+    rather than exposing prompts).
     """
 
     mlock_style: MlockStyle = MlockStyle.FLAG
     verbosity_flag: str | None = None
     no_jinja: bool = True
+    no_slots: bool = True
 
 
 def dialect_from_help(help_text: str) -> Dialect:
@@ -206,4 +103,8 @@ def dialect_from_help(help_text: str) -> Dialect:
     # "Knows --jinja but not --no-jinja" is an old build (engine off by default);
     # help that mentions neither says nothing, so assume a current build.
     no_jinja = _lists(help_text, "--no-jinja") or not _lists(help_text, "--jinja")
-    return Dialect(mlock_style=mlock_style_from_help(help_text), verbosity_flag=verbosity, no_jinja=no_jinja)
+    # Builds that list neither predate the /slots endpoint being on by default with a switch; help that
+    # mentions neither says nothing, so pass it (a current build).
+    no_slots = _lists(help_text, "--no-slots") or not _lists(help_text, "--slots")
+    return Dialect(mlock_style=mlock_style_from_help(help_text), verbosity_flag=verbosity, no_jinja=no_jinja,
+                   no_slots=no_slots)

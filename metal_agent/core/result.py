@@ -22,12 +22,15 @@ class FieldError:
     `kind` and `name` say which object the path belongs to, so errors of a
     Model and of the InferenceService using it can travel in one list and
     still be printed unambiguously ("Model default/qwen: spec.sha256: ...").
+    `reason` marks a security refusal (`core.spec_policy.SECURITY_REASONS`),
+    which status reports under its own reason and which stops a running process.
     """
 
     path: str
     message: str
     kind: str = ""
     name: str = ""
+    reason: str = ""  # a status reason of its own (e.g. ExtraArgRefused); "" is the generic InvalidSpec
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"

@@ -51,6 +51,7 @@ class StatusInputs:
     suspended: bool = False
     desired_replicas: int = 1  # spec.replicas (LLMKube is Ready only when ready endpoints reach it)
     spec_errors: tuple[str, ...] = ()  # every problem in the current spec; empty when valid
+    spec_reason: str = "InvalidSpec"  # the reason for spec_errors: ExtraArgRefused/SourceNotAllowed are refusals
     blocker: Blocker | None = None
     process: Snapshot | None = None
     endpoint: str | None = None
@@ -91,6 +92,9 @@ def _process_condition(inputs: StatusInputs) -> Condition:
         return Condition(PROCESS_READY, False, "CrashLoopBackOff",
                          f"restart #{p.restarts} pending after back-off: {exit_message}")
     if inputs.spec_errors:
+        if _refused(inputs):
+            return Condition(PROCESS_READY, False, inputs.spec_reason,
+                             f"nothing is served: the spec is refused ({inputs.spec_reason}, see {SPEC_ACCEPTED})")
         return Condition(PROCESS_READY, False, "InvalidSpec", "nothing was started: the spec is invalid")
     if not inputs.wants_process:
         phase = "Suspended" if inputs.suspended else "Stopped"
@@ -121,6 +125,8 @@ def _spec_condition(inputs: StatusInputs) -> Condition:
     running = inputs.process is not None and inputs.process.state is not State.STOPPED
     if inputs.spec_errors:
         errors = "; ".join(inputs.spec_errors)
+        if _refused(inputs):
+            return Condition(SPEC_ACCEPTED, False, inputs.spec_reason, f"the current spec is refused: {errors}")
         prefix = "still serving the last valid spec; " if running else ""
         return Condition(SPEC_ACCEPTED, False, "InvalidSpec", f"{prefix}the current spec is invalid: {errors}")
     if inputs.model_not_accepted is not None:
@@ -128,6 +134,11 @@ def _spec_condition(inputs: StatusInputs) -> Condition:
     if inputs.degraded is not None:
         return Condition(SPEC_ACCEPTED, False, inputs.degraded.reason, inputs.degraded.message)
     return Condition(SPEC_ACCEPTED, True, "Accepted", "")
+
+
+def _refused(inputs: StatusInputs) -> bool:
+    """A security refusal (core.spec_policy): nothing of that spec runs, not even the last valid one."""
+    return inputs.spec_reason != "InvalidSpec"
 
 
 def _stopped_why(inputs: StatusInputs) -> str:
@@ -142,8 +153,8 @@ def _full_conditions(inputs: StatusInputs, ready: int, desired: int) -> tuple[st
     errors = "; ".join(inputs.spec_errors)
     process = _process_condition(inputs)
     if not running and inputs.spec_errors:
-        return "Failed", [Condition("Available", False, "InvalidSpec", errors),
-                          Condition("Degraded", True, "InvalidSpec", errors)]
+        return "Failed", [Condition("Available", False, inputs.spec_reason, errors),
+                          Condition("Degraded", True, inputs.spec_reason, errors)]
     if not inputs.wants_process:
         phase = "Suspended" if inputs.suspended else "Stopped"
         reason = "Suspended" if inputs.suspended else "ManuallyScaledToZero"

@@ -106,6 +106,30 @@ def model_not_ready(model: dict | None) -> tuple[str, str] | None:
     return "ModelNotReady", message
 
 
+def source_refused(model: dict | None) -> str | None:
+    """Why LLMKube's Model controller refused this Model's source (`SourceNotAllowed`), or None.
+
+    Its controller marks a local source outside its `--allowed-host-path-roots`
+    Failed with a `Degraded=True` condition of reason `SourceNotAllowed`
+    (internal/controller/model_controller.go, rejectDisallowedLocalSource). What
+    the cluster's operator refused is not served by the Mac either. A condition
+    of an older generation of the Model is stale (the controller has not looked
+    at the current spec yet) and does not count.
+    """
+    model = model or {}
+    generation = (model.get("metadata") or {}).get("generation")
+    for c in (model.get("status") or {}).get("conditions") or []:
+        if not isinstance(c, dict) or c.get("reason") != "SourceNotAllowed" or c.get("status") != "True":
+            continue
+        seen = c.get("observedGeneration")
+        if generation is not None and seen is not None and seen != generation:
+            continue
+        detail = c.get("message") or "its source is outside the operator's allowed host path roots"
+        return (f"LLMKube's Model controller refused this Model's source (SourceNotAllowed: {detail}); the Mac"
+                " does not serve a source the cluster's operator refused")
+    return None
+
+
 # What LLMKube's controller writes into schedulingStatus about the agent being absent.
 AGENT_ABSENT = ("AgentHeartbeatStale", "WaitingForMetalAgent")
 

@@ -3,7 +3,7 @@
 The rules are LLMKube's CRD rules (so anything LLMKube's API server would
 refuse is refused here too, which matters for manifests rendered offline and
 for clusters whose CRDs lag behind) plus the agent's own safety rules: no
-owned flags in `extraArgs`, no characters that cannot travel in an argv
+no characters that cannot travel in an argv
 element, custom cache types limited to plain identifiers, no `..` in model
 sources that become cache paths.
 
@@ -52,7 +52,7 @@ from metal_agent.core.api import (
     ShardingStrategy,
     SourceKind,
 )
-from metal_agent.core.flags import CACHE_TYPE_TOKEN, owned_flag
+from metal_agent.core.flags import CACHE_TYPE_TOKEN
 from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
 from metal_agent.core.quantity import quantity_to_bytes
 from metal_agent.core.result import FieldError, Invalid, Parsed
@@ -710,14 +710,11 @@ def _read_custom_cache_type(r: _Reader, s: Mapping[str, Any] | None, key: str) -
 
 
 def _extra_arg_check(r: _Reader) -> Callable[[str, str], None]:
+    """Only what every engine needs; which options and values may pass is the engine's
+    allowlist, checked in `claim.evaluate` once the engine is known (`core.extra_args`)."""
     def check(item: str, path: str) -> None:
         if not item:
             r.error(path, "must not be empty")
-            return
-        reason = owned_flag(item)
-        if reason is not None:
-            flag = item.split("=", 1)[0].split()[0] if item.strip() else item
-            r.error(path, f"{flag!r} is managed by metal-agent and cannot be set in extraArgs: {reason}")
 
     return check
 

@@ -39,6 +39,7 @@ def test_defaults():
         "--mlock",
         "--threads", "8",
         "--batch-size", "2048",
+        "--no-slots",
         "--metrics",
     )  # fmt: skip
 
@@ -244,6 +245,7 @@ def test_turboquant_sample():
         "--threads", "8",
         "--batch-size", "2048",
         "--jinja",
+        "--no-slots",
         "--metrics",
     )  # fmt: skip
 

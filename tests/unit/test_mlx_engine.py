@@ -16,7 +16,9 @@ from metal_agent.core.api import CacheType, InferenceServiceSpec
 from metal_agent.core.claim import evaluate
 from metal_agent.core.engine import EngineName, Launch, engine_for
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
-from metal_agent.core.engines.mlx_lm import MLX_LM, ONE_MODEL, owned_flag
+from metal_agent.core.engines.mlx_lm import MLX_LM, ONE_MODEL
+from metal_agent.core.extra_args import check_extra_args
+from metal_agent.core.mlx_options import MLX_LM_OPTIONS
 from metal_agent.core.go_flags import normalize_run_argv
 from metal_agent.core.result import Invalid, Parsed
 from metal_agent.core.spec_hash import spec_hash
@@ -128,9 +130,9 @@ def test_an_unquantized_cache_adds_no_flag():
      "was not found"),
     ({"extraArgs": ["--kv-bits", "8"]}, "spec.extraArgs[0]", "cacheTypeK"),
     ({"extraArgs": ["--trust-remote-code"]}, "spec.extraArgs[0]", "Python code"),
-    ({"extraArgs": ["--mod", "/other"]}, "spec.extraArgs[0]", "reads --mod as --model"),
+    ({"extraArgs": ["--mod", "/other"]}, "spec.extraArgs[0]", "reads it as --model"),
     ({"extraArgs": ["--decode-concurrency=8"]}, "spec.extraArgs[0]", "parallelSlots"),
-    ({"extraArgs": ["--port", "1"]}, "spec.extraArgs[0]", "managed by metal-agent"),
+    ({"extraArgs": ["--port", "1"]}, "spec.extraArgs[0]", "listens"),
 ])
 def test_what_mlx_cannot_honour_is_refused_by_path(spec, path, words):
     outcome = mlx(isvc_doc(**spec))
@@ -160,9 +162,10 @@ def test_mlx_sources_may_name_a_directory(source):
 
 
 def test_sampling_and_chat_template_options_pass_through_extra_args():
-    for arg in ("--temp", "--top-p", "--top-k", "--min-p", "--max-tokens", "--chat-template",
-                "--chat-template-args", "--num-draft-tokens", "--use-default-chat-template"):
-        assert owned_flag(arg) is None, arg
+    args = ["--temp", "0.7", "--top-p", "0.8", "--top-k", "40", "--min-p", "0.05", "--max-tokens", "512",
+            "--chat-template", "{{ messages }}", "--chat-template-args", '{"enable_thinking":false}',
+            "--num-draft-tokens", "3", "--use-default-chat-template"]
+    assert check_extra_args(MLX_LM_OPTIONS, args).refusals == ()
 
 
 # -- memory ----------------------------------------------------------------------------

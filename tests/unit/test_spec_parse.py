@@ -21,7 +21,9 @@ from metal_agent.core.api import (
     SourceKind,
 )
 from metal_agent.core.claim import Ours, claim, evaluate, wanted_model
-from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help, owned_flag
+from metal_agent.core.extra_args import check_extra_args
+from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
+from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.quantity import quantity_to_bytes
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 from metal_agent.core.validation import parse_inference_service, parse_model
@@ -334,11 +336,11 @@ def test_mlock_style_from_help(help_text, style):
 
 
 @pytest.mark.parametrize(
-    "token",
-    ["--temp", "0.2", "-ngl", "--ctx-size=4096", "-1", "--chat-template-file", "-c", "--models-max"],
+    "args",
+    [["--temp", "0.2"], ["-ngl", "5"], ["--ctx-size=4096"], ["--top-k", "-1"], ["-c", "2048"], ["--no-warmup"]],
 )
-def test_ordinary_flags_and_values_are_not_owned(token):
-    assert owned_flag(token) is None
+def test_ordinary_flags_and_values_pass(args):
+    assert check_extra_args(LLAMA_SERVER_OPTIONS, args).refusals == ()
 
 
 # Lines of `llama-server --help` from build 11434 (the binary the tests build), each verbatim.
@@ -354,9 +356,11 @@ HELP_11434 = """\
 @pytest.mark.parametrize(
     ("help_text", "dialect"),
     [
-        pytest.param(HELP_11434, Dialect(MlockStyle.LOAD_MODE, "--verbosity", True), id="build-11434"),
+        pytest.param(HELP_11434, Dialect(MlockStyle.LOAD_MODE, "--verbosity", True, True), id="build-11434"),
         pytest.param("--log-verbosity N  Set the verbosity threshold\n--jinja  use jinja template for chat\n--mlock",
-                     Dialect(MlockStyle.FLAG, "--log-verbosity", False), id="old-spelling-jinja-off-by-default"),
+                     Dialect(MlockStyle.FLAG, "--log-verbosity", False, True), id="old-spelling-jinja-off-by-default"),
+        pytest.param("--slots   expose slots monitoring endpoint", Dialect(no_slots=False), id="slots-off-by-default"),
+        pytest.param("--slots, --no-slots   expose slots", Dialect(no_slots=True), id="slots-switch"),
         pytest.param("", Dialect(MlockStyle.FLAG, None, True), id="unknown"),
         pytest.param("-v, --verbose, --log-verbose   Set verbosity level to infinity", Dialect(), id="only-verbose"),
     ],
@@ -365,7 +369,8 @@ def test_dialect_from_help(help_text, dialect):
     assert dialect_from_help(help_text) == dialect
 
 
-@pytest.mark.parametrize("token", ["-lv", "--verbosity", "--log-verbosity", "--log_verbosity", "-lv=1", "--verbosity=2"])
-def test_log_verbosity_is_owned_because_acceleration_depends_on_it(token):
-    reason = owned_flag(token)
-    assert reason is not None and "acceleration" in reason
+@pytest.mark.parametrize("args", [["-lv", "1"], ["--verbosity", "1"], ["--log-verbosity", "1"], ["--log_verbosity", "1"],
+                                  ["-lv=1"], ["--verbosity=2"]])
+def test_log_verbosity_is_refused_because_the_agent_reads_the_log(args):
+    refusals = check_extra_args(LLAMA_SERVER_OPTIONS, args).refusals
+    assert refusals and ("the log it reads" in refusals[0].message or "not an option" in refusals[0].message)

@@ -16,8 +16,10 @@ from metal_agent.core.api import InferenceServiceSpec, Model
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
+from metal_agent.core.extra_args import OptionTable
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
 from metal_agent.core.llama_log import Acceleration
+from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
@@ -54,6 +56,7 @@ class LlamaServer:
     runtime_label: str = RUNTIME_LLAMACPP  # LLMKube's value for llama.cpp pods
     probe: Probe = Probe()
     directory_model: bool = False
+    options: OptionTable = LLAMA_SERVER_OPTIONS
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
         return ()  # validation's rules are llama-server's own
@@ -68,7 +71,7 @@ class LlamaServer:
         argv = build_argv(workload, AgentArgvOptions(
             binary=launch.command[-1], model_path=launch.model_path, host=launch.host, port=launch.port,
             threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
-            verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja,
+            verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja, no_slots=launch.no_slots,
         ))
         return (*launch.command[:-1], *argv)
 

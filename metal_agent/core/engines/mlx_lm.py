@@ -25,9 +25,9 @@ Spec mapping (checked against `mlx_lm.server --help` of mlx-lm 0.32):
   refused. A different template (`--chat-template`, `--chat-template-args`)
   and sampling defaults (`--temp`, `--top-p`, `--top-k`, `--min-p`,
   `--max-tokens`) are mlx_lm.server options that `extraArgs` may carry.
-* `extraArgs` come last (argparse: the last occurrence wins), under the same
-  owned-flag rule as llama-server's, with mlx_lm.server's own list below,
-  including every unambiguous abbreviation argparse would accept.
+* `extraArgs` come last (argparse: the last occurrence wins), allowlisted by
+  `core.mlx_options` (every option of mlx_lm.server classified; argparse's
+  abbreviations and `--opt=value` resolved as argparse would).
 * `speculativeDecoding` of type `draft` (or `draft-simple`) with
   `draftModelRef` naming an MLX Model in the same namespace ->
   `--draft-model <its directory>` and `nDraftMax` -> `--num-draft-tokens`.
@@ -68,9 +68,10 @@ from fractions import Fraction
 from metal_agent.core.api import InferenceServiceSpec, Mode, Model, ModelFormat, SourceKind, UNQUANTIZED_CACHE_TYPES
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
-from metal_agent.core.flags import flag_name
+from metal_agent.core.extra_args import OptionTable
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, overhead_bytes
+from metal_agent.core.mlx_options import MLX_LM_OPTIONS
 from metal_agent.core.result import FieldError
 
 MODEL_KIND = "Model"
@@ -86,35 +87,6 @@ KV_GROUP_SIZE = 64  # mlx_lm's default group: one scale and one bias (model dtyp
 KV_STEP = 256  # MLX grows a KV cache in steps of 256 tokens
 MAX_CONFIG_BYTES = 4 << 20
 MAX_SAFETENSORS_HEADER = 100 << 20
-
-_MODEL = "the agent chooses the model directory from the Model resource"
-_NETWORK = "the agent chooses where mlx_lm.server listens and registers that endpoint"
-_LOGS = "the agent reads mlx_lm.server's INFO log for load failures"
-_CODE = "it would run Python code shipped inside a model repository"
-_MEMORY = "it changes the memory the agent's admission reserved; use the spec field instead"
-_EXITS = "mlx_lm.server would print and exit instead of serving"
-
-#: mlx_lm.server options extraArgs may not set (see the module docstring), with the reason.
-OWNED_FLAGS: dict[str, str] = {
-    "--model": _MODEL,
-    "--adapter-path": _MODEL,
-    "--draft-model": _MODEL,
-    "--host": _NETWORK,
-    "--port": _NETWORK,
-    "--pipeline": _NETWORK,
-    "--log-level": _LOGS,
-    "--trust-remote-code": _CODE,
-    "--kv-bits": _MEMORY + " (cacheTypeK/cacheTypeV)",
-    "--kv-group-size": _MEMORY,
-    "--quantized-kv-start": _MEMORY,
-    "--decode-concurrency": _MEMORY + " (parallelSlots)",
-    "--prompt-concurrency": _MEMORY,
-    "--prompt-cache-size": _MEMORY,
-    "--prompt-cache-bytes": _MEMORY,
-    "--prefill-step-size": _MEMORY + " (batchSize)",
-    "-h": _EXITS,
-    "--help": _EXITS,
-}
 
 #: Fields only llama-server has, refused with this reason.
 _LLAMA_ONLY = "a llama-server option; mlx_lm.server has no equivalent, so it cannot be honoured"
@@ -136,24 +108,6 @@ ONE_MODEL = (
 )
 
 
-def owned_flag(token: str) -> str | None:
-    """Why `token` may not appear in an MLX service's extraArgs, or None.
-
-    argparse also accepts any unambiguous prefix of a long option
-    (`--mod` for `--model`), so a prefix of an owned option is refused too.
-    """
-    name = flag_name(token)
-    if name is None:
-        return None
-    if name in OWNED_FLAGS:
-        return OWNED_FLAGS[name]
-    if name.startswith("--") and len(name) > 2:
-        for flag, reason in OWNED_FLAGS.items():
-            if flag.startswith(name):
-                return f"{reason} (argparse reads {name} as {flag})"
-    return None
-
-
 def _cache_bits(spec: InferenceServiceSpec) -> int | None:
     """`--kv-bits` for a spec that passed `refusals` (None: the model's own dtype)."""
     return KV_BITS.get(spec.effective_cache_type_k or "")
@@ -167,6 +121,7 @@ class MlxLm:
     probe: Probe = Probe(health_path="/health", ready_path="/v1/completions",
                          ready_body=json.dumps({"prompt": "ok", "max_tokens": 1}))
     directory_model: bool = True
+    options: OptionTable = MLX_LM_OPTIONS
 
     # -- what it honours ----------------------------------------------------
 
@@ -241,12 +196,6 @@ class MlxLm:
         elif kind in DRAFT_TYPES and spec.parallel_slots > 1:
             isvc_error("spec.parallelSlots", f"{spec.parallel_slots} slots cannot be honoured with a draft model:"
                        " mlx_lm.server then serves one request at a time; use 1")
-        for i, arg in enumerate(spec.extra_args):
-            reason = owned_flag(arg)
-            if reason is not None:
-                flag = arg.split("=", 1)[0].split()[0] if arg.strip() else arg
-                isvc_error(f"spec.extraArgs[{i}]", f"{flag!r} is managed by metal-agent and cannot be set in"
-                           f" extraArgs: {reason}")
         return tuple(errors)
 
     # -- the command line ----------------------------------------------------
