@@ -214,10 +214,10 @@ def check_extra_args(table: OptionTable, args: tuple[str, ...] | list[str],
         bad = next((v for v in values if not widened and not _value_ok(table, kind, v)), None)
         if bad is not None:
             refusals.append(Refusal(i, f"{bad!r} is not a plain {_KIND_TEXT[kind]} for {name}"))
-        if inline is not None and not table.argparse:
-            out += [spelling, inline]
-        else:
+        if inline is None:
             out += [token, *values]
+        else:
+            out += [token] if table.argparse else [spelling, inline]
         i += 1 + (0 if inline is not None else len(values))
     return Checked(tuple(out), tuple(refusals))
 

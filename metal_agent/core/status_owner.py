@@ -126,7 +126,9 @@ def source_refused(model: dict | None) -> str | None:
             continue
         detail = c.get("message") or "its source is outside the operator's allowed host path roots"
         return (f"LLMKube's Model controller refused this Model's source (SourceNotAllowed: {detail}); the Mac"
-                " does not serve a source the cluster's operator refused")
+                " does not serve a source the cluster's operator refused. Fix: run LLMKube's manager with"
+                " --allowed-host-path-roots=<folder holding the model> (Helm value modelSource.allowedHostPathRoots),"
+                " or use an hf:// or https:// source")
     return None
 
 

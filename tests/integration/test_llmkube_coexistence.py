@@ -250,8 +250,8 @@ async def _no_slices(cluster: Cluster, name: str) -> bool:
 
 
 async def test_model_refused_by_llmkube_is_explained_on_the_service(lk, llmkube_plane, tiny_model):
-    """A file:// source outside LLMKube's allowed roots: LLMKube keeps the service Pending;
-    we say why, and how to fix it, where the user looks."""
+    """A file:// source outside LLMKube's allowed roots: LLMKube refuses it (SourceNotAllowed) and the
+    Mac does not serve it either; we say why, and how to fix it, where the user looks."""
     cluster, ns, make_agent = lk
     agent = make_agent()
     await agent.start()
@@ -260,7 +260,9 @@ async def test_model_refused_by_llmkube_is_explained_on_the_service(lk, llmkube_
 
     async def explained():
         c = await cond(cluster, "outside", "MetalSpecAccepted")
-        return c if c.get("reason") == "ModelNotReady" else None
-    accepted = await wait_for(explained, timeout=60, what="MetalSpecAccepted/ModelNotReady")
-    assert "--allowed-host-path-roots" in accepted["message"] and "SourceNotAllowed" in accepted["message"]
-    await cluster.wait_event("outside", "ModelNotReady")
+        return c if c.get("reason") == "SourceNotAllowed" else None
+    accepted = await wait_for(explained, timeout=60, what="MetalSpecAccepted/SourceNotAllowed")
+    assert "--allowed-host-path-roots" in accepted["message"] and "LLMKube" in accepted["message"]
+    await cluster.wait_event("outside", "SourceNotAllowed")
+    assert not [row for row in await agent.services() if row["service"].endswith("/outside")], \
+        "a source LLMKube refused was served"

@@ -37,6 +37,16 @@ class AgentOptions:
     env: dict[str, str] = field(default_factory=dict)
     netns: NetNS | None = None  # run the agent (and so its llama-servers) inside this namespace
     log_level: str = "debug"  # tests want everything in the log they quote on failure; benches use info
+    # --allowed-model-roots. None: where tests keep models (the asset cache, the temp dir, the work dir),
+    # so file:// test Models are served; security tests give their own narrow list.
+    model_roots: Sequence[str] | None = None
+
+
+def _test_roots(workdir: Path) -> list[str]:
+    import tempfile
+
+    cache = os.environ.get("METAL_AGENT_CACHE") or os.path.expanduser("~/.cache/metal-agent")
+    return [cache, tempfile.gettempdir(), str(workdir)]
 
 
 class AgentProcess:
@@ -69,6 +79,7 @@ class AgentProcess:
             "--no-mlock",
             "--log-format", "json",
             "--log-level", o.log_level,
+            "--allowed-model-roots", ",".join(o.model_roots if o.model_roots is not None else _test_roots(o.workdir)),
             *o.extra_args,
         ]
         for ns in o.namespaces:
