@@ -43,8 +43,8 @@ from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.process import Snapshot, State, SupervisorEvent
 from metal_agent.core.registration import Registration, endpoint_path, endpoint_url, service_name_problem
-from metal_agent.core.result import FieldError, Invalid, NotOurs
-from metal_agent.core.spec_policy import SECURITY_REASONS, SpecPolicy, spec_reason
+from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
+from metal_agent.core.spec_policy import SpecPolicy, spec_reason
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker
 from metal_agent.core.status_owner import StatusMode
@@ -345,23 +345,26 @@ class Reconciler:
         """An invalid spec starts nothing and stops nothing: a running process keeps serving
         its last valid spec; the errors go to status and, once per change, to an Event.
 
-        A refused spec (an extraArgs option or a model source outside the owner's policy:
-        core.spec_policy) is different: the user may not have changed anything (the agent was
-        upgraded, or its owner narrowed the policy), but a process serving it keeps the very
-        hole open, so it is stopped, and a recorded one is never adopted."""
+        A spec refused for security (an extraArgs option that reaches beyond the model, or a
+        model source outside the owner's roots: core.spec_policy) differs in one way: a process
+        this agent did not start under its policy (left by a previous agent, perhaps an older version or a wider policy, and
+        recorded with this spec or an older one) is stopped and never adopted, because it may
+        be serving the very hole the refusal closes. A process this agent started serves a spec
+        it accepted, so it keeps serving, as for any invalid change."""
         managed = self.managed.get(key)
         errors = tuple(e.describe() for e in verdict.errors)
         reason = spec_reason(e.reason for e in verdict.errors)
-        refused = reason in SECURITY_REASONS
+        refused = any(e.security for e in verdict.errors)
         marker = (raw["metadata"].get("generation"), errors)
         if self._invalid_reported.get(key) != marker:
             self._invalid_reported[key] = marker
             log.warning("spec refused" if refused else "invalid spec", service=key, reason=reason,
                         errors=list(errors))
             self.events.emit(raw["metadata"], reason, "; ".join(errors), warning=True)
-        if refused:
-            if managed is not None or self.processes.get(key) is not None or self.processes.has_record(key):
-                log.warning("stopping the running process: its spec is refused", service=key, reason=reason)
+        if refused and managed is None:
+            if self.processes.get(key) is not None or self.processes.has_record(key):
+                log.warning("stopping a process this agent did not start: its spec is refused", service=key,
+                            reason=reason)
                 await self._stop(key)
             await self._withdraw(key)
             await self._write_status(key, raw, True, spec_errors=errors, spec_reason=reason)
@@ -371,7 +374,7 @@ class Reconciler:
             if self.processes.adopt_as_recorded(key, raw["metadata"].get("uid") or ""):
                 log.info("kept the running llama-server of the last valid spec", service=key)
         wants = managed.workload.isvc.spec.wants_process if managed else True
-        await self._write_status(key, raw, wants, spec_errors=errors)
+        await self._write_status(key, raw, wants, spec_errors=errors, spec_reason=reason)
 
     def _new_model_not_ready(self, key: str, raw: dict, workload: Workload, digest: str) -> _Deferred | None:
         """Whether a changed spec's model is not on disk yet (downloading, or failed to),
@@ -646,10 +649,10 @@ class Reconciler:
         verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, policy=self.launch.policy)
         if isinstance(verdict, NotOurs):
             return model_raw is None and ref is not None and self.processes.has_record(key)
+        if isinstance(verdict, Parsed) and self._source_refusals(verdict.value, model_raw):
+            return key in self.managed  # refused: only a process this agent started keeps serving
         if isinstance(verdict, Invalid):
-            return spec_reason(e.reason for e in verdict.errors) not in SECURITY_REASONS  # refused: stop it
-        if self._source_refusals(verdict.value, model_raw):
-            return False
+            return key in self.managed or not any(e.security for e in verdict.errors)
         return verdict.value.isvc.spec.wants_process
 
     def ours(self, key: str) -> bool:

@@ -54,7 +54,7 @@ def workload_refusals(workload, model_raw: dict | None, roots: tuple[str, ...]) 
     for model in (workload.model, workload.draft):
         path = model.spec.source.local_path if model is not None else None
         if path is not None and (why := source_refusal(path, roots)):
-            errors.append(FieldError("spec.source", why, "Model", model.meta.key, SOURCE_NOT_ALLOWED))
+            errors.append(FieldError("spec.source", why, "Model", model.meta.key, SOURCE_NOT_ALLOWED, True))
     if why := source_refused(model_raw):
-        errors.append(FieldError("spec.source", why, "Model", workload.model.meta.key, SOURCE_NOT_ALLOWED))
+        errors.append(FieldError("spec.source", why, "Model", workload.model.meta.key, SOURCE_NOT_ALLOWED, True))
     return tuple(errors)

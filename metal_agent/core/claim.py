@@ -208,7 +208,7 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
         spec = workload.isvc.spec
         checked = check_extra_args(engine.options, spec.extra_args, policy.extra_args)
         errors.extend(FieldError(f"spec.extraArgs[{r.index}]", r.message, "InferenceService", workload.isvc.meta.key,
-                                 EXTRA_ARG_REFUSED) for r in checked.refusals)
+                                 EXTRA_ARG_REFUSED, r.security) for r in checked.refusals)
         workload = replace(workload, isvc=replace(workload.isvc, spec=with_checked_args(spec, checked.tokens)))
         if not errors and engine.wants_draft(workload.isvc.spec):
             parsed_draft = _parse_draft(isvc, draft)

@@ -82,11 +82,13 @@ def arity(kind: ValueKind) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Category:
-    """Why options are grouped: `allowed`, or refused with `why` (shown to the user)."""
+    """Why options are grouped: `allowed`, or refused with `why` (shown to the user).
+    `security`: the option reaches beyond the model (files, hosts, endpoints, code)."""
 
     name: str
     allowed: bool
     why: str = ""
+    security: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,7 @@ class Refusal:
 
     index: int
     message: str
+    security: bool = False  # an option that reaches beyond the model, or one nobody has classified
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,13 +190,14 @@ def check_extra_args(table: OptionTable, args: tuple[str, ...] | list[str],
             refusals.append(Refusal(i, f"{spelling!r} is not an option this agent lets a spec set for"
                                        f" {table.engine} (extraArgs are allowlisted: sampling, batching, cache"
                                        f" and other options that tune the model with a plain value)"
-                                       + _owner_hint(spelling)))
+                                       + _owner_hint(spelling), security=True))
             # Its value, if it has one, is not reported again as "not an option".
             i += 2 if inline is None and i + 1 < len(args) and not args[i + 1].startswith("-") else 1
             continue
         if option is not None and not option.category.allowed and not widened:
             shown = repr(spelling) if spelling == name else f"{spelling!r} ({table.engine} reads it as {name})"
-            refusals.append(Refusal(i, f"{shown} is refused: {option.category.why}" + _owner_hint(name)))
+            refusals.append(Refusal(i, f"{shown} is refused: {option.category.why}" + _owner_hint(name),
+                                    security=option.category.security))
             i += 1 + (arity(option.value) if inline is None else 0)
             continue
         kind = option.value if option is not None else _guess_kind(args, i, inline)

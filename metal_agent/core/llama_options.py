@@ -35,11 +35,11 @@ SERVING = Category("request handling", True)
 # -- refused, each with the reason the user reads ----------------------------------------
 READS_FILE = Category("reads-file", False, "it names a file or directory on this Mac for llama-server to read or load"
                       " (weights, adapters, templates, grammars, keys), and what it reads can reach API clients;"
-                      " the agent chooses every file from the Model resource")
-WRITES_FILE = Category("writes-file", False, "it makes llama-server write files on this Mac")
-NETWORK = Category("network", False, "it makes llama-server download from or connect to another host")
+                      " the agent chooses every file from the Model resource", security=True)
+WRITES_FILE = Category("writes-file", False, "it makes llama-server write files on this Mac", security=True)
+NETWORK = Category("network", False, "it makes llama-server download from or connect to another host", security=True)
 ENDPOINT = Category("endpoint", False, "it exposes an endpoint or control to API clients that a service must not"
-                    " have (server settings, slots, a proxy, tools, the Web UI, CORS)")
+                    " have (server settings, slots, a proxy, tools, the Web UI, CORS)", security=True)
 AGENT = Category("agent-owned", False, "the agent sets it: what is served, where it listens, authentication,"
                  " the log it reads and the memory policy")
 HOST = Category("host", False, "process priority is this Mac's owner's setting, not a service's")

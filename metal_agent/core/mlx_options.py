@@ -18,12 +18,12 @@ CHAT = Category("chat template", True)
 SPECULATIVE = Category("speculative decoding tuning", True)
 
 LOADS = Category("reads-file", False, "it names a model, adapter or draft directory for mlx_lm.server to load;"
-                 " the agent chooses every model from the Model resource (a draft through speculativeDecoding)")
+                 " the agent chooses every model from the Model resource (a draft through speculativeDecoding)", security=True)
 NETWORK = Category("agent-owned", False, "the agent chooses where mlx_lm.server listens and registers that endpoint")
 ENDPOINT = Category("endpoint", False, "it changes which web pages may call the server (CORS), which is this Mac's"
-                    " owner's setting")
+                    " owner's setting", security=True)
 LOGS = Category("agent-owned", False, "the agent reads mlx_lm.server's INFO log for load failures")
-CODE = Category("code", False, "it would run Python code shipped inside a model repository")
+CODE = Category("code", False, "it would run Python code shipped inside a model repository", security=True)
 MEMORY = Category("agent-owned", False, "it changes the memory the agent's admission reserved; use the spec field"
                   " (cacheTypeK/cacheTypeV, parallelSlots, batchSize) instead")
 EXITS = Category("exits", False, "mlx_lm.server would print and exit instead of serving")

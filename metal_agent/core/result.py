@@ -22,8 +22,10 @@ class FieldError:
     `kind` and `name` say which object the path belongs to, so errors of a
     Model and of the InferenceService using it can travel in one list and
     still be printed unambiguously ("Model default/qwen: spec.sha256: ...").
-    `reason` marks a security refusal (`core.spec_policy.SECURITY_REASONS`),
-    which status reports under its own reason and which stops a running process.
+    `reason` marks a refusal by the owner's policy (`core.spec_policy`), which
+    status reports under its own reason; `security` says the refused thing
+    could reach beyond the model, so a process the agent did not start itself
+    is stopped rather than adopted.
     """
 
     path: str
@@ -31,6 +33,7 @@ class FieldError:
     kind: str = ""
     name: str = ""
     reason: str = ""  # a status reason of its own (e.g. ExtraArgRefused); "" is the generic InvalidSpec
+    security: bool = False  # serving it could reach beyond the model (a file, a host, an endpoint)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"

@@ -10,9 +10,14 @@ what the agent refuses) flags, what reaches beyond the model:
   lie in once symlinks are resolved (`--allowed-model-roots`; by default the
   model store alone).
 
-Refusals of either are security refusals (`SECURITY_REASONS`): a process
-already serving a spec that is now refused is stopped, not kept, because
-keeping it open is the very hole the refusal closes.
+Refusals carry their own status reasons (`ExtraArgRefused`, `SourceNotAllowed`)
+instead of InvalidSpec. A refusal marked `security` (a file, another host, an
+endpoint, code: `FieldError.security`) also decides what happens to a process
+already running for that service: one this agent started under its current
+policy serves a spec it accepted and keeps serving (as for any invalid
+change); one it did not start (left by a previous agent, perhaps an older
+version or a wider policy) is stopped and never adopted, because keeping it
+open may be the very hole the refusal closes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, ExtraArgsPolicy
 
 SOURCE_NOT_ALLOWED = "SourceNotAllowed"
 INVALID_SPEC = "InvalidSpec"
-SECURITY_REASONS = (EXTRA_ARG_REFUSED, SOURCE_NOT_ALLOWED)
+POLICY_REASONS = (EXTRA_ARG_REFUSED, SOURCE_NOT_ALLOWED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,4 +40,4 @@ class SpecPolicy:
 def spec_reason(reasons) -> str:
     """The status reason for a list of errors' reasons: a security refusal first, else InvalidSpec."""
     reasons = [r for r in reasons if r]
-    return next((r for r in SECURITY_REASONS if r in reasons), INVALID_SPEC)
+    return next((r for r in POLICY_REASONS if r in reasons), INVALID_SPEC)

@@ -125,9 +125,9 @@ def _spec_condition(inputs: StatusInputs) -> Condition:
     running = inputs.process is not None and inputs.process.state is not State.STOPPED
     if inputs.spec_errors:
         errors = "; ".join(inputs.spec_errors)
-        if _refused(inputs):
-            return Condition(SPEC_ACCEPTED, False, inputs.spec_reason, f"the current spec is refused: {errors}")
         prefix = "still serving the last valid spec; " if running else ""
+        if _refused(inputs):
+            return Condition(SPEC_ACCEPTED, False, inputs.spec_reason, f"{prefix}the current spec is refused: {errors}")
         return Condition(SPEC_ACCEPTED, False, "InvalidSpec", f"{prefix}the current spec is invalid: {errors}")
     if inputs.model_not_accepted is not None:
         return Condition(SPEC_ACCEPTED, False, inputs.model_not_accepted.reason, inputs.model_not_accepted.message)
@@ -137,7 +137,7 @@ def _spec_condition(inputs: StatusInputs) -> Condition:
 
 
 def _refused(inputs: StatusInputs) -> bool:
-    """A security refusal (core.spec_policy): nothing of that spec runs, not even the last valid one."""
+    """A refusal by the owner's policy (core.spec_policy), not a mistake in the spec."""
     return inputs.spec_reason != "InvalidSpec"
 
 
@@ -167,9 +167,10 @@ def _full_conditions(inputs: StatusInputs, ready: int, desired: int) -> tuple[st
         elif inputs.rollout is not None:
             conds.append(Condition("Progressing", True, inputs.rollout.reason,
                                    f"serving the previous spec until the new one is ready: {inputs.rollout.message}"))
-        problem = inputs.spec_errors and f"still serving the last valid spec; the current spec is invalid: {errors}"
+        problem = inputs.spec_errors and (f"still serving the last valid spec; the current spec is"
+                                          f" {'refused' if _refused(inputs) else 'invalid'}: {errors}")
         if problem or inputs.degraded is not None:
-            reason = "InvalidSpec" if problem else inputs.degraded.reason
+            reason = inputs.spec_reason if problem else inputs.degraded.reason
             conds.append(Condition("Degraded", True, reason, problem or inputs.degraded.message))
         elif shortfall := _offload_shortfall(inputs):
             conds.append(Condition("Degraded", True, "PartialOffload", shortfall))

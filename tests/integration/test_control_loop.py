@@ -171,13 +171,13 @@ async def test_owned_flag_in_extra_args_keeps_serving_degraded(env):
 
     async def degraded():
         cond = await cluster.condition("typo", "Degraded")
-        return cond if cond and cond["reason"] == "InvalidSpec" else None
+        return cond if cond and cond["reason"] == "ExtraArgRefused" else None
 
-    cond = await wait_for(degraded, timeout=15, what="Degraded/InvalidSpec")
+    cond = await wait_for(degraded, timeout=15, what="Degraded/ExtraArgRefused")
     assert "spec.extraArgs[0]" in cond["message"]
     assert (await cluster.status("typo"))["phase"] == "Ready"
     assert await service_pid(agent, key) == pid
-    await cluster.wait_event("typo", "InvalidSpec")
+    await cluster.wait_event("typo", "ExtraArgRefused")
 
     # The next valid change is acted on.
     await cluster.patch_isvc("typo", {"extraArgs": []})
@@ -196,7 +196,7 @@ async def test_invalid_spec_never_spawns(env):
     await cluster.create_isvc("bad", "tiny", extraArgs=["--host", "0.0.0.0"])
     status = await cluster.wait_phase("bad", "Failed")
     available = next(c for c in status["conditions"] if c["type"] == "Available")
-    assert available["reason"] == "InvalidSpec" and "spec.extraArgs[0]" in available["message"]
+    assert available["reason"] == "ExtraArgRefused" and "spec.extraArgs[0]" in available["message"]
     assert await agent.services() == []
 
 
@@ -308,12 +308,12 @@ async def test_typo_made_while_agent_down_keeps_the_model_serving(env):
 
     async def degraded():
         cond = await cluster.condition("sturdy", "Degraded")
-        return cond if cond and cond["reason"] == "InvalidSpec" else None
-    cond = await wait_for(degraded, timeout=20, what="Degraded/InvalidSpec after restart")
+        return cond if cond and cond["reason"] == "ExtraArgRefused" else None
+    cond = await wait_for(degraded, timeout=20, what="Degraded/ExtraArgRefused after restart")
     assert "spec.extraArgs[0]" in cond["message"]
     assert await wait_for(lambda: service_pid(agent, key), timeout=20, what="kept process Ready") == pid
     status = await cluster.wait_phase("sturdy", "Ready")
-    assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "InvalidSpec"
+    assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "ExtraArgRefused"
 
     await cluster.patch_isvc("sturdy", {"extraArgs": []})  # fixed: the same spec as the running process
     async def healed():
