@@ -44,6 +44,7 @@ from metal_agent.core.leases import (
 )
 from metal_agent.core.placement import Member, Wanted, placement_condition, wanted_from
 from metal_agent.core.result import Parsed
+from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.status import Blocker
 from metal_agent.core.validation import parse_model
 from metal_agent.fleet_placer import Placer
@@ -64,6 +65,7 @@ class FleetSettings:
     total_ram: int = 0
     agent_fraction: float | None = None
     default_engine: str = "llama-server"  # the agent's --default-runtime: judged as the reconciler judges
+    policy: SpecPolicy = SpecPolicy()  # the owner's --allow-extra-arg (and roots): judged as the reconciler judges
 
     @property
     def tick(self) -> float:
@@ -357,7 +359,8 @@ class Fleet(Placer):
         draft = self.models.get(f"{draft_ref[0]}/{draft_ref[1]}") if draft_ref else None
         version += ((draft or {}).get("metadata", {}).get("resourceVersion"),)
         verdict = self._parsed(("isvc", f"{meta.get('namespace', '')}/{meta.get('name', '')}"), version,
-                               lambda: evaluate(raw, model_raw, Allowlist(), self.s.default_engine, draft))
+                               lambda: evaluate(raw, model_raw, Allowlist(), self.s.default_engine, draft,
+                                                self.s.policy))
         if not isinstance(verdict, Parsed):
             return None
         spec = verdict.value.isvc.spec

@@ -25,6 +25,7 @@ from metal_agent.core.leases import COORDINATION, member_name
 from metal_agent.core.memory import GiB
 from metal_agent.core.names import METRIC_PREFIX
 from metal_agent.core.placement import CHIP_LABEL, HOSTNAME_LABEL, MEMORY_LABEL, rank, unschedulable_message
+from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.fleet import Fleet, FleetSettings
 
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -86,7 +87,7 @@ def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str,
         member=name, namespace=cfg.fleet_namespace, labels=member_labels(name, chip, total_ram, dict(cfg.labels)),
         lease_duration=cfg.lease_duration, renew_interval=cfg.lease_renew_interval, bid_step=cfg.fleet_bid_step,
         host=host, chip=chip, total_ram=total_ram, agent_fraction=cfg.memory_fraction,
-        default_engine=cfg.default_runtime,
+        default_engine=cfg.default_runtime, policy=cfg.policy or SpecPolicy(),
     )
     fleet = Fleet(settings, leases=LeaseClient(api, cfg.fleet_namespace, timeout=max(1.0, cfg.lease_renew_interval)),
                   isvcs=isvcs, models=models, static=Allowlist(cfg.allowlist), memory=memory, model_files=model_files,
