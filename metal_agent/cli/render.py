@@ -2,7 +2,11 @@
 
 Runs the same claim, validation and argv code as the daemon, on YAML files
 instead of a cluster, so a manifest can be checked (and its command line
-reviewed) before it is applied. Output is a JSON array on stdout; problems
+reviewed) before it is applied. It refuses exactly what the agent refuses,
+with the agent's defaults: the same extraArgs allowlist and model roots,
+widened by the same flags (`--allow-extra-arg`, `--allowed-model-roots`,
+`--model-dir`: `cli.spec_policy_flags`); a refusal's line starts with its
+reason (ExtraArgRefused, SourceNotAllowed). Output is a JSON array on stdout; problems
 go to stderr, one per line, and exit with status 2.
 
 YAML and the host and binary probes are imported when `render` runs, not

@@ -103,8 +103,8 @@ def dialect_from_help(help_text: str) -> Dialect:
     # "Knows --jinja but not --no-jinja" is an old build (engine off by default);
     # help that mentions neither says nothing, so assume a current build.
     no_jinja = _lists(help_text, "--no-jinja") or not _lists(help_text, "--jinja")
-    # Builds that list neither predate the /slots endpoint being on by default with a switch; help that
-    # mentions neither says nothing, so pass it (a current build).
+    # A build listing --slots without --no-slots keeps /slots off unless asked; help that mentions
+    # neither says nothing, so assume a current build (on by default): pass --no-slots.
     no_slots = _lists(help_text, "--no-slots") or not _lists(help_text, "--slots")
     return Dialect(mlock_style=mlock_style_from_help(help_text), verbosity_flag=verbosity, no_jinja=no_jinja,
                    no_slots=no_slots)
