@@ -114,11 +114,14 @@ def source_refused(model: dict | None) -> str | None:
     (internal/controller/model_controller.go, rejectDisallowedLocalSource). What
     the cluster's operator refused is not served by the Mac either. A condition
     of an older generation of the Model is stale (the controller has not looked
-    at the current spec yet) and does not count.
+    at the current spec yet) and does not count, nor does one beside phase Ready.
     """
     model = model or {}
     generation = (model.get("metadata") or {}).get("generation")
-    for c in (model.get("status") or {}).get("conditions") or []:
+    status = model.get("status") or {}
+    if status.get("phase") == "Ready":
+        return None  # the controller has since served it (some of its paths leave Degraded set)
+    for c in status.get("conditions") or []:
         if not isinstance(c, dict) or c.get("reason") != "SourceNotAllowed" or c.get("status") != "True":
             continue
         seen = c.get("observedGeneration")

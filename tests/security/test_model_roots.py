@@ -140,6 +140,10 @@ def test_a_source_llmkube_refused_is_not_served(tmp_path):
     # A verdict on an older generation of the Model is stale: the controller has not seen this spec.
     model["metadata"]["generation"] = 3
     assert source_refused(model) is None
+    # So is one left beside phase Ready (the operator widened its roots; not every path clears Degraded).
+    model["metadata"]["generation"] = 2
+    model["status"]["phase"] = "Ready"
+    assert source_refused(model) is None
 
 
 def test_render_refuses_a_source_outside_the_roots_and_takes_the_flag(tmp_path):
