@@ -54,6 +54,7 @@ def test_this_build_has_the_options_the_agent_relies_on(dialect):
     # the agent must find -lv and --no-jinja in its help, or it would run it blind.
     assert dialect.verbosity_flag == "--verbosity"
     assert dialect.no_jinja is True
+    assert dialect.no_slots is True  # /slots is on by default in this build: the agent turns it off
 
 
 def test_every_flag_the_builder_emits_is_known_to_this_build(help_text, mlock_style, dialect):
