@@ -347,10 +347,10 @@ class Reconciler:
 
         A spec refused for security (an extraArgs option that reaches beyond the model, or a
         model source outside the owner's roots: core.spec_policy) differs in one way: a process
-        this agent did not start under its policy (left by a previous agent, perhaps an older version or a wider policy, and
-        recorded with this spec or an older one) is stopped and never adopted, because it may
-        be serving the very hole the refusal closes. A process this agent started serves a spec
-        it accepted, so it keeps serving, as for any invalid change."""
+        this agent did not start under its policy (left by a previous agent, perhaps an older
+        version or a wider policy, recorded with this spec or an older one) is stopped and never
+        adopted, because it may be serving the very hole the refusal closes. A process this
+        agent started serves a spec it accepted, so it keeps serving, as for any invalid change."""
         managed = self.managed.get(key)
         errors = tuple(e.describe() for e in verdict.errors)
         reason = spec_reason(e.reason for e in verdict.errors)
