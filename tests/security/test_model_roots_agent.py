@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.isvc import Cluster
+from tests.support.procs import process_gone
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -75,3 +76,44 @@ async def test_agent_refuses_a_file_reading_extra_arg(refusing, tiny_model):
     await cluster.wait_event("tmpl", "ExtraArgRefused")
     assert await agent.services() == []
     assert os.stat(secret).st_atime == 1
+
+
+async def test_a_narrower_policy_after_a_restart_stops_the_process_it_finds(control_plane, admin_api, namespace,
+                                                                             llama_server_bin, tiny_model, tmp_path):
+    """The upgrade case: the previous agent (here: a wider --allowed-model-roots) left a llama-server
+    serving a source the new agent refuses. The user changed nothing, but keeping it is the hole:
+    the new agent stops it and says why."""
+    cluster = Cluster(admin_api, namespace)
+    root, outside = tmp_path / "allowed", tmp_path / "private" / "model.gguf"
+    root.mkdir()
+    _trap(tiny_model, outside)
+
+    def agent(roots) -> AgentProcess:
+        return AgentProcess(AgentOptions(kubeconfig=control_plane.agent_kubeconfig, llama_server=llama_server_bin,
+                                         workdir=tmp_path, namespaces=(namespace,), model_roots=roots))
+    wide = agent((str(root), str(outside.parent)))
+    try:
+        await wide.start()
+        await cluster.create_model("legacy", f"file://{outside}")
+        await cluster.create_isvc("legacy", "legacy", contextSize=256)
+        await cluster.wait_phase("legacy", "Ready", timeout=120)
+        (row,) = await wide.services()
+        pid = row["pid"]
+        wide.kill()
+        await wide.process.wait(timeout=10)
+        assert not process_gone(pid)  # left running for the next agent, as always
+
+        narrow = agent((str(root),))
+        await narrow.start()
+        try:
+            cond = await _refused(cluster, "legacy", "SourceNotAllowed")
+            assert str(root) in cond["message"]
+            await wait_for(lambda: process_gone(pid), timeout=30, what="the refused llama-server stopped")
+            assert await narrow.services() == []
+            assert "stopping a process this agent did not start" in narrow.log_text()
+        finally:
+            await narrow.stop()
+    finally:
+        if wide.process and wide.process.running:
+            await wide.stop()
+        kill_recorded_processes(tmp_path / "state")
