@@ -38,7 +38,9 @@ from kubernetes_asyncio import client
 from tests.support import netns
 from tests.support.agent import AgentProcess
 from tests.support.isvc import Cluster
-from tests.support.procs import process_gone
+from metal_agent.adapters.process.pause_point import AFTER_EXEC
+from metal_agent.adapters.process.pause_point import ENV as PAUSE_ENV
+from tests.support.procs import process_gone, stopped
 from tests.support.toxiproxy import FaultyMac, faulty_mac, fill_filesystem
 from tests.support.wait import wait_for
 
@@ -300,22 +302,36 @@ async def test_agent_killed_during_a_spawn_and_during_a_respawn(rig):
 
 
 async def test_agent_killed_between_exec_and_record_leaves_no_orphan(rig):
+    """SIGKILL in the millisecond between a llama-server's exec and the record naming its pid.
+    Polling from outside hits that window only sometimes, so the agent holds it open itself
+    (METAL_AGENT_PAUSE_AT=after-exec: it SIGSTOPs there) and the kill lands in it every time.
+    The next agent finds the process by its command line and adopts or stops it: no orphan."""
     agent, pids = await rig.serve("steady")
-    names = ["steady"]
-    for attempt in range(5):  # each attempt catches the window most of the time
-        names.append(f"fresh-{attempt}")
-        known = rig.llama_servers()
-        await rig.create(names[-1])
-        caught = await asyncio.to_thread(rig.kill_agent_between_exec_and_record, agent, known)
-        await agent.process.wait(timeout=10)
-        agent = rig.agent()
-        await agent.start()
-        if caught:
-            break
-        await rig.wait_converged(agent, names)
-    await wait_for(lambda: rig.ready_pid(agent, names[-1]), timeout=30, what=f"{names[-1]} served by the new agent")
+    agent.kill()  # everything recorded: the paused agent below adopts "steady", spawns nothing for it
+    await agent.process.wait(timeout=10)
+
+    paused = rig.agent()
+    paused.options.env[PAUSE_ENV] = AFTER_EXEC
+    await paused.start()
+    await wait_for(lambda: rig.ready_pid(paused, "steady") == pids["steady"], timeout=30, what="steady adopted")
+    known = rig.llama_servers()
+    await rig.create("fresh")
+    await wait_for(lambda: stopped(paused.process.pid), timeout=30, what="the agent paused after an exec",
+                   on_timeout=paused.process.tail)
+    unrecorded, recorded = rig._new_children(paused.process.pid, known)
+    assert len(unrecorded) == 1 and not recorded, (unrecorded, recorded, rig.recorded())  # in the window
+    assert rig.recorded()[f"{rig.cluster.ns}/fresh"] == 0  # recorded before the exec, without its pid
+    paused.kill()
+    await paused.process.wait(timeout=10)
+
+    agent = rig.agent()
+    await agent.start()
+    await rig.wait_converged(agent, ["steady", "fresh"])
     supervised = set((await rig.pids(agent)).values())
-    assert rig.llama_servers() == supervised, f"orphans: {rig.llama_servers() - supervised} (caught: {caught})"
+    assert rig.llama_servers() == supervised, f"orphans: {rig.llama_servers() - supervised}"
+    assert (await rig.pids(agent))["steady"] == pids["steady"]
+    (orphan,) = unrecorded
+    assert orphan in supervised or process_gone(orphan)  # adopted, or stopped: never left running alone
 
 
 async def test_sigterm_mid_reconcile_shuts_down_promptly_and_leaves_everything_recorded(rig):
