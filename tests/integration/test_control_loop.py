@@ -16,6 +16,7 @@ import pytest
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -105,11 +106,11 @@ async def test_create_ready_scale_and_delete(env):
     await cluster.wait_phase("chat", "Ready")
     pid = await service_pid(agent, key)
 
-    # delete -> process gone within a second.
+    # delete -> process gone within a second (on an idle machine: tests/support/slowness.py).
     await cluster.delete_isvc("chat")
     started = time.monotonic()
-    await wait_for(lambda: process_gone(pid), timeout=5, what="llama-server to exit", interval=0.01)
-    assert time.monotonic() - started <= 1.0
+    await wait_for(lambda: process_gone(pid), timeout=30, what="llama-server to exit", interval=0.01)
+    assert time.monotonic() - started <= scaled(1.0)
 
 
 async def _observed(cluster: Cluster, name: str, generation: int) -> bool:

@@ -17,6 +17,7 @@ from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, Supe
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.process import ExitReason, State
 from tests.support.procs import process_gone
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -82,7 +83,7 @@ async def test_startup_timeout_stops_the_process_and_backs_off(make):
 
 
 async def test_hung_server_is_detected_and_restarted(make, llama_server_bin, tiny_model):
-    sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=0.2, liveness_timeout=0.3,
+    sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=0.2, liveness_timeout=scaled(1.0),
                     liveness_failures=2)
     sup.start()
     await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="ready")
@@ -193,17 +194,17 @@ async def test_a_server_that_stops_answering_leaves_service_at_once_and_returns_
     """Readiness reacts between liveness probes: UNHEALTHY (out of its slice) within a quick
     probe or two; answering again makes it READY again; only liveness probes restart it."""
     sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=60, liveness_failures=1,
-                    readiness_interval=0.1, readiness_timeout=0.2)
+                    readiness_interval=0.1, readiness_timeout=scaled(1.0))
     sup.start()
     await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="ready")
     pid = sup.snapshot.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        await wait_for(lambda: sup.snapshot.state is State.UNHEALTHY, timeout=5,
+        await wait_for(lambda: sup.snapshot.state is State.UNHEALTHY, timeout=30,
                        what="a quick probe to take it out of service (the liveness probe is 60 s away)")
     finally:
         os.kill(pid, signal.SIGCONT)
-    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=5, what="back in service once it answers")
+    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="back in service once it answers")
     assert sup.snapshot.pid == pid and not process_gone(pid)
     assert rec.events.count("Unhealthy") == 1 and "Recovered" in rec.events
     assert "LivenessFailed" not in rec.events and "Restarting" not in rec.events

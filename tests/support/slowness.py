@@ -1,0 +1,43 @@
+"""One factor for every wall-clock upper bound the suite asserts.
+
+A bound such as "the process is gone within a second of the delete" is a
+claim about the agent on an idle machine. On a loaded 2-core machine (CI
+beside other jobs, a laptop compiling) the same agent takes longer, and a
+test that fails there teaches people to ignore red. Tests assert order and
+structure where they can; where a duration is the point, they scale it by
+`factor()`:
+
+- METAL_AGENT_TEST_SLOWNESS, if set (e.g. 3 on a known-slow runner);
+- else the machine's load: the 1-minute load average per CPU, at least 1
+  (an idle machine: the bound as written), at most MAX_AUTO.
+
+Lower bounds ("waited at least the back-off") are never scaled: a loaded
+machine only makes them easier to meet.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "METAL_AGENT_TEST_SLOWNESS"
+MAX_AUTO = 8.0
+
+
+def factor() -> float:
+    """How much slower than an idle machine this one is now (>= 1)."""
+    configured = os.environ.get(ENV)
+    if configured:
+        value = float(configured)
+        if value < 1:
+            raise ValueError(f"{ENV}={configured}: must be >= 1 (1 is an idle machine)")
+        return value
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return 1.0
+    return min(MAX_AUTO, max(1.0, load))
+
+
+def scaled(seconds: float) -> float:
+    """An upper bound of `seconds` on an idle machine, stretched for this one."""
+    return seconds * factor()
