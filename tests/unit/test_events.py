@@ -206,15 +206,3 @@ async def test_a_denial_that_persists_is_a_refusal():
         await asyncio.wait_for(rec.flush(), 10)
         assert fake.attempts == 6
         assert dropped.labels("rejected")._value.get() == 1
-
-
-async def test_the_event_of_a_service_with_a_253_character_name_has_a_valid_name():
-    name = ("a" * 239) + "-b" + ("c" * 12)  # the cut lands right after the "-"
-    async with recorder() as (rec, fake, _):
-        rec.emit({**ISVC, "name": name}, "Started", "m")
-        await asyncio.wait_for(rec.flush(), 5)
-    [event] = fake.events.values()
-    event_name = event["metadata"]["name"]
-    prefix, suffix = event_name.rsplit(".", 1)
-    assert len(event_name) <= 253 and prefix == "a" * 239 and len(suffix) == 12
-    assert event["involvedObject"]["name"] == name

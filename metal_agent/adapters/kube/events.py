@@ -65,15 +65,6 @@ class _Pending:
 # the outage must survive that. A denial that persists is a real refusal.
 _DENIALS_BEFORE_DROP = 6
 
-# An Event's name is "<object>.<12 hex>" and, like the object's, at most 253 characters: an
-# InferenceService named with more than 240 would otherwise have every Event rejected (422).
-_NAME_PREFIX_MAX = 253 - 13
-
-
-def _name_prefix(name: str) -> str:
-    """The object's name cut to fit, ending in a letter or digit as a DNS subdomain must."""
-    return name[:_NAME_PREFIX_MAX].rstrip("-.")
-
 
 class EventRecorder:
     def __init__(self, api: client.ApiClient, *, host: str | None = None, window: float = 600.0,
@@ -199,7 +190,7 @@ class EventRecorder:
             else:
                 self._recent[key] = (event_name, total + count, first)
                 return
-        event_name = f"{_name_prefix(name)}.{uuid.uuid4().hex[:12]}"
+        event_name = f"{name}.{uuid.uuid4().hex[:12]}"
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(name=event_name, namespace=namespace),
             involved_object=client.V1ObjectReference(
