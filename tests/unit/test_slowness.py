@@ -25,4 +25,13 @@ def test_otherwise_the_load_per_cpu_sets_it(monkeypatch, load, cpus, expected):
     monkeypatch.delenv(slowness.ENV, raising=False)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(slowness, "_runnable_now", lambda: 0.0)
     assert slowness.factor() == expected
+
+
+def test_a_burst_the_load_average_has_not_caught_up_with_counts(monkeypatch):
+    monkeypatch.delenv(slowness.ENV, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(slowness, "_runnable_now", lambda: 5.0)  # two burners and friends, just started
+    assert slowness.factor() == 2.5
