@@ -32,6 +32,7 @@ from kubernetes_asyncio import client
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.goals import at_most, report, shown_only  # noqa: E402
 from tests.support import netns  # noqa: E402
 from tests.support.agent import agents_in_netns  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
@@ -57,7 +58,7 @@ def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
-async def main() -> None:
+async def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scrapes", type=int, default=200)
     parser.add_argument("--fresh-tokens", type=int, default=20)
@@ -124,21 +125,18 @@ async def main() -> None:
         finally:
             await admin.close()
             await cp.stop()
-    rows = [
-        ("/metrics from the network, new token (TokenReview + SAR), p50 / p95",
-         f"{results['fresh_token_ms']['p50']} / {results['fresh_token_ms']['p95']} ms", "-"),
-        ("/metrics from the network, cached token, p50 / p95",
-         f"{results['cached_token_ms']['p50']} / {results['cached_token_ms']['p95']} ms", "-"),
-        ("API reviews/min, one Prometheus scraping every 1 s", str(results["reviews_per_min_1s_scrapes"]), "<= 2"),
+    figures = [
+        shown_only("/metrics from the network, new token (TokenReview + SAR), p50 / p95",
+                   f"{results['fresh_token_ms']['p50']} / {results['fresh_token_ms']['p95']} ms"),
+        shown_only("/metrics from the network, cached token, p50 / p95",
+                   f"{results['cached_token_ms']['p50']} / {results['cached_token_ms']['p95']} ms"),
+        at_most("API reviews/min, one Prometheus scraping every 1 s", results["reviews_per_min_1s_scrapes"], 2),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'figure':<{width}}  measured  goal")
-    for name, value, goal in rows:
-        print(f"{name:<{width}}  {value}  {goal}")
     out = REPO / "bench" / "results" / "metrics_scrape.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    return report(figures)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

@@ -52,18 +52,27 @@ def asset(script: str) -> Path:
     return Path(out.stdout.strip())
 
 
+def columns(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+    """Rows as kubectl prints them: each column as wide as its widest cell, three spaces
+    between, the last column unpadded, so a long reason never runs into the message."""
+    cells = [tuple(str(c) for c in row) for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
+    return [indent + "   ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]).rstrip() for row in cells]
+
+
 async def show(cluster: Cluster, name: str) -> None:
     """Roughly what `kubectl get isvc` and `kubectl describe isvc` would print."""
     st = (await cluster.isvc(name)).get("status", {})
     ready = f"{st.get('readyReplicas')}/{st.get('desiredReplicas')}"
-    print(f"{'NAME':<12}{'PHASE':<10}{'READY':<7}ENDPOINT")
-    print(f"{name:<12}{st.get('phase', ''):<10}{ready:<7}{st.get('endpoint', '-')}")
+    print("\n".join(columns(("NAME", "PHASE", "READY", "ENDPOINT"),
+                            [(name, st.get("phase", ""), ready, st.get("endpoint", "-"))])))
     print("\nConditions:")
-    for c in st.get("conditions", []):
-        print(f"  {c['type']:<16}{c['status']:<7}{c['reason']:<14}{c['message']}")
+    print("\n".join(columns(("TYPE", "STATUS", "REASON", "MESSAGE"),
+                            [(c["type"], c["status"], c["reason"], c.get("message", ""))
+                             for c in st.get("conditions", [])], indent="  ")))
     print("\nEvents:")
-    for e in await cluster.events(name):
-        print(f"  {e.type:<8}{e.reason:<12}{e.message}")
+    print("\n".join(columns(("TYPE", "REASON", "MESSAGE"),
+                            [(e.type, e.reason, e.message) for e in await cluster.events(name)], indent="  ")))
 
 
 async def main() -> None:

@@ -5,7 +5,8 @@ Assets (kube-apiserver, etcd, llama-server) are built by `make dev` /
 the same scripts, so the suite never starts an eight-minute compile by
 surprise. Missing assets skip the tests that need them, unless
 METAL_AGENT_REQUIRE_ASSETS=1 (set by `make test` and CI), where a missing
-asset is an error: CI must never go green by skipping.
+asset is an error: CI must never go green by skipping. With `CI` set, any
+other skip is a failure too, listed at the end of the run (tests/ci_skips.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,33 @@ from typing import AsyncIterator
 
 import pytest
 
+from tests import ci_skips
 from tests.support import tiny_model as tiny_models
 from tests.support.controlplane import Binaries, ControlPlane
 from tests.support.kube import api_client, create_namespace, delete_namespace, install_metal_agent
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ci_skips.configure(config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    ci_skips.as_failure(item, outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    ci_skips.collection_as_failure(outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    ci_skips.summary(terminalreporter, config)
 
 
 def _missing(what: str, hint: str):

@@ -15,12 +15,15 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry
 
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.core.backoff import Backoff
 from metal_agent.metrics import AgentMetrics
+from tests.support.procs import stopped
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -39,8 +42,11 @@ async def agent_client(kubeconfig, total: float = 2.0) -> AsyncIterator[client.A
 
 @contextlib.asynccontextmanager
 async def frozen(control_plane) -> AsyncIterator[None]:
+    """The API server stopped, every thread of it: SIGSTOP only queues the stop, and
+    a thread not yet scheduled since could still answer the next request."""
     control_plane.apiserver.signal(signal.SIGSTOP)
     try:
+        await wait_for(lambda: stopped(control_plane.apiserver.pid), timeout=30, what="kube-apiserver stopped")
         yield
     finally:
         control_plane.apiserver.signal(signal.SIGCONT)
@@ -50,28 +56,38 @@ async def events_in(admin_api, namespace: str) -> list:
     return (await client.CoreV1Api(admin_api).list_namespaced_event(namespace)).items
 
 
-def list_isvcs(api: client.ApiClient, namespace: str):
+def list_isvcs(api: client.ApiClient, namespace: str, **kwargs):
     return client.CustomObjectsApi(api).list_namespaced_custom_object(
-        "inference.llmkube.dev", "v1alpha1", namespace, "inferenceservices")
+        "inference.llmkube.dev", "v1alpha1", namespace, "inferenceservices", **kwargs)
+
+
+# The warm-up call pays a fresh TLS handshake, client-certificate auth, RBAC and the
+# first list in a new namespace: seconds on a busy machine, so not the 2 s under test.
+WARM_UP = aiohttp.ClientTimeout(total=60, connect=30)
 
 
 async def test_a_frozen_api_server_costs_a_call_its_timeout_not_forever(control_plane, namespace):
     async with agent_client(control_plane.agent_kubeconfig, total=2.0) as api:
-        await list_isvcs(api, namespace)  # a kept-alive connection, as the agent has
+        await list_isvcs(api, namespace, _request_timeout=WARM_UP)  # a kept-alive connection, as the agent has
         async with frozen(control_plane):
             started = time.monotonic()
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(list_isvcs(api, namespace), 30)  # 30: only a regression guard
-            assert time.monotonic() - started < 10
+            assert time.monotonic() - started < scaled(10)
         await wait_for(lambda: _answers(api, namespace), timeout=30, what="the API server to answer again")
 
 
 async def _answers(api: client.ApiClient, namespace: str) -> bool:
+    """One list that succeeds; a thawed server catching up may time out or answer 429/5xx first."""
     try:
         await list_isvcs(api, namespace)
         return True
     except (asyncio.TimeoutError, aiohttp.ClientError):
         return False
+    except ApiException as err:
+        if err.status == 429 or err.status >= 500:
+            return False
+        raise
 
 
 async def test_events_raised_while_the_api_server_is_frozen_are_delivered_after(control_plane, namespace, admin_api):

@@ -16,6 +16,7 @@ import pytest
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,6 +63,10 @@ async def service_pid(agent: AgentProcess, key: str, state: str | None = "Ready"
     return None
 
 
+def conditions_by_type(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
 def cmdline(pid: int) -> list[str]:
     return psutil.Process(pid).cmdline()
 
@@ -101,11 +106,11 @@ async def test_create_ready_scale_and_delete(env):
     await cluster.wait_phase("chat", "Ready")
     pid = await service_pid(agent, key)
 
-    # delete -> process gone within a second.
+    # delete -> process gone within a second (on an idle machine: tests/support/slowness.py).
     await cluster.delete_isvc("chat")
     started = time.monotonic()
-    await wait_for(lambda: process_gone(pid), timeout=5, what="llama-server to exit", interval=0.01)
-    assert time.monotonic() - started <= 1.0
+    await wait_for(lambda: process_gone(pid), timeout=30, what="llama-server to exit", interval=0.01)
+    assert time.monotonic() - started <= scaled(1.0)
 
 
 async def _observed(cluster: Cluster, name: str, generation: int) -> bool:
@@ -155,12 +160,13 @@ async def test_unsupported_cache_type_fails_with_stderr_line(env):
     agent = make_agent()
     await agent.start()
     await cluster.create_isvc("turbo", "tiny", contextSize=256, cacheTypeCustomK="turbo3", cacheTypeCustomV="turbo3")
-    await cluster.wait_phase("turbo", "Failed")
-    available = await cluster.condition("turbo", "Available")
+    # Phase and conditions from ONE read: the crash loop keeps rewriting status (Failed while
+    # backing off, Progressing/ModelLoading while restarting), and each write is whole.
+    conditions = conditions_by_type(await cluster.wait_phase("turbo", "Failed"))
+    available = conditions["Available"]
     assert available["status"] == "False" and available["reason"] == "ProcessExited"
     assert "turbo3" in available["message"]  # llama-server's own line naming the unsupported type
-    degraded = await cluster.condition("turbo", "Degraded")
-    assert degraded["reason"] == "CrashLoopBackOff"
+    assert conditions["Degraded"]["reason"] == "CrashLoopBackOff"
 
 
 async def test_owned_flag_in_extra_args_keeps_serving_degraded(env):

@@ -24,6 +24,7 @@ from tests.support import netns
 from tests.support.agent import AgentProcess, agents_in_netns
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 pytestmark = [
@@ -139,8 +140,8 @@ async def test_cluster_ip_survives_respawn_and_ready_follows_the_process(mac):
     pid = (await agent.services())[0]["pid"]
     os.kill(pid, signal.SIGKILL)
     killed = asyncio.get_running_loop().time()
-    await wait_for(lambda: _not_ready(cluster, "steady"), timeout=5, what="slice not ready", interval=0.02)
-    assert asyncio.get_running_loop().time() - killed <= 1.0
+    await wait_for(lambda: _not_ready(cluster, "steady"), timeout=30, what="slice not ready", interval=0.02)
+    assert asyncio.get_running_loop().time() - killed <= scaled(1.0)  # idle machine: tests/support/slowness.py
     await wait_for(lambda: _ready_slice(cluster, "steady"), timeout=30, what="slice ready after restart")
     assert (await cluster.core.read_namespaced_service("steady", cluster.ns)).spec.cluster_ip == cluster_ip
 

@@ -17,6 +17,7 @@ from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, Supe
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.process import ExitReason, State
 from tests.support.procs import process_gone
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -82,7 +83,7 @@ async def test_startup_timeout_stops_the_process_and_backs_off(make):
 
 
 async def test_hung_server_is_detected_and_restarted(make, llama_server_bin, tiny_model):
-    sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=0.2, liveness_timeout=0.3,
+    sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=0.2, liveness_timeout=scaled(1.0),
                     liveness_failures=2)
     sup.start()
     await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="ready")
@@ -106,8 +107,10 @@ async def test_a_child_whose_record_cannot_be_saved_is_stopped(tmp_path):
     rec = Recorder()
     http = aiohttp.ClientSession()
 
+    marker = f"import time; time.sleep(600)  # {tmp_path.name}"
+
     def argv(port):
-        return [sys.executable, "-c", "import time; time.sleep(600)"]
+        return [sys.executable, "-c", marker]
 
     sup = Supervisor(LaunchPlan(key="ns/svc", uid="u", spec_hash="h" * 64, host="127.0.0.1", build_argv=argv),
                      log_file=ServiceLog(tmp_path / "svc.log"), records=RecordStore(tmp_path / "records"), http=http,
@@ -118,8 +121,39 @@ async def test_a_child_whose_record_cannot_be_saved_is_stopped(tmp_path):
         await wait_for(lambda: sup.snapshot.state is State.BACKOFF, timeout=10, what="spawn reported as failed")
         assert sup.snapshot.last_exit.reason is ExitReason.SPAWN_FAILED
         assert "process record" in sup.snapshot.last_exit.describe()
-        children = [p for p in psutil.Process().children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
-        assert all(process_gone(p.pid) for p in children)
+        children = [p for p in psutil.Process().children(recursive=True) if marker in " ".join(p.cmdline())]
+        assert not [p for p in children if not process_gone(p.pid)]  # nothing was started
+    finally:
+        await sup.stop()
+        await http.close()
+
+
+async def test_a_child_whose_pid_cannot_be_recorded_is_stopped_at_once(tmp_path):
+    """The record naming the pid fails after the exec (a full disk, say): the process that is
+    running must be stopped at once, before any later agent could meet it unprovable."""
+    spawned: list[int] = []
+
+    class FullAfterExec(RecordStore):
+        def save(self, record):
+            if record.pid:
+                spawned.append(record.pid)
+                raise OSError(28, "No space left on device")
+            super().save(record)
+
+    rec = Recorder()
+    http = aiohttp.ClientSession()
+    sup = Supervisor(LaunchPlan(key="ns/svc", uid="u", spec_hash="h" * 64, host="127.0.0.1",
+                                build_argv=lambda port: [sys.executable, "-c", "import time; time.sleep(600)"]),
+                     log_file=ServiceLog(tmp_path / "svc.log"), records=FullAfterExec(tmp_path / "records"), http=http,
+                     on_change=rec, settings=SupervisorSettings(backoff=Backoff(initial=30, first_immediate=False)))
+    try:
+        sup.start()
+        await wait_for(lambda: sup.snapshot.state is State.BACKOFF, timeout=10, what="spawn reported as failed")
+        assert sup.snapshot.last_exit.reason is ExitReason.SPAWN_FAILED
+        assert "No space left on device" in sup.snapshot.last_exit.describe()
+        assert len(spawned) == 1  # the exec happened: there was a process to stop
+        assert process_gone(spawned[0])  # stopped before the failure was reported, not at stop()
+        assert not RecordStore(tmp_path / "records").load_all()  # and no pid-less record is left
     finally:
         await sup.stop()
         await http.close()
@@ -127,26 +161,32 @@ async def test_a_child_whose_record_cannot_be_saved_is_stopped(tmp_path):
 
 async def test_a_bug_in_supervision_is_reported_not_silent(tmp_path):
     """An unexpected error ends the supervision task: it must be visible (state, Event, the
-    `failed` mark the reconciler acts on), never a service that only looks managed."""
+    `failed` mark the reconciler acts on), never a service that only looks managed. The bug
+    strikes after the exec (in the record naming the pid), so a process is running: stop()
+    must still end it."""
     class BrokenStore(RecordStore):
         def save(self, record):
-            raise RuntimeError("bug in the record store")
+            if record.pid:  # the record written once the process runs
+                raise RuntimeError("bug in the record store")
+            super().save(record)
 
+    marker = f"import time; time.sleep(600)  # {tmp_path.name}"
     rec = Recorder()
     http = aiohttp.ClientSession()
     sup = Supervisor(LaunchPlan(key="ns/svc", uid="u", spec_hash="h" * 64, host="127.0.0.1",
-                                build_argv=lambda port: [sys.executable, "-c", "import time; time.sleep(600)"]),
+                                build_argv=lambda port: [sys.executable, "-c", marker]),
                      log_file=ServiceLog(tmp_path / "svc.log"), records=BrokenStore(tmp_path / "records"), http=http,
                      on_change=rec)
     try:
         sup.start()
         await wait_for(lambda: sup.failed is not None, timeout=10, what="supervision failure noticed")
         assert "SupervisorFailed" in rec.events and sup.snapshot.state is State.STOPPED
+        children = [p for p in psutil.Process().children(recursive=True) if marker in " ".join(p.cmdline())]
+        assert len(children) == 1, children  # the bug struck with a process running
     finally:
         await sup.stop()
         await http.close()
-    children = [p for p in psutil.Process().children(recursive=True) if "time.sleep(600)" in " ".join(p.cmdline())]
-    assert all(process_gone(p.pid) for p in children)  # stop() still ends the process it had spawned
+    await wait_for(lambda: process_gone(children[0].pid), timeout=10, what="stop() to end the process it had spawned")
 
 
 async def test_a_server_that_stops_answering_leaves_service_at_once_and_returns_without_a_restart(
@@ -154,17 +194,17 @@ async def test_a_server_that_stops_answering_leaves_service_at_once_and_returns_
     """Readiness reacts between liveness probes: UNHEALTHY (out of its slice) within a quick
     probe or two; answering again makes it READY again; only liveness probes restart it."""
     sup, rec = make(llama(llama_server_bin, tiny_model), liveness_interval=60, liveness_failures=1,
-                    readiness_interval=0.1, readiness_timeout=0.2)
+                    readiness_interval=0.1, readiness_timeout=scaled(1.0))
     sup.start()
     await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="ready")
     pid = sup.snapshot.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        await wait_for(lambda: sup.snapshot.state is State.UNHEALTHY, timeout=5,
+        await wait_for(lambda: sup.snapshot.state is State.UNHEALTHY, timeout=30,
                        what="a quick probe to take it out of service (the liveness probe is 60 s away)")
     finally:
         os.kill(pid, signal.SIGCONT)
-    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=5, what="back in service once it answers")
+    await wait_for(lambda: sup.snapshot.state is State.READY, timeout=30, what="back in service once it answers")
     assert sup.snapshot.pid == pid and not process_gone(pid)
     assert rec.events.count("Unhealthy") == 1 and "Recovered" in rec.events
     assert "LivenessFailed" not in rec.events and "Restarting" not in rec.events

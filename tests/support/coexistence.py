@@ -66,9 +66,21 @@ class Changes:
         self._task = asyncio.create_task(self._run())
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    def alive(self) -> None:
+        """Fail if the watch has stopped: a dead watch delivers no events, and "the phase
+        held" or "the writers settled" would then pass on nothing seen."""
+        if self._task is not None and self._task.done():
+            error = None if self._task.cancelled() else self._task.exception()
+            why = repr(error) if error else "its stream ended"
+            raise AssertionError(f"the watch on {self.cluster.ns}/{self.name} stopped after "
+                                 f"{self.count} change(s): {why}") from error
+
+    async def __aexit__(self, exc_type, *_) -> None:
+        """Stop the watch; if it had died before (and the test did not fail already), fail."""
+        if exc_type is None:
+            self.alive()
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # dead already: reported above
             await self._task
 
 

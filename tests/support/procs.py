@@ -88,6 +88,22 @@ class ManagedProcess:
         return f"--- last lines of {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
 
 
+def stopped(pid: int) -> bool:
+    """True once every thread of `pid` is in job-control stop (state T).
+
+    `kill(SIGSTOP)` returns as soon as the signal is queued; the threads stop
+    when each is next scheduled, so on a loaded machine a process signalled
+    a moment ago may still answer a request. A test that needs it frozen
+    waits for this first.
+    """
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        states = [(tasks / tid / "stat").read_text().rsplit(")", 1)[1].split()[0] for tid in os.listdir(tasks)]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 def process_gone(pid: int) -> bool:
     """True once `pid` has exited. A zombie counts as gone: an orphan whose
     agent was killed is re-parented, and its new parent may reap it late."""

@@ -238,6 +238,15 @@ class Truth:
     wrong_log: list[tuple[float, bool, bool, int | None]] = field(default_factory=list)
 
 
+# A prober that did not look cannot vouch for anything (`SliceProber.saw_enough`).
+MIN_SAMPLES = 5
+MAX_UNKNOWN_SHARE = 0.25
+
+
+class ProberBlind(AssertionError):
+    """The prober's figures would be zeros for want of samples, not for want of faults."""
+
+
 class SliceProber:
     """Every `interval` seconds: read the slices of `namespace`, ask each endpoint for /health.
 
@@ -298,14 +307,34 @@ class SliceProber:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
+    def saw_enough(self) -> None:
+        """Fail unless the prober actually looked: every figure below is 0 for a prober
+        that never read a slice, and "never wrong" must not be how "never looked" reads.
+
+        Each service needs MIN_SAMPLES successful samples, and at most MAX_UNKNOWN_SHARE
+        of all samples may be unknown (the API server unreadable: the prober reads it
+        directly, not through the faulty proxy, so unknowns mean the prober is blind).
+        """
+        if not self.truth:
+            raise ProberBlind(f"the prober watched no service\n{self.describe()}")
+        thin = {name: t.samples for name, t in self.truth.items() if t.samples < MIN_SAMPLES}
+        rounds = max((t.samples for t in self.truth.values()), default=0) + self.unknown_samples
+        share = self.unknown_samples / rounds if rounds else 1.0
+        if thin or share > MAX_UNKNOWN_SHARE:
+            raise ProberBlind(f"the prober saw too little to judge: services under {MIN_SAMPLES} samples: {thin or '-'}; "
+                              f"unknown share {share:.0%} (limit {MAX_UNKNOWN_SHARE:.0%})\n{self.describe()}")
+
     def wrong_seconds(self) -> float:
+        self.saw_enough()
         return sum(t.wrong_seconds for t in self.truth.values())
 
     def longest_wrong(self) -> float:
+        self.saw_enough()
         return max((t.longest_wrong for t in self.truth.values()), default=0.0)
 
     def longest_dead(self) -> float:
         """The longest time any slice said ready for an endpoint that did not answer."""
+        self.saw_enough()
         return max((t.longest_dead for t in self.truth.values()), default=0.0)
 
     def describe(self) -> str:

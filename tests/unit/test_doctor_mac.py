@@ -125,13 +125,10 @@ async def test_metal_device_missing_under_rosetta(tmp_path: Path):
     assert "Apple Silicon build" in result.fix and "Rosetta" in result.fix
 
 
-async def test_metal_device_real_cpu_build(tmp_path: Path):
-    """The real llama-server built for the tests (CPU only) answers --list-devices: no Metal."""
-    from tests.conftest import _cached_asset
-
-    real = os.environ.get("METAL_AGENT_LLAMA_SERVER") or _cached_asset("build-llama-server.sh")
-    if not real:
-        pytest.skip("llama-server not built (make dev)")
+async def test_metal_device_real_cpu_build(tmp_path: Path, llama_server_bin: Path):
+    """The real llama-server built for the tests (CPU only) answers --list-devices: no Metal.
+    (`llama_server_bin`: a missing build is a failure under METAL_AGENT_REQUIRE_ASSETS.)"""
+    real = llama_server_bin
     result = await check_metal_device(str(real), system="Darwin", home=tmp_path, daemons_dir=str(tmp_path))
     assert result.status is Status.FAIL
     assert f"{real} lists no Metal device (devices: none" in result.detail

@@ -245,3 +245,20 @@ def test_a_rollout_says_the_previous_spec_serves_until_the_new_model_is_there():
         status = compute_status(replace(inputs, shared=shared), None, T0)
         ready = next(c for c in status["conditions"] if c["type"] == "MetalProcessReady")
         assert "previous spec" in ready["message"] and "12 MiB of 40 MiB" in ready["message"]
+
+
+def test_each_write_of_a_crash_loop_pairs_its_phase_with_its_own_available_reason():
+    """A crash loop alternates back-off and restart, each one status write. Every write
+    must be whole: `Failed` only beside the exit that caused it, `Progressing` only beside
+    `ModelLoading`; never a phase of one moment with a reason left from the other
+    (issue 25: a reader saw `Failed` with `ModelLoading`, from three separate reads)."""
+    loading = StatusInputs(generation=1, wants_process=True, process=snap(State.STARTING, restarts=1))
+    crashed = StatusInputs(generation=1, wants_process=True, process=CRASH)
+    expected = {"Failed": ("False", "ProcessExited"), "Progressing": ("False", "ModelLoading")}
+    previous = None
+    for step, inputs in enumerate([loading, crashed] * 3):
+        status = compute_status(inputs, previous, T0 if step % 2 else T1)
+        phase = status["phase"]
+        assert conds(status)["Available"] == expected[phase], (step, status)
+        assert conds(status).get("Degraded") == (("True", "CrashLoopBackOff") if phase == "Failed" else None)
+        previous = status

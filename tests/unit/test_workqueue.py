@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from metal_agent.metrics import AgentMetrics, WorkQueueMetrics
 from metal_agent.tasks import cancel_and_wait
 from metal_agent.workqueue import WorkQueue
+from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 
@@ -87,7 +88,7 @@ async def test_failing_key_is_retried_with_jittered_doubling_delays():
         await queue.stop()
     gaps = [b - a for a, b in zip(attempts, attempts[1:])]
     for gap, ceiling in zip(gaps, [0.1, 0.2, 0.4, 0.4]):
-        assert ceiling / 2 - 0.01 <= gap <= ceiling + 0.25, (gaps, ceiling)
+        assert ceiling / 2 - 0.01 <= gap <= ceiling + scaled(0.25), (gaps, ceiling)
     assert sample(registry, "workqueue_retries", "_total") == 4
 
 

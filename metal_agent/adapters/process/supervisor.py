@@ -12,6 +12,7 @@ and registration true.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ import structlog
 from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.health_probe import HealthProbe
 from metal_agent.adapters.process.logfile import ServiceLog
+from metal_agent.adapters.process.pause_point import AFTER_EXEC, pause_point
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, same_start
 from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.backoff import Backoff
@@ -280,6 +282,7 @@ class Supervisor:
             raise
         finally:
             os.close(fd)
+        pause_point(AFTER_EXEC)  # tests only (pause_point.py): the exec-to-record window, held open
         try:
             create_time = psutil.Process(child.pid).create_time()
         except psutil.Error:
@@ -294,6 +297,8 @@ class Supervisor:
             self._log.error("cannot record llama-server; stopping it", pid=child.pid, error=str(err))
             await self._terminate(running)
             self._running = None
+            with contextlib.suppress(OSError):  # the pid-less record named the process just stopped
+                self.records.remove(self.plan.key, pid=0)
             raise OSError(f"cannot write the process record in {self.records.dir}: {err.strerror or err}") from err
         self._set(
             replace(self._snapshot, state=State.STARTING, pid=child.pid, port=port, adopted=False,
