@@ -25,6 +25,9 @@ from tests.support.procs import ManagedProcess
 from tests.support.wait import wait_for
 
 
+TEST_MODEL_NETWORK = "127.0.0.0/8"  # where tests/support/http_models.py serves models
+
+
 @dataclass
 class AgentOptions:
     kubeconfig: Path
@@ -69,6 +72,9 @@ class AgentProcess:
             "--no-mlock",
             "--log-format", "json",
             "--log-level", o.log_level,
+            # The owner's flag that lets downloads reach the tests' model servers (on loopback, also
+            # inside a network namespace); without it the agent refuses them like any non-public address.
+            "--download-allow-network", TEST_MODEL_NETWORK,
             *o.extra_args,
         ]
         for ns in o.namespaces:

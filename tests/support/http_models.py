@@ -15,7 +15,9 @@ import hashlib
 import json
 import random
 import re
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -71,7 +73,13 @@ class Served:
 
 
 class ModelHTTPServer:
-    def __init__(self) -> None:
+    """`host`: the address to listen on (any 127.x works without setup); `tls`: serve https
+    with this server context (see `tls_pair`)."""
+
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+        self.host = host
+        self.tls = tls
+        self.redirects: dict[str, tuple[int, str]] = {}
         self.files: dict[str, Served] = {}
         self.requests: list[Seen] = []
         self.responses_started = 0
@@ -83,7 +91,7 @@ class ModelHTTPServer:
         app.router.add_get("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, 0, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -98,7 +106,13 @@ class ModelHTTPServer:
         return self.url(path)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        """Answer `path` with a redirect to `location`; returns the URL of `path`."""
+        self.redirects[path] = (status, location)
+        return self.url(path)
 
     def requests_for(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.path == path]
@@ -107,6 +121,9 @@ class ModelHTTPServer:
         served = self.files.get(request.path)
         self.requests.append(Seen(request.path, request.headers.get("Range"), request.headers.get("If-Range"),
                                   request.headers.get("Authorization")))
+        if request.path in self.redirects:
+            status, location = self.redirects[request.path]
+            return web.Response(status=status, headers={"Location": location})
         if served is None:
             return web.Response(status=404, text="no such model")
         if served.token is not None and request.headers.get("Authorization") != f"Bearer {served.token}":
@@ -191,3 +208,15 @@ def add_hub_repo(server: ModelHTTPServer, repo: str, files: dict[str, bytes], *,
     token = behaviour.get("token")
     server.add(f"/api/models/{repo}/revision/{revision}", listing, **({"token": token} if token else {}))
     return commit
+
+
+def tls_pair(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) from a fresh test CA, for https model servers."""
+    from tests.support.pki import TestPKI
+
+    pki = TestPKI(directory)
+    pair = pki.serving("models", hosts)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pair.cert, pair.key)
+    client = ssl.create_default_context(cafile=str(pki.ca_cert))
+    return server, client
