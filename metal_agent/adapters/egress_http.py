@@ -118,6 +118,8 @@ async def open_followed(http: aiohttp.ClientSession, url: str, headers: dict[str
     """
     from metal_agent.core.egress import REASON_ADDRESS, REASON_REDIRECT
 
+    REASON_INVALID = "ModelSourceInvalid"
+
     current, hops = url, 0
     while True:
         hop_headers = dict(headers)
@@ -125,6 +127,11 @@ async def open_followed(http: aiohttp.ClientSession, url: str, headers: dict[str
             hop_headers["Authorization"] = f"Bearer {token}"
         try:
             resp = await http.get(current, headers=hop_headers, allow_redirects=False)
+        except aiohttp.InvalidURL:
+            # e.g. a non-canonical IPv4 host ("2130706433"), refused by yarl before any lookup
+            raise Refused(REASON_REDIRECT if hops else REASON_INVALID,
+                          f"{'a redirect leads to' if hops else 'the source is'} a URL the HTTP client "
+                          "refuses to parse") from None
         except aiohttp.ClientError as err:
             why = refusal_of(err)
             if why is not None:

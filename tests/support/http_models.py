@@ -58,6 +58,9 @@ class Served:
     etag: sent as ETag (If-Range is honoured against it).
     fail_with: per request, in order, an HTTP status to answer with instead
         (consumed one per request; then behave).
+    chunked: send the body chunked, with no Content-Length (the size is unknown to the client).
+    endless: with chunked, keep sending `data` over and over until the client goes away
+        (or `ENDLESS_CAP` bytes): a server that would fill the disk.
     """
 
     data: bytes
@@ -70,28 +73,34 @@ class Served:
     gate: asyncio.Event | None = None
     etag: str | None = None
     fail_with: list[int] = field(default_factory=list)
+    chunked: bool = False
+    endless: bool = False
+
+
+ENDLESS_CAP = 1 << 30
 
 
 class ModelHTTPServer:
     """`host`: the address to listen on (any 127.x works without setup); `tls`: serve https
     with this server context (see `tls_pair`)."""
 
-    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, port: int = 0) -> None:
         self.host = host
         self.tls = tls
         self.redirects: dict[str, tuple[int, str]] = {}
         self.files: dict[str, Served] = {}
         self.requests: list[Seen] = []
         self.responses_started = 0
+        self.body_bytes_sent = 0
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port
 
     async def start(self) -> ModelHTTPServer:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, 0, ssl_context=self.tls)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -149,7 +158,9 @@ class ModelHTTPServer:
         if served.etag:
             resp.headers["ETag"] = served.etag
         drop = served.drop_after.pop(0) if served.drop_after else None
-        if status == 206:
+        if served.chunked:
+            resp.enable_chunked_encoding()
+        elif status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             if served.overflow_on_range:
                 resp.enable_chunked_encoding()
@@ -166,11 +177,15 @@ class ModelHTTPServer:
         to_send = body if drop is None else body[:drop]
         step, pause = served.trickle or (256 * 1024, 0.0)
         try:
-            for i in range(0, len(to_send), step):
-                await resp.write(to_send[i:i + step])
-                if pause:
-                    await asyncio.sleep(pause)
-        except ConnectionResetError:  # the client went away mid-body (e.g. a killed agent)
+            while True:
+                for i in range(0, len(to_send), step):
+                    await resp.write(to_send[i:i + step])
+                    self.body_bytes_sent += len(to_send[i:i + step])
+                    if pause:
+                        await asyncio.sleep(pause)
+                if not (served.endless and served.chunked) or self.body_bytes_sent >= ENDLESS_CAP:
+                    break
+        except (ConnectionResetError, ConnectionError):  # the client went away mid-body (e.g. a killed agent)
             return resp
         if drop is not None:
             request.transport.close()  # cut the connection mid-body
