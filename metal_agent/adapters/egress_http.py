@@ -55,7 +55,7 @@ class PolicyResolver(AbstractResolver):
         for result in results:
             why = self.egress.address_refusal(result["host"])
             if why is not None:
-                raise AddressNotAllowed(f"{host} resolves to {why}")
+                raise AddressNotAllowed(f"{host} resolves to an address downloads may not reach: {why}")
         return results
 
     async def close(self) -> None:

@@ -361,3 +361,24 @@ async def test_a_full_disk_removes_the_partial_and_touches_nothing_else(servers,
         ok = await settle(files, model(server.add("/small.gguf", small), name="s"), f"{NS}/s")
         assert isinstance(ok, ModelReady) and ok.path.read_bytes() == small
         await files.aclose()
+
+
+# -- the owner's flags ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--download-allow-network", "0.0.0.0/0"), "would allow every address"),
+    (("--download-allow-network", "my-nas"), "is not a network"),
+    (("--token-hosts", "*"), "is not a host name"),
+    (("--max-download-size", "lots"), "--max-download-size"),
+    (("--download-free-margin", "-1Gi"), "--download-free-margin"),
+])
+def test_bad_owner_flags_are_refused_with_one_clear_line(args, needle, tmp_path):
+    import re
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "metal_agent", "run", "--no-power", "--llama-server",
+                             str(tmp_path / "nope"), *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    flat = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())  # click's box wraps long lines
+    assert needle in flat, result.stderr

@@ -40,6 +40,7 @@ class AgentOptions:
     env: dict[str, str] = field(default_factory=dict)
     netns: NetNS | None = None  # run the agent (and so its llama-servers) inside this namespace
     log_level: str = "debug"  # tests want everything in the log they quote on failure; benches use info
+    download_networks: Sequence[str] = (TEST_MODEL_NETWORK,)  # --download-allow-network (the owner's flag)
 
 
 class AgentProcess:
@@ -74,7 +75,7 @@ class AgentProcess:
             "--log-level", o.log_level,
             # The owner's flag that lets downloads reach the tests' model servers (on loopback, also
             # inside a network namespace); without it the agent refuses them like any non-public address.
-            "--download-allow-network", TEST_MODEL_NETWORK,
+            *(arg for net in o.download_networks for arg in ("--download-allow-network", net)),
             *o.extra_args,
         ]
         for ns in o.namespaces:
