@@ -514,7 +514,7 @@ class Download:
                     overflow = f"{self.where} sent more than the {total} bytes the file has"
                     break
                 if start + got.bytes > limit:
-                    too_large = total is None
+                    too_large = total is None and limit == self.limits.max_size  # else a listing's size: a lie
                     overflow = (f"{self.where} sent more than {limit} bytes, the most this file may have"
                                 + (" (--max-download-size)" if too_large else ""))
                     break
