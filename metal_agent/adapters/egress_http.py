@@ -29,9 +29,10 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from metal_agent.core.egress import EgressPolicy, next_hop
+from metal_agent.core.egress import REASON_ADDRESS, REASON_REDIRECT, EgressPolicy, next_hop
 
 REDIRECTS = (301, 302, 303, 307, 308)
+REASON_INVALID = "ModelSourceInvalid"
 
 
 class AddressNotAllowed(OSError):
@@ -116,10 +117,6 @@ async def open_followed(http: aiohttp.ClientSession, url: str, headers: dict[str
     that is not followed or an address that is not allowed; aiohttp's errors
     otherwise.
     """
-    from metal_agent.core.egress import REASON_ADDRESS, REASON_REDIRECT
-
-    REASON_INVALID = "ModelSourceInvalid"
-
     current, hops = url, 0
     while True:
         hop_headers = dict(headers)
