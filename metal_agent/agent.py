@@ -57,6 +57,8 @@ from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
 from metal_agent.reconciler import LaunchSettings, Reconciler
 from metal_agent.adapters.downloads import HF_ENDPOINT
+from metal_agent.core.download_limits import DEFAULT_FREE_MARGIN, DEFAULT_MAX_SIZE, DownloadLimits
+from metal_agent.core.egress import policy as egress_policy
 from metal_agent.core.engine import EngineName
 from metal_agent.tasks import LOOP_BACKOFF, cancel_and_wait, supervised_loop
 
@@ -107,6 +109,10 @@ class AgentConfig:
     # What specs may do beyond the built-in rules (--allow-extra-arg, --allowed-model-roots); None:
     # nothing beyond them, model sources in the model store only (cli.spec_policy_flags builds it).
     policy: SpecPolicy | None = None
+    download_allow_networks: tuple[str, ...] = ()  # --download-allow-network: beyond public addresses
+    token_hosts: tuple[str, ...] = ()  # --token-hosts: beyond the hub endpoint's host
+    max_download_size: int = DEFAULT_MAX_SIZE
+    download_free_margin: int = DEFAULT_FREE_MARGIN
 
 
 async def _find_mlx_server(explicit: str | None) -> tuple[str, ...]:
@@ -233,8 +239,11 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         log.info("supervising the previous agent's llama-servers until the cluster is read", services=kept)
     registrar = Registrar(api, agent_version=__version__, host=facts.host)
     # HF_ENDPOINT: huggingface_hub's own variable, for a mirror of the hub (hf:// sources).
+    hf_endpoint = os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
     model_files = ModelFiles(cfg.paths.models, registry=registry, token_provider=SecretTokenReader(api),
-                             hf_endpoint=os.environ.get("HF_ENDPOINT") or HF_ENDPOINT)
+                             hf_endpoint=hf_endpoint,
+                             egress=egress_policy(cfg.download_allow_networks, cfg.token_hosts, hf_endpoint),
+                             limits=DownloadLimits(cfg.max_download_size, cfg.download_free_margin))
     model_files.default_engine = EngineName(cfg.default_runtime)
     watchdog = MemoryWatchdog(
         registry, services=lambda: reconciler.memory_view(), evict=lambda key: reconciler.evict(key),

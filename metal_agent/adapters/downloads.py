@@ -24,6 +24,13 @@ one the Model names. The rules:
 * Network failures retry with back-off, keeping the partial; an attempt that
   made progress resets the failure count. Refusals (HTTP 4xx), integrity
   failures and local disk errors are final.
+* Where a download may connect and where the token may go are the owner's
+  (`core.egress`, enforced by `adapters.egress_http`): public addresses and
+  the networks the owner lists, redirects followed hop by hop, the token
+  only over https to the origin it is for. How much it may write is the
+  owner's too (`core.download_limits`): a known size (or a pinned sha256)
+  under a cap, and a free-disk margin checked before and while writing; a
+  full disk or a breached margin removes the partial file.
 
 File I/O and hashing run in threads (`asyncio.to_thread`); the event loop
 only moves buffers. Nothing here logs request headers: the bearer token
@@ -33,7 +40,9 @@ lives in one dict for the duration of one request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 import re
 import shutil
 import time
@@ -55,8 +64,11 @@ from metal_agent.adapters.model_cache import (
     write_json,
     inspect_cached,
 )
+from metal_agent.adapters.egress_http import Refused, open_followed
 from metal_agent.core.api import ModelSource, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
+from metal_agent.core.download_limits import REASON_DISK, REASON_TOO_LARGE, DownloadLimits, Refusal
+from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
@@ -250,6 +262,37 @@ class _Tally:
     bytes: int = 0
 
 
+class _DiskLow(Exception):
+    """Free space fell below the owner's margin while writing (raised in the writer thread)."""
+
+    def __init__(self, free: int) -> None:
+        super().__init__(free)
+        self.free = free
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class _Writer:
+    """Writes batches to the partial (in a thread) and reads free space every `check_every` bytes."""
+
+    def __init__(self, sink: PartialSink, directory, limits: DownloadLimits) -> None:
+        self.sink = sink
+        self.directory = directory
+        self.limits = limits
+        self.unchecked = 0
+
+    def write(self, data: bytes) -> None:
+        self.sink.write(data)
+        self.unchecked += len(data)
+        if self.unchecked >= self.limits.check_every:
+            self.unchecked = 0
+            st = os.statvfs(self.directory)
+            free = st.f_bavail * st.f_frsize
+            if free < self.limits.free_margin:
+                raise _DiskLow(free)
+
+
 class Download:
     """Fetch `url` to `paths.final`, verifying `expected_sha256` when given. Run with `run()`."""
 
@@ -264,6 +307,9 @@ class Download:
         backoff: Backoff = DEFAULT_BACKOFF,
         max_failures: int = DEFAULT_MAX_FAILURES,
         on_update: Callable[[], None] = lambda: None,
+        egress: EgressPolicy | None = None,
+        limits: DownloadLimits | None = None,
+        declared_size: int | None = None,
     ) -> None:
         self.url = url
         self.where = redact(url)
@@ -271,6 +317,9 @@ class Download:
         self.expected = expected_sha256
         self.session = session
         self.token = token
+        self.egress = egress or EgressPolicy()
+        self.limits = limits or DownloadLimits()
+        self.declared_size = declared_size  # known beforehand (a hub listing): an upper bound
         self.backoff = backoff
         self.max_failures = max_failures
         self.on_update = on_update
@@ -331,8 +380,9 @@ class Download:
 
         headers = {"Accept-Encoding": "identity"}
         token = await self.token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if token and (why := self.egress.token_refusal(self.url)) is not None:
+            raise DownloadError(f"not downloading {self.where} with the token of spec.sourceSecretRef: {why}",
+                                permanent=True, reason=REASON_TOKEN_HOST)
         if offset:
             headers["Range"] = f"bytes={offset}-"
             etag = (meta or {}).get("etag")
@@ -342,23 +392,39 @@ class Download:
 
         got = _Tally()
         try:
-            async with self.session.get(self.url, headers=headers) as resp:
+            async with open_followed(self.session, self.url, headers, token, self.egress) as (resp, _):
                 start, total, span = await self._accept(resp, offset, known_total, bool(token))
                 if start is None:  # 416 on resume: the partial already holds the whole file
                     return await self._complete(offset, total)
+                limit = self.limits.file_limit(self.where, total, self.declared_size, self.expected is not None)
+                if isinstance(limit, Refusal):
+                    await asyncio.to_thread(discard_partial, paths)
+                    raise DownloadError(limit.message, permanent=True, reason=limit.reason)
+                await self._check_disk(total, start)
                 if start == 0:
                     await asyncio.to_thread(write_json, paths.partial_meta, {
                         "url": self.url, "total": total,
                         "etag": resp.headers.get("ETag"), "last_modified": resp.headers.get("Last-Modified"),
                     })
-                await self._check_disk(total, start)
-                digest, end = await self._stream(resp, start, total, span, got)
+                digest, end = await self._stream(resp, start, total, span, got, limit)
+        except Refused as err:
+            await asyncio.to_thread(discard_partial, paths)
+            raise DownloadError(f"{self.where}: {err.message}; nothing was stored", permanent=True,
+                                reason=err.reason) from None
+        except _DiskLow as err:
+            await asyncio.to_thread(discard_partial, paths)
+            raise DownloadError(self.limits.disk_message(str(paths.directory), err.free, None), permanent=True,
+                                reason=REASON_DISK) from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as err:
             # aiohttp's text may quote a redirect target; its query can be a signature.
             detail = _QUERY.sub("?…", str(err)) or type(err).__name__
             raise DownloadError(f"connection to {self.where} failed: {detail}",
                                 permanent=False, progressed=got.bytes > 0) from None
         except OSError as err:
+            if err.errno in _DISK_FULL:
+                await asyncio.to_thread(discard_partial, paths)
+                raise DownloadError(f"the disk holding {paths.directory} is full ({err.strerror}); the partial "
+                                    "file was removed", permanent=True, reason=REASON_DISK) from None
             raise DownloadError(f"cannot write {paths.partial}: {err.strerror or err}", permanent=True) from None
         if total is not None and end < total:
             # A server may answer a range with less than asked; ask for the rest.
@@ -412,15 +478,16 @@ class Download:
                             permanent=True, reason=REASON_LENGTH, integrity=True)
 
     async def _check_disk(self, total: int | None, start: int) -> None:
-        if total is None:
-            return
+        """The rest of the file fits with the owner's margin to spare (of unknown size: the margin is there)."""
         free = (await asyncio.to_thread(shutil.disk_usage, self.paths.directory)).free
-        if total - start > free:
-            raise DownloadError(f"not enough disk space in {self.paths.directory}: need {human_size(total - start)} "
-                                f"more, {human_size(free)} free", permanent=True)
+        refusal = self.limits.space_refusal(str(self.paths.directory), free,
+                                            max(total - start, 0) if total is not None else 0)
+        if refusal is not None:
+            await asyncio.to_thread(discard_partial, self.paths)
+            raise DownloadError(refusal.message, permanent=True, reason=refusal.reason)
 
     async def _stream(self, resp: aiohttp.ClientResponse, start: int, total: int | None,
-                      span: int | None, got: _Tally) -> tuple[str, int]:
+                      span: int | None, got: _Tally, limit: int) -> tuple[str, int]:
         """Append the body to the partial: (sha256 of the whole partial, its size)."""
         paths = self.paths
         if start:
@@ -431,9 +498,11 @@ class Download:
         else:
             hasher = hashlib.sha256()
         sink = await _in_thread(PartialSink, paths.partial, start, hasher)
+        writer = _Writer(sink, paths.directory, self.limits)
         buffer: list[bytes] = []
         buffered = 0
         overflow: str | None = None
+        too_large = False
         self._set(phase="downloading", done=start, total=total)
         try:
             async for chunk in resp.content.iter_chunked(READ_CHUNK):
@@ -444,18 +513,28 @@ class Download:
                 if total is not None and start + got.bytes > total:
                     overflow = f"{self.where} sent more than the {total} bytes the file has"
                     break
+                if start + got.bytes > limit:
+                    too_large = total is None and limit == self.limits.max_size  # else a listing's size: a lie
+                    overflow = (f"{self.where} sent more than {limit} bytes, the most this file may have"
+                                + (" (--max-download-size)" if too_large else ""))
+                    break
                 buffer.append(chunk)
                 buffered += len(chunk)
                 if buffered >= WRITE_BATCH:
-                    await _in_thread(sink.write, b"".join(buffer))
-                    buffer, buffered = [], 0
+                    batch, buffer, buffered = b"".join(buffer), [], 0
+                    await _in_thread(writer.write, batch)
                 self.progress.advance(start + got.bytes, time.monotonic())
                 self.on_update()
         finally:
             # Whatever arrived before a dropped connection is a valid prefix: keep it.
-            if overflow is None and buffer:
-                await _in_thread(sink.write, b"".join(buffer))
-            await _in_thread(sink.close, overflow is None and total is not None and sink.size == total)
+            try:
+                if overflow is None and buffer:
+                    await _in_thread(writer.write, b"".join(buffer))
+            finally:
+                await _in_thread(sink.close, overflow is None and total is not None and sink.size == total)
+        if too_large:
+            await asyncio.to_thread(discard_partial, self.paths)
+            raise DownloadError(f"{overflow}; the partial file was removed", permanent=True, reason=REASON_TOO_LARGE)
         if overflow is not None:
             await self._length_lie(overflow)
         if span is not None and got.bytes < span:

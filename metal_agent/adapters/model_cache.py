@@ -153,10 +153,13 @@ class PartialSink:
         self.size += len(data)
 
     def close(self, sync: bool = False) -> None:
-        self.file.flush()
-        if sync:
-            os.fsync(self.file.fileno())
-        self.file.close()
+        """Flush (and fsync) and close; the file is closed even when flushing fails (a full disk)."""
+        try:
+            self.file.flush()
+            if sync:
+                os.fsync(self.file.fileno())
+        finally:
+            self.file.close()
 
 
 def finalize(paths: CachePaths, url: str, digest: str) -> Verified:

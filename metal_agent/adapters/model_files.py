@@ -15,7 +15,10 @@ Sources:
 * `http(s)://` and `hf://org/repo[@rev]/path/file.gguf`: downloaded into
   `<cache>/<sha256(url)[:16]>/<file name>` by `adapters.downloads`, one task
   per destination however many services wait for it. An optional bearer
-  token comes from the Secret named by `spec.sourceSecretRef`.
+  token comes from the Secret named by `spec.sourceSecretRef`; a source
+  whose host may not receive it (`core.egress`: https to the hub or a host
+  the owner lists) is refused here, `TokenHostNotAllowed`, before the
+  Secret is read or anything is sent.
 * `pvc://`, `s3://` and bare catalogue names: refused, with the reason.
 * A directory model (MLX, `lookup(..., directory=True)`): a local directory
   holding config.json and *.safetensors, or `hf://org/repo[@rev]` fetched
@@ -44,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+import ssl
+
 import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
@@ -58,12 +63,16 @@ from metal_agent.adapters.downloads import (
     DownloadError,
     TokenProvider,
     TokenUnavailable,
+    redact,
     resolve_source,
 )
+from metal_agent.adapters import egress_http
 from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
 from metal_agent.adapters.snapshots import HubRepo, SnapshotDownload, resolve_repo, snapshot_paths
 from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
+from metal_agent.core.download_limits import DownloadLimits
+from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy, policy
 from metal_agent.core.engine import Engine, EngineName, engine_for_model
 from metal_agent.core.engines.llama_server import HEADER_FIRST_READ, HEADER_MAX_READ, LLAMA_SERVER, read_header
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader
@@ -305,7 +314,13 @@ class ModelFiles:
         integrity_failure_hold: float = 6 * 3600.0,
         hf_endpoint: str = HF_ENDPOINT,
         timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+        egress: EgressPolicy | None = None,
+        limits: DownloadLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`egress`: where downloads may connect and tokens may go (default: public addresses,
+        tokens to the hub endpoint's host only); `limits`: size cap and free-disk margin;
+        `ssl_context`: whom https trusts (default: the system's CAs)."""
         self.cache_dir = cache_dir
         self.default_engine = EngineName.LLAMA_SERVER  # serves Models whose format names no engine (--default-runtime)
         self.on_ready = on_ready
@@ -319,6 +334,9 @@ class ModelFiles:
         self.integrity_failure_hold = integrity_failure_hold
         self.hf_endpoint = hf_endpoint
         self.timeout = timeout
+        self.egress = egress if egress is not None else policy(hub_endpoint=hf_endpoint)
+        self.limits = limits or DownloadLimits()
+        self.ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._jobs: dict[Path, _Job] = {}
         self._ready: dict[Path, Verified] = {}
@@ -386,7 +404,16 @@ class ModelFiles:
     def _lookup_download(self, model: Model, key: str | None, url: str | HubRepo, paths: CachePaths,
                          secret_ref: SecretRef | None) -> Lookup:
         """Ready if verified and unchanged; else join the running download, repeat a
-        remembered failure, or start a download."""
+        remembered failure, or start a download. A token for a host that may not have
+        it is refused first: nothing is read or sent."""
+        if secret_ref is not None:
+            first = url.listing_url if isinstance(url, HubRepo) else url
+            why = self.egress.token_refusal(first)
+            if why is not None:
+                if key is not None:
+                    self._wait_on(key, None)
+                return Blocker(REASON_TOKEN_HOST, f"the Model names a token (spec.sourceSecretRef) for "
+                               f"{redact(first)}, which may not receive it: {why}")
         expected = model.spec.sha256
         if key is not None:
             self._wait_on(key, paths.final)
@@ -448,8 +475,7 @@ class ModelFiles:
 
     def _session_for_downloads(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # auto_decompress off: byte counts, ranges and digests are about the file, not an encoding of it.
-            self._session = aiohttp.ClientSession(timeout=self.timeout, auto_decompress=False)
+            self._session = egress_http.session(self.egress, self.timeout, self.ssl_context)
         return self._session
 
     def _start(self, model: Model, key: str | None, url: str | HubRepo, paths: CachePaths,
@@ -466,11 +492,12 @@ class ModelFiles:
         if isinstance(url, HubRepo):
             download = SnapshotDownload(url, paths, session=self._session_for_downloads(), token=token,
                                         backoff=self.backoff, max_failures=self.max_failures,
-                                        on_update=lambda: job.throttle())
+                                        on_update=lambda: job.throttle(), egress=self.egress, limits=self.limits)
         else:
             download = Download(
                 url, paths, model.spec.sha256, session=self._session_for_downloads(), token=token,
                 backoff=self.backoff, max_failures=self.max_failures, on_update=lambda: job.throttle(),
+                egress=self.egress, limits=self.limits,
             )
         job = _Job(paths, model.spec.sha256, download, waiters={key} if key is not None else set())
         job.throttle = _Throttle(self.progress_interval, lambda: self._report(job))

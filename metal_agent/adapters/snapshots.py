@@ -19,6 +19,9 @@ that very `Download` class:
 * Progress counts the bytes of the whole snapshot; failures, retries,
   tokens (`sourceSecretRef`) and sharing between services are the model
   store's, exactly as for a single file.
+* The listing and every file go through the same egress rules (addresses,
+  redirects, token origin) and size limits; each file's listed size bounds
+  its body.
 """
 
 from __future__ import annotations
@@ -47,9 +50,12 @@ from metal_agent.adapters.downloads import (
     human_size,
     redact,
 )
+from metal_agent.adapters.egress_http import Refused, open_followed
 from metal_agent.adapters.model_cache import CachePaths, Verified, read_json, write_json
 from metal_agent.core.api import ModelSource
 from metal_agent.core.backoff import Backoff
+from metal_agent.core.download_limits import DownloadLimits
+from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
@@ -164,7 +170,11 @@ class SnapshotDownload:
         backoff: Backoff = DEFAULT_BACKOFF,
         max_failures: int = DEFAULT_MAX_FAILURES,
         on_update: Callable[[], None] = lambda: None,
+        egress: EgressPolicy | None = None,
+        limits: DownloadLimits | None = None,
     ) -> None:
+        self.egress = egress or EgressPolicy()
+        self.limits = limits or DownloadLimits()
         self.repo = repo
         self.where = redact(f"{repo.endpoint}/{repo.repo}")
         self.paths = paths
@@ -215,7 +225,8 @@ class SnapshotDownload:
             await asyncio.to_thread(self._drop_stale, item, target)
             self._current = Download(self.repo.file_url(commit, item.path), target, item.sha256,
                                      session=self.session, token=self.token, backoff=self.backoff,
-                                     max_failures=self.max_failures, on_update=self._file_update)
+                                     max_failures=self.max_failures, on_update=self._file_update,
+                                     egress=self.egress, limits=self.limits, declared_size=item.size)
             verified = await self._current.run()
             await self._check(item, verified)
             self._bytes_before += verified.size
@@ -262,9 +273,11 @@ class SnapshotDownload:
             try:
                 headers = {"Accept": "application/json"}
                 token = await self.token()
-                if token:
-                    headers["Authorization"] = f"Bearer {token}"
-                async with self.session.get(self.repo.listing_url, headers=headers) as resp:
+                if token and (why := self.egress.token_refusal(self.repo.listing_url)) is not None:
+                    raise DownloadError(f"not listing {self.where} with the token of spec.sourceSecretRef: {why}",
+                                        permanent=True, reason=REASON_TOKEN_HOST)
+                async with open_followed(self.session, self.repo.listing_url, headers, token,
+                                         self.egress) as (resp, _):
                     if resp.status == 404:
                         raise DownloadError(f"{self.where} has no revision {self.repo.revision!r} (HTTP 404): check"
                                             " the repository name and revision, or the token for a private one",
@@ -275,6 +288,9 @@ class SnapshotDownload:
                 if len(data) > MAX_LISTING_BYTES:
                     raise DownloadError(f"{self.where}: the repository listing is implausibly large", permanent=True)
                 return _parse_listing(data, self.where)
+            except Refused as err:
+                raise DownloadError(f"{self.where}: {err.message}; nothing was stored", permanent=True,
+                                    reason=err.reason) from None
             except DownloadError as err:
                 if err.permanent:
                     raise

@@ -77,6 +77,17 @@ def _file_reader(path: Path):
     return file_reader(path)
 
 
+def _bytes(text: str, flag: str, minimum: int) -> int:
+    """A byte quantity flag ("256Gi", "500G", "0")."""
+    from metal_agent.core.quantity import parse_quantity
+
+    value = parse_quantity(text.strip())
+    if value is None or value < minimum or value != int(value):
+        raise typer.BadParameter(f"expected a whole number of bytes of at least {minimum}, e.g. 256Gi or 500G",
+                                 param_hint=flag)
+    return int(value)
+
+
 def _print_version(value: bool) -> None:
     """The Go agent's `-version` (also `metal-agent --version`)."""
     if value:
@@ -130,6 +141,10 @@ def run(
     fleet_bid_step: float = typer.Option(2.0, min=0.0, envvar=_env("FLEET_BID_STEP"), help="Fleet: seconds a Mac waits per place in a service's preference order before taking a free replica."),
     allow_extra_arg: List[str] = allow_extra_arg_option(),
     allowed_model_roots: List[str] = allowed_model_roots_option(),
+    download_allow_network: List[str] = typer.Option([], "--download-allow-network", envvar=_env("DOWNLOAD_ALLOW_NETWORKS"), help="A network model downloads may reach besides public addresses, CIDR or address (repeat, or comma-separated), e.g. the LAN of a NAS serving models; loopback, link-local and private addresses are refused otherwise, for sources and redirects alike."),
+    token_hosts: List[str] = typer.Option([], "--token-hosts", envvar=_env("TOKEN_HOSTS"), help="A host that may receive a Model's sourceSecretRef token, besides the Hugging Face endpoint (repeat, or comma-separated; *.example.com for its subdomains). Tokens go only over https and never follow a redirect to another host."),
+    max_download_size: str = typer.Option("256Gi", envvar=_env("MAX_DOWNLOAD_SIZE"), help="Largest model file a download may write (quantity, e.g. 256Gi); a file of unknown size is downloaded only when the Model pins its sha256."),
+    download_free_margin: str = typer.Option("5Gi", envvar=_env("DOWNLOAD_FREE_MARGIN"), help="Free disk space a download must leave on the model volume (quantity, e.g. 5Gi), checked before and while writing; below it the download stops and its partial file is removed."),
     version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
@@ -185,6 +200,18 @@ def run(
     if api_unreachable_limit is not None:
         typer.echo("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
                    "through an API outage of any length (see /readyz)", err=True)
+    from metal_agent.core.egress import parse_networks, parse_token_hosts
+
+    try:
+        allow_networks = parse_networks(download_allow_network)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--download-allow-network")
+    try:
+        token_host_list = parse_token_hosts(token_hosts)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--token-hosts")
+    max_download_bytes = _bytes(max_download_size, "--max-download-size", minimum=1)
+    free_margin_bytes = _bytes(download_free_margin, "--download-free-margin", minimum=0)
     if default_runtime not in ("llama-server", "mlx-lm"):
         raise typer.BadParameter("expected llama-server or mlx-lm", param_hint="--default-runtime")
     defaults = default_paths()
@@ -235,6 +262,10 @@ def run(
         lease_renew_interval=lease_renew_interval,
         fleet_bid_step=fleet_bid_step,
         policy=policy,
+        download_allow_networks=tuple(str(net) for net in allow_networks),
+        token_hosts=token_host_list,
+        max_download_size=max_download_bytes,
+        download_free_margin=free_margin_bytes,
     )
     try:
         asyncio.run(_with_io_threads(run_agent(cfg)))

@@ -30,7 +30,8 @@ from metal_agent.core.backoff import Backoff
 from metal_agent.core.engines.mlx_lm import MLX_LM
 from metal_agent.core.status import Blocker
 from tests.support import tiny_mlx_model
-from tests.support.http_models import ModelHTTPServer, add_hub_repo, model_bytes
+from metal_agent.core.egress import policy as egress_policy
+from tests.support.http_models import ModelHTTPServer, add_hub_repo, model_bytes, tls_pair
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -54,8 +55,11 @@ def repo_files(mlx_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-async def server():
-    srv = await ModelHTTPServer().start()
+async def server(tmp_path):
+    """The hub over https (a private repository's token goes only over https)."""
+    server_ctx, client_ctx = tls_pair(tmp_path / "pki")
+    srv = await ModelHTTPServer(tls=server_ctx).start()
+    srv.client_ssl = client_ctx
     yield srv
     await srv.stop()
 
@@ -68,7 +72,11 @@ async def make_store(tmp_path: Path, server):
     def make(**kwargs) -> ModelFiles:
         kwargs.setdefault("backoff", FAST)
         kwargs.setdefault("progress_interval", 0.05)
-        store = ModelFiles(tmp_path / "cache", ready.append, hf_endpoint=f"http://127.0.0.1:{server.port}", **kwargs)
+        endpoint = server.url("")
+        # The owner lets downloads reach the test's loopback hub; its host takes the hub's tokens.
+        kwargs.setdefault("egress", egress_policy(["127.0.0.0/8"], hub_endpoint=endpoint))
+        store = ModelFiles(tmp_path / "cache", ready.append, hf_endpoint=endpoint, ssl_context=server.client_ssl,
+                           **kwargs)
         stores.append(store)
         return store
 

@@ -26,11 +26,14 @@ from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelRead
 from metal_agent.core.api import Model, ModelSource, ModelSpec, ObjectMeta, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.status import Blocker
-from tests.support.http_models import ModelHTTPServer, model_bytes, sha256
+from metal_agent.core.egress import policy as egress_policy
+from tests.support.http_models import ModelHTTPServer, model_bytes, sha256, tls_pair
 from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 MiB = 1 << 20
+# What `--download-allow-network 127.0.0.0/8 --token-hosts 127.0.0.1` gives the agent.
+LOOPBACK_ALLOWED = egress_policy(["127.0.0.0/8"], ["127.0.0.1"])
 FAST = Backoff(initial=0.01, factor=2.0, cap=0.05)
 NS = "team"
 
@@ -69,6 +72,7 @@ async def make_store(tmp_path: Path):
         calls, registry = Calls(), CollectorRegistry()
         kwargs.setdefault("backoff", FAST)
         kwargs.setdefault("progress_interval", 0.05)
+        kwargs.setdefault("egress", LOOPBACK_ALLOWED)  # the owner's flag for the test's server
         store = ModelFiles(tmp_path / "cache", calls.on_ready, on_progress=calls.on_progress,
                            registry=registry, **kwargs)
         stores.append(store)
@@ -345,7 +349,18 @@ async def test_a_slow_download_does_not_delay_other_lookups(server, make_store, 
 # -- credentials ----------------------------------------------------------------------------------
 
 
-async def test_bearer_token_is_sent_and_never_logged_or_shown(server, make_store):
+@pytest.fixture
+async def tls_server(tmp_path):
+    server_ctx, client_ctx = tls_pair(tmp_path / "pki")
+    srv = await ModelHTTPServer(tls=server_ctx).start()
+    srv.client_ssl = client_ctx
+    yield srv
+    await srv.stop()
+
+
+async def test_bearer_token_is_sent_and_never_logged_or_shown(tls_server, make_store):
+    """Over https to a host the owner listed (tokens never go over plain http: tests/security)."""
+    server = tls_server
     token = "hf_Secr3tTokenValue0123456789"
     data = model_bytes(MiB)
     url = server.add("/gated/m.gguf", data, token=token, drop_after=[300_000])
@@ -355,7 +370,7 @@ async def test_bearer_token_is_sent_and_never_logged_or_shown(server, make_store
         asked.append((namespace, ref))
         return token
 
-    store, calls, _ = make_store(token_provider=provider)
+    store, calls, _ = make_store(token_provider=provider, ssl_context=server.client_ssl)
     ref = SecretRef("hf-token")
     with capture_logs() as logs:
         found = await settle(store, calls, http_model(url, sha256(data)), f"{NS}/g", secret_ref=ref)
@@ -365,7 +380,7 @@ async def test_bearer_token_is_sent_and_never_logged_or_shown(server, make_store
         async def wrong_provider(namespace: str, ref: SecretRef) -> str | None:
             return wrong
 
-        other, other_calls, _ = make_store(token_provider=wrong_provider)
+        other, other_calls, _ = make_store(token_provider=wrong_provider, ssl_context=server.client_ssl)
         refused = await settle(other, other_calls, http_model(server.add("/gated/n.gguf", data, token=token)),
                                f"{NS}/n", secret_ref=ref)
 
@@ -381,7 +396,8 @@ async def test_bearer_token_is_sent_and_never_logged_or_shown(server, make_store
     assert any(e.get("event") == "model download attempt failed; will retry" for e in logs)
 
 
-async def test_unreadable_secret_blocks_without_a_request(server, make_store):
+async def test_unreadable_secret_blocks_without_a_request(tls_server, make_store):
+    server = tls_server
     url = server.add("/gated/x.gguf", model_bytes(1000), token="t")
 
     async def forbidden(namespace: str, ref: SecretRef) -> str | None:

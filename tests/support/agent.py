@@ -25,6 +25,9 @@ from tests.support.procs import ManagedProcess
 from tests.support.wait import wait_for
 
 
+TEST_MODEL_NETWORK = "127.0.0.0/8"  # where tests/support/http_models.py serves models
+
+
 @dataclass
 class AgentOptions:
     kubeconfig: Path
@@ -40,6 +43,7 @@ class AgentOptions:
     # --allowed-model-roots. None: where tests keep models (the asset cache, the temp dir, the work dir),
     # so file:// test Models are served; security tests give their own narrow list.
     model_roots: Sequence[str] | None = None
+    download_networks: Sequence[str] = (TEST_MODEL_NETWORK,)  # --download-allow-network (the owner's flag)
 
 
 def _test_roots(workdir: Path) -> list[str]:
@@ -80,6 +84,9 @@ class AgentProcess:
             "--log-format", "json",
             "--log-level", o.log_level,
             "--allowed-model-roots", ",".join(o.model_roots if o.model_roots is not None else _test_roots(o.workdir)),
+            # The owner's flag that lets downloads reach the tests' model servers (on loopback, also
+            # inside a network namespace); without it the agent refuses them like any non-public address.
+            *(arg for net in o.download_networks for arg in ("--download-allow-network", net)),
             *o.extra_args,
         ]
         for ns in o.namespaces:

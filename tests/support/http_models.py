@@ -15,7 +15,9 @@ import hashlib
 import json
 import random
 import re
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -56,6 +58,9 @@ class Served:
     etag: sent as ETag (If-Range is honoured against it).
     fail_with: per request, in order, an HTTP status to answer with instead
         (consumed one per request; then behave).
+    chunked: send the body chunked, with no Content-Length (the size is unknown to the client).
+    endless: with chunked, keep sending `data` over and over until the client goes away
+        (or `ENDLESS_CAP` bytes): a server that would fill the disk.
     """
 
     data: bytes
@@ -68,22 +73,34 @@ class Served:
     gate: asyncio.Event | None = None
     etag: str | None = None
     fail_with: list[int] = field(default_factory=list)
+    chunked: bool = False
+    endless: bool = False
+
+
+ENDLESS_CAP = 1 << 30
 
 
 class ModelHTTPServer:
-    def __init__(self) -> None:
+    """`host`: the address to listen on (any 127.x works without setup); `tls`: serve https
+    with this server context (see `tls_pair`)."""
+
+    def __init__(self, host: str = "127.0.0.1", tls: ssl.SSLContext | None = None, port: int = 0) -> None:
+        self.host = host
+        self.tls = tls
+        self.redirects: dict[str, tuple[int, str]] = {}
         self.files: dict[str, Served] = {}
         self.requests: list[Seen] = []
         self.responses_started = 0
+        self.body_bytes_sent = 0
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port
 
     async def start(self) -> ModelHTTPServer:
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -98,7 +115,13 @@ class ModelHTTPServer:
         return self.url(path)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        """Answer `path` with a redirect to `location`; returns the URL of `path`."""
+        self.redirects[path] = (status, location)
+        return self.url(path)
 
     def requests_for(self, path: str) -> list[Seen]:
         return [r for r in self.requests if r.path == path]
@@ -107,6 +130,9 @@ class ModelHTTPServer:
         served = self.files.get(request.path)
         self.requests.append(Seen(request.path, request.headers.get("Range"), request.headers.get("If-Range"),
                                   request.headers.get("Authorization")))
+        if request.path in self.redirects:
+            status, location = self.redirects[request.path]
+            return web.Response(status=status, headers={"Location": location})
         if served is None:
             return web.Response(status=404, text="no such model")
         if served.token is not None and request.headers.get("Authorization") != f"Bearer {served.token}":
@@ -132,7 +158,9 @@ class ModelHTTPServer:
         if served.etag:
             resp.headers["ETag"] = served.etag
         drop = served.drop_after.pop(0) if served.drop_after else None
-        if status == 206:
+        if served.chunked:
+            resp.enable_chunked_encoding()
+        elif status == 206:
             resp.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             if served.overflow_on_range:
                 resp.enable_chunked_encoding()
@@ -149,11 +177,15 @@ class ModelHTTPServer:
         to_send = body if drop is None else body[:drop]
         step, pause = served.trickle or (256 * 1024, 0.0)
         try:
-            for i in range(0, len(to_send), step):
-                await resp.write(to_send[i:i + step])
-                if pause:
-                    await asyncio.sleep(pause)
-        except ConnectionResetError:  # the client went away mid-body (e.g. a killed agent)
+            while True:
+                for i in range(0, len(to_send), step):
+                    await resp.write(to_send[i:i + step])
+                    self.body_bytes_sent += len(to_send[i:i + step])
+                    if pause:
+                        await asyncio.sleep(pause)
+                if not (served.endless and served.chunked) or self.body_bytes_sent >= ENDLESS_CAP:
+                    break
+        except (ConnectionResetError, ConnectionError):  # the client went away mid-body (e.g. a killed agent)
             return resp
         if drop is not None:
             request.transport.close()  # cut the connection mid-body
@@ -191,3 +223,15 @@ def add_hub_repo(server: ModelHTTPServer, repo: str, files: dict[str, bytes], *,
     token = behaviour.get("token")
     server.add(f"/api/models/{repo}/revision/{revision}", listing, **({"token": token} if token else {}))
     return commit
+
+
+def tls_pair(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) from a fresh test CA, for https model servers."""
+    from tests.support.pki import TestPKI
+
+    pki = TestPKI(directory)
+    pair = pki.serving("models", hosts)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pair.cert, pair.key)
+    client = ssl.create_default_context(cafile=str(pki.ca_cert))
+    return server, client
