@@ -16,7 +16,7 @@ from metal_agent.core.api import InferenceServiceSpec, Model
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
-from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
+from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
 from metal_agent.core.registration import RUNTIME_LLAMACPP
@@ -29,20 +29,10 @@ HEADER_MAX_READ = 128 << 20
 def read_header(reader: ModelReader, first: int = HEADER_FIRST_READ,
                 limit: int = HEADER_MAX_READ) -> tuple[GGUFHeader | GGUFError, int]:
     """The GGUF header of the file behind `reader` and the file's size: a first read of
-    `first` bytes, more only if the metadata is longer, never past `limit`."""
+    `first` bytes, more only if the metadata is longer, never past `limit`; one parse."""
     try:
         size = reader.size("")
-        want = first
-        data = b""
-        while True:
-            if want > len(data):
-                data += reader.read("", len(data), want - len(data))
-            header = parse_header(data)
-            if not (isinstance(header, GGUFError) and header.truncated) or len(data) >= size:
-                return header, size
-            if len(data) >= limit:
-                return GGUFError(f"the GGUF metadata is larger than {limit >> 20} MiB; not reading further"), size
-            want = min(limit, max(2 * len(data), (header.needed or 0) + (1 << 20)))
+        return read_header_from(lambda offset, length: reader.read("", offset, length), size, first, limit), size
     except OSError as err:
         return GGUFError(f"cannot read {reader.where}: {reader.explain(err)}"), 0
 
