@@ -18,7 +18,7 @@ from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
 from metal_agent.core.llama_log import Acceleration
-from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
 
@@ -35,6 +35,14 @@ def read_header(reader: ModelReader, first: int = HEADER_FIRST_READ,
         return read_header_from(lambda offset, length: reader.read("", offset, length), size, first, limit), size
     except OSError as err:
         return GGUFError(f"cannot read {reader.where}: {reader.explain(err)}"), 0
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFInputs:
+    """A GGUF model's estimate inputs: small, so many can be cached (never the header itself)."""
+
+    shape: ModelShape
+    weights_bytes: int
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,21 @@ class LlamaServer:
     def problem_lines(self, log_text: str, limit: int = 5) -> list[str]:
         return llama_log.problem_lines(log_text, limit)
 
-    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+    def estimate_inputs(self, reader: ModelReader) -> GGUFInputs | EstimateFailed:
+        """The model's shape from its GGUF header, and the file's size (the weights)."""
         header, size = read_header(reader)
-        return estimate_from_header(header, size, spec)
+        if isinstance(header, GGUFError):
+            return EstimateFailed(f"cannot read the model's GGUF header: {header.message}")
+        shape = model_shape(header)
+        return shape if isinstance(shape, EstimateFailed) else GGUFInputs(shape, size)
+
+    def estimate_with(self, inputs: GGUFInputs | EstimateFailed, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        if isinstance(inputs, EstimateFailed):
+            return inputs
+        return estimate_memory(inputs.shape, inputs.weights_bytes, spec)
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        return self.estimate_with(self.estimate_inputs(reader), spec)
 
 
 LLAMA_SERVER = LlamaServer()

@@ -281,16 +281,9 @@ class MlxLm:
 
     # -- memory ------------------------------------------------------------------
 
-    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
-        """weights (safetensors headers) + KV cache (config.json, context, slots) + overhead.
-
-        KV: per token, layers x kv_heads x (key + value head dim) x bytes per
-        value, the context padded to MLX's 256-token step, times
-        2 x parallelSlots: the conversations being decoded plus as many kept
-        in the prompt cache (`--prompt-cache-size`). Bytes per value: the
-        model's dtype (4 for float32, else 2), or with `--kv-bits b` b/8 plus
-        a scale and a bias per group of 64.
-        """
+    def estimate_inputs(self, reader: ModelReader) -> MlxInputs | EstimateFailed:
+        """The weights (safetensors headers) and the KV shape (config.json): what any service's
+        estimate of this directory needs."""
         try:
             names = reader.names()
             if "config.json" not in names:
@@ -316,19 +309,51 @@ class MlxLm:
         shape = _kv_shape(config)
         if isinstance(shape, str):
             return EstimateFailed(f"config.json in {reader.where}: {shape}")
-        layers, kv_heads, head_dim, dtype_bytes, dtype_name = shape
-        bits = _cache_bits(spec)
-        per_value = Fraction(bits, 8) + Fraction(2 * dtype_bytes, KV_GROUP_SIZE) if bits else Fraction(dtype_bytes)
-        context = max(KV_STEP, math.ceil(spec.context_size / KV_STEP) * KV_STEP)
-        per_token = layers * kv_heads * 2 * head_dim * per_value
-        kv = math.ceil(per_token * context * 2 * spec.parallel_slots)
-        cache_name = spec.effective_cache_type_k if bits else dtype_name
-        notes = ()
         trained = config.get("max_position_embeddings")
-        if isinstance(trained, int) and not isinstance(trained, bool) and 0 < trained < spec.context_size:
-            notes = (f"contextSize {spec.context_size} is beyond the model's trained context {trained}",)
+        trained = trained if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0 else None
+        return MlxInputs(weights, *shape, trained)
+
+    def estimate_with(self, inputs: MlxInputs | EstimateFailed, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        """weights + KV cache (context, slots) + overhead.
+
+        KV: per token, layers x kv_heads x (key + value head dim) x bytes per
+        value, the context padded to MLX's 256-token step, times
+        2 x parallelSlots: the conversations being decoded plus as many kept
+        in the prompt cache (`--prompt-cache-size`). Bytes per value: the
+        model's dtype (4 for float32, else 2), or with `--kv-bits b` b/8 plus
+        a scale and a bias per group of 64.
+        """
+        if isinstance(inputs, EstimateFailed):
+            return inputs
+        weights = inputs.weights_bytes
+        bits = _cache_bits(spec)
+        per_value = (Fraction(bits, 8) + Fraction(2 * inputs.dtype_bytes, KV_GROUP_SIZE) if bits
+                     else Fraction(inputs.dtype_bytes))
+        context = max(KV_STEP, math.ceil(spec.context_size / KV_STEP) * KV_STEP)
+        per_token = inputs.layers * inputs.kv_heads * 2 * inputs.head_dim * per_value
+        kv = math.ceil(per_token * context * 2 * spec.parallel_slots)
+        cache_name = spec.effective_cache_type_k if bits else inputs.dtype_name
+        notes = ()
+        if inputs.trained is not None and inputs.trained < spec.context_size:
+            notes = (f"contextSize {spec.context_size} is beyond the model's trained context {inputs.trained}",)
         return MemoryEstimate(weights_bytes=weights, kv_bytes=kv, overhead_bytes=overhead_bytes(weights),
                               context=context, cache_type_k=cache_name, cache_type_v=cache_name, notes=notes)
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        return self.estimate_with(self.estimate_inputs(reader), spec)
+
+
+@dataclass(frozen=True, slots=True)
+class MlxInputs:
+    """An MLX model's estimate inputs (small, cacheable by the directory's identity)."""
+
+    weights_bytes: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    dtype_name: str
+    trained: int | None  # max_position_embeddings
 
 
 def _model_refusals(model: Model) -> tuple[FieldError, ...]:
@@ -366,7 +391,7 @@ def _model_refusals(model: Model) -> tuple[FieldError, ...]:
 def _json(data: bytes) -> dict | None:
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         return None
     return value if isinstance(value, dict) else None
 
