@@ -380,7 +380,7 @@ class _Reader:
             try:
                 for i in range(left):
                     pos += length_at(buf, pos)[0] + 8
-            except struct.error:
+            except (struct.error, OverflowError):  # past the window; OverflowError: past 2**63
                 left -= i
                 at = count - left
                 if pos > len(buf) + MAX_STRING_BYTES + 8:  # read inside the window, so the length was huge
