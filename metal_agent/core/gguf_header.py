@@ -178,7 +178,9 @@ class _Stop(Exception):
 
 
 def _short(key: str, limit: int = 80) -> str:
-    return repr(key if len(key) <= limit else key[:limit] + "…")
+    """The key for a message: its repr, cut to `limit` characters (a key may be 64 KiB of escapes)."""
+    shown = repr(key[:limit])
+    return shown if len(key) <= limit and len(shown) <= limit else shown[:limit] + "…"
 
 
 def _corrupt(what: str) -> _Stop:

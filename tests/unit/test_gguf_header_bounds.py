@@ -49,7 +49,7 @@ def test_the_issue_20_header_parses_in_milliseconds():
     data = f.nested_key_attack(20_000, 65_535)
     header, spent = cpu(lambda: File(data, MiB).header())
     assert isinstance(header, GGUFHeader), header
-    assert header.metadata[("k" * 65_535)] == ArrayInfo(g.ValueType.ARRAY, 20_000)
+    assert header.metadata["\x00" * 65_535] == ArrayInfo(g.ValueType.ARRAY, 20_000)
     assert spent < 0.5, spent  # 16 s before; the bench holds the 50 ms goal, this the order of magnitude
 
 
@@ -60,6 +60,8 @@ def test_an_error_inside_a_huge_key_names_it_in_a_few_words():
     assert isinstance(result, GGUFError) and not result.truncated
     assert result.message.startswith("element 1 of metadata key 'kkkk") and "unknown value type 77" in result.message
     assert len(result.message) < 250, len(result.message)
+    nul = parse_header(f.header([f.kv(b"\0" * 65_535, f.U32 + 100, b"")]))
+    assert isinstance(nul, GGUFError) and nul.message.startswith("metadata key '\\x00") and len(nul.message) < 250
 
 
 @pytest.mark.parametrize("name", sorted(f.SHAPES))
