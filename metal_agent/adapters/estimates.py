@@ -88,9 +88,11 @@ class EstimateInputs:
     async def get(self, path: Path, engine: Engine) -> object:
         """`engine.estimate_inputs` for the model at `path`: cached, or read now (within the limit)."""
         try:
-            identity = await asyncio.to_thread(file_identity, path)
+            identity = await within(asyncio.to_thread(file_identity, path), self.timeout)
         except OSError as err:
             return EstimateFailed(f"cannot read {path}: {self.reader_for(path).explain(err)}")
+        except TimeoutError:  # a stat that hangs: the disk, not the header
+            return self._too_slow(path)
         key = (engine.name, identity)
         if key in self._cache:
             self._cache.move_to_end(key)
