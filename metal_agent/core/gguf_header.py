@@ -43,9 +43,11 @@ element; a 128 MiB header of empty strings took seconds):
   (`StringInfo`) since nothing reads such values. Numeric arrays of at most
   `KEEP_ARRAY_VALUES` elements are decoded (architectures store per-layer
   values such as KV head counts that way), up to `MAX_KEPT_VALUES` in all.
-* **One pass.** `read_header_from` grows its buffer (doubling, up to a limit)
-  when the parse reaches its end and carries on where it was; nothing is
-  parsed twice.
+* **One pass over a window.** `read_header_from` reads the file in windows
+  (8 MiB, or what one value needs) and steps over what it skips without
+  reading it (fixed-size arrays, the text of strings inside arrays, long
+  strings): the bytes read are the bytes looked at, memory is one window,
+  and nothing is parsed twice. The metadata must end within `limit`.
 """
 
 from __future__ import annotations
