@@ -568,7 +568,7 @@ class ModelFiles:
 
     async def read_header(self, path: Path) -> tuple[GGUFHeader | GGUFError, int]:
         """The GGUF header of `path` and the file's size, reading only the metadata
-        section (in a thread): windows of 8 MiB, never past 128 MiB."""
+        section (in a thread): windows of 1 MiB, never past 128 MiB."""
         return await asyncio.to_thread(read_gguf_header, path)
 
     async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,

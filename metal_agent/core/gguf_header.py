@@ -44,7 +44,7 @@ element; a 128 MiB header of empty strings took seconds):
   `KEEP_ARRAY_VALUES` elements are decoded (architectures store per-layer
   values such as KV head counts that way), up to `MAX_KEPT_VALUES` in all.
 * **One pass over a window.** `read_header_from` reads the file in windows
-  (8 MiB, or what one value needs) and steps over what it skips without
+  (1 MiB, or what one value needs) and steps over what it skips without
   reading it (fixed-size arrays, the text of strings inside arrays, long
   strings): the bytes read are the bytes looked at, memory is one window,
   and nothing is parsed twice. The metadata must end within `limit`.

@@ -22,7 +22,7 @@ from metal_agent.core.memory import EstimateFailed, MemoryEstimate, ModelShape, 
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
 
-HEADER_FIRST_READ = 8 << 20
+HEADER_FIRST_READ = 1 << 20  # the read window: bytes looked at are read in windows this size
 HEADER_MAX_READ = 128 << 20
 
 
