@@ -85,7 +85,11 @@ KV_BITS = {"q8_0": 8, "q4_0": 4}
 KV_GROUP_SIZE = 64  # mlx_lm's default group: one scale and one bias (model dtype) per 64 values
 KV_STEP = 256  # MLX grows a KV cache in steps of 256 tokens
 MAX_CONFIG_BYTES = 4 << 20
-MAX_SAFETENSORS_HEADER = 100 << 20
+# safetensors headers are JSON, parsed by one C call that holds the GIL (the
+# agent's event loop waits for it): ~10 ms a MiB. Real shards: ~100 KB each,
+# a few MB for the largest models in all.
+MAX_SAFETENSORS_HEADER = 16 << 20  # one shard
+MAX_SAFETENSORS_HEADERS = 64 << 20  # all shards of a model
 
 _MODEL = "the agent chooses the model directory from the Model resource"
 _NETWORK = "the agent chooses where mlx_lm.server listens and registers that endpoint"
@@ -299,11 +303,13 @@ class MlxLm:
             shards = sorted(n for n in names if n.endswith(".safetensors"))
             if not shards:
                 return EstimateFailed(f"{reader.where} has no *.safetensors weights")
+            headers = MAX_SAFETENSORS_HEADERS
             for shard in shards:
-                tensor_bytes = _safetensors_bytes(reader, shard)
+                tensor_bytes = _safetensors_bytes(reader, shard, headers)
                 if isinstance(tensor_bytes, str):
                     return EstimateFailed(tensor_bytes)
-                weights += tensor_bytes
+                weights += tensor_bytes[0]
+                headers -= tensor_bytes[1]
         except OSError as err:
             return EstimateFailed(f"cannot read the MLX model in {reader.where}: {reader.explain(err)}")
         shape = _kv_shape(config)
@@ -396,8 +402,9 @@ def _json(data: bytes) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
-    """Bytes of tensor data the shard's header lists, or what is wrong with it."""
+def _safetensors_bytes(reader: ModelReader, name: str, budget: int = MAX_SAFETENSORS_HEADERS) -> tuple[int, int] | str:
+    """(bytes of tensor data the shard's header lists, the header's length), or what is wrong.
+    `budget`: header bytes the model's shards may still take."""
     size = reader.size(name)
     head = reader.read(name, 0, 8)
     if len(head) < 8:
@@ -405,6 +412,9 @@ def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
     (length,) = struct.unpack("<Q", head)
     if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
         return f"{name} is not a safetensors file (header length {length} does not fit the file)"
+    if length > budget:
+        return (f"{name}: the safetensors headers of this model take more than {MAX_SAFETENSORS_HEADERS >> 20} MiB,"
+                " far more than any real model's; not reading them")
     header = _json(reader.read(name, 8, length))
     if header is None:
         return f"{name} is not a safetensors file (its header is not a JSON object)"
@@ -420,7 +430,7 @@ def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
         end = max(end, offsets[1])
     if 8 + length + end > size:
         return f"{name} is shorter than its header says ({size} bytes, header lists {8 + length + end})"
-    return end
+    return end, length
 
 
 def _positive(config: dict, key: str) -> int | None:
