@@ -67,6 +67,7 @@ from metal_agent.adapters.downloads import (
     resolve_source,
 )
 from metal_agent.adapters import egress_http
+from metal_agent.adapters.estimates import ESTIMATE_TIMEOUT, EstimateInputs
 from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
 from metal_agent.adapters.snapshots import HubRepo, SnapshotDownload, resolve_repo, snapshot_paths
 from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceKind
@@ -317,6 +318,7 @@ class ModelFiles:
         egress: EgressPolicy | None = None,
         limits: DownloadLimits | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        estimate_timeout: float = ESTIMATE_TIMEOUT,
     ) -> None:
         """`egress`: where downloads may connect and tokens may go (default: public addresses,
         tokens to the hub endpoint's host only); `limits`: size cap and free-disk margin;
@@ -342,6 +344,7 @@ class ModelFiles:
         self._ready: dict[Path, Verified] = {}
         self._failures: dict[tuple[Path, str | None], _Failure] = {}
         self._waiting_on: dict[str, Path] = {}
+        self.estimates = EstimateInputs(LocalModel, timeout=estimate_timeout)
 
     # -- the reconciler's entry point ---------------------------------------------
 
@@ -586,19 +589,21 @@ class ModelFiles:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self.estimates.close()
 
     # -- memory estimate inputs --------------------------------------------------------
 
     async def read_header(self, path: Path) -> tuple[GGUFHeader | GGUFError, int]:
         """The GGUF header of `path` and the file's size, reading only the metadata
-        section (in a thread): a first read of 8 MiB, more only if the header is longer."""
+        section (in a thread): windows of 1 MiB, never past 128 MiB."""
         return await asyncio.to_thread(read_gguf_header, path)
 
     async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,
                               engine: Engine = LLAMA_SERVER) -> MemoryEstimate | EstimateFailed:
-        """What the service `spec` will need with the model at `path` under `engine` (see core.memory),
-        read in a thread."""
-        return await asyncio.to_thread(engine.estimate, LocalModel(path), spec)
+        """What the service `spec` will need with the model at `path` under `engine` (see core.memory):
+        the files' inputs cached by identity, read in the estimates' own pool within a time limit
+        (see adapters.estimates)."""
+        return engine.estimate_with(await self.estimates.get(path, engine), spec)
 
 
 def read_gguf_header(path: Path, first: int = HEADER_FIRST_READ, limit: int = HEADER_MAX_READ) -> tuple[GGUFHeader | GGUFError, int]:

@@ -129,7 +129,15 @@ class Engine(Protocol):
 
     def problem_lines(self, log_text: str, limit: int = 5) -> list[str]: ...
 
-    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed: ...
+    def estimate_inputs(self, reader: ModelReader) -> object:
+        """What the estimate needs from the model's files, whatever the service (blocking: it reads
+        the files; the adapter runs it in a thread and caches it by file identity), or EstimateFailed."""
+
+    def estimate_with(self, inputs: object, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        """The estimate for `spec` from `estimate_inputs`' answer (pure and quick)."""
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        """`estimate_with(estimate_inputs(reader), spec)`."""
 
 
 #: Formats that decide their engine; any other servable format (`custom`) gets the default.

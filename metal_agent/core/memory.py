@@ -54,6 +54,7 @@ GiB = 1 << 30
 OVERHEAD_FLOOR_BYTES = 256 * MiB
 OVERHEAD_FRACTION = Fraction(5, 100)
 CONTEXT_PAD = 256
+MAX_BLOCK_COUNT = 4096  # layers; real models have up to a few hundred (a header's claim is summed per layer)
 DEFAULT_CACHE_TYPE = "f16"
 
 # Bytes per cached element. Block formats: (bytes per block) / (values per block).
@@ -150,6 +151,9 @@ def model_shape(header: GGUFHeader) -> ModelShape | EstimateFailed:
     embedding = _int(md, f"{arch}.embedding_length")
     if not layers or layers <= 0:
         return EstimateFailed(f"the GGUF header has no usable {arch}.block_count")
+    if layers > MAX_BLOCK_COUNT:  # the KV sum below runs once per layer
+        return EstimateFailed(f"the GGUF header claims {layers} layers ({arch}.block_count), which is not "
+                              f"plausible (at most {MAX_BLOCK_COUNT})")
     if not embedding or embedding <= 0:
         return EstimateFailed(f"the GGUF header has no usable {arch}.embedding_length")
 

@@ -342,3 +342,24 @@ def test_one_model_wrapper_makes_every_request_use_the_served_model(monkeypatch)
     assert calls == [("default_model", None, "default_model")]
     import sys
     assert sys.argv[0] == "mlx_lm.server"
+
+
+def test_hostile_mlx_files_are_refused_not_raised_or_parsed_at_length(tmp_path):
+    """A config nested past the stack, and shards whose JSON headers add up past the budget
+    (each one C call holding the GIL: the event loop would wait for them)."""
+    import struct as st
+
+    from metal_agent.core.engines import mlx_lm
+    from metal_agent.core.memory import EstimateFailed
+
+    d = _model_dir(tmp_path, CONFIG)
+    (d / "config.json").write_text("[" * 200_000)
+    failed = MLX_LM.estimate(LocalModel(d), InferenceServiceSpec(model_ref="m"))
+    assert isinstance(failed, EstimateFailed) and "not a JSON object" in failed.message
+
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    header = json.dumps({"__metadata__": {"pad": "x" * (mlx_lm.MAX_SAFETENSORS_HEADER - 64)}}).encode()
+    for i in range(mlx_lm.MAX_SAFETENSORS_HEADERS // len(header) + 1):
+        (d / f"s{i:03d}.safetensors").write_bytes(st.pack("<Q", len(header)) + header)
+    failed = MLX_LM.estimate(LocalModel(d), InferenceServiceSpec(model_ref="m"))
+    assert isinstance(failed, EstimateFailed) and "more than 64 MiB" in failed.message, failed

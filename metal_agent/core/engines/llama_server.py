@@ -17,36 +17,34 @@ from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
 from metal_agent.core.extra_args import OptionTable
-from metal_agent.core.gguf_header import GGUFError, GGUFHeader, parse_header
+from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
-from metal_agent.core.memory import EstimateFailed, MemoryEstimate, estimate_from_header
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
 
-HEADER_FIRST_READ = 8 << 20
+HEADER_FIRST_READ = 1 << 20  # the read window: bytes looked at are read in windows this size
 HEADER_MAX_READ = 128 << 20
 
 
 def read_header(reader: ModelReader, first: int = HEADER_FIRST_READ,
                 limit: int = HEADER_MAX_READ) -> tuple[GGUFHeader | GGUFError, int]:
     """The GGUF header of the file behind `reader` and the file's size: a first read of
-    `first` bytes, more only if the metadata is longer, never past `limit`."""
+    `first` bytes, more only if the metadata is longer, never past `limit`; one parse."""
     try:
         size = reader.size("")
-        want = first
-        data = b""
-        while True:
-            if want > len(data):
-                data += reader.read("", len(data), want - len(data))
-            header = parse_header(data)
-            if not (isinstance(header, GGUFError) and header.truncated) or len(data) >= size:
-                return header, size
-            if len(data) >= limit:
-                return GGUFError(f"the GGUF metadata is larger than {limit >> 20} MiB; not reading further"), size
-            want = min(limit, max(2 * len(data), (header.needed or 0) + (1 << 20)))
+        return read_header_from(lambda offset, length: reader.read("", offset, length), size, first, limit), size
     except OSError as err:
         return GGUFError(f"cannot read {reader.where}: {reader.explain(err)}"), 0
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFInputs:
+    """A GGUF model's estimate inputs: small, so many can be cached (never the header itself)."""
+
+    shape: ModelShape
+    weights_bytes: int
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,21 @@ class LlamaServer:
     def problem_lines(self, log_text: str, limit: int = 5) -> list[str]:
         return llama_log.problem_lines(log_text, limit)
 
-    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+    def estimate_inputs(self, reader: ModelReader) -> GGUFInputs | EstimateFailed:
+        """The model's shape from its GGUF header, and the file's size (the weights)."""
         header, size = read_header(reader)
-        return estimate_from_header(header, size, spec)
+        if isinstance(header, GGUFError):
+            return EstimateFailed(f"cannot read the model's GGUF header: {header.message}")
+        shape = model_shape(header)
+        return shape if isinstance(shape, EstimateFailed) else GGUFInputs(shape, size)
+
+    def estimate_with(self, inputs: GGUFInputs | EstimateFailed, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        if isinstance(inputs, EstimateFailed):
+            return inputs
+        return estimate_memory(inputs.shape, inputs.weights_bytes, spec)
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        return self.estimate_with(self.estimate_inputs(reader), spec)
 
 
 LLAMA_SERVER = LlamaServer()

@@ -86,7 +86,11 @@ KV_BITS = {"q8_0": 8, "q4_0": 4}
 KV_GROUP_SIZE = 64  # mlx_lm's default group: one scale and one bias (model dtype) per 64 values
 KV_STEP = 256  # MLX grows a KV cache in steps of 256 tokens
 MAX_CONFIG_BYTES = 4 << 20
-MAX_SAFETENSORS_HEADER = 100 << 20
+# safetensors headers are JSON, parsed by one C call that holds the GIL (the
+# agent's event loop waits for it): ~10 ms a MiB. Real shards: ~100 KB each,
+# a few MB for the largest models in all.
+MAX_SAFETENSORS_HEADER = 16 << 20  # one shard
+MAX_SAFETENSORS_HEADERS = 64 << 20  # all shards of a model
 
 #: Fields only llama-server has, refused with this reason.
 _LLAMA_ONLY = "a llama-server option; mlx_lm.server has no equivalent, so it cannot be honoured"
@@ -230,16 +234,9 @@ class MlxLm:
 
     # -- memory ------------------------------------------------------------------
 
-    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
-        """weights (safetensors headers) + KV cache (config.json, context, slots) + overhead.
-
-        KV: per token, layers x kv_heads x (key + value head dim) x bytes per
-        value, the context padded to MLX's 256-token step, times
-        2 x parallelSlots: the conversations being decoded plus as many kept
-        in the prompt cache (`--prompt-cache-size`). Bytes per value: the
-        model's dtype (4 for float32, else 2), or with `--kv-bits b` b/8 plus
-        a scale and a bias per group of 64.
-        """
+    def estimate_inputs(self, reader: ModelReader) -> MlxInputs | EstimateFailed:
+        """The weights (safetensors headers) and the KV shape (config.json): what any service's
+        estimate of this directory needs."""
         try:
             names = reader.names()
             if "config.json" not in names:
@@ -255,29 +252,63 @@ class MlxLm:
             shards = sorted(n for n in names if n.endswith(".safetensors"))
             if not shards:
                 return EstimateFailed(f"{reader.where} has no *.safetensors weights")
+            headers = MAX_SAFETENSORS_HEADERS
             for shard in shards:
-                tensor_bytes = _safetensors_bytes(reader, shard)
+                tensor_bytes = _safetensors_bytes(reader, shard, headers)
                 if isinstance(tensor_bytes, str):
                     return EstimateFailed(tensor_bytes)
-                weights += tensor_bytes
+                weights += tensor_bytes[0]
+                headers -= tensor_bytes[1]
         except OSError as err:
             return EstimateFailed(f"cannot read the MLX model in {reader.where}: {reader.explain(err)}")
         shape = _kv_shape(config)
         if isinstance(shape, str):
             return EstimateFailed(f"config.json in {reader.where}: {shape}")
-        layers, kv_heads, head_dim, dtype_bytes, dtype_name = shape
-        bits = _cache_bits(spec)
-        per_value = Fraction(bits, 8) + Fraction(2 * dtype_bytes, KV_GROUP_SIZE) if bits else Fraction(dtype_bytes)
-        context = max(KV_STEP, math.ceil(spec.context_size / KV_STEP) * KV_STEP)
-        per_token = layers * kv_heads * 2 * head_dim * per_value
-        kv = math.ceil(per_token * context * 2 * spec.parallel_slots)
-        cache_name = spec.effective_cache_type_k if bits else dtype_name
-        notes = ()
         trained = config.get("max_position_embeddings")
-        if isinstance(trained, int) and not isinstance(trained, bool) and 0 < trained < spec.context_size:
-            notes = (f"contextSize {spec.context_size} is beyond the model's trained context {trained}",)
+        trained = trained if isinstance(trained, int) and not isinstance(trained, bool) and trained > 0 else None
+        return MlxInputs(weights, *shape, trained)
+
+    def estimate_with(self, inputs: MlxInputs | EstimateFailed, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        """weights + KV cache (context, slots) + overhead.
+
+        KV: per token, layers x kv_heads x (key + value head dim) x bytes per
+        value, the context padded to MLX's 256-token step, times
+        2 x parallelSlots: the conversations being decoded plus as many kept
+        in the prompt cache (`--prompt-cache-size`). Bytes per value: the
+        model's dtype (4 for float32, else 2), or with `--kv-bits b` b/8 plus
+        a scale and a bias per group of 64.
+        """
+        if isinstance(inputs, EstimateFailed):
+            return inputs
+        weights = inputs.weights_bytes
+        bits = _cache_bits(spec)
+        per_value = (Fraction(bits, 8) + Fraction(2 * inputs.dtype_bytes, KV_GROUP_SIZE) if bits
+                     else Fraction(inputs.dtype_bytes))
+        context = max(KV_STEP, math.ceil(spec.context_size / KV_STEP) * KV_STEP)
+        per_token = inputs.layers * inputs.kv_heads * 2 * inputs.head_dim * per_value
+        kv = math.ceil(per_token * context * 2 * spec.parallel_slots)
+        cache_name = spec.effective_cache_type_k if bits else inputs.dtype_name
+        notes = ()
+        if inputs.trained is not None and inputs.trained < spec.context_size:
+            notes = (f"contextSize {spec.context_size} is beyond the model's trained context {inputs.trained}",)
         return MemoryEstimate(weights_bytes=weights, kv_bytes=kv, overhead_bytes=overhead_bytes(weights),
                               context=context, cache_type_k=cache_name, cache_type_v=cache_name, notes=notes)
+
+    def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
+        return self.estimate_with(self.estimate_inputs(reader), spec)
+
+
+@dataclass(frozen=True, slots=True)
+class MlxInputs:
+    """An MLX model's estimate inputs (small, cacheable by the directory's identity)."""
+
+    weights_bytes: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    dtype_name: str
+    trained: int | None  # max_position_embeddings
 
 
 def _model_refusals(model: Model) -> tuple[FieldError, ...]:
@@ -315,13 +346,14 @@ def _model_refusals(model: Model) -> tuple[FieldError, ...]:
 def _json(data: bytes) -> dict | None:
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         return None
     return value if isinstance(value, dict) else None
 
 
-def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
-    """Bytes of tensor data the shard's header lists, or what is wrong with it."""
+def _safetensors_bytes(reader: ModelReader, name: str, budget: int = MAX_SAFETENSORS_HEADERS) -> tuple[int, int] | str:
+    """(bytes of tensor data the shard's header lists, the header's length), or what is wrong.
+    `budget`: header bytes the model's shards may still take."""
     size = reader.size(name)
     head = reader.read(name, 0, 8)
     if len(head) < 8:
@@ -329,6 +361,9 @@ def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
     (length,) = struct.unpack("<Q", head)
     if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
         return f"{name} is not a safetensors file (header length {length} does not fit the file)"
+    if length > budget:
+        return (f"{name}: the safetensors headers of this model take more than {MAX_SAFETENSORS_HEADERS >> 20} MiB,"
+                " far more than any real model's; not reading them")
     header = _json(reader.read(name, 8, length))
     if header is None:
         return f"{name} is not a safetensors file (its header is not a JSON object)"
@@ -344,7 +379,7 @@ def _safetensors_bytes(reader: ModelReader, name: str) -> int | str:
         end = max(end, offsets[1])
     if 8 + length + end > size:
         return f"{name} is shorter than its header says ({size} bytes, header lists {8 + length + end})"
-    return end
+    return end, length
 
 
 def _positive(config: dict, key: str) -> int | None:
