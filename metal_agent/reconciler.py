@@ -28,7 +28,7 @@ import structlog
 
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
-from metal_agent.adapters.kube.registrar import Registrar
+from metal_agent.adapters.kube.registrar import NotOurs, Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
@@ -42,7 +42,14 @@ from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.process import Snapshot, State, SupervisorEvent
-from metal_agent.core.registration import Registration, endpoint_path, endpoint_url, service_name_problem
+from metal_agent.core.registration import (
+    SERVICE_NAME_CONFLICT,
+    Registration,
+    conflict_message,
+    endpoint_path,
+    endpoint_url,
+    service_name_problem,
+)
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy, spec_reason
 from metal_agent.core.spec_hash import spec_hash
@@ -137,6 +144,7 @@ class Reconciler:
         self.reporter = StatusReporter(models=models, status=status, events=events, metrics=metrics,
                                        allowlist=allowlist, status_mode=status_mode)
         self._registration_failures: dict[str, int] = {}
+        self._conflict_reported: dict[str, str] = {}  # key -> the ServiceNameConflict message last sent as an Event
 
     # -- event intake -----------------------------------------------------
 
@@ -513,12 +521,26 @@ class Reconciler:
                            runtime=supervisor.plan.engine.runtime_label)
         try:
             await self.registrar.ensure(reg)
+        except NotOurs as taken:
+            # The name belongs to someone else's object: it stays untouched, the model keeps
+            # serving on the Mac, and we look again (it may be removed or handed over).
+            failures = self._registration_failures[key] = self._registration_failures.get(key, 0) + 1
+            message = conflict_message(taken.kind, taken.namespace, taken.name)
+            if self._conflict_reported.get(key) != message:
+                self._conflict_reported[key] = message
+                log.warning("not registering: the name is taken by an object we do not own", service=key,
+                            object=f"{taken.kind} {taken.namespace}/{taken.name}")
+                self.events.emit(raw["metadata"], SERVICE_NAME_CONFLICT, message, warning=True)
+            else:
+                log.debug("still not registering: the name is taken", service=key, attempt=failures)
+            return Blocker(SERVICE_NAME_CONFLICT, message), REGISTRATION_BACKOFF.delay(failures)
         except Exception as err:  # noqa: BLE001 - API errors and outages alike: retry, keep serving
             failures = self._registration_failures[key] = self._registration_failures.get(key, 0) + 1
             delay = REGISTRATION_BACKOFF.delay(failures)
             log.warning("registration failed; retrying", service=key, error=f"{type(err).__name__}: {err}", retry_in_s=round(delay, 2))
             return None, delay
         self._registration_failures.pop(key, None)
+        self._conflict_reported.pop(key, None)
         return None, None
 
     async def _unregister(self, key: str) -> None:
@@ -547,6 +569,7 @@ class Reconciler:
         self._invalid_reported.pop(key, None)
         self.reporter.forget(key)
         self._registration_failures.pop(key, None)
+        self._conflict_reported.pop(key, None)
         namespace, name = key.split("/", 1)
         self.metrics.forget_service(namespace, name)
 

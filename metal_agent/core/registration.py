@@ -71,6 +71,32 @@ def service_name_problem(isvc_name: str) -> str | None:
     return None
 
 
+def ours(labels: dict | None, owner_uids: list[str], isvc_name: str, isvc_uid: str) -> bool:
+    """May the agent write over, or delete, an existing Service or slice of `isvc_name`'s name?
+
+    Only what carries our managed-by label for this very InferenceService (we
+    made it, or LLMKube's Go agent, which stamps the same labels), or what names
+    this InferenceService's uid among its owners (whoever could write it handed
+    it over: LLMKube's controller makes such a Service while the Model is not on
+    Metal). Anything else is someone else's object that happens to have the
+    name: a stranger's InferenceService must never take it over.
+    """
+    labels = labels or {}
+    if labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE and labels.get(ISVC_LABEL) == isvc_name:
+        return True
+    return bool(isvc_uid) and isvc_uid in owner_uids
+
+
+SERVICE_NAME_CONFLICT = "ServiceNameConflict"
+
+
+def conflict_message(kind: str, namespace: str, name: str) -> str:
+    """What the InferenceService's status and Event say when its name is taken."""
+    return (f"{kind} {namespace}/{name} already exists and is not metal-agent's (no {MANAGED_BY_LABEL}={MANAGED_BY_VALUE} "
+            f"label for this InferenceService): it is left untouched and this service is not registered; "
+            f"rename the InferenceService or remove that {kind}")
+
+
 def slice_name(isvc_name: str, member: str | None = None) -> str:
     """One agent: `<service>-metal`. In a fleet each serving Mac has its own slice, `<service>-<member>`."""
     return f"{service_name(isvc_name)}-{member or 'metal'}"

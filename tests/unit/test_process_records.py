@@ -70,3 +70,27 @@ def test_records_of_the_wrong_shape_are_skipped(tmp_path):
     for name, text in {"a.json": "null", "b.json": "[1, 2]", "c.json": '{"version": 1, "pid": "x"}'}.items():
         (tmp_path / name).write_text(text)
     assert [r.pid for r in store.load_all()] == [200]
+
+
+def test_a_record_whose_argv_does_not_hash_to_its_digest_is_refused(tmp_path):
+    """The digest is what the live process is matched against; the argv is what a restart
+    runs: a record where they disagree is forged (or corrupt) and is never believed."""
+    import json
+    from dataclasses import asdict, replace
+
+    from structlog.testing import capture_logs
+
+    from metal_agent.adapters.process.records import argv_digest
+
+    store = RecordStore(tmp_path)
+    honest = replace(record(200, 2000.0), argv=("llama-server", "--port", "1"),
+                     argv_digest=argv_digest(["llama-server", "--port", "1"]))
+    store.save(honest)
+    forged = replace(honest, key="ns/b", argv=("/bin/sh", "-c", "touch /tmp/x"))
+    (tmp_path / "ns__b.json").write_text(json.dumps(asdict(forged)))
+    (tmp_path / "ns__b.json").chmod(0o600)
+    with capture_logs() as logs:
+        assert store.load_all() == [honest]
+    assert [(e["file"], e["why"]) for e in logs] == [
+        (str(tmp_path / "ns__b.json"), "ns__b.json: its command line does not match its digest")]
+    assert not store.remove("ns/b", pid=200)  # nor does it count as a record when deleting by identity

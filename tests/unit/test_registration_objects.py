@@ -115,3 +115,25 @@ def test_registered_host_ip_is_rejected(value):
 def test_loopback_is_fine_without_registration():
     assert validate_host_ip("127.0.0.1", registered=False) == "127.0.0.1"
     assert validate_host_ip("fd7a:115c:a1e0::1") == "fd7a:115c:a1e0::1"
+
+
+def test_only_our_label_for_this_service_or_its_uid_as_owner_makes_an_object_ours():
+    from metal_agent.core.registration import ours
+
+    mine = {"llmkube.ai/managed-by": "metal-agent", "llmkube.ai/inference-service": "qwen.coder"}
+    assert ours(mine, [], "qwen.coder", "u-1")
+    assert ours(mine, [], "qwen.coder", "")  # deleting: the InferenceService (and its uid) is gone
+    assert not ours({**mine, "llmkube.ai/inference-service": "qwen-coder"}, [], "qwen.coder", "u-1")  # same Service name
+    assert not ours({"llmkube.ai/managed-by": "someone"}, [], "qwen.coder", "u-1")
+    assert not ours(None, [], "qwen.coder", "u-1")
+    assert not ours({"app": "qwen.coder"}, ["u-2"], "qwen.coder", "u-1")
+    assert ours({"app": "qwen.coder"}, ["u-2", "u-1"], "qwen.coder", "u-1")  # handed over by its owner
+    assert not ours({}, [""], "qwen.coder", "")  # no uid never matches an empty owner uid
+
+
+def test_conflict_message_names_the_object_and_what_to_do():
+    from metal_agent.core.registration import conflict_message
+
+    text = conflict_message("Service", "ml", "db")
+    assert text.startswith("Service ml/db already exists and is not metal-agent's")
+    assert "rename the InferenceService or remove that Service" in text

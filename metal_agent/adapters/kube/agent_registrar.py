@@ -6,6 +6,10 @@ re-creates it if someone deleted it. The slice goes when the agent stops
 (its endpoint is gone with it); the Service, shared with every other Mac,
 stays. A slice left by an agent that died says how stale it is in its
 heartbeat, and the next agent on that Mac applies over it.
+The same rule as the model objects' holds (`owned.py`): a `metal-agent`
+Service or slice of that name without our labels is someone else's, never
+written over or deleted; `ensure` raises `NotOurs` and the endpoint loop says
+so in its log and keeps trying.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import time
 
 import structlog
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.kube.registrar import APPLY, FIELD_MANAGER, SERVICE_RECHECK_S, rfc3339_now
+from metal_agent.adapters.kube.owned import OwnedObjects
+from metal_agent.adapters.kube.registrar import SERVICE_RECHECK_S, rfc3339_now
 from metal_agent.core.agent_registration import (
     AGENT_LABELS,
     AGENT_SERVICE,
@@ -29,10 +33,23 @@ from metal_agent.core.agent_registration import (
 log = structlog.get_logger(__name__)
 
 
+def _ours(meta) -> bool:
+    labels = meta.labels or {}
+    return all(labels.get(k) == v for k, v in AGENT_LABELS.items())
+
+
 class AgentRegistrar:
     def __init__(self, api: client.ApiClient, *, agent_version: str) -> None:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
+        self.services = OwnedObjects("Service", read=self.core.read_namespaced_service,
+                                     create=self.core.create_namespaced_service,
+                                     patch=self.core.patch_namespaced_service,
+                                     delete=self.core.delete_namespaced_service)
+        self.slices = OwnedObjects("EndpointSlice", read=self.discovery.read_namespaced_endpoint_slice,
+                                   create=self.discovery.create_namespaced_endpoint_slice,
+                                   patch=self.discovery.patch_namespaced_endpoint_slice,
+                                   delete=self.discovery.delete_namespaced_endpoint_slice)
         self.agent_version = agent_version
         self.endpoint: AgentEndpoint | None = None
         self._service_applied: tuple[str, int, float] | None = None  # namespace, port, when
@@ -43,16 +60,12 @@ class AgentRegistrar:
         applied = self._service_applied
         if applied is None or applied[:2] != (endpoint.namespace, endpoint.port) \
                 or time.monotonic() - applied[2] > SERVICE_RECHECK_S:
-            await self.core.patch_namespaced_service(
-                AGENT_SERVICE, endpoint.namespace, desired_agent_service(endpoint.namespace, endpoint.port),
-                field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
-            )
+            await self.services.apply(endpoint.namespace, AGENT_SERVICE,
+                                      desired_agent_service(endpoint.namespace, endpoint.port), _ours)
             self._service_applied = (endpoint.namespace, endpoint.port, time.monotonic())
-        await self.discovery.patch_namespaced_endpoint_slice(
-            agent_slice_name(endpoint.host), endpoint.namespace,
-            desired_agent_slice(endpoint, heartbeat=rfc3339_now(), agent_version=self.agent_version),
-            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
-        )
+        await self.slices.apply(
+            endpoint.namespace, agent_slice_name(endpoint.host),
+            desired_agent_slice(endpoint, heartbeat=rfc3339_now(), agent_version=self.agent_version), _ours)
 
     async def heartbeat(self) -> None:
         if self.endpoint is not None:
@@ -63,15 +76,4 @@ class AgentRegistrar:
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is None:
             return
-        name = agent_slice_name(endpoint.host)
-        try:
-            obj = await self.discovery.read_namespaced_endpoint_slice(name, endpoint.namespace)
-            labels = obj.metadata.labels or {}
-            if any(labels.get(k) != v for k, v in AGENT_LABELS.items()):
-                log.warning("not deleting an EndpointSlice we do not manage", name=f"{endpoint.namespace}/{name}")
-                return
-            await self.discovery.delete_namespaced_endpoint_slice(name, endpoint.namespace, body=client.V1DeleteOptions(
-                preconditions=client.V1Preconditions(uid=obj.metadata.uid)))
-        except ApiException as err:
-            if err.status not in (404, 409):
-                raise
+        await self.slices.delete(endpoint.namespace, agent_slice_name(endpoint.host), _ours)

@@ -7,9 +7,13 @@ reads to tell a live Mac from a dead one, is an apply of the whole slice: the
 same one call per slice per interval as a patch of the annotation, and it
 re-creates a slice someone deleted and repairs one someone edited, because
 what is in the cluster is observed state, not something our cache can vouch
-for. The Service is re-applied every few minutes for the same reason. Deletes
-check our managed-by label first: an object of the same name that someone
-else made is never touched.
+for. The Service is re-applied every few minutes for the same reason.
+
+The names come from a stranger's InferenceService, so a Service or slice of
+that name that someone else made is never written over or deleted
+(`owned.py`: look first, create-if-absent, every apply guarded by the
+resourceVersion last seen on our object); `ensure` then raises `NotOurs` and
+the reconciler reports `ServiceNameConflict`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from metal_agent.adapters.kube.owned import APPLY, FIELD_MANAGER, NotOurs, OwnedObjects, delete_exactly, owner_uids
 from metal_agent.core.registration import (
     ISVC_LABEL,
     MANAGED_BY_LABEL,
@@ -32,14 +37,14 @@ from metal_agent.core.registration import (
     Registration,
     desired_service,
     desired_slice,
+    ours,
     service_name,
     slice_name,
 )
 
 log = structlog.get_logger(__name__)
 
-FIELD_MANAGER = "metal-agent"
-APPLY = "application/apply-patch+yaml"
+__all__ = ["APPLY", "FIELD_MANAGER", "NotOurs", "Registrar"]
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
 SERVICE_RECHECK_S = 600.0  # re-apply a registered Service this often (a deleted one comes back)
 
@@ -48,14 +53,23 @@ def rfc3339_now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _ours(meta) -> bool:
-    return (meta.labels or {}).get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE
+def _ours_for(isvc_name: str, isvc_uid: str = ""):
+    """The `ours` rule of core.registration for one InferenceService, on an object's metadata."""
+    return lambda meta: ours(meta.labels, owner_uids(meta), isvc_name, isvc_uid)
 
 
 class Registrar:
     def __init__(self, api: client.ApiClient, *, agent_version: str, host: str = "") -> None:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
+        self.services = OwnedObjects("Service", read=self.core.read_namespaced_service,
+                                     create=self.core.create_namespaced_service,
+                                     patch=self.core.patch_namespaced_service,
+                                     delete=self.core.delete_namespaced_service)
+        self.slices = OwnedObjects("EndpointSlice", read=self.discovery.read_namespaced_endpoint_slice,
+                                   create=self.discovery.create_namespaced_endpoint_slice,
+                                   patch=self.discovery.patch_namespaced_endpoint_slice,
+                                   delete=self.discovery.delete_namespaced_endpoint_slice)
         self.agent_version = agent_version
         self.host = host  # this Mac's name, the `llmkube.ai/host` label of its slices
         self.member: str | None = None  # fleet mode (adapters/kube/fleet_registrar.py): slices named for the Mac
@@ -81,17 +95,24 @@ class Registrar:
     async def _apply(self, key: str, reg: Registration) -> None:
         previous = self._applied.get(key)
         stale = time.monotonic() - self._service_applied_at.get(key, float("-inf")) > SERVICE_RECHECK_S
+        owned = _ours_for(reg.isvc_name, reg.isvc_uid)
         if previous is None or stale or (previous.port, previous.isvc_uid) != (reg.port, reg.isvc_uid):
-            await self.core.patch_namespaced_service(
-                service_name(reg.isvc_name), reg.namespace, desired_service(reg),
-                field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
-            )
+            try:
+                await self.services.apply(reg.namespace, service_name(reg.isvc_name), desired_service(reg), owned)
+            except NotOurs:
+                # Someone else's Service has the name: no slice of ours may send its traffic to this Mac.
+                self._applied.pop(key, None)
+                self._service_applied_at.pop(key, None)
+                await self.slices.delete(reg.namespace, slice_name(reg.isvc_name, reg.member), owned)
+                raise
             self._service_applied_at[key] = time.monotonic()
-        await self.discovery.patch_namespaced_endpoint_slice(
-            slice_name(reg.isvc_name, reg.member), reg.namespace,
-            desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version, host=self.host),
-            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
-        )
+        try:
+            await self.slices.apply(
+                reg.namespace, slice_name(reg.isvc_name, reg.member),
+                desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version, host=self.host), owned)
+        except NotOurs:
+            self._applied.pop(key, None)
+            raise
         if previous is None:
             await self._remove_go_agent_slice(reg.namespace, reg.isvc_name)
         self._applied[key] = reg
@@ -109,8 +130,7 @@ class Registrar:
             if err.status == 404:
                 return
             raise
-        labels = obj.metadata.labels or {}
-        if _ours(obj.metadata) and labels.get(ISVC_LABEL) == isvc_name:
+        if ours(obj.metadata.labels, [], isvc_name, ""):
             await self._delete(self.discovery.delete_namespaced_endpoint_slice, obj.metadata)
             log.info("removed the Go agent's leftover EndpointSlice", service=f"{namespace}/{isvc_name}", slice=name)
 
@@ -149,9 +169,7 @@ class Registrar:
             if key in self._withdrawn:
                 return
             self._applied.pop(key, None)
-            await self._delete_if_ours(self.discovery.read_namespaced_endpoint_slice,
-                                       self.discovery.delete_namespaced_endpoint_slice, slice_name(isvc_name, self.member),
-                                       namespace)
+            await self.slices.delete(namespace, slice_name(isvc_name, self.member), _ours_for(isvc_name))
             self._withdrawn.add(key)
 
     async def remove(self, namespace: str, isvc_name: str) -> None:
@@ -159,22 +177,10 @@ class Registrar:
         key = f"{namespace}/{isvc_name}"
         await self.withdraw(namespace, isvc_name)
         async with self._locks[key]:
-            await self._delete_if_ours(self.core.read_namespaced_service, self.core.delete_namespaced_service,
-                                       service_name(isvc_name), namespace)
+            # Only by our label: the InferenceService (and so its uid) is gone.
+            await self.services.delete(namespace, service_name(isvc_name), _ours_for(isvc_name))
             self._withdrawn.discard(key)
             self._service_applied_at.pop(key, None)
-
-    async def _delete_if_ours(self, read, delete, name: str, namespace: str) -> None:
-        try:
-            obj = await read(name, namespace)
-            if not _ours(obj.metadata):
-                log.warning("not deleting an object we do not manage", kind=obj.kind, name=f"{namespace}/{name}")
-                return
-            await delete(name, namespace, body=client.V1DeleteOptions(
-                preconditions=client.V1Preconditions(uid=obj.metadata.uid)))
-        except ApiException as err:
-            if err.status not in (404, 409):
-                raise
 
     async def cleanup(self, namespaces: Iterable[str] | None, keep_service: Callable[[str, str], bool],
                       keep_slice: Callable[[str, str], bool]) -> int:
@@ -210,10 +216,6 @@ class Registrar:
         return deleted
 
     async def _delete(self, deleter, meta) -> None:
-        try:
-            await deleter(meta.name, meta.namespace, body=client.V1DeleteOptions(
-                preconditions=client.V1Preconditions(uid=meta.uid)))
+        """Delete a listed object of ours exactly as listed (uid and resourceVersion)."""
+        if await delete_exactly(deleter, meta):
             log.info("deleted leftover object", name=f"{meta.namespace}/{meta.name}")
-        except ApiException as err:
-            if err.status not in (404, 409):
-                raise
