@@ -127,8 +127,25 @@ def test_the_cache_is_keyed_by_a_digest_per_path_and_bounded():
     cache.put(key, Verdict(200, "allowed"))
     assert cache.get(DecisionCache.key("secret-token", "get", "/v1/services")) is None
     for i in range(3):
-        cache.put(DecisionCache.key(f"t{i}", "get", "/metrics"), Verdict(401, "no"))
+        cache.put(DecisionCache.key(f"ok{i}", "get", "/metrics"), Verdict(200, "allowed"))
     assert len(cache) == 3 and cache.get(key) is None  # the oldest went first
+
+
+def test_junk_tokens_push_out_only_junk_and_an_unknown_token_is_unknown_on_every_path():
+    clock = Clock()
+    cache = DecisionCache(clock=clock, max_entries=3, max_denied=10, denied_ttl=10)
+    good = DecisionCache.key("good", "get", "/metrics")
+    cache.put(good, Verdict(200, "allowed", "prom"))
+    for i in range(2000):
+        cache.put(DecisionCache.key(f"junk{i}", "get", "/metrics"), Verdict(401, "unauthenticated"))
+    assert cache.get(good).allowed and cache.known(good)
+    assert len(cache) == 11  # one allowed, ten refusals
+    cache.put(DecisionCache.key("junk", "get", "/metrics"), Verdict(401, "unauthenticated"))
+    assert cache.get(DecisionCache.key("junk", "get", "/v1/services")).status == 401  # by the token alone
+    assert cache.get(DecisionCache.key("junk", "create", "/v1/fleet/drain")).status == 401
+    clock.now += 10
+    assert cache.get(DecisionCache.key("junk", "get", "/metrics")) is None  # briefly
+    assert not cache.known(DecisionCache.key("junk", "get", "/metrics"))
 
 
 def request(path: str, local: str, authorization: str | None = None):
@@ -157,7 +174,7 @@ async def ok_handler(_):
 async def test_the_gate(local, path, authorization, status):
     asked = []
 
-    async def authorize(token, verb, url):
+    async def authorize(token, verb, url, source):
         asked.append((token, verb, url))
         if token == "good" and url == "/metrics":
             return Verdict(200, "allowed", "prom")
