@@ -187,3 +187,18 @@ async def test_the_gate(local, path, authorization, status):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     if authorization is None or not authorization.startswith("Bearer") or local == "127.0.0.1":
         assert asked == []  # nothing to ask the cluster about
+
+
+async def test_over_the_review_budget_is_429_with_retry_after_and_counted_not_logged_each_time():
+    from metal_agent.adapters.refusal_log import RefusalLog
+
+    async def authorize(token, verb, url, source):
+        return Verdict(429, "too many reviews of unknown tokens from this address; retry later", retry_after=2.2)
+
+    refusals = RefusalLog()
+    gate = auth_middleware(authorize, refusals)
+    for _ in range(50):
+        response = await gate(request("/metrics", "198.18.0.2", "Bearer junk"), ok_handler)
+        assert response.status == 429 and response.headers["Retry-After"] == "3"
+    assert refusals.total == 50 and refusals.sampler.next_due() is not None  # the rest wait for the summary
+    refusals.close()
