@@ -39,7 +39,7 @@ pytestmark = [
 
 SOURCE_BURST = PER_SOURCE_RATE * PER_SOURCE_BURST_S  # 10
 GLOBAL_BURST = GLOBAL_RATE * GLOBAL_BURST_S  # 20
-SLACK = 2  # reviews a bound may be off by: a token refilled as the flood's clock and the agent's differ
+SLACK = 3  # reviews a bound may be off by: clocks that differ, the known token's cache expiring mid-flood
 SCRAPE_BOUND_S = 1.0  # a real scrape during the flood: generous for a loaded 2-core machine
 REFUSALS = "llmkube_metal_agent_http_refusals_total"
 

@@ -88,3 +88,20 @@ def test_refusals_after_an_interval_end_but_before_its_summary_join_that_summary
     sampler.note("x", 5.0)
     assert not sampler.note("x", 11.0)  # the summary timer has not run yet
     assert sampler.due(11.0) == [("x", 2)]
+
+
+async def test_the_summary_is_written_by_a_timer_once_the_flood_has_stopped():
+    import structlog
+
+    from metal_agent.adapters.refusal_log import RefusalLog
+    from tests.support.wait import wait_for
+
+    refusals = RefusalLog(sampler=LogSampler(first=2, interval=0.05))
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(100):
+            refusals.refused("Unauthenticated", "unauthenticated: invalid bearer token", path="/metrics")
+        await wait_for(lambda: any(e["event"] == "refused more requests than were logged" for e in logs),
+                       timeout=10, what="the summary line")
+    assert [e["event"] for e in logs] == ["refused a request"] * 2 + ["refused more requests than were logged"]
+    assert logs[-1]["not_logged"] == 98 and refusals.total == 100
+    refusals.close()
