@@ -50,6 +50,10 @@ bench-fleet: dev ## Three fleet Macs (needs root): failover, double serving, dra
 bench-compat: dev ## Status writes beside LLMKube's real controller (needs root and ../shared); table + bench/results/compat.json
 	$(BIN)/python bench/compat.py --changes 5
 
+.PHONY: bench-review-flood
+bench-review-flood: dev ## 2,000 made-up bearer tokens from one source and from 40 (needs root): TokenReviews sent, a real scrape's latency during it; table + bench/results/review_flood.json, exit 1 on a missed goal
+	$(BIN)/python bench/review_flood.py
+
 .PHONY: test
 test: venv ## Run the whole test suite against real parts (run `make dev` first)
 	METAL_AGENT_REQUIRE_ASSETS=1 $(BIN)/pytest

@@ -40,6 +40,7 @@ from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.kube.secrets import SecretTokenReader
 from metal_agent.adapters.memory_watchdog import MemoryWatchdog, system_memory
 from metal_agent.adapters.model_files import ModelFiles
+from metal_agent.adapters.refusal_log import RefusalLog
 from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
@@ -51,6 +52,7 @@ from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.spec_policy import SpecPolicy
+from metal_agent.core.review_limits import GLOBAL_RATE, PER_SOURCE_RATE, ReviewLimiter
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
@@ -91,6 +93,9 @@ class AgentConfig:
     power_interval_ms: int = 1000
     http_host: str = "127.0.0.1"
     http_port: int = 9090
+    http_allowed_hosts: tuple[str, ...] = ()  # Host names besides loopback and the listened address (core/request_guard.py)
+    token_review_rate: float = PER_SOURCE_RATE  # reviews of unknown tokens per second per source (core/review_limits.py)
+    token_review_global_rate: float = GLOBAL_RATE  # ... from all sources together
     threads: int | None = None
     mlock: bool = True
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
@@ -307,8 +312,15 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
             return "waiting for the first list of InferenceServices and Models"
         return True
 
-    # Requests that do not arrive on loopback need a token the cluster vouches for.
-    app = create_app(registry, ready=readiness, authorize=KubeAuthorizer(api).authorize)
+    # Requests a browser could have forged are refused; those that do not arrive on loopback
+    # need a token the cluster vouches for, and reviews of unknown tokens are budgeted.
+    authorizer = KubeAuthorizer(api, limiter=ReviewLimiter(per_source_rate=cfg.token_review_rate,
+                                                           global_rate=cfg.token_review_global_rate),
+                                reviews_counter=metrics.token_reviews)
+    refusals = RefusalLog(counter=metrics.http_refusals)
+    app = create_app(registry, ready=readiness, authorize=authorizer.authorize, refusals=refusals,
+                     allowed_hosts=frozenset(h.lower() for h in (*cfg.http_allowed_hosts, cfg.http_host)
+                                             if h not in ("0.0.0.0", "::", "")))
     listeners = Listeners(app)
     # The cluster's Prometheus finds this agent at its registered address (core/agent_registration.py).
     endpoint = MetricsEndpoint(
@@ -394,6 +406,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         async with contextlib.AsyncExitStack() as stack:
             await listeners.start()
             stack.push_async_callback(listeners.close)
+            stack.callback(refusals.close)
             try:
                 await listeners.add(cfg.http_host, cfg.http_port)
             except OSError as err:

@@ -49,6 +49,13 @@ class AgentMetrics:
                                    "counted across restarts (see FatalExitLog)", ["subsystem"], registry=registry)
         self.loop_failures = Counter(P + "loop_failures", "background loop failures (each restarted after a back-off)", ["loop"], registry=registry)
         self.events_dropped = Counter(P + "events_dropped", "Kubernetes Events never delivered", ["reason"], registry=registry)
+        self.http_refusals = Counter(P + "http_refusals", "requests the agent's HTTP endpoint refused, by reason "
+                                     "(ForeignHost, ForeignOrigin, CrossSite, ContentTypeNotJSON, MethodNotAllowed, "
+                                     "Unauthenticated, Forbidden, ReviewRateLimited, ReviewUnavailable)", ["reason"],
+                                     registry=registry)
+        self.token_reviews = Counter(P + "token_reviews", "TokenReviews sent to verify scrapes' bearer tokens, by lane "
+                                     "(known: a recently allowed token; unknown: budgeted per source)", ["lane"],
+                                     registry=registry)
         self.workqueue = WorkQueueMetrics(registry, "inferenceservices")
 
     def forget_service(self, namespace: str, name: str) -> None:

@@ -32,19 +32,31 @@ def _url(listen: str, path: str) -> str:
 
 
 async def _call(listen: str, path: str, method: str = "GET") -> dict[str, Any]:
+    """One request to the agent. A verb is a POST with a JSON body: the agent refuses any other
+    content type (a web page could send one; core/request_guard.py)."""
     import aiohttp
 
     url = _url(listen, path)
+    body = {"json": {}} if method != "GET" else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            async with session.request(method, url) as response:
+            async with session.request(method, url, headers={"Accept": "application/json"}, **body) as response:
                 if response.status == 404:
                     raise AgentUnreachable(f"the agent at {listen} does not run with --fleet")
+                if response.status == 403:
+                    raise AgentUnreachable(f"{url} refused the request: {await _why(response)}")
                 if response.status != 200:
                     raise AgentUnreachable(f"{url} answered HTTP {response.status}")
                 return await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise AgentUnreachable(f"no agent answers at {url} ({type(exc).__name__}: {exc or 'timed out'})") from None
+
+
+async def _why(response) -> str:
+    try:
+        return str((await response.json(content_type=None)).get("error") or response.reason)
+    except (ValueError, AttributeError):
+        return str(response.reason)
 
 
 def _run(coro):

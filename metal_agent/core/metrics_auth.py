@@ -19,6 +19,10 @@ newly granted role takes effect within seconds. While the API server cannot
 be asked, a token allowed within the last ten minutes stays allowed: an
 outage is when the Mac's metrics matter most, and a revoked token gains at
 most that long, only while nobody can check it.
+
+Reviews of tokens the cluster has not vouched for are budgeted per source
+address and in all (`core/review_limits.py`): beyond the budget the answer
+is 429 and nothing is sent to the API server.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 ALLOWED_TTL_S = 60.0
 DENIED_TTL_S = 10.0
 STALE_ALLOWED_S = 600.0  # how long an expired "allowed" still serves while the API server is away
-MAX_CACHED = 1024  # distinct (token, verb, path) decisions kept; the oldest go first
+MAX_CACHED = 1024  # distinct allowed (token, verb, path) decisions kept; the oldest go first
+MAX_DENIED = 4096  # refusals kept, apart: junk tokens push out only other junk
 
 # The API server's own mapping of HTTP methods to authorizer verbs.
 _VERBS = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
@@ -41,9 +46,10 @@ _VERBS = {"GET": "get", "HEAD": "get", "POST": "create", "PUT": "update", "PATCH
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    status: int  # 200 allowed, 401 unauthenticated, 403 forbidden, 503 the cluster could not be asked
+    status: int  # 200 allowed, 401 unauthenticated, 403 forbidden, 429 over the review budget, 503 cluster away
     reason: str
     user: str = ""
+    retry_after: float = 0.0  # with 429: seconds until a review could be sent
 
     @property
     def allowed(self) -> bool:
@@ -121,53 +127,79 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+Key = tuple[str, str, str]  # (token digest, verb, path)
+
+
 class DecisionCache:
     """Recent verdicts per (token digest, verb, path), allowed ones longer than denied ones.
 
-    A 503 (the cluster could not be asked) is never cached: the next request asks again.
+    Allowed and denied verdicts are kept apart, each bounded, so that a
+    flood of made-up tokens (each a cached 401) pushes out only other
+    refusals, never the allowed verdict of the Prometheus that scrapes
+    during it. A 401 says the token itself is unknown, whatever it asked
+    for, so it is cached by the token's digest alone: the same junk token on
+    another path is not reviewed again. A 503 (the cluster could not be
+    asked) is never cached: the next request asks again.
     """
 
     def __init__(self, *, clock: Callable[[], float], allowed_ttl: float = ALLOWED_TTL_S,
                  denied_ttl: float = DENIED_TTL_S, stale_allowed: float = STALE_ALLOWED_S,
-                 max_entries: int = MAX_CACHED) -> None:
+                 max_entries: int = MAX_CACHED, max_denied: int = MAX_DENIED) -> None:
         self._clock = clock
         self._allowed_ttl = allowed_ttl
         self._denied_ttl = denied_ttl
         self._stale_allowed = stale_allowed
         self._max = max_entries
-        self._entries: OrderedDict[tuple[str, str, str], tuple[float, Verdict]] = OrderedDict()
+        self._max_denied = max_denied
+        self._allowed: OrderedDict[Key, tuple[float, Verdict]] = OrderedDict()
+        self._denied: OrderedDict[Key, tuple[float, Verdict]] = OrderedDict()
 
     @staticmethod
-    def key(token: str, verb: str, path: str) -> tuple[str, str, str]:
+    def key(token: str, verb: str, path: str) -> Key:
         return token_digest(token), verb, path
 
-    def get(self, key: tuple[str, str, str]) -> Verdict | None:
+    @staticmethod
+    def _unknown(key: Key) -> Key:
+        return key[0], "", ""
+
+    def get(self, key: Key) -> Verdict | None:
         """A fresh verdict, or None (ask the cluster)."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, found = entry
-        if self._clock() < expires:
-            return found
-        if not found.allowed or self._clock() >= expires + self._stale_allowed:
-            del self._entries[key]  # an expired "allowed" stays a while for stale_allowed()
+        now = self._clock()
+        if (entry := self._allowed.get(key)) is not None:
+            if now < entry[0]:
+                return entry[1]
+            if now >= entry[0] + self._stale_allowed:
+                del self._allowed[key]  # an expired "allowed" stays a while for stale_allowed()
+        for denied in (self._unknown(key), key):
+            if (entry := self._denied.get(denied)) is not None:
+                if now < entry[0]:
+                    return entry[1]
+                del self._denied[denied]
         return None
 
-    def stale_allowed(self, key: tuple[str, str, str]) -> Verdict | None:
-        """The cluster cannot be asked: an "allowed" that expired less than `stale_allowed` ago."""
-        entry = self._entries.get(key)
-        if entry is None or not entry[1].allowed or self._clock() >= entry[0] + self._stale_allowed:
-            return None
-        return entry[1]
+    def known(self, key: Key) -> bool:
+        """The cluster allowed this token this request recently (fresh, or expired less than
+        `stale_allowed` ago): a re-review goes on the known lane, never behind unknown tokens."""
+        entry = self._allowed.get(key)
+        return entry is not None and self._clock() < entry[0] + self._stale_allowed
 
-    def put(self, key: tuple[str, str, str], found: Verdict) -> None:
+    def stale_allowed(self, key: Key) -> Verdict | None:
+        """The cluster cannot be asked: an "allowed" that expired less than `stale_allowed` ago."""
+        return self._allowed[key][1] if self.known(key) else None
+
+    def put(self, key: Key, found: Verdict) -> None:
         if found.status not in (200, 401, 403):
             return
-        ttl = self._allowed_ttl if found.allowed else self._denied_ttl
-        self._entries[key] = (self._clock() + ttl, found)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        if found.allowed:
+            store, bound, ttl = self._allowed, self._max, self._allowed_ttl
+        else:
+            store, bound, ttl = self._denied, self._max_denied, self._denied_ttl
+            if found.status == 401:
+                key = self._unknown(key)
+        store[key] = (self._clock() + ttl, found)
+        store.move_to_end(key)
+        while len(store) > bound:
+            store.popitem(last=False)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._allowed) + len(self._denied)

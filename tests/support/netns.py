@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 TEST_NET = ipaddress.ip_network("198.18.0.0/15")
+SOURCE_NET = ipaddress.ip_network("198.51.100.0/24")  # TEST-NET-2: extra client addresses (add_sources), apart from the pairs
 
 
 class NetNSError(RuntimeError):
@@ -91,6 +92,31 @@ async def move_address(ns: NetNS) -> NetNS:
     await _ip("addr", "add", f"{inner_ip}/30", "dev", ns.inner_if, netns=ns.name)
     await _ip("addr", "del", f"{ns.inner_ip}/30", "dev", ns.inner_if, netns=ns.name)
     return NetNS(ns.name, inner_ip, outer_ip, ns.inner_if, ns.outer_if)
+
+
+async def _address_in_use(address: str) -> bool:
+    proc = await asyncio.create_subprocess_exec("ip", "-o", "addr", "show", "to", f"{address}/32",
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await proc.communicate()
+    return bool(out.strip())
+
+
+async def add_sources(ns: NetNS, count: int) -> list[str]:
+    """`count` more addresses in the root namespace that the "Mac" can answer: clients bound to
+    them reach its address from a source of their own (as many machines would). Each is a /32
+    on the root end of the veth pair with a route back to it inside the namespace; they go
+    with the pair when the namespace is torn down."""
+    taken = {ns.inner_ip, ns.outer_ip}
+    sources: list[str] = []
+    while len(sources) < count:
+        address = str(SOURCE_NET.network_address + 1 + secrets.randbelow(SOURCE_NET.num_addresses - 2))
+        if address in taken or await _address_in_use(address):
+            continue
+        taken.add(address)
+        await _ip("addr", "add", f"{address}/32", "dev", ns.outer_if)
+        await _ip("route", "add", f"{address}/32", "dev", ns.inner_if, netns=ns.name)
+        sources.append(address)
+    return sources
 
 
 # -- sockets inside a namespace -------------------------------------------
@@ -183,23 +209,38 @@ async def kubeconfig_into(ns: NetNS, kubeconfig: Path, target: Path, api_port: i
 
 async def http_get_in(ns: NetNS, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
     """GET http://127.0.0.1:<port><path> as seen *inside* `ns` (its loopback, not the root
-    namespace's). Returns (status, body). A plain HTTP/1.0 request on a socket opened in the
-    namespace: what a local tool on "the Mac" does."""
+    namespace's). Returns (status, body): what a local tool on "the Mac" does."""
+    status, _, body = await http_request_in(ns, port, "GET", path, timeout=timeout)
+    return status, body
+
+
+async def http_request_in(ns: NetNS, port: int, method: str, path: str, headers: dict[str, str | None] | None = None,
+                          body: bytes = b"", timeout: float = 5.0) -> tuple[int, dict[str, str], str]:
+    """Any request to 127.0.0.1:<port> *inside* `ns`, headers exactly as given: a plain HTTP/1.0
+    request on a socket opened in the namespace. `Host` defaults to 127.0.0.1:<port>; a header
+    given as None is left out. Returns (status, response headers lower-cased, body)."""
     import socket
+
+    sent = {"Host": f"127.0.0.1:{port}", "Connection": "close", **(headers or {})}
+    if body:
+        sent["Content-Length"] = str(len(body))
+    head = "".join(f"{k}: {v}\r\n" for k, v in sent.items() if v is not None)
+    request = f"{method} {path} HTTP/1.0\r\n{head}\r\n".encode() + body
 
     def fetch() -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(request)
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
         return b"".join(chunks)
 
     raw = await asyncio.to_thread(_in_netns, ns.name, fetch)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    head_bytes, _, answer = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode(errors="replace").split("\r\n")
     try:
-        status = int(status_line.split()[1])
+        status = int(lines[0].split()[1])
     except (IndexError, ValueError):
-        raise OSError(f"not an HTTP response from 127.0.0.1:{port} in {ns.name}: {status_line!r}") from None
-    return status, body.decode(errors="replace")
+        raise OSError(f"not an HTTP response from 127.0.0.1:{port} in {ns.name}: {lines[0]!r}") from None
+    response_headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, response_headers, answer.decode(errors="replace")

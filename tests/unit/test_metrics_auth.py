@@ -127,8 +127,25 @@ def test_the_cache_is_keyed_by_a_digest_per_path_and_bounded():
     cache.put(key, Verdict(200, "allowed"))
     assert cache.get(DecisionCache.key("secret-token", "get", "/v1/services")) is None
     for i in range(3):
-        cache.put(DecisionCache.key(f"t{i}", "get", "/metrics"), Verdict(401, "no"))
+        cache.put(DecisionCache.key(f"ok{i}", "get", "/metrics"), Verdict(200, "allowed"))
     assert len(cache) == 3 and cache.get(key) is None  # the oldest went first
+
+
+def test_junk_tokens_push_out_only_junk_and_an_unknown_token_is_unknown_on_every_path():
+    clock = Clock()
+    cache = DecisionCache(clock=clock, max_entries=3, max_denied=10, denied_ttl=10)
+    good = DecisionCache.key("good", "get", "/metrics")
+    cache.put(good, Verdict(200, "allowed", "prom"))
+    for i in range(2000):
+        cache.put(DecisionCache.key(f"junk{i}", "get", "/metrics"), Verdict(401, "unauthenticated"))
+    assert cache.get(good).allowed and cache.known(good)
+    assert len(cache) == 11  # one allowed, ten refusals
+    cache.put(DecisionCache.key("junk", "get", "/metrics"), Verdict(401, "unauthenticated"))
+    assert cache.get(DecisionCache.key("junk", "get", "/v1/services")).status == 401  # by the token alone
+    assert cache.get(DecisionCache.key("junk", "create", "/v1/fleet/drain")).status == 401
+    clock.now += 10
+    assert cache.get(DecisionCache.key("junk", "get", "/metrics")) is None  # briefly
+    assert not cache.known(DecisionCache.key("junk", "get", "/metrics"))
 
 
 def request(path: str, local: str, authorization: str | None = None):
@@ -157,7 +174,7 @@ async def ok_handler(_):
 async def test_the_gate(local, path, authorization, status):
     asked = []
 
-    async def authorize(token, verb, url):
+    async def authorize(token, verb, url, source):
         asked.append((token, verb, url))
         if token == "good" and url == "/metrics":
             return Verdict(200, "allowed", "prom")
@@ -170,3 +187,18 @@ async def test_the_gate(local, path, authorization, status):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     if authorization is None or not authorization.startswith("Bearer") or local == "127.0.0.1":
         assert asked == []  # nothing to ask the cluster about
+
+
+async def test_over_the_review_budget_is_429_with_retry_after_and_counted_not_logged_each_time():
+    from metal_agent.adapters.refusal_log import RefusalLog
+
+    async def authorize(token, verb, url, source):
+        return Verdict(429, "too many reviews of unknown tokens from this address; retry later", retry_after=2.2)
+
+    refusals = RefusalLog()
+    gate = auth_middleware(authorize, refusals)
+    for _ in range(50):
+        response = await gate(request("/metrics", "198.18.0.2", "Bearer junk"), ok_handler)
+        assert response.status == 429 and response.headers["Retry-After"] == "3"
+    assert refusals.total == 50 and refusals.sampler.next_due() is not None  # the rest wait for the summary
+    refusals.close()

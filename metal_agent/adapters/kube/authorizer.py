@@ -2,11 +2,21 @@
 
 The rules and the cache are in `core/metrics_auth.py`; this adapter only
 makes the two API calls. Concurrent requests carrying the same token share
-one pair of reviews, so a burst of scrapes is one round trip, and at most a
-few reviews are in flight at once, so a flood of made-up tokens from the
-network cannot turn the agent into a flood of reviews. An API server that
-cannot be asked gives 503 (never cached), unless the same token was allowed
-within the last ten minutes (core.metrics_auth.DecisionCache.stale_allowed).
+one pair of reviews, so a burst of scrapes is one round trip. An API server
+that cannot be asked gives 503 (never cached), unless the same token was
+allowed within the last ten minutes (core.metrics_auth.DecisionCache.stale_allowed).
+
+A flood of made-up tokens from the network must not become a flood of
+reviews, nor make Prometheus wait. So reviews run on two lanes:
+
+- *known*: a token the cluster allowed for this request recently. A fresh
+  verdict is answered from the cache without waiting on anything; an
+  expired one is re-reviewed here, on a lane of its own that unknown
+  tokens never enter.
+- *unknown*: everything else. Each review spends the sending address's
+  budget and the global one (`core/review_limits.py`); beyond either, or
+  with too many already waiting, the answer is 429 with Retry-After and
+  nothing is sent. At most a few run at once.
 """
 
 from __future__ import annotations
@@ -26,37 +36,70 @@ from metal_agent.core.metrics_auth import (
     token_review,
     verdict,
 )
+from metal_agent.core.review_limits import GLOBAL, ReviewLimiter
 
 log = structlog.get_logger(__name__)
 
-MAX_CONCURRENT_REVIEWS = 4
+MAX_CONCURRENT_REVIEWS = 4  # unknown tokens reviewed at once
+MAX_WAITING_REVIEWS = 16  # unknown-token reviews admitted but not finished; beyond: 429
+KNOWN_CONCURRENCY = 2  # re-reviews of recently allowed tokens at once (their own lane)
+KNOWN, UNKNOWN = "known", "unknown"
 
 
 class KubeAuthorizer:
-    def __init__(self, api: client.ApiClient, *, cache: DecisionCache | None = None) -> None:
+    def __init__(self, api: client.ApiClient, *, cache: DecisionCache | None = None,
+                 limiter: ReviewLimiter | None = None, reviews_counter=None,
+                 clock=time.monotonic) -> None:
         self.authn = client.AuthenticationV1Api(api)
         self.authz = client.AuthorizationV1Api(api)
-        self.cache = cache or DecisionCache(clock=time.monotonic)
+        self._clock = clock
+        self.cache = cache or DecisionCache(clock=clock)
+        self.limiter = limiter or ReviewLimiter()
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Verdict]] = {}
-        self._reviewing = asyncio.Semaphore(MAX_CONCURRENT_REVIEWS)
+        self._lanes = {KNOWN: asyncio.Semaphore(KNOWN_CONCURRENCY), UNKNOWN: asyncio.Semaphore(MAX_CONCURRENT_REVIEWS)}
+        self._unknown_pending = 0
+        self._counter = reviews_counter  # a prometheus Counter labelled by lane, or None
         self.reviews = 0  # TokenReviews sent (tests and benchmarks read it)
 
-    async def authorize(self, token: str, verb: str, path: str) -> Verdict:
+    async def authorize(self, token: str, verb: str, path: str, source: str = "") -> Verdict:
         key = DecisionCache.key(token, verb, path)
         if (cached := self.cache.get(key)) is not None:
             return cached
         task = self._inflight.get(key)
         if task is None:
-            task = self._inflight[key] = asyncio.ensure_future(self._review(token, verb, path))
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            lane = KNOWN if self.cache.known(key) else UNKNOWN
+            if lane == UNKNOWN:
+                if (refused := self._admit(source)) is not None:
+                    return refused
+                self._unknown_pending += 1  # counted from admission: requests in one tick see each other
+            task = self._inflight[key] = asyncio.ensure_future(self._review(token, verb, path, lane))
+            task.add_done_callback(lambda _, lane=lane: self._finished(key, lane))
         found = await asyncio.shield(task)
         if found.status == 503 and (stale := self.cache.stale_allowed(key)) is not None:
             return stale
         self.cache.put(key, found)
         return found
 
-    async def _review(self, token: str, verb: str, path: str) -> Verdict:
-        async with self._reviewing:
+    def _admit(self, source: str) -> Verdict | None:
+        """None: an unknown token may be reviewed now (its budget is spent); else the 429."""
+        if self._unknown_pending >= MAX_WAITING_REVIEWS:
+            return Verdict(429, "too many token reviews are waiting; retry later", retry_after=1.0)
+        admission = self.limiter.admit(source, self._clock())
+        if admission.admitted:
+            return None
+        who = "from all sources" if admission.scope == GLOBAL else "from this address"
+        return Verdict(429, f"too many reviews of unknown tokens {who}; retry later",
+                       retry_after=admission.retry_after)
+
+    def _finished(self, key: tuple[str, str, str], lane: str) -> None:
+        self._inflight.pop(key, None)
+        if lane == UNKNOWN:
+            self._unknown_pending -= 1
+
+    async def _review(self, token: str, verb: str, path: str, lane: str) -> Verdict:
+        async with self._lanes[lane]:
+            if self._counter is not None:
+                self._counter.labels(lane).inc()
             return await self._review_now(token, verb, path)
 
     async def _review_now(self, token: str, verb: str, path: str) -> Verdict:
@@ -74,10 +117,7 @@ class KubeAuthorizer:
             log.warning("cannot verify a metrics scrape's token; answering 503",
                         error=f"{type(err).__name__}: {getattr(err, 'reason', err)}")
             return Verdict(503, "the cluster could not be asked to verify the token")
-        found = verdict(status, access, verb, path)
-        if not found.allowed:
-            log.info("refused a metrics request", status=found.status, reason=found.reason, path=path)
-        return found
+        return verdict(status, access, verb, path)  # a refusal is logged (sampled) by the HTTP gate
 
 
 def _review_status(status) -> dict:
