@@ -382,3 +382,19 @@ def test_bad_owner_flags_are_refused_with_one_clear_line(args, needle, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     flat = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())  # click's box wraps long lines
     assert needle in flat, result.stderr
+
+
+async def test_a_snapshot_that_fills_the_disk_gives_back_every_file(servers, store, tls, tmp_path):
+    """An MLX snapshot whose second file does not fit: the first (complete) one goes too."""
+    with tmpfs(tmp_path / "volume", "16m") as volume:
+        hub = await servers(SOURCE_HOST, tls[0])
+        repo_files = {"a.safetensors": model_bytes(6 * MiB), "b.safetensors": model_bytes(8 * MiB, seed=2),
+                      "config.json": b"{}"}
+        add_hub_repo(hub, "org/big", repo_files, lfs=("a.safetensors", "b.safetensors"))
+        files, _ = store(hf_endpoint=hub.url(""), cache=volume / "cache",
+                         limits=DownloadLimits(free_margin=4 * MiB))
+        m = model("hf://org/big", kind=SourceKind.HUGGINGFACE, fmt=ModelFormat.MLX)
+        found = await settle(files, m, f"{NS}/big")
+        assert isinstance(found, Blocker) and found.reason == "InsufficientDisk", found
+        assert stored(volume / "cache") == []
+        await files.aclose()
