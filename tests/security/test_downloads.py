@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -73,7 +74,12 @@ async def servers():
     async def start(host: str = "127.0.0.1", tls=None, port: int = 0) -> ModelHTTPServer:
         server = ModelHTTPServer(host, tls, port)
         started.append(server)
-        return await server.start()
+        try:
+            return await server.start()
+        except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL and host.startswith("127.") and host != "127.0.0.1":
+                pytest.skip(f"{host} is not on the loopback interface here (macOS: ifconfig lo0 alias {host})")
+            raise
 
     yield start
     for server in started:
