@@ -21,7 +21,8 @@ that very `Download` class:
   store's, exactly as for a single file.
 * The listing and every file go through the same egress rules (addresses,
   redirects, token origin) and size limits; each file's listed size bounds
-  its body.
+  its body. A file that finds the disk full (or the margin reached) removes
+  the whole staging directory, not only its own partial.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from metal_agent.adapters.egress_http import Refused, open_followed
 from metal_agent.adapters.model_cache import CachePaths, Verified, read_json, write_json
 from metal_agent.core.api import ModelSource
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.download_limits import DownloadLimits
+from metal_agent.core.download_limits import REASON_DISK, DownloadLimits
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy
 from metal_agent.core.status import Blocker
 
@@ -227,7 +228,14 @@ class SnapshotDownload:
                                      session=self.session, token=self.token, backoff=self.backoff,
                                      max_failures=self.max_failures, on_update=self._file_update,
                                      egress=self.egress, limits=self.limits, declared_size=item.size)
-            verified = await self._current.run()
+            try:
+                verified = await self._current.run()
+            except DownloadError as err:
+                if err.reason == REASON_DISK:  # the files already fetched give their space back too
+                    await asyncio.to_thread(shutil.rmtree, self.staging, True)
+                    raise DownloadError(f"{err.message}, and so were the snapshot's other files", permanent=True,
+                                        reason=REASON_DISK) from None
+                raise
             await self._check(item, verified)
             self._bytes_before += verified.size
             self.files_done += 1

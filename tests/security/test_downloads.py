@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -73,7 +74,12 @@ async def servers():
     async def start(host: str = "127.0.0.1", tls=None, port: int = 0) -> ModelHTTPServer:
         server = ModelHTTPServer(host, tls, port)
         started.append(server)
-        return await server.start()
+        try:
+            return await server.start()
+        except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL and host.startswith("127.") and host != "127.0.0.1":
+                pytest.skip(f"{host} is not on the loopback interface here (macOS: ifconfig lo0 alias {host})")
+            raise
 
     yield start
     for server in started:
@@ -382,3 +388,19 @@ def test_bad_owner_flags_are_refused_with_one_clear_line(args, needle, tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     flat = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())  # click's box wraps long lines
     assert needle in flat, result.stderr
+
+
+async def test_a_snapshot_that_fills_the_disk_gives_back_every_file(servers, store, tls, tmp_path):
+    """An MLX snapshot whose second file does not fit: the first (complete) one goes too."""
+    with tmpfs(tmp_path / "volume", "16m") as volume:
+        hub = await servers(SOURCE_HOST, tls[0])
+        repo_files = {"a.safetensors": model_bytes(6 * MiB), "b.safetensors": model_bytes(8 * MiB, seed=2),
+                      "config.json": b"{}"}
+        add_hub_repo(hub, "org/big", repo_files, lfs=("a.safetensors", "b.safetensors"))
+        files, _ = store(hf_endpoint=hub.url(""), cache=volume / "cache",
+                         limits=DownloadLimits(free_margin=4 * MiB))
+        m = model("hf://org/big", kind=SourceKind.HUGGINGFACE, fmt=ModelFormat.MLX)
+        found = await settle(files, m, f"{NS}/big")
+        assert isinstance(found, Blocker) and found.reason == "InsufficientDisk", found
+        assert stored(volume / "cache") == []
+        await files.aclose()
