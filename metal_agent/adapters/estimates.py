@@ -132,8 +132,12 @@ class EstimateInputs:
         reading: asyncio.Future = loop.create_future()
 
         def settle(result: Any, error: BaseException | None) -> None:
-            if not reading.done():
-                reading.set_exception(error) if error is not None else reading.set_result(result)
+            if reading.done():
+                return
+            if error is not None:
+                reading.set_exception(error)
+            else:
+                reading.set_result(result)
 
         def run() -> None:
             try:

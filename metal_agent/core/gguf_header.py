@@ -387,7 +387,7 @@ class _Reader:
             except (struct.error, OverflowError):  # past the window; OverflowError: past 2**63
                 left -= i
                 at = count - left
-                if pos > len(buf) + MAX_STRING_BYTES + 8:  # read inside the window, so the length was huge
+                if i and pos > len(buf) + MAX_STRING_BYTES + 8:  # the last length was read inside the window
                     raise _corrupt(f"the string claims more than {MAX_STRING_BYTES >> 20} MiB, which is not "
                                    "plausible").inside(f"element {at - 1}") from None
                 self.pos = pos

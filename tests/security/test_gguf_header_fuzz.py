@@ -28,8 +28,9 @@ from hypothesis import strategies as st  # noqa: E402
 from metal_agent.core.gguf_header import ArrayInfo, GGUFError, GGUFHeader, StringInfo, parse_header, read_header_from  # noqa: E402
 from tests.support import gguf_forge as f  # noqa: E402
 
+LIMIT = 128 << 20  # the agent's HEADER_MAX_READ
 CPU_BOUND = 1.0  # seconds of process CPU per example; examples are KBs, so this is generous
-FUZZ = settings(max_examples=300, deadline=timedelta(seconds=5), derandomize=True, database=None,
+FUZZ = settings(max_examples=200, deadline=timedelta(seconds=5), derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -38,12 +39,13 @@ def answered(data: bytes, first: int, tail: int) -> GGUFHeader | GGUFError:
     file = data + bytes(tail)
     started = time.process_time()
     whole = parse_header(file)
-    windowed = read_header_from(lambda offset, length: file[offset:offset + length], len(file), first, 1 << 27)
+    windowed = read_header_from(lambda offset, length: file[offset:offset + length], len(file), first, LIMIT)
     spent = time.process_time() - started
     assert isinstance(whole, (GGUFHeader, GGUFError)), whole
     assert spent < CPU_BOUND, spent
-    if isinstance(whole, GGUFError) and whole.truncated:
-        assert isinstance(windowed, GGUFError) and windowed.truncated, windowed
+    if isinstance(whole, GGUFError) and whole.truncated:  # the file ends early: or, read from disk, past the limit
+        assert isinstance(windowed, GGUFError), windowed
+        assert windowed.truncated or (whole.needed > LIMIT and "larger than 128 MiB" in windowed.message), windowed
     else:
         assert windowed == whole
     return whole
@@ -195,7 +197,13 @@ def test_headers_written_by_gguf_read_as_the_reference_reads_them(tmp_path, meta
 
 
 def test_the_real_tiny_model_and_its_vocabulary_read_as_the_reference_reads_them(tiny_model, llama_vocab):
-    for path in (tiny_model, llama_vocab):
-        header = same_as_reference(path)
-        assert header.metadata["tokenizer.ggml.tokens"].count == 32_000
+    """The tiny model against gguf.GGUFReader (which takes ~9 s over its 32k-token vocabulary;
+    ours ~50 ms); llama.cpp's vocabulary file, whose keys the tiny model copies, alike."""
+    model = same_as_reference(tiny_model)
+    vocab = parse_header(llama_vocab.read_bytes())
+    assert isinstance(vocab, GGUFHeader)
+    for header, path in ((model, tiny_model), (vocab, llama_vocab)):
+        assert header.metadata["tokenizer.ggml.tokens"] == ArrayInfo(f.STRING, 32_000)
         assert answered(path.read_bytes()[:header.size + 4096], 4096, 0) == header
+    assert {k: v for k, v in vocab.metadata.items() if k.startswith("tokenizer.")} == {
+        k: v for k, v in model.metadata.items() if k.startswith("tokenizer.")}
