@@ -97,3 +97,11 @@ async def test_a_good_token_from_another_address_is_reviewed_during_a_flood_from
     for i in range(500):
         await auth.authorize(f"junk{i}", "get", "/metrics", "198.18.0.1")
     assert (await auth.authorize("good-new", "get", "/metrics", "198.18.0.9")).allowed
+
+
+async def test_the_limiter_given_is_the_one_used():
+    """An empty limiter (no source seen yet) is falsy: it must still be the one used (--token-review-rate)."""
+    clock, api = Clock(), StandInAPI()
+    auth = authorizer(clock, api, per_source_rate=100.0, global_rate=100.0)
+    answers = [await auth.authorize(f"junk{i}", "get", "/metrics", "198.18.0.1") for i in range(50)]
+    assert all(a.status == 401 for a in answers) and len(api.reviews) == 50

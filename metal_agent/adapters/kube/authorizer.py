@@ -53,8 +53,8 @@ class KubeAuthorizer:
         self.authn = client.AuthenticationV1Api(api)
         self.authz = client.AuthorizationV1Api(api)
         self._clock = clock
-        self.cache = cache or DecisionCache(clock=clock)
-        self.limiter = limiter or ReviewLimiter()
+        self.cache = cache if cache is not None else DecisionCache(clock=clock)  # (an empty one is falsy)
+        self.limiter = limiter if limiter is not None else ReviewLimiter()
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Verdict]] = {}
         self._lanes = {KNOWN: asyncio.Semaphore(KNOWN_CONCURRENCY), UNKNOWN: asyncio.Semaphore(MAX_CONCURRENT_REVIEWS)}
         self._unknown_pending = 0
