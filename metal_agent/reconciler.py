@@ -28,7 +28,7 @@ import structlog
 
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer, object_key
-from metal_agent.adapters.kube.registrar import NotOurs, Registrar
+from metal_agent.adapters.kube.registrar import NameTaken, Registrar
 from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.memory_watchdog import process_rss
 from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
@@ -521,7 +521,7 @@ class Reconciler:
                            runtime=supervisor.plan.engine.runtime_label)
         try:
             await self.registrar.ensure(reg)
-        except NotOurs as taken:
+        except NameTaken as taken:
             # The name belongs to someone else's object: it stays untouched, the model keeps
             # serving on the Mac, and we look again (it may be removed or handed over).
             failures = self._registration_failures[key] = self._registration_failures.get(key, 0) + 1

@@ -13,11 +13,13 @@ the model keeps serving on the Mac. The guarded writes themselves
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.kube.owned import NotOurs, OwnedObjects
+from metal_agent.adapters.kube.owned import NameTaken, OwnedObjects
 from tests.support import netns
 from tests.support.agent import agents_in_netns
 from tests.support.isvc import Cluster
@@ -115,8 +117,8 @@ async def test_a_foreign_service_and_slice_are_left_alone_and_the_conflict_is_re
     # Deleting the InferenceService stops the model and deletes nothing of theirs.
     await cluster.delete_isvc("db")
     await wait_for(lambda: _no_services(agent), timeout=60, what="llama-server stopped")
-    await wait_for(lambda: _log_has(agent, "not deleting an object we do not manage"), timeout=30,
-                   what="the refusal to delete, logged")
+    await wait_for(lambda: _refusals(agent) >= {("Service", f"{cluster.ns}/db"), ("EndpointSlice", f"{cluster.ns}/db-metal")},
+                   timeout=30, what="the refusals to delete, logged")
     assert fingerprint(await cluster.core.read_namespaced_service("db", cluster.ns)) == svc_before
     assert fingerprint(await discovery.read_namespaced_endpoint_slice("db-metal", cluster.ns)) == slice_before
 
@@ -142,22 +144,25 @@ async def test_once_the_foreign_service_is_gone_the_agent_registers(mac):
 
 
 async def test_our_label_for_another_inference_service_is_not_ours(mac):
-    """`a.b` and `a-b` derive the same Service name: the Service registered for `a-b` (our
-    labels, its name) is not `a.b`'s to write over or delete."""
+    """`q.b` and `q-b` derive the same Service name: the Service registered for `q-b` (our
+    labels, its name) is not `q.b`'s to write over or delete."""
     cluster, ns, make_agent = mac
-    other = {"llmkube.ai/managed-by": "metal-agent", "llmkube.ai/inference-service": "qa-b", "app": "qa-b"}
-    await cluster.core.create_namespaced_service(cluster.ns, client.V1Service(
-        metadata=client.V1ObjectMeta(name="qa-b", labels=other),
-        spec=client.V1ServiceSpec(ports=[client.V1ServicePort(name="http", port=8080, target_port=1234)])))
-    before = fingerprint(await cluster.core.read_namespaced_service("qa-b", cluster.ns))
     agent = make_agent()
     await agent.start()
-    await cluster.create_isvc("qa.b", "tiny", contextSize=256)
-    await wait_for(lambda: conflict(cluster, "qa.b"), timeout=90, what="ServiceNameConflict", on_timeout=agent.log_text)
-    await cluster.delete_isvc("qa.b")
-    await wait_for(lambda: _no_services(agent), timeout=60, what="llama-server stopped")
-    assert fingerprint(await cluster.core.read_namespaced_service("qa-b", cluster.ns)) == before
-    assert await slices_for(cluster, "qa-b") == []
+    await cluster.create_isvc("q-b", "tiny", contextSize=256)
+    await cluster.wait_phase("q-b", "Ready", timeout=90)
+    svc_before = fingerprint(await cluster.core.read_namespaced_service("q-b", cluster.ns))
+    await cluster.create_isvc("q.b", "tiny", contextSize=256)
+    cond = await wait_for(lambda: conflict(cluster, "q.b"), timeout=90, what="ServiceNameConflict",
+                          on_timeout=agent.log_text)
+    assert f"Service {cluster.ns}/q-b" in cond["message"]
+    assert [s.metadata.labels["llmkube.ai/inference-service"] for s in await slices_for(cluster, "q-b")] == ["q-b"]
+    await cluster.delete_isvc("q.b")
+    await wait_for(lambda: _serving(agent, {"q-b"}), timeout=60, what="q.b's llama-server stopped")
+    assert fingerprint(await cluster.core.read_namespaced_service("q-b", cluster.ns)) == svc_before
+    [theirs] = await slices_for(cluster, "q-b")
+    assert theirs.metadata.name == "q-b-metal" and theirs.endpoints[0].conditions.ready
+    assert (await cluster.status("q-b"))["phase"] == "Ready"
 
 
 async def test_a_foreign_slice_under_our_slice_name_is_left_alone(mac):
@@ -200,8 +205,8 @@ async def test_a_service_handed_to_the_inference_service_is_adopted(mac):
 
 # -- the guarded writes themselves, through the races they exist for (agent identity) ----------
 
-def _owned(core: client.CoreV1Api, read=None) -> OwnedObjects:
-    return OwnedObjects("Service", read=read or core.read_namespaced_service, create=core.create_namespaced_service,
+def _owned(core: client.CoreV1Api, listing=None) -> OwnedObjects:
+    return OwnedObjects("Service", read=core.read_namespaced_service, listing=listing or core.list_namespaced_service,
                         patch=core.patch_namespaced_service, delete=core.delete_namespaced_service)
 
 
@@ -220,16 +225,14 @@ def _body(ns: str, name: str = "race") -> dict:
 async def test_a_service_created_between_the_look_and_the_write_is_not_taken(agent_api, admin_api, namespace):
     admin, core = client.CoreV1Api(admin_api), client.CoreV1Api(agent_api)
 
-    async def read_then_someone_creates(name, ns):
-        try:
-            return await core.read_namespaced_service(name, ns)
-        except ApiException as err:
-            if err.status == 404 and not created:
-                created.append(await admin.create_namespaced_service(ns, foreign_service(name)))
-            raise
+    async def look_then_someone_creates(ns, **kwargs):
+        seen = await core.list_namespaced_service(ns, **kwargs)
+        if not seen.items and not created:
+            created.append(await admin.create_namespaced_service(ns, foreign_service("race")))
+        return seen
     created: list = []
-    with pytest.raises(NotOurs):
-        await _owned(core, read_then_someone_creates).apply(namespace, "race", _body(namespace), _ours)
+    with pytest.raises(NameTaken):
+        await _owned(core, look_then_someone_creates).apply(namespace, "race", _body(namespace), _ours)
     assert fingerprint(await admin.read_namespaced_service("race", namespace)) == fingerprint(created[0])
 
 
@@ -243,7 +246,7 @@ async def test_a_service_replaced_after_our_write_is_not_written_over(agent_api,
     assert _ours((await admin.read_namespaced_service("swap", namespace)).metadata)
     await admin.delete_namespaced_service("swap", namespace)
     theirs = await admin.create_namespaced_service(namespace, foreign_service("swap"))
-    with pytest.raises(NotOurs):
+    with pytest.raises(NameTaken):
         await owned.apply(namespace, "swap", _body(namespace, "swap"), _ours)  # the heartbeat's apply
     assert fingerprint(await admin.read_namespaced_service("swap", namespace)) == fingerprint(theirs)
 
@@ -258,7 +261,9 @@ async def test_a_delete_spares_an_object_relabelled_after_the_check(agent_api, a
         seen = await core.read_namespaced_service(name, ns)
         await admin.patch_namespaced_service(name, ns, {"metadata": {"labels": {"llmkube.ai/managed-by": "team-data"}}})
         return seen
-    assert not await _owned(core, read_then_someone_claims).delete(namespace, "claimed", _ours)
+    owned = _owned(core)
+    owned._read = read_then_someone_claims
+    assert not await owned.delete(namespace, "claimed", _ours)
     assert (await admin.read_namespaced_service("claimed", namespace)).metadata.labels["llmkube.ai/managed-by"] == "team-data"
 
 
@@ -266,9 +271,22 @@ async def _retried(agent, times: int) -> bool:
     return agent.log_text().count("not registering: the name is taken") >= times
 
 
+async def _serving(agent, names: set[str]) -> bool:
+    return {r["service"].split("/", 1)[1] for r in await agent.services()} == names
+
+
 async def _no_services(agent) -> bool:
     return await agent.services() == []
 
 
-async def _log_has(agent, text: str) -> bool:
-    return text in agent.log_text()
+def _refusals(agent) -> set[tuple[str, str]]:
+    """(kind, namespace/name) of every delete the agent refused with a warning."""
+    found = set()
+    for line in agent.log_text().splitlines():
+        try:
+            entry = json.loads(line[line.index("{"):])
+        except ValueError:
+            continue
+        if entry.get("event") == "not deleting an object we do not manage" and entry.get("level") == "warning":
+            found.add((entry.get("kind"), entry.get("name")))
+    return found

@@ -8,7 +8,7 @@ stays. A slice left by an agent that died says how stale it is in its
 heartbeat, and the next agent on that Mac applies over it.
 The same rule as the model objects' holds (`owned.py`): a `metal-agent`
 Service or slice of that name without our labels is someone else's, never
-written over or deleted; `ensure` raises `NotOurs` and the endpoint loop says
+written over or deleted; `ensure` raises `NameTaken` and the endpoint loop says
 so in its log and keeps trying.
 """
 
@@ -43,11 +43,11 @@ class AgentRegistrar:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.services = OwnedObjects("Service", read=self.core.read_namespaced_service,
-                                     create=self.core.create_namespaced_service,
+                                     listing=self.core.list_namespaced_service,
                                      patch=self.core.patch_namespaced_service,
                                      delete=self.core.delete_namespaced_service)
         self.slices = OwnedObjects("EndpointSlice", read=self.discovery.read_namespaced_endpoint_slice,
-                                   create=self.discovery.create_namespaced_endpoint_slice,
+                                   listing=self.discovery.list_namespaced_endpoint_slice,
                                    patch=self.discovery.patch_namespaced_endpoint_slice,
                                    delete=self.discovery.delete_namespaced_endpoint_slice)
         self.agent_version = agent_version

@@ -5,17 +5,19 @@ the Service and EndpointSlice the agent writes. A forced server-side apply
 would take over whatever already has that name (its labels, ports and
 owners, and its traffic through our slice). So:
 
-- an object is looked at (GET) before the agent first writes it; one that
-  exists and is not ours (the caller's `ours` rule) raises `NotOurs` and is
-  left exactly as it was;
-- an absent object is made with a plain create, which fails if someone made
-  one meanwhile (create-if-absent): the loser looks again, so the race between
-  the look and the write never ends in a takeover;
-- every later apply carries the resourceVersion the agent last wrote or
-  checked, as a precondition: if anyone replaced or changed the object since,
-  the apply fails with 409 instead of writing, and the agent looks again. The
-  steady state (a heartbeat) costs the same one call as before; only a change
-  by someone else costs a GET.
+- an object is looked at before the agent first writes it (a list by name,
+  which also says at which resourceVersion the cluster was when it was not
+  there); one that exists and is not ours (the caller's `ours` rule) raises
+  `NameTaken` and is left exactly as it was;
+- every apply carries a resourceVersion as a precondition: that of our object
+  as the agent last wrote or checked it, or, for an absent one, the list's.
+  The API server checks it and writes in one step (an etcd transaction): if
+  anyone made, replaced or changed the object since, the apply fails with 409
+  instead of writing, and the agent looks again. An absent object is created
+  by that same apply (create-if-absent without a separate POST, so every field
+  is owned by our apply and a later apply can still drop one). The steady
+  state (a heartbeat) costs the same one call as before; only someone else's
+  write costs a look;
 - a delete checks `ours` and carries the uid *and* resourceVersion it checked,
   so an object relabelled or replaced after the check is not deleted.
 """
@@ -36,7 +38,7 @@ APPLY = "application/apply-patch+yaml"
 Ours = Callable[[Any], bool]  # the object's V1ObjectMeta -> may we write/delete it
 
 
-class NotOurs(Exception):
+class NameTaken(Exception):
     """An object of the name we need exists and belongs to someone else."""
 
     def __init__(self, kind: str, namespace: str, name: str) -> None:
@@ -47,29 +49,28 @@ class NotOurs(Exception):
 class OwnedObjects:
     """Guarded apply/delete of one kind of namespaced object (Service, EndpointSlice)."""
 
-    def __init__(self, kind: str, *, read: Callable[..., Awaitable], create: Callable[..., Awaitable],
+    def __init__(self, kind: str, *, read: Callable[..., Awaitable], listing: Callable[..., Awaitable],
                  patch: Callable[..., Awaitable], delete: Callable[..., Awaitable]) -> None:
         self.kind = kind
-        self._read, self._create, self._patch, self._delete = read, create, patch, delete
-        # (namespace, name) -> resourceVersion of our object as we last wrote or checked it
-        self._seen: dict[tuple[str, str], str] = {}
+        self._read, self._list, self._patch, self._delete = read, listing, patch, delete
+        # (namespace, name, claimant) -> resourceVersion of the object as this claimant last wrote
+        # or judged it. Per claimant: two InferenceServices can derive one name (`a.b`, `a-b`), and
+        # one's object is not the other's.
+        self._seen: dict[tuple[str, str, str], str] = {}
 
-    async def apply(self, namespace: str, name: str, body: dict, ours: Ours) -> None:
-        """Server-side apply `body` (forced: we repair edits to our own object), only over our object."""
-        key = (namespace, name)
-        version = self._seen.get(key)
-        if version is None and (version := await self._claim(namespace, name, body, ours)) is None:
-            return  # just created from `body`
+    async def apply(self, namespace: str, name: str, body: dict, ours: Ours, claimant: str = "") -> None:
+        """Server-side apply `body` (forced: we repair edits to our own object), only over an
+        object `ours` accepts or where none exists. `claimant` names whose `ours` it is."""
+        key = (namespace, name, claimant)
+        version = self._seen.get(key) or await self._look(namespace, name, ours)
         try:
             written = await self._apply_at(namespace, name, body, version)
         except ApiException as err:
             if err.status not in (404, 409):
                 raise
-            # Changed, replaced or deleted since we last saw it: look again before writing.
+            # Made, changed or replaced since we last saw it: look again before writing.
             self._seen.pop(key, None)
-            if (version := await self._claim(namespace, name, body, ours)) is None:
-                return
-            written = await self._apply_at(namespace, name, body, version)
+            written = await self._apply_at(namespace, name, body, await self._look(namespace, name, ours))
         self._seen[key] = written.metadata.resource_version
 
     async def _apply_at(self, namespace: str, name: str, body: dict, version: str):
@@ -77,33 +78,25 @@ class OwnedObjects:
         return await self._patch(name, namespace, guarded, field_manager=FIELD_MANAGER, force=True,
                                  _content_type=APPLY)
 
-    async def _claim(self, namespace: str, name: str, body: dict, ours: Ours) -> str | None:
-        """The resourceVersion of our existing object; None after creating it; NotOurs otherwise."""
-        key = (namespace, name)
-        for attempt in range(2):
-            try:
-                current = await self._read(name, namespace)
-            except ApiException as err:
-                if err.status != 404:
-                    raise
-                try:
-                    created = await self._create(namespace, body, field_manager=FIELD_MANAGER)
-                except ApiException as err:
-                    if err.status == 409 and attempt == 0:
-                        continue  # someone made one between our look and our create: look at theirs
-                    raise
-                self._seen[key] = created.metadata.resource_version
-                return None
-            if not ours(current.metadata):
-                raise NotOurs(self.kind, namespace, name)
-            return current.metadata.resource_version
-        raise AssertionError("unreachable")  # pragma: no cover
+    async def _look(self, namespace: str, name: str, ours: Ours) -> str:
+        """The resourceVersion to apply at: our object's, or the cluster's when none of that
+        name existed (an apply at it creates the object only if still none exists). Raises
+        NameTaken for someone else's object."""
+        found = await self._list(namespace, field_selector=f"metadata.name={name}")
+        if not found.items:
+            return found.metadata.resource_version
+        current = found.items[0]
+        if not ours(current.metadata):
+            raise NameTaken(self.kind, namespace, name)
+        return current.metadata.resource_version
 
     def forget(self, namespace: str, name: str) -> None:
-        self._seen.pop((namespace, name), None)
+        for key in [k for k in self._seen if k[:2] == (namespace, name)]:
+            del self._seen[key]
 
-    async def delete(self, namespace: str, name: str, ours: Ours) -> bool:
-        """Delete the object if it is ours, exactly as checked (uid and resourceVersion). True if deleted."""
+    async def delete(self, namespace: str, name: str, ours: Ours, *, quiet: bool = False) -> bool:
+        """Delete the object if it is ours, exactly as checked (uid and resourceVersion). True if deleted.
+        `quiet`: a refusal is expected (a retry already reported) and logged at debug only."""
         self.forget(namespace, name)
         try:
             current = await self._read(name, namespace)
@@ -112,7 +105,8 @@ class OwnedObjects:
                 return False
             raise
         if not ours(current.metadata):
-            log.warning("not deleting an object we do not manage", kind=self.kind, name=f"{namespace}/{name}")
+            (log.debug if quiet else log.warning)("not deleting an object we do not manage", kind=self.kind,
+                                                  name=f"{namespace}/{name}")
             return False
         return await delete_exactly(self._delete, current.metadata)
 

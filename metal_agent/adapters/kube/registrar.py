@@ -11,9 +11,10 @@ for. The Service is re-applied every few minutes for the same reason.
 
 The names come from a stranger's InferenceService, so a Service or slice of
 that name that someone else made is never written over or deleted
-(`owned.py`: look first, create-if-absent, every apply guarded by the
-resourceVersion last seen on our object); `ensure` then raises `NotOurs` and
-the reconciler reports `ServiceNameConflict`.
+(`owned.py`: look first, and every apply guarded by a resourceVersion, so it
+creates only where nothing exists and updates only our object as last seen);
+`ensure` then raises `NameTaken` and the reconciler reports
+`ServiceNameConflict`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.kube.owned import APPLY, FIELD_MANAGER, NotOurs, OwnedObjects, delete_exactly, owner_uids
+from metal_agent.adapters.kube.owned import APPLY, FIELD_MANAGER, NameTaken, OwnedObjects, delete_exactly, owner_uids
 from metal_agent.core.registration import (
     ISVC_LABEL,
     MANAGED_BY_LABEL,
@@ -44,7 +45,7 @@ from metal_agent.core.registration import (
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["APPLY", "FIELD_MANAGER", "NotOurs", "Registrar"]
+__all__ = ["APPLY", "FIELD_MANAGER", "NameTaken", "Registrar"]
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
 SERVICE_RECHECK_S = 600.0  # re-apply a registered Service this often (a deleted one comes back)
 
@@ -63,11 +64,11 @@ class Registrar:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
         self.services = OwnedObjects("Service", read=self.core.read_namespaced_service,
-                                     create=self.core.create_namespaced_service,
+                                     listing=self.core.list_namespaced_service,
                                      patch=self.core.patch_namespaced_service,
                                      delete=self.core.delete_namespaced_service)
         self.slices = OwnedObjects("EndpointSlice", read=self.discovery.read_namespaced_endpoint_slice,
-                                   create=self.discovery.create_namespaced_endpoint_slice,
+                                   listing=self.discovery.list_namespaced_endpoint_slice,
                                    patch=self.discovery.patch_namespaced_endpoint_slice,
                                    delete=self.discovery.delete_namespaced_endpoint_slice)
         self.agent_version = agent_version
@@ -98,19 +99,21 @@ class Registrar:
         owned = _ours_for(reg.isvc_name, reg.isvc_uid)
         if previous is None or stale or (previous.port, previous.isvc_uid) != (reg.port, reg.isvc_uid):
             try:
-                await self.services.apply(reg.namespace, service_name(reg.isvc_name), desired_service(reg), owned)
-            except NotOurs:
+                await self.services.apply(reg.namespace, service_name(reg.isvc_name), desired_service(reg), owned,
+                                          claimant=reg.isvc_name)
+            except NameTaken:
                 # Someone else's Service has the name: no slice of ours may send its traffic to this Mac.
                 self._applied.pop(key, None)
                 self._service_applied_at.pop(key, None)
-                await self.slices.delete(reg.namespace, slice_name(reg.isvc_name, reg.member), owned)
+                await self.slices.delete(reg.namespace, slice_name(reg.isvc_name, reg.member), owned, quiet=True)
                 raise
             self._service_applied_at[key] = time.monotonic()
         try:
             await self.slices.apply(
                 reg.namespace, slice_name(reg.isvc_name, reg.member),
-                desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version, host=self.host), owned)
-        except NotOurs:
+                desired_slice(reg, heartbeat=rfc3339_now(), agent_version=self.agent_version, host=self.host), owned,
+                claimant=reg.isvc_name)
+        except NameTaken:
             self._applied.pop(key, None)
             raise
         if previous is None:
