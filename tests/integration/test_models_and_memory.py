@@ -12,6 +12,7 @@ import pytest
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.agent import AgentConfig, run_agent
 from metal_agent.core.pressure import MemoryReading
+from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.paths import AgentPaths
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.http_models import ModelHTTPServer
@@ -172,6 +173,7 @@ async def test_critical_pressure_evicts_the_right_victim_and_normal_brings_it_ba
         kubeconfig=str(control_plane.agent_kubeconfig), namespaces=(namespace,), host_ip="127.0.0.1",
         register=False, http_port=0, threads=1, mlock=False, eviction=True, memory_interval=0.2,
         memory_reader=readings,
+        policy=SpecPolicy(model_roots=(str(tiny_model.parent),)),  # the model store is tmp_path/models
     )
     stop = asyncio.Event()
     agent = asyncio.create_task(run_agent(cfg, stop=stop, handle_signals=False))
