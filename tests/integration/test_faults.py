@@ -254,6 +254,7 @@ async def test_kube_apiserver_restarted(rig, control_plane):
     from a resourceVersion it no longer has (410 Gone) and relists."""
     agent, pids = await rig.serve("steady")
     async with rig.probe(["steady"]) as probe:
+        probe.max_unknown_share = 0.9  # the API server the prober reads is down for most of this
         await control_plane.stop_apiserver()
         try:
             await wait_for(lambda: unreachable(agent), timeout=30, what="/readyz 503 while the API server is down")
@@ -320,7 +321,11 @@ async def test_agent_killed_between_exec_and_record_leaves_no_orphan(rig):
     paused = rig.agent()
     paused.options.env[PAUSE_ENV] = AFTER_EXEC
     await paused.start()
-    await wait_for(lambda: rig.ready_pid(paused, "steady") == pids["steady"], timeout=30, what="steady adopted")
+
+    async def steady_adopted() -> bool:
+        return await rig.ready_pid(paused, "steady") == pids["steady"]
+
+    await wait_for(steady_adopted, timeout=30, what="steady adopted", on_timeout=paused.process.tail)
     known = rig.llama_servers()
     await rig.create("fresh")
     await wait_for(lambda: stopped(paused.process.pid), timeout=30, what="the agent paused after an exec",

@@ -226,6 +226,7 @@ async def test_a_download_that_fails_after_a_spec_change_keeps_the_previous_spec
         assert await mac.ready_pid(agent, "steady") == pids["steady"]
         assert not process_gone(pids["steady"])
         os.kill(pids["steady"], 0)
+        await probe.wait_sampled()  # the prober must have looked long enough to vouch for it
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert probe.wrong_seconds() <= dead_ready_limit(), probe.describe()
 

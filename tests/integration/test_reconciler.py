@@ -120,11 +120,13 @@ async def test_an_invalid_spec_never_spawns_and_says_why(loop: Loop):
     assert loop.process("bad") is None
 
 
-async def test_a_missing_model_blocks_with_a_reason_and_its_creation_unblocks(loop: Loop):
+async def test_a_service_whose_model_is_missing_is_left_alone_until_the_model_comes(loop: Loop):
+    """Without its Model nothing says the service is for a Mac (the Model's accelerator does):
+    not ours, so no process and no status write. A metal Model created later re-queues it."""
     await loop.cluster.create_isvc("later", "not-yet", contextSize=256)
-    status = await loop.cluster.wait_phase("later", "Failed")
-    assert next(c for c in status["conditions"] if c["type"] == "Available")["reason"] == "ModelNotFound"
-    assert loop.process("later") is None
-    await loop.cluster.create_model("not-yet", f"file://{loop.model}")  # the Model's event re-queues it
+    await wait_for(lambda: loop.reconciler.isvcs.get(f"{loop.cluster.ns}/later"), timeout=30, what="the informer")
+    await loop.reconciler.queue.wait_idle()
+    assert loop.process("later") is None and not (await loop.cluster.status("later")).get("phase")
+    await loop.cluster.create_model("not-yet", f"file://{loop.model}")
     await loop.cluster.wait_phase("later", "Ready")
     assert loop.ready_pid("later")
