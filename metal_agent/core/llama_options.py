@@ -42,6 +42,9 @@ ENDPOINT = Category("endpoint", False, "it exposes an endpoint or control to API
                     " have (server settings, slots, a proxy, tools, the Web UI, CORS)", security=True)
 AGENT = Category("agent-owned", False, "the agent sets it: what is served, where it listens, authentication,"
                  " the log it reads and the memory policy")
+MEMORY = Category("agent-owned", False, "it changes the memory the agent's admission reserved for this service;"
+                   " use the spec field (contextSize, parallelSlots, cacheTypeK/cacheTypeV or their custom"
+                   " forms, batchSize, uBatchSize) so the estimate counts it")
 HOST = Category("host", False, "process priority is this Mac's owner's setting, not a service's")
 EXITS = Category("exits", False, "llama-server would print and exit instead of serving")
 REMOVED = Category("removed", False, "this llama-server build has removed it and refuses to start with it")
@@ -70,16 +73,16 @@ _ROWS: tuple[tuple[str, Category, ValueKind], ...] = (
     ("--poll-batch",                                               BATCHING,     INT),
     ("-lcs --lookup-cache-static",                                 READS_FILE,   TEXT),
     ("-lcd --lookup-cache-dynamic",                                WRITES_FILE,  TEXT),
-    ("-c --ctx-size",                                              CACHE,        INT),
+    ("-c --ctx-size",                                              MEMORY,       INT),
     ("--kv-unified-per-slot",                                      CACHE,        INT),
     ("-n --predict --n-predict",                                   SAMPLING,     INT),
-    ("-b --batch-size",                                            BATCHING,     INT),
-    ("-ub --ubatch-size",                                          BATCHING,     INT),
+    ("-b --batch-size",                                            MEMORY,       INT),
+    ("-ub --ubatch-size",                                          MEMORY,       INT),
     ("--keep",                                                     SAMPLING,     INT),
-    ("--swa-full",                                                 CACHE,        NONE),
+    ("--swa-full",                                                 MEMORY,       NONE),
     ("-ctxcp --ctx-checkpoints --swa-checkpoints",                  CACHE,        INT),
     ("-cms --checkpoint-min-step",                                 CACHE,        INT),
-    ("-cram --cache-ram",                                          CACHE,        INT),
+    ("-cram --cache-ram",                                          MEMORY,       INT),
     ("-kvu --kv-unified -no-kvu --no-kv-unified",                  CACHE,        NONE),
     ("--cache-idle-slots --no-cache-idle-slots",                   CACHE,        NONE),
     ("--context-shift --no-context-shift",                         CACHE,        NONE),
@@ -137,10 +140,10 @@ _ROWS: tuple[tuple[str, Category, ValueKind], ...] = (
     ("-kvo --kv-offload -nkvo --no-kv-offload",                    MODEL,        NONE),
     ("--repack -nr --no-repack",                                   MODEL,        NONE),
     ("--no-host",                                                  MODEL,        NONE),
-    ("-ctk --cache-type-k",                                        CACHE,        WORD),
-    ("-ctv --cache-type-v",                                        CACHE,        WORD),
+    ("-ctk --cache-type-k",                                        MEMORY,       WORD),
+    ("-ctv --cache-type-v",                                        MEMORY,       WORD),
     ("-dt --defrag-thold",                                         CACHE,        NUM),
-    ("-np --parallel",                                             BATCHING,     INT),
+    ("-np --parallel",                                             MEMORY,       INT),
     ("-cb --cont-batching -nocb --no-cont-batching",               BATCHING,     NONE),
     ("-mm --mmproj",                                               READS_FILE,   TEXT),
     ("-mmu --mmproj-url",                                          NETWORK,      TEXT),

@@ -197,3 +197,16 @@ def test_render_takes_the_owners_flag(tmp_path):
                      "--allow-extra-arg=--chat-template-file")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)[-2:] == ["--chat-template-file", "/Users/me/t.jinja"]
+
+
+@pytest.mark.parametrize("tokens", [
+    ["-c", "1000000"], ["--ctx-size=1000000"], ["--ctx_size", "1000000"], ["-np", "64"], ["--parallel", "64"],
+    ["-ctk", "f32"], ["--cache-type-v", "f32"], ["-b", "16384"], ["-ub", "16384"], ["-cram", "100000"],
+    ["--swa-full"],
+])
+def test_options_that_grow_admitted_memory_are_refused_for_their_spec_fields(tokens):
+    """Memory admission estimates from the spec's fields; extraArgs last on the command line
+    would override them and let one service take memory no estimate counted (others' models,
+    the Mac's own work). The refusal names the field to use."""
+    (error,) = _refused(evaluate(isvc_doc(extraArgs=tokens), model_doc()))
+    assert "admission" in error.message and "spec field" in error.message

@@ -147,9 +147,9 @@ def test_unset_fields_emit_nothing(isvc_spec, absent):
 
 
 def test_metrics_appears_exactly_once_and_extra_args_come_last():
-    argv = argv_for({"extraArgs": ["--temp", "0.2", "--ctx-size", "8192"], "mode": "rerank"})
+    argv = argv_for({"extraArgs": ["--temp", "0.2", "--top-k", "40"], "mode": "rerank"})
     assert argv.count("--metrics") == 1
-    assert argv[-4:] == ("--temp", "0.2", "--ctx-size", "8192")
+    assert argv[-4:] == ("--temp", "0.2", "--top-k", "40")
     assert argv.index("--metrics") == len(argv) - 5
 
 

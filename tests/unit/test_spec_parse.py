@@ -337,7 +337,7 @@ def test_mlock_style_from_help(help_text, style):
 
 @pytest.mark.parametrize(
     "args",
-    [["--temp", "0.2"], ["-ngl", "5"], ["--ctx-size=4096"], ["--top-k", "-1"], ["-c", "2048"], ["--no-warmup"]],
+    [["--temp", "0.2"], ["-ngl", "5"], ["--min-p=0.05"], ["--top-k", "-1"], ["--repeat-penalty", "1.1"], ["--no-warmup"]],
 )
 def test_ordinary_flags_and_values_pass(args):
     assert check_extra_args(LLAMA_SERVER_OPTIONS, args).refusals == ()
