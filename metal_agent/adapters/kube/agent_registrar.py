@@ -19,7 +19,7 @@ import time
 import structlog
 from kubernetes_asyncio import client
 
-from metal_agent.adapters.kube.owned import OwnedObjects
+from metal_agent.adapters.kube.owned import owned_services, owned_slices
 from metal_agent.adapters.kube.registrar import SERVICE_RECHECK_S, rfc3339_now
 from metal_agent.core.agent_registration import (
     AGENT_LABELS,
@@ -42,14 +42,8 @@ class AgentRegistrar:
     def __init__(self, api: client.ApiClient, *, agent_version: str) -> None:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
-        self.services = OwnedObjects("Service", read=self.core.read_namespaced_service,
-                                     listing=self.core.list_namespaced_service,
-                                     patch=self.core.patch_namespaced_service,
-                                     delete=self.core.delete_namespaced_service)
-        self.slices = OwnedObjects("EndpointSlice", read=self.discovery.read_namespaced_endpoint_slice,
-                                   listing=self.discovery.list_namespaced_endpoint_slice,
-                                   patch=self.discovery.patch_namespaced_endpoint_slice,
-                                   delete=self.discovery.delete_namespaced_endpoint_slice)
+        self.services = owned_services(self.core)
+        self.slices = owned_slices(self.discovery)
         self.agent_version = agent_version
         self.endpoint: AgentEndpoint | None = None
         self._service_applied: tuple[str, int, float] | None = None  # namespace, port, when

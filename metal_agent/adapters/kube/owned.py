@@ -124,5 +124,19 @@ async def delete_exactly(deleter: Callable[..., Awaitable], meta) -> bool:
         return False
 
 
+def owned_services(core: client.CoreV1Api) -> OwnedObjects:
+    """Guarded writes of Services through `core`."""
+    return OwnedObjects("Service", read=core.read_namespaced_service, listing=core.list_namespaced_service,
+                        patch=core.patch_namespaced_service, delete=core.delete_namespaced_service)
+
+
+def owned_slices(discovery: client.DiscoveryV1Api) -> OwnedObjects:
+    """Guarded writes of EndpointSlices through `discovery`."""
+    return OwnedObjects("EndpointSlice", read=discovery.read_namespaced_endpoint_slice,
+                        listing=discovery.list_namespaced_endpoint_slice,
+                        patch=discovery.patch_namespaced_endpoint_slice,
+                        delete=discovery.delete_namespaced_endpoint_slice)
+
+
 def owner_uids(meta) -> list[str]:
     return [ref.uid for ref in meta.owner_references or []]

@@ -30,7 +30,7 @@ import structlog
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.kube.owned import APPLY, FIELD_MANAGER, NameTaken, OwnedObjects, delete_exactly, owner_uids
+from metal_agent.adapters.kube.owned import APPLY, FIELD_MANAGER, NameTaken, delete_exactly, owned_services, owned_slices, owner_uids
 from metal_agent.core.registration import (
     ISVC_LABEL,
     MANAGED_BY_LABEL,
@@ -63,14 +63,8 @@ class Registrar:
     def __init__(self, api: client.ApiClient, *, agent_version: str, host: str = "") -> None:
         self.core = client.CoreV1Api(api)
         self.discovery = client.DiscoveryV1Api(api)
-        self.services = OwnedObjects("Service", read=self.core.read_namespaced_service,
-                                     listing=self.core.list_namespaced_service,
-                                     patch=self.core.patch_namespaced_service,
-                                     delete=self.core.delete_namespaced_service)
-        self.slices = OwnedObjects("EndpointSlice", read=self.discovery.read_namespaced_endpoint_slice,
-                                   listing=self.discovery.list_namespaced_endpoint_slice,
-                                   patch=self.discovery.patch_namespaced_endpoint_slice,
-                                   delete=self.discovery.delete_namespaced_endpoint_slice)
+        self.services = owned_services(self.core)
+        self.slices = owned_slices(self.discovery)
         self.agent_version = agent_version
         self.host = host  # this Mac's name, the `llmkube.ai/host` label of its slices
         self.member: str | None = None  # fleet mode (adapters/kube/fleet_registrar.py): slices named for the Mac
