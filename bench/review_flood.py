@@ -25,8 +25,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-from kubernetes_asyncio import client
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,7 +33,7 @@ from metal_agent.core.review_limits import GLOBAL_BURST_S, GLOBAL_RATE, PER_SOUR
 from tests.support import netns  # noqa: E402
 from tests.support.agent import agents_in_netns  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
-from tests.support.kube import api_client, apply, create_namespace, install_metal_agent  # noqa: E402
+from tests.support.kube import api_client, create_namespace, grant_monitoring, install_metal_agent, service_account_token  # noqa: E402
 from tests.support.token_flood import flood, junk, scrape_until, token_reviews  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 
@@ -93,17 +91,8 @@ async def main() -> int:
         try:
             await install_metal_agent(admin)
             ns = await create_namespace(admin)
-            role = next(d for d in yaml.safe_load_all((REPO / "manifests/monitoring/prometheus-rbac.yaml").read_text())
-                        if d and d["kind"] == "ClusterRole")
-            await apply(admin, [role])
-            core = client.CoreV1Api(admin)
-            await core.create_namespaced_service_account(ns, {"metadata": {"name": "prometheus"}})
-            await client.RbacAuthorizationV1Api(admin).create_cluster_role_binding({
-                "metadata": {"name": "bench-flood-prometheus"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
-                "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": ns}]})
-            token = (await core.create_namespaced_service_account_token(
-                "prometheus", ns, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}})).status.token
+            await grant_monitoring(admin, ns, "bench-flood-prometheus")
+            token = await service_account_token(admin, ns, "prometheus", create=True)
             (tmp / "agent").mkdir()
             async with agents_in_netns(kubeconfig=cp.agent_kubeconfig, api_port=cp.port, llama_server=llama,
                                        workdir=tmp / "agent", namespaces=(ns,),

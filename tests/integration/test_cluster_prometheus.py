@@ -44,7 +44,7 @@ from tests.support import netns
 from tests.support.agent import AgentProcess, agents_in_netns
 from tests.support.fake_powermetrics import M5_CAPTURE, M5_COMBINED_W, exclusive_stand_in_slot, stand_in_script
 from tests.support.isvc import Cluster
-from tests.support.kube import apply, create_namespace, delete_namespace
+from tests.support.kube import create_namespace, delete_namespace, grant_monitoring, service_account_token
 from tests.support.prometheus import Prometheus
 from tests.support.wait import wait_for
 
@@ -104,15 +104,6 @@ class Setup:
     power: bool
 
 
-async def service_account_token(api: client.ApiClient, namespace: str, name: str) -> str:
-    core = client.CoreV1Api(api)
-    await core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
-    request = await core.create_namespaced_service_account_token(
-        name, namespace, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                          "spec": {"expirationSeconds": 3600}})
-    return request.status.token
-
-
 def prometheus_config(control_plane, token_file: Path, agent_namespace: str) -> dict:
     """The shipped scrape config, pointed at the test API server from outside the cluster."""
     (shipped,) = [d for d in yaml.safe_load_all((MONITORING / "scrape-config.yaml").read_text()) if d]
@@ -136,16 +127,11 @@ async def setup(control_plane, admin_api, llama_server_bin, tiny_model, promethe
     workdir = tmp_path_factory.mktemp("cluster-prometheus")
     namespace = await create_namespace(admin_api)
     agent_namespace = await create_namespace(admin_api, prefix="agent")
-    (role,) = [d for d in yaml.safe_load_all((MONITORING / "prometheus-rbac.yaml").read_text())
-               if d and d["kind"] == "ClusterRole"]
     binding = f"metal-agent-prometheus-{agent_namespace}"
     rbac = client.RbacAuthorizationV1Api(admin_api)
-    await apply(admin_api, [role])
-    await rbac.create_cluster_role_binding({
-        "metadata": {"name": binding},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
-        "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": agent_namespace}]})
-    tokens = {name: await service_account_token(admin_api, agent_namespace, name) for name in ("prometheus", "stranger")}
+    await grant_monitoring(admin_api, agent_namespace, binding)
+    tokens = {name: await service_account_token(admin_api, agent_namespace, name, create=True)
+              for name in ("prometheus", "stranger")}
     token_file = workdir / "prometheus.token"
     token_file.write_text(tokens["prometheus"])
     cluster = Cluster(admin_api, namespace)

@@ -20,15 +20,13 @@ import json
 import statistics
 
 import pytest
-import yaml
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from metal_agent.core.review_limits import GLOBAL_BURST_S, GLOBAL_RATE, PER_SOURCE_BURST_S, PER_SOURCE_RATE
-from tests.conftest import MANIFESTS
 from tests.support import netns
 from tests.support.agent import agents_in_netns
-from tests.support.kube import apply, create_namespace, delete_namespace
+from tests.support.kube import create_namespace, delete_namespace, grant_monitoring, service_account_token
 from tests.support.token_flood import flood, junk, scrape_until, token_reviews
 from tests.support.wait import wait_for
 
@@ -44,30 +42,16 @@ SCRAPE_BOUND_S = 1.0  # a real scrape during the flood: generous for a loaded 2-
 REFUSALS = "llmkube_metal_agent_http_refusals_total"
 
 
-async def sa_token(admin_api, namespace: str, name: str) -> str:
-    request = await client.CoreV1Api(admin_api).create_namespaced_service_account_token(
-        name, namespace, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                          "spec": {"expirationSeconds": 3600}})
-    return request.status.token
-
-
 @pytest.fixture(scope="module")
 async def mac(control_plane, admin_api, llama_server_bin, tmp_path_factory):
     """(netns, agent, {name: token}): `prometheus`, `prometheus-2` may get /metrics."""
     workdir = tmp_path_factory.mktemp("review-flood")
     agent_namespace = await create_namespace(admin_api, prefix="agent")
-    (role,) = [d for d in yaml.safe_load_all((MANIFESTS / "monitoring" / "prometheus-rbac.yaml").read_text())
-               if d and d["kind"] == "ClusterRole"]
     binding = f"flood-prometheus-{agent_namespace}"
     rbac = client.RbacAuthorizationV1Api(admin_api)
-    await apply(admin_api, [role])
-    await client.CoreV1Api(admin_api).create_namespaced_service_account(agent_namespace, {"metadata": {"name": "prometheus"}})
-    await rbac.create_cluster_role_binding({
-        "metadata": {"name": binding},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
-        "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": agent_namespace}]})
-    tokens = {"prometheus": await sa_token(admin_api, agent_namespace, "prometheus"),
-              "prometheus-2": await sa_token(admin_api, agent_namespace, "prometheus")}
+    await grant_monitoring(admin_api, agent_namespace, binding)
+    tokens = {"prometheus": await service_account_token(admin_api, agent_namespace, "prometheus", create=True),
+              "prometheus-2": await service_account_token(admin_api, agent_namespace, "prometheus")}
     (workdir / "agent").mkdir()
     try:
         async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,

@@ -104,3 +104,26 @@ async def install_metal_agent(admin: client.ApiClient) -> None:
     await apply(admin, load_documents([MANIFESTS / "crds"]))
     await wait_crds_established(admin, OUR_CRDS)
     await apply(admin, load_documents([MANIFESTS / "rbac" / "metal-agent.yaml"]))
+
+
+async def service_account_token(admin: client.ApiClient, namespace: str, name: str, *, create: bool = False) -> str:
+    """A one-hour token of ServiceAccount `namespace/name` (created first with `create`)."""
+    core = client.CoreV1Api(admin)
+    if create:
+        await core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    request = await core.create_namespaced_service_account_token(
+        name, namespace, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                          "spec": {"expirationSeconds": 3600}})
+    return request.status.token
+
+
+async def grant_monitoring(admin: client.ApiClient, namespace: str, binding: str, account: str = "prometheus") -> None:
+    """Bind the shipped monitoring ClusterRole (manifests/monitoring/prometheus-rbac.yaml: `get /metrics`)
+    to ServiceAccount `namespace/account` under ClusterRoleBinding `binding`, as a cluster's owner would."""
+    (role,) = [d for d in yaml.safe_load_all((MANIFESTS / "monitoring" / "prometheus-rbac.yaml").read_text())
+               if d and d["kind"] == "ClusterRole"]
+    await apply(admin, [role])
+    await client.RbacAuthorizationV1Api(admin).create_cluster_role_binding({
+        "metadata": {"name": binding},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"]},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]})
