@@ -13,9 +13,11 @@ import pytest
 
 from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import evaluate
+from metal_agent.core.extra_args import ExtraArgsPolicy
 from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
 from metal_agent.core.llama_log import Acceleration, parse_acceleration
 from metal_agent.core.result import Invalid
+from metal_agent.core.spec_policy import SpecPolicy
 from tests.support.llama import LlamaServerExited, running_llama_server
 from tests.support.manifests import gpu, isvc_doc, model_doc, workload
 from tests.support.ports import free_port
@@ -205,11 +207,12 @@ async def test_flash_attention_off_with_a_quantized_v_cache_is_refused_by_llama_
     assert isinstance(refused, Invalid)
     (error,) = refused.errors
     quoted = re.search(r'"([^"]+)"', error.message).group(1)
-    # The same combination, smuggled past validation through extraArgs (which it does not
-    # interpret), reaches llama-server through the agent's own builder.
+    # The same combination, through extraArgs a Mac owner allowed (--allow-extra-arg, which
+    # validation does not interpret), reaches llama-server through the agent's own builder.
     port = free_port()
+    owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-type-v"})))
     argv = build_argv(
-        workload({"flashAttention": False, "extraArgs": ["--cache-type-v", "q8_0"]}),
+        workload({"flashAttention": False, "extraArgs": ["--cache-type-v", "q8_0"]}, policy=owner),
         options(llama_server_bin, tiny_model, port, mlock_style, dialect),
     )
     with pytest.raises(LlamaServerExited) as exited:

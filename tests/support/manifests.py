@@ -10,6 +10,7 @@ from typing import Any
 
 from metal_agent.core.claim import Workload, evaluate
 from metal_agent.core.result import Parsed
+from metal_agent.core.spec_policy import SpecPolicy
 
 GROUP_VERSION = "inference.llmkube.dev/v1alpha1"
 SOURCE = "https://example.com/models/tiny-llama.gguf"
@@ -50,8 +51,9 @@ def gpu(**fields: Any) -> dict[str, Any]:
     return {"accelerator": "metal", "gpu": fields}
 
 
-def workload(isvc_spec: dict[str, Any] | None = None, **model_spec: Any) -> Workload:
-    """A validated workload; fails the test if the input is not valid."""
-    outcome = evaluate(isvc_doc(**(isvc_spec or {})), model_doc(**model_spec))
+def workload(isvc_spec: dict[str, Any] | None = None, *, policy: SpecPolicy | None = None,
+             **model_spec: Any) -> Workload:
+    """A validated workload (under the owner's `policy`, default none); fails the test if the input is not valid."""
+    outcome = evaluate(isvc_doc(**(isvc_spec or {})), model_doc(**model_spec), policy=policy or SpecPolicy())
     assert isinstance(outcome, Parsed), outcome
     return outcome.value
