@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 
 FLEET_NS = "metal-agent"
 RAM = 64 * 2**30
-BID_STEP = 4.0  # seconds per place in line: the margin the preferred Mac has over the next
+BID_STEP = 5.0  # seconds per place in line: the margin the preferred Mac has over the next
 URL = "https://models.example.invalid/tiny-remote.gguf"  # never fetched: the file is put in the cache
 
 
