@@ -28,6 +28,7 @@ from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.process import State
+from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics
 from metal_agent.reconciler import LaunchSettings, Reconciler
@@ -74,7 +75,8 @@ async def loop(control_plane, admin_api, namespace, llama_server_bin, tiny_model
         isvcs=isvcs, models=models, processes=processes, model_files=model_files,
         memory=MemoryGuard(model_files, registry, total_ram=lambda: RAM),
         status=StatusWriter(api), events=EventRecorder(api, host="test-mac"), metrics=metrics,
-        launch=LaunchSettings(llama_server=str(llama_server_bin), threads=1, mlock=False),
+        launch=LaunchSettings(llama_server=str(llama_server_bin), threads=1, mlock=False,
+                              policy=SpecPolicy(model_roots=(str(tiny_model.parent),))),  # the owner's model folder
     )
     model_files.on_ready = model_files.on_progress = reconciler.queue.add
     cluster = Cluster(admin_api, namespace)
@@ -112,10 +114,10 @@ async def test_a_service_is_served_respawned_on_a_spec_change_and_stopped_on_del
 
 
 async def test_an_invalid_spec_never_spawns_and_says_why(loop: Loop):
-    await loop.cluster.create_isvc("bad", "tiny", contextSize=256, extraArgs=["--port=1234"])
+    await loop.cluster.create_isvc("bad", "tiny", contextSize=256, flashAttention=False, cacheTypeV="q8_0")
     status = await loop.cluster.wait_phase("bad", "Failed")
     available = next(c for c in status["conditions"] if c["type"] == "Available")
-    assert available["reason"] == "InvalidSpec" and "spec.extraArgs[0]" in available["message"]
+    assert available["reason"] == "InvalidSpec" and "spec.flashAttention" in available["message"]
     await loop.reconciler.queue.wait_idle()
     assert loop.process("bad") is None
 
