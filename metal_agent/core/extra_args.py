@@ -36,7 +36,7 @@ passes with any value.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 EXTRA_ARG_REFUSED = "ExtraArgRefused"
@@ -112,13 +112,26 @@ class OptionTable:
     engine: str
     options: tuple[Option, ...]
     argparse: bool = False  # prefixes of long options and --opt=value are options too (Python's argparse)
+    _by_spelling: dict[str, Option] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Looked up for every extraArgs token of every reconcile: built once per table.
+        object.__setattr__(self, "_by_spelling",
+                           {spelling: option for option in self.options for spelling in option.spellings})
+
+    @classmethod
+    def from_rows(cls, engine: str, rows: tuple[tuple[str, Category, ValueKind], ...], *,
+                  argparse: bool = False) -> OptionTable:
+        """A table from rows of (space-separated spellings, category, value), as the engine modules list them."""
+        return cls(engine, tuple(Option(tuple(spellings.split()), category, value) for spellings, category, value in rows),
+                   argparse)
 
     def spellings(self) -> dict[str, Option]:
-        return {spelling: option for option in self.options for spelling in option.spellings}
+        return dict(self._by_spelling)
 
     def option(self, spelling: str) -> Option | None:
         """The option `spelling` names, as the engine's parser resolves it (None: it would refuse it)."""
-        table = self.spellings()
+        table = self._by_spelling
         if self.argparse:
             if spelling in table:
                 return table[spelling]

@@ -15,7 +15,7 @@ add an option that slips through unclassified.
 
 from __future__ import annotations
 
-from metal_agent.core.extra_args import Category, Option, OptionTable, ValueKind
+from metal_agent.core.extra_args import Category, OptionTable, ValueKind
 
 NONE, INT, NUM, WORD, PATTERN, TEXT, TWO_INTS = (
     ValueKind.NONE, ValueKind.INT, ValueKind.NUM, ValueKind.WORD, ValueKind.PATTERN, ValueKind.TEXT,
@@ -319,7 +319,4 @@ _ROWS: tuple[tuple[str, Category, ValueKind], ...] = (
     ("--mlock --no-mlock",                                         AGENT,        NONE),
 )
 
-LLAMA_SERVER_OPTIONS = OptionTable(
-    engine="llama-server",
-    options=tuple(Option(tuple(spellings.split()), category, value) for spellings, category, value in _ROWS),
-)
+LLAMA_SERVER_OPTIONS = OptionTable.from_rows("llama-server", _ROWS)

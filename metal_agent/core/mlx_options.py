@@ -9,7 +9,7 @@ step) are agent-owned: the memory the agent admitted depends on them.
 
 from __future__ import annotations
 
-from metal_agent.core.extra_args import Category, Option, OptionTable, ValueKind
+from metal_agent.core.extra_args import Category, OptionTable, ValueKind
 
 NONE, INT, NUM, TEXT = ValueKind.NONE, ValueKind.INT, ValueKind.NUM, ValueKind.TEXT
 
@@ -59,8 +59,4 @@ _ROWS: tuple[tuple[str, Category, ValueKind], ...] = (
     ("--pipeline",                   NETWORK,      NONE),
 )
 
-MLX_LM_OPTIONS = OptionTable(
-    engine="mlx_lm.server",
-    options=tuple(Option(tuple(spellings.split()), category, value) for spellings, category, value in _ROWS),
-    argparse=True,
-)
+MLX_LM_OPTIONS = OptionTable.from_rows("mlx_lm.server", _ROWS, argparse=True)
