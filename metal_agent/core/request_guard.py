@@ -32,8 +32,9 @@ request's facts and answers a refusal with 403 and a JSON body.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
+
+from metal_agent.core.egress import parse_address
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 METHODS = frozenset({"GET", "HEAD", "POST"})
@@ -67,16 +68,6 @@ class Refusal:
     message: str
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def host_name(host: str) -> str:
     """The name part of a Host header value (`[::1]:9090` -> `::1`, `Example:80` -> `example`)."""
     host = host.strip().lower()
@@ -95,10 +86,10 @@ def host_allowed(host: str, local_address: str | None, allowed_hosts: frozenset[
         return False
     if name in LOOPBACK_NAMES or name in allowed_hosts:
         return True
-    ip = _ip(name)
+    ip = parse_address(name)
     if ip is None:
         return False
-    local = _ip(local_address) if local_address else None
+    local = parse_address(local_address) if local_address else None
     return ip.is_loopback or (local is not None and ip == local)
 
 
