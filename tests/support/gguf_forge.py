@@ -11,7 +11,8 @@ UTF-8. `SHAPES` lists the named worst cases the bench and the fuzz test share.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
 _FORMATS = {U8: "B", I8: "b", U16: "H", I16: "h", U32: "I", I32: "i", F32: "f", BOOL: "?",
@@ -188,3 +189,26 @@ SHAPES: dict[str, Callable[[int], bytes]] = {
     "string array claiming 2x its bytes": claims_beyond,
     "every budget at once": every_budget_at_once,
 }
+
+
+def written_by_gguf(path: Path, fill: Callable[[Any], None], *, big_endian: bool = False,
+                    tensor_elements: int = 64) -> bytes:
+    """The bytes of a file the reference `gguf` package writes: a small llama's shape (4 layers,
+    256 wide, 8 heads, 2 KV heads), then whatever `fill(writer)` adds, then one f32 tensor.
+    The honest counterpart of the forged headers above, to compare readers on."""
+    import gguf
+    import numpy as np
+
+    endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+    w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+    w.add_block_count(4)
+    w.add_embedding_length(256)
+    w.add_head_count(8)
+    w.add_head_count_kv(2)
+    fill(w)
+    w.add_tensor("weight", np.ones(tensor_elements, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()

@@ -14,44 +14,35 @@ from pathlib import Path
 import pytest
 
 from metal_agent.core.gguf_header import ArrayInfo, GGUFError, GGUFHeader, ValueType, parse_header
+from tests.support.gguf_forge import written_by_gguf
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
 
 
 def written(tmp_path: Path, *, big_endian: bool = False, small: bool = False) -> bytes:
-    path = tmp_path / "m.gguf"
-    endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
-    w = gguf.GGUFWriter(str(path), "llama", endianess=endian)
-    w.add_block_count(4)
-    w.add_embedding_length(256)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_context_length(4096)
-    w.add_uint8("t.u8", 250)
-    w.add_int8("t.i8", -100)
-    w.add_uint16("t.u16", 65000)
-    w.add_int16("t.i16", -30000)
-    w.add_uint32("t.u32", 4_000_000_000)
-    w.add_int32("t.i32", -2_000_000_000)
-    w.add_float32("t.f32", 0.5)
-    w.add_bool("t.bool", True)
-    w.add_string("t.str", "naïve ✓")
-    w.add_uint64("t.u64", 2**63 + 5)
-    w.add_int64("t.i64", -(2**62))
-    w.add_float64("t.f64", 1e-300)
-    w.add_array("t.ints", [3, 1, 4, 1, 5])
-    w.add_array("t.nested", [[1, 2], [3, 4, 5]])
-    w.add_array("t.few", ["a", "bc"])
-    if not small:
-        w.add_array("t.floats", [0.25] * 5000)  # longer than kept: skipped by arithmetic
-        w.add_array("t.strings", [f"piece{i}" for i in range(3000)])
-    w.add_tensor("weight", np.ones(64, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
+    def fill(w) -> None:
+        w.add_context_length(4096)
+        w.add_uint8("t.u8", 250)
+        w.add_int8("t.i8", -100)
+        w.add_uint16("t.u16", 65000)
+        w.add_int16("t.i16", -30000)
+        w.add_uint32("t.u32", 4_000_000_000)
+        w.add_int32("t.i32", -2_000_000_000)
+        w.add_float32("t.f32", 0.5)
+        w.add_bool("t.bool", True)
+        w.add_string("t.str", "naïve ✓")
+        w.add_uint64("t.u64", 2**63 + 5)
+        w.add_int64("t.i64", -(2**62))
+        w.add_float64("t.f64", 1e-300)
+        w.add_array("t.ints", [3, 1, 4, 1, 5])
+        w.add_array("t.nested", [[1, 2], [3, 4, 5]])
+        w.add_array("t.few", ["a", "bc"])
+        if not small:
+            w.add_array("t.floats", [0.25] * 5000)  # longer than kept: skipped by arithmetic
+            w.add_array("t.strings", [f"piece{i}" for i in range(3000)])
+
+    return written_by_gguf(tmp_path / "m.gguf", fill, big_endian=big_endian)
 
 
 @pytest.mark.parametrize("big_endian", [False, True], ids=["little-endian", "big-endian"])

@@ -150,24 +150,15 @@ np = pytest.importorskip("numpy")
 
 
 def written(tmp_path: Path, *, big_endian: bool = False) -> bytes:
-    path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE)
-    w.add_block_count(4)
-    w.add_embedding_length(256)
-    w.add_head_count(8)
-    w.add_head_count_kv(2)
-    w.add_string("tokenizer.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}" * 50)
-    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(20_000)])
-    w.add_array("tokenizer.ggml.scores", [0.5] * 20_000)
-    w.add_array("tokenizer.ggml.merges", [f"a{i} b{i}" for i in range(30_000)])
-    w.add_array("t.nested", [[1, 2], [3, 4, 5]])
-    w.add_array("t.per_layer", [2, 2, 0, 2])
-    w.add_tensor("weight", np.ones(4096, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
+    def fill(w) -> None:
+        w.add_string("tokenizer.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}" * 50)
+        w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(20_000)])
+        w.add_array("tokenizer.ggml.scores", [0.5] * 20_000)
+        w.add_array("tokenizer.ggml.merges", [f"a{i} b{i}" for i in range(30_000)])
+        w.add_array("t.nested", [[1, 2], [3, 4, 5]])
+        w.add_array("t.per_layer", [2, 2, 0, 2])
+
+    return f.written_by_gguf(tmp_path / "m.gguf", fill, big_endian=big_endian, tensor_elements=4096)
 
 
 @pytest.mark.parametrize("big_endian", [False, True], ids=["little-endian", "big-endian"])
