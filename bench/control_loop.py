@@ -38,6 +38,7 @@ from kubernetes_asyncio import client
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.assets import cached  # noqa: E402
 from tests.support import tiny_model  # noqa: E402
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
@@ -47,14 +48,6 @@ from bench.goals import at_most, check, report, shown_only  # noqa: E402
 from tests.support.procs import process_gone  # noqa: E402
 from tests.support.toxiproxy import ISVC_LABEL, MANAGED  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
-
-
-def cached(script: str) -> Path:
-    import subprocess
-
-    out = subprocess.run(["bash", str(REPO / "scripts" / script)], env=dict(os.environ, METAL_AGENT_NO_BUILD="1"),
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -30,19 +30,12 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.assets import cached  # noqa: E402
 from bench.goals import at_most, report, shown_only  # noqa: E402
 from tests.support import netns  # noqa: E402
 from tests.support.agent import agents_in_netns  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.kube import api_client, create_namespace, grant_monitoring, install_metal_agent, service_account_token  # noqa: E402
-
-def cached(script: str) -> Path:
-    import os
-    import subprocess
-
-    out = subprocess.run(["bash", str(REPO / "scripts" / script)], env=dict(os.environ, METAL_AGENT_NO_BUILD="1"),
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
 
 
 REVIEWS = re.compile(r'^apiserver_request_total\{.*[{,]resource="(tokenreviews|subjectaccessreviews)".* (\S+)$')

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from metal_agent.core.review_limits import GLOBAL_BURST_S, GLOBAL_RATE, PER_SOURCE_BURST_S, PER_SOURCE_RATE  # noqa: E402
+from bench.assets import cached  # noqa: E402
 from tests.support import netns  # noqa: E402
 from tests.support.agent import agents_in_netns  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
@@ -38,15 +39,6 @@ from tests.support.token_flood import flood, junk, scrape_until, token_reviews  
 from tests.support.wait import wait_for  # noqa: E402
 
 SCRAPE_GOAL_MS = 1000.0
-
-
-def cached(script: str) -> Path:
-    import os
-    import subprocess
-
-    out = subprocess.run(["bash", str(REPO / "scripts" / script)], env=dict(os.environ, METAL_AGENT_NO_BUILD="1"),
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
 
 
 async def one_flood(cp, url: str, token: str, n: int, sources: list[str | None]) -> dict:
