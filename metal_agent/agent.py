@@ -49,6 +49,7 @@ from metal_agent.agent_endpoint import MetricsEndpoint
 from metal_agent.core.agent_registration import DEFAULT_AGENT_NAMESPACE
 from metal_agent.core.claim import Allowlist
 from metal_agent.core.host_address import Choice, bind_address
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.spec_policy import SpecPolicy
@@ -57,11 +58,11 @@ from metal_agent.core.status_owner import StatusMode
 from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics, FatalExitLog, service_labels
 from metal_agent.paths import AgentPaths
-from metal_agent.reconciler import LaunchSettings, Reconciler
+from metal_agent.reconciler import Reconciler
 from metal_agent.adapters.downloads import HF_ENDPOINT
 from metal_agent.core.download_limits import DEFAULT_FREE_MARGIN, DEFAULT_MAX_SIZE, DownloadLimits
 from metal_agent.core.egress import policy as egress_policy
-from metal_agent.core.engine import EngineName
+from metal_agent.core.engine_name import EngineName
 from metal_agent.tasks import LOOP_BACKOFF, cancel_and_wait, supervised_loop
 
 log = structlog.get_logger(__name__)
@@ -276,10 +277,9 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     reconciler = Reconciler(
         isvcs=isvcs, models=models, processes=processes, model_files=model_files, memory=memory,
         status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
-        launch=LaunchSettings(llama_server=info.path, host=bind, threads=threads, mlock=cfg.mlock,
-                              mlock_style=info.mlock_style, verbosity_flag=info.dialect.verbosity_flag,
-                              no_jinja=info.dialect.no_jinja, register_address=host_ip if cfg.register else None,
-                              mlx_server=mlx, default_engine=cfg.default_runtime, no_slots=info.dialect.no_slots,
+        launch=LaunchSettings(llama_server=info.path, mlx_server=mlx, host=bind,
+                              register_address=host_ip if cfg.register else None, threads=threads, mlock=cfg.mlock,
+                              dialect=info.dialect, default_engine=EngineName(cfg.default_runtime),
                               policy=cfg.policy or SpecPolicy(model_roots=(str(cfg.paths.models),))),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
         allowlist=fleet.fleet if fleet else Allowlist(cfg.allowlist),

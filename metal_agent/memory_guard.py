@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
-from metal_agent.core.claim import Workload
+from metal_agent.core.workload import Workload
 from metal_agent.core.admission import Admit, Reject, admit
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, gib
 from metal_agent.core.names import METRIC_PREFIX as P

@@ -35,11 +35,13 @@ from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelRead
 from metal_agent.adapters.model_roots import workload_refusals
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
-from metal_agent.core.engine import Engine, EngineName, Launch, engine_for
+from metal_agent.core.engine import Engine
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate, wanted_draft, wanted_model
+from metal_agent.core.claim import EVERY_SERVICE, Allowlist, evaluate, wanted_draft, wanted_model
 from metal_agent.core.conditions import Condition
-from metal_agent.core.flags import MlockStyle
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.pressure import Level, ServiceMemory
 from metal_agent.core.process import Snapshot, State, SupervisorEvent
 from metal_agent.core.registration import (
@@ -51,11 +53,12 @@ from metal_agent.core.registration import (
     service_name_problem,
 )
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
-from metal_agent.core.spec_policy import SpecPolicy, spec_reason
+from metal_agent.core.spec_policy import spec_reason
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.core.validation import parse_model
+from metal_agent.core.workload import Workload
 from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.status_reporter import StatusReporter
@@ -66,28 +69,6 @@ log = structlog.get_logger(__name__)
 
 # A refused or failed Service/EndpointSlice write is retried soon, then less often.
 REGISTRATION_BACKOFF = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.5)
-
-
-@dataclass(frozen=True)
-class LaunchSettings:
-    """Agent-level inputs to every llama-server command line."""
-
-    llama_server: str
-    host: str = "127.0.0.1"
-    threads: int | None = None
-    mlock: bool = True
-    mlock_style: MlockStyle = MlockStyle.FLAG
-    verbosity_flag: str | None = None  # the binary's log-verbosity option (core.flags.Dialect)
-    no_jinja: bool = True  # the binary knows --no-jinja
-    register_address: str | None = None  # the address put in EndpointSlices; None: do not register
-    mlx_server: tuple[str, ...] = ()  # how to start mlx_lm.server (adapters.mlx_binary.exec_form); (): none found
-    default_engine: str = EngineName.LLAMA_SERVER.value  # serves Models whose format names no engine (`custom`)
-    no_slots: bool = True  # pass --no-slots (core.flags.Dialect)
-    policy: SpecPolicy = SpecPolicy()  # what the Mac's owner allows specs (extraArgs, model roots)
-
-    def command(self, engine: Engine) -> tuple[str, ...]:
-        """How to start `engine`'s server; () when it is not installed."""
-        return {EngineName.LLAMA_SERVER: (self.llama_server,), EngineName.MLX_LM: self.mlx_server}[engine.name]
 
 
 @dataclass
@@ -338,7 +319,7 @@ class Reconciler:
 
     def _slots_open(self, kept) -> bool:
         """Does a process the agent found running (from an older agent) lack --no-slots?"""
-        if not self.launch.no_slots or kept.plan.engine.name is not EngineName.LLAMA_SERVER:
+        if not self.launch.dialect.no_slots or kept.plan.engine.name is not EngineName.LLAMA_SERVER:
             return False
         try:
             return "--no-slots" not in kept.plan.build_argv(kept.plan.port or 1)
@@ -463,7 +444,7 @@ class Reconciler:
     def _engine_missing(self, workload: Workload) -> Blocker | None:
         """The engine this Model's format calls for is not installed on this Mac."""
         engine = self._engine(workload)
-        if self.launch.command(engine):
+        if self.launch.command(engine.name):
             return None
         return Blocker("RuntimeMissing", f"format {workload.model.spec.format.value} is served by {engine.display},"
                        " which this agent did not find: pip install mlx-lm into the agent's venv (or pass"
@@ -475,12 +456,7 @@ class Reconciler:
         engine = self._engine(workload)
 
         def argv_for(port: int) -> tuple[str, ...]:
-            return engine.argv(workload, Launch(
-                command=launch.command(engine), model_path=str(found.path), host=launch.host, port=port,
-                threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
-                verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja, no_slots=launch.no_slots,
-                draft_model_path=str(draft.path) if draft else None,
-            ))
+            return engine.argv(workload, launch, Instance(str(found.path), port, str(draft.path) if draft else None))
 
         plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=launch.host, build_argv=argv_for, engine=engine)
         self.managed[key] = _Managed(workload, digest, uid)

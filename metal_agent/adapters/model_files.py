@@ -74,7 +74,9 @@ from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceK
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy, policy
-from metal_agent.core.engine import Engine, EngineName, engine_for_model
+from metal_agent.core.engine import Engine
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for_model
 from metal_agent.core.engines.llama_server import HEADER_FIRST_READ, HEADER_MAX_READ, LLAMA_SERVER, read_header
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate

@@ -275,7 +275,7 @@ class InferenceServiceSpec:
     eviction_protection: bool = False
     # `speculativeDecoding`: read leniently (LLMKube's CRD validates it) for the engines
     # that honour it (mlx_lm.server: a draft Model); llama-server ignores it as before.
-    # Hashed only through the draft Model a workload carries (core.claim.Workload.draft).
+    # Hashed only through the draft Model a workload carries (core.workload.Workload.draft).
     speculative_type: str | None = None
     draft_model_ref: str | None = None  # speculativeDecoding.draftModelRef: a Model in the same namespace
     draft_model_file: str | None = None  # speculativeDecoding.draftModel: a file in the Model's spec.files

@@ -20,7 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from metal_agent.core.api import Accelerator, InferenceService, Model, Runtime
+from metal_agent.core.api import Accelerator, Model, Runtime
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, check_extra_args, with_checked_args
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy
@@ -30,21 +32,12 @@ from metal_agent.core.validation import (
     parse_inference_service,
     parse_model,
 )
+from metal_agent.core.workload import Workload
 
 
 @dataclass(frozen=True, slots=True)
 class Ours:
     """The InferenceService is served by this agent (validity not yet checked)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    """A validated InferenceService together with the Model it serves, and the draft Model
-    of its speculative decoding when its engine uses one (mlx_lm.server)."""
-
-    isvc: InferenceService
-    model: Model
-    draft: Model | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +173,12 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
     `NotOurs` -> ignore, `Invalid` -> report on the InferenceService's
     status, `Parsed` -> build the argv and run it. The engine that will
     serve the Model (its format, else `default_engine`) adds what it cannot
-    honour (`core.engine`). `draft` is the Model `wanted_draft` names (None if
+    honour (`core.engine`, picked by `core.engines`). `draft` is the Model `wanted_draft` names (None if
     not found), checked when that engine does speculative decoding with it.
     `extraArgs` are checked against that engine's allowlist, widened by what
     the Mac's owner allows in `policy` (refusals carry ExtraArgRefused), and
     come back as they go on the command line (`core.extra_args`).
     """
-    from metal_agent.core.engine import EngineName, engine_for
-
     verdict = claim(isvc, model, allowlist)
     if isinstance(verdict, NotOurs):
         return verdict

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metal_agent.core.api import InferenceServiceSpec, ModelSpec
-from metal_agent.core.claim import Workload
+from metal_agent.core.workload import Workload
 
 SCHEMA_VERSION = 1
 SHORT_LENGTH = 12

@@ -26,12 +26,13 @@ from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.process import State
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.memory_guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics
-from metal_agent.reconciler import LaunchSettings, Reconciler
+from metal_agent.reconciler import Reconciler
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
 from tests.support.wait import wait_for

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from metal_agent.core.argv import AgentArgvOptions, build_argv
-from metal_agent.core.flags import VERBOSITY_FLAGS, MlockStyle
+from metal_agent.core.argv import build_argv
+from metal_agent.core.flags import VERBOSITY_FLAGS, Dialect, MlockStyle
+from metal_agent.core.launch import Instance, LaunchSettings
 from tests.support.manifests import gpu, workload
 
-OPTIONS = AgentArgvOptions(
-    binary="/opt/homebrew/bin/llama-server",
-    model_path="/cache/tiny-llama.gguf",
-    host="127.0.0.1",
-    port=18080,
-    threads=8,
-)
+
+def launch(binary="b", model_path="m", host="h", port=1, threads=None, mlock=True,
+           **dialect) -> tuple[LaunchSettings, Instance]:
+    """The agent's settings (binary, host, threads, mlock, the binary's dialect) and one process's."""
+    return (LaunchSettings(llama_server=binary, host=host, threads=threads, mlock=mlock, dialect=Dialect(**dialect)),
+            Instance(model_path=model_path, port=port))
+
+
+OPTIONS = launch(binary="/opt/homebrew/bin/llama-server", model_path="/cache/tiny-llama.gguf", host="127.0.0.1",
+                 port=18080, threads=8)
 
 
 def argv_for(isvc_spec=None, options=OPTIONS, **model_spec) -> tuple[str, ...]:
-    return build_argv(workload(isvc_spec, **model_spec), options)
+    return build_argv(workload(isvc_spec, **model_spec), *options)
 
 
 def has_run(argv, run) -> bool:
@@ -156,7 +160,7 @@ def test_metrics_appears_exactly_once_and_extra_args_come_last():
 def test_agent_owned_flags_come_first():
     argv = argv_for({"extraArgs": ["--alias", "x"]})
     assert argv[:7] == (
-        OPTIONS.binary, "--model", OPTIONS.model_path, "--host", "127.0.0.1", "--port", "18080"
+        OPTIONS[0].llama_server, "--model", OPTIONS[1].model_path, "--host", "127.0.0.1", "--port", "18080"
     )  # fmt: skip
 
 
@@ -164,25 +168,25 @@ def test_agent_owned_flags_come_first():
     ("options", "present", "absent"),
     [
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="m", host="0.0.0.0", port=1, threads=None),
+            launch(binary="b", model_path="m", host="0.0.0.0", port=1, threads=None),
             ["--host", "0.0.0.0"],
             "--threads",
             id="threads-unset",
         ),
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="m", host="h", port=65535, mlock=False),
+            launch(binary="b", model_path="m", host="h", port=65535, mlock=False),
             ["--port", "65535"],
             "--mlock",
             id="mlock-opt-out",
         ),
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="m", host="h", port=2, mlock_style=MlockStyle.LOAD_MODE),
+            launch(binary="b", model_path="m", host="h", port=2, mlock_style=MlockStyle.LOAD_MODE),
             ["--load-mode", "mmap+mlock"],
             "--mlock",
             id="mlock-load-mode",
         ),
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="/p/m.gguf", host="h", port=3, threads=6),
+            launch(binary="b", model_path="/p/m.gguf", host="h", port=3, threads=6),
             ["--threads", "6"],
             "--load-mode",
             id="threads",
@@ -197,7 +201,7 @@ def test_agent_options(options, present, absent):
 
 
 def test_mlock_opt_out_removes_load_mode_too():
-    options = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, mlock=False, mlock_style=MlockStyle.LOAD_MODE)
+    options = launch(binary="b", model_path="m", host="h", port=1, mlock=False, mlock_style=MlockStyle.LOAD_MODE)
     argv = argv_for(options=options)
     assert "--load-mode" not in argv and "--mlock" not in argv
 
@@ -216,7 +220,7 @@ def test_mlock_opt_out_removes_load_mode_too():
 def test_options_reject_programming_errors(bad):
     fields = {"binary": "b", "model_path": "m", "host": "h", "port": 1} | bad
     with pytest.raises(ValueError):
-        AgentArgvOptions(**fields)
+        launch(**fields)
 
 
 def test_turboquant_sample():
@@ -250,7 +254,7 @@ def test_turboquant_sample():
     )  # fmt: skip
 
 
-VERBOSE = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
+VERBOSE = launch(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
 
 
 def test_verbosity_4_is_passed_when_the_binary_has_the_option():
@@ -277,7 +281,7 @@ def test_the_verbosity_flag_cannot_be_overridden_from_extra_args():
 
 def test_no_jinja_is_left_out_for_a_build_without_it():
     # Such builds have the template engine off by default: saying nothing already means false.
-    old_build = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, no_jinja=False)
+    old_build = launch(binary="b", model_path="m", host="h", port=1, no_jinja=False)
     argv = argv_for({"jinja": False}, options=old_build)
     assert "--no-jinja" not in argv and "--jinja" not in argv
     assert "--jinja" in argv_for({"jinja": True}, options=old_build)
@@ -286,4 +290,4 @@ def test_no_jinja_is_left_out_for_a_build_without_it():
 @pytest.mark.parametrize("flag", ["--port", "--verbose", "-v", "4", ""])
 def test_verbosity_flag_must_be_a_verbosity_spelling(flag):
     with pytest.raises(ValueError):
-        AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)
+        launch(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)
