@@ -20,6 +20,7 @@ from typing import TextIO
 
 import typer
 
+from metal_agent import __version__
 from metal_agent.core.powermetrics import PowerParser, PowerSample
 from metal_agent.core.sudoers import SudoersError, render_sudoers as _render
 
@@ -92,7 +93,7 @@ def render_sudoers(
     as /etc/sudoers.d/llmkube-powermetrics rather than by hand.
     """
     try:
-        text = _render(user, interval_ms)
+        text = _render(user, interval_ms, version=__version__)
     except SudoersError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

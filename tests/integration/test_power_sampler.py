@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
+from metal_agent import __version__
 from metal_agent.adapters.powermetrics import PowerConfigError, PowerSampler, PowerSamplerSettings
 from metal_agent.cli.main import app
 from metal_agent.core.backoff import Backoff
@@ -548,7 +549,7 @@ def sudo_power(shared_dir: Path) -> Iterator[SudoPower]:
             Path(POWERMETRICS_PATH).write_text(stand_in_script(shared_dir / M5_CAPTURE, options))
             installed = True
             Path(POWERMETRICS_PATH).chmod(0o755)
-            text = render_sudoers(users[RELAY], SUDO_INTERVAL_MS, samples=SUDO_SAMPLES) + (
+            text = render_sudoers(users[RELAY], SUDO_INTERVAL_MS, samples=SUDO_SAMPLES, version=__version__) + (
                 f"{users[FULL_ROOT]} ALL = (root) NOPASSWD: LLMKUBE_POWERMETRICS\n"
                 f"Defaults:{users[FULL_ROOT]} !pam_session, !pam_setcred, !use_pty\n"
             )
