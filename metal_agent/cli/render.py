@@ -120,7 +120,8 @@ def render(
     assert isinstance(outcome, Parsed)
     workload = outcome.value
 
-    engine = engine_for(workload, EngineName(default_runtime))
+    engine_name = EngineName(default_runtime)
+    engine = engine_for(workload, engine_name)
     llama, mlx, dialect = llama_server or "llama-server", (), Dialect()
     if engine.name is EngineName.MLX_LM:
         from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server
@@ -132,6 +133,7 @@ def render(
     settings = LaunchSettings(
         llama_server=llama, mlx_server=mlx, host=host, mlock=mlock, dialect=dialect,
         threads=threads if threads is not None else asyncio.run(performance_core_count()),
+        default_engine=engine_name, policy=policy,
     )
     instance = Instance(model_path or placeholder_model_path(workload.model.spec.source), port)
     typer.echo(json.dumps(list(engine.argv(workload, settings, instance))))
