@@ -40,7 +40,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """What to run for one service. `build_argv(port)` returns the full argv."""
+    """The supervisor's job for one service, not a launch type: the command line is
+    `build_argv(port)` (the reconciler's closure over the engine's argv, `core.launch`'s
+    settings and the process's files), so no launch field is copied here. `host` is where the
+    supervisor picks a free port and probes: the address that argv binds to."""
 
     key: str
     uid: str
