@@ -37,7 +37,8 @@ from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.core.engine import Engine, EngineName, Launch, engine_for
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate, wanted_draft, wanted_model
+from metal_agent.controller.gate import EVERY_SERVICE, Gate
+from metal_agent.core.claim import Workload, evaluate, wanted_draft, wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.pressure import Level, ServiceMemory
@@ -121,7 +122,7 @@ class Reconciler:
         registrar: Registrar | None = None,
         concurrency: int = 8,
         status_mode: StatusMode = StatusMode.AUTO,
-        allowlist: Allowlist = EVERY_SERVICE,
+        allowlist: Gate = EVERY_SERVICE,
     ) -> None:
         self.allowlist = allowlist  # services off the list are another Mac's: not ours, and their objects stay
         self.isvcs = isvcs
@@ -317,7 +318,7 @@ class Reconciler:
         vanished (a deleted Model is not an outage), and speak for an unplaced fleet service."""
         managed = self.managed.get(key)
         if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
-            # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet.py).
+            # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet/gate.py).
             await self._write_status(key, raw, True, blocker=unplaced, scheduling=(unplaced.reason, unplaced.message))
             return
         model_missing = model_raw is None and ref is not None
