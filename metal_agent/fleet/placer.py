@@ -11,12 +11,14 @@ as `tasks.KeyedTasks`, one at a time per replica slot.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Callable
 
 import structlog
 
 from metal_agent.core.admission import Reject, admit
+from metal_agent.core.conditions import Condition
 from metal_agent.core.leases import Replica, member_lease_name, replica_lease
 from metal_agent.core.memory import EstimateFailed, gib
 from metal_agent.core.placement import Member, Wanted, bid_delay, rank, unschedulable_message
@@ -56,9 +58,9 @@ class Placer:
         self.writes: KeyedTasks[Slot] = KeyedTasks("fleet lease write", expected=API_ERRORS)
         # per free replica: since when we wait, and at which place in line (a new place restarts the wait)
         self._free_since: dict[Slot, tuple[float, float]] = {}
-        self._bidding: Any = None  # one bid at a time: each win changes the numbers
+        self._bidding: asyncio.Task | None = None  # one bid at a time: each win changes the numbers
         self._alive_before: set[str] = set()
-        self._said: dict[str, Any] = {}  # the placement each service's status last heard of
+        self._said: dict[str, Condition | None] = {}  # the placement each service's status last heard of
 
     async def close(self) -> None:
         """Cancel the writes in flight and wait for them."""

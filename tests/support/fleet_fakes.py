@@ -21,7 +21,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from metal_agent.core.claim import Allowlist
 from metal_agent.core.leases import MemberInfo, member_lease, replica_lease
 from metal_agent.core.placement import Member
+from metal_agent.fleet.demand import Demand
 from metal_agent.fleet.gate import FleetGate
+from metal_agent.fleet.membership import LocalMember, Membership
 from metal_agent.fleet.ports import FleetSettings
 from metal_agent.fleet.wiring import FleetParts, assemble
 
@@ -191,10 +193,26 @@ class Fakes:
     told: list[str] = field(default_factory=list)  # keys the reconciler was re-queued for
 
 
+DEFAULTS = {"lease_duration": 40.0, "renew_interval": 10.0, "bid_step": 2.0, "total_ram": 64 << 30}
+
+
+def gate_alone(fakes: Fakes, tmp_path: Path, *, member: str = "a", allowlist: Allowlist = Allowlist(),
+               **settings) -> FleetGate:
+    """The gate and only what it is handed (membership, this Mac's numbers, demand): no placer, no loop."""
+    s = FleetSettings(member=member, **{**DEFAULTS, **settings})
+    demand = Demand(s, isvcs=fakes.isvcs, models=fakes.models, model_files=fakes.model_files)
+    local = LocalMember(s, memory=fakes.memory, demand=demand, allowlist=allowlist.entries,
+                        process_ready=lambda key: key in fakes.ready, cordon_file=tmp_path / "fleet-cordoned",
+                        version="test")
+    membership = Membership(s, leases=fakes.leases, local=local, synced=fakes.synced, now=fakes.clock)
+    return FleetGate(membership, allowlist=allowlist, demand=demand, process_ready=lambda key: key in fakes.ready,
+                     on_key=fakes.told.append, now=fakes.clock)
+
+
 def build(fakes: Fakes, tmp_path: Path, *, member: str = "a", allowlist: Allowlist = Allowlist(),
           **settings) -> FleetParts:
-    """One Mac's fleet, built as the agent builds it, on fakes."""
-    defaults = {"lease_duration": 40.0, "renew_interval": 10.0, "bid_step": 2.0, "total_ram": 64 << 30}
+    """One Mac's whole fleet, built as the agent builds it (`assemble`), on fakes."""
+    defaults = DEFAULTS
     state = tmp_path / member
     state.mkdir(parents=True, exist_ok=True)
 

@@ -1,6 +1,7 @@
 """The gate the controller asks ("is this service ours?"), on its own: the static allowlist,
-and the fleet's gate built on fakes of the ports it is handed (tests/support/fleet_fakes.py),
-its time driven by a test clock. The lease watch is delivered when the test says so."""
+and the fleet's gate built with only what it is handed (membership over fakes of the ports,
+tests/support/fleet_fakes.py; no placer, no loop), its time driven by a test clock. The lease
+watch is delivered when the test says so."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from metal_agent.controller.gate import EVERY_SERVICE, Gate, StaticGate
 from metal_agent.core.claim import Allowlist, claim
 from metal_agent.core.result import NotOurs
 from metal_agent.fleet.gate import FleetGate
-from tests.support.fleet_fakes import Fakes, build
+from tests.support.fleet_fakes import Fakes, gate_alone
 from tests.support.manifests import isvc_doc, model_doc
 
 KEY = "default/chat"
@@ -39,15 +40,15 @@ def fakes() -> Fakes:
 
 async def joined(fakes: Fakes, tmp_path, **settings) -> FleetGate:
     """Mac "a": its Lease renewed once, the lease watch listed."""
-    parts = build(fakes, tmp_path, **settings)
-    await parts.membership.renew()
-    fakes.leases.deliver(parts.gate.on_lease_change)
+    gate = gate_alone(fakes, tmp_path, **settings)
+    await gate.membership.renew()
+    fakes.leases.deliver(gate.on_lease_change)
     fakes.synced.set()
-    return parts.gate
+    return gate
 
 
 async def test_not_ready_until_the_leases_are_listed_and_ours_renewed(fakes, tmp_path):
-    gate = build(fakes, tmp_path).gate
+    gate = gate_alone(fakes, tmp_path)
     assert not gate.ready()
     fakes.synced.set()
     assert not gate.ready() and not gate.admits("default", "chat")  # never renewed: fenced
