@@ -57,3 +57,34 @@ async def test_the_collector_counts_held_replicas_members_fence_and_renewals(tmp
     assert metric("fleet_members", state="alive") == 0 and metric("fleet_members", state="expired") == 2
     assert metric("fleet_lease_renewals_total", outcome="ok") == 1
     assert metric("fleet_lease_renewals_total", outcome="failed") == 1
+
+
+async def test_build_fleet_hands_every_part_its_collaborators_and_nothing_is_patched_after(tmp_path):
+    from types import SimpleNamespace
+
+    from kubernetes_asyncio.client import ApiClient
+
+    from metal_agent.adapters.kube.fleet_registrar import FleetRegistrar
+    from metal_agent.fleet.wiring import build_fleet
+    from tests.support.fleet_fakes import FakeEvents, FakeMemory, FakeModelFiles, Store
+
+    cfg = SimpleNamespace(member_name=None, fleet_namespace="metal-agent", labels={"size": "big"}, lease_duration=40.0,
+                          lease_renew_interval=10.0, fleet_bid_step=2.0, memory_fraction=None,
+                          default_runtime="llama-server", policy=None, namespaces=("ml",), allowlist=("chat",),
+                          resync_period=600.0)
+    api = ApiClient()
+    try:
+        parts = build_fleet(cfg, api, host="Mac-Studio.local", chip="Apple M4 Max", total_ram=64 << 30,
+                            version="test", isvcs=Store(), models=Store(), memory=FakeMemory(),
+                            model_files=FakeModelFiles(), events=FakeEvents(), on_key=lambda key: None,
+                            process_ready=lambda key: False, waiting=lambda key: None, address=lambda: "10.0.0.2",
+                            state_dir=tmp_path, registrar_kwargs={"host": "Mac-Studio.local"})
+    finally:
+        await api.close()
+    assert set(parts.loops()) == {"watch-leases", "fleet"}
+    assert parts.watch.synced is parts.membership.synced  # the watch's first list is what makes the gate ready
+    assert parts.watch.on_change == parts.gate.on_lease_change
+    assert isinstance(parts.registrar, FleetRegistrar) and parts.registrar.holds == parts.gate.serves
+    assert parts.placer.slices is parts.registrar
+    assert parts.settings.member == "mac-studio" and parts.settings.namespaces == ("ml",)
+    assert parts.settings.labels["size"] == "big" and parts.gate.refusal("ml", "coder").startswith("InferenceService")
