@@ -12,12 +12,14 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from metal_agent.core.api import InferenceServiceSpec, Model
+from metal_agent.core.engine import Engine
+from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 from metal_agent.core.spec_policy import SpecPolicy
 
 #: What a Lease call may meet that the next tick retries: the API away, slow, or refusing.
@@ -86,9 +88,10 @@ class ModelFilesPort(Protocol):
 
     def present(self, model: Model) -> Path | None: ...
 
-    def engine_of(self, model: Model) -> Any: ...
+    def engine_of(self, model: Model) -> Engine: ...
 
-    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec, engine: Any) -> Any: ...
+    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,
+                              engine: Engine) -> MemoryEstimate | EstimateFailed: ...
 
 
 class EventSink(Protocol):
