@@ -47,6 +47,7 @@ from metal_agent.adapters.process.records import RecordStore
 from metal_agent.adapters.process.supervisor import SupervisorSettings
 from metal_agent.agent_endpoint import MetricsEndpoint
 from metal_agent.core.agent_registration import DEFAULT_AGENT_NAMESPACE
+from metal_agent.controller.gate import StaticGate
 from metal_agent.core.claim import Allowlist
 from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.launch import LaunchSettings
@@ -104,7 +105,7 @@ class AgentConfig:
     resync_period: float = 600.0
     concurrency: int = 8
     allowlist: tuple[str, ...] = ()  # --inference-service-allowlist entries (core.claim.Allowlist); empty: all
-    # Fleet mode (metal_agent/fleet.py): several Macs place services among themselves with Leases.
+    # Fleet mode (metal_agent/fleet/): several Macs place services among themselves with Leases.
     fleet: bool = False
     fleet_namespace: str = "metal-agent"
     member_name: str | None = None  # None: from the host name
@@ -261,13 +262,14 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
     )
     memory = MemoryGuard(model_files, registry, mode=cfg.memory_check_mode, agent_fraction=cfg.memory_fraction,
                          is_blocked=watchdog.is_blocked)
+    events = EventRecorder(api, dropped=metrics.events_dropped)
     fleet = None
     if cfg.fleet:
-        from metal_agent.fleet_wiring import build_fleet
+        from metal_agent.fleet.wiring import build_fleet
 
         fleet = build_fleet(
             cfg, api, host=facts.host, chip=facts.chip, total_ram=facts.memory_bytes, version=__version__,
-            isvcs=isvcs, models=models, memory=memory, model_files=model_files, events=lambda: reconciler.events,
+            isvcs=isvcs, models=models, memory=memory, model_files=model_files, events=events,
             on_key=lambda key: reconciler.queue.add(key),
             process_ready=lambda key: bool((s := processes.get(key)) and s.snapshot.ready),
             waiting=lambda key: reconciler.waiting_reason(key), address=lambda: reconciler.launch.register_address,
@@ -276,13 +278,13 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         registrar = fleet.registrar
     reconciler = Reconciler(
         isvcs=isvcs, models=models, processes=processes, model_files=model_files, memory=memory,
-        status=StatusWriter(api), events=EventRecorder(api, dropped=metrics.events_dropped), metrics=metrics,
+        status=StatusWriter(api), events=events, metrics=metrics,
         launch=LaunchSettings(llama_server=info.path, mlx_server=mlx, host=bind,
                               register_address=host_ip if cfg.register else None, threads=threads, mlock=cfg.mlock,
                               dialect=info.dialect, default_engine=EngineName(cfg.default_runtime),
                               policy=cfg.policy or SpecPolicy(model_roots=(str(cfg.paths.models),))),
         registrar=registrar, concurrency=cfg.concurrency, status_mode=StatusMode(cfg.status_mode),
-        allowlist=fleet.fleet if fleet else Allowlist(cfg.allowlist),
+        allowlist=fleet.gate if fleet else StaticGate(Allowlist(cfg.allowlist)),
     )
 
     model_files.on_ready = model_files.on_progress = reconciler.queue.add
@@ -334,9 +336,9 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
 
     app.router.add_get("/v1/services", services)
     if fleet is not None:
-        from metal_agent.fleet_wiring import add_routes
+        from metal_agent.fleet.view import add_routes
 
-        add_routes(app, fleet.fleet)
+        add_routes(app, fleet.view)
 
     async def after_sync() -> None:
         await isvcs.synced.wait()
@@ -426,7 +428,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
             if endpoint is not None:
                 loops["metrics-endpoint"] = endpoint.run
             if fleet is not None:
-                loops["fleet"] = fleet.run
+                loops.update(fleet.loops())
             background = [asyncio.create_task(supervised_loop(name, factory, metrics.loop_failures), name=name)
                           for name, factory in loops.items()]
             sync = asyncio.create_task(after_sync())

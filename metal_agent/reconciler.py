@@ -39,7 +39,9 @@ from metal_agent.core.engine import Engine
 from metal_agent.core.engine_name import EngineName
 from metal_agent.core.engines import engine_for
 from metal_agent.core.backoff import Backoff
-from metal_agent.core.claim import EVERY_SERVICE, Allowlist, evaluate, wanted_draft, wanted_model
+from metal_agent.controller.gate import EVERY_SERVICE, Gate
+from metal_agent.core.claim import evaluate, wanted_draft, wanted_model
+from metal_agent.core.workload import Workload
 from metal_agent.core.conditions import Condition
 from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.pressure import Level, ServiceMemory
@@ -58,7 +60,6 @@ from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.status import Blocker
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.core.validation import parse_model
-from metal_agent.core.workload import Workload
 from metal_agent.memory_guard import MemoryGuard, Waiting
 from metal_agent.metrics import AgentMetrics, service_labels
 from metal_agent.status_reporter import StatusReporter
@@ -102,7 +103,7 @@ class Reconciler:
         registrar: Registrar | None = None,
         concurrency: int = 8,
         status_mode: StatusMode = StatusMode.AUTO,
-        allowlist: Allowlist = EVERY_SERVICE,
+        allowlist: Gate = EVERY_SERVICE,
     ) -> None:
         self.allowlist = allowlist  # services off the list are another Mac's: not ours, and their objects stay
         self.isvcs = isvcs
@@ -298,7 +299,7 @@ class Reconciler:
         vanished (a deleted Model is not an outage), and speak for an unplaced fleet service."""
         managed = self.managed.get(key)
         if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
-            # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet.py).
+            # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet/gate.py).
             await self._write_status(key, raw, True, blocker=unplaced, scheduling=(unplaced.reason, unplaced.message))
             return
         model_missing = model_raw is None and ref is not None

@@ -174,7 +174,7 @@ def run(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--inference-service-allowlist")
     from metal_agent.core.leases import member_name as to_member_name
-    from metal_agent.fleet_wiring import parse_labels
+    from metal_agent.fleet.wiring import parse_labels
 
     try:
         labels = parse_labels(label)

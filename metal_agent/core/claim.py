@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from metal_agent.core.api import Accelerator, Model, Runtime
 from metal_agent.core.engine_name import EngineName
@@ -67,10 +67,6 @@ class Allowlist:
     def admits(self, namespace: str, name: str) -> bool:
         return not self.entries or name in self.entries or f"{namespace}/{name}" in self.entries
 
-    # The gate protocol. A fleet (metal_agent/fleet.py) is a gate too: it admits a service
-    # while this Mac holds one of its replica Leases. A static list is always ready, speaks
-    # for every service it admits, and never reports one as unplaced.
-
     def refusal(self, namespace: str, name: str) -> str | None:
         """Why the service is not this agent's (None: it is)."""
         if self.admits(namespace, name):
@@ -78,21 +74,14 @@ class Allowlist:
         return (f"InferenceService {namespace}/{name} is not in this agent's "
                 f"--inference-service-allowlist ({', '.join(self.entries)})")
 
-    def ready(self) -> bool:
-        return True
 
-    def speaks_for(self, key: str) -> bool:
-        return True
+class ClaimFilter(Protocol):
+    """The one question the claim rule asks beyond the objects themselves: may this agent
+    take the service? An `Allowlist` answers it from the flag; the controller's gate
+    (`metal_agent.controller.gate`: a fleet's Leases, or the allowlist) answers it too."""
 
-    def unplaced(self, key: str):
-        return None
-
-    def placement(self, key: str):
-        """(the `FleetPlacement` condition, replicas ready on other Macs): none without a fleet."""
-        return None, 0
-
-
-EVERY_SERVICE = Allowlist()
+    def refusal(self, namespace: str, name: str) -> str | None:
+        """Why the service is not this agent's (None: it is)."""
 
 
 def _get(obj: Any, *keys: str) -> Any:
@@ -116,7 +105,7 @@ def wanted_model(isvc: Any) -> tuple[str, str] | None:
     return _namespace(isvc), ref
 
 
-def claim(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) -> Ours | NotOurs:
+def claim(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist()) -> Ours | NotOurs:
     """Decide whether `isvc` is ours, given the Model it refers to (None if not found).
 
     Never raises and never reports errors: anything we cannot read as ours
@@ -164,7 +153,7 @@ def wanted_draft(isvc: Any) -> tuple[str, str] | None:
     return _namespace(isvc), ref
 
 
-def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
+def evaluate(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist(),
              default_engine: str = "llama-server", draft: Any | None = None,
              policy: SpecPolicy = SpecPolicy()) -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.status_writer import StatusWriter
-from metal_agent.core.claim import EVERY_SERVICE
+from metal_agent.controller.gate import EVERY_SERVICE
 from metal_agent.core.conditions import Condition
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State
 from metal_agent.core.status_owner import StatusMode

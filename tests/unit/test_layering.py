@@ -62,8 +62,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
 LEGACY: frozenset[str] = frozenset({
     "metal_agent.agent",
     "metal_agent.agent_endpoint",
-    "metal_agent.fleet_placer",
-    "metal_agent.fleet_wiring",
     "metal_agent.launchd",
     "metal_agent.memory_guard",
     "metal_agent.migration",

@@ -85,6 +85,7 @@ class Informer:
         max_backoff: float = 30.0,
         on_failure: Callable[[int], None] | None = None,
         on_relist: Callable[[str], None] | None = None,
+        synced: asyncio.Event | None = None,
     ) -> None:
         self.api = client.CustomObjectsApi(api)
         self.resource = resource
@@ -100,7 +101,7 @@ class Informer:
         self.unreachable_since: float | None = None
         self._synced_scopes: set[str | None] = set()
         self._resume: dict[str | None, str | None] = {}  # per scope: the resourceVersion to watch from
-        self.synced = asyncio.Event()
+        self.synced = synced if synced is not None else asyncio.Event()  # given: a part built first waits on it
         self._log = log.bind(resource=resource.plural)
 
     def get(self, key: str) -> dict | None:
