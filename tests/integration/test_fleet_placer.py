@@ -34,7 +34,7 @@ from metal_agent.core.leases import COORDINATION, ISVC_NAMESPACE_LABEL, member_l
 from metal_agent.core.names import GROUP as ISVC_GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION as ISVC_VERSION
 from metal_agent.fleet import Fleet, FleetSettings
 from metal_agent.fleet_placer import UNSCHEDULABLE
-from metal_agent.memory_guard import MemoryGuard
+from metal_agent.memory.guard import MemoryGuard
 from tests.support.isvc import Cluster
 from tests.support.kube import api_client
 from tests.support.wait import wait_for
