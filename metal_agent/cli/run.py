@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 from typing import List, Optional
 
@@ -104,6 +105,116 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise typer.BadParameter("expected " + ", ".join(allowed[:-1]) + " or " + allowed[-1], param_hint=flag)
+    return value
+
+
+def _parsed(ctx: typer.Context, name: str, parse, flag: str | None = None):
+    """`parse` the flag's value; a ValueError is a usage error naming the flag."""
+    try:
+        return parse(ctx.params[name])
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint=flag) from None
+
+
+def _fleet_config(ctx: typer.Context) -> FleetConfig:
+    from metal_agent.core.leases import member_name as to_member_name
+    from metal_agent.fleet_wiring import parse_labels
+
+    o = SimpleNamespace(**ctx.params)
+    labels = _parsed(ctx, "label", parse_labels, "--label")
+    if o.member_name is not None and to_member_name(o.member_name) != o.member_name:
+        raise typer.BadParameter(f"{o.member_name!r} is not a DNS label; try {to_member_name(o.member_name)!r}",
+                                 param_hint="--member-name")
+    if o.lease_renew_interval * 2 > o.lease_duration:
+        raise typer.BadParameter("must be at most half of --lease-duration", param_hint="--lease-renew-interval")
+    return FleetConfig(enabled=o.fleet, namespace=o.fleet_namespace, member_name=o.member_name,
+                       labels=tuple(labels.items()), lease_duration=o.lease_duration,
+                       lease_renew_interval=o.lease_renew_interval, bid_step=o.fleet_bid_step)
+
+
+def _registration(ctx: typer.Context) -> RegistrationSettings:
+    o = SimpleNamespace(**ctx.params)
+    if not is_dns1123_label(o.agent_namespace):
+        raise typer.BadParameter("expected a namespace name (DNS-1123 label)", param_hint="--agent-namespace")
+    host_ip = o.host_ip
+    if host_ip is not None:
+        # Without registration nothing outside this Mac needs the address: loopback is fine.
+        host_ip = _parsed(ctx, "host_ip", lambda v: validate_host_ip(v, registered=o.register), "--host-ip")
+    return RegistrationSettings(register=o.register, register_metrics=o.register_metrics,
+                                agent_namespace=o.agent_namespace, host_ip=host_ip, bind_all=o.bind_all,
+                                heartbeat_interval=o.heartbeat_interval,
+                                address_check_interval=o.address_check_interval)
+
+
+def _http(ctx: typer.Context) -> HttpSettings:
+    o = SimpleNamespace(**ctx.params)
+    http_host, _, http_port = o.listen.rpartition(":")
+    if not http_host or not http_port.isdigit():
+        raise typer.BadParameter("expected host:port, e.g. 127.0.0.1:9090", param_hint="--listen")
+    return HttpSettings(host=http_host.strip("[]"), port=int(http_port),
+                        allowed_hosts=tuple(h.strip().lower() for item in o.http_allowed_host
+                                            for h in item.split(",") if h.strip()),
+                        token_review_rate=o.token_review_rate, token_review_global_rate=o.token_review_global_rate)
+
+
+def _downloads(ctx: typer.Context) -> DownloadSettings:
+    from metal_agent.core.egress import parse_networks, parse_token_hosts
+
+    o = SimpleNamespace(**ctx.params)
+    networks = _parsed(ctx, "download_allow_network", parse_networks, "--download-allow-network")
+    return DownloadSettings(allow_networks=tuple(str(net) for net in networks),
+                            token_hosts=_parsed(ctx, "token_hosts", parse_token_hosts, "--token-hosts"),
+                            max_size=_bytes(o.max_download_size, "--max-download-size", minimum=1),
+                            free_margin=_bytes(o.download_free_margin, "--download-free-margin", minimum=0))
+
+
+def _agent_config(ctx: typer.Context) -> AgentConfig:
+    """The settings from the parsed flags; a flag that makes no sense is a usage error naming it."""
+    from metal_agent.core.claim import Allowlist
+
+    o = SimpleNamespace(**ctx.params)
+    allowed = _parsed(ctx, "allowlist", Allowlist.parse, "--inference-service-allowlist")
+    fleet, registration = _fleet_config(ctx), _registration(ctx)
+    status_mode = _choice(o.status_mode, ("auto", "full", "shared"), "--status-mode")
+    memory_check_mode = _choice(o.memory_check_mode, ("enforce", "warn"), "--memory-check-mode")
+    http = _http(ctx)
+    if o.api_unreachable_limit is not None:
+        typer.echo("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
+                   "through an API outage of any length (see /readyz)", err=True)
+    downloads = _downloads(ctx)
+    default_runtime = _choice(o.default_runtime, ("llama-server", "mlx-lm"), "--default-runtime")
+    defaults = default_paths()
+    try:
+        policy = build_policy(o.allow_extra_arg, o.allowed_model_roots, o.model_dir or defaults.models)
+    except ValueError as err:
+        raise typer.BadParameter(str(err))
+    binary = find_llama_server(o.llama_server)
+    if binary is None:
+        typer.echo("error: llama-server not found; install llama.cpp (brew install llama.cpp) or pass --llama-server PATH", err=True)
+        raise typer.Exit(2)
+    return AgentConfig(
+        paths=AgentPaths(o.model_dir or defaults.models, o.log_dir or defaults.logs, o.state_dir or defaults.state),
+        engines=EngineSettings(llama_server=binary, mlx_server=o.mlx_server, default_runtime=default_runtime,
+                               threads=o.threads, mlock=o.mlock),
+        kube=KubeSettings(kubeconfig=str(o.kubeconfig) if o.kubeconfig else None, context=o.context,
+                          namespaces=tuple(n for item in o.namespace for n in item.split(",") if n)),
+        controller=ControllerSettings(status_mode=status_mode, allowlist=allowed.entries, policy=policy,
+                                      stop_on_exit=o.stop_on_exit),
+        registration=registration, http=http,
+        memory=MemorySettings(fraction=o.memory_fraction, check_mode=memory_check_mode, eviction=o.eviction,
+                              interval=o.memory_interval,
+                              reader=_file_reader(o.memory_readings_file) if o.memory_readings_file else None),
+        power=PowerSettings(enabled=sys.platform == "darwin" if o.power is None else o.power,
+                            interval_ms=o.power_interval_ms),
+        downloads=downloads, fleet=fleet,
+        supervisor=SupervisorSettings(startup_timeout=o.startup_timeout, liveness_interval=o.liveness_interval,
+                                      liveness_failures=o.liveness_failures),
+    )
+
+
 def run(
     ctx: typer.Context,
     kubeconfig: Optional[Path] = typer.Option(None, envvar=["METAL_AGENT_KUBECONFIG", "KUBECONFIG"], help="Kubeconfig file (default: ~/.kube/config)."),
@@ -165,7 +276,6 @@ def run(
     from metal_agent.adapters.llama_binary import LlamaServerMissing
     from metal_agent.app.build import StartupError
     from metal_agent.app.manager import AgentExit, run_agent
-    from metal_agent.core.claim import Allowlist
     from metal_agent.logging_setup import configure_logging
 
     try:
@@ -178,93 +288,7 @@ def run(
         structlog.get_logger(__name__).warning(
             "ignoring flags of LLMKube's Go agent: " + describe_ignored(ignored),
             flags=sorted({item.flag for item in ignored}))
-    try:
-        allowed = Allowlist.parse(allowlist)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--inference-service-allowlist")
-    from metal_agent.core.leases import member_name as to_member_name
-    from metal_agent.fleet_wiring import parse_labels
-
-    try:
-        labels = parse_labels(label)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--label")
-    if member_name is not None and to_member_name(member_name) != member_name:
-        raise typer.BadParameter(f"{member_name!r} is not a DNS label; try {to_member_name(member_name)!r}",
-                                 param_hint="--member-name")
-    if lease_renew_interval * 2 > lease_duration:
-        raise typer.BadParameter("must be at most half of --lease-duration", param_hint="--lease-renew-interval")
-    if not is_dns1123_label(agent_namespace):
-        raise typer.BadParameter("expected a namespace name (DNS-1123 label)", param_hint="--agent-namespace")
-    if status_mode not in ("auto", "full", "shared"):
-        raise typer.BadParameter("expected auto, full or shared", param_hint="--status-mode")
-    if memory_check_mode not in ("enforce", "warn"):
-        raise typer.BadParameter("expected enforce or warn", param_hint="--memory-check-mode")
-    http_host, _, http_port = listen.rpartition(":")
-    if not http_host or not http_port.isdigit():
-        raise typer.BadParameter("expected host:port, e.g. 127.0.0.1:9090", param_hint="--listen")
-    if host_ip is not None:
-        try:
-            # Without registration nothing outside this Mac needs the address: loopback is fine.
-            host_ip = validate_host_ip(host_ip, registered=register)
-        except ValueError as err:
-            raise typer.BadParameter(str(err), param_hint="--host-ip")
-    if api_unreachable_limit is not None:
-        typer.echo("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
-                   "through an API outage of any length (see /readyz)", err=True)
-    from metal_agent.core.egress import parse_networks, parse_token_hosts
-
-    try:
-        allow_networks = parse_networks(download_allow_network)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--download-allow-network")
-    try:
-        token_host_list = parse_token_hosts(token_hosts)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--token-hosts")
-    max_download_bytes = _bytes(max_download_size, "--max-download-size", minimum=1)
-    free_margin_bytes = _bytes(download_free_margin, "--download-free-margin", minimum=0)
-    if default_runtime not in ("llama-server", "mlx-lm"):
-        raise typer.BadParameter("expected llama-server or mlx-lm", param_hint="--default-runtime")
-    defaults = default_paths()
-    try:
-        policy = build_policy(allow_extra_arg, allowed_model_roots, model_dir or defaults.models)
-    except ValueError as err:
-        raise typer.BadParameter(str(err))
-    binary = find_llama_server(llama_server)
-    if binary is None:
-        typer.echo("error: llama-server not found; install llama.cpp (brew install llama.cpp) or pass --llama-server PATH", err=True)
-        raise typer.Exit(2)
-    cfg = AgentConfig(
-        paths=AgentPaths(model_dir or defaults.models, log_dir or defaults.logs, state_dir or defaults.state),
-        engines=EngineSettings(llama_server=binary, mlx_server=mlx_server, default_runtime=default_runtime,
-                               threads=threads, mlock=mlock),
-        kube=KubeSettings(kubeconfig=str(kubeconfig) if kubeconfig else None, context=context,
-                          namespaces=tuple(n for item in namespace for n in item.split(",") if n)),
-        controller=ControllerSettings(status_mode=status_mode, allowlist=allowed.entries, policy=policy,
-                                      stop_on_exit=stop_on_exit),
-        registration=RegistrationSettings(register=register, register_metrics=register_metrics,
-                                          agent_namespace=agent_namespace, host_ip=host_ip, bind_all=bind_all,
-                                          heartbeat_interval=heartbeat_interval,
-                                          address_check_interval=address_check_interval),
-        http=HttpSettings(host=http_host.strip("[]"), port=int(http_port),
-                          allowed_hosts=tuple(h.strip().lower() for item in http_allowed_host
-                                              for h in item.split(",") if h.strip()),
-                          token_review_rate=token_review_rate, token_review_global_rate=token_review_global_rate),
-        memory=MemorySettings(fraction=memory_fraction, check_mode=memory_check_mode, eviction=eviction,
-                              interval=memory_interval,
-                              reader=_file_reader(memory_readings_file) if memory_readings_file else None),
-        power=PowerSettings(enabled=sys.platform == "darwin" if power is None else power,
-                            interval_ms=power_interval_ms),
-        downloads=DownloadSettings(allow_networks=tuple(str(net) for net in allow_networks),
-                                   token_hosts=token_host_list, max_size=max_download_bytes,
-                                   free_margin=free_margin_bytes),
-        fleet=FleetConfig(enabled=fleet, namespace=fleet_namespace, member_name=member_name,
-                          labels=tuple(labels.items()), lease_duration=lease_duration,
-                          lease_renew_interval=lease_renew_interval, bid_step=fleet_bid_step),
-        supervisor=SupervisorSettings(startup_timeout=startup_timeout, liveness_interval=liveness_interval,
-                                      liveness_failures=liveness_failures),
-    )
+    cfg = _agent_config(ctx)
     try:
         asyncio.run(_with_io_threads(run_agent(cfg)))
     except (LlamaServerMissing, NoUsableAddress, StartupError) as err:
