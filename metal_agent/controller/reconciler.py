@@ -42,7 +42,7 @@ from metal_agent.core.claim import EVERY_SERVICE, Allowlist, Workload, evaluate,
 from metal_agent.core.engine import Engine, EngineName, Launch, engine_for
 from metal_agent.core.flags import MlockStyle
 from metal_agent.core.process import Snapshot, State
-from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
+from metal_agent.core.result import FieldError, Invalid, NotOurs
 from metal_agent.core.spec_hash import spec_hash
 from metal_agent.core.spec_policy import SpecPolicy, spec_reason
 from metal_agent.core.status import Blocker

@@ -30,7 +30,6 @@ from metal_agent.adapters.process.pause_point import AFTER_EXEC, pause_point
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, same_start
 from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.adapters.process.terminate import terminate_group
-from metal_agent.core.backoff import Backoff
 from metal_agent.core.engine import Engine
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State, SupervisorEvent
