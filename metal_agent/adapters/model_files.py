@@ -321,12 +321,14 @@ class ModelFiles:
         limits: DownloadLimits | None = None,
         ssl_context: ssl.SSLContext | None = None,
         estimate_timeout: float = ESTIMATE_TIMEOUT,
+        default_engine: EngineName = EngineName.LLAMA_SERVER,
     ) -> None:
         """`egress`: where downloads may connect and tokens may go (default: public addresses,
         tokens to the hub endpoint's host only); `limits`: size cap and free-disk margin;
-        `ssl_context`: whom https trusts (default: the system's CAs)."""
+        `ssl_context`: whom https trusts (default: the system's CAs); `default_engine`: serves
+        Models whose format names no engine (--default-runtime)."""
         self.cache_dir = cache_dir
-        self.default_engine = EngineName.LLAMA_SERVER  # serves Models whose format names no engine (--default-runtime)
+        self.default_engine = default_engine
         self.on_ready = on_ready
         self.on_progress = on_progress
         self.metrics = DownloadMetrics(registry) if registry is not None else None

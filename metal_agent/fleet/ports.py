@@ -77,7 +77,7 @@ class ObjectCache(Protocol):
 
 
 class MemoryPort(Protocol):
-    """The memory admission's books (`memory_guard.MemoryGuard`): what is committed, and how strictly."""
+    """The memory admission's books (`memory.guard.MemoryGuard`): what is committed, and how strictly."""
 
     committed: Mapping[str, int]
     mode: Literal["enforce", "warn"]

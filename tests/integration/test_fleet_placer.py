@@ -37,7 +37,7 @@ from metal_agent.fleet.gate import FleetGate
 from metal_agent.fleet.placer import UNSCHEDULABLE
 from metal_agent.fleet.ports import FleetSettings
 from metal_agent.fleet.wiring import FleetParts, assemble
-from metal_agent.memory_guard import MemoryGuard
+from metal_agent.memory.guard import MemoryGuard
 from tests.support.isvc import Cluster
 from tests.support.kube import api_client
 from tests.support.wait import wait_for

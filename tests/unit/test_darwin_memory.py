@@ -57,7 +57,7 @@ from metal_agent.core.pressure import (
     parse_vm_stat,
     step,
 )
-from metal_agent.memory_guard import MemoryGuard
+from metal_agent.memory.guard import MemoryGuard
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "darwin_memory"
 GiB = 1 << 30

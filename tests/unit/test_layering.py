@@ -60,15 +60,9 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
 #: Top-level modules not yet moved into a package (to shrink after issue 24's merge). fleet.py is not
 #: here: its name is already its layer's, so it is held to the fleet's rank.
 LEGACY: frozenset[str] = frozenset({
-    "metal_agent.agent",
-    "metal_agent.agent_endpoint",
     "metal_agent.launchd",
-    "metal_agent.memory_guard",
     "metal_agent.migration",
     "metal_agent.power_service",
-    "metal_agent.reconciler",
-    "metal_agent.status_reporter",
-    "metal_agent.workqueue",
 })
 #: The lowest rank that may import a LEGACY module (anything above the adapters).
 LEGACY_IMPORTERS = RANKS["memory"]

@@ -86,7 +86,10 @@ class Informer:
         on_failure: Callable[[int], None] | None = None,
         on_relist: Callable[[str], None] | None = None,
         synced: asyncio.Event | None = None,
+        cache: dict[str, dict] | None = None,
     ) -> None:
+        """`cache`: the store to fill, when whoever handles `on_change` must read it and so
+        is built before the informer (the agent's intake); None: a store of its own."""
         self.api = client.CustomObjectsApi(api)
         self.resource = resource
         self.on_change = on_change
@@ -96,7 +99,7 @@ class Informer:
         self.max_backoff = max_backoff
         self.on_failure = on_failure
         self.on_relist = on_relist  # called with "initial" or "expired" (410 Gone) before each list
-        self.cache: dict[str, dict] = {}
+        self.cache: dict[str, dict] = {} if cache is None else cache
         self.consecutive_failures = 0
         self.unreachable_since: float | None = None
         self._synced_scopes: set[str | None] = set()
