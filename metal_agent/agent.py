@@ -254,7 +254,7 @@ async def run_agent(cfg: AgentConfig, *, stop: asyncio.Event | None = None, hand
         registry, services=lambda: reconciler.memory_view(), evict=lambda key: reconciler.evict(key),
         unblock=lambda keys: reconciler.unblock(keys),
         on_level_change=lambda old, new: reconciler.on_pressure_change(old, new),
-        on_eviction_skipped=lambda reason: reconciler.eviction_skipped(reason),
+        on_eviction_skipped=lambda reason, message: reconciler.eviction_skipped(reason, message),
         reader=cfg.memory_reader or system_memory, interval=cfg.memory_interval,
         memory_fraction=cfg.memory_fraction, eviction_enabled=cfg.eviction,
     )

@@ -138,6 +138,7 @@ class Reconciler:
         self._waiting_reported: dict[str, str] = {}
         self._deferred_reported: dict[str, tuple[str, str]] = {}
         self._last_skip: str | None = None
+        self._skip_message = ""  # why the watchdog did not evict, for MemoryPressure while the level lasts
         self.queue = WorkQueue(self.reconcile, concurrency=concurrency)
         self.managed: dict[str, _Managed] = {}
         self._invalid_reported: dict[str, tuple] = {}
@@ -605,7 +606,10 @@ class Reconciler:
             return Condition("MemoryPressure", True, "Evicted",
                              "stopped to relieve memory pressure; restarts when pressure is Normal")
         level = self.pressure
-        return Condition("MemoryPressure", level is not Level.NORMAL, level.label, f"memory pressure on this Mac is {level.label}")
+        message = f"memory pressure on this Mac is {level.label}"
+        if self._skip_message and level is not Level.NORMAL:
+            message += f"; nothing evicted: {self._skip_message}"
+        return Condition("MemoryPressure", level is not Level.NORMAL, level.label, message)
 
     def _ours(self) -> set[str]:
         return set(self.managed) | self.memory.waiting | self.evicted
@@ -613,6 +617,7 @@ class Reconciler:
     def on_pressure_change(self, old: Level, new: Level) -> None:
         self.pressure = new
         self._last_skip = None
+        self._skip_message = ""
         for key in self._ours():
             raw = self.isvcs.get(key)
             if raw is not None:
@@ -625,6 +630,7 @@ class Reconciler:
         if raw is not None:
             self.events.emit(raw["metadata"], "Evicted", "stopped llama-server to relieve critical memory pressure",
                              warning=True)
+        self._skip_message = ""
         self.evicted.add(key)
         self.queue.add(key)  # the stop happens in the key's own reconcile, never beside it
 
@@ -633,15 +639,18 @@ class Reconciler:
             self.evicted.discard(key)
             self.queue.add(key)
 
-    def eviction_skipped(self, reason: str) -> None:
+    def eviction_skipped(self, reason: str, message: str = "") -> None:
         if reason == self._last_skip:
             return  # once per reason while the pressure lasts, not every tick
         self._last_skip = reason
+        self._skip_message = message
         for key in self.managed:
             raw = self.isvcs.get(key)
             if raw is not None:
-                self.events.emit(raw["metadata"], "EvictionSkipped", f"memory is critical but nothing was evicted: {reason}",
-                                 warning=True)
+                self.events.emit(raw["metadata"], "EvictionSkipped",
+                                 f"memory is critical but nothing was evicted: {message or reason}", warning=True)
+            if message:
+                self.queue.add(key)  # its MemoryPressure condition now says why
 
     def memory_view(self) -> list[ServiceMemory]:
         """The running services as the watchdog needs them."""
