@@ -630,7 +630,7 @@ class Reconciler:
         if raw is not None:
             self.events.emit(raw["metadata"], "Evicted", "stopped llama-server to relieve critical memory pressure",
                              warning=True)
-        self._skip_message = ""
+        self._explain_skip("")
         self.evicted.add(key)
         self.queue.add(key)  # the stop happens in the key's own reconcile, never beside it
 
@@ -643,14 +643,19 @@ class Reconciler:
         if reason == self._last_skip:
             return  # once per reason while the pressure lasts, not every tick
         self._last_skip = reason
-        self._skip_message = message
+        self._explain_skip(message)
         for key in self.managed:
             raw = self.isvcs.get(key)
             if raw is not None:
                 self.events.emit(raw["metadata"], "EvictionSkipped",
                                  f"memory is critical but nothing was evicted: {message or reason}", warning=True)
-            if message:
-                self.queue.add(key)  # its MemoryPressure condition now says why
+
+    def _explain_skip(self, message: str) -> None:
+        """Say (or stop saying) in every MemoryPressure condition why nothing was evicted."""
+        if message != self._skip_message:
+            self._skip_message = message
+            for key in self.managed:
+                self.queue.add(key)
 
     def memory_view(self) -> list[ServiceMemory]:
         """The running services as the watchdog needs them."""
