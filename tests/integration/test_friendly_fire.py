@@ -34,7 +34,7 @@ async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
     agent = AgentProcess(AgentOptions(
         kubeconfig=control_plane.agent_kubeconfig, llama_server=llama_server_bin, workdir=tmp_path,
         namespaces=(namespace,),
-        extra_args=("--eviction-enabled", "--memory-interval", "0.3", "--memory-readings-file", str(memory.path)),
+        extra_args=("--eviction-enabled", "--memory-interval", "0.5", "--memory-readings-file", str(memory.path)),
     ))
     await agent.start()
     try:
