@@ -253,7 +253,7 @@ def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tup
         src.registry, services=responder.memory_view, evict=responder.evict, unblock=responder.unblock,
         on_level_change=responder.on_pressure_change, on_eviction_skipped=responder.eviction_skipped,
         reader=mem.reader or system_memory, interval=mem.interval, memory_fraction=mem.fraction,
-        eviction_enabled=mem.eviction,
+        eviction_enabled=mem.eviction, min_own_share=mem.min_own_share,
     )
     guard = MemoryGuard(src.model_files, src.registry, mode=mem.check_mode, agent_fraction=mem.fraction,
                         is_blocked=watchdog.is_blocked, state=state)

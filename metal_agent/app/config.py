@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.core.agent_registration import DEFAULT_AGENT_NAMESPACE
 from metal_agent.core.download_limits import DEFAULT_FREE_MARGIN, DEFAULT_MAX_SIZE
-from metal_agent.core.pressure import MemoryReading
+from metal_agent.core.pressure import DEFAULT_MIN_OWN_SHARE, MemoryReading
 from metal_agent.core.review_limits import GLOBAL_RATE, PER_SOURCE_RATE
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.paths import AgentPaths
@@ -78,6 +78,7 @@ class MemorySettings:
     fraction: float | None = None  # None: 0.67 of RAM up to 36 GiB, 0.75 above
     check_mode: str = "enforce"  # or "warn": admit when the estimate cannot be made
     eviction: bool = False  # evict at Critical memory pressure (opt-in)
+    min_own_share: float = DEFAULT_MIN_OWN_SHARE  # evict only when our services hold more of the memory in use
     interval: float = 5.0
     reader: Callable[[], Awaitable[MemoryReading]] | None = None  # tests inject readings
 

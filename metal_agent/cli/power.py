@@ -40,7 +40,10 @@ def sample_to_json(sample: PowerSample) -> str:
     Keys: ``timestamp`` (the sample date exactly as powermetrics printed it),
     ``elapsed_ms`` (length of the sample window), and ``cpu_watts``,
     ``gpu_watts``, ``ane_watts``, ``combined_watts`` (power in watts, the
-    values the ``llmkube_metal_agent_apple_power_*_watts`` gauges get).
+    values the ``llmkube_metal_agent_apple_power_*_watts`` gauges get), and
+    ``gpu_active_ratio`` (0..1) and ``gpu_active_frequency_hertz``, the values
+    of the ``llmkube_metal_agent_apple_gpu_*`` gauges (null when the sample
+    had no such line: what to look for on a new macOS release).
     """
     return json.dumps(
         {
@@ -50,6 +53,8 @@ def sample_to_json(sample: PowerSample) -> str:
             "gpu_watts": sample.gpu_w,
             "ane_watts": sample.ane_w,
             "combined_watts": sample.combined_w,
+            "gpu_active_ratio": sample.gpu_active_ratio,
+            "gpu_active_frequency_hertz": sample.gpu_active_hz,
         }
     )
 
@@ -68,7 +73,8 @@ def parse(
     source: str = typer.Argument(..., metavar="FILE|-", help="powermetrics text output; '-' reads stdin."),
 ) -> None:
     """Print one JSON object per complete sample (keys: timestamp, elapsed_ms,
-    cpu_watts, gpu_watts, ane_watts, combined_watts; power in watts).
+    cpu_watts, gpu_watts, ane_watts, combined_watts, power in watts; and
+    gpu_active_ratio, gpu_active_frequency_hertz).
 
     A sample cut off at the end of the input is not printed.
     """

@@ -46,6 +46,7 @@ class PressureResponder:
     def on_pressure_change(self, old: Level, new: Level) -> None:
         self.state.level = new
         self._last_skip = None
+        self.state.skip_message = ""
         for key in set(self.running) | self.state.waiting | self.state.evicted:
             self._emit(key, "MemoryPressureLevelChanged", f"memory pressure {old.label} -> {new.label}",
                        warning=new is not Level.NORMAL)
@@ -53,6 +54,7 @@ class PressureResponder:
 
     async def evict(self, key: str) -> None:
         self._emit(key, "Evicted", "stopped llama-server to relieve critical memory pressure", warning=True)
+        self._explain_skip("")
         self.state.evicted.add(key)
         self.enqueue(key)  # the stop happens in the key's own reconcile, never beside it
 
@@ -61,12 +63,22 @@ class PressureResponder:
             self.state.evicted.discard(key)
             self.enqueue(key)
 
-    def eviction_skipped(self, reason: str) -> None:
+    def eviction_skipped(self, reason: str, message: str = "") -> None:
         if reason == self._last_skip:
             return  # once per reason while the pressure lasts, not every tick
         self._last_skip = reason
+        self._explain_skip(message)
         for key in list(self.running):
-            self._emit(key, "EvictionSkipped", f"memory is critical but nothing was evicted: {reason}", warning=True)
+            self._emit(key, "EvictionSkipped", f"memory is critical but nothing was evicted: {message or reason}",
+                       warning=True)
+
+    def _explain_skip(self, message: str) -> None:
+        """Say (or stop saying) in every MemoryPressure condition why nothing was evicted: the
+        services' conditions are rewritten by their own reconciles, so each is re-queued."""
+        if message != self.state.skip_message:
+            self.state.skip_message = message
+            for key in list(self.running):
+                self.enqueue(key)
 
     def memory_view(self) -> list[ServiceMemory]:
         """The running services as the watchdog needs them."""

@@ -19,6 +19,7 @@ class MemoryState:
     level: Level = Level.NORMAL
     evicted: set[str] = field(default_factory=set)  # stopped by the watchdog; shown as MemoryPressure=Evicted
     waiting: set[str] = field(default_factory=set)  # memory admission holds them back (re-queued when memory frees)
+    skip_message: str = ""  # why the watchdog did not evict, said in MemoryPressure while the level lasts
 
     def condition(self, key: str) -> Condition:
         """The MemoryPressure condition of `key`."""
@@ -26,5 +27,7 @@ class MemoryState:
             return Condition("MemoryPressure", True, "Evicted",
                              "stopped to relieve memory pressure; restarts when pressure is Normal")
         level = self.level
-        return Condition("MemoryPressure", level is not Level.NORMAL, level.label,
-                         f"memory pressure on this Mac is {level.label}")
+        message = f"memory pressure on this Mac is {level.label}"
+        if self.skip_message and level is not Level.NORMAL:
+            message += f"; nothing evicted: {self.skip_message}"
+        return Condition("MemoryPressure", level is not Level.NORMAL, level.label, message)
