@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from metal_agent.core.egress import parse_address
+from metal_agent.core.metrics_auth import review_about
+from metal_agent.core.review_limits import GLOBAL_RATE, PER_SOURCE_RATE
 
 
 class AccessMode(StrEnum):
@@ -257,3 +259,38 @@ def error_body(refusal: Refuse) -> dict:
 def challenge(refusal: Refuse) -> dict[str, str]:
     """Headers to send with a refusal: a 401 says which scheme would work (RFC 6750)."""
     return {"WWW-Authenticate": 'Bearer realm="metal-agent"'} if refusal.status == 401 else {}
+
+
+# -- the agent's side: settings and the question it asks the cluster ---------------------------------
+
+PROXY_GROUP = "inference.llmkube.dev"
+PROXY_RESOURCE = "inferenceservices"
+PROXY_SUBRESOURCE = "proxy"
+PROXY_VERB = "get"
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """`--front-door-access` and `--front-door-allow-network`, and the review budget (as for /metrics)."""
+
+    mode: AccessMode = AccessMode.CLUSTER
+    allow_networks: tuple[str, ...] = ()
+    token_review_rate: float = PER_SOURCE_RATE  # reviews of unknown tokens per second per source (core/review_limits.py)
+    token_review_global_rate: float = GLOBAL_RATE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", AccessMode(self.mode))
+        for cidr in self.allow_networks:
+            try:
+                _network(cidr)
+            except ValueError as err:
+                raise ValueError(f"--front-door-allow-network {cidr!r}: {err}") from None
+
+
+def proxy_access_review(user: dict, verb: str, service: str) -> dict:
+    """May `user` use InferenceService `service` ("ns/name") through the front door: verb `get` on
+    `inferenceservices/proxy`, as `kubectl proxy`-style access to a Service or Pod is asked."""
+    namespace, _, name = service.partition("/")
+    return review_about(user, {"resourceAttributes": {
+        "group": PROXY_GROUP, "resource": PROXY_RESOURCE, "subresource": PROXY_SUBRESOURCE,
+        "verb": verb, "namespace": namespace, "name": name}})
