@@ -55,8 +55,8 @@ class AccessSource:
         self.authorizer = KubeAuthorizer(
             api, clock=clock, reviews_counter=reviews_counter, access_review=proxy_access_review,
             purpose="a front door request",
-            limiter=limiter or ReviewLimiter(per_source_rate=settings.token_review_rate,
-                                             global_rate=settings.token_review_global_rate))
+            limiter=limiter if limiter is not None else ReviewLimiter(  # (an empty one is falsy)
+                per_source_rate=settings.token_review_rate, global_rate=settings.token_review_global_rate))
         self._policy = self._compute_policy()
 
     # -- what the table carries ----------------------------------------------------------------------
