@@ -152,6 +152,32 @@ async def test_without_permission_to_list_nodes_only_the_owners_networks_count(
         await api.close()
 
 
+async def test_permission_to_list_nodes_granted_later_lets_the_cluster_in(admin_api, control_plane, running, namespace):
+    core, rbac = client.CoreV1Api(admin_api), client.RbacAuthorizationV1Api(admin_api)
+    node, role = f"node-{namespace}", f"nodes-{namespace}"
+    await core.create_node({"metadata": {"name": node}, "spec": {"podCIDRs": ["10.79.5.0/24"]}})
+    token = await service_account_token(admin_api, namespace, "late-nodes", create=True)
+    api = await token_client(control_plane, token)
+    try:
+        nets = ClusterNetworks(api, forbidden_retry=0.2)
+        running(nets)
+        await wait_for(lambda: nets.permitted is False, timeout=30, what="the refusal noticed")
+        assert nets.networks() == ()
+        await rbac.create_cluster_role(client.V1ClusterRole(metadata=client.V1ObjectMeta(name=role), rules=[
+            client.V1PolicyRule(api_groups=[""], resources=["nodes"], verbs=["list", "watch"])]))
+        await rbac.create_cluster_role_binding({
+            "metadata": {"name": role}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                                    "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "late-nodes", "namespace": namespace}]})
+        await wait_for(lambda: "10.79.5.0/24" in nets.networks(), timeout=30, what="the Node after the grant")
+        assert nets.permitted is True
+    finally:
+        await api.close()
+        await core.delete_node(node)
+        for delete in (rbac.delete_cluster_role_binding, rbac.delete_cluster_role):
+            await delete(role)
+
+
 def test_open_mode_watches_no_nodes(agent_api):
     assert AccessSource(agent_api, AccessSettings(mode=AccessMode.OPEN), {}).cluster is None
 

@@ -193,6 +193,7 @@ class ApiKeys:
             watch, task = self._watches.get(where) or (_SecretWatch(self, *where), None)
             if task is None and self._running:
                 task = asyncio.ensure_future(watch.run())
+                task.add_done_callback(_report_crash)
             self._watches[where] = (watch, task)
 
     def _changed(self, where: tuple[str, str]) -> None:
@@ -237,3 +238,8 @@ class ApiKeys:
         if found is None:
             return NO_KEYS, Problem(INVALID, f"{where} has no key {ref.key!r} (named by {ANNOTATION})")
         return (NO_KEYS, found) if isinstance(found, Problem) else (found, None)
+
+
+def _report_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the watch of an API-key Secret stopped", error=repr(task.exception()))

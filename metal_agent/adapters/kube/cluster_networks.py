@@ -63,9 +63,17 @@ class _NodeInformer(BuiltinInformer):
         super().__init__(*args, **kwargs)
         self._owner = owner
 
+    async def _relist(self, scope: str | None) -> str:
+        version = await super()._relist(scope)
+        self._owner.listed()
+        return version
+
     async def _failed(self, scope: str | None, error: str) -> None:
         if self.last_status != 403:
             return await super()._failed(scope, error)
+        # Forget what we saw: once permitted again, a full relist lets every Node back in.
+        self.cache.clear()
+        self._resume.clear()
         self._owner.forbidden()
         await asyncio.sleep(self._owner.forbidden_retry)  # a role granted later takes effect
 
@@ -101,11 +109,12 @@ class ClusterNetworks:
             self._per_node.clear()  # what we can no longer watch we cannot vouch for
             self._update()
 
+    def listed(self) -> None:
+        if self.permitted is False:
+            log.info("may list Nodes again: the cluster's Nodes and pods are let in")
+        self.permitted = True
+
     def _node_changed(self, old: dict | None, new: dict | None) -> None:
-        if self.permitted is not True:
-            if self.permitted is False:
-                log.info("may list Nodes again: the cluster's Nodes and pods are let in")
-            self.permitted = True
         key = object_key(new or old)
         found = node_networks(new) if new is not None else frozenset()
         if self._per_node.get(key, frozenset()) == found:
