@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -52,6 +53,7 @@ MAX_NETWORKS = 65536  # entries in a policy (a 5,000-Node cluster lists ~10,000)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
+_SPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ def bearer(authorization: str | None) -> str | None:
         return None
     scheme, _, rest = authorization.strip().partition(" ")
     credential = rest.strip()
-    if scheme.lower() != "bearer" or not credential or any(c.isspace() for c in credential):
+    if scheme.lower() != "bearer" or not credential or _SPACE.search(credential):
         return None
     return credential
 
@@ -218,12 +220,18 @@ def looks_like_jwt(token: str) -> bool:
     return isinstance(alg, str) and alg.lower() not in ("", "none")
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer(peer: str):
+    """A peer's address, parsed once per distinct peer (clients come back; parsing is the costly part)."""
+    return parse_address(peer)
+
+
 def decide(policy: AccessPolicy, keys: ServiceKeys, peer: str | None, authorization: str | None) -> Allow | Review | Refuse:
     """May a request from `peer` carrying `authorization` (the header as sent, or None) reach the service
     whose API-key digests are `keys`? Allow, ask the cluster (Review), or the refusal to answer with."""
     if policy.mode is AccessMode.OPEN:
         return Allow("open")
-    ip = parse_address(peer) if peer else None
+    ip = _peer(peer) if peer and len(peer) <= 64 else None  # an address is at most 45 characters, zone aside
     if ip is not None and ip.is_loopback:
         return Allow("loopback")
     if ip is not None and ip in policy._index:
