@@ -250,12 +250,19 @@ def decide(policy: AccessPolicy, keys: ServiceKeys, peer: str | None, authorizat
     return _REFUSED
 
 
-def review_refusal(reason: str) -> Refuse:
-    """The refusal for a token the cluster did not vouch for (`reason` is the agent's, never the token)."""
-    return Refuse(403, "token_refused", f"the cluster did not allow this token to use this model: {reason}"[:300])
+_REVIEW_CODES = {401: "invalid_token", 403: "token_refused", 429: "rate_limited", 503: "cluster_unavailable"}
 
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+def review_refusal(reason: str, status: int = 403) -> Refuse:
+    """The refusal for a token the cluster did not vouch for (`reason` is the agent's, never the token).
+    `status` as the agent's reviewer gave it: 401 unknown token, 403 not allowed, 429 over the budget of
+    reviews (send Retry-After), 503 the cluster could not be asked; anything else is 403."""
+    if status not in _REVIEW_CODES:
+        status = 403
+    return Refuse(status, _REVIEW_CODES[status], f"the cluster did not allow this token to use this model: {reason}"[:300])
+
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 503: "api_error"}
 
 
 def error_body(refusal: Refuse) -> dict:

@@ -122,6 +122,8 @@ def test_a_review_refusal_says_the_agents_reason_bounded():
     refusal = review_refusal("forbidden: x may not get inferenceservices/proxy" + "!" * 1000)
     assert refusal.status == 403 and len(refusal.message) <= 300
     assert error_body(refusal)["error"]["code"] == "token_refused"
+    assert [review_refusal("r", s).status for s in (401, 403, 429, 503, 200, 500)] == [401, 403, 429, 503, 403, 403]
+    assert error_body(review_refusal("r", 429))["error"]["type"] == "rate_limit_error"
 
 
 # -- hostile input -----------------------------------------------------------------------------------
