@@ -40,7 +40,6 @@ from metal_agent.core.access import (
 from metal_agent.core.metrics_auth import Verdict
 from metal_agent.core.review_limits import ReviewLimiter
 
-NO_PEER = "front-door"  # the budget's source when the front door does not say who asked
 
 
 class AccessSource:
@@ -94,7 +93,9 @@ class AccessSource:
         namespace, slash, name = key.partition("/")
         if not slash or not namespace or not name or "/" in name:
             return Verdict(403, "forbidden: no such service")
-        return await self.authorizer.authorize(token, PROXY_VERB, key, peer or NO_PEER)
+        # Without the client's address, the budget "per source" is per service: a flood aimed at one
+        # service cannot spend another's (the global budget still bounds them all).
+        return await self.authorizer.authorize(token, PROXY_VERB, key, peer or f"service {key}")
 
     async def review(self, token: str, key: str, peer: str = "") -> tuple[bool, str]:
         """(allowed, reason) for `POST /review` on the agent's socket; the reason never holds the token."""

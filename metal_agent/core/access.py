@@ -142,7 +142,8 @@ class AccessPolicy:
         networks = data.get("networks", [])
         if not isinstance(networks, list):
             raise ValueError("access policy: `networks` must be a list of CIDRs")
-        return cls(AccessMode(data.get("mode")), tuple(networks))
+        # No mode said (an agent that pushed no policy): the safe one, not the open one.
+        return cls(AccessMode(data.get("mode", AccessMode.CLUSTER.value)), tuple(networks))
 
 
 @dataclass(frozen=True)

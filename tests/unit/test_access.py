@@ -206,10 +206,11 @@ def test_policy_normalises_networks_and_round_trips():
     assert AccessPolicy.from_json(json.loads(json.dumps(policy.to_json()))) == policy
     assert policy.to_json() == {"mode": "cluster", "networks": list(policy.networks)}
     assert AccessPolicy.from_json({"mode": "open"}) == AccessPolicy(AccessMode.OPEN)
+    assert AccessPolicy.from_json({}) == AccessPolicy(AccessMode.CLUSTER)  # nothing said: closed, not open
 
 
 @pytest.mark.parametrize("data", [
-    None, [], "cluster", {"mode": "closed"}, {}, {"mode": "cluster", "networks": "10.0.0.0/8"},
+    None, [], "cluster", {"mode": "closed"}, {"mode": None}, {"mode": "cluster", "networks": "10.0.0.0/8"},
     {"mode": "cluster", "networks": ["10.0.0.0/33"]}, {"mode": "cluster", "networks": ["example.com"]},
     {"mode": "cluster", "networks": [5]}, {"mode": "cluster", "networks": ["10.0.0.0/8"] * 70000},
 ])
