@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kubernetes_asyncio import client
+from structlog.testing import capture_logs
 
 from metal_agent.adapters.kube.api_keys import ANNOTATION, FORBIDDEN, INVALID, NOT_FOUND, ApiKeys
 from metal_agent.adapters.kube.cluster_networks import ClusterNetworks
@@ -159,9 +160,12 @@ async def test_permission_to_list_nodes_granted_later_lets_the_cluster_in(admin_
     token = await service_account_token(admin_api, namespace, "late-nodes", create=True)
     api = await token_client(control_plane, token)
     try:
-        nets = ClusterNetworks(api, forbidden_retry=0.2)
-        running(nets)
-        await wait_for(lambda: nets.permitted is False, timeout=30, what="the refusal noticed")
+        nets = ClusterNetworks(api, forbidden_retry=0.05)
+        with capture_logs() as logs:
+            running(nets)
+            await wait_for(lambda: nets.refusals >= 3, timeout=30, what="three refusals")
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        assert len(warnings) == 1 and "may not list Nodes" in warnings[0]["event"], logs  # said once, clearly
         assert nets.networks() == ()
         await rbac.create_cluster_role(client.V1ClusterRole(metadata=client.V1ObjectMeta(name=role), rules=[
             client.V1PolicyRule(api_groups=[""], resources=["nodes"], verbs=["list", "watch"])]))

@@ -87,6 +87,7 @@ class ClusterNetworks:
         self.on_change = on_change
         self.forbidden_retry = forbidden_retry
         self.permitted: bool | None = None  # None: not known yet; False: may not list Nodes
+        self.refusals = 0  # lists refused (403) so far
         self._per_node: dict[str, frozenset[str]] = {}
         self._networks: tuple[str, ...] = ()
         self.informer = _NodeInformer(self, api, lambda scope, **kw: core.list_node(**kw), "nodes",
@@ -100,6 +101,7 @@ class ClusterNetworks:
         await self.informer.run()
 
     def forbidden(self) -> None:
+        self.refusals += 1
         if self.permitted is not False:
             log.warning("may not list Nodes: the front door lets in only loopback and the networks given with "
                         "--front-door-allow-network (plus API keys and cluster tokens); grant `list` and `watch` "
