@@ -225,18 +225,22 @@ async def test_a_missing_key_bad_value_or_unreadable_secret_leaves_no_key_workin
     await core.create_namespaced_secret(namespace, secret("short", **{"api-key": "tiny"}))
     await core.create_namespaced_secret(namespace, secret("not-granted", **{"api-key": KEY_A}))
     keys = ApiKeys(agent_api, forbidden_retry=3600.0)
-    running(keys)
-    keys.update(f"{namespace}/a", {ANNOTATION: "keys"})  # default key `api-key`: absent
-    keys.update(f"{namespace}/b", {ANNOTATION: "short"})
-    keys.update(f"{namespace}/c", {ANNOTATION: "not-granted"})
-    keys.update(f"{namespace}/d", {ANNOTATION: "absent"})
-    keys.update(f"{namespace}/e", {ANNOTATION: "other-ns/keys/api-key"})
     expected = {"a": INVALID, "b": INVALID, "c": FORBIDDEN, "d": FORBIDDEN, "e": INVALID}
-    for name, reason in expected.items():
-        found = await wait_for(lambda n=name: keys.problem(f"{namespace}/{n}"), timeout=30, what=f"{name}'s problem")
-        assert found.reason == reason, (name, found)
-        assert keys.keys(f"{namespace}/{name}") == ServiceKeys()
-        assert KEY_A not in found.message and "tiny" not in found.message
+    with capture_logs() as logs:
+        running(keys)
+        keys.update(f"{namespace}/a", {ANNOTATION: "keys"})  # default key `api-key`: absent
+        keys.update(f"{namespace}/b", {ANNOTATION: "short"})
+        keys.update(f"{namespace}/c", {ANNOTATION: "not-granted"})
+        keys.update(f"{namespace}/d", {ANNOTATION: "absent"})
+        keys.update(f"{namespace}/e", {ANNOTATION: "other-ns/keys/api-key"})
+        for name, reason in expected.items():
+            found = await wait_for(lambda n=name: keys.problem(f"{namespace}/{n}"), timeout=30, what=f"{name}'s problem")
+            assert found.reason == reason, (name, found)
+            assert keys.keys(f"{namespace}/{name}") == ServiceKeys()
+            assert KEY_A not in found.message and "tiny" not in found.message
+    said = [e for e in logs if e.get("service", "").startswith(namespace)]
+    assert {e["service"].rpartition("/")[2] for e in said} == set(expected)  # each service named in a log line
+    assert KEY_A not in repr(logs) and "tiny" not in repr(logs)
     assert "has no key 'api-key'" in keys.problem(f"{namespace}/a").message
     assert "optional-api-key-reader.yaml" in keys.problem(f"{namespace}/c").message
 
