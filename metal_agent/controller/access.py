@@ -36,6 +36,7 @@ from metal_agent.core.access import (
     AccessSettings,
     ServiceKeys,
     proxy_access_review,
+    review_answer,
 )
 from metal_agent.core.metrics_auth import Verdict
 from metal_agent.core.review_limits import ReviewLimiter
@@ -96,6 +97,11 @@ class AccessSource:
         # Without the client's address, the budget "per source" is per service: a flood aimed at one
         # service cannot spend another's (the global budget still bounds them all).
         return await self.authorizer.authorize(token, PROXY_VERB, key, peer or f"service {key}")
+
+    async def answer(self, token: str, key: str, peer: str = "") -> dict:
+        """The JSON answer for `POST /review` (core.access.review_answer: allowed, reason, status, retry_after)."""
+        found = await self.verdict(token, key, peer)
+        return review_answer(found.status, found.reason, found.retry_after)
 
     async def review(self, token: str, key: str, peer: str = "") -> tuple[bool, str]:
         """(allowed, reason) for `POST /review` on the agent's socket; the reason never holds the token."""

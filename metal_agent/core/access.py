@@ -310,3 +310,33 @@ def proxy_access_review(user: dict, verb: str, service: str) -> dict:
     return review_about(user, {"resourceAttributes": {
         "group": PROXY_GROUP, "resource": PROXY_RESOURCE, "subresource": PROXY_SUBRESOURCE,
         "verb": verb, "namespace": namespace, "name": name}})
+
+
+# -- the `/review` answer on the agent's socket: what the front door may cache, and for how long --------
+
+REVIEW_ALLOWED_TTL_S = 60.0
+REVIEW_REFUSED_TTL_S = 10.0  # a newly granted role takes effect within seconds
+
+
+def review_answer(status: int, reason: str, retry_after: float = 0.0) -> dict:
+    """The agent's JSON answer to `POST /review`: `allowed`/`reason` (the brief's), plus the reviewer's
+    `status` and `retry_after`, so the front door can tell "refused" from "ask again later"."""
+    return {"allowed": status == 200, "reason": reason, "status": status, "retry_after": retry_after}
+
+
+def review_outcome(answer: dict) -> tuple[Refuse | None, float, float]:
+    """(None if allowed else the refusal to send, seconds the front door may cache it, Retry-After seconds).
+    429 (over the budget of reviews) and 503 (the cluster could not be asked) are never cached: the next
+    request asks again. An answer without `status` (an older agent) is 200 if allowed, else 403."""
+    allowed = answer.get("allowed") is True
+    status = answer.get("status")
+    if not isinstance(status, int) or isinstance(status, bool):
+        status = 200 if allowed else 403
+    if allowed and status == 200:
+        return None, REVIEW_ALLOWED_TTL_S, 0.0
+    retry = answer.get("retry_after")
+    retry = float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool) and 0 <= retry <= 3600 else 0.0
+    refusal = review_refusal(str(answer.get("reason", ""))[:200], status)
+    if refusal.status in (429, 503):
+        return refusal, 0.0, max(retry, 1.0)
+    return refusal, REVIEW_REFUSED_TTL_S, 0.0

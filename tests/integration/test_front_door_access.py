@@ -25,7 +25,16 @@ from structlog.testing import capture_logs
 from metal_agent.adapters.kube.api_keys import ANNOTATION, FORBIDDEN, INVALID, NOT_FOUND, ApiKeys
 from metal_agent.adapters.kube.cluster_networks import ClusterNetworks
 from metal_agent.controller.access import AccessSource
-from metal_agent.core.access import AccessMode, AccessSettings, Allow, Review, ServiceKeys, decide, key_digest
+from metal_agent.core.access import (
+    AccessMode,
+    AccessSettings,
+    Allow,
+    Review,
+    ServiceKeys,
+    decide,
+    key_digest,
+    review_outcome,
+)
 from metal_agent.core.review_limits import ReviewLimiter
 from tests.support.kube import apply, service_account_token
 from tests.support.token_flood import junk, token_reviews
@@ -271,6 +280,7 @@ async def test_a_token_allowed_on_its_service_and_nowhere_else(admin_api, agent_
     ok, reason = await source.review(allowed, f"{namespace}/chat", "203.0.113.5")
     assert ok, reason
     assert source.authorizer.reviews == 1
+    assert (await source.answer(allowed, f"{namespace}/chat", "203.0.113.5"))["status"] == 200
     assert (await source.review(allowed, f"{namespace}/chat", "203.0.113.5"))[0]
     assert source.authorizer.reviews == 1  # cached by the token's digest
 
@@ -306,6 +316,10 @@ async def test_a_flood_of_junk_tokens_costs_no_more_reviews_than_the_budget(
     assert others[:left] == [401] * left and set(others[left:]) == {429}  # the global budget holds
     no_peer = [(await source.verdict(t, key)).status for t in junk(5)]
     assert set(no_peer) == {429}
+    answer = await source.answer(junk(1)[0], key, "198.51.100.66")  # what the agent's socket would send back
+    assert answer["status"] == 429 and answer["allowed"] is False and answer["retry_after"] > 0
+    refusal, ttl, retry = review_outcome(answer)
+    assert refusal.status == 429 and ttl == 0.0 and retry > 0  # the front door must not cache it
     assert (await source.review(allowed, key, "198.51.100.66"))[0]  # the known token passes during the flood
     sent = source.authorizer.reviews - before
     assert sent == burst + left

@@ -25,6 +25,8 @@ from metal_agent.core.access import (
     error_body,
     key_digest,
     looks_like_jwt,
+    review_answer,
+    review_outcome,
     review_refusal,
 )
 
@@ -242,3 +244,31 @@ def test_bad_keys_are_refused_without_echoing_them(data):
 ])
 def test_bearer(header, credential):
     assert bearer(header) == credential
+
+
+# -- the /review answer -------------------------------------------------------------------------------
+
+def test_review_answers_say_what_may_be_cached():
+    assert review_outcome(review_answer(200, "allowed")) == (None, 60.0, 0.0)
+    refused, ttl, _ = review_outcome(review_answer(403, "forbidden: x may not get"))
+    assert refused.status == 403 and ttl == 10.0
+    unknown, ttl, _ = review_outcome(review_answer(401, "unauthenticated"))
+    assert unknown.status == 401 and ttl == 10.0
+    for status in (429, 503):
+        refused, ttl, retry = review_outcome(review_answer(status, "later", 2.5))
+        assert refused.status == status and ttl == 0.0 and retry == 2.5  # never cached: ask again
+    assert review_outcome(review_answer(429, "later", 0.0))[2] == 1.0
+
+
+@pytest.mark.parametrize("answer,status", [
+    ({"allowed": True, "reason": "ok"}, None), ({"allowed": False, "reason": "no"}, 403), ({}, 403),
+    ({"allowed": "yes"}, 403), ({"allowed": True, "status": 403}, 403), ({"allowed": False, "status": True}, 403),
+    ({"allowed": False, "status": 999}, 403), ({"allowed": False, "status": 429, "retry_after": "soon"}, 429),
+    ({"allowed": False, "status": 429, "retry_after": 1e12}, 429), ({"allowed": False, "reason": "x" * 5000}, 403),
+])
+def test_odd_or_older_answers_are_read_safely(answer, status):
+    refusal, ttl, retry = review_outcome(answer)
+    assert (refusal.status if refusal else None) == status
+    assert 0 <= ttl <= 60 and 0 <= retry <= 3600
+    if refusal:
+        assert len(refusal.message) <= 300
