@@ -101,7 +101,13 @@ def identity(review_status: dict) -> dict | None:
 
 def subject_access_review(user: dict, verb: str, path: str) -> dict:
     """May `user` (a TokenReview's status.user) do `verb` on the non-resource URL `path`?"""
-    spec: dict = {"user": user["username"], "nonResourceAttributes": {"path": path, "verb": verb}}
+    return review_about(user, {"nonResourceAttributes": {"path": path, "verb": verb}})
+
+
+def review_about(user: dict, attributes: dict) -> dict:
+    """A SubjectAccessReview of `user` (a TokenReview's status.user, all of it: groups carry
+    most grants) about `attributes` (`nonResourceAttributes` or `resourceAttributes`)."""
+    spec: dict = {"user": user["username"], **attributes}
     if user.get("uid"):
         spec["uid"] = user["uid"]
     if user.get("groups"):

@@ -79,7 +79,10 @@ AGENT_PERMISSIONS: tuple[Permission, ...] = (
     *_grant("create", "authentication.k8s.io", "tokenreviews",
             why="a scrape of /metrics from the network: who does its bearer token belong to?"),
     *_grant("create", "authorization.k8s.io", "subjectaccessreviews",
-            why="... and may that identity get the non-resource URL /metrics?"),
+            why="... and may that identity get the non-resource URL /metrics (or, through the front door, "
+                "get inferenceservices/proxy)?"),
+    *_grant("list watch", "", "nodes",
+            why="the front door lets the cluster's Node addresses and pod CIDRs in; watched to stay current"),
 )
 
 COORDINATION_GROUP = "coordination.k8s.io"

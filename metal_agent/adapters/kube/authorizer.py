@@ -49,7 +49,11 @@ KNOWN, UNKNOWN = "known", "unknown"
 class KubeAuthorizer:
     def __init__(self, api: client.ApiClient, *, cache: DecisionCache | None = None,
                  limiter: ReviewLimiter | None = None, reviews_counter=None,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, access_review=subject_access_review,
+                 purpose: str = "a metrics scrape") -> None:
+        """`access_review(user, verb, path)`: the SubjectAccessReview to send for an identity
+        (default: may it `verb` the non-resource URL `path`); the front door's reviewer asks
+        about a resource instead (controller/access.py). `purpose` names the caller in logs."""
         self.authn = client.AuthenticationV1Api(api)
         self.authz = client.AuthorizationV1Api(api)
         self._clock = clock
@@ -60,6 +64,8 @@ class KubeAuthorizer:
         self._unknown_pending = 0
         self._counter = reviews_counter  # a prometheus Counter labelled by lane, or None
         self.reviews = 0  # TokenReviews sent (tests and benchmarks read it)
+        self._access_review = access_review
+        self._purpose = purpose
 
     async def authorize(self, token: str, verb: str, path: str, source: str = "") -> Verdict:
         key = DecisionCache.key(token, verb, path)
@@ -110,11 +116,11 @@ class KubeAuthorizer:
             access = None
             if status.get("authenticated") and (status.get("user") or {}).get("username"):
                 sar = await self.authz.create_subject_access_review(
-                    subject_access_review(status["user"], verb, path))
+                    self._access_review(status["user"], verb, path))
                 access = {"allowed": bool(sar.status and sar.status.allowed),
                           "denied": bool(sar.status and sar.status.denied)}
         except (ApiException, aiohttp.ClientError, OSError) as err:  # OSError covers timeouts
-            log.warning("cannot verify a metrics scrape's token; answering 503",
+            log.warning(f"cannot verify {self._purpose}'s token; answering 503",
                         error=f"{type(err).__name__}: {getattr(err, 'reason', err)}")
             return Verdict(503, "the cluster could not be asked to verify the token")
         return verdict(status, access, verb, path)  # a refusal is logged (sampled) by the HTTP gate

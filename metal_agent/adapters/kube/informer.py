@@ -125,11 +125,16 @@ class Informer:
     def _in_scope(self, key: str, scope: str | None) -> bool:
         return scope is None or key.startswith(f"{scope}/")
 
-    async def _list(self, scope: str | None) -> dict:
+    async def _request(self, scope: str | None, **kwargs):
+        """The list call for one scope (a dict), or with `watch=True` the streaming response.
+        The one resource-specific call: an informer of a built-in kind overrides only this."""
         r = self.resource
         if scope is None:
-            return await self.api.list_cluster_custom_object(r.group, r.version, r.plural)
-        return await self.api.list_namespaced_custom_object(r.group, r.version, scope, r.plural)
+            return await self.api.list_cluster_custom_object(r.group, r.version, r.plural, **kwargs)
+        return await self.api.list_namespaced_custom_object(r.group, r.version, scope, r.plural, **kwargs)
+
+    async def _list(self, scope: str | None) -> dict:
+        return await self._request(scope)
 
     async def _relist(self, scope: str | None) -> str:
         listing = await self._list(scope)
@@ -152,16 +157,11 @@ class Informer:
         return listing["metadata"]["resourceVersion"]
 
     async def _watch(self, scope: str | None, rv: str) -> str:
-        r = self.resource
         timeout = int(self.watch_timeout * random.uniform(0.8, 1.2))
-        kwargs = dict(
-            watch=True, allow_watch_bookmarks=True, resource_version=rv, timeout_seconds=timeout,
+        resp = await self._request(
+            scope, watch=True, allow_watch_bookmarks=True, resource_version=rv, timeout_seconds=timeout,
             _preload_content=False, _request_timeout=timeout + 30,
         )
-        if scope is None:
-            resp = await self.api.list_cluster_custom_object(r.group, r.version, r.plural, **kwargs)
-        else:
-            resp = await self.api.list_namespaced_custom_object(r.group, r.version, scope, r.plural, **kwargs)
         async with resp:
             self._reachable()
             buffer = b""
@@ -248,3 +248,46 @@ class Informer:
             await asyncio.sleep(self.resync_period * random.uniform(0.9, 1.1))
             for obj in list(self.cache.values()):
                 self.on_change(obj, obj)
+
+
+class BuiltinInformer(Informer):
+    """An informer of a built-in kind (Nodes, a Secret), through the generated client's list call.
+
+    `lister(scope, **kwargs)` is that call (e.g. `CoreV1Api.list_node`); lists come back as the
+    API's JSON (a dict, like a custom resource's), watches as the raw stream, whose HTTP status is
+    checked here since an unpreloaded response is not. `slim(obj)` keeps only what the user of the
+    cache reads: a Node carries its image list and conditions, which nobody here needs.
+    `last_status` is the HTTP status of the latest request (403: not permitted).
+    """
+
+    def __init__(self, api: client.ApiClient, lister: Callable, kind: str, on_change: OnChange, *,
+                 slim: Callable[[dict], dict] = lambda obj: obj, **kwargs) -> None:
+        super().__init__(api, CustomResource("", "v1", kind), on_change, **kwargs)
+        self._client = api
+        self._lister = lister
+        self._slim_obj = slim
+        self.last_status: int | None = None
+
+    async def _request(self, scope: str | None, **kwargs):
+        try:
+            result = await self._lister(scope, **kwargs)
+        except ApiException as err:
+            self.last_status = err.status
+            raise
+        if kwargs.get("watch"):
+            if result.status != 200:
+                self.last_status = result.status
+                reason = (await result.text())[:200]
+                result.release()
+                raise ApiException(status=result.status, reason=reason)
+            self.last_status = 200
+            return result
+        self.last_status = 200
+        listing = self._client.sanitize_for_serialization(result)
+        listing["items"] = [self._slim_obj(item) for item in listing.get("items") or []]
+        return listing
+
+    def _apply_event(self, event: dict) -> str | None:
+        if event.get("type") in ("ADDED", "MODIFIED", "DELETED") and isinstance(event.get("object"), dict):
+            event = {**event, "object": self._slim_obj(event["object"])}
+        return super()._apply_event(event)
