@@ -29,11 +29,14 @@ async def stand_in(tmp_path):
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text="# TYPE front_door_requests_total counter\nfront_door_requests_total 3\n")
 
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application()
     app.router.add_put("/table", put_table)
     app.router.add_get("/state", state)
     app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
+    app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app)
     await runner.setup()
     path = tmp_path / "front-door.sock"
