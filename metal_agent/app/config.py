@@ -119,6 +119,7 @@ class FrontDoorSettings:
     queue: int = 64  # requests held per service beyond its parallel slots
     queue_timeout: float = 30.0  # seconds a held request waits before 429/503
     restart_backoff_cap: float = 10.0  # the front door process is restarted this often at most when it keeps dying
+    command: tuple[str, ...] = ()  # how to start it (tests, drills); (): `<the agent's python> -m metal_agent front-door`
 
 
 @dataclass(frozen=True)
