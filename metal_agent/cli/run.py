@@ -181,8 +181,11 @@ def _front_door(ctx: typer.Context) -> FrontDoorSettings:
     o = SimpleNamespace(**ctx.params)
     if not 0 <= o.client_port <= 65535:
         raise typer.BadParameter("expected a TCP port (0: off)", param_hint="--client-port")
+    import shlex
+
     return FrontDoorSettings(enabled=o.front_door, client_port=o.client_port, queue=o.front_door_queue,
-                             queue_timeout=o.front_door_queue_timeout)
+                             queue_timeout=o.front_door_queue_timeout,
+                             command=tuple(shlex.split(o.front_door_command or "")))
 
 
 def _agent_config(ctx: typer.Context) -> AgentConfig:
@@ -288,6 +291,7 @@ def run(
     client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="With --front-door: 127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off)."),
     front_door_queue: int = typer.Option(FrontDoorSettings.queue, min=0, envvar=_env("FRONT_DOOR_QUEUE"), hidden=_FRONT_DOOR_HIDDEN, help="Requests the front door holds per service beyond its parallel slots; beyond them, 429 with Retry-After."),
     front_door_queue_timeout: float = typer.Option(FrontDoorSettings.queue_timeout, min=0.1, envvar=_env("FRONT_DOOR_QUEUE_TIMEOUT"), hidden=_FRONT_DOOR_HIDDEN, help="Seconds a held request waits for a slot (or for its engine to be ready) before 429/503."),
+    front_door_command: Optional[str] = typer.Option(None, envvar=_env("FRONT_DOOR_COMMAND"), hidden=True, help="Tests and drills: the command that starts the front door (default: this python -m metal_agent front-door); --socket and --state-dir are appended."),
     version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""
