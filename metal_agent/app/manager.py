@@ -111,6 +111,8 @@ class Manager:
         a.runner.start()
         a.intake.resync_all(a.processes.supervisors)
         await a.queue.wait_idle()
+        if a.front_door is not None:
+            a.front_door.pusher.arm()  # every service reconciled once: the table is whole
         await loops.cleanup_until_done(functools.partial(a.sweep.sweep_unwanted, a.cfg.kube.namespaces or None))
         log.info("initial sync complete", services=len(a.processes.supervisors))
 

@@ -106,6 +106,7 @@ class TablePusher:
         self.pushed: dict | None = None  # the last table the front door accepted (with its version)
         self._content: dict | None = None  # the last computed content (without version)
         self._dirty = asyncio.Event()
+        self._armed = asyncio.Event()
         self._resend = True  # first push: learn the front door's version, then send
         self.pushes = 0
         self.rounds = 0  # completed attempts, pushed or not (tests wait on it)
@@ -119,11 +120,18 @@ class TablePusher:
         self._resend = True
         self._dirty.set()
 
+    def arm(self) -> None:
+        """The controller has reconciled every service once: its picture is whole, push it.
+        Before that the caches may be empty, and an empty table would make the front door a
+        previous agent left serving drop every route."""
+        self._armed.set()
+
     def current(self) -> dict:
         return {"version": self.version, **(self._content or {})}
 
     async def run(self) -> None:
         failures = 0
+        await self._armed.wait()
         self._dirty.set()
         while True:
             await self._dirty.wait()

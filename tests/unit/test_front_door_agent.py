@@ -163,6 +163,7 @@ async def test_pusher_versions_changes_debounces_bursts_and_resends_after_a_rest
     door = FakeFrontDoor(version=7)  # the front door kept version 7 from a previous agent
     content = {"routes": [1]}
     pusher = TablePusher(door, lambda: dict(content), debounce=0.01)
+    pusher.arm()
     task = asyncio.create_task(pusher.run())
     try:
         await wait_for(lambda: len(door.tables) == 1, timeout=5, what="push")
@@ -185,5 +186,22 @@ async def test_pusher_versions_changes_debounces_bursts_and_resends_after_a_rest
         pusher.resend()
         await wait_for(lambda: door.tables[-1]["routes"] == ["while down"], timeout=5, what="push")
         assert door.tables[-1]["version"] > door.tables[before - 1]["version"]
+    finally:
+        await cancel_and_wait(task)
+
+
+async def test_nothing_is_pushed_before_the_controller_has_reconciled_every_service():
+    door = FakeFrontDoor(version=3)
+    pusher = TablePusher(door, lambda: {"routes": []}, debounce=0.0)
+    task = asyncio.create_task(pusher.run())
+    try:
+        pusher.changed()
+        pusher.resend()
+        for _ in range(20):
+            await asyncio.sleep(0)  # let the loop run: it must stay parked
+        assert door.tables == [] and pusher.rounds == 0
+        pusher.arm()
+        await wait_for(lambda: door.tables, timeout=5, what="the first push")
+        assert door.tables == [{"version": 4, "routes": []}]
     finally:
         await cancel_and_wait(task)

@@ -176,6 +176,7 @@ async def test_the_table_reaches_the_front_door_and_its_metrics_are_appended(tmp
     proc, client = stand_in_process(tmp_path, lambda: holder[0].resend())
     pusher = TablePusher(client, lambda: dict(content), debounce=0.01)
     holder.append(pusher)
+    pusher.arm()
     appender = MetricsAppender(client)
     assert await appender() == ""  # down: adds nothing
     tasks = [asyncio.create_task(proc.run()), asyncio.create_task(pusher.run())]
