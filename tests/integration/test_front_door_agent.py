@@ -119,3 +119,46 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
 async def _took_over(agent, pid: int) -> bool:
     rows = await agent.services()
     return bool(rows) and rows[0]["pid"] == pid and rows[0]["state"] == "Ready"
+
+
+async def test_the_slice_stays_ready_on_its_port_across_a_respawn_and_a_crash(mac):
+    cluster, ns, make_agent, state = mac
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/steady"
+    await cluster.create_isvc("steady", "tiny", contextSize=256)
+    await cluster.wait_phase("steady", "Ready")
+    await wait_for(lambda: serving_route(state, key), timeout=30, what="the route serving")
+    port = stable_ports(state)[key]
+    seen_not_ready: list[str] = []
+
+    async def sample_until(done) -> object:
+        found = await read_slice(cluster, "steady")
+        if not (found and found.endpoints and found.endpoints[0].conditions.ready
+                and [p.port for p in found.ports] == [port]):
+            seen_not_ready.append(repr(found.endpoints if found else None))
+        return await done()
+
+    old_pid = (await agent.services())[0]["pid"]
+    await cluster.patch_isvc("steady", {"contextSize": 512})  # a respawn for a spec change
+    await wait_for(lambda: sample_until(lambda: _ready_other_than(agent, old_pid)), timeout=60, interval=0.02,
+                   what="respawned")
+    pid = (await agent.services())[0]["pid"]
+    os.kill(pid, signal.SIGKILL)  # a crash: the supervisor restarts it
+    await wait_for(lambda: sample_until(lambda: _ready_other_than(agent, pid)), timeout=60, interval=0.02,
+                   what="restarted")
+    assert seen_not_ready == []  # the front door holds requests meanwhile; the slice never flapped
+    engine_port = (await agent.services())[0]["port"]
+    route = await wait_for(lambda: _route_upstream(state, key, engine_port), timeout=30,
+                           what="the table follows the engine's new port")
+    assert route["port"] == port
+
+
+async def _ready_other_than(agent, pid: int) -> bool:
+    rows = await agent.services()
+    return bool(rows) and rows[0]["pid"] not in (None, pid) and rows[0]["state"] == "Ready"
+
+
+def _route_upstream(state: Path, key: str, engine_port: int) -> dict | None:
+    route = serving_route(state, key)
+    return route if route and route["upstream"] == f"127.0.0.1:{engine_port}" else None
