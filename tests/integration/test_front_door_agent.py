@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 from kubernetes_asyncio import client
@@ -34,13 +35,18 @@ pytestmark = [
 ]
 
 STAND_IN = Path(__file__).resolve().parents[1] / "support" / "front_door_stand_in.py"
+# Another front door command: then a request also goes through it to llama-server. fd-proxy's real
+# one before it is on this branch (run from this worktree; -P keeps the cwd off sys.path):
+#   PYTHONPATH=/work/wt-fd-proxy METAL_AGENT_TEST_FRONT_DOOR_COMMAND="$VENV/bin/python -P -m metal_agent front-door" \
+#     python -m pytest tests/integration/test_front_door_agent.py
+REAL = os.environ.get("METAL_AGENT_TEST_FRONT_DOOR_COMMAND")
 
 
 @pytest.fixture
 async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model, tmp_path):
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", f"file://{tiny_model}")
-    args = ("--front-door", "--front-door-command", f"{sys.executable} {STAND_IN}", "--heartbeat-interval", "1")
+    args = ("--front-door", "--front-door-command", REAL or f"{sys.executable} {STAND_IN}", "--heartbeat-interval", "1")
     try:
         async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
                                    llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
@@ -65,7 +71,7 @@ def stable_ports(state: Path) -> dict[str, int]:
 
 
 def pushed_table(state: Path) -> dict:
-    path = state / "stand-in-table.json"
+    path = state / "front-door-table.json"  # where the front door keeps the last table it was handed
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -95,6 +101,11 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
     assert [(p.name, p.port) for p in found.ports] == [("http", port)]
     status, body = await agent._get("/v1/services")
     assert status == 200 and json.loads(body)["routes"][0]["port"] == port
+    if REAL:  # a cluster client through the slice: the front door's stable port, then the engine
+        async with aiohttp.ClientSession() as http:
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            async with http.post(f"http://{ns.inner_ip}:{port}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
 
     door = read_record(state / RECORD_FILE)
     assert door is not None and live_process(door)

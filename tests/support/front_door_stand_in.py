@@ -1,8 +1,8 @@
 """A stand-in front door process for the agent side's tests: fd-proxy's real one
 (`metal-agent front-door`) was not on main when the agent side was written. It serves the
 control socket of brief-fd-common.md (PUT /table, GET /state, /metrics, /healthz), keeps the
-last table in the state dir (`stand-in-table.json`) and serves its version after a restart,
-like the real one. Run: python -m tests.support.front_door_stand_in --socket S --state-dir D."""
+last table in the state dir (`front-door-table.json`, the real one's file name) and serves its
+version after a restart, like the real one. It proxies nothing. Run: python -m tests.support.front_door_stand_in --socket S --state-dir D."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--state-dir", required=True)
     args = parser.parse_args()
-    saved = Path(args.state_dir) / "stand-in-table.json"
+    saved = Path(args.state_dir) / "front-door-table.json"
     table = json.loads(saved.read_text()) if saved.exists() else {"version": 0, "routes": []}
 
     async def put_table(request: web.Request) -> web.Response:

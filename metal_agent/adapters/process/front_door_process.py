@@ -88,7 +88,7 @@ class FrontDoorProcess:
     def __init__(self, argv: Sequence[str], *, state_dir: Path, log_path: Path,
                  healthy: Callable[[], Awaitable[bool]], on_start: Callable[[], None],
                  backoff: Backoff = Backoff(initial=0.2, factor=2.0, cap=10.0, reset_after=60.0),
-                 health_timeout: float = 10.0) -> None:
+                 health_timeout: float = 10.0, stop_grace: float = 30.0) -> None:
         """`healthy()`: does its control socket answer; `on_start()`: it (re)started or was
         adopted (the table is pushed again)."""
         self.argv = tuple(argv)
@@ -98,6 +98,7 @@ class FrontDoorProcess:
         self.on_start = on_start
         self.backoff = backoff
         self.health_timeout = health_timeout
+        self.stop_grace = stop_grace  # SIGTERM lets it finish requests in flight (its own --grace), then SIGKILL
         self.pid: int | None = None
         self.create_time = 0.0
         self.child: asyncio.subprocess.Process | None = None
@@ -185,7 +186,7 @@ class FrontDoorProcess:
             return
         exited = asyncio.ensure_future(self._wait_exit())
         try:
-            await terminate_group(self.pid, exited, grace=5.0)
+            await terminate_group(self.pid, exited, grace=self.stop_grace)
         finally:
             exited.cancel()
         with contextlib.suppress(FileNotFoundError):
