@@ -101,6 +101,8 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
     assert [(p.name, p.port) for p in found.ports] == [("http", port)]
     status, body = await agent._get("/v1/services")
     assert status == 200 and json.loads(body)["routes"][0]["port"] == port
+    scraped = await agent.metrics()  # the front door's own metrics ride along with the agent's
+    assert "metal_agent_" in scraped and (REAL or "stand_in_front_door_routes 1" in scraped)
     if REAL:  # a cluster client through the slice: the front door's stable port, then the engine
         async with aiohttp.ClientSession() as http:
             body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

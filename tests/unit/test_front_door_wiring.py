@@ -188,3 +188,24 @@ async def test_the_table_reaches_the_front_door_and_its_metrics_are_appended(tmp
     finally:
         await cancel_and_wait(*tasks)
         await proc.stop()
+
+
+async def test_the_agents_metrics_carry_the_extra_text_in_the_classic_format_only():
+    from prometheus_client import CollectorRegistry, Counter
+
+    from metal_agent.adapters.http_server import create_app
+
+    registry = CollectorRegistry()
+    Counter("agent_thing", "a counter", registry=registry).inc()
+
+    async def extra() -> str:
+        return "front_door_thing 7\n"
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async with TestClient(TestServer(create_app(registry, extra_metrics=extra))) as http:
+        text = await (await http.get("/metrics")).text()
+        assert "agent_thing_total 1.0" in text and text.endswith("front_door_thing 7\n")
+        open_metrics = await (await http.get("/metrics", headers={
+            "Accept": "application/openmetrics-text; version=1.0.0"})).text()
+        assert "front_door_thing" not in open_metrics and open_metrics.endswith("# EOF\n")
