@@ -162,7 +162,8 @@ def job_settings(job: GoJob, *, default_model_dir: Path, model_dir: Path | None 
         else:
             model_dir = store
     if "client-port" not in values:
-        notes.append("the Go agent's default 127.0.0.1:9999 /v1 proxy is not provided: clients on this Mac "
+        notes.append("the Go agent's default 127.0.0.1:9999 /v1 proxy is served only with --front-door (off by "
+                     "default in this release); without it clients on this Mac "
                      "use the address `metal-agent status` shows")
     if job.cmdline.unread:
         notes.append("the Go agent stopped reading its arguments at " + " ".join(job.cmdline.unread)

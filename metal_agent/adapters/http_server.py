@@ -96,7 +96,8 @@ def auth_middleware(authorize: Authorize, refusals: RefusalLog | None = None):
 
 def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True,
                authorize: Authorize | None = None, allowed_hosts: frozenset[str] | None = None,
-               refusals: RefusalLog | None = None) -> web.Application:
+               refusals: RefusalLog | None = None,
+               extra_metrics: Callable[[], Awaitable[str]] | None = None) -> web.Application:
     """Build the app: ``/metrics`` from ``registry``, ``/healthz`` and ``/readyz``.
 
     ``/healthz`` answers 200 whenever the event loop is serving requests (the
@@ -108,13 +109,18 @@ def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True,
     With ``allowed_hosts`` (the agent passes it, with the names its owner
     listed), requests a browser could have forged are refused first;
     `power serve`, which has metrics alone and nothing to change, passes none.
+    ``extra_metrics()``: more Prometheus text appended to the classic text format (the
+    front door's own registry, fetched at scrape time); OpenMetrics scrapes get the agent's alone.
     """
 
     async def metrics(request: web.Request) -> web.Response:
         # Negotiate like prometheus_client's own handler: OpenMetrics when
         # the scraper asks for it, the classic text format otherwise.
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+        body = encoder(registry)
+        if extra_metrics is not None and content_type.startswith("text/plain"):
+            body += (await extra_metrics()).encode()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -46,6 +46,7 @@ from metal_agent.adapters.powermetrics import PowerSampler
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.app.config import AgentConfig
+from metal_agent.app.front_door import bind_for as front_door_bind, build_front_door
 from metal_agent.app.http import HttpParts, build_http
 from metal_agent.app.readiness import ApiReachable, HeartbeatHealth, Readiness, synced_check
 from metal_agent.controller.cleanup import Sweep
@@ -189,6 +190,7 @@ class Agent:
     web: HttpParts
     watcher: AddressWatcher | None
     sampler: PowerSampler | None
+    front_door: object | None = None  # app.front_door.FrontDoorParts with --front-door
 
 
 @dataclass
@@ -301,11 +303,16 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     fatal_exits = FatalExitLog(cfg.paths.state / "fatal_exits.json", src.metrics.fatal_exits)
     managed: dict[str, Managed] = {}
     watchdog, guard, state = _memory(cfg, src, managed)
-    address = HostAddress(bind=host.bind, registered=host.host_ip if cfg.registration.register else None)
+    front = cfg.front_door.enabled
+    bind_for = front_door_bind(front, cfg.registration.bind_all)
+    address = HostAddress(bind=bind_for(host.host_ip) if front else host.bind,
+                          registered=host.host_ip if cfg.registration.register else None)
+    door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
+                            supervisors=lambda: src.processes.supervisors) if front else None
     fleet = _fleet(cfg, api, host, src, guard, address) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
     allowlist = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
-    publisher = Publisher(registrar, address, src.events)
+    publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
                               allowlist=allowlist, status_mode=StatusMode(cfg.controller.status_mode))
     launch = _launch(cfg, host)
@@ -319,9 +326,11 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     readiness = Readiness()
     readiness.add("api", ApiReachable((src.isvcs, src.models), heartbeats, lambda: len(src.processes.supervisors)))
     readiness.add("caches", synced_check(lambda: reconciler.synced))
+    if door is not None:
+        readiness.add("front-door", door.process.readiness)
     web = build_http(cfg, api, registry=src.registry, metrics=src.metrics, readiness=readiness,
-                     processes=src.processes, facts=host.facts, address=host.host_ip, fleet=fleet)
-    move = AddressMove(address=address, bind_for=functools.partial(bind_address, bind_all=cfg.registration.bind_all),
+                     processes=src.processes, facts=host.facts, address=host.host_ip, fleet=fleet, front_door=door)
+    move = AddressMove(address=address, bind_for=bind_for,
                        running=managed, isvcs=src.isvcs.cache, events=src.events, enqueue=src.queue.add,
                        also=web.endpoint.move if web.endpoint is not None else None)
     # A detected address can change under us (Tailscale up after login, DHCP, another
@@ -331,5 +340,5 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     sampler = PowerSampler(src.registry, interval_ms=cfg.power.interval_ms) if cfg.power.enabled else None
     return Agent(cfg, host, api, http, src.registry, src.metrics, fatal_exits, src.queue, src.intake, src.isvcs,
                  src.models, src.processes, src.model_files, src.events, watchdog, guard, fleet, registrar, address,
-                 reconciler, Runner(src.queue, reconciler, src.metrics), sweep, readiness, heartbeats, web, watcher,
-                 sampler)
+                 reconciler, Runner(src.queue, reconciler, src.metrics, after=door.pusher.changed if door else None),
+                 sweep, readiness, heartbeats, web, watcher, sampler, door)

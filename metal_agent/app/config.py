@@ -111,6 +111,18 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class FrontDoorSettings:
+    """The front door (issue 21): one process in front of every engine, opt-in in this release."""
+
+    enabled: bool = False  # --front-door: stable ports, engines on loopback, the client port
+    client_port: int = 9999  # 127.0.0.1:PORT serves every model (the Go agent's --client-port); 0: off
+    queue: int = 64  # requests held per service beyond its parallel slots
+    queue_timeout: float = 30.0  # seconds a held request waits before 429/503
+    restart_backoff_cap: float = 10.0  # the front door process is restarted this often at most when it keeps dying
+    command: tuple[str, ...] = ()  # how to start it (tests, drills); (): `<the agent's python> -m metal_agent front-door`
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     paths: AgentPaths
     engines: EngineSettings = EngineSettings()
@@ -122,4 +134,5 @@ class AgentConfig:
     power: PowerSettings = PowerSettings()
     downloads: DownloadSettings = DownloadSettings()
     fleet: FleetConfig = FleetConfig()
+    front_door: FrontDoorSettings = FrontDoorSettings()
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)

@@ -32,15 +32,18 @@ class HttpParts:
     endpoint: MetricsEndpoint | None  # None: the agent's metrics are not published
 
 
-def _services_route(processes: ProcessManager):
+def _services_route(processes: ProcessManager, front_door=None):
     async def services(_: web.Request) -> web.Response:
-        return web.json_response({"version": __version__, "services": services_view(processes)})
+        payload = {"version": __version__, "services": services_view(processes)}
+        if front_door is not None:
+            payload["routes"] = await front_door.status_routes()
+        return web.json_response(payload)
     return services
 
 
 def build_http(cfg: AgentConfig, api: client.ApiClient, *, registry: CollectorRegistry, metrics: AgentMetrics,
                readiness: Readiness, processes: ProcessManager, facts: HostFacts, address: str,
-               fleet=None) -> HttpParts:
+               fleet=None, front_door=None) -> HttpParts:
     """Requests a browser could have forged are refused; those that do not arrive on loopback
     need a token the cluster vouches for, and reviews of unknown tokens are budgeted."""
     http = cfg.http
@@ -48,10 +51,15 @@ def build_http(cfg: AgentConfig, api: client.ApiClient, *, registry: CollectorRe
                                                            global_rate=http.token_review_global_rate),
                                 reviews_counter=metrics.token_reviews)
     refusals = RefusalLog(counter=metrics.http_refusals)
+    extra = None
+    if front_door is not None:
+        from metal_agent.app.front_door import MetricsAppender
+
+        extra = MetricsAppender(front_door.client)
     app = create_app(registry, ready=readiness, authorize=authorizer.authorize, refusals=refusals,
                      allowed_hosts=frozenset(h.lower() for h in (*http.allowed_hosts, http.host)
-                                             if h not in ("0.0.0.0", "::", "")))
-    app.router.add_get("/v1/services", _services_route(processes))
+                                             if h not in ("0.0.0.0", "::", "")), extra_metrics=extra)
+    app.router.add_get("/v1/services", _services_route(processes, front_door))
     if fleet is not None:
         from metal_agent.fleet.view import add_routes
 

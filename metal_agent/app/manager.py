@@ -49,6 +49,9 @@ class Manager:
         self.agent = agent
 
     def adopt(self) -> None:
+        if (door := self.agent.front_door) is not None:
+            door.ports.load()  # the previous agent's stable ports, before any service is published
+            door.process.adopt()  # re-attach to the running front door rather than start a second
         processes = self.agent.processes
         processes.load_adoptable()
         if kept := processes.supervise_recorded():
@@ -64,6 +67,12 @@ class Manager:
         except OSError as err:
             raise StartupError(f"cannot listen on {http.host}:{http.port} ({err.strerror}); "
                                "pass another --listen address") from None
+        if (door := self.agent.front_door) is not None:
+            try:
+                await door.socket.start()
+            except OSError as err:
+                raise StartupError(f"cannot serve the agent's socket {door.socket.path}: {err}") from None
+            stack.push_async_callback(door.socket.close)
 
     def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """Every background loop by name; each a coroutine factory with its arguments bound."""
@@ -84,6 +93,9 @@ class Manager:
             found["metrics-endpoint"] = a.web.endpoint.run
         if a.fleet is not None:
             found.update(a.fleet.loops())
+        if a.front_door is not None:
+            found["front-door"] = a.front_door.process.run
+            found["front-door-table"] = a.front_door.pusher.run
         return found
 
     async def until_synced(self) -> None:
@@ -99,13 +111,17 @@ class Manager:
         a.runner.start()
         a.intake.resync_all(a.processes.supervisors)
         await a.queue.wait_idle()
+        if a.front_door is not None:
+            a.front_door.pusher.arm()  # every service reconciled once: the table is whole
         await loops.cleanup_until_done(functools.partial(a.sweep.sweep_unwanted, a.cfg.kube.namespaces or None))
         log.info("initial sync complete", services=len(a.processes.supervisors))
 
     async def stop(self) -> None:
         """Side by side: an API server that does not answer costs the shutdown one timeout, not two."""
         a = self.agent
+        door = a.front_door if a.cfg.controller.stop_on_exit else None  # else it serves on, for the next agent
         await asyncio.gather(
+            *([door.process.stop()] if door is not None else []),
             shutdown(queue=a.queue, model_files=a.model_files, processes=a.processes, events=a.events,
                      stop_processes=a.cfg.controller.stop_on_exit),
             *([a.web.endpoint.withdraw()] if a.web.endpoint is not None else []))

@@ -21,6 +21,7 @@ from typer.core import TyperCommand
 from metal_agent import __version__
 from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.app.config import (AgentConfig, ControllerSettings, DownloadSettings, EngineSettings, FleetConfig,
+                                    FrontDoorSettings,
                                     HttpSettings, KubeSettings, MemorySettings, PowerSettings, RegistrationSettings)
 from metal_agent.core.go_flags import GoFlagError, describe_ignored, normalize_run_argv
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
@@ -171,6 +172,22 @@ def _downloads(ctx: typer.Context) -> DownloadSettings:
                             free_margin=_bytes(o.download_free_margin, "--download-free-margin", minimum=0))
 
 
+# The front door is a first, opt-in slice: its flags stay out of --help and the README's
+# table until it is on by default (then: False here, and `python scripts/update_readme.py`).
+_FRONT_DOOR_HIDDEN = True
+
+
+def _front_door(ctx: typer.Context) -> FrontDoorSettings:
+    o = SimpleNamespace(**ctx.params)
+    if not 0 <= o.client_port <= 65535:
+        raise typer.BadParameter("expected a TCP port (0: off)", param_hint="--client-port")
+    import shlex
+
+    return FrontDoorSettings(enabled=o.front_door, client_port=o.client_port, queue=o.front_door_queue,
+                             queue_timeout=o.front_door_queue_timeout,
+                             command=tuple(shlex.split(o.front_door_command or "")))
+
+
 def _agent_config(ctx: typer.Context) -> AgentConfig:
     """The settings from the parsed flags; a flag that makes no sense is a usage error naming it."""
     from metal_agent.core.claim import Allowlist
@@ -210,7 +227,7 @@ def _agent_config(ctx: typer.Context) -> AgentConfig:
                               reader=_file_reader(o.memory_readings_file) if o.memory_readings_file else None),
         power=PowerSettings(enabled=sys.platform == "darwin" if o.power is None else o.power,
                             interval_ms=o.power_interval_ms),
-        downloads=downloads, fleet=fleet,
+        downloads=downloads, fleet=fleet, front_door=_front_door(ctx),
         supervisor=SupervisorSettings(startup_timeout=o.startup_timeout, liveness_interval=o.liveness_interval,
                                       liveness_failures=o.liveness_failures),
     )
@@ -270,6 +287,11 @@ def run(
     token_hosts: List[str] = typer.Option([], "--token-hosts", envvar=_env("TOKEN_HOSTS"), help="A host that may receive a Model's sourceSecretRef token, besides the Hugging Face endpoint (repeat, or comma-separated; *.example.com for its subdomains). Tokens go only over https and never follow a redirect to another host."),
     max_download_size: str = typer.Option(_quantity(DownloadSettings.max_size), envvar=_env("MAX_DOWNLOAD_SIZE"), help="Largest model file a download may write (quantity, e.g. 256Gi); a file of unknown size is downloaded only when the Model pins its sha256."),
     download_free_margin: str = typer.Option(_quantity(DownloadSettings.free_margin), envvar=_env("DOWNLOAD_FREE_MARGIN"), help="Free disk space a download must leave on the model volume (quantity, e.g. 5Gi), checked before and while writing; below it the download stops and its partial file is removed."),
+    front_door: bool = typer.Option(FrontDoorSettings.enabled, "--front-door/--no-front-door", envvar=_env("FRONT_DOOR"), hidden=_FRONT_DOOR_HIDDEN, help="Serve every model through the front door: a stable port per service (its EndpointSlice points there), engines on 127.0.0.1, requests held across respawns and agent restarts, and the client port."),
+    client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="With --front-door: 127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off)."),
+    front_door_queue: int = typer.Option(FrontDoorSettings.queue, min=0, envvar=_env("FRONT_DOOR_QUEUE"), hidden=_FRONT_DOOR_HIDDEN, help="Requests the front door holds per service beyond its parallel slots; beyond them, 429 with Retry-After."),
+    front_door_queue_timeout: float = typer.Option(FrontDoorSettings.queue_timeout, min=0.1, envvar=_env("FRONT_DOOR_QUEUE_TIMEOUT"), hidden=_FRONT_DOOR_HIDDEN, help="Seconds a held request waits for a slot (or for its engine to be ready) before 429/503."),
+    front_door_command: Optional[str] = typer.Option(None, envvar=_env("FRONT_DOOR_COMMAND"), hidden=True, help="Tests and drills: the command that starts the front door (default: this python -m metal_agent front-door); --socket and --state-dir are appended."),
     version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:
     """Run the agent: watch InferenceServices and serve the Metal ones with native llama-server."""

@@ -111,6 +111,16 @@ def format_table(services: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [COLUMNS, *rows])
 
 
+ROUTE_COLUMNS = ("SERVICE", "PORT", "STATE", "INFLIGHT", "QUEUED")
+
+
+def format_routes(routes: list[dict[str, Any]]) -> str:
+    """One row per front-door route: its stable port, its state, requests in flight and held."""
+    rows = [tuple(_cell(r.get(k)) for k in ("service", "port", "state", "inflight", "queued")) for r in routes]
+    widths = [max(len(r[i]) for r in [ROUTE_COLUMNS, *rows]) for i in range(len(ROUTE_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [ROUTE_COLUMNS, *rows])
+
+
 def status(
     listen: Annotated[str, typer.Option(envvar="METAL_AGENT_LISTEN", help="The agent's --listen address.")] = DEFAULT_LISTEN,
     as_json: Annotated[bool, typer.Option("--json", help="Print the agent's answer as JSON.")] = False,
@@ -131,8 +141,10 @@ def status(
     services = payload["services"]
     if not services:
         typer.echo(f"the agent (version {payload.get('version', '?')}) manages no llama-servers")
-        return
-    typer.echo(format_table(services))
+    else:
+        typer.echo(format_table(services))
+    if payload.get("routes"):  # the front door is on (--front-door)
+        typer.echo("\nfront door\n" + format_routes(payload["routes"]))
 
 
 # --- logs ------------------------------------------------------------------

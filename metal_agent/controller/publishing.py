@@ -11,7 +11,7 @@ no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 import structlog
 
@@ -52,12 +52,21 @@ class HostAddress:
         self.registered = address if self.registered else None
 
 
+class _Ports(Protocol):
+    async def ensure(self, key: str) -> int: ...
+    async def release(self, keys: Iterable[str]) -> None: ...
+
+
 class Publisher:
-    def __init__(self, registrar: Registrar | None, address: HostAddress, events: EventRecorder) -> None:
-        """`registrar` None, or an address that is not published: supervise only."""
+    def __init__(self, registrar: Registrar | None, address: HostAddress, events: EventRecorder,
+                 ports: _Ports | None = None) -> None:
+        """`registrar` None, or an address that is not published: supervise only. `ports`: the
+        front door's stable ports (`--front-door`): the slice points at the service's stable
+        port and stays ready across engine respawns (the front door holds requests meanwhile)."""
         self.registrar = registrar if address.registered else None
         self.address = address
         self.events = events
+        self.ports = ports
         self._failures: dict[str, int] = {}
         self._conflict_reported: dict[str, str] = {}  # key -> the ServiceNameConflict message last sent as an Event
 
@@ -70,17 +79,22 @@ class Publisher:
         Returns a problem for status (if the name cannot be registered) and a
         retry delay when the API refused or failed the write.
         """
-        if self.registrar is None or supervisor is None or supervisor.snapshot.port is None:
+        if supervisor is None or (self.ports is None and supervisor.snapshot.port is None):
+            return None, None
+        if self.registrar is None:
+            if self.ports is not None:  # unpublished, the front door still routes it (the client port)
+                return await self._stable_port_only(key)
             return None, None
         name = raw["metadata"]["name"]
         if problem := service_name_problem(name):
             return Blocker("RegistrationFailed", problem), None
         snap = supervisor.snapshot
-        reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name, isvc_uid=raw["metadata"].get("uid") or "",
-                           address=self.address.registered, port=snap.port, ready=snap.ready,
-                           model=str((raw.get("spec") or {}).get("modelRef") or ""),
-                           runtime=supervisor.plan.engine.runtime_label)
         try:
+            port, ready = (await self.ports.ensure(key), True) if self.ports is not None else (snap.port, snap.ready)
+            reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name,
+                               isvc_uid=raw["metadata"].get("uid") or "", address=self.address.registered,
+                               port=port, ready=ready, model=str((raw.get("spec") or {}).get("modelRef") or ""),
+                               runtime=supervisor.plan.engine.runtime_label)
             await self.registrar.ensure(reg)
         except NameTaken as taken:
             # The name belongs to someone else's object: it stays untouched, the model keeps
@@ -96,6 +110,15 @@ class Publisher:
         self._conflict_reported.pop(key, None)
         return None, None
 
+    async def _stable_port_only(self, key: str) -> tuple[None, float | None]:
+        try:
+            await self.ports.ensure(key)
+        except OSError as err:
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            log.warning("no stable front-door port; retrying", service=key, error=str(err))
+            return None, REGISTRATION_BACKOFF.delay(failures)
+        return None, None
+
     def _name_taken(self, key: str, raw: dict, taken: NameTaken) -> tuple[Blocker, float]:
         failures = self._failures[key] = self._failures.get(key, 0) + 1
         message = conflict_message(taken.kind, taken.namespace, taken.name)
@@ -109,8 +132,10 @@ class Publisher:
         return Blocker(SERVICE_NAME_CONFLICT, message), REGISTRATION_BACKOFF.delay(failures)
 
     async def mark_not_ready(self, key: str) -> None:
-        """Before a stop: the slice says not ready first. The API being away stops nothing."""
-        if self.registrar is None:
+        """Before a stop: the slice says not ready first. The API being away stops nothing.
+        Behind the front door it stays ready: the front door holds requests while the engine
+        is replaced (a stop for good is followed by a withdraw or an unregister)."""
+        if self.registrar is None or self.ports is not None:
             return
         namespace, name = key.split("/", 1)
         try:
@@ -120,6 +145,9 @@ class Publisher:
                         error=f"{type(err).__name__}: {err}")
 
     async def unregister(self, key: str) -> None:
+        """The service is gone for good (deleted, or no longer this Mac's): so is its stable port."""
+        if self.ports is not None:
+            await self.ports.release([key])
         if self.registrar is not None:
             namespace, name = key.split("/", 1)
             await self.registrar.remove(namespace, name)

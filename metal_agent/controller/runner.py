@@ -3,6 +3,8 @@ knows who feeds it."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 from metal_agent.controller.reconciler import Reconciler
 from metal_agent.controller.results import Requeue
 from metal_agent.controller.workqueue import WorkQueue
@@ -10,10 +12,14 @@ from metal_agent.metrics import AgentMetrics
 
 
 class Runner:
-    def __init__(self, queue: WorkQueue, reconciler: Reconciler, metrics: AgentMetrics) -> None:
+    def __init__(self, queue: WorkQueue, reconciler: Reconciler, metrics: AgentMetrics,
+                 after: Callable[[str], None] | None = None) -> None:
+        """`after(key)`: told once each reconcile ends, whatever its outcome (the front door's
+        table pusher: every change the table is made of queues a reconcile first). Must not block."""
         self.queue = queue
         self.reconciler = reconciler
         self.metrics = metrics
+        self.after = after
 
     async def handle(self, key: str) -> float | None:
         """The work queue's handler: reconcile `key`, counting outcomes for `reconciles_total`."""
@@ -22,6 +28,9 @@ class Runner:
         except Exception:
             self.metrics.reconciles.labels("error").inc()
             raise
+        finally:
+            if self.after is not None:
+                self.after(key)
         if isinstance(result, Requeue):
             self.metrics.reconciles.labels("requeue").inc()
             return result.after

@@ -240,8 +240,11 @@ def _runtime(value: object) -> Outcome:
     return Outcome(ignored=_RUNTIME)
 _PRESSURE = ("memory pressure is macOS's own level (kern.memorystatus_vm_pressure_level), not a threshold "
              "on free memory")
-_NO_PROXY = ("there is no host-side /v1 proxy: clients on this Mac use the address in `metal-agent status`, "
-             "the cluster uses the Service")
+def _client_port(value: object) -> Outcome:
+    assert isinstance(value, int)
+    if not 0 <= value <= 65535:
+        return Outcome(ignored=f"{value} is not a TCP port")
+    return Outcome((f"--client-port={value}",))  # served by the front door (`--front-door`)
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,8 @@ FLAGS: dict[str, GoFlag] = {f.name: f for f in (
     _flag("mlx-server-port", I, "8080", "ignored (each MLX service gets a free port, like llama-server's)",
           _ignored("each MLX service gets a free port and its own EndpointSlice")),
     _flag("port", I, "9090", "`--listen 127.0.0.1:PORT` (metrics, health; the Go agent bound 127.0.0.1 too)", _port),
-    _flag("client-port", I, "9999", "0: accepted. Other values: ignored (no host-side `/v1` proxy)", _unless(0, _NO_PROXY)),
+    _flag("client-port", I, "9999", "`--client-port` (127.0.0.1:PORT serves every model's OpenAI API through the "
+          "front door, `--front-door`; 0: off)", _client_port),
     _flag("log-level", S, "info", "`--log-level` (`warn` is `warning`; an unknown level is info, as in Go)", _log_level),
     _flag("host-ip", S, "", "`--host-ip` (empty: auto-detect)", _ours("--host-ip")),
     _flag("memory-fraction", F, "0", "`--memory-fraction` (0: auto, 0.67 up to 36 GiB RAM, 0.75 above, in both)",

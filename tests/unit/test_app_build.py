@@ -29,13 +29,13 @@ def host(address: str = "127.0.0.1") -> Host:
 
 
 @contextlib.asynccontextmanager
-async def built(tmp_path, **settings):
+async def built(tmp_path, address: str = "127.0.0.1", **settings):
     configuration = client.Configuration()
     configuration.host = "http://127.0.0.1:9"  # nothing listens: nothing here may need it
     api, http = api_client(configuration), aiohttp.ClientSession()
     cfg = AgentConfig(paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"), **settings)
     try:
-        yield build(cfg, host(), api, http)
+        yield build(cfg, host(address), api, http)
     finally:
         await http.close()
         await api.close()
@@ -115,3 +115,22 @@ async def test_the_manager_serves_http_then_stops_on_request(tmp_path):
 
 def test_a_built_agent_names_its_parts():
     assert {"queue", "intake", "reconciler", "runner", "readiness", "web"} <= set(Agent.__dataclass_fields__)
+
+
+async def test_with_the_front_door_engines_bind_loopback_and_its_parts_are_wired(tmp_path):
+    from metal_agent.app.config import FrontDoorSettings
+
+    async with built(tmp_path, "10.0.0.5") as agent:  # off by default: nothing of it is built
+        assert agent.front_door is None and agent.runner.after is None
+        assert agent.reconciler.publisher.ports is None and agent.address.bind == "10.0.0.5"
+    async with built(tmp_path, "10.0.0.5", front_door=FrontDoorSettings(enabled=True)) as agent:
+        door = agent.front_door
+        assert agent.address.bind == "127.0.0.1" and agent.address.registered == "10.0.0.5"
+        assert agent.reconciler.publisher.ports is door.ports
+        assert agent.runner.after == door.pusher.changed
+        assert door.process.on_start == door.pusher.resend
+        assert agent.readiness.parts() == ["api", "caches", "front-door"]
+        assert {"front-door", "front-door-table"} <= set(Manager(agent).loops())
+        assert door.process.argv[1:4] == ("-m", "metal_agent", "front-door")
+        assert door.process.argv[-4:] == ("--socket", str(tmp_path / "state" / "front-door.sock"),
+                                          "--state-dir", str(tmp_path / "state"))

@@ -171,7 +171,9 @@ def test_go_durations_become_our_units(argv, expected):
     (["--inference-service-allowlist", "a,b"], ["--inference-service-allowlist=a,b"]),
     (["--runtime", "llama-server"], []),
     (["--llama-server-port", "0"], []),
-    (["--client-port", "0"], []),
+    (["--client-port", "0"], ["--client-port=0"]),
+    (["--client-port", "9999"], ["--client-port=9999"]),
+    (["-client-port=8088"], ["--client-port=8088"]),
     (["--powermetrics-bin", "/usr/bin/powermetrics"], []),
     (["-kubeconfig", "/k"], ["--kubeconfig=/k"]),
     (["-version"], ["--version"]),
@@ -196,7 +198,7 @@ def test_a_go_value_flag_takes_the_next_token_whatever_it_looks_like():
 
 
 @pytest.mark.parametrize("argv", [
-    ["--omlx-port", "8000"], ["--runtime=omlx"], ["--client-port", "9999"], ["--max-watch-failures", "5"],
+    ["--omlx-port", "8000"], ["--runtime=omlx"], ["--client-port", "70000"], ["--max-watch-failures", "5"],
     ["--memory-pressure-warning", "0.3"], ["--memory-watchdog-interval", "0"], ["--powermetrics-bin", "/x"],
     ["--llama-server-port", "8080"], ["--mlx-server-startup-timeout", "1m"],
 ])
@@ -287,8 +289,9 @@ def test_the_issues_go_job_starts_this_agent_and_names_what_is_ignored_once(star
     assert cfg.http.port == 9091 and cfg.kube.namespaces == ("llm",)
     warnings = [json.loads(line) for line in result.output.splitlines() if "ignoring flags" in line]
     assert len(warnings) == 1
-    assert warnings[0]["level"] == "warning" and warnings[0]["flags"] == ["client-port", "omlx-port"]
-    assert "--omlx-port=8001" in warnings[0]["event"] and "--client-port=9999" in warnings[0]["event"]
+    assert warnings[0]["level"] == "warning" and warnings[0]["flags"] == ["omlx-port"]
+    assert "--omlx-port=8001" in warnings[0]["event"] and "client-port" not in warnings[0]["event"]
+    assert cfg.front_door.client_port == 9999
 
 
 def test_a_value_go_would_refuse_is_a_usage_error(started):

@@ -84,6 +84,25 @@ async def test_status_table():
     assert qwen.index("Ready") == header.index("STATE")  # columns line up
 
 
+async def test_status_shows_the_front_doors_routes_when_it_is_on():
+    payload = {**PAYLOAD, "routes": [
+        {"service": "llm/qwen", "port": 31234, "state": "serving", "upstream": "127.0.0.1:40001", "inflight": 3,
+         "queued": 5},
+        {"service": "llm/tiny", "port": 31235, "state": "starting", "upstream": None, "inflight": None,
+         "queued": None}]}
+    async with agent_endpoint(payload) as listen:
+        rc, out, err = await cli("status", "--listen", listen)
+    assert rc == 0, err
+    lines = out.splitlines()
+    start = lines.index("front door")
+    assert lines[start + 1].split() == ["SERVICE", "PORT", "STATE", "INFLIGHT", "QUEUED"]
+    assert lines[start + 2].split() == ["llm/qwen", "31234", "serving", "3", "5"]
+    assert lines[start + 3].split() == ["llm/tiny", "31235", "starting", "-", "-"]
+    async with agent_endpoint(PAYLOAD) as listen:  # front door off: no such section
+        rc, out, _ = await cli("status", "--listen", listen)
+    assert "front door" not in out
+
+
 async def test_status_json_and_empty():
     async with agent_endpoint(PAYLOAD) as listen:
         rc, out, err = await cli("status", "--listen", listen, "--json")

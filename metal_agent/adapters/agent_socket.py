@@ -1,0 +1,77 @@
+"""The agent's own Unix socket (`<state>/agent.sock`, mode 0600): the front door asks it here.
+
+`POST /review {"token", "key"}` -> `{"allowed", "reason"}`: may the bearer of
+this token use this InferenceService. The decision is the reviewer's, handed
+in at build (TokenReview + SubjectAccessReview, controller/access.py); without
+one every token is refused, so the front door never lets a stranger in by
+default. The socket is only this user's: the front door runs as the agent's
+user, nobody else may ask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+Reviewer = Callable[[str, str], Awaitable[tuple[bool, str]]]
+MAX_BODY = 64 * 1024
+
+
+async def refuse_all(token: str, key: str) -> tuple[bool, str]:
+    return False, "token review not configured"
+
+
+def review_app(reviewer: Reviewer) -> web.Application:
+    async def review(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            token, key = body["token"], body["key"]
+            if not isinstance(token, str) or not isinstance(key, str) or not token or "/" not in key:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"allowed": False, "reason": "expected {\"token\": str, \"key\": \"ns/name\"}"},
+                                     status=400)
+        try:
+            allowed, reason = await reviewer(token, key)
+        except Exception as err:  # noqa: BLE001 - a failed review is a refusal, never a crash
+            log.warning("token review failed", service=key, error=f"{type(err).__name__}: {err}")
+            allowed, reason = False, "token review failed"
+        return web.json_response({"allowed": bool(allowed), "reason": str(reason)})
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/review", review)
+    return app
+
+
+class AgentSocket:
+    def __init__(self, path: Path, reviewer: Reviewer = refuse_all) -> None:
+        self.path = path
+        self.runner = web.AppRunner(review_app(reviewer), access_log=None)
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.path)
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+                raise OSError(f"{self.path} exists and is not this user's socket; not replacing it")
+            self.path.unlink()  # a previous agent's
+        await self.runner.setup()
+        old = os.umask(0o177)  # born 0600: no window where others could connect
+        try:
+            await web.UnixSite(self.runner, str(self.path)).start()
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,117 @@
+"""The agent's side of the front door, built in one place (`--front-door`).
+
+Parts, each handed what it needs at construction: the stable ports (the
+publisher asks them), the control-socket client, the table pusher (the runner
+tells it after each reconcile), the supervised front door process (it tells
+the pusher when it (re)starts), and the agent's own socket answering the
+front door's token reviews. `status_routes` and `metrics_text` are what the
+agent's HTTP side shows of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import structlog
+
+from metal_agent.adapters.agent_socket import AgentSocket, Reviewer, refuse_all
+from metal_agent.adapters.front_door_client import FrontDoorClient, FrontDoorUnavailable
+from metal_agent.adapters.port_book_file import PortBookFile
+from metal_agent.adapters.process.front_door_process import FrontDoorProcess
+from metal_agent.app.config import AgentConfig
+from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
+from metal_agent.controller.publishing import HostAddress
+from metal_agent.controller.stable_ports import StablePorts
+from metal_agent.core.backoff import Backoff
+
+log = structlog.get_logger(__name__)
+
+SOCKET = "front-door.sock"
+AGENT_SOCKET = "agent.sock"
+LOOPBACK = "127.0.0.1"  # engines listen here when the front door is on: only it reaches them
+
+
+def front_door_argv(cfg: AgentConfig) -> tuple[str, ...]:
+    """The same python as the agent (so an upgrade of the venv upgrades both)."""
+    state = cfg.paths.state
+    base = cfg.front_door.command or (sys.executable, "-m", "metal_agent", "front-door")
+    return (*base, "--socket", str(state / SOCKET), "--state-dir", str(state))
+
+
+@dataclass
+class FrontDoorParts:
+    ports: StablePorts
+    client: FrontDoorClient
+    pusher: TablePusher
+    process: FrontDoorProcess
+    socket: AgentSocket
+
+    async def status_routes(self) -> list[dict]:
+        """One row per route: its port and state from the table, in flight/queued from the front door."""
+        try:
+            live = (await self.client.state()).get("routes") or {}
+        except FrontDoorUnavailable:
+            live = {}
+        rows = []
+        for route in self.pusher.current().get("routes", ()):
+            now = live.get(route["key"]) if isinstance(live, dict) else None
+            now = now if isinstance(now, dict) else {}
+            rows.append({"service": route["key"], "port": route["port"], "state": route["state"],
+                         "upstream": route["upstream"], "inflight": now.get("inflight"), "queued": now.get("queued")})
+        return rows
+
+
+class MetricsAppender:
+    """The front door's own /metrics, fetched when the agent's are scraped. A front door that
+    does not answer adds nothing, and says so in the log once until it answers again."""
+
+    def __init__(self, client: FrontDoorClient) -> None:
+        self.client = client
+        self._silent = False
+
+    async def __call__(self) -> str:
+        try:
+            text = await self.client.metrics()
+        except FrontDoorUnavailable as err:
+            if not self._silent:
+                self._silent = True
+                log.warning("the front door's metrics are not available; scrapes show the agent's alone",
+                            error=str(err))
+            return ""
+        self._silent = False
+        return text
+
+
+def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[str, dict],
+                     managed: Mapping[str, object], supervisors: Callable[[], Mapping[str, object]],
+                     reviewer: Reviewer = refuse_all, access: Callable[[], dict | None] = lambda: None,
+                     keys: Callable[[str], dict | None] | None = None) -> FrontDoorParts:
+    """`supervisors()`: the process manager's table; `access()`/`keys(key)`: the access policy's
+    and each service's key digests' JSON (fd-access), omitted while None."""
+    fd, state = cfg.front_door, cfg.paths.state
+    ports = StablePorts(PortBookFile(state), host=lambda: address.registered or LOOPBACK)
+    settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
+
+    def compute() -> dict:
+        facts = gather(ports.book.ports, isvcs, managed, supervisors())
+        return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
+                             access=access(), keys=keys)
+
+    client = FrontDoorClient(state / SOCKET)
+    pusher = TablePusher(client, compute)
+    process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
+                               healthy=client.healthy, on_start=pusher.resend,
+                               backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
+    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, reviewer))
+
+
+def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:
+    """Where engines listen for a registered address: loopback behind the front door."""
+    from metal_agent.core.host_address import bind_address
+
+    if enabled:
+        return lambda _address: LOOPBACK
+    return functools.partial(bind_address, bind_all=bind_all)
