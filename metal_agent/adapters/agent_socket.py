@@ -1,7 +1,10 @@
 """The agent's own Unix socket (`<state>/agent.sock`, mode 0600): the front door asks it here.
 
-`POST /review {"token", "key"}` -> `{"allowed", "reason"}`: may the bearer of
-this token use this InferenceService. The decision is the reviewer's, handed
+`POST /review {"token", "key", "peer"}` -> `{"allowed", "reason", "status",
+"retry_after"}` (core.access.review_answer): may the bearer of this token use
+this InferenceService; `status` tells "refused" (401/403, cached a little)
+from "ask again later" (429 over the review budget, 503 cluster away; never
+cached), and `peer`, the client's address, is what the budget is kept per. The decision is the reviewer's, handed
 in at build (TokenReview + SubjectAccessReview, controller/access.py); without
 one every token is refused, so the front door never lets a stranger in by
 default. The socket is only this user's: the front door runs as the agent's
@@ -19,32 +22,35 @@ from typing import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from metal_agent.core.access import review_answer
+
 log = structlog.get_logger(__name__)
 
-Reviewer = Callable[[str, str], Awaitable[tuple[bool, str]]]
+Reviewer = Callable[[str, str, str], Awaitable[dict]]  # (token, key, peer) -> review_answer(...)
 MAX_BODY = 64 * 1024
 
 
-async def refuse_all(token: str, key: str) -> tuple[bool, str]:
-    return False, "token review not configured"
+async def refuse_all(token: str, key: str, peer: str = "") -> dict:
+    return review_answer(403, "token review not configured")
 
 
 def review_app(reviewer: Reviewer) -> web.Application:
     async def review(request: web.Request) -> web.Response:
         try:
             body = await request.json()
-            token, key = body["token"], body["key"]
-            if not isinstance(token, str) or not isinstance(key, str) or not token or "/" not in key:
+            token, key, peer = body["token"], body["key"], body.get("peer", "")
+            if (not isinstance(token, str) or not isinstance(key, str) or not isinstance(peer, str)
+                    or not token or "/" not in key):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
-            return web.json_response({"allowed": False, "reason": "expected {\"token\": str, \"key\": \"ns/name\"}"},
-                                     status=400)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return web.json_response({"allowed": False, "reason": "expected {\"token\": str, \"key\": \"ns/name\"}",
+                                      "status": 400, "retry_after": 0.0}, status=400)
         try:
-            allowed, reason = await reviewer(token, key)
-        except Exception as err:  # noqa: BLE001 - a failed review is a refusal, never a crash
+            answer = await reviewer(token, key, peer)
+        except Exception as err:  # noqa: BLE001 - a failed review is "ask again later", never a crash
             log.warning("token review failed", service=key, error=f"{type(err).__name__}: {err}")
-            allowed, reason = False, "token review failed"
-        return web.json_response({"allowed": bool(allowed), "reason": str(reason)})
+            answer = review_answer(503, "token review failed")
+        return web.json_response(answer)
 
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/review", review)

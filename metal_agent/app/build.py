@@ -46,6 +46,8 @@ from metal_agent.adapters.powermetrics import PowerSampler
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.app.config import AgentConfig
+from metal_agent.controller.access import AccessSource
+from metal_agent.core.access import AccessSettings
 from metal_agent.app.front_door import bind_for as front_door_bind, build_front_door
 from metal_agent.app.http import HttpParts, build_http
 from metal_agent.app.readiness import ApiReachable, HeartbeatHealth, Readiness, synced_check
@@ -206,6 +208,25 @@ class _Sources:
     models: Informer
     processes: ProcessManager
     model_files: ModelFiles
+    access: AccessSource | None = None  # --front-door: who may call it (controller/access.py)
+    table_dirty: asyncio.Event | None = None  # set when anything the front door's table is made of changes
+
+
+def _fan_out(*handlers):
+    """One informer handler calling several parts, in order (all built before the informer)."""
+    def handle(old, new) -> None:
+        for handler in handlers:
+            handler(old, new)
+    return handle
+
+
+def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
+            table_dirty: asyncio.Event) -> AccessSource:
+    fd, http = cfg.front_door, cfg.http
+    settings = AccessSettings(mode=fd.access, allow_networks=fd.allow_networks,
+                              token_review_rate=http.token_review_rate,
+                              token_review_global_rate=http.token_review_global_rate)
+    return AccessSource(api, settings, isvc_cache, on_change=table_dirty.set, reviews_counter=metrics.token_reviews)
 
 
 def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSession) -> _Sources:
@@ -231,7 +252,10 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
                         resync_period=cfg.kube.resync_period, on_failure=functools.partial(watch.failed, plural),
                         on_relist=functools.partial(watch.relisted, plural), cache=cache)
 
-    isvcs = informer(ISVC_PLURAL, intake.on_isvc_change, isvc_cache)
+    table_dirty = asyncio.Event() if cfg.front_door.enabled else None
+    access = _access(cfg, api, metrics, isvc_cache, table_dirty) if table_dirty is not None else None
+    on_isvc = _fan_out(intake.on_isvc_change, access.on_isvc_change) if access else intake.on_isvc_change
+    isvcs = informer(ISVC_PLURAL, on_isvc, isvc_cache)
     models = informer(MODEL_PLURAL, intake.on_model_change)
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
@@ -240,7 +264,8 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
     )
     # Read when scraped: always the number supervised now, whoever started or stopped one.
     metrics.managed_processes.set_function(lambda: len(processes.supervisors))
-    return _Sources(registry, metrics, queue, events, intake, isvcs, models, processes, model_files)
+    return _Sources(registry, metrics, queue, events, intake, isvcs, models, processes, model_files, access,
+                    table_dirty)
 
 
 def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tuple[MemoryWatchdog, MemoryGuard,
@@ -308,7 +333,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     address = HostAddress(bind=bind_for(host.host_ip) if front else host.bind,
                           registered=host.host_ip if cfg.registration.register else None)
     door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
-                            supervisors=lambda: src.processes.supervisors) if front else None
+                            supervisors=lambda: src.processes.supervisors, access=src.access,
+                            dirty=src.table_dirty) if src.access is not None else None
     fleet = _fleet(cfg, api, host, src, guard, address) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
     allowlist = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))

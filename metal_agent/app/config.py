@@ -118,6 +118,8 @@ class FrontDoorSettings:
     client_port: int = 9999  # 127.0.0.1:PORT serves every model (the Go agent's --client-port); 0: off
     queue: int = 64  # requests held per service beyond its parallel slots
     queue_timeout: float = 30.0  # seconds a held request waits before 429/503
+    access: str = "cluster"  # --front-door-access: cluster (loopback, Nodes, pod CIDRs, listed networks, keys, tokens) | open
+    allow_networks: tuple[str, ...] = ()  # --front-door-allow-network: CIDRs let in without a credential
     restart_backoff_cap: float = 10.0  # the front door process is restarted this often at most when it keeps dying
     command: tuple[str, ...] = ()  # how to start it (tests, drills); (): `<the agent's python> -m metal_agent front-door`
 

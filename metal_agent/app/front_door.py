@@ -10,6 +10,7 @@ agent's HTTP side shows of it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sys
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from typing import Callable, Mapping
 
 import structlog
 
-from metal_agent.adapters.agent_socket import AgentSocket, Reviewer, refuse_all
+from metal_agent.adapters.agent_socket import AgentSocket
 from metal_agent.adapters.front_door_client import FrontDoorClient, FrontDoorUnavailable
 from metal_agent.adapters.port_book_file import PortBookFile
 from metal_agent.adapters.process.front_door_process import FrontDoorProcess
 from metal_agent.app.config import AgentConfig
+from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
 from metal_agent.controller.publishing import HostAddress
 from metal_agent.controller.stable_ports import StablePorts
@@ -48,6 +50,7 @@ class FrontDoorParts:
     pusher: TablePusher
     process: FrontDoorProcess
     socket: AgentSocket
+    access: AccessSource
 
     async def status_routes(self) -> list[dict]:
         """One row per route: its port and state from the table, in flight/queued from the front door."""
@@ -87,10 +90,10 @@ class MetricsAppender:
 
 def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[str, dict],
                      managed: Mapping[str, object], supervisors: Callable[[], Mapping[str, object]],
-                     reviewer: Reviewer = refuse_all, access: Callable[[], dict | None] = lambda: None,
-                     keys: Callable[[str], dict | None] | None = None) -> FrontDoorParts:
-    """`supervisors()`: the process manager's table; `access()`/`keys(key)`: the access policy's
-    and each service's key digests' JSON (fd-access), omitted while None."""
+                     access: AccessSource, dirty: asyncio.Event) -> FrontDoorParts:
+    """`supervisors()`: the process manager's table; `access`: who may call (its policy and each
+    service's key digests travel in the table; it answers the front door's token reviews);
+    `dirty`: set by whatever the table is made of, the access sources included."""
     fd, state = cfg.front_door, cfg.paths.state
     ports = StablePorts(PortBookFile(state), host=lambda: address.registered or LOOPBACK)
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
@@ -98,14 +101,14 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     def compute() -> dict:
         facts = gather(ports.book.ports, isvcs, managed, supervisors())
         return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
-                             access=access(), keys=keys)
+                             access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json())
 
     client = FrontDoorClient(state / SOCKET)
-    pusher = TablePusher(client, compute)
+    pusher = TablePusher(client, compute, dirty=dirty)
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
-    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, reviewer))
+    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access)
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

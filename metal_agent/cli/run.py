@@ -183,8 +183,16 @@ def _front_door(ctx: typer.Context) -> FrontDoorSettings:
         raise typer.BadParameter("expected a TCP port (0: off)", param_hint="--client-port")
     import shlex
 
+    from metal_agent.core.access import AccessSettings
+
+    access = _choice(o.front_door_access, ("cluster", "open"), "--front-door-access")
+    networks = tuple(n.strip() for item in o.front_door_allow_network for n in item.split(",") if n.strip())
+    try:
+        AccessSettings(mode=access, allow_networks=networks)  # refuses a malformed CIDR, naming it
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--front-door-allow-network")
     return FrontDoorSettings(enabled=o.front_door, client_port=o.client_port, queue=o.front_door_queue,
-                             queue_timeout=o.front_door_queue_timeout,
+                             queue_timeout=o.front_door_queue_timeout, access=access, allow_networks=networks,
                              command=tuple(shlex.split(o.front_door_command or "")))
 
 
@@ -291,6 +299,8 @@ def run(
     client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="With --front-door: 127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off)."),
     front_door_queue: int = typer.Option(FrontDoorSettings.queue, min=0, envvar=_env("FRONT_DOOR_QUEUE"), hidden=_FRONT_DOOR_HIDDEN, help="Requests the front door holds per service beyond its parallel slots; beyond them, 429 with Retry-After."),
     front_door_queue_timeout: float = typer.Option(FrontDoorSettings.queue_timeout, min=0.1, envvar=_env("FRONT_DOOR_QUEUE_TIMEOUT"), hidden=_FRONT_DOOR_HIDDEN, help="Seconds a held request waits for a slot (or for its engine to be ready) before 429/503."),
+    front_door_access: str = typer.Option(FrontDoorSettings.access, envvar=_env("FRONT_DOOR_ACCESS"), hidden=_FRONT_DOOR_HIDDEN, help="Who may call the front door from the network: cluster (loopback, the cluster's Node addresses and pod CIDRs, --front-door-allow-network, a service's API key, a ServiceAccount token allowed inferenceservices/proxy) or open (anyone who can route to the Mac, the Go agent's behaviour)."),
+    front_door_allow_network: List[str] = typer.Option([], envvar=_env("FRONT_DOOR_ALLOW_NETWORK"), hidden=_FRONT_DOOR_HIDDEN, help="A CIDR let through the front door without a credential (repeatable), besides loopback and the cluster's own."),
     front_door_command: Optional[str] = typer.Option(None, envvar=_env("FRONT_DOOR_COMMAND"), hidden=True, help="Tests and drills: the command that starts the front door (default: this python -m metal_agent front-door); --socket and --state-dir are appended."),
     version: bool = typer.Option(False, "--version", hidden=True, is_eager=True, callback=_print_version, help="Print the version and exit."),
 ) -> None:

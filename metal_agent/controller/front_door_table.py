@@ -97,7 +97,9 @@ class TableClient(Protocol):
 
 class TablePusher:
     def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.02,
-                 backoff: Backoff = PUSH_BACKOFF) -> None:
+                 backoff: Backoff = PUSH_BACKOFF, dirty: asyncio.Event | None = None) -> None:
+        """`dirty`: set by anything the table is made of (e.g. the access sources, built before the
+        pusher); `changed()` sets it too."""
         self.client = client
         self.compute = compute
         self.debounce = debounce
@@ -105,7 +107,7 @@ class TablePusher:
         self.version = 0
         self.pushed: dict | None = None  # the last table the front door accepted (with its version)
         self._content: dict | None = None  # the last computed content (without version)
-        self._dirty = asyncio.Event()
+        self._dirty = dirty if dirty is not None else asyncio.Event()
         self._armed = asyncio.Event()
         self._resend = True  # first push: learn the front door's version, then send
         self.pushes = 0

@@ -16,6 +16,7 @@ import aiohttp
 import psutil
 import pytest
 
+from metal_agent.core.access import review_answer
 from metal_agent.adapters.agent_socket import AgentSocket
 from metal_agent.adapters.front_door_client import FrontDoorClient
 from metal_agent.adapters.port_book_file import PortBookFile
@@ -83,19 +84,26 @@ async def review(path: Path, body) -> tuple[int, dict]:
 async def test_the_agent_socket_is_private_and_reviews_through_the_reviewer_handed_in(tmp_path):
     asked = []
 
-    async def reviewer(token, key):
-        asked.append((token, key))
-        return token == "good", "ok" if token == "good" else "forbidden"
+    async def reviewer(token, key, peer):
+        asked.append((token, key, peer))
+        if token == "boom":
+            raise RuntimeError("the cluster went away")
+        return review_answer(200 if token == "good" else 403, "ok" if token == "good" else "forbidden")
 
     sock = AgentSocket(tmp_path / "agent.sock", reviewer)
     await sock.start()
     try:
         assert stat.S_IMODE(os.stat(tmp_path / "agent.sock").st_mode) == 0o600
-        assert await review(sock.path, {"token": "good", "key": "ns/a"}) == (200, {"allowed": True, "reason": "ok"})
-        assert await review(sock.path, {"token": "bad", "key": "ns/a"}) == (200, {"allowed": False,
-                                                                                 "reason": "forbidden"})
+        assert await review(sock.path, {"token": "good", "key": "ns/a", "peer": "10.0.0.7"}) == (
+            200, {"allowed": True, "reason": "ok", "status": 200, "retry_after": 0.0})
+        assert await review(sock.path, {"token": "bad", "key": "ns/a"}) == (
+            200, {"allowed": False, "reason": "forbidden", "status": 403, "retry_after": 0.0})
+        # A reviewer that fails is "ask again later" (503, never cached by the front door), not a crash.
+        assert await review(sock.path, {"token": "boom", "key": "ns/a"}) == (
+            200, {"allowed": False, "reason": "token review failed", "status": 503, "retry_after": 0.0})
         assert (await review(sock.path, {"token": 3}))[0] == 400
-        assert asked == [("good", "ns/a"), ("bad", "ns/a")]
+        assert (await review(sock.path, {"token": "t", "key": "ns/a", "peer": 7}))[0] == 400
+        assert asked == [("good", "ns/a", "10.0.0.7"), ("bad", "ns/a", ""), ("boom", "ns/a", "")]
     finally:
         await sock.close()
     assert not sock.path.exists()
@@ -106,7 +114,7 @@ async def test_without_a_reviewer_every_token_is_refused(tmp_path):
     await sock.start()
     try:
         assert await review(sock.path, {"token": "t", "key": "ns/a"}) == (
-            200, {"allowed": False, "reason": "token review not configured"})
+            200, {"allowed": False, "reason": "token review not configured", "status": 403, "retry_after": 0.0})
     finally:
         await sock.close()
 
