@@ -42,7 +42,7 @@ from metal_agent.core.claim import evaluate, wanted_model
 from metal_agent.core.permissions import AGENT_PERMISSIONS, FLEET_PERMISSIONS, Permission
 from metal_agent.core.result import NotOurs
 from metal_agent.core.status_owner import StatusMode, decide, shows_controller
-from metal_agent.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
+from metal_agent.core.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
 from metal_agent.paths import HOMEBREW_BIN_DIRS, find_llama_server
 from metal_agent.tasks import within
 

@@ -1,7 +1,7 @@
 """`metal-agent migrate`: take over from LLMKube's Go Metal Agent, its launchd job and its models.
 
 Reads the Go agent's plist, translates its arguments (`core.go_flags`),
-adopts the models in its store into ours (`metal_agent.migration`: hard
+adopts the models in its store into ours (`metal_agent.adapters.go_migration`: hard
 links, or a move across filesystems, never a download), and writes our job
 under the same label in its place. `scripts/install-metal-agent.sh` uses
 `--run-args-file` instead: it takes the translated arguments and renders the
@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from metal_agent.launchd import LABEL, PLIST_NAME
+from metal_agent.core.launchd import LABEL, PLIST_NAME
 from metal_agent.paths import default_paths
 
 EXIT_NOTHING_DONE = 1
@@ -100,7 +100,7 @@ def migrate(
     plist; reload it with launchctl (or run `make install-metal-agent`,
     which does all of this).
     """
-    from metal_agent import migration as m
+    from metal_agent.adapters import go_migration as m
 
     mac = default_paths(platform="darwin")
     plist = _absolute(plist) if plist else Path.home() / "Library" / "LaunchAgents" / PLIST_NAME
@@ -203,7 +203,7 @@ def _plan(m, job, settings, model_dir: Path, context: str | None, skip_models: b
 
 def _launch_settings(settings, run_args: list[str], agent_path: Path | None, log_dir: Path, state: Path):
     """Our job's settings, checked before anything is changed."""
-    from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError
+    from metal_agent.core.launchd import LaunchAgentSettings, LaunchdConfigError
 
     agent = _absolute(agent_path) if agent_path else Path(os.path.abspath(sys.executable)).parent / "metal-agent"
     if not os.access(agent, os.X_OK):
@@ -224,7 +224,7 @@ def _launch_settings(settings, run_args: list[str], agent_path: Path | None, log
 def _write_job(plist: Path, launch) -> None:
     """Our job, same label, in place of the Go agent's plist."""
     from metal_agent.cli.install import _write_atomically
-    from metal_agent.launchd import render_plist
+    from metal_agent.core.launchd import render_plist
 
     Path(launch.log_dir).mkdir(parents=True, exist_ok=True)  # launchd opens the log before exec
     _write_atomically(plist, render_plist(launch))
