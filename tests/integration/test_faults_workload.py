@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -99,11 +100,15 @@ async def test_a_spec_change_to_a_model_that_must_download_keeps_serving_until_i
         assert ready["status"] == "True" and "previous spec" in ready["message"]
         assert (await mac.cluster.status("moving"))["phase"] == "Ready"
         assert await mac.ready_pid(agent, "moving") == pids["moving"]  # still the same process, still serving
+        # The prober must have looked while the new model downloads (and, below, after the
+        # respawn), whatever the machine's load lets it sample: it vouches for both states.
+        await probe.wait_sampled(since=time.monotonic())
 
         gate.set()
         new = await wait_for(lambda: mac.ready_pid(agent, "moving", other_than=pids["moving"]), timeout=60,
                              what="the respawn on the downloaded model", on_timeout=agent.process.tail)
         await mac.wait_converged(agent, ["moving", "bystander"])
+        await probe.wait_sampled(since=time.monotonic())
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert Path(served_model(new)).is_relative_to(mac.workdir / "models")  # the downloaded file, not the old one
     assert (await mac.pids(agent))["bystander"] == pids["bystander"]
