@@ -22,7 +22,8 @@ from metal_agent import __version__
 from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.app.config import (AgentConfig, ControllerSettings, DownloadSettings, EngineSettings, FleetConfig,
                                     HttpSettings, KubeSettings, MemorySettings, PowerSettings, RegistrationSettings)
-from metal_agent.core.go_flags import GoFlagError, describe_ignored, normalize_run_argv
+from metal_agent.core.go_flags import describe_ignored, normalize_run_argv
+from metal_agent.core.go_values import GoFlagError
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
 from metal_agent.cli.spec_policy_flags import allow_extra_arg_option, allowed_model_roots_option, build_policy
 from metal_agent.core.names import is_dns1123_label
