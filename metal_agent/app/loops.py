@@ -18,7 +18,8 @@ import psutil
 import structlog
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
+from metal_agent.adapters.powermetrics import PowerSampler
+from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.app.readiness import HeartbeatHealth
 from metal_agent.metrics import AgentMetrics, service_labels

@@ -34,7 +34,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from metal_agent.adapters import llama_binary
-from metal_agent.adapters.powermetrics import check_sudo_grant
+from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.cli.agent_client import fetch_services
 from metal_agent.cli.status import AgentUnreachable
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
