@@ -22,7 +22,8 @@ from structlog.testing import capture_logs
 from metal_agent.adapters.downloads import TokenUnavailable, resolve_source
 from metal_agent.adapters.model_cache import CachePaths
 from metal_agent.core.api import SecretRef
-from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady, read_gguf_header
+from metal_agent.adapters.local_models import read_gguf_header
+from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.core.api import Model, ModelSource, ModelSpec, ObjectMeta, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.status import Blocker
