@@ -54,14 +54,11 @@ from metal_agent.adapters.downloads import (
     DEFAULT_BACKOFF,
     DEFAULT_MAX_FAILURES,
     DEFAULT_TIMEOUT,
-    HF_ENDPOINT,
     REASON_FAILED,
     Download,
     DownloadError,
     TokenProvider,
     TokenUnavailable,
-    redact,
-    resolve_source,
 )
 from metal_agent.adapters import egress_http
 from metal_agent.adapters.estimates import ESTIMATE_TIMEOUT, EstimateInputs
@@ -77,6 +74,7 @@ from metal_agent.core.engine_name import EngineName
 from metal_agent.core.engines import engine_for_model
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader
+from metal_agent.core.model_urls import HF_ENDPOINT, redact, resolve_source
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker

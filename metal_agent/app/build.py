@@ -31,7 +31,6 @@ from prometheus_client import CollectorRegistry
 
 from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
-from metal_agent.adapters.downloads import HF_ENDPOINT
 from metal_agent.adapters.host_address import AddressWatcher, detect_host_ip
 from metal_agent.adapters.host_facts import read_host_facts, register_host_info
 from metal_agent.adapters.kube.client import api_client
@@ -60,6 +59,7 @@ from metal_agent.core.claim import Allowlist
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import policy as egress_policy
 from metal_agent.core.engine_name import EngineName
+from metal_agent.core.model_urls import HF_ENDPOINT
 from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.host_info import HostFacts
 from metal_agent.core.launch import LaunchSettings
