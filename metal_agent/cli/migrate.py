@@ -120,6 +120,33 @@ def migrate(
                               model_dir=_absolute(model_dir) if model_dir else None, **overrides)
     model_dir = _absolute(settings.model_dir)
 
+    run_args = _translate(plist, job, settings, model_dir)
+    state = _absolute(state_dir) if state_dir else mac.state
+    launch = None if run_args_file is not None else _launch_settings(
+        settings, run_args, agent_path, _absolute(log_dir) if log_dir else mac.logs, state)
+    try:
+        plan = _plan(m, job, settings, model_dir, context, skip_models)
+    except m.MigrationError as err:
+        typer.echo(f"error: {err}\nnothing was changed", err=True)
+        raise typer.Exit(EXIT_NOTHING_DONE) from None
+    if dry_run:
+        _say("dry run: nothing was changed")
+        return
+
+    _adopt(m, plan)
+    state.mkdir(parents=True, exist_ok=True)
+    backup = state / "llmkube-go-agent.plist"
+    backup.write_bytes(plist.read_bytes())
+    _say(f"the Go agent's job is kept in {backup}")
+
+    if run_args_file is not None:
+        run_args_file.write_text("".join(f"{a}\n" for a in run_args))
+        return
+    _write_job(plist, launch)
+
+
+def _translate(plist: Path, job, settings, model_dir: Path) -> list[str]:
+    """The `metal-agent run` arguments the Go job becomes, printed with what is ignored and why."""
     _say(f"LLMKube's Go agent job {plist} (label {LABEL}, kept):")
     _say(f"  {shlex.join(job.program)}")
     run_args = [*settings.run_args, f"--model-dir={model_dir}"]
@@ -136,19 +163,11 @@ def migrate(
         _say(f"ignored (metal-agent has no use for them): {describe_ignored(settings.ignored)}")
     for note in settings.notes:
         _say(f"note: {note}")
+    return run_args
 
-    state = _absolute(state_dir) if state_dir else mac.state
-    launch = None if run_args_file is not None else _launch_settings(
-        settings, run_args, agent_path, _absolute(log_dir) if log_dir else mac.logs, state)
-    try:
-        plan = _plan(m, job, settings, model_dir, context, skip_models)
-    except m.MigrationError as err:
-        typer.echo(f"error: {err}\nnothing was changed", err=True)
-        raise typer.Exit(EXIT_NOTHING_DONE) from None
-    if dry_run:
-        _say("dry run: nothing was changed")
-        return
 
+def _adopt(m, plan) -> None:
+    """Every planned adoption, or none past the first failure (exit, the job left unchanged)."""
     for adoption in plan.adoptions:
         try:
             m.adopt(adoption)
@@ -160,15 +179,6 @@ def migrate(
     if done:
         _say(f"adopted {len(done)} model file(s): {done.count('link')} hard-linked, {done.count('move')} moved, "
              f"{done.count('present')} already in place")
-    state.mkdir(parents=True, exist_ok=True)
-    backup = state / "llmkube-go-agent.plist"
-    backup.write_bytes(plist.read_bytes())
-    _say(f"the Go agent's job is kept in {backup}")
-
-    if run_args_file is not None:
-        run_args_file.write_text("".join(f"{a}\n" for a in run_args))
-        return
-    _write_job(plist, launch)
 
 
 def _plan(m, job, settings, model_dir: Path, context: str | None, skip_models: bool):

@@ -217,6 +217,16 @@ def _agent_config(ctx: typer.Context) -> AgentConfig:
     )
 
 
+def _say_ignored_go_flags(ctx: typer.Context) -> None:
+    """Once, at start: the Go agent's flags this run was given and ignores (they stay in its plist)."""
+    if ignored := ctx.meta.get(GO_IGNORED):
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "ignoring flags of LLMKube's Go agent: " + describe_ignored(ignored),
+            flags=sorted({item.flag for item in ignored}))
+
+
 def run(
     ctx: typer.Context,
     kubeconfig: Optional[Path] = typer.Option(None, envvar=["METAL_AGENT_KUBECONFIG", "KUBECONFIG"], help="Kubeconfig file (default: ~/.kube/config)."),
@@ -285,12 +295,7 @@ def run(
         configure_logging(log_level, log_format)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--log-level")
-    if ignored := ctx.meta.get(GO_IGNORED):
-        import structlog
-
-        structlog.get_logger(__name__).warning(
-            "ignoring flags of LLMKube's Go agent: " + describe_ignored(ignored),
-            flags=sorted({item.flag for item in ignored}))
+    _say_ignored_go_flags(ctx)
     cfg = _agent_config(ctx)
     try:
         asyncio.run(_with_io_threads(run_agent(cfg)))
