@@ -88,13 +88,6 @@ async def power(sampler: PowerSampler, interval_ms: int) -> None:
     await sampler.run()
 
 
-async def until_ready(ready: Callable[[], bool], poll: float = 0.2) -> None:
-    """Until a gate without an Event of its own says it is ready (the fleet's Leases read and
-    ours renewed); a static allowlist is ready at once and is never polled."""
-    while not ready():
-        await asyncio.sleep(poll)
-
-
 async def cleanup_until_done(sweep: Callable[[], Awaitable[None]]) -> None:
     """The start-up sweep; API trouble is retried with back-off, cleanup is never given up."""
     failures = 0
