@@ -22,7 +22,6 @@ import asyncio
 import functools
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import aiohttp
 import structlog
@@ -260,23 +259,13 @@ def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tup
     return watchdog, guard, state
 
 
-def _fleet_settings(cfg: AgentConfig) -> SimpleNamespace:
-    """`fleet.wiring.settings_from` reads the flat names of before; this is their one translation."""
-    f = cfg.fleet
-    return SimpleNamespace(
-        member_name=f.member_name, fleet_namespace=f.namespace, labels=f.labels, lease_duration=f.lease_duration,
-        lease_renew_interval=f.lease_renew_interval, fleet_bid_step=f.bid_step, memory_fraction=cfg.memory.fraction,
-        default_runtime=cfg.engines.default_runtime, policy=cfg.controller.policy, allowlist=cfg.controller.allowlist,
-        namespaces=cfg.kube.namespaces, resync_period=cfg.kube.resync_period)
-
-
 def _fleet(cfg: AgentConfig, api: client.ApiClient, host: Host, src: _Sources, guard: MemoryGuard,
            address: HostAddress):
     from metal_agent.fleet.wiring import build_fleet
 
     facts = host.facts
     return build_fleet(
-        _fleet_settings(cfg), api, host=facts.host, chip=facts.chip, total_ram=facts.memory_bytes,
+        cfg, api, host=facts.host, chip=facts.chip, total_ram=facts.memory_bytes,
         version=__version__, isvcs=src.isvcs, models=src.models, memory=guard, model_files=src.model_files,
         events=src.events,
         on_key=src.queue.add, process_ready=functools.partial(_process_ready, src.processes),
