@@ -293,17 +293,17 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     address = HostAddress(bind=host.bind, registered=host.host_ip if cfg.registration.register else None)
     fleet = _fleet(cfg, api, host, src, guard, address) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
-    allowlist = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
+    gate = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
     publisher = Publisher(registrar, address, src.events)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
-                              allowlist=allowlist, status_mode=StatusMode(cfg.controller.status_mode))
+                              gate=gate, status_mode=StatusMode(cfg.controller.status_mode))
     launch = _launch(cfg, host)
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
-        wake=src.intake.wake, managed=managed, pressure=state, allowlist=allowlist)
+        wake=src.intake.wake, managed=managed, pressure=state, gate=gate)
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
-                  default_engine=launch.default_engine, policy=launch.policy, allowlist=allowlist)
+                  default_engine=launch.default_engine, policy=launch.policy, gate=gate)
     heartbeats = HeartbeatHealth()
     readiness = Readiness()
     readiness.add("api", ApiReachable((src.isvcs, src.models), heartbeats, lambda: len(src.processes.supervisors)))
