@@ -93,7 +93,7 @@ if [[ ! -x "$agent" ]]; then
   exit 1
 fi
 
-# 2. The job definition, rendered by the agent itself (metal_agent/launchd.py).
+# 2. The job definition, rendered by the agent itself (metal_agent/core/launchd.py).
 mkdir -p "$log_dir" "$state_dir" "$agents_dir"  # launchd opens the log and chdirs before exec
 render=("$agent" render-plist --agent-path "$agent" --log-dir "$log_dir" --state-dir "$state_dir" --mode "$mode")
 if [[ "$mode" == daemon ]]; then

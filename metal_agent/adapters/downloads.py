@@ -46,9 +46,8 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
@@ -65,21 +64,21 @@ from metal_agent.adapters.model_cache import (
     inspect_cached,
 )
 from metal_agent.adapters.egress_http import Refused, open_followed
-from metal_agent.core.api import ModelSource, SecretRef, SourceKind
+from metal_agent.core.api import SecretRef
 from metal_agent.core.backoff import Backoff
+from metal_agent.core.download_progress import Progress
 from metal_agent.core.download_limits import REASON_DISK, REASON_TOO_LARGE, DownloadLimits, Refusal
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy
+from metal_agent.core.model_urls import redact
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
 
-HF_ENDPOINT = "https://huggingface.co"
 READ_CHUNK = 1 << 20
 WRITE_BATCH = 4 << 20  # hand the writer thread this much at a time
 DEFAULT_BACKOFF = Backoff(initial=2.0, factor=2.0, cap=60.0)
 DEFAULT_MAX_FAILURES = 5
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
-RATE_WINDOW_S = 1.0
 
 REASON_FAILED = "ModelDownloadFailed"
 REASON_CHECKSUM = "ModelChecksumMismatch"
@@ -108,43 +107,6 @@ class TokenUnavailable(Exception):
 TokenProvider = Callable[[str, SecretRef], Awaitable[str | None]]
 
 
-# -- where things go --------------------------------------------------------------
-
-
-def resolve_source(source: ModelSource, hf_endpoint: str = HF_ENDPOINT) -> str | Blocker:
-    """The HTTPS URL to fetch for an `http(s)://` or `hf://` source.
-
-    `hf://org/repo/path/file.gguf` → `<endpoint>/org/repo/resolve/main/path/file.gguf`;
-    a revision goes on the repository: `hf://org/repo@v1.0/file.gguf` (branch,
-    tag or commit; a revision containing "/" must be percent-encoded).
-    """
-    if source.kind is SourceKind.HTTP:
-        return source.raw
-    if source.kind is not SourceKind.HUGGINGFACE:
-        return Blocker("ModelSourceUnsupported", f"{source.kind.value} sources are not downloaded")
-    rest = source.raw.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
-    parts = [p for p in rest.split("/") if p]
-    if len(parts) < 3:
-        return Blocker("ModelSourceInvalid",
-                       f"source {source.raw!r} names a repository, not a file; use hf://org/repo/path/model.gguf")
-    org, repo, path = parts[0], parts[1], parts[2:]
-    revision = "main"
-    if "@" in repo:
-        repo, revision = repo.split("@", 1)
-        if not repo or not revision:
-            return Blocker("ModelSourceInvalid", f"source {source.raw!r}: write a revision as hf://org/repo@revision/file")
-    return f"{hf_endpoint.rstrip('/')}/{org}/{repo}/resolve/{quote(revision, safe='%')}/{'/'.join(path)}"
-
-
-def redact(url: str) -> str:
-    """The URL for logs and messages: no user-info, no query (signed URLs carry credentials there)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
 # -- results and errors -----------------------------------------------------------
 
 
@@ -163,63 +125,6 @@ class DownloadError(Exception):
         self.reason = reason
         self.progressed = progressed
         self.integrity = integrity
-
-
-# -- progress -----------------------------------------------------------------------
-
-
-def human_size(n: float, unit_of: float | None = None) -> str:
-    ref = n if unit_of is None else unit_of
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if ref >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-@dataclass
-class Progress:
-    """What a download is doing, for `ModelPending.message` and the byte gauges."""
-
-    phase: str = "starting"  # starting, checking, hashing, connecting, downloading, retrying
-    done: int = 0
-    total: int | None = None
-    rate: float = 0.0  # bytes/s, smoothed
-    error: str | None = None
-    attempt: int = 0
-    retry_in: float | None = None
-    _mark: tuple[float, int] = field(default=(0.0, 0), repr=False)
-
-    def advance(self, done: int, now: float) -> None:
-        t0, d0 = self._mark
-        self.done = done
-        if not t0:
-            self._mark = (now, done)
-        elif now - t0 >= RATE_WINDOW_S:
-            current = (done - d0) / (now - t0)
-            self.rate = current if not self.rate else 0.5 * self.rate + 0.5 * current
-            self._mark = (now, done)
-
-    def reset_rate(self) -> None:
-        self.rate, self._mark = 0.0, (0.0, 0)
-
-    def amount(self) -> str:
-        if self.total:
-            unit = human_size(self.total)
-            return f"{human_size(self.done, self.total).split()[0]}/{unit}"
-        return human_size(self.done)
-
-    def message(self, where: str) -> str:
-        if self.phase == "checking":
-            return "checking the cached model file"
-        if self.phase == "hashing":
-            return f"verifying the {human_size(self.done)} already downloaded before resuming"
-        if self.phase == "retrying":
-            return (f"download from {where} failed (attempt {self.attempt}): {self.error}; "
-                    f"retrying in {self.retry_in:.0f} s, {self.amount()} kept")
-        if self.phase == "downloading":
-            rate = f" at {human_size(self.rate)}/s" if self.rate else ""
-            return f"downloading {self.amount()}{rate} from {where}"
-        return f"connecting to {where}"
 
 
 async def _in_thread(fn, *args):

@@ -30,7 +30,7 @@ _ROUTE_PROBE = ("192.0.2.1", 9)
 
 # Where the `tailscale` CLI lives when it is not on PATH: the macOS app
 # (standalone and App Store builds) carries it inside its bundle. launchd's
-# PATH (see metal_agent.launchd) holds Homebrew's prefixes for `brew install tailscale`.
+# PATH (see metal_agent.core.launchd) holds Homebrew's prefixes for `brew install tailscale`.
 TAILSCALE_APP_CLI = "/Applications/Tailscale.app/Contents/MacOS/Tailscale"
 TAILSCALE_TIMEOUT_S = 5.0
 _AUTO = "auto"

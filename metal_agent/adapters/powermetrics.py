@@ -45,19 +45,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
-import re
 import signal
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from metal_agent.adapters.power_gauges import PowerGauges
+from metal_agent.adapters.stream_lines import collect_tail, read_lines
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.powermetrics import PowerParser, PowerSample
 from metal_agent.core.sudoers import (
@@ -79,20 +77,15 @@ __all__ = [
     "PowerGauges",
     "PowerSampler",
     "PowerSamplerSettings",
-    "SudoGrant",
-    "check_sudo_grant",
 ]
 
 log = structlog.get_logger(__name__)
 
 _READ_CHUNK = 64 * 1024
-# A powermetrics line is a few KB at most; a megabyte means garbage, not data.
-_MAX_LINE = 1024 * 1024
 _STDERR_TAIL_LINES = 20
 # Longest wait for a run to end once its pipes are closed (and a signal tried).
 _END_GRACE_CAP_S = 5.0
 _KILL_GRACE_S = 1.0
-_SUDO_CHECK_TIMEOUT_S = 15.0
 # Abandoned runs still alive before the sampler stops starting new ones.
 MAX_ABANDONED = 3
 # Restart quickly at first, but never wait more than a minute: while the
@@ -363,7 +356,7 @@ class PowerSampler:
             transports.append(out_transport)
             stderr, err_transport = await _open_reader(err_r)
             transports.append(err_transport)
-            tasks.append(asyncio.create_task(_collect_tail(stderr, tail)))
+            tasks.append(asyncio.create_task(collect_tail(stderr, tail)))
             consume = asyncio.create_task(self._consume(stdout))
             tasks.append(consume)
             await self._until_done_or_hung(consume)
@@ -438,7 +431,7 @@ class PowerSampler:
     async def _consume(self, stdout: asyncio.StreamReader) -> int:
         parser = PowerParser()
         count = 0
-        async for line in _lines(stdout):
+        async for line in read_lines(stdout):
             for sample in parser.feed(line):
                 count += 1
                 self._publish(sample, first=count == 1)
@@ -494,130 +487,3 @@ class PowerSampler:
             hint=_hint(outcome),
             **fields,
         )
-
-
-async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
-    """Split a byte stream into text lines without StreamReader's 64 KiB line limit.
-
-    A line longer than ``_MAX_LINE`` is dropped whole (it cannot be data we
-    read) rather than ending the stream.
-    """
-    buf = bytearray()
-    skipping = False
-    while chunk := await stream.read(_READ_CHUNK):
-        buf += chunk
-        start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
-            if not skipping:
-                yield buf[start:end].decode("utf-8", errors="replace")
-            skipping = False
-            start = end + 1
-        del buf[:start]
-        if len(buf) > _MAX_LINE:
-            if not skipping:
-                log.warning("dropping an over-long powermetrics line", limit_bytes=_MAX_LINE)
-            buf.clear()
-            skipping = True
-    if buf and not skipping:
-        yield buf.decode("utf-8", errors="replace")
-
-
-async def _collect_tail(stream: asyncio.StreamReader, tail: deque[str]) -> None:
-    async for line in _lines(stream):
-        if line.strip():
-            tail.append(line.rstrip())
-
-
-@dataclass(frozen=True, slots=True)
-class SudoGrant:
-    """Whether sudo lets a user run the sampler's exact powermetrics command.
-
-    ``status`` is ``granted``; ``stale`` (a powermetrics grant exists but for
-    other arguments: another interval, or the command of an older metal-agent
-    without the pinned sample count); ``missing``; or ``unavailable`` (sudo
-    could not be asked). ``fix`` says what to run.
-    """
-
-    status: Literal["granted", "stale", "missing", "unavailable"]
-    user: str
-    command: str
-    detail: str
-    fix: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "granted"
-
-
-async def check_sudo_grant(interval_ms: int, *, user: str | None = None) -> SudoGrant:
-    """Ask sudo (``sudo -n -l <command>``) whether the grant for ``interval_ms`` is in place.
-
-    With ``user``, root checks another user's grant (``sudo -l -U user``), e.g.
-    right after installing it; by default the current user is checked.
-    """
-    target = ["-U", user] if user else []
-    who = user or pwd.getpwuid(os.geteuid()).pw_name
-    command = powermetrics_argv(interval_ms)
-    shown = " ".join(command)
-    fix = (
-        f"run `make install-powermetrics-sudo INTERVAL_MS={interval_ms}` in the metal-agent checkout "
-        f"(or review the fragment first: `metal-agent render-sudoers --user {who} --interval-ms {interval_ms}`)"
-    )
-    try:
-        rc, out, err = await _run_quiet([SUDO_PATH, "-n", "-l", *target, *command])
-        if rc == 0:
-            return SudoGrant("granted", who, shown, out.strip() or shown, None)
-        rc_list, listing, _ = await _run_quiet([SUDO_PATH, "-n", "-l", *target])
-    except (OSError, TimeoutError) as exc:
-        return SudoGrant("unavailable", who, shown, f"could not ask {SUDO_PATH}: {exc!r}", fix)
-    others = [ln for ln in _sudo_list_entries(listing) if POWERMETRICS_PATH in ln] if rc_list == 0 else []
-    legacy = " ".join(legacy_powermetrics_argv(interval_ms))
-    if any(_grants_exactly(entry, legacy) for entry in others):
-        detail = (
-            f"{who}'s grant is for `{legacy}`, the command of an older metal-agent (before the sample count "
-            f"was pinned); this metal-agent runs `{shown}`"
-        )
-        refresh = (
-            f"re-run `make install-powermetrics-sudo INTERVAL_MS={interval_ms}` in the metal-agent checkout "
-            "(needed once after upgrading: the pinned command gained `-n`)"
-        )
-        return SudoGrant("stale", who, shown, detail, refresh)
-    if others:
-        detail = f"{who} may run powermetrics only as: {'; '.join(others)}; the agent needs `{shown}`"
-        return SudoGrant("stale", who, shown, detail, fix)
-    reason = err.strip() or f"sudo -l exited {rc}"
-    return SudoGrant("missing", who, shown, f"{who} may not run `{shown}` without a password ({reason})", fix)
-
-
-def _grants_exactly(entry: str, command: str) -> bool:
-    """Whether a ``sudo -l`` entry lists ``command`` as a whole command (not as a prefix of a longer one)."""
-    return re.search(r"(?:^|[:,]\s*)" + re.escape(command) + r"\s*(?:,|$)", entry) is not None
-
-
-def _sudo_list_entries(listing: str) -> list[str]:
-    """Entries of ``sudo -l`` output, re-joining the lines sudo wraps at 80 columns."""
-    entries: list[str] = []
-    for line in listing.splitlines():
-        if line.startswith("        ") and entries:  # continuation of a wrapped entry
-            entries[-1] += " " + line.strip()
-        elif line.strip():
-            entries.append(line.strip())
-    return [e.replace("\\,", ",") for e in entries]
-
-
-async def _run_quiet(argv: list[str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LC_ALL": "C"},
-    )
-    try:
-        out, err = await within(proc.communicate(), _SUDO_CHECK_TIMEOUT_S)
-    finally:
-        if proc.returncode is None:  # timed out or cancelled: end it if we may, never raise over it
-            if _signal(proc, signal.SIGKILL):
-                await _exited_within(proc, _KILL_GRACE_S)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

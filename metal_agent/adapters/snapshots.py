@@ -46,16 +46,15 @@ from metal_agent.adapters.downloads import (
     REASON_LENGTH,
     Download,
     DownloadError,
-    Progress,
     _http_error,
-    human_size,
-    redact,
 )
 from metal_agent.adapters.egress_http import Refused, open_followed
 from metal_agent.adapters.model_cache import CachePaths, Verified, read_json, write_json
 from metal_agent.core.api import ModelSource
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.download_limits import REASON_DISK, DownloadLimits
+from metal_agent.core.download_progress import Progress, human_size
+from metal_agent.core.model_urls import redact
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy
 from metal_agent.core.status import Blocker
 

@@ -22,7 +22,6 @@ import asyncio
 import functools
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import aiohttp
 import structlog
@@ -31,7 +30,6 @@ from prometheus_client import CollectorRegistry
 
 from metal_agent import __version__
 from metal_agent.adapters import host_cpu, llama_binary
-from metal_agent.adapters.downloads import HF_ENDPOINT
 from metal_agent.adapters.host_address import AddressWatcher, detect_host_ip
 from metal_agent.adapters.host_facts import read_host_facts, register_host_info
 from metal_agent.adapters.kube.client import api_client
@@ -63,6 +61,7 @@ from metal_agent.core.claim import Allowlist
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import policy as egress_policy
 from metal_agent.core.engine_name import EngineName
+from metal_agent.core.model_urls import HF_ENDPOINT
 from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.host_info import HostFacts
 from metal_agent.core.launch import LaunchSettings
@@ -287,23 +286,13 @@ def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tup
     return watchdog, guard, state
 
 
-def _fleet_settings(cfg: AgentConfig) -> SimpleNamespace:
-    """`fleet.wiring.settings_from` reads the flat names of before; this is their one translation."""
-    f = cfg.fleet
-    return SimpleNamespace(
-        member_name=f.member_name, fleet_namespace=f.namespace, labels=f.labels, lease_duration=f.lease_duration,
-        lease_renew_interval=f.lease_renew_interval, fleet_bid_step=f.bid_step, memory_fraction=cfg.memory.fraction,
-        default_runtime=cfg.engines.default_runtime, policy=cfg.controller.policy, allowlist=cfg.controller.allowlist,
-        namespaces=cfg.kube.namespaces, resync_period=cfg.kube.resync_period)
-
-
 def _fleet(cfg: AgentConfig, api: client.ApiClient, host: Host, src: _Sources, guard: MemoryGuard,
            address: HostAddress):
     from metal_agent.fleet.wiring import build_fleet
 
     facts = host.facts
     return build_fleet(
-        _fleet_settings(cfg), api, host=facts.host, chip=facts.chip, total_ram=facts.memory_bytes,
+        cfg, api, host=facts.host, chip=facts.chip, total_ram=facts.memory_bytes,
         version=__version__, isvcs=src.isvcs, models=src.models, memory=guard, model_files=src.model_files,
         events=src.events,
         on_key=src.queue.add, process_ready=functools.partial(_process_ready, src.processes),
@@ -337,17 +326,17 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
                             dirty=src.table_dirty) if src.access is not None else None
     fleet = _fleet(cfg, api, host, src, guard, address) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
-    allowlist = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
+    gate = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
     publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
-                              allowlist=allowlist, status_mode=StatusMode(cfg.controller.status_mode))
+                              gate=gate, status_mode=StatusMode(cfg.controller.status_mode))
     launch = _launch(cfg, host)
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
-        wake=src.intake.wake, managed=managed, pressure=state, allowlist=allowlist)
+        wake=src.intake.wake, managed=managed, pressure=state, gate=gate)
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
-                  default_engine=launch.default_engine, policy=launch.policy, allowlist=allowlist)
+                  default_engine=launch.default_engine, policy=launch.policy, gate=gate)
     heartbeats = HeartbeatHealth()
     readiness = Readiness()
     readiness.add("api", ApiReachable((src.isvcs, src.models), heartbeats, lambda: len(src.processes.supervisors)))

@@ -99,7 +99,7 @@ class DownloadSettings:
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """Fleet mode (metal_agent/fleet.py): several Macs place services among themselves with Leases."""
+    """Fleet mode (metal_agent/fleet/): several Macs place services among themselves with Leases."""
 
     enabled: bool = False
     namespace: str = "metal-agent"

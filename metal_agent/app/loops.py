@@ -18,7 +18,8 @@ import psutil
 import structlog
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
+from metal_agent.adapters.powermetrics import PowerSampler
+from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.app.readiness import HeartbeatHealth
 from metal_agent.metrics import AgentMetrics, service_labels
@@ -85,13 +86,6 @@ async def power(sampler: PowerSampler, interval_ms: int) -> None:
         log.error("powermetrics sudo grant is not usable; power gauges stay at 0 until it is",
                   status=grant.status, detail=grant.detail, fix=grant.fix)
     await sampler.run()
-
-
-async def until_ready(ready: Callable[[], bool], poll: float = 0.2) -> None:
-    """Until a gate without an Event of its own says it is ready (the fleet's Leases read and
-    ours renewed); a static allowlist is ready at once and is never polled."""
-    while not ready():
-        await asyncio.sleep(poll)
 
 
 async def cleanup_until_done(sweep: Callable[[], Awaitable[None]]) -> None:

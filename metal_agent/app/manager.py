@@ -103,7 +103,7 @@ class Manager:
         a = self.agent
         await a.isvcs.synced.wait()
         await a.models.synced.wait()
-        await loops.until_ready(a.reconciler.allowlist.ready)  # fleet: until the Leases are read and ours renewed
+        await a.reconciler.gate.wait_ready()  # fleet: until the Leases are read and ours renewed
 
     async def start_controller(self) -> None:
         """Once synced: reconcile every service and every process once, then sweep."""

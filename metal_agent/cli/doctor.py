@@ -38,7 +38,8 @@ def doctor(
 
     Exits 1 when any check fails. Mac-only checks are skipped elsewhere.
     """
-    from metal_agent.cli.doctor_checks import Status, format_result, run_checks
+    from metal_agent.cli.doctor_base import Status, format_result
+    from metal_agent.cli.doctor_checks import run_checks
 
     namespaces = tuple(n for item in namespace or () for n in item.split(",") if n)
     results = asyncio.run(run_checks(

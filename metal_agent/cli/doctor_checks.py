@@ -6,10 +6,11 @@ in a fixed order. Checks that only make sense on a Mac (Apple Silicon,
 Metal, launchd, the powermetrics grant) are *skipped* elsewhere, never
 failed: developers run the agent on Linux against a CPU llama-server.
 
-Every external command runs through `asyncio.create_subprocess_exec` (no
-shell) with a timeout: a hung `system_profiler` must not hang the doctor.
+The checks of this Mac and its install live here; the cluster's in
+`cli.doctor_cluster`, the MLX engine's in `cli.doctor_mlx`, and what they
+all return (and `run_command`: no shell, a timeout) in `cli.doctor_base`.
 
-This module imports the Kubernetes client and the agent's adapters, so it is
+This module imports (through those) the Kubernetes client and the agent's adapters, so it is
 kept apart from the command (`metal_agent.cli.doctor`), which imports it only
 when the doctor actually runs: `metal-agent --help` must not pay for it.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
 import platform
 import plistlib
@@ -30,26 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Sequence
 
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from metal_agent.adapters import llama_binary
-from metal_agent.adapters.powermetrics import check_sudo_grant
+from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.cli.agent_client import fetch_services
+from metal_agent.cli.doctor_base import CheckResult, fail, is_mac, not_mac, ok, run_command, skip
+from metal_agent.cli.doctor_cluster import cluster_checks
+from metal_agent.cli.doctor_mlx import check_mlx_server
 from metal_agent.cli.status import AgentUnreachable
-from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
-from metal_agent.core.claim import evaluate, wanted_model
-from metal_agent.core.permissions import AGENT_PERMISSIONS, FLEET_PERMISSIONS, Permission
-from metal_agent.core.result import NotOurs
-from metal_agent.core.status_owner import StatusMode, decide, shows_controller
-from metal_agent.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
+from metal_agent.core.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
 from metal_agent.paths import HOMEBREW_BIN_DIRS, find_llama_server
-from metal_agent.tasks import within
 
 __all__ = [
-    "CheckResult", "Status", "check_agent", "check_apple_silicon", "check_crds", "check_kube", "check_launchd",
-    "check_llama_server", "check_memory", "check_metal", "check_permissions", "check_sudo", "cluster_checks",
-    "format_result", "memory_result", "run_checks",
+    "check_agent", "check_apple_silicon", "check_launchd", "check_llama_server", "check_memory", "check_metal",
+    "check_sudo", "memory_result", "run_checks",
     "check_firewall", "check_metal_device", "parse_app_blocked", "parse_global_state", "parse_list_devices",
 ]
 
@@ -59,72 +52,10 @@ SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
 LIST_DEVICES_TIMEOUT_S = 60.0
 SYSCTL = "/usr/sbin/sysctl"
 SYSTEM_PROFILER = "/usr/sbin/system_profiler"
-COMMAND_TIMEOUT_S = 10.0
 SYSTEM_PROFILER_TIMEOUT_S = 30.0  # it enumerates displays and GPUs; slow on a busy machine
-API_TIMEOUT_S = 10.0
 GiB = 1024**3
 # Smallest useful quantized model plus its KV cache: less free than this and nothing will load.
 MIN_MODEL_BYTES = 2 * GiB
-RBAC_FIX = (
-    "kubectl apply -f manifests/rbac/metal-agent.yaml (from the metal-agent checkout) and make sure the "
-    "kubeconfig's identity is bound to it (ServiceAccount metal-agent/metal-agent or user metal-agent)"
-)
-
-
-class Status(enum.Enum):
-    OK = "✓"
-    FAIL = "✗"
-    SKIP = "–"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    status: Status
-    detail: str
-    fix: str | None = None
-
-
-def ok(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, Status.OK, detail)
-
-
-def fail(name: str, detail: str, fix: str) -> CheckResult:
-    return CheckResult(name, Status.FAIL, detail, fix)
-
-
-def skip(name: str, detail: str) -> CheckResult:
-    return CheckResult(name, Status.SKIP, detail)
-
-
-def _is_mac(system: str | None) -> bool:
-    return (system or platform.system()) == "Darwin"
-
-
-def _not_mac(name: str, system: str | None) -> CheckResult:
-    return skip(name, f"only on macOS (this is {system or platform.system()})")
-
-
-async def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT_S, **how) -> tuple[int, str]:
-    """Exit status and stdout+stderr of a command; kills it on timeout (TimeoutError).
-
-    `how` goes to `create_subprocess_exec` (env, cwd, user, start_new_session); the
-    environment defaults to ours with `LC_ALL=C`, so output is parsed in one language.
-    """
-    how.setdefault("env", {**os.environ, "LC_ALL": "C"})
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        **how,
-    )
-    try:
-        out, _ = await within(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise TimeoutError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace")
 
 
 # --- the Mac itself ----------------------------------------------------------
@@ -132,11 +63,11 @@ async def _run(argv: Sequence[str], timeout: float = COMMAND_TIMEOUT_S, **how) -
 
 async def check_apple_silicon(system: str | None = None) -> CheckResult:
     name = "Apple Silicon"
-    if not _is_mac(system):
-        return _not_mac(name, system)
+    if not is_mac(system):
+        return not_mac(name, system)
     try:
-        rc, arm64 = await _run([SYSCTL, "-n", "hw.optional.arm64"])
-        _, brand = await _run([SYSCTL, "-n", "machdep.cpu.brand_string"])
+        rc, arm64 = await run_command([SYSCTL, "-n", "hw.optional.arm64"])
+        _, brand = await run_command([SYSCTL, "-n", "machdep.cpu.brand_string"])
     except (OSError, TimeoutError) as exc:
         return fail(name, f"cannot ask sysctl: {exc}", "run the doctor on the Mac itself, as a normal user")
     if rc != 0 or arm64.strip() != "1":
@@ -150,10 +81,10 @@ async def check_apple_silicon(system: str | None = None) -> CheckResult:
 
 async def check_metal(system: str | None = None) -> CheckResult:
     name = "Metal"
-    if not _is_mac(system):
-        return _not_mac(name, system)
+    if not is_mac(system):
+        return not_mac(name, system)
     try:
-        _, out = await _run([SYSTEM_PROFILER, "SPDisplaysDataType"], SYSTEM_PROFILER_TIMEOUT_S)
+        _, out = await run_command([SYSTEM_PROFILER, "SPDisplaysDataType"], SYSTEM_PROFILER_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         return fail(name, f"cannot run system_profiler: {exc}", "run `system_profiler SPDisplaysDataType` by hand")
     lines = [ln.strip() for ln in out.splitlines() if "Metal" in ln]
@@ -206,189 +137,13 @@ async def check_llama_server(explicit: str | None) -> CheckResult:
     return ok(name, f"{info.path} (version {info.version})")
 
 
-# --- the cluster -----------------------------------------------------------------
-
-
-async def _load_api(kubeconfig: str | None, context: str | None) -> client.ApiClient:
-    configuration = client.Configuration()
-    # persist_config=False: a doctor must not rewrite the user's kubeconfig (token refresh).
-    await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration,
-                                  persist_config=False)
-    return client.ApiClient(configuration)
-
-
-async def check_kube(api: client.ApiClient) -> CheckResult:
-    name = "Kubernetes API"
-    host = api.configuration.host
-    try:
-        info = await client.VersionApi(api).get_code(_request_timeout=API_TIMEOUT_S)
-    except ApiException as exc:
-        return fail(name, f"{host} answered {exc.status} {exc.reason}",
-                    "the kubeconfig's credentials are not accepted: renew the token or certificate")
-    except Exception as exc:  # noqa: BLE001 - connection, TLS and timeout errors all mean "no answer"
-        return fail(name, f"no answer from {host}: {type(exc).__name__}: {exc}",
-                    "check the server address in the kubeconfig (--kubeconfig, --context) and that this Mac "
-                    "can reach it (VPN, firewall)")
-    return ok(name, f"{host} answers (Kubernetes {info.git_version})")
-
-
-async def check_crds(api: client.ApiClient) -> CheckResult:
-    """Asked through discovery, which every authenticated identity may read.
-
-    Reading the CustomResourceDefinition objects themselves would need
-    apiextensions access the least-privilege agent role does not have, and
-    discovery answers the real question: does the server serve the version
-    the agent speaks.
-    """
-    name = "CRDs"
-    group_version = f"{GROUP}/{VERSION}"
-    fix = f"install LLMKube, or this checkout's CRDs: kubectl apply -k manifests/ (serves {group_version})"
-    try:
-        listing = await client.CustomObjectsApi(api).get_api_resources(GROUP, VERSION, _request_timeout=API_TIMEOUT_S)
-    except ApiException as exc:
-        if exc.status == 404:
-            return fail(name, f"the API server does not serve {group_version}", fix)
-        return fail(name, f"discovery of {group_version} failed: {exc.status} {exc.reason}", fix)
-    except Exception as exc:  # noqa: BLE001
-        return fail(name, f"discovery of {group_version} failed: {type(exc).__name__}: {exc}", fix)
-    served = {r.name for r in listing.resources or ()}
-    missing = [p for p in (MODEL_PLURAL, ISVC_PLURAL) if p not in served]
-    if missing:
-        return fail(name, f"{group_version} does not serve {', '.join(missing)}", fix)
-    return ok(name, f"{MODEL_PLURAL}.{GROUP} and {ISVC_PLURAL}.{GROUP} served at {VERSION}")
-
-
-async def _allowed(api: client.ApiClient, perm: Permission, namespace: str) -> bool:
-    review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
-        resource_attributes=client.V1ResourceAttributes(
-            verb=perm.verb, group=perm.group, resource=perm.resource, subresource=perm.subresource or None,
-            namespace=namespace or None,
-        )
-    ))
-    answer = await client.AuthorizationV1Api(api).create_self_subject_access_review(
-        review, _request_timeout=API_TIMEOUT_S)
-    return bool(answer.status.allowed)
-
-
-async def check_permissions(api: client.ApiClient, namespaces: Sequence[str] = (),
-                            fleet_namespace: str | None = None) -> CheckResult:
-    """A SelfSubjectAccessReview per entry of the agent's permission table: the authorizer's own answer.
-
-    The table (`metal_agent.core.permissions`) is the one the code and the
-    RBAC manifest are held to, so the doctor checks exactly what the agent
-    will do. Without --namespace the agent watches every namespace, so each
-    permission is asked cluster-wide (an empty namespace means all). A
-    denial names the permission and what the agent needs it for.
-    """
-    name = "Permissions"
-    scopes = list(namespaces) or [""]
-    asks = [(perm, ns) for ns in scopes for perm in AGENT_PERMISSIONS]
-    if fleet_namespace:  # run --fleet: the Leases, in their one namespace (the Role metal-agent-fleet)
-        asks += [(perm, fleet_namespace) for perm in FLEET_PERMISSIONS]
-    limit = asyncio.Semaphore(8)
-
-    async def ask(perm: Permission, ns: str) -> bool:
-        async with limit:
-            return await _allowed(api, perm, ns)
-
-    try:
-        answers = await asyncio.gather(*(ask(p, ns) for p, ns in asks))
-    except ApiException as exc:
-        return fail(name, f"SelfSubjectAccessReview failed: {exc.status} {exc.reason}", RBAC_FIX)
-    except Exception as exc:  # noqa: BLE001
-        return fail(name, f"SelfSubjectAccessReview failed: {type(exc).__name__}: {exc}", RBAC_FIX)
-    denied = [f"{p}" + (f" in {ns}" if ns else "") + f" ({p.why})"
-              for (p, ns), allowed in zip(asks, answers) if not allowed]
-    where = ", ".join(namespaces) if namespaces else "all namespaces"
-    if denied:
-        return fail(name, f"denied ({where}): {'; '.join(denied)}", RBAC_FIX)
-    if fleet_namespace:
-        where += f"; fleet Leases in {fleet_namespace}"
-    count = len(AGENT_PERMISSIONS) + (len(FLEET_PERMISSIONS) if fleet_namespace else 0)
-    return ok(name, f"all {count} permissions granted ({where})")
-
-
-async def _list(api: client.ApiClient, plural: str, namespaces: Sequence[str]) -> list[dict]:
-    custom = client.CustomObjectsApi(api)
-    if not namespaces:
-        return (await custom.list_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=API_TIMEOUT_S))["items"]
-    items: list[dict] = []
-    for ns in namespaces:
-        items += (await custom.list_namespaced_custom_object(GROUP, VERSION, ns, plural,
-                                                             _request_timeout=API_TIMEOUT_S))["items"]
-    return items
-
-
-def ownership_result(isvcs: list[dict], models: list[dict]) -> CheckResult:
-    """What `--status-mode auto` decides for the Metal services the cluster holds, and why."""
-    name = "Status ownership"
-    by_key = {f"{m['metadata'].get('namespace')}/{m['metadata'].get('name')}": m for m in models}
-
-    def model_of(isvc: dict) -> dict | None:
-        ref = wanted_model(isvc)
-        return by_key.get(f"{ref[0]}/{ref[1]}") if ref else None
-
-    ours = [i for i in isvcs if not isinstance(evaluate(i, model_of(i)), NotOurs)]
-    seen = any(shows_controller(i, None) for i in isvcs) or any(shows_controller(None, m) for m in models)
-    if not ours:
-        why = "LLMKube's controller is at work here" if seen else "no LLMKube controller seen"
-        return ok(name, f"no Metal InferenceService yet ({why}); --status-mode auto decides per service")
-    owners = [decide(StatusMode.AUTO, i, model_of(i), controller_seen=seen) for i in ours]
-    shared = [o for o in owners if o.shared]
-    if shared:
-        detail = (f"shared with LLMKube's controller for {len(shared)} of {len(ours)} Metal service(s) "
-                  f"({shared[0].why}): the agent writes only its own fields")
-    else:
-        detail = f"full for {len(ours)} Metal service(s): no LLMKube controller writes status (CRDs only)"
-    return ok(name, detail + "; force with `metal-agent run --status-mode full|shared`")
-
-
-async def check_status_ownership(api: client.ApiClient, namespaces: Sequence[str] = ()) -> CheckResult:
-    try:
-        isvcs, models = await asyncio.gather(_list(api, ISVC_PLURAL, namespaces), _list(api, MODEL_PLURAL, namespaces))
-    except Exception as exc:  # noqa: BLE001 - the permission check names what is missing
-        return skip("Status ownership", f"cannot list InferenceServices and Models: {type(exc).__name__}")
-    return ownership_result(isvcs, models)
-
-
-def _kubeconfig_files(kubeconfig: str | None) -> list[str]:
-    """The files the client would read: the flag, else $KUBECONFIG (a path list), else ~/.kube/config."""
-    value = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-    return [os.path.expanduser(p) for p in value.split(os.pathsep) if p]
-
-
-async def cluster_checks(kubeconfig: str | None, context: str | None, namespaces: Sequence[str],
-                         fleet_namespace: str | None = None) -> list[CheckResult]:
-    """API, CRDs and permissions; the last two are skipped when the API does not answer."""
-    needs_api = [skip("CRDs", "needs the Kubernetes API"), skip("Permissions", "needs the Kubernetes API"),
-                 skip("Status ownership", "needs the Kubernetes API")]
-    load_fix = "pass --kubeconfig FILE (and --context NAME) for the metal-agent identity"
-    files = _kubeconfig_files(kubeconfig)
-    if not any(os.path.isfile(f) for f in files):
-        return [fail("Kubernetes API", f"no kubeconfig file at {os.pathsep.join(files)}", load_fix), *needs_api]
-    try:
-        api = await _load_api(kubeconfig, context)
-    except Exception as exc:  # noqa: BLE001 - bad YAML, unknown context, exec plugin failure
-        return [fail("Kubernetes API", f"cannot load {os.pathsep.join(files)}: {type(exc).__name__}: {exc}",
-                     load_fix), *needs_api]
-    try:
-        api_result = await check_kube(api)
-        if api_result.status is not Status.OK:
-            return [api_result, *needs_api]
-        crds, perms, owner = await asyncio.gather(check_crds(api), check_permissions(api, namespaces, fleet_namespace),
-                                                  check_status_ownership(api, namespaces))
-        return [api_result, crds, perms, owner]
-    finally:
-        await api.close()
-
-
 # --- this install ----------------------------------------------------------------
 
 
 async def check_sudo(interval_ms: int, system: str | None = None) -> CheckResult:
     name = "powermetrics grant"
-    if not _is_mac(system):
-        return _not_mac(name, system)
+    if not is_mac(system):
+        return not_mac(name, system)
     grant = await check_sudo_grant(interval_ms)
     if grant.ok:
         return ok(name, f"{grant.user} may run `{grant.command}`")
@@ -429,15 +184,15 @@ async def check_launchd(system: str | None = None, launchctl: str = LAUNCHCTL, h
     llama-servers, a failure; a plist that is not loaded says why in its mode.
     """
     name = "launchd job"
-    if not _is_mac(system):
-        return _not_mac(name, system)
+    if not is_mac(system):
+        return not_mac(name, system)
     home = home or Path.home()
     uid = os.getuid()
     fix = "run `make install-metal-agent` in the metal-agent checkout (MODE=daemon on a headless Mac)"
     agent_file, daemon_file = _job_file(Mode.AGENT, home, daemons_dir), _job_file(Mode.DAEMON, home, daemons_dir)
 
     async def loaded(mode: Mode) -> tuple[bool, str]:
-        rc, out = await _run([launchctl, "print", service_target(mode, uid)])
+        rc, out = await run_command([launchctl, "print", service_target(mode, uid)])
         fields = dict(re.findall(r"^\s*(state|pid|last exit code) = (.+)$", out, re.MULTILINE))
         return rc == 0, ", ".join(f"{k} {v.strip()}" for k, v in fields.items())
 
@@ -573,8 +328,8 @@ async def check_metal_device(explicit: str | None, system: str | None = None, ho
     and would serve every model on the CPU.
     """
     name = "llama-server Metal device"
-    if not _is_mac(system):
-        return _not_mac(name, system)
+    if not is_mac(system):
+        return not_mac(name, system)
     ctx = agent_context(explicit, home, daemons_dir)
     fix = ("install an Apple Silicon build of llama.cpp with Metal (`brew install llama.cpp` with Homebrew in "
            "/opt/homebrew, not an x86_64 Homebrew under Rosetta), or pass the agent --llama-server PATH")
@@ -584,7 +339,7 @@ async def check_metal_device(explicit: str | None, system: str | None = None, ho
     if ctx.user and os.geteuid() == 0 and ctx.user != "root":
         kwargs["user"] = ctx.user
     try:
-        code, text = await _run([ctx.llama_server, "--list-devices"], timeout, env=ctx.env, cwd=ctx.cwd,
+        code, text = await run_command([ctx.llama_server, "--list-devices"], timeout, env=ctx.env, cwd=ctx.cwd,
                              start_new_session=True, **kwargs)
     except TimeoutError:  # before OSError, whose subclass it is
         return fail(name, f"`{ctx.llama_server} --list-devices` did not finish within {timeout:.0f}s",
@@ -636,12 +391,12 @@ async def check_firewall(explicit: str | None, system: str | None = None, socket
     traffic is never filtered, so only this check tells.
     """
     name = "Application Firewall"
-    if not _is_mac(system):
-        return _not_mac(name, system)
+    if not is_mac(system):
+        return not_mac(name, system)
     if not os.access(socketfilterfw, os.X_OK):
         return skip(name, f"{socketfilterfw} not found")
     try:
-        _, out = await _run([socketfilterfw, "--getglobalstate"])
+        _, out = await run_command([socketfilterfw, "--getglobalstate"])
     except (OSError, TimeoutError) as exc:
         return skip(name, f"cannot run socketfilterfw: {exc}")
     state = parse_global_state(out)
@@ -661,7 +416,7 @@ async def check_firewall(explicit: str | None, system: str | None = None, socket
     allow = (f"sudo {tool} --add {binary} && sudo {tool} --unblockapp {binary}   "
              "(again after every `brew upgrade llama.cpp`: each version is a new path)")
     try:
-        _, out = await _run([socketfilterfw, "--getappblocked", real])
+        _, out = await run_command([socketfilterfw, "--getappblocked", real])
     except (OSError, TimeoutError) as exc:
         return fail(name, f"on; cannot ask about {real}: {exc}", allow)
     verdict = parse_app_blocked(out)
@@ -689,7 +444,7 @@ async def run_checks(
         check_metal(system),
         check_memory(),
         check_llama_server(llama_server),
-        _check_mlx_server(mlx_server),
+        check_mlx_server(mlx_server),
         cluster_checks(kubeconfig, context, namespaces, fleet_namespace),
         check_sudo(power_interval_ms, system),
         check_launchd(system),
@@ -702,18 +457,4 @@ async def run_checks(
         results.extend(item if isinstance(item, list) else [item])
     return results
 
-
-async def _check_mlx_server(explicit: str | None) -> CheckResult:
-    from metal_agent.cli.doctor_mlx import check_mlx_server  # its own module: it imports this one
-
-    return await check_mlx_server(explicit)
-
-
-def format_result(result: CheckResult) -> str:
-    line = f"{result.status.value} {result.name}: {result.detail}"
-    if result.status is Status.SKIP:
-        line = f"{result.status.value} {result.name}: skipped, {result.detail}"
-    if result.fix and result.status is Status.FAIL:
-        line += f"\n    fix: {result.fix}"
-    return line
 

@@ -10,7 +10,7 @@ Homebrew, PATH.
 from __future__ import annotations
 
 from metal_agent.adapters import mlx_binary
-from metal_agent.cli.doctor_checks import CheckResult, fail, ok, skip
+from metal_agent.cli.doctor_base import CheckResult, fail, ok, skip
 
 NAME = "mlx_lm.server"
 FIX = ("pip install mlx-lm into the agent's venv (`<venv>/bin/pip install mlx-lm`), or pass --mlx-server PATH;"

@@ -2,7 +2,7 @@
 
 ``scripts/install-metal-agent.sh`` renders the launchd plist (a LaunchAgent,
 or with ``--mode daemon`` a LaunchDaemon that runs as the installing user)
-through ``render-plist`` (so the plist is built in one place, `metal_agent.launchd`,
+through ``render-plist`` (so the plist is built in one place, `metal_agent.core.launchd`,
 never by shell string pasting), and ``scripts/uninstall-metal-agent.sh``
 with ``STOP_MODELS=1`` calls ``stop-all``. Both are also usable by hand:
 ``render-plist`` shows exactly what would be installed.
@@ -24,8 +24,8 @@ from typing import Annotated
 
 import typer
 
-from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError, Mode
-from metal_agent.launchd import render_plist as _render_plist
+from metal_agent.core.launchd import LaunchAgentSettings, LaunchdConfigError, Mode
+from metal_agent.core.launchd import render_plist as _render_plist
 from metal_agent.paths import default_paths
 
 __all__ = ["render_plist", "stop_all"]

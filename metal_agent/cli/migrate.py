@@ -1,7 +1,7 @@
 """`metal-agent migrate`: take over from LLMKube's Go Metal Agent, its launchd job and its models.
 
 Reads the Go agent's plist, translates its arguments (`core.go_flags`),
-adopts the models in its store into ours (`metal_agent.migration`: hard
+adopts the models in its store into ours (`metal_agent.adapters.go_migration`: hard
 links, or a move across filesystems, never a download), and writes our job
 under the same label in its place. `scripts/install-metal-agent.sh` uses
 `--run-args-file` instead: it takes the translated arguments and renders the
@@ -25,7 +25,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from metal_agent.launchd import LABEL, PLIST_NAME
+from metal_agent.core.launchd import LABEL, PLIST_NAME
 from metal_agent.paths import default_paths
 
 EXIT_NOTHING_DONE = 1
@@ -100,7 +100,7 @@ def migrate(
     plist; reload it with launchctl (or run `make install-metal-agent`,
     which does all of this).
     """
-    from metal_agent import migration as m
+    from metal_agent.adapters import go_migration as m
 
     mac = default_paths(platform="darwin")
     plist = _absolute(plist) if plist else Path.home() / "Library" / "LaunchAgents" / PLIST_NAME
@@ -120,6 +120,33 @@ def migrate(
                               model_dir=_absolute(model_dir) if model_dir else None, **overrides)
     model_dir = _absolute(settings.model_dir)
 
+    run_args = _translate(plist, job, settings, model_dir)
+    state = _absolute(state_dir) if state_dir else mac.state
+    launch = None if run_args_file is not None else _launch_settings(
+        settings, run_args, agent_path, _absolute(log_dir) if log_dir else mac.logs, state)
+    try:
+        plan = _plan(m, job, settings, model_dir, context, skip_models)
+    except m.MigrationError as err:
+        typer.echo(f"error: {err}\nnothing was changed", err=True)
+        raise typer.Exit(EXIT_NOTHING_DONE) from None
+    if dry_run:
+        _say("dry run: nothing was changed")
+        return
+
+    _adopt(m, plan)
+    state.mkdir(parents=True, exist_ok=True)
+    backup = state / "llmkube-go-agent.plist"
+    backup.write_bytes(plist.read_bytes())
+    _say(f"the Go agent's job is kept in {backup}")
+
+    if run_args_file is not None:
+        run_args_file.write_text("".join(f"{a}\n" for a in run_args))
+        return
+    _write_job(plist, launch)
+
+
+def _translate(plist: Path, job, settings, model_dir: Path) -> list[str]:
+    """The `metal-agent run` arguments the Go job becomes, printed with what is ignored and why."""
     _say(f"LLMKube's Go agent job {plist} (label {LABEL}, kept):")
     _say(f"  {shlex.join(job.program)}")
     run_args = [*settings.run_args, f"--model-dir={model_dir}"]
@@ -136,19 +163,11 @@ def migrate(
         _say(f"ignored (metal-agent has no use for them): {describe_ignored(settings.ignored)}")
     for note in settings.notes:
         _say(f"note: {note}")
+    return run_args
 
-    state = _absolute(state_dir) if state_dir else mac.state
-    launch = None if run_args_file is not None else _launch_settings(
-        settings, run_args, agent_path, _absolute(log_dir) if log_dir else mac.logs, state)
-    try:
-        plan = _plan(m, job, settings, model_dir, context, skip_models)
-    except m.MigrationError as err:
-        typer.echo(f"error: {err}\nnothing was changed", err=True)
-        raise typer.Exit(EXIT_NOTHING_DONE) from None
-    if dry_run:
-        _say("dry run: nothing was changed")
-        return
 
+def _adopt(m, plan) -> None:
+    """Every planned adoption, or none past the first failure (exit, the job left unchanged)."""
     for adoption in plan.adoptions:
         try:
             m.adopt(adoption)
@@ -160,15 +179,6 @@ def migrate(
     if done:
         _say(f"adopted {len(done)} model file(s): {done.count('link')} hard-linked, {done.count('move')} moved, "
              f"{done.count('present')} already in place")
-    state.mkdir(parents=True, exist_ok=True)
-    backup = state / "llmkube-go-agent.plist"
-    backup.write_bytes(plist.read_bytes())
-    _say(f"the Go agent's job is kept in {backup}")
-
-    if run_args_file is not None:
-        run_args_file.write_text("".join(f"{a}\n" for a in run_args))
-        return
-    _write_job(plist, launch)
 
 
 def _plan(m, job, settings, model_dir: Path, context: str | None, skip_models: bool):
@@ -203,7 +213,7 @@ def _plan(m, job, settings, model_dir: Path, context: str | None, skip_models: b
 
 def _launch_settings(settings, run_args: list[str], agent_path: Path | None, log_dir: Path, state: Path):
     """Our job's settings, checked before anything is changed."""
-    from metal_agent.launchd import LaunchAgentSettings, LaunchdConfigError
+    from metal_agent.core.launchd import LaunchAgentSettings, LaunchdConfigError
 
     agent = _absolute(agent_path) if agent_path else Path(os.path.abspath(sys.executable)).parent / "metal-agent"
     if not os.access(agent, os.X_OK):
@@ -224,7 +234,7 @@ def _launch_settings(settings, run_args: list[str], agent_path: Path | None, log
 def _write_job(plist: Path, launch) -> None:
     """Our job, same label, in place of the Go agent's plist."""
     from metal_agent.cli.install import _write_atomically
-    from metal_agent.launchd import render_plist
+    from metal_agent.core.launchd import render_plist
 
     Path(launch.log_dir).mkdir(parents=True, exist_ok=True)  # launchd opens the log before exec
     _write_atomically(plist, render_plist(launch))

@@ -125,7 +125,7 @@ def serve(
     import asyncio
 
     from metal_agent.logging_setup import configure_logging
-    from metal_agent.power_service import serve_power
+    from metal_agent.app.power import serve_power
 
     try:
         configure_logging(log_level, log_format)

@@ -32,6 +32,8 @@ from metal_agent.core.engines import engine_for
 from metal_agent.core.flags import Dialect
 from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.result import Invalid, NotOurs, Parsed
+from metal_agent.core.spec_policy import SpecPolicy
+from metal_agent.core.workload import Workload
 
 API_GROUP = "inference.llmkube.dev/"
 EXIT_INVALID = 2
@@ -94,6 +96,30 @@ def render(
     from metal_agent.adapters.host_cpu import performance_core_count
 
     paths = [*(model or []), *(isvc or []), *(file or [])]
+    workload, policy = _accepted(paths, default_runtime, allow_extra_arg, allowed_model_roots, model_dir)
+
+    engine_name = EngineName(default_runtime)
+    engine = engine_for(workload, engine_name)
+    llama, mlx, dialect = llama_server or "llama-server", (), Dialect()
+    if engine.name is EngineName.MLX_LM:
+        from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server
+
+        found = find_mlx_server(mlx_server)
+        mlx = exec_form(found) if found else ("python3", "mlx_lm.server")
+    else:
+        dialect = _probe_dialect(llama_server)
+    settings = LaunchSettings(
+        llama_server=llama, mlx_server=mlx, host=host, mlock=mlock, dialect=dialect,
+        threads=threads if threads is not None else asyncio.run(performance_core_count()),
+        default_engine=engine_name, policy=policy,
+    )
+    instance = Instance(model_path or placeholder_model_path(workload.model.spec.source), port)
+    typer.echo(json.dumps(list(engine.argv(workload, settings, instance))))
+
+
+def _accepted(paths: list[Path], default_runtime: str, allow_extra_arg: List[str], allowed_model_roots: List[str],
+              model_dir: Optional[Path]) -> tuple[Workload, SpecPolicy]:
+    """The Workload the manifests describe, held to the policy the agent would apply; exits saying why not."""
     if not paths:
         _fail(["give the manifests with --model and --isvc, or -f"])
     try:
@@ -118,25 +144,7 @@ def render(
     if isinstance(outcome, Invalid):
         _fail([_described(error) for error in outcome.errors])
     assert isinstance(outcome, Parsed)
-    workload = outcome.value
-
-    engine_name = EngineName(default_runtime)
-    engine = engine_for(workload, engine_name)
-    llama, mlx, dialect = llama_server or "llama-server", (), Dialect()
-    if engine.name is EngineName.MLX_LM:
-        from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server
-
-        found = find_mlx_server(mlx_server)
-        mlx = exec_form(found) if found else ("python3", "mlx_lm.server")
-    else:
-        dialect = _probe_dialect(llama_server)
-    settings = LaunchSettings(
-        llama_server=llama, mlx_server=mlx, host=host, mlock=mlock, dialect=dialect,
-        threads=threads if threads is not None else asyncio.run(performance_core_count()),
-        default_engine=engine_name, policy=policy,
-    )
-    instance = Instance(model_path or placeholder_model_path(workload.model.spec.source), port)
-    typer.echo(json.dumps(list(engine.argv(workload, settings, instance))))
+    return outcome.value, policy
 
 
 def placeholder_model_path(source: ModelSource) -> str:

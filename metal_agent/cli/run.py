@@ -23,7 +23,8 @@ from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.app.config import (AgentConfig, ControllerSettings, DownloadSettings, EngineSettings, FleetConfig,
                                     FrontDoorSettings,
                                     HttpSettings, KubeSettings, MemorySettings, PowerSettings, RegistrationSettings)
-from metal_agent.core.go_flags import GoFlagError, describe_ignored, normalize_run_argv
+from metal_agent.core.go_flags import describe_ignored, normalize_run_argv
+from metal_agent.core.go_values import GoFlagError
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
 from metal_agent.cli.spec_policy_flags import allow_extra_arg_option, allowed_model_roots_option, build_policy
 from metal_agent.core.names import is_dns1123_label
@@ -241,6 +242,16 @@ def _agent_config(ctx: typer.Context) -> AgentConfig:
     )
 
 
+def _say_ignored_go_flags(ctx: typer.Context) -> None:
+    """Once, at start: the Go agent's flags this run was given and ignores (they stay in its plist)."""
+    if ignored := ctx.meta.get(GO_IGNORED):
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "ignoring flags of LLMKube's Go agent: " + describe_ignored(ignored),
+            flags=sorted({item.flag for item in ignored}))
+
+
 def run(
     ctx: typer.Context,
     kubeconfig: Optional[Path] = typer.Option(None, envvar=["METAL_AGENT_KUBECONFIG", "KUBECONFIG"], help="Kubeconfig file (default: ~/.kube/config)."),
@@ -316,12 +327,7 @@ def run(
         configure_logging(log_level, log_format)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--log-level")
-    if ignored := ctx.meta.get(GO_IGNORED):
-        import structlog
-
-        structlog.get_logger(__name__).warning(
-            "ignoring flags of LLMKube's Go agent: " + describe_ignored(ignored),
-            flags=sorted({item.flag for item in ignored}))
+    _say_ignored_go_flags(ctx)
     cfg = _agent_config(ctx)
     try:
         asyncio.run(_with_io_threads(run_agent(cfg)))

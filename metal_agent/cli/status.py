@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
-from metal_agent.launchd import LABEL
+from metal_agent.core.launchd import LABEL
 from metal_agent.paths import default_paths
 
 __all__ = ["AgentUnreachable", "format_bytes", "format_duration", "format_table", "logs",

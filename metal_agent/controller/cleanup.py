@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 class Sweep:
     def __init__(self, *, isvcs: Informer, models: Informer, processes: ProcessManager, publisher: Publisher,
                  managed: Mapping[str, object], default_engine: str, policy: SpecPolicy,
-                 allowlist: Gate = EVERY_SERVICE) -> None:
+                 gate: Gate = EVERY_SERVICE) -> None:
         """`managed`: the reconciler's table of the services it started (a refused spec's
         process keeps serving only if this agent started it)."""
         self.isvcs = isvcs
@@ -44,7 +44,7 @@ class Sweep:
         self.managed = managed
         self.default_engine = default_engine
         self.policy = policy
-        self.allowlist = allowlist
+        self.gate = gate
 
     def _verdict(self, key: str):
         raw = self.isvcs.get(key)
@@ -52,7 +52,7 @@ class Sweep:
             return None, None, None
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        return evaluate(raw, model_raw, self.allowlist, self.default_engine, policy=self.policy), ref, model_raw
+        return evaluate(raw, model_raw, self.gate, self.default_engine, policy=self.policy), ref, model_raw
 
     def wanted(self, key: str) -> bool:
         """Should a process serve `key`? The one rule for start-up cleanup and run time.
@@ -83,8 +83,8 @@ class Sweep:
         Services/EndpointSlices (and legacy Endpoints) left for services we no longer serve."""
         await self.processes.stop_unwanted_adoptable(self.wanted)
         removed = await self.publisher.cleanup(
-            namespaces, lambda ns, name: self.ours(f"{ns}/{name}") or not self.allowlist.admits(ns, name),
-            lambda ns, name: self.wanted(f"{ns}/{name}") or not self.allowlist.admits(ns, name))
+            namespaces, lambda ns, name: self.ours(f"{ns}/{name}") or not self.gate.admits(ns, name),
+            lambda ns, name: self.wanted(f"{ns}/{name}") or not self.gate.admits(ns, name))
         if removed:
             log.info("removed leftover registrations", count=removed)
 

@@ -31,6 +31,9 @@ class Gate(Protocol):
     def ready(self) -> bool:
         """Whether the answers above can be trusted yet (a fleet: Leases read, ours renewed)."""
 
+    async def wait_ready(self) -> None:
+        """Until `ready()` is true, woken by what makes it so (start-up waits on it, never polls)."""
+
     def speaks_for(self, key: str) -> bool:
         """Whether this Mac writes the status of `key` ("namespace/name")."""
 
@@ -55,6 +58,9 @@ class StaticGate:
 
     def ready(self) -> bool:
         return True
+
+    async def wait_ready(self) -> None:
+        return None
 
     def speaks_for(self, key: str) -> bool:
         return True

@@ -91,13 +91,13 @@ class Reconciler:
         wake: Callable[[Iterable[str]], None],
         managed: dict[str, Managed] | None = None,
         pressure: MemoryState | None = None,
-        allowlist: Gate = EVERY_SERVICE,
+        gate: Gate = EVERY_SERVICE,
     ) -> None:
         """`managed`: the table of running services the pressure responder also reads;
         `pressure`: what memory pressure means for each service (the responder writes it);
         `wake(keys)`: reconcile those keys again (memory freed by a stop); `publisher.address`
         is where engines bind."""
-        self.allowlist = allowlist  # services off the list are another Mac's: not ours, and their objects stay
+        self.gate = gate  # services it refuses are another Mac's (or off the allowlist): not ours, their objects stay
         self.isvcs = isvcs
         self.models = models
         self.processes = processes
@@ -119,7 +119,7 @@ class Reconciler:
     @property
     def synced(self) -> bool:
         # A fleet gate is ready once it knows which replicas this Mac holds.
-        return self.isvcs.synced.is_set() and self.models.synced.is_set() and self.allowlist.ready()
+        return self.isvcs.synced.is_set() and self.models.synced.is_set() and self.gate.ready()
 
     async def reconcile(self, key: str) -> Result:
         if not self.synced:
@@ -131,7 +131,7 @@ class Reconciler:
             return await self._deleted(key)
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        verdict = evaluate(raw, model_raw, self.allowlist, self.launch.default_engine, self._draft_raw(raw),
+        verdict = evaluate(raw, model_raw, self.gate, self.launch.default_engine, self._draft_raw(raw),
                            self.launch.policy)
         if not isinstance(verdict, NotOurs | Invalid) and (refused := self._source_refusals(verdict.value, model_raw)):
             verdict = Invalid(refused)
@@ -273,7 +273,7 @@ class Reconciler:
         """Not (or no longer) a service this Mac serves: stop what runs, unless only its Model
         vanished (a deleted Model is not an outage), and speak for an unplaced fleet service."""
         managed = self.managed.get(key)
-        if (unplaced := self.allowlist.unplaced(key)) and managed is None and self.processes.get(key) is None:
+        if (unplaced := self.gate.unplaced(key)) and managed is None and self.processes.get(key) is None:
             # Fleet: no Mac can take it, and this one speaks for it (metal_agent/fleet/gate.py).
             await self._write_status(key, raw, True, blocker=unplaced, scheduling=(unplaced.reason, unplaced.message))
             return DONE

@@ -40,12 +40,12 @@ log = structlog.get_logger(__name__)
 
 class StatusReporter:
     def __init__(self, *, models: Informer, status: StatusWriter, events: EventRecorder, metrics: AgentMetrics,
-                 allowlist: Gate, status_mode: StatusMode = StatusMode.AUTO) -> None:
+                 gate: Gate, status_mode: StatusMode = StatusMode.AUTO) -> None:
         self.models = models
         self.status = status
         self.events = events
         self.metrics = metrics
-        self.allowlist = allowlist
+        self.gate = gate
         self.status_mode = status_mode
         self.controller_seen = False  # some object showed LLMKube's controller writing status
         self._applied: dict[str, dict] = {}  # our last applied status intent, per key
@@ -64,7 +64,7 @@ class StatusReporter:
         scheduling: tuple[str, str] | None = None, rollout: Blocker | None = None,
     ) -> None:
         """Apply what is true of `key` now. `serving`: its process is ready and registered."""
-        if not self.allowlist.speaks_for(key):
+        if not self.gate.speaks_for(key):
             self._applied.pop(key, None)  # when it is our turn again, the status may be another Mac's
             return  # fleet: another Mac serving this service writes its status
         ref = wanted_model(raw)
@@ -93,7 +93,7 @@ class StatusReporter:
             model_not_accepted=Blocker(*not_ready) if not_ready else None,
             gpu_layers=gpu_layers,
             shared=owner.shared,
-            **dict(zip(("placement", "ready_elsewhere"), self.allowlist.placement(key))),
+            **dict(zip(("placement", "ready_elsewhere"), self.gate.placement(key))),
         )
         cleared = owner.shared and scheduling is None and await self._clear_stale_scheduling(key, raw, serving)
         last = self._applied.get(key)

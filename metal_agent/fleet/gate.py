@@ -46,6 +46,9 @@ class FleetGate:
     def ready(self) -> bool:
         return self.membership.ready()
 
+    async def wait_ready(self) -> None:
+        await self.membership.wait_ready()
+
     def refusal(self, namespace: str, name: str) -> str | None:
         if why := self.allowlist.refusal(namespace, name):
             return why

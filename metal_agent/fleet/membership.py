@@ -111,6 +111,7 @@ class Membership:
         self.replicas: dict[str, Replica] = {}  # by Lease name
         self.liveness = Liveness()
         self.last_renewed: float | None = None
+        self.renewed = asyncio.Event()  # set at the first renewal that succeeds, never cleared
         self.renew_failures = 0  # in a row
         self.renewals = {"ok": 0, "failed": 0}  # since start, for /metrics
         self._own_rv: str | None = None
@@ -121,6 +122,12 @@ class Membership:
     def ready(self) -> bool:
         """The Leases are read and ours renewed: until then we know nothing of what we hold."""
         return self.synced.is_set() and self.last_renewed is not None
+
+    async def wait_ready(self) -> None:
+        """Until `ready()`: woken by the lease watch's first list and our first renewal, not polled."""
+        while not self.ready():
+            await self.synced.wait()
+            await self.renewed.wait()
 
     def fenced(self, now: float | None = None) -> bool:
         if self.last_renewed is None:
@@ -231,6 +238,7 @@ class Membership:
         self.renew_failures = 0
         self.renewals["ok"] += 1
         self.last_renewed = started
+        self.renewed.set()
 
     async def _reread_replicas(self) -> bool:
         """Back after a fence: our watch may still show replicas that moved while we were

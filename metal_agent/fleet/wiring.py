@@ -1,8 +1,8 @@
 """Composition of fleet mode (`run --fleet`): labels, settings, and the parts built in dependency order.
 
-Kept out of agent.py so that the single-Mac agent stays as it was: without
-`--fleet` none of this is built, no Lease is read or written, and the agent
-makes exactly the calls it made before.
+Built by the composition root (`app.build`) only for `run --fleet`, so the
+single-Mac agent stays as it was: without `--fleet` none of this is built, no
+Lease is read or written, and the agent makes exactly the calls it made before.
 """
 
 from __future__ import annotations
@@ -114,13 +114,20 @@ def assemble(settings: FleetSettings, *, leases: LeasePort, synced: asyncio.Even
 
 
 def settings_from(cfg, *, host: str, chip: str, total_ram: int) -> FleetSettings:
-    """The fleet's settings from the agent's configuration and this Mac's facts."""
-    name = cfg.member_name or member_name(host)
+    """The fleet's settings from the agent's nested configuration and this Mac's facts.
+
+    `cfg` is an `app.config.AgentConfig`, read but not imported (the fleet ranks below the
+    app): its `fleet` group, and the memory share, default engine, spec policy and watched
+    namespaces the reconciler is given too, so the fleet judges a service as the reconciler will.
+    """
+    fleet = cfg.fleet
+    name = fleet.member_name or member_name(host)
     return FleetSettings(
-        member=name, namespace=cfg.fleet_namespace, labels=member_labels(name, chip, total_ram, dict(cfg.labels)),
-        lease_duration=cfg.lease_duration, renew_interval=cfg.lease_renew_interval, bid_step=cfg.fleet_bid_step,
-        host=host, chip=chip, total_ram=total_ram, agent_fraction=cfg.memory_fraction,
-        default_engine=cfg.default_runtime, policy=cfg.policy or SpecPolicy(), namespaces=tuple(cfg.namespaces or ()) or None,
+        member=name, namespace=fleet.namespace, labels=member_labels(name, chip, total_ram, dict(fleet.labels)),
+        lease_duration=fleet.lease_duration, renew_interval=fleet.lease_renew_interval, bid_step=fleet.bid_step,
+        host=host, chip=chip, total_ram=total_ram, agent_fraction=cfg.memory.fraction,
+        default_engine=cfg.engines.default_runtime, policy=cfg.controller.policy or SpecPolicy(),
+        namespaces=tuple(cfg.kube.namespaces or ()) or None,
     )
 
 
@@ -137,12 +144,12 @@ def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str,
         return FleetRegistrar(api, agent_version=version, member=settings.member, holds=gate.serves,
                               exists=lambda key: isvcs.get(key) is not None, address=address, **registrar_kwargs)
 
-    parts = assemble(settings, leases=LeaseClient(api, cfg.fleet_namespace, timeout=max(1.0, cfg.lease_renew_interval)),
-                     synced=synced, isvcs=isvcs, models=models, allowlist=Allowlist(cfg.allowlist), memory=memory,
-                     model_files=model_files, events=events, version=version, state_dir=state_dir, on_key=on_key,
+    leases = LeaseClient(api, settings.namespace, timeout=max(1.0, settings.renew_interval))
+    parts = assemble(settings, leases=leases, synced=synced, isvcs=isvcs, models=models,
+                     allowlist=Allowlist(cfg.controller.allowlist), memory=memory, model_files=model_files, events=events, version=version, state_dir=state_dir, on_key=on_key,
                      process_ready=process_ready, waiting=waiting, registrar=registrar)
     if registry is not None:
         registry.register(FleetCollector(parts.membership))
     informer = Informer(api, CustomResource(*COORDINATION), parts.gate.on_lease_change,
-                        namespaces=(cfg.fleet_namespace,), resync_period=cfg.resync_period, synced=synced)
+                        namespaces=(settings.namespace,), resync_period=cfg.kube.resync_period, synced=synced)
     return replace(parts, watch=informer)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -99,11 +100,15 @@ async def test_a_spec_change_to_a_model_that_must_download_keeps_serving_until_i
         assert ready["status"] == "True" and "previous spec" in ready["message"]
         assert (await mac.cluster.status("moving"))["phase"] == "Ready"
         assert await mac.ready_pid(agent, "moving") == pids["moving"]  # still the same process, still serving
+        # The prober must have looked while the new model downloads (and, below, after the
+        # respawn), whatever the machine's load lets it sample: it vouches for both states.
+        await probe.wait_sampled(since=time.monotonic())
 
         gate.set()
         new = await wait_for(lambda: mac.ready_pid(agent, "moving", other_than=pids["moving"]), timeout=60,
                              what="the respawn on the downloaded model", on_timeout=agent.process.tail)
         await mac.wait_converged(agent, ["moving", "bystander"])
+        await probe.wait_sampled(since=time.monotonic())
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert Path(served_model(new)).is_relative_to(mac.workdir / "models")  # the downloaded file, not the old one
     assert (await mac.pids(agent))["bystander"] == pids["bystander"]
@@ -129,10 +134,12 @@ async def test_the_agent_killed_during_a_download_resumes_it(mac, tiny_model):
         await agent.process.wait(timeout=10)
         after_kill = partial_bytes()
         assert 0 < after_kill < len(data)
+        await probe.wait_sampled(since=time.monotonic())  # looked while no agent runs
 
         agent = mac.agent()
         await agent.start()
         await mac.wait_converged(agent, ["bystander", "fetching"])
+        await probe.wait_sampled(since=time.monotonic())  # and at the next agent's result
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     ranges = [seen.range for seen in mac.models.requests_for("/models/far.gguf")]
     resumed_from = [int(r.removeprefix("bytes=").rstrip("-")) for r in ranges[1:] if r]
@@ -174,9 +181,11 @@ async def test_a_service_waiting_for_memory_is_not_announced_and_starts_when_mem
         assert "budget" in cond["message"]
         await mac.cluster.wait_event("waiting", "InsufficientMemory")
         assert "waiting" not in await mac.pids(agent)
+        await probe.wait_sampled(since=time.monotonic())  # looked while it waits
 
         await mac.cluster.delete_isvc("first")
         await mac.wait_converged(agent, ["anchor", "waiting"])
+        await probe.wait_sampled(since=time.monotonic())  # and once it started
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert (await mac.pids(agent))["anchor"] == pids["anchor"]
 
@@ -201,9 +210,11 @@ async def test_an_eviction_withdraws_the_endpoint_before_the_process_stops(mac):
         await wait_for(lambda: process_gone(pids["batch-job"]), timeout=30, what="the evicted process to stop")
         assert await mac.ready_pid(agent, "vip") == pids["vip"]
         await mac.cluster.wait_event("batch-job", "Evicted")
+        await probe.wait_sampled(since=time.monotonic())  # looked while it is evicted
 
         mac.memory.set(0.5)  # Normal again
         await mac.wait_converged(agent, ["batch-job", "vip"])
+        await probe.wait_sampled(since=time.monotonic())  # and once it is back
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     after = await mac.pids(agent)
     assert after["vip"] == pids["vip"] and after["batch-job"] != pids["batch-job"]
@@ -226,7 +237,7 @@ async def test_a_download_that_fails_after_a_spec_change_keeps_the_previous_spec
         assert await mac.ready_pid(agent, "steady") == pids["steady"]
         assert not process_gone(pids["steady"])
         os.kill(pids["steady"], 0)
-        await probe.wait_sampled()  # the prober must have looked long enough to vouch for it
+        await probe.wait_sampled(since=time.monotonic())  # the prober looked at the refused, still serving state
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert probe.wrong_seconds() <= dead_ready_limit(), probe.describe()
 

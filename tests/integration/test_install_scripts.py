@@ -424,7 +424,7 @@ def _go_agent_job(mac: Mac, store: Path, namespace: str) -> bytes:
 
 async def test_install_migrates_the_go_agent(mac: Mac, tmp_path: Path, control_plane, admin_api, namespace):
     from metal_agent.adapters.model_cache import CachePaths
-    from metal_agent.migration import is_temporary
+    from metal_agent.adapters.go_migration import is_temporary
     from tests.support.isvc import Cluster
 
     url = "https://models.example/org/qwen/resolve/main/qwen-q4.gguf"  # the Go agent fetched it; nobody will again

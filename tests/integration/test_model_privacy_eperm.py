@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from metal_agent.adapters.model_files import ModelFiles, ModelReady, read_gguf_header
+from metal_agent.adapters.local_models import read_gguf_header
+from metal_agent.adapters.model_files import ModelFiles, ModelReady
 from metal_agent.core.api import Model, ModelSource, ModelSpec, ObjectMeta, SourceKind
 from metal_agent.core.status import Blocker
 

@@ -19,12 +19,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from metal_agent.adapters.downloads import TokenUnavailable, resolve_source
+from metal_agent.adapters.downloads import TokenUnavailable
 from metal_agent.adapters.model_cache import CachePaths
 from metal_agent.core.api import SecretRef
-from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady, read_gguf_header
+from metal_agent.adapters.local_models import read_gguf_header
+from metal_agent.adapters.model_files import ModelFiles, ModelPending, ModelReady
 from metal_agent.core.api import Model, ModelSource, ModelSpec, ObjectMeta, SourceKind
 from metal_agent.core.backoff import Backoff
+from metal_agent.core.model_urls import resolve_source
 from metal_agent.core.status import Blocker
 from metal_agent.core.egress import policy as egress_policy
 from tests.support.http_models import ModelHTTPServer, model_bytes, sha256, tls_pair
@@ -515,7 +517,7 @@ async def test_a_file_changed_while_the_agent_was_down_is_fetched_afresh(server,
 
 
 def test_urls_are_redacted_for_logs_and_messages():
-    from metal_agent.adapters.downloads import redact
+    from metal_agent.core.model_urls import redact
 
     assert redact("https://user:pw@cdn.example.com:8443/m.gguf?X-Amz-Signature=abc#frag") == \
         "https://cdn.example.com:8443/m.gguf"

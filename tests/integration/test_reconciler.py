@@ -88,7 +88,7 @@ async def loop(control_plane, admin_api, namespace, llama_server_bin, tiny_model
         isvcs=isvcs, models=models, processes=processes, model_files=model_files,
         memory=MemoryGuard(model_files, registry, total_ram=lambda: RAM),
         reporter=StatusReporter(models=models, status=StatusWriter(api), events=events, metrics=metrics,
-                                allowlist=EVERY_SERVICE),
+                                gate=EVERY_SERVICE),
         publisher=Publisher(None, HostAddress(bind="127.0.0.1"), events), events=events, metrics=metrics,
         launch=LaunchSettings(llama_server=str(llama_server_bin), threads=1, mlock=False,
                               policy=SpecPolicy(model_roots=(str(tiny_model.parent),))),  # the owner's model folder

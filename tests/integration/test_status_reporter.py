@@ -59,11 +59,11 @@ async def agent_writer(control_plane):
     await api.close()
 
 
-def reporter(agent_writer, *, mode=StatusMode.AUTO, allowlist=EVERY_SERVICE, models=None) -> tuple[StatusReporter, AgentMetrics]:
+def reporter(agent_writer, *, mode=StatusMode.AUTO, gate=EVERY_SERVICE, models=None) -> tuple[StatusReporter, AgentMetrics]:
     status, events = agent_writer
     metrics = AgentMetrics(CollectorRegistry())
     return StatusReporter(models=Models(models or {}), status=status, events=events, metrics=metrics,
-                          allowlist=allowlist, status_mode=mode), metrics
+                          gate=gate, status_mode=mode), metrics
 
 
 def writes(metrics: AgentMetrics) -> float:
@@ -147,6 +147,6 @@ async def test_a_service_another_mac_speaks_for_is_not_written(admin_api, namesp
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", "file:///models/tiny.gguf")
     await cluster.create_isvc("svc", "tiny")
-    rep, metrics = reporter(agent_writer, allowlist=NotThisMac())
+    rep, metrics = reporter(agent_writer, gate=NotThisMac())
     obj = await write(rep, cluster, "svc", CRASHED)
     assert writes(metrics) == 0 and not (obj.get("status") or {}).get("phase")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from metal_agent import __version__
-from metal_agent.adapters.powermetrics import check_sudo_grant
+from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.core.sudoers import (
     POWERMETRICS_PATH,
     SUDO_PATH,

@@ -235,6 +235,7 @@ class Truth:
     samples: int = 0
     ready_samples: int = 0
     last: tuple | None = None  # (ready, healthy, port) at the last sample
+    last_began: float = float("-inf")  # time.monotonic() when the last counted sample began
     wrong_log: list[tuple[float, bool, bool, int | None]] = field(default_factory=list)
 
 
@@ -327,11 +328,19 @@ class SliceProber:
             raise ProberBlind(f"the prober saw too little to judge: services under {MIN_SAMPLES} samples: {thin or '-'}; "
                               f"unknown share {share:.0%} (limit {self.max_unknown_share:.0%})\n{self.describe()}")
 
-    async def wait_sampled(self, timeout: float = 60) -> None:
+    async def wait_sampled(self, timeout: float = 60, *, since: float | None = None) -> None:
         """Until every probed service has MIN_SAMPLES successful samples: for a test whose
-        fault is over quickly, so the prober has looked long enough to vouch for it."""
-        await wait_for(lambda: all(t.samples >= MIN_SAMPLES for t in self.truth.values()), timeout=timeout,
-                       what=f"{MIN_SAMPLES} samples of each probed service", on_timeout=self.describe)
+        fault is over quickly, so the prober has looked long enough to vouch for it.
+
+        With `since` (a `time.monotonic()` reading), also until each service has a sample
+        that began after it: the prober has looked at the state the test is in now, however
+        slowly a loaded machine lets it sample (the interval is a wish, not a promise)."""
+        after = float("-inf") if since is None else since
+
+        def looked() -> bool:
+            return all(t.samples >= MIN_SAMPLES and t.last_began > after for t in self.truth.values())
+        what = f"{MIN_SAMPLES} samples of each probed service" + ("" if since is None else ", one since the mark")
+        await wait_for(looked, timeout=timeout, what=what, on_timeout=self.describe)
 
     def wrong_seconds(self) -> float:
         self.saw_enough()
@@ -380,6 +389,7 @@ class SliceProber:
         return seen
 
     async def sample(self) -> None:
+        began = time.monotonic()
         seen = await self._read()
         if seen is None:
             self.unknown_samples += 1
@@ -394,6 +404,7 @@ class SliceProber:
             t = self.truth[name]
             ready = seen.get(name, (False, None))[0]
             t.samples += 1
+            t.last_began = began
             t.ready_samples += ready
             t.last = (ready, healthy, targets[name])
             if ready != healthy:

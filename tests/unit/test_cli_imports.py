@@ -109,7 +109,7 @@ def test_power_serve_runs_without_the_kubernetes_client():
     (sampler, energy, host_info, HTTP) must not even import the client."""
     probe = (
         "import asyncio, json, sys\n"
-        "from metal_agent.power_service import build\n"
+        "from metal_agent.app.power import build\n"
         "from metal_agent.adapters.http_server import serve\n"
         "async def main():\n"
         "    app, _ = await build(1000)\n"

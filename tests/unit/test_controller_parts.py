@@ -195,7 +195,7 @@ NORMAL = Condition("MemoryPressure", False, "Normal", "")
 async def test_the_status_reporter_writes_once_per_change_of_intent():
     status = FakeStatus()
     reporter = StatusReporter(models=Models({"ml/qwen": model()}), status=status, events=FakeEvents(),
-                              metrics=AgentMetrics(CollectorRegistry()), allowlist=EVERY_SERVICE,
+                              metrics=AgentMetrics(CollectorRegistry()), gate=EVERY_SERVICE,
                               status_mode=StatusMode.FULL)
     running = Snapshot(key=KEY, spec_hash="h", state=State.READY, pid=1, port=8081)
     for _ in range(3):
@@ -212,7 +212,7 @@ async def test_the_status_reporter_is_silent_for_a_service_another_mac_speaks_fo
 
     status = FakeStatus()
     reporter = StatusReporter(models=Models(), status=status, events=FakeEvents(),
-                              metrics=AgentMetrics(CollectorRegistry()), allowlist=Elsewhere(),
+                              metrics=AgentMetrics(CollectorRegistry()), gate=Elsewhere(),
                               status_mode=StatusMode.FULL)
     await reporter.write(KEY, isvc(), True, process=None, endpoint=None, serving=False, memory_pressure=NORMAL)
     assert status.applied == []

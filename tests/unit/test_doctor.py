@@ -15,21 +15,20 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from metal_agent.cli import doctor_checks
+from metal_agent.cli import doctor_cluster
 from metal_agent.cli.doctor import DEFAULT_POWER_INTERVAL_MS
+from metal_agent.cli.doctor_base import Status
 from metal_agent.cli.doctor_checks import (
-    Status,
     check_agent,
     check_apple_silicon,
     check_launchd,
     check_llama_server,
     check_memory,
     check_metal,
-    check_permissions,
     check_sudo,
-    cluster_checks,
     memory_result,
 )
+from metal_agent.cli.doctor_cluster import check_permissions, cluster_checks
 from metal_agent.cli.main import app
 from metal_agent.core.permissions import AGENT_PERMISSIONS
 from tests.support.ports import free_port
@@ -148,7 +147,7 @@ async def test_permissions_asks_exactly_the_agents_table(monkeypatch):
     """One review per table entry and scope, nothing else; a denial names the permission and why it is needed."""
     asked: list = []
     denied = next(p for p in AGENT_PERMISSIONS if p.verb == "list" and p.resource == "services")
-    monkeypatch.setattr(doctor_checks, "_allowed", authorizer(asked, denied))
+    monkeypatch.setattr(doctor_cluster, "_allowed", authorizer(asked, denied))
     result = await check_permissions(None, ("team-a", "team-b"))
     assert sorted(asked, key=str) == sorted(((p, ns) for ns in ("team-a", "team-b") for p in AGENT_PERMISSIONS), key=str)
     assert len(set(asked)) == 2 * len(AGENT_PERMISSIONS)
@@ -160,7 +159,7 @@ async def test_permissions_asks_exactly_the_agents_table(monkeypatch):
 
 async def test_permissions_without_namespaces_are_asked_cluster_wide(monkeypatch):
     asked: list = []
-    monkeypatch.setattr(doctor_checks, "_allowed", authorizer(asked))
+    monkeypatch.setattr(doctor_cluster, "_allowed", authorizer(asked))
     result = await check_permissions(None)
     assert result.status is Status.OK
     assert sorted(asked, key=str) == sorted(((p, "") for p in AGENT_PERMISSIONS), key=str)
@@ -172,14 +171,14 @@ async def test_permissions_of_a_fleet_agent_include_the_leases_in_the_fleet_name
 
     asked: list = []
     denied = next(p for p in FLEET_PERMISSIONS if p.verb == "update")
-    monkeypatch.setattr(doctor_checks, "_allowed", authorizer(asked, denied))
+    monkeypatch.setattr(doctor_cluster, "_allowed", authorizer(asked, denied))
     result = await check_permissions(None, ("team-a",), "metal-agent")
     assert sorted(asked, key=str) == sorted([*((p, "team-a") for p in AGENT_PERMISSIONS),
                                              *((p, "metal-agent") for p in FLEET_PERMISSIONS)], key=str)
     assert result.status is Status.FAIL
     assert result.detail == f"denied (team-a): update leases.coordination.k8s.io in metal-agent ({denied.why})"
     asked.clear()
-    monkeypatch.setattr(doctor_checks, "_allowed", authorizer(asked))
+    monkeypatch.setattr(doctor_cluster, "_allowed", authorizer(asked))
     result = await check_permissions(None, (), "metal-agent")
     assert result.detail == (f"all {len(AGENT_PERMISSIONS) + len(FLEET_PERMISSIONS)} permissions granted "
                              "(all namespaces; fleet Leases in metal-agent)")
@@ -240,7 +239,7 @@ def _model(name: str, status: dict | None = None) -> dict:
 
 
 def test_status_ownership_reads_the_cluster():
-    from metal_agent.cli.doctor_checks import ownership_result
+    from metal_agent.cli.doctor_cluster import ownership_result
 
     alone = ownership_result([_isvc("a", "m")], [_model("m")])
     assert alone.status is Status.OK and alone.detail.startswith("full for 1 Metal service")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from metal_agent.cli.doctor_base import Status
 from metal_agent.cli.doctor_checks import (
-    Status,
     check_firewall,
     check_launchd,
     check_metal_device,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from importlib.metadata import version
 
-from metal_agent.cli.doctor_checks import Status
+from metal_agent.cli.doctor_base import Status
 from metal_agent.cli.doctor_mlx import check_mlx_server
 
 

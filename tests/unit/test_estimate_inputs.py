@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from metal_agent.adapters.model_files import LocalModel, ModelFiles
+from metal_agent.adapters.local_models import LocalModel
+from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.core.api import InferenceServiceSpec
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 from metal_agent.core.admission import Admit

@@ -5,6 +5,8 @@ watch is delivered when the test says so."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from metal_agent.controller.gate import EVERY_SERVICE, Gate, StaticGate
@@ -24,6 +26,10 @@ def test_the_static_gate_is_the_allowlist_and_nothing_more():
     assert "--inference-service-allowlist (chat)" in gate.refusal("default", "coder")
     assert gate.speaks_for("default/coder") and gate.unplaced(KEY) is None and gate.placement(KEY) == (None, 0)
     assert EVERY_SERVICE.admits("any", "thing")
+
+
+async def test_the_static_gate_is_ready_at_once():
+    await asyncio.wait_for(StaticGate().wait_ready(), timeout=1)
 
 
 def test_the_claim_rule_asks_a_gate_only_why_not():
@@ -53,6 +59,25 @@ async def test_not_ready_until_the_leases_are_listed_and_ours_renewed(fakes, tmp
     fakes.synced.set()
     assert not gate.ready() and not gate.admits("default", "chat")  # never renewed: fenced
     await gate.membership.renew()
+    assert gate.ready()
+
+
+async def test_start_up_waits_for_the_gate_on_events_not_on_a_poll(fakes, tmp_path):
+    """wait_ready wakes on the lease watch's first list and our first renewal, in either order,
+    and not before both; a failed renewal does not wake it."""
+    gate = gate_alone(fakes, tmp_path)
+    waiting = asyncio.create_task(gate.wait_ready())
+    fakes.leases.down = True
+    await gate.membership.renew()  # fails: still not renewed
+    assert gate.membership.renewals["failed"] == 1
+    fakes.leases.down = False
+    await asyncio.sleep(0)  # let the waiter run: it must still be waiting (an assertion, not synchronisation)
+    assert not waiting.done()
+    await gate.membership.renew()
+    await asyncio.sleep(0)
+    assert not waiting.done() and not gate.ready()  # renewed, but the Leases are not listed yet
+    fakes.synced.set()
+    await asyncio.wait_for(waiting, timeout=1)
     assert gate.ready()
 
 

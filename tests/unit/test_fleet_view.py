@@ -60,18 +60,18 @@ async def test_the_collector_counts_held_replicas_members_fence_and_renewals(tmp
 
 
 async def test_build_fleet_hands_every_part_its_collaborators_and_nothing_is_patched_after(tmp_path):
-    from types import SimpleNamespace
-
     from kubernetes_asyncio.client import ApiClient
 
     from metal_agent.adapters.kube.fleet_registrar import FleetRegistrar
+    from metal_agent.app.config import AgentConfig, ControllerSettings, FleetConfig, KubeSettings
     from metal_agent.fleet.wiring import build_fleet
+    from metal_agent.paths import AgentPaths
     from tests.support.fleet_fakes import FakeEvents, FakeMemory, FakeModelFiles, Store
 
-    cfg = SimpleNamespace(member_name=None, fleet_namespace="metal-agent", labels={"size": "big"}, lease_duration=40.0,
-                          lease_renew_interval=10.0, fleet_bid_step=2.0, memory_fraction=None,
-                          default_runtime="llama-server", policy=None, namespaces=("ml",), allowlist=("chat",),
-                          resync_period=600.0)
+    # The agent's own nested settings, as `run --fleet` builds them (app.config).
+    cfg = AgentConfig(paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"),
+                      fleet=FleetConfig(enabled=True, labels=(("size", "big"),), lease_renew_interval=5.0),
+                      kube=KubeSettings(namespaces=("ml",)), controller=ControllerSettings(allowlist=("chat",)))
     api = ApiClient()
     try:
         parts = build_fleet(cfg, api, host="Mac-Studio.local", chip="Apple M4 Max", total_ram=64 << 30,
@@ -88,3 +88,5 @@ async def test_build_fleet_hands_every_part_its_collaborators_and_nothing_is_pat
     assert parts.placer.slices is parts.registrar
     assert parts.settings.member == "mac-studio" and parts.settings.namespaces == ("ml",)
     assert parts.settings.labels["size"] == "big" and parts.gate.refusal("ml", "coder").startswith("InferenceService")
+    assert parts.settings.namespace == "metal-agent" and parts.settings.renew_interval == 5.0
+    assert parts.watch.scopes == ("metal-agent",)

@@ -22,17 +22,14 @@ from metal_agent.cli.main import app
 from metal_agent.core.claim import Allowlist, Ours, claim, evaluate
 from metal_agent.core.go_flags import (
     FLAGS,
-    GoFlagError,
     Ignored,
-    Kind,
     describe_ignored,
     markdown_table,
     normalize_run_argv,
     parse_go_argv,
-    parse_go_duration,
-    parse_go_int,
     translate,
 )
+from metal_agent.core.go_values import GoFlagError, Kind, parse_go_duration, parse_go_int
 from metal_agent.core.result import NotOurs, Parsed
 from tests.support.llmkube import find_tarball
 from tests.support.manifests import isvc_doc, model_doc

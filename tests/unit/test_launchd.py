@@ -1,4 +1,4 @@
-"""The LaunchAgent plist: rendered by `metal_agent.launchd`, parsed back with plistlib."""
+"""The LaunchAgent plist: rendered by `metal_agent.core.launchd`, parsed back with plistlib."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from metal_agent.cli.main import app
-from metal_agent.launchd import LABEL, LaunchAgentSettings, LaunchdConfigError, program_arguments, render_plist
+from metal_agent.core.launchd import LABEL, LaunchAgentSettings, LaunchdConfigError, program_arguments, render_plist
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "launchd" / "com.llmkube.metal-agent.plist.example"
@@ -129,7 +129,7 @@ def test_render_plist_rejects_bad_namespace():
 
 # --- daemon mode: a LaunchDaemon in the system domain, run as the installing user ---------
 
-from metal_agent.launchd import Mode, plist_path, service_target  # noqa: E402
+from metal_agent.core.launchd import Mode, plist_path, service_target  # noqa: E402
 
 DAEMON_EXAMPLE = REPO / "launchd" / "com.llmkube.metal-agent.daemon.plist.example"
 

@@ -11,10 +11,8 @@ rules:
     cli -> app -> controller, fleet, memory -> adapters -> (top-level helpers)
     -> core, with the few sideways imports the plan allows (ALLOWED).
 
-Top-level modules that have not moved into a package yet are listed in
-LEGACY: they may import anything, and only packages above the adapters may
-import them. The list may only shrink: a LEGACY entry that no longer exists
-fails, and so does a new top-level module that is neither ranked nor listed.
+Every module must sit in a ranked layer: a new top-level module that is not
+ranked fails until it is put in a package (or ranked as a helper).
 """
 
 from __future__ import annotations
@@ -57,16 +55,6 @@ ALLOWED: frozenset[tuple[str, str]] = frozenset({
     ("fleet", "metal_agent.controller.gate"),  # a fleet is a gate (the protocol lives with the controller)
 })
 
-#: Top-level modules not yet moved into a package (to shrink after issue 24's merge). fleet.py is not
-#: here: its name is already its layer's, so it is held to the fleet's rank.
-LEGACY: frozenset[str] = frozenset({
-    "metal_agent.launchd",
-    "metal_agent.migration",
-    "metal_agent.power_service",
-})
-#: The lowest rank that may import a LEGACY module (anything above the adapters).
-LEGACY_IMPORTERS = RANKS["memory"]
-
 
 def layer_of(module: str, root: str = ROOT) -> str:
     """`root.core.claim` -> "core", `root.paths` -> "paths", `root` -> ""."""
@@ -101,22 +89,15 @@ def core_cycles(edges: list[Import], root: str = ROOT) -> list[str]:
 
 
 def layer_violations(edges: list[Import], root: str = ROOT, ranks: dict[str, int] = RANKS,
-                     legacy: frozenset[str] = LEGACY, allowed: frozenset[tuple[str, str]] = ALLOWED,
-                     legacy_importers: int = LEGACY_IMPORTERS) -> list[str]:
-    """(c): imports of a layer ranked the same or higher (not allowed sideways), or of a LEGACY
-    module from a layer too low to know about it."""
+                     allowed: frozenset[tuple[str, str]] = ALLOWED) -> list[str]:
+    """(c): imports of a layer ranked the same or higher, unless allowed sideways."""
     bad = []
     for e in edges:
-        if not ours(e.target, root) or e.importer in legacy:
+        if not ours(e.target, root):
             continue
         source, target = layer_of(e.importer, root), layer_of(e.target, root)
         if source == target or source not in ranks:
             continue  # unranked modules are reported by test_every_module_has_a_layer
-        if e.target in legacy:
-            if ranks[source] < legacy_importers:
-                bad.append(f"{e}: {e.target} is not in a package yet, and {source}/ is below the ones"
-                           " that may import it")
-            continue
         if any(source == layer and (e.target == m or e.target.startswith(m + ".")) for layer, m in allowed):
             continue
         if target not in ranks or ranks[target] >= ranks[source]:
@@ -125,15 +106,8 @@ def layer_violations(edges: list[Import], root: str = ROOT, ranks: dict[str, int
     return bad
 
 
-def unplaced(known: list[str], root: str = ROOT, ranks: dict[str, int] = RANKS,
-             legacy: frozenset[str] = LEGACY) -> list[str]:
-    return [m for m in known if layer_of(m, root) not in ranks and m not in legacy]
-
-
-def stale_legacy(known: list[str], root: str = ROOT, ranks: dict[str, int] = RANKS,
-                 legacy: frozenset[str] = LEGACY) -> list[str]:
-    """LEGACY entries that no longer exist, or that are inside a ranked layer (and so are placed)."""
-    return sorted(m for m in legacy if m not in known or layer_of(m, root) in ranks)
+def unplaced(known: list[str], root: str = ROOT, ranks: dict[str, int] = RANKS) -> list[str]:
+    return [m for m in known if layer_of(m, root) not in ranks]
 
 
 def fail_listing(what: str, problems: list[str]) -> None:
@@ -173,12 +147,7 @@ def test_layers_import_only_downwards(edges):
 
 
 def test_every_module_has_a_layer(known):
-    fail_listing("modules in no ranked layer and not in LEGACY (put them in a package, or rank them)",
-                 unplaced(known))
-
-
-def test_legacy_lists_only_modules_still_waiting_for_a_package(known):
-    fail_listing("LEGACY entries to remove (gone, or now inside a ranked package)", stale_legacy(known))
+    fail_listing("modules in no ranked layer (put them in a package, or rank them)", unplaced(known))
 
 
 # -- the rules catch what they are for (on a made-up package) -------------------------------
@@ -203,10 +172,9 @@ def fake(tmp_path: Path) -> Path:
         "core/engines/__init__.py": "from pkg.core.engines.one import ONE\n",
         "core/engines/one.py": "from pkg.core.a import f\nONE = 1\n",
         "adapters/__init__.py": "",
-        "adapters/io.py": "from pkg.core import c\nfrom pkg import old\n",
-        "old.py": "from pkg.cli import main\n",
+        "adapters/io.py": "from pkg.core import c\nfrom pkg.cli import main\n",
         "cli/__init__.py": "",
-        "cli/main.py": "from pkg.adapters.io import x\nfrom pkg import old\n",
+        "cli/main.py": "from pkg.adapters.io import x\n",
         "stray.py": "",
     })
 
@@ -227,18 +195,19 @@ def test_the_core_may_not_reach_outside_itself(fake):
     assert core_violations(imports(fake), root="pkg", third_party=frozenset({"yaml"})) == bad[:1]
 
 
-def test_an_upward_import_and_a_low_import_of_a_legacy_module_are_named_by_line(fake):
+def test_upward_imports_are_named_by_line(fake):
     ranks = {"core": 0, "adapters": 2, "memory": 3, "cli": 6}
-    bad = layer_violations(imports(fake), root="pkg", ranks=ranks, legacy=frozenset({"pkg.old"}), allowed=frozenset())
+    bad = layer_violations(imports(fake), root="pkg", ranks=ranks, allowed=frozenset())
     assert len(bad) == 2
-    assert bad[0].startswith("pkg/adapters/io.py:2 (pkg.adapters.io imports pkg.old): pkg.old is not in a package")
+    assert bad[0].startswith("pkg/adapters/io.py:2 (pkg.adapters.io imports pkg.cli.main): adapters (rank 2) may not"
+                             " import cli")
     assert bad[1].startswith("pkg/core/c.py:1 (pkg.core.c imports pkg.adapters.io): core (rank 0) may not import adapters")
-    # cli -> old is fine (cli is above the adapters), and old itself may import anything.
+    # cli -> adapters is fine (downwards).
+    assert layer_violations(imports(fake), root="pkg", ranks=ranks,
+                            allowed=frozenset({("adapters", "pkg.cli.main")})) == bad[1:]
 
 
-def test_unplaced_modules_and_stale_legacy_entries_fail(fake):
+def test_unplaced_modules_fail(fake):
     known = sorted(modules(fake))
     ranks = {"core": 0, "adapters": 2, "cli": 6, "": 1}
-    assert unplaced(known, root="pkg", ranks=ranks, legacy=frozenset({"pkg.old"})) == ["pkg.stray"]
-    legacy = frozenset({"pkg.old", "pkg.gone", "pkg.adapters.io"})
-    assert stale_legacy(known, root="pkg", ranks=ranks, legacy=legacy) == ["pkg.adapters.io", "pkg.gone"]
+    assert unplaced(known, root="pkg", ranks=ranks) == ["pkg.stray"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from metal_agent.adapters.mlx_binary import exec_form
-from metal_agent.adapters.model_files import LocalModel
+from metal_agent.adapters.local_models import LocalModel
 from metal_agent.core.api import CacheType, InferenceServiceSpec
 from metal_agent.core.claim import evaluate
 from metal_agent.core.engine_name import EngineName

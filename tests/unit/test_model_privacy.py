@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from metal_agent.adapters.model_files import privacy_hint, privacy_protected_folder
+from metal_agent.adapters.local_models import privacy_hint, privacy_protected_folder
 
 HOME = "/Users/me"
 

@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry
 from metal_agent import __version__
 from metal_agent.adapters.host_facts import read_host_facts, register_host_info
 from metal_agent.adapters.http_server import create_app, serve
-from metal_agent.adapters.powermetrics import PowerSampler, check_sudo_grant
+from metal_agent.adapters.powermetrics import PowerSampler
+from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.core.metrics_auth import is_loopback
 from metal_agent.core.names import METRIC_PREFIX
 

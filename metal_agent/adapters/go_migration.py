@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from metal_agent.adapters.downloads import HF_ENDPOINT, resolve_source
 from metal_agent.adapters.model_cache import CachePaths, safe_file_name
 from metal_agent.core.api import Model, SourceKind
-from metal_agent.core.go_flags import GoCommandLine, GoFlagError, Ignored, parse_go_argv, translate
-from metal_agent.launchd import LABEL
+from metal_agent.core.go_flags import GoCommandLine, Ignored, parse_go_argv, translate
+from metal_agent.core.go_values import GoFlagError
+from metal_agent.core.launchd import LABEL
+from metal_agent.core.model_urls import HF_ENDPOINT, resolve_source
 
 #: The Go agent's default `--model-store`.
 GO_DEFAULT_STORE = "/tmp/llmkube-models"
