@@ -27,6 +27,7 @@ scripts/update_readme.py renders the table into README.md.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -166,7 +167,7 @@ FIELDS: tuple[FieldRow, ...] = (
              "agent; any other port is refused", when=_not(8080)),
     _h(ISVC, "spec.endpoint.type", "`ClusterIP` (the default) is the registered Service's type; NodePort and "
              "LoadBalancer are refused", when=_not("ClusterIP")),
-    _refused(ISVC, "spec.endpoint.nodePort", "refused (the Service is ClusterIP)"),
+    _refused(ISVC, "spec.endpoint.nodePort", "refused: the registered Service is a ClusterIP one"),
     _na(ISVC, "spec.endpoint.path", "llama-server serves every OpenAI path; the path only documents the endpoint"),
     _na(ISVC, "spec.endpoint.gateway", "Gateway API routes are the operator's; the agent registers the Service",
         subtree=True),
@@ -273,11 +274,14 @@ def refusals(kind: str, raw_spec: Any, name: str) -> tuple[FieldError, ...]:
         parts = row.path.removeprefix("spec.").split(".")
         for value in _values(raw_spec, parts):
             if when(value):
-                why = row.text.split(": ", 1)[1] if row.text.startswith("refused") else row.text
+                why = _REFUSED_PREFIX.sub("", row.text)
                 errors.append(FieldError(row.path, f"{_describe(value)}cannot be honoured by metal-agent: {why}",
                                          kind, name, UNSUPPORTED_FIELD))
                 break
     return tuple(errors)
+
+
+_REFUSED_PREFIX = re.compile(r"^refused(?: when \w+)?: ")
 
 
 def _describe(value: Any) -> str:

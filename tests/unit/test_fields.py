@@ -88,3 +88,96 @@ def test_rows_are_unique_and_explained():
     assert len(keys) == len(set(keys))
     assert all(row.text.strip() for row in fields.FIELDS)
     assert {row.treatment for row in fields.FIELDS} == set(Treatment)
+
+
+# -- No field silently ignored: the table's refusals are what the agent refuses ---------------
+
+#: A value a user might set for each field the table refuses (or a value it refuses).
+REFUSED_EXAMPLES = {
+    (ISVC, "spec.rolloutPolicy.waitForIdle"): True,
+    (ISVC, "spec.maxPodLifetimeSeconds"): 86400,
+    (ISVC, "spec.autoscaling"): {"minReplicas": 1, "maxReplicas": 3},
+    (ISVC, "spec.turboQuantBits"): 3,
+    (ISVC, "spec.pagedSSDCacheDir"): "/Volumes/ssd/omlx",
+    (ISVC, "spec.pagedSSDCacheMaxSize"): "200GB",
+    (ISVC, "spec.hotCacheMaxSize"): "50GB",
+    (ISVC, "spec.args"): ["--threads", "4"],
+    (ISVC, "spec.command"): ["/bin/sh"],
+    (ISVC, "spec.env"): [{"name": "LLAMA_ARG_MODEL", "value": "/etc/passwd"}],
+    (ISVC, "spec.bindAddress"): "::",
+    (ISVC, "spec.endpoint.port"): 8000,
+    (ISVC, "spec.endpoint.type"): "LoadBalancer",
+    (ISVC, "spec.endpoint.nodePort"): 30080,
+    (MODEL, "spec.refreshPolicy"): "OnChange",
+    (MODEL, "spec.files"): ["model-00001-of-00002.gguf", "model-00002-of-00002.gguf"],
+    (MODEL, "spec.mmproj"): "mmproj-F16.gguf",
+}
+
+
+def _with(doc: dict, path: str, value) -> dict:
+    node = doc
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return doc
+
+
+def test_every_refusal_of_the_table_has_an_example():
+    enforced = {(row.kind, row.path) for row in fields.FIELDS if row.refuse_when is not None}
+    assert enforced == set(REFUSED_EXAMPLES)
+
+
+@pytest.mark.parametrize("kind,path", sorted(REFUSED_EXAMPLES), ids=lambda v: v)
+def test_a_refused_field_refuses_the_spec_by_name(kind, path):
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.result import Invalid
+    from metal_agent.core.spec_policy import spec_reason
+    from tests.support.manifests import isvc_doc, model_doc
+
+    isvc, model = isvc_doc(), model_doc()
+    _with(isvc if kind == ISVC else model, path, REFUSED_EXAMPLES[(kind, path)])
+    outcome = evaluate(isvc, model)
+    assert isinstance(outcome, Invalid)
+    [error] = outcome.errors
+    assert (error.kind, error.path, error.reason) == (kind, path, fields.UNSUPPORTED_FIELD)
+    assert path in error.describe() and "cannot be honoured by metal-agent" in error.message
+    assert spec_reason(e.reason for e in outcome.errors) == "UnsupportedField"
+
+
+def test_values_that_ask_for_nothing_are_not_refused():
+    """Defaults, false, empty: what the agent does anyway, so nothing to refuse."""
+    spec = {"rolloutPolicy": {"waitForIdle": False, "idleTimeoutSeconds": 300, "force": True},
+            "endpoint": {"port": 8080, "type": "ClusterIP", "path": "/v1/chat/completions"},
+            "env": [], "args": [], "autoscaling": {}, "maxPodLifetimeIdleTimeoutSeconds": 0}
+    assert fields.refusals(ISVC, spec, "ns/x") == ()
+    assert fields.refusals(MODEL, {"refreshPolicy": "IfNotPresent", "files": [], "mmproj": ""}, "ns/m") == ()
+
+
+def test_llmkubes_defaults_are_never_refused(llmkube_crds):
+    """Every default LLMKube's CRD writes into a stored object: none may turn into a refusal."""
+    for kind in KINDS:
+        def defaults(node: dict, path: str):
+            for child_path, child in _children(node, path):
+                if "default" in child and "[]" not in child_path:
+                    yield child_path, child["default"]
+                yield from defaults(child, child_path)
+
+        for path, value in defaults(_spec_schema(llmkube_crds, kind), "spec"):
+            row = fields.row_for(kind, path)
+            if row.subtree and row.refuse_when is not None:
+                continue  # defaulted inside a block that is refused whenever a user writes it
+            spec = _with({}, path.removeprefix("spec."), value)
+            assert fields.refusals(kind, spec, "ns/x") == (), (kind, path, value)
+
+
+def test_llmkubes_own_samples_set_nothing_the_agent_refuses(llmkube_crds):
+    """LLMKube's samples set pod fields routinely (image, resources, endpoint, gpu vendor): those are
+    not applicable on a Mac, and must not be refused."""
+    from tests.support.llmkube import samples_from_tarball
+
+    for name, doc in samples_from_tarball(find_tarball()):
+        if doc.get("kind") == ISVC and doc["spec"].get("runtime", "llamacpp") != "llamacpp":
+            continue  # another runtime's service: never ours
+        if doc.get("kind") in KINDS and isinstance(doc.get("spec"), dict):
+            assert fields.refusals(doc["kind"], doc["spec"], name) == (), name

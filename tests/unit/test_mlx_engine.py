@@ -70,8 +70,9 @@ def test_gguf_digests_do_not_move_and_the_format_is_part_of_an_mlx_digest():
     gguf = evaluate(isvc_doc(), model_doc(source=MLX_SOURCE)).value
     as_mlx = mlx().value
     assert spec_hash(gguf) != spec_hash(as_mlx)
-    # A llama-server spec with speculativeDecoding (ignored by it) keeps its digest.
-    with_spec = evaluate(isvc_doc(speculativeDecoding={"type": "ngram-simple"}), model_doc(source=MLX_SOURCE)).value
+    # A llama-server spec whose speculativeDecoding asks for none keeps its digest.
+    with_spec = evaluate(isvc_doc(speculativeDecoding={"type": "none", "nDraftMax": 4}),
+                         model_doc(source=MLX_SOURCE)).value
     assert spec_hash(with_spec) == spec_hash(gguf)
 
 
@@ -311,9 +312,17 @@ def test_a_draft_that_mlx_cannot_load_is_refused_on_the_draft_model():
     assert [(e.kind, e.name, e.path) for e in outcome.errors] == [("Model", "default/small", "spec.format")]
 
 
-def test_llama_server_still_ignores_speculative_decoding():
+def test_llama_server_refuses_speculative_decoding_instead_of_ignoring_it():
     outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc())
-    assert isinstance(outcome, Parsed) and outcome.value.draft is None
+    assert isinstance(outcome, Invalid)
+    [error] = outcome.errors
+    assert error.path == "spec.speculativeDecoding.type" and error.reason == "UnsupportedField"
+    assert isinstance(evaluate(isvc_doc(speculativeDecoding={"type": "disabled"}), model_doc()), Parsed)
+
+
+def test_mlx_refuses_a_minimum_draft_probability_it_has_no_option_for():
+    outcome = mlx(isvc_doc(speculativeDecoding={**DRAFT, "pMin": 0.75}))
+    assert isinstance(outcome, Invalid) and outcome.paths() == ("spec.speculativeDecoding.pMin",)
 
 
 def test_process_records_name_their_engine_and_older_ones_are_llama_servers(tmp_path):

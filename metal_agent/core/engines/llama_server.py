@@ -17,12 +17,16 @@ from metal_agent.core.argv import AgentArgvOptions, build_argv
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
 from metal_agent.core.extra_args import OptionTable
+from metal_agent.core.fields import UNSUPPORTED_FIELD
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
+
+#: speculativeDecoding types that mean "no speculation" (LLMKube's alias and llama.cpp's spelling).
+NO_SPECULATION = ("none", "disabled")
 
 HEADER_FIRST_READ = 1 << 20  # the read window: bytes looked at are read in windows this size
 HEADER_MAX_READ = 128 << 20
@@ -57,10 +61,17 @@ class LlamaServer:
     options: OptionTable = LLAMA_SERVER_OPTIONS
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
-        return ()  # validation's rules are llama-server's own
+        """Validation's rules are llama-server's own, but for speculative decoding, which this agent
+        does not pass to llama-server yet: refused when it asks for speculation, never ignored."""
+        kind = workload.isvc.spec.speculative_type
+        if kind is None or kind in NO_SPECULATION:
+            return ()
+        return (FieldError("spec.speculativeDecoding.type", f"{kind!r} cannot be honoured by metal-agent:"
+                           " speculative decoding is not passed to llama-server yet; remove speculativeDecoding"
+                           " (or set type none)", "InferenceService", workload.isvc.meta.key, UNSUPPORTED_FIELD),)
 
     def wants_draft(self, spec: InferenceServiceSpec) -> bool:
-        return False  # speculativeDecoding is ignored, as it always was
+        return False  # speculativeDecoding is refused (see refusals)
 
     def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]:
         return ()

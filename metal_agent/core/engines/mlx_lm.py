@@ -200,6 +200,9 @@ class MlxLm:
         elif kind in DRAFT_TYPES and spec.parallel_slots > 1:
             isvc_error("spec.parallelSlots", f"{spec.parallel_slots} slots cannot be honoured with a draft model:"
                        " mlx_lm.server then serves one request at a time; use 1")
+        if kind in DRAFT_TYPES and spec.draft_p_min is not None:
+            isvc_error("spec.speculativeDecoding.pMin", "cannot be honoured: mlx_lm.server has no minimum draft"
+                       " probability (it drafts nDraftMax tokens every step); remove it")
         return tuple(errors)
 
     # -- the command line ----------------------------------------------------
