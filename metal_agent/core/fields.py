@@ -106,7 +106,8 @@ FIELDS: tuple[FieldRow, ...] = (
                                       "reads LongRoPE from the GGUF and accepts only none/linear/yarn)"),
     _h(ISVC, "spec.ropeScaling.factor", "`--rope-scale`"),
     _h(ISVC, "spec.ropeScaling.originalContext", "`--yarn-orig-ctx`"),
-    _h(ISVC, "spec.parallelSlots", "`--parallel N` (mlx_lm.server: `--decode-concurrency`, `--prompt-cache-size`)"),
+    _h(ISVC, "spec.parallelSlots", "`--parallel N`, 1 included (unsaid, llama-server runs 4 slots sharing one "
+       "unified KV cache); mlx_lm.server: `--decode-concurrency`, `--prompt-cache-size`"),
     _h(ISVC, "spec.flashAttention", "`--flash-attn on|off` (on when unset); off with a quantized V cache is refused"),
     _h(ISVC, "spec.jinja", "`--jinja` / `--no-jinja`; unset keeps the build's default"),
     _h(ISVC, "spec.cacheTypeK", "`--cache-type-k` (mlx_lm.server: `--kv-bits` for q8_0/q4_0)"),
@@ -125,7 +126,8 @@ FIELDS: tuple[FieldRow, ...] = (
     _h(ISVC, "spec.uBatchSize", "`--ubatch-size`"),
     _h(ISVC, "spec.extraArgs", "appended last, each option checked against the engine's allowlist "
                                "(`ExtraArgRefused` otherwise)"),
-    _h(ISVC, "spec.mode", "`embedding`: `--embedding --pooling last`; `rerank`: `--reranking`"),
+    _h(ISVC, "spec.mode", "`embedding`: `--embedding --pooling last`; `rerank`: `--reranking`; both with "
+       "`--cache-ram 0` (no host prompt cache; chat gets 1024 MiB, counted in memory admission)"),
     _h(ISVC, "spec.priority", "eviction order under memory pressure (batch first, critical last)"),
     _h(ISVC, "spec.evictionProtection", "never evicted under memory pressure"),
     _refused(ISVC, "spec.speculativeDecoding.type",

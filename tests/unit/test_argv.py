@@ -35,10 +35,12 @@ def test_defaults():
         "--port", "18080",
         "--n-gpu-layers", "999",
         "--ctx-size", "2048",
+        "--parallel", "1",
         "--flash-attn", "on",
         "--mlock",
         "--threads", "8",
         "--batch-size", "2048",
+        "--cache-ram", "1024",
         "--no-slots",
         "--metrics",
     )  # fmt: skip
@@ -49,6 +51,11 @@ def test_defaults():
     [
         pytest.param({"contextSize": 131072}, {}, ["--ctx-size", "131072"], id="contextSize"),
         pytest.param({"parallelSlots": 4}, {}, ["--parallel", "4"], id="parallelSlots"),
+        # Unsaid, llama-server picks "auto": 4 slots sharing one unified KV cache.
+        pytest.param({"parallelSlots": 1}, {}, ["--parallel", "1"], id="parallelSlots-1-is-said"),
+        pytest.param({}, {}, ["--cache-ram", "1024"], id="chat-prompt-cache-bounded"),
+        pytest.param({"mode": "embedding"}, {}, ["--pooling", "last", "--cache-ram", "0"], id="embedding-no-prompt-cache"),
+        pytest.param({"mode": "rerank"}, {}, ["--pooling", "rank", "--cache-ram", "0"], id="rerank-no-prompt-cache"),
         pytest.param({"flashAttention": True}, {}, ["--flash-attn", "on"], id="flashAttention-true"),
         pytest.param({"flashAttention": False}, {}, ["--flash-attn", "off"], id="flashAttention-false"),
         pytest.param({"jinja": True}, {}, ["--jinja"], id="jinja"),
@@ -90,7 +97,6 @@ def test_defaults():
         ),
         pytest.param({"ropeScaling": {"type": "yarn"}}, {}, ["--rope-scaling", "yarn"], id="ropeScaling-type"),
         pytest.param({"ropeScaling": {"type": "linear"}}, {}, ["--rope-scaling", "linear"], id="ropeScaling-linear"),
-        pytest.param({"ropeScaling": {"type": "longrope"}}, {}, ["--rope-scaling", "longrope"], id="ropeScaling-longrope"),
         pytest.param({"ropeScaling": {"factor": "4.0"}}, {}, ["--rope-scale", "4"], id="ropeScaling-factor"),
         pytest.param({"ropeScaling": {"factor": "0.50"}}, {}, ["--rope-scale", "0.5"], id="ropeScaling-factor-fraction"),
         pytest.param(
@@ -124,7 +130,6 @@ def test_field_maps_to_flag(isvc_spec, model_spec, expected):
 @pytest.mark.parametrize(
     ("isvc_spec", "absent"),
     [
-        pytest.param({"parallelSlots": 1}, "--parallel", id="parallel-1"),
         pytest.param({}, "--cache-type-k", id="no-cacheTypeK"),
         pytest.param({}, "--cache-type-v", id="no-cacheTypeV"),
         pytest.param({}, "--ubatch-size", id="no-uBatchSize"),
@@ -245,9 +250,27 @@ def test_turboquant_sample():
         "--threads", "8",
         "--batch-size", "2048",
         "--jinja",
+        "--cache-ram", "1024",
         "--no-slots",
         "--metrics",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [["--cache-ram", "256"], ["-cram", "256"], ["--cache-ram=256"]])
+def test_a_prompt_cache_size_the_owner_allows_in_extra_args_is_the_only_one_said_and_the_one_counted(extra):
+    from metal_agent.core.argv import prompt_cache_mib
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.extra_args import ExtraArgsPolicy
+    from metal_agent.core.spec_policy import SpecPolicy
+    from tests.support.manifests import isvc_doc, model_doc
+
+    owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-ram"})))
+    assert "ExtraArgRefused" in {e.reason for e in evaluate(isvc_doc(extraArgs=extra), model_doc()).errors}
+    w = evaluate(isvc_doc(mode="embedding", extraArgs=extra), model_doc(), policy=owner).value
+    argv = build_argv(w, OPTIONS)
+    assert [t for t in argv if t in ("--cache-ram", "-cram")] == [extra[0].split("=")[0]]
+    assert argv[-2:] == (extra[0].split("=")[0], "256")
+    assert prompt_cache_mib(w.isvc.spec) == 256
 
 
 VERBOSE = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
@@ -287,3 +310,24 @@ def test_no_jinja_is_left_out_for_a_build_without_it():
 def test_verbosity_flag_must_be_a_verbosity_spelling(flag):
     with pytest.raises(ValueError):
         AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)
+
+
+def test_an_unbounded_prompt_cache_is_refused_even_when_the_owner_allows_the_option():
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.extra_args import ExtraArgsPolicy
+    from metal_agent.core.spec_policy import SpecPolicy
+    from tests.support.manifests import isvc_doc, model_doc
+
+    owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-ram"})))
+    outcome = evaluate(isvc_doc(extraArgs=["--temp", "0.2", "--cache-ram=-1"]), model_doc(), policy=owner)
+    [error] = outcome.errors
+    assert error.path == "spec.extraArgs[2]" and "no limit" in error.message
+
+
+def test_longrope_is_refused_since_llama_server_would_exit_on_it():
+    """`common/arg.cpp`: --rope-scaling takes none, linear or yarn and throws on anything else."""
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    [error] = evaluate(isvc_doc(ropeScaling={"type": "longrope", "factor": "4"}), model_doc()).errors
+    assert (error.path, error.reason) == ("spec.ropeScaling.type", "UnsupportedField")

@@ -12,16 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metal_agent.core import llama_log
-from metal_agent.core.api import InferenceServiceSpec, Model
-from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.api import InferenceServiceSpec, Model, RopeScalingType
+from metal_agent.core.argv import CACHE_RAM, AgentArgvOptions, build_argv, prompt_cache_mib
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
-from metal_agent.core.extra_args import OptionTable
+from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, OptionTable
 from metal_agent.core.fields import UNSUPPORTED_FIELD
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
-from metal_agent.core.memory import EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
+from metal_agent.core.memory import MiB, EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
 
@@ -61,14 +61,28 @@ class LlamaServer:
     options: OptionTable = LLAMA_SERVER_OPTIONS
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
-        """Validation's rules are llama-server's own, but for speculative decoding, which this agent
-        does not pass to llama-server yet: refused when it asks for speculation, never ignored."""
-        kind = workload.isvc.spec.speculative_type
-        if kind is None or kind in NO_SPECULATION:
-            return ()
-        return (FieldError("spec.speculativeDecoding.type", f"{kind!r} cannot be honoured by metal-agent:"
-                           " speculative decoding is not passed to llama-server yet; remove speculativeDecoding"
-                           " (or set type none)", "InferenceService", workload.isvc.meta.key, UNSUPPORTED_FIELD),)
+        """What LLMKube's CRD admits and this llama-server cannot run (each checked against its source):
+        speculative decoding (not passed yet), `longrope` rope scaling, an unbounded prompt cache."""
+        spec, key = workload.isvc.spec, workload.isvc.meta.key
+        errors: list[FieldError] = []
+
+        def refuse(path: str, message: str, reason: str = UNSUPPORTED_FIELD) -> None:
+            errors.append(FieldError(path, message, "InferenceService", key, reason))
+
+        kind = spec.speculative_type
+        if kind is not None and kind not in NO_SPECULATION:
+            refuse("spec.speculativeDecoding.type", f"{kind!r} cannot be honoured by metal-agent: speculative"
+                   " decoding is not passed to llama-server yet; remove speculativeDecoding (or set type none)")
+        if spec.rope_scaling is not None and spec.rope_scaling.type is RopeScalingType.LONGROPE:
+            refuse("spec.ropeScaling.type", "'longrope' cannot be honoured by metal-agent: llama-server's"
+                   " --rope-scaling accepts only none, linear or yarn (it reads LongRoPE factors from the GGUF"
+                   " itself), and would exit at start; remove ropeScaling.type or use linear or yarn")
+        if prompt_cache_mib(spec) < 0:
+            index = max(i for i, token in enumerate(spec.extra_args) if token.split("=", 1)[0] in ("-cram", CACHE_RAM))
+            refuse(f"spec.extraArgs[{index}]", f"{CACHE_RAM} {prompt_cache_mib(spec)} (no limit) cannot be"
+                   " admitted: memory admission counts the host prompt cache, so it needs a size in MiB"
+                   " (0 turns it off)", EXTRA_ARG_REFUSED)
+        return tuple(errors)
 
     def wants_draft(self, spec: InferenceServiceSpec) -> bool:
         return False  # speculativeDecoding is refused (see refusals)
@@ -101,7 +115,7 @@ class LlamaServer:
     def estimate_with(self, inputs: GGUFInputs | EstimateFailed, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
         if isinstance(inputs, EstimateFailed):
             return inputs
-        return estimate_memory(inputs.shape, inputs.weights_bytes, spec)
+        return estimate_memory(inputs.shape, inputs.weights_bytes, spec, max(0, prompt_cache_mib(spec)) * MiB)
 
     def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
         return self.estimate_with(self.estimate_inputs(reader), spec)
