@@ -48,6 +48,11 @@ Decisions worth knowing:
   On a Mac that is unified memory taken from the models, so the agent bounds
   it (`prompt_cache_mib`) and memory admission counts what it allows. It is 0
   for embedding and rerank, whose requests never read the cache (as LLMKube).
+* `speculativeDecoding` -> `--spec-type` (LLMKube's aliases resolved: `draft`
+  is `draft-simple`, `mtp` is `draft-mtp`, `disabled` is `none`), `-md` with
+  the draft Model's file for the types that take draft weights,
+  `--spec-draft-n-max`, `--spec-draft-p-min` (spellings and type names of
+  build 11434: `common/arg.cpp`, `common/speculative.cpp`).
 """
 
 from __future__ import annotations
@@ -68,6 +73,14 @@ ALL_LAYERS = "999"
 #: `--cache-ram N` sets another size, counted as given.
 DEFAULT_PROMPT_CACHE_MIB = 1024
 CACHE_RAM = "--cache-ram"
+
+#: `--spec-type` names of the pinned build (`common_speculative_type_from_name_map`), and LLMKube's aliases.
+SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark",
+              "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+SPEC_TYPE_ALIASES = {"mtp": "draft-mtp", "draft": "draft-simple", "disabled": "none"}
+#: Types that run a draft model: all need its weights but `draft-mtp`, whose head may be in the model itself.
+DRAFT_WEIGHT_TYPES = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
+NEEDS_DRAFT_WEIGHTS = tuple(t for t in DRAFT_WEIGHT_TYPES if t != "draft-mtp")
 
 _SPLIT_MODE = {
     ShardingStrategy.NONE: "none",
@@ -101,6 +114,7 @@ class AgentArgvOptions:
     verbosity_flag: str | None = None
     no_jinja: bool = True
     no_slots: bool = True
+    draft_model_path: str | None = None  # the workload's draft Model on this Mac (speculative decoding)
 
     def __post_init__(self) -> None:
         # Programming errors, not user input: fail loudly at construction.
@@ -159,6 +173,7 @@ def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]
         argv += ["--reasoning-budget", str(spec.reasoning_budget)]
     if spec.reasoning_budget_message:
         argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
+    argv += _speculative_args(spec, options.draft_model_path)
     if spec.jinja:
         argv.append("--jinja")
     elif spec.jinja is False and options.no_jinja:
@@ -245,3 +260,25 @@ def prompt_cache_mib(spec: InferenceServiceSpec) -> int:
         except ValueError:
             pass  # not an integer: the extraArgs allowlist refuses it
     return 0 if spec.mode is not Mode.CHAT else DEFAULT_PROMPT_CACHE_MIB
+
+
+def spec_type(spec: InferenceServiceSpec) -> str | None:
+    """`speculativeDecoding.type` as llama-server spells it (None: no speculation); an unknown
+    name comes back as written, for the engine to refuse."""
+    written = spec.speculative_type
+    resolved = SPEC_TYPE_ALIASES.get(written, written) if written else None
+    return None if resolved in (None, "none") else resolved
+
+
+def _speculative_args(spec: InferenceServiceSpec, draft_path: str | None) -> list[str]:
+    kind = spec_type(spec)
+    if kind is None:
+        return []
+    args = ["--spec-type", kind]
+    if kind in DRAFT_WEIGHT_TYPES and draft_path:
+        args += ["-md", draft_path]
+    if spec.draft_tokens is not None:
+        args += ["--spec-draft-n-max", str(spec.draft_tokens)]
+    if spec.draft_p_min is not None:
+        args += ["--spec-draft-p-min", repr(spec.draft_p_min).removesuffix(".0")]
+    return args

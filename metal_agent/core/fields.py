@@ -130,18 +130,18 @@ FIELDS: tuple[FieldRow, ...] = (
        "`--cache-ram 0` (no host prompt cache; chat gets 1024 MiB, counted in memory admission)"),
     _h(ISVC, "spec.priority", "eviction order under memory pressure (batch first, critical last)"),
     _h(ISVC, "spec.evictionProtection", "never evicted under memory pressure"),
-    _refused(ISVC, "spec.speculativeDecoding.type",
-             "llama-server: refused (not passed yet); mlx_lm.server: `draft` with a draft Model "
-             "(`--draft-model`), other types refused", when=None),
-    _refused(ISVC, "spec.speculativeDecoding.draftModelRef",
-             "llama-server: refused; mlx_lm.server: the draft MLX Model, fetched, verified and counted in memory",
-             when=None),
+    _h(ISVC, "spec.speculativeDecoding.type", "llama-server: `--spec-type` (LLMKube's aliases resolved: `draft` "
+       "is `draft-simple`, `mtp` `draft-mtp`, `disabled` `none`); mlx_lm.server: `draft` with a draft Model "
+       "(`--draft-model`), other types refused"),
+    _h(ISVC, "spec.speculativeDecoding.draftModelRef", "the draft Model (GGUF for llama-server, `-md`; MLX for "
+       "mlx_lm.server), fetched, verified, counted in memory admission and part of the spec hash"),
     _refused(ISVC, "spec.speculativeDecoding.draftModel",
-             "refused: a draft named as a file of `Model.spec.files`, which the agent does not fetch", when=None),
-    _refused(ISVC, "spec.speculativeDecoding.nDraftMax",
-             "llama-server: refused; mlx_lm.server: `--num-draft-tokens`", when=None),
-    _refused(ISVC, "spec.speculativeDecoding.pMin", "refused: mlx_lm.server has no such option; llama-server's "
-             "speculation is not passed yet", when=None),
+             "refused: a draft named as a file of `Model.spec.files`, which the agent does not fetch; use "
+             "`draftModelRef`", when=None),
+    _h(ISVC, "spec.speculativeDecoding.nDraftMax", "llama-server: `--spec-draft-n-max`; mlx_lm.server: "
+       "`--num-draft-tokens`"),
+    _h(ISVC, "spec.speculativeDecoding.pMin", "llama-server: `--spec-draft-p-min`; refused by mlx_lm.server, "
+       "which has no such option"),
     # -- InferenceService: lifecycle the agent does not do (yet) ----------------------
     _refused(ISVC, "spec.rolloutPolicy.waitForIdle",
              "refused when true: a changed spec respawns at once, it does not wait for requests in flight",

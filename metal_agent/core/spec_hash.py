@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metal_agent.core.api import InferenceServiceSpec, ModelSpec
+from metal_agent.core.argv import spec_type
 from metal_agent.core.claim import Workload
 
 SCHEMA_VERSION = 1
@@ -113,6 +114,12 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec, draft: ModelSpec | No
         # digests do not move (its command line did not change).
         "llamaArgv": LLAMA_ARGV_REVISION if model.format.value != "mlx" else None,
     }
+    if model.format.value != "mlx" and spec_type(spec) is not None:
+        # llama-server's speculative decoding (mlx_lm.server's is hashed through its draft below):
+        # unset before, so no existing digest moves.
+        fields["speculative.type"] = spec_type(spec)  # resolved: `draft` and `draft-simple` are one process
+        fields["speculative.nDraftMax"] = spec.draft_tokens
+        fields["speculative.pMin"] = spec.draft_p_min
     if draft is not None:  # only engines that run a draft Model carry one: other digests never move
         fields["draft.source"] = draft.source.raw
         fields["draft.tokens"] = spec.draft_tokens

@@ -331,3 +331,71 @@ def test_longrope_is_refused_since_llama_server_would_exit_on_it():
 
     [error] = evaluate(isvc_doc(ropeScaling={"type": "longrope", "factor": "4"}), model_doc()).errors
     assert (error.path, error.reason) == ("spec.ropeScaling.type", "UnsupportedField")
+
+
+# -- speculative decoding (llama-server) ---------------------------------------------------
+
+SPEC_OPTIONS = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, draft_model_path="/cache/draft.gguf")
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    pytest.param({"type": "ngram-simple"}, ["--spec-type", "ngram-simple"], id="ngram"),
+    pytest.param({"type": "ngram-mod", "nDraftMax": 8, "pMin": 0.75},
+                 ["--spec-type", "ngram-mod", "--spec-draft-n-max", "8", "--spec-draft-p-min", "0.75"], id="ngram-tuned"),
+    pytest.param({"type": "draft", "draftModelRef": "small", "nDraftMax": 3},
+                 ["--spec-type", "draft-simple", "-md", "/cache/draft.gguf", "--spec-draft-n-max", "3"], id="alias-draft"),
+    pytest.param({"type": "mtp"}, ["--spec-type", "draft-mtp"], id="alias-mtp-without-weights"),
+    pytest.param({"type": "draft-eagle3", "draftModelRef": "small", "pMin": 1},
+                 ["--spec-type", "draft-eagle3", "-md", "/cache/draft.gguf", "--spec-draft-p-min", "1"], id="eagle3"),
+])
+def test_speculative_decoding_maps_to_llama_servers_flags(block, expected):
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    draft = model_doc("small", source="/models/small.gguf")
+    outcome = evaluate(isvc_doc(speculativeDecoding=block), model_doc(), draft=draft)
+    argv = build_argv(outcome.value, SPEC_OPTIONS)
+    assert has_run(argv, expected), argv
+    assert argv.count("--spec-type") == 1
+
+
+@pytest.mark.parametrize("kind", ["none", "disabled"])
+def test_no_speculation_says_nothing(kind):
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    argv = build_argv(evaluate(isvc_doc(speculativeDecoding={"type": kind, "nDraftMax": 4}), model_doc()).value,
+                      SPEC_OPTIONS)
+    assert not any(a.startswith("--spec") or a == "-md" for a in argv)
+
+
+@pytest.mark.parametrize(("block", "path", "reason"), [
+    pytest.param({"type": "medusa"}, "spec.speculativeDecoding.type", "", id="unknown-type"),
+    pytest.param({"type": "draft-simple", "draftModel": "drafter.gguf"}, "spec.speculativeDecoding.draftModel",
+                 "UnsupportedField", id="draft-as-a-file-of-spec-files"),
+    pytest.param({"type": "draft-simple"}, "spec.speculativeDecoding.draftModelRef", "", id="draft-type-without-weights"),
+    pytest.param({"type": "ngram-simple", "draftModelRef": "small"}, "spec.speculativeDecoding.draftModelRef", "",
+                 id="ngram-with-weights"),
+    pytest.param({"type": "ngram-simple", "pMin": 1.5}, "spec.speculativeDecoding.pMin", "", id="p-min-above-1"),
+])
+def test_speculative_decoding_llama_server_cannot_run_is_refused_by_field(block, path, reason):
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    [error] = evaluate(isvc_doc(speculativeDecoding=block), model_doc()).errors
+    assert (error.path, error.reason) == (path, reason)
+
+
+def test_speculative_decoding_is_part_of_the_digest_and_aliases_hash_alike():
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.spec_hash import spec_hash
+    from tests.support.manifests import isvc_doc, model_doc
+
+    def digest(block):
+        return spec_hash(evaluate(isvc_doc(speculativeDecoding=block), model_doc()).value)
+
+    plain = spec_hash(evaluate(isvc_doc(), model_doc()).value)
+    assert digest({"type": "none", "nDraftMax": 3}) == plain  # no speculation: the same process
+    assert len({plain, digest({"type": "ngram-simple"}), digest({"type": "ngram-simple", "nDraftMax": 3}),
+                digest({"type": "ngram-simple", "pMin": 0.5})}) == 4
+    assert digest({"type": "mtp"}) == digest({"type": "draft-mtp"})

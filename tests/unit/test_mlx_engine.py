@@ -312,11 +312,13 @@ def test_a_draft_that_mlx_cannot_load_is_refused_on_the_draft_model():
     assert [(e.kind, e.name, e.path) for e in outcome.errors] == [("Model", "default/small", "spec.format")]
 
 
-def test_llama_server_refuses_speculative_decoding_instead_of_ignoring_it():
-    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc())
-    assert isinstance(outcome, Invalid)
-    [error] = outcome.errors
-    assert error.path == "spec.speculativeDecoding.type" and error.reason == "UnsupportedField"
+def test_llama_server_takes_a_gguf_draft_and_refuses_an_mlx_one():
+    gguf_draft = model_doc("small", source="/models/small.gguf")
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(), draft=gguf_draft)
+    assert isinstance(outcome, Parsed) and outcome.value.draft.meta.name == "small"
+    mlx_draft = model_doc("small", format="mlx", source="/models/small-mlx")
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(), draft=mlx_draft)
+    assert isinstance(outcome, Invalid) and outcome.paths() == ("spec.format",)
     assert isinstance(evaluate(isvc_doc(speculativeDecoding={"type": "disabled"}), model_doc()), Parsed)
 
 

@@ -12,8 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metal_agent.core import llama_log
-from metal_agent.core.api import InferenceServiceSpec, Model, RopeScalingType
-from metal_agent.core.argv import CACHE_RAM, AgentArgvOptions, build_argv, prompt_cache_mib
+from metal_agent.core.api import InferenceServiceSpec, Model, ModelFormat, RopeScalingType
+from metal_agent.core.argv import (
+    CACHE_RAM,
+    DRAFT_WEIGHT_TYPES,
+    NEEDS_DRAFT_WEIGHTS,
+    SPEC_TYPES,
+    AgentArgvOptions,
+    build_argv,
+    prompt_cache_mib,
+    spec_type,
+)
 from metal_agent.core.claim import Workload
 from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, OptionTable
@@ -24,9 +33,6 @@ from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.memory import MiB, EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
-
-#: speculativeDecoding types that mean "no speculation" (LLMKube's alias and llama.cpp's spelling).
-NO_SPECULATION = ("none", "disabled")
 
 HEADER_FIRST_READ = 1 << 20  # the read window: bytes looked at are read in windows this size
 HEADER_MAX_READ = 128 << 20
@@ -62,17 +68,14 @@ class LlamaServer:
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
         """What LLMKube's CRD admits and this llama-server cannot run (each checked against its source):
-        speculative decoding (not passed yet), `longrope` rope scaling, an unbounded prompt cache."""
+        speculative decoding it cannot set up, `longrope` rope scaling, an unbounded prompt cache."""
         spec, key = workload.isvc.spec, workload.isvc.meta.key
         errors: list[FieldError] = []
 
         def refuse(path: str, message: str, reason: str = UNSUPPORTED_FIELD) -> None:
             errors.append(FieldError(path, message, "InferenceService", key, reason))
 
-        kind = spec.speculative_type
-        if kind is not None and kind not in NO_SPECULATION:
-            refuse("spec.speculativeDecoding.type", f"{kind!r} cannot be honoured by metal-agent: speculative"
-                   " decoding is not passed to llama-server yet; remove speculativeDecoding (or set type none)")
+        errors += _speculative_refusals(spec, key)
         if spec.rope_scaling is not None and spec.rope_scaling.type is RopeScalingType.LONGROPE:
             refuse("spec.ropeScaling.type", "'longrope' cannot be honoured by metal-agent: llama-server's"
                    " --rope-scaling accepts only none, linear or yarn (it reads LongRoPE factors from the GGUF"
@@ -85,16 +88,21 @@ class LlamaServer:
         return tuple(errors)
 
     def wants_draft(self, spec: InferenceServiceSpec) -> bool:
-        return False  # speculativeDecoding is refused (see refusals)
+        return spec_type(spec) in DRAFT_WEIGHT_TYPES and spec.draft_model_ref is not None
 
     def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]:
-        return ()
+        """llama-server loads a draft the way it loads a model: one GGUF file."""
+        if draft.spec.format in (ModelFormat.GGUF, ModelFormat.CUSTOM):
+            return ()
+        return (FieldError("spec.format", f"{draft.spec.format.value} cannot be a draft model for llama-server,"
+                           " which loads GGUF files; use a GGUF Model", "Model", draft.meta.key),)
 
     def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
         argv = build_argv(workload, AgentArgvOptions(
             binary=launch.command[-1], model_path=launch.model_path, host=launch.host, port=launch.port,
             threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
             verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja, no_slots=launch.no_slots,
+            draft_model_path=launch.draft_model_path if workload.draft is not None else None,
         ))
         return (*launch.command[:-1], *argv)
 
@@ -122,3 +130,31 @@ class LlamaServer:
 
 
 LLAMA_SERVER = LlamaServer()
+
+
+def _speculative_refusals(spec: InferenceServiceSpec, key: str) -> list[FieldError]:
+    """`speculativeDecoding` llama-server cannot run as written (LLMKube's CRD checks most of this;
+    a manifest rendered offline or a lagging CRD does not)."""
+    base = "spec.speculativeDecoding"
+    kind = spec_type(spec)
+    errors: list[FieldError] = []
+
+    def refuse(path: str, message: str, reason: str = "") -> None:
+        errors.append(FieldError(path, message, "InferenceService", key, reason))
+
+    if kind is None:
+        return errors
+    if kind not in SPEC_TYPES:
+        refuse(f"{base}.type", f"{spec.speculative_type!r} is not a speculative decoding type of llama-server;"
+               f" use one of {', '.join(SPEC_TYPES)} (or LLMKube's draft, mtp, disabled)")
+    elif spec.draft_model_file is not None:
+        refuse(f"{base}.draftModel", f"{spec.draft_model_file!r} cannot be honoured by metal-agent: a draft named"
+               " as a file of the Model's spec.files is not fetched; give the draft as its own GGUF Model in"
+               " draftModelRef", UNSUPPORTED_FIELD)
+    elif kind in NEEDS_DRAFT_WEIGHTS and spec.draft_model_ref is None:
+        refuse(f"{base}.draftModelRef", f"type {kind} needs draft weights: name a GGUF Model in the same namespace")
+    elif kind not in DRAFT_WEIGHT_TYPES and spec.draft_model_ref is not None:
+        refuse(f"{base}.draftModelRef", f"type {kind} takes no draft model (only the draft-* types do)")
+    if spec.draft_p_min is not None and not 0 <= spec.draft_p_min <= 1:
+        refuse(f"{base}.pMin", f"must be between 0 and 1, got {spec.draft_p_min}")
+    return errors
