@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from metal_agent.core.argv import AgentArgvOptions, build_argv, prompt_cache_mib
+from metal_agent.core.argv import AgentArgvOptions, build_argv, prompt_cache_mib, spec_type
 from metal_agent.core.claim import evaluate
 from metal_agent.core.extra_args import ExtraArgsPolicy
 from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
@@ -21,6 +22,7 @@ from metal_agent.core.spec_policy import SpecPolicy
 from tests.support.llama import LlamaServerExited, running_llama_server
 from tests.support.manifests import gpu, isvc_doc, model_doc, workload
 from tests.support.ports import free_port
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -277,3 +279,31 @@ async def test_jinja_false_turns_the_template_engine_off(jinja, engine_on, llama
         assert status == 200, body
     else:
         assert status != 200 and "tools param requires --jinja flag" in body
+
+
+SPECULATION = [
+    pytest.param({"type": "ngram-simple", "nDraftMax": 4}, id="ngram"),
+    # The draft is the tiny model itself: a GGUF sharing the target's vocabulary, as llama-server requires.
+    pytest.param({"type": "draft", "draftModelRef": "draft", "nDraftMax": 3, "pMin": 0.5}, id="draft-model"),
+]
+
+
+@pytest.mark.parametrize("block", SPECULATION)
+async def test_llama_server_runs_the_speculative_decoding_the_spec_asks_for(block, llama_server_bin, tiny_model, dialect):
+    outcome = evaluate(isvc_doc(speculativeDecoding=block, contextSize=512), model_doc(),
+                       draft=model_doc("draft", source=f"file://{tiny_model}"))
+    assert not isinstance(outcome, Invalid), outcome
+    port = free_port()
+    opts = options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)
+    argv = build_argv(outcome.value, replace(opts, draft_model_path=str(tiny_model)))
+    assert ("-md" in argv) is (outcome.value.draft is not None)
+    async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
+        body = {"prompt": "hello hello hello hello", "n_predict": 8, "temperature": 0}
+        async with http.post(f"{server.base_url}/completion", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            reply = await resp.json()
+        assert reply["tokens_predicted"] > 0
+        # llama-server reports each speculative method it ran, by its own name (LLMKube's alias resolved).
+        ran = re.compile(rf"statistics\s+{spec_type(outcome.value.isvc.spec)}: #calls")
+        await wait_for(lambda: ran.search(server.stderr_text()), timeout=10, what="speculation statistics",
+                       on_timeout=lambda: server.stderr_text()[-2000:])
