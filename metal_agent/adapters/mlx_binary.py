@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from metal_agent.core.mlx_dialect import MlxDialect, mlx_dialect_from_help
 from metal_agent.paths import HOMEBREW_BIN_DIRS
 from metal_agent.tasks import within
 
@@ -65,6 +66,23 @@ class MlxServerInfo:
     version: str  # mlx-lm's version, "unknown" when the interpreter cannot say
 
 
+async def _help(command: tuple[str, ...], timeout: float) -> str:
+    """`mlx_lm.server --help`'s text ("" when it cannot be run or read)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command, "--help", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return ""
+    try:
+        out, _ = await within(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return ""
+    return out.decode(errors="replace") if proc.returncode == 0 else ""
+
+
 async def probe(path: str, timeout: float = 20.0) -> MlxServerInfo | str:
     """The command and mlx-lm version for `path`, or why it cannot be used."""
     if not os.access(path, os.X_OK):
@@ -87,3 +105,9 @@ async def probe(path: str, timeout: float = 20.0) -> MlxServerInfo | str:
         except OSError:
             pass
     return MlxServerInfo(command, version)
+
+
+async def probe_dialect(info: MlxServerInfo, timeout: float = 20.0) -> MlxDialect:
+    """The options the server's --help lists (an MLX import: a second or two). Not called at start-up
+    yet: nothing uses the dialect until `Launch` carries it (see core.mlx_dialect)."""
+    return mlx_dialect_from_help(await _help(info.command, timeout), info.version)
