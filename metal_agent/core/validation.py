@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+from metal_agent.core import fields
 from metal_agent.core.api import (
     Accelerator,
     CacheType,
@@ -55,7 +56,6 @@ from metal_agent.core.api import (
     ShardingStrategy,
     SourceKind,
 )
-from metal_agent.core import fields
 from metal_agent.core.flags import CACHE_TYPE_TOKEN
 from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
 from metal_agent.core.quantity import quantity_to_bytes
