@@ -299,7 +299,8 @@ def markdown_table(kind: str) -> str:
     lines = ["| Field | Treatment | How, or why |", "|---|---|---|"]
     for row in sorted(rows(kind), key=lambda r: (list(Treatment).index(r.treatment), r.path)):
         field = f"`{row.path}`" + (" (and below)" if row.subtree else "")
-        lines.append(f"| {field} | {row.treatment.value} | {row.text.replace('|', chr(92) + '|')} |")
+        text = row.text.removeprefix("refused").lstrip(": ") if row.treatment is Treatment.REFUSED else row.text
+        lines.append(f"| {field} | {row.treatment.value} | {text.replace('|', chr(92) + '|')} |")
     return "\n".join(lines)
 
 
