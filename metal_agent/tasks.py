@@ -17,13 +17,17 @@ Two rules every long-lived task in the agent follows:
   For the same reason a time limit is `within`, never `asyncio.wait_for`:
   Python 3.11's `wait_for` returns the result, and drops the cancellation,
   when what it waits for finishes as the cancellation lands.
+
+Short-lived work a loop starts per key (the fleet's Lease writes per replica
+slot) goes through `KeyedTasks`: one task per key, failures logged, and
+cancelled with `cancel_and_wait` when the loop ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Generic, Hashable, TypeVar
 
 import structlog
 from prometheus_client import Counter
@@ -103,3 +107,57 @@ async def supervised_loop(
             log.error("background loop failed; restarting it", loop=name, error=f"{type(err).__name__}: {err}",
                       attempt=consecutive, retry_in_s=round(delay, 2), exc_info=err)
         await asyncio.sleep(delay)
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class KeyedTasks(Generic[K]):
+    """Fire-and-forget work, at most one task per key at a time.
+
+    For writes a periodic loop decides on every round (the fleet's bids, hand-overs and
+    releases, one per replica slot): a second start for a key still at work is dropped,
+    because the round after it finishes decides again from fresh numbers. A failure is
+    logged and forgotten for the same reason: the `expected` ones (the API away, a
+    timeout) as a warning, anything else with its traceback, never an exception left
+    unretrieved. `close` cancels what runs and waits for it (`cancel_and_wait`).
+    """
+
+    def __init__(self, name: str, *, expected: tuple[type[BaseException], ...] = ()) -> None:
+        self.name = name
+        self.expected = expected
+        self._tasks: dict[K, asyncio.Task] = {}
+
+    def start(self, key: K, coro: Coroutine[Any, Any, Any]) -> asyncio.Task | None:
+        """Run `coro` for `key`; None (and `coro` closed, never awaited) while `key` is busy."""
+        if self.busy(key):
+            coro.close()
+            return None
+        task = asyncio.create_task(self._guarded(key, coro), name=f"{self.name} {key}")
+        self._tasks[key] = task
+        task.add_done_callback(lambda done: self._tasks.pop(key, None) if self._tasks.get(key) is done else None)
+        return task
+
+    def busy(self, key: K) -> bool:
+        return self.current(key) is not None
+
+    def current(self, key: K) -> asyncio.Task | None:
+        """The task at work for `key`, if any."""
+        task = self._tasks.get(key)
+        return task if task is not None and not task.done() else None
+
+    def running(self) -> list[K]:
+        return [key for key, task in self._tasks.items() if not task.done()]
+
+    async def close(self) -> None:
+        await cancel_and_wait(*self._tasks.values())
+        self._tasks.clear()
+
+    async def _guarded(self, key: K, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await coro
+        except self.expected as err:
+            log.warning(f"{self.name} failed; the next round retries", key=str(key), error=f"{type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - a bug: logged with its traceback, the loop goes on
+            log.error(f"{self.name} failed unexpectedly", key=str(key), error=f"{type(err).__name__}: {err}",
+                      exc_info=err)

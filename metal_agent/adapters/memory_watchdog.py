@@ -6,7 +6,10 @@ through callbacks the agent wires to the reconciler:
 
 * `on_level_change(old, new)`  → MemoryPressure condition, Event MemoryPressureLevelChanged
 * `evict(key)`                 → stop that service's llama-server, Event Evicted
-* `on_eviction_skipped(reason)`→ Event EvictionSkipped
+* `on_eviction_skipped(reason, message)` → Event EvictionSkipped; `message` (may be
+                                 empty) is for people: for `PressureFromOtherProcesses` it says the
+                                 pressure comes from other processes, with the numbers, for the
+                                 MemoryPressure condition message too
 * `unblock(keys)`              → re-queue those services; they respawn on their own
 
 The reconciler asks `is_blocked(key)` before (re)spawning a service, and
@@ -41,6 +44,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from metal_agent.core.admission import memory_budget
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.pressure import (
+    DEFAULT_MIN_OWN_SHARE,
+    SKIP_FOREIGN_PRESSURE,
+    Attribution,
     Evict,
     EvictionSkipped,
     Level,
@@ -50,7 +56,9 @@ from metal_agent.core.pressure import (
     ServiceMemory,
     Thresholds,
     Unblock,
+    attribute,
     step,
+    validate_min_own_share,
 )
 
 log = structlog.get_logger(__name__)
@@ -128,6 +136,10 @@ class PressureMetrics:
         self.budget = Gauge(P + "memory_budget_bytes", "the agent's memory budget for all its services", registry=registry)
         self.evictions = Counter(P + "evictions", "services stopped to relieve memory pressure", registry=registry)
         self.skipped = Counter(P + "evictions_skipped", "evictions needed but not done, by reason", ["reason"], registry=registry)
+        self.own_share = Gauge(P + "memory_own_share_ratio",
+                               "share of the memory in use (total - available) held by this agent's services "
+                               "(their resident memory), 0..1; at Critical an eviction needs more than the "
+                               "configured minimum (default 0.5)", registry=registry)
 
 
 async def _call(what: str, fn: Callable | None, *args) -> bool:
@@ -159,10 +171,13 @@ class MemoryWatchdog:
         thresholds: Thresholds = Thresholds(),
         memory_fraction: float | None = None,
         eviction_enabled: bool = True,
+        min_own_share: float = DEFAULT_MIN_OWN_SHARE,
     ) -> None:
         """`services()` lists the services running now; `memory_fraction` is the
         agent's --memory-fraction (None: the RAM-dependent default), used for
-        the memory_budget_bytes gauge."""
+        the memory_budget_bytes gauge. `min_own_share` is the friendly-fire
+        guard: at Critical, evict only when our services hold more than this
+        share of the memory in use (0: whatever the cause)."""
         self.metrics = PressureMetrics(registry)
         self.services = services
         self.evict = evict
@@ -174,9 +189,11 @@ class MemoryWatchdog:
         self.thresholds = thresholds
         self.memory_fraction = memory_fraction
         self.eviction_enabled = eviction_enabled
+        self.min_own_share = validate_min_own_share(min_own_share)
         self.state = PressureState()
         self.last_reading: MemoryReading | None = None
         self._last_error: str | None = None
+        self._foreign_said = False  # the refusal is logged as a warning once per pressure episode
 
     @property
     def level(self) -> Level:
@@ -206,19 +223,26 @@ class MemoryWatchdog:
         self.metrics.wired.set(reading.wired_bytes or 0)
         self.metrics.budget.set(memory_budget(None, reading.total_bytes, self.memory_fraction).bytes)
 
-        self.state, actions = step(self.state, reading, self.services(), self.thresholds, evict=self.eviction_enabled)
+        services = self.services()
+        attribution = attribute(reading, services)
+        self.metrics.own_share.set(attribution.share)
+        self.state, actions = step(self.state, reading, services, self.thresholds, evict=self.eviction_enabled,
+                                   min_own_share=self.min_own_share)
         self.metrics.level.set(int(self.state.level))
         for action in actions:
-            await self._execute(action, reading)
+            await self._execute(action, reading, attribution)
 
-    async def _execute(self, action, reading: MemoryReading) -> None:
+    async def _execute(self, action, reading: MemoryReading, attribution: Attribution) -> None:
         share = f"{reading.available_bytes / reading.total_bytes:.0%}" if reading.total_bytes else "?"
         if isinstance(action, LevelChanged):
+            self._foreign_said = False
             log.warning("memory pressure level changed", old=action.old.label, new=action.new.label, available=share,
                         judged_by="kernel" if reading.kernel_level is not None else "available share")
             await _call("on_level_change", self.on_level_change, action.old, action.new)
         elif isinstance(action, Evict):
-            log.warning("evicting service to relieve memory pressure", service=action.key, available=share)
+            self._foreign_said = False
+            log.warning("evicting service to relieve memory pressure", service=action.key, available=share,
+                        own_share=round(attribution.share, 3))
             if await _call("evict", self.evict, action.key):
                 self.metrics.evictions.inc()
             else:
@@ -226,9 +250,15 @@ class MemoryWatchdog:
                 # every further eviction); the next critical tick chooses again.
                 self.state = self.state.forget(action.key)
         elif isinstance(action, EvictionSkipped):
-            log.info("memory is critical but nothing may be evicted", reason=action.reason, available=share)
+            if action.reason == SKIP_FOREIGN_PRESSURE:
+                say = log.debug if self._foreign_said else log.warning
+                self._foreign_said = True
+                say("memory is critical but the pressure comes from other processes; not evicting",
+                    detail=action.message, min_own_share=self.min_own_share, available=share)
+            else:
+                log.info("memory is critical but nothing may be evicted", reason=action.reason, available=share)
             self.metrics.skipped.labels(action.reason).inc()
-            await _call("on_eviction_skipped", self.on_eviction_skipped, action.reason)
+            await _call("on_eviction_skipped", self.on_eviction_skipped, action.reason, action.message)
         elif isinstance(action, Unblock):
             log.info("memory pressure is normal again; evicted services may respawn", services=sorted(action.keys))
             await _call("unblock", self.unblock, action.keys)

@@ -74,7 +74,9 @@ from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceK
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy, policy
-from metal_agent.core.engine import Engine, EngineName, engine_for_model
+from metal_agent.core.engine import Engine
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for_model
 from metal_agent.core.engines.llama_server import HEADER_FIRST_READ, HEADER_MAX_READ, LLAMA_SERVER, read_header
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
@@ -319,12 +321,14 @@ class ModelFiles:
         limits: DownloadLimits | None = None,
         ssl_context: ssl.SSLContext | None = None,
         estimate_timeout: float = ESTIMATE_TIMEOUT,
+        default_engine: EngineName = EngineName.LLAMA_SERVER,
     ) -> None:
         """`egress`: where downloads may connect and tokens may go (default: public addresses,
         tokens to the hub endpoint's host only); `limits`: size cap and free-disk margin;
-        `ssl_context`: whom https trusts (default: the system's CAs)."""
+        `ssl_context`: whom https trusts (default: the system's CAs); `default_engine`: serves
+        Models whose format names no engine (--default-runtime)."""
         self.cache_dir = cache_dir
-        self.default_engine = EngineName.LLAMA_SERVER  # serves Models whose format names no engine (--default-runtime)
+        self.default_engine = default_engine
         self.on_ready = on_ready
         self.on_progress = on_progress
         self.metrics = DownloadMetrics(registry) if registry is not None else None

@@ -20,6 +20,7 @@ from typing import TextIO
 
 import typer
 
+from metal_agent import __version__
 from metal_agent.core.powermetrics import PowerParser, PowerSample
 from metal_agent.core.sudoers import SudoersError, render_sudoers as _render
 
@@ -39,7 +40,10 @@ def sample_to_json(sample: PowerSample) -> str:
     Keys: ``timestamp`` (the sample date exactly as powermetrics printed it),
     ``elapsed_ms`` (length of the sample window), and ``cpu_watts``,
     ``gpu_watts``, ``ane_watts``, ``combined_watts`` (power in watts, the
-    values the ``llmkube_metal_agent_apple_power_*_watts`` gauges get).
+    values the ``llmkube_metal_agent_apple_power_*_watts`` gauges get), and
+    ``gpu_active_ratio`` (0..1) and ``gpu_active_frequency_hertz``, the values
+    of the ``llmkube_metal_agent_apple_gpu_*`` gauges (null when the sample
+    had no such line: what to look for on a new macOS release).
     """
     return json.dumps(
         {
@@ -49,6 +53,8 @@ def sample_to_json(sample: PowerSample) -> str:
             "gpu_watts": sample.gpu_w,
             "ane_watts": sample.ane_w,
             "combined_watts": sample.combined_w,
+            "gpu_active_ratio": sample.gpu_active_ratio,
+            "gpu_active_frequency_hertz": sample.gpu_active_hz,
         }
     )
 
@@ -67,7 +73,8 @@ def parse(
     source: str = typer.Argument(..., metavar="FILE|-", help="powermetrics text output; '-' reads stdin."),
 ) -> None:
     """Print one JSON object per complete sample (keys: timestamp, elapsed_ms,
-    cpu_watts, gpu_watts, ane_watts, combined_watts; power in watts).
+    cpu_watts, gpu_watts, ane_watts, combined_watts, power in watts; and
+    gpu_active_ratio, gpu_active_frequency_hertz).
 
     A sample cut off at the end of the input is not printed.
     """
@@ -92,7 +99,7 @@ def render_sudoers(
     as /etc/sudoers.d/llmkube-powermetrics rather than by hand.
     """
     try:
-        text = _render(user, interval_ms)
+        text = _render(user, interval_ms, version=__version__)
     except SudoersError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

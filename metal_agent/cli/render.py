@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, List, NoReturn, Optional
 
@@ -28,8 +27,10 @@ import typer
 from metal_agent.cli.spec_policy_flags import allow_extra_arg_option, allowed_model_roots_option, build_policy
 from metal_agent.core.api import ModelSource
 from metal_agent.core.claim import evaluate, wanted_model
-from metal_agent.core.engine import EngineName, Launch, engine_for
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for
 from metal_agent.core.flags import Dialect
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 
 API_GROUP = "inference.llmkube.dev/"
@@ -119,24 +120,23 @@ def render(
     assert isinstance(outcome, Parsed)
     workload = outcome.value
 
-    engine = engine_for(workload, EngineName(default_runtime))
+    engine_name = EngineName(default_runtime)
+    engine = engine_for(workload, engine_name)
+    llama, mlx, dialect = llama_server or "llama-server", (), Dialect()
     if engine.name is EngineName.MLX_LM:
         from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server
 
         found = find_mlx_server(mlx_server)
-        command, dialect = (exec_form(found) if found else ("python3", "mlx_lm.server")), {}
+        mlx = exec_form(found) if found else ("python3", "mlx_lm.server")
     else:
-        command, dialect = (llama_server or "llama-server",), asdict(_probe_dialect(llama_server))
-    launch = Launch(
-        command=command,
-        model_path=model_path or placeholder_model_path(workload.model.spec.source),
-        host=host,
-        port=port,
+        dialect = _probe_dialect(llama_server)
+    settings = LaunchSettings(
+        llama_server=llama, mlx_server=mlx, host=host, mlock=mlock, dialect=dialect,
         threads=threads if threads is not None else asyncio.run(performance_core_count()),
-        mlock=mlock,
-        **dialect,
+        default_engine=engine_name, policy=policy,
     )
-    typer.echo(json.dumps(list(engine.argv(workload, launch))))
+    instance = Instance(model_path or placeholder_model_path(workload.model.spec.source), port)
+    typer.echo(json.dumps(list(engine.argv(workload, settings, instance))))
 
 
 def placeholder_model_path(source: ModelSource) -> str:

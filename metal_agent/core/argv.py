@@ -2,9 +2,10 @@
 
 Pure: everything that needs the outside world (which port is free, where the
 model file was cached, how many performance cores the Mac has, which flag
-dialect the binary speaks) is decided by the caller and passed in as
-`AgentArgvOptions`. The spec side comes from `Workload`, already validated,
-so this module never has to reject anything.
+dialect the binary speaks) is decided by the caller and passed in as the
+agent's `LaunchSettings` and the process's `Instance` (`core.launch`). The
+spec side comes from `Workload`, already validated, so this module never has
+to reject anything.
 
 Flag order follows LLMKube's Metal agent, which keeps diffs against its
 command lines readable; `extraArgs` come last so they can override any flag
@@ -57,13 +58,12 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
-from metal_agent.core.claim import Workload
 from metal_agent.core.extra_args import arity
-from metal_agent.core.flags import LOG_VERBOSITY, VERBOSITY_FLAGS, MlockStyle
+from metal_agent.core.flags import LOG_VERBOSITY
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
+from metal_agent.core.workload import Workload
 
 #: What "all layers" is sent as; see the module docstring.
 ALL_LAYERS = "999"
@@ -91,54 +91,23 @@ _SPLIT_MODE = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class AgentArgvOptions:
-    """The agent-level inputs of a command line, decided outside the core.
+def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance) -> tuple[str, ...]:
+    """The full argv (argv[0] is the binary) to serve `workload`.
 
-    `threads` None omits `--threads` (llama-server picks); the agent passes
-    the performance-core count found by `adapters.host_cpu`. `mlock` is the
-    agent-wide opt-out of pinning model memory. The rest describe the target
-    binary, from `core.flags.Dialect` (probed from its `--help`):
-    `mlock_style` is the mlock spelling it understands, `verbosity_flag` its
-    log-verbosity option (None: it has none, nothing is passed), `no_jinja`
-    whether it knows `--no-jinja`, `no_slots` whether to pass `--no-slots`.
+    Of the agent's settings it reads the binary, the host, threads, mlock and
+    the binary's dialect: `mlock_style` is the mlock spelling it understands,
+    `verbosity_flag` its log-verbosity option (None: it has none, nothing is
+    passed), `no_jinja` whether it knows `--no-jinja`, `no_slots` whether to
+    pass `--no-slots`.
     """
-
-    binary: str
-    model_path: str
-    host: str
-    port: int
-    threads: int | None = None
-    mlock: bool = True
-    mlock_style: MlockStyle = MlockStyle.FLAG
-    verbosity_flag: str | None = None
-    no_jinja: bool = True
-    no_slots: bool = True
-    draft_model_path: str | None = None  # the workload's draft Model on this Mac (speculative decoding)
-
-    def __post_init__(self) -> None:
-        # Programming errors, not user input: fail loudly at construction.
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be 1-65535, got {self.port}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be positive, got {self.threads}")
-        for name in ("binary", "model_path", "host"):
-            value = getattr(self, name)
-            if not value or "\x00" in value:
-                raise ValueError(f"{name} must be a non-empty string without NUL")
-        if self.verbosity_flag is not None and self.verbosity_flag not in VERBOSITY_FLAGS:
-            raise ValueError(f"verbosity_flag must be llama-server's verbosity option, got {self.verbosity_flag!r}")
-
-
-def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]:
-    """The full argv (argv[0] is the binary) to serve `workload`."""
     spec = workload.isvc.spec
     model = workload.model.spec
+    dialect = settings.dialect
     argv: list[str] = [
-        options.binary,
-        "--model", options.model_path,
-        "--host", options.host,
-        "--port", str(options.port),
+        settings.llama_server,
+        "--model", instance.model_path,
+        "--host", settings.host,
+        "--port", str(instance.port),
         "--n-gpu-layers", _gpu_layers(model),
     ]
     argv += _split_args(model)
@@ -146,8 +115,8 @@ def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]
     argv += _rope_args(spec)
     argv += ["--parallel", str(spec.parallel_slots)]
     argv += ["--flash-attn", "on" if spec.flash_attention else "off"]
-    if options.mlock:
-        argv += options.mlock_style.args()
+    if settings.mlock:
+        argv += dialect.mlock_style.args()
     if cache_k := spec.effective_cache_type_k:
         argv += ["--cache-type-k", cache_k]
     if cache_v := spec.effective_cache_type_v:
@@ -162,8 +131,8 @@ def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]
         argv += ["--override-tensor", override]
     for override in spec.metadata_overrides:
         argv += ["--override-kv", override]
-    if options.threads is not None:
-        argv += ["--threads", str(options.threads)]
+    if settings.threads is not None:
+        argv += ["--threads", str(settings.threads)]
     argv += ["--batch-size", str(spec.batch_size)]
     if spec.ubatch_size is not None:
         argv += ["--ubatch-size", str(spec.ubatch_size)]
@@ -173,21 +142,22 @@ def build_argv(workload: Workload, options: AgentArgvOptions) -> tuple[str, ...]
         argv += ["--reasoning-budget", str(spec.reasoning_budget)]
     if spec.reasoning_budget_message:
         argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
-    argv += _speculative_args(spec, options.draft_model_path)
+    # The draft path is the workload's draft Model on this Mac (None when it has none).
+    argv += _speculative_args(spec, instance.draft_model_path if workload.draft is not None else None)
     if spec.jinja:
         argv.append("--jinja")
-    elif spec.jinja is False and options.no_jinja:
+    elif spec.jinja is False and dialect.no_jinja:
         argv.append("--no-jinja")
     argv += _mode_args(spec.mode)
     if extra_arg_value(spec.extra_args, CACHE_RAM) is None:
         argv += [CACHE_RAM, str(prompt_cache_mib(spec))]
-    if options.no_slots:
+    if dialect.no_slots:
         # /slots (on by default) shows every slot's prompt in flight to any client. /props
         # writes stay off: llama-server enables them only with --props, which extraArgs refuse.
         argv.append("--no-slots")
     argv.append("--metrics")
-    if options.verbosity_flag:
-        argv += [options.verbosity_flag, str(LOG_VERBOSITY)]
+    if dialect.verbosity_flag:
+        argv += [dialect.verbosity_flag, str(LOG_VERBOSITY)]
     argv += spec.extra_args
     return tuple(argv)
 

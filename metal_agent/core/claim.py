@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
-from metal_agent.core.api import Accelerator, InferenceService, Model, Runtime
+from metal_agent.core.api import Accelerator, Model, Runtime
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, check_extra_args, with_checked_args
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy
@@ -30,21 +32,12 @@ from metal_agent.core.validation import (
     parse_inference_service,
     parse_model,
 )
+from metal_agent.core.workload import Workload
 
 
 @dataclass(frozen=True, slots=True)
 class Ours:
     """The InferenceService is served by this agent (validity not yet checked)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    """A validated InferenceService together with the Model it serves, and the draft Model
-    of its speculative decoding when its engine uses one (mlx_lm.server)."""
-
-    isvc: InferenceService
-    model: Model
-    draft: Model | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +67,6 @@ class Allowlist:
     def admits(self, namespace: str, name: str) -> bool:
         return not self.entries or name in self.entries or f"{namespace}/{name}" in self.entries
 
-    # The gate protocol. A fleet (metal_agent/fleet.py) is a gate too: it admits a service
-    # while this Mac holds one of its replica Leases. A static list is always ready, speaks
-    # for every service it admits, and never reports one as unplaced.
-
     def refusal(self, namespace: str, name: str) -> str | None:
         """Why the service is not this agent's (None: it is)."""
         if self.admits(namespace, name):
@@ -85,21 +74,14 @@ class Allowlist:
         return (f"InferenceService {namespace}/{name} is not in this agent's "
                 f"--inference-service-allowlist ({', '.join(self.entries)})")
 
-    def ready(self) -> bool:
-        return True
 
-    def speaks_for(self, key: str) -> bool:
-        return True
+class ClaimFilter(Protocol):
+    """The one question the claim rule asks beyond the objects themselves: may this agent
+    take the service? An `Allowlist` answers it from the flag; the controller's gate
+    (`metal_agent.controller.gate`: a fleet's Leases, or the allowlist) answers it too."""
 
-    def unplaced(self, key: str):
-        return None
-
-    def placement(self, key: str):
-        """(the `FleetPlacement` condition, replicas ready on other Macs): none without a fleet."""
-        return None, 0
-
-
-EVERY_SERVICE = Allowlist()
+    def refusal(self, namespace: str, name: str) -> str | None:
+        """Why the service is not this agent's (None: it is)."""
 
 
 def _get(obj: Any, *keys: str) -> Any:
@@ -123,7 +105,7 @@ def wanted_model(isvc: Any) -> tuple[str, str] | None:
     return _namespace(isvc), ref
 
 
-def claim(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE) -> Ours | NotOurs:
+def claim(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist()) -> Ours | NotOurs:
     """Decide whether `isvc` is ours, given the Model it refers to (None if not found).
 
     Never raises and never reports errors: anything we cannot read as ours
@@ -171,7 +153,7 @@ def wanted_draft(isvc: Any) -> tuple[str, str] | None:
     return _namespace(isvc), ref
 
 
-def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
+def evaluate(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist(),
              default_engine: str = "llama-server", draft: Any | None = None,
              policy: SpecPolicy = SpecPolicy()) -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.
@@ -180,14 +162,12 @@ def evaluate(isvc: Any, model: Any | None, allowlist: Allowlist = EVERY_SERVICE,
     `NotOurs` -> ignore, `Invalid` -> report on the InferenceService's
     status, `Parsed` -> build the argv and run it. The engine that will
     serve the Model (its format, else `default_engine`) adds what it cannot
-    honour (`core.engine`). `draft` is the Model `wanted_draft` names (None if
+    honour (`core.engine`, picked by `core.engines`). `draft` is the Model `wanted_draft` names (None if
     not found), checked when that engine does speculative decoding with it.
     `extraArgs` are checked against that engine's allowlist, widened by what
     the Mac's owner allows in `policy` (refusals carry ExtraArgRefused), and
     come back as they go on the command line (`core.extra_args`).
     """
-    from metal_agent.core.engine import EngineName, engine_for
-
     verdict = claim(isvc, model, allowlist)
     if isinstance(verdict, NotOurs):
         return verdict

@@ -16,35 +16,27 @@ supervisor and the memory guard never ask "which engine is this?":
   stays pure and the bytes come from disk in a worker thread).
 
 Which engine serves a model is decided by the Model's `format`
-(`engine_for`): GGUF files go to llama-server, MLX directories to
-`mlx_lm.server`, and a format that names no engine (`custom`) to the agent's
-default (`--default-runtime`, llama-server unless changed). The engines live
-in `core.engines`, one module each; nothing outside them branches on an
-engine.
+(`core.engines.engine_for`): GGUF files go to llama-server, MLX directories
+to `mlx_lm.server`, and a format that names no engine (`custom`) to the
+agent's default (`--default-runtime`, llama-server unless changed). The
+engines live in `core.engines`, one module each, with the registry that
+picks one; nothing outside them branches on an engine. This module is below
+them all: it names the seam and imports no engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from metal_agent.core.api import InferenceServiceSpec, Model, ModelFormat
+from metal_agent.core.api import InferenceServiceSpec, Model
+from metal_agent.core.engine_name import EngineName
 from metal_agent.core.extra_args import OptionTable
-from metal_agent.core.flags import MlockStyle
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 from metal_agent.core.result import FieldError
-
-if TYPE_CHECKING:
-    from metal_agent.core.claim import Workload
-
-
-class EngineName(StrEnum):
-    """The engines, by the name used in flags, logs, metrics labels and the process's Events."""
-
-    LLAMA_SERVER = "llama-server"
-    MLX_LM = "mlx-lm"
+from metal_agent.core.workload import Workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,31 +54,6 @@ class Probe:
     health_path: str = "/health"
     ready_path: str | None = None
     ready_body: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Launch:
-    """The agent-level inputs of a command line, decided outside the core.
-
-    `command` is how to start the engine's server, usually one path
-    (`/opt/homebrew/bin/llama-server`), or an interpreter and a script
-    (`.../python3 .../mlx_lm.server`) so that the process's command line is
-    exactly the argv the agent recorded (adoption compares the two). The
-    rest are llama-server's dialect and host settings; an engine uses what
-    applies to it.
-    """
-
-    command: tuple[str, ...]
-    model_path: str
-    host: str
-    port: int
-    threads: int | None = None
-    mlock: bool = True
-    mlock_style: MlockStyle = MlockStyle.FLAG
-    verbosity_flag: str | None = None
-    no_jinja: bool = True
-    no_slots: bool = True
-    draft_model_path: str | None = None  # the workload's draft Model, on this Mac (speculative decoding)
 
 
 class ModelReader(Protocol):
@@ -123,7 +90,8 @@ class Engine(Protocol):
 
     def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]: ...
 
-    def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]: ...
+    def argv(self, workload: Workload, settings: LaunchSettings, instance: Instance) -> tuple[str, ...]:
+        """The full command line (argv[0] is `settings.command(self.name)`[0]) that serves `workload`."""
 
     def acceleration(self, log_text: str) -> Acceleration | None: ...
 
@@ -138,28 +106,3 @@ class Engine(Protocol):
 
     def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
         """`estimate_with(estimate_inputs(reader), spec)`."""
-
-
-#: Formats that decide their engine; any other servable format (`custom`) gets the default.
-FORMAT_ENGINES = {ModelFormat.GGUF: EngineName.LLAMA_SERVER, ModelFormat.MLX: EngineName.MLX_LM}
-
-
-def engine_name_for(fmt: ModelFormat, default: EngineName = EngineName.LLAMA_SERVER) -> EngineName:
-    return FORMAT_ENGINES.get(fmt, default)
-
-
-def engine_for(workload: Workload, default: EngineName = EngineName.LLAMA_SERVER) -> Engine:
-    """The engine that serves `workload`'s Model."""
-    return engine_for_model(workload.model, default)
-
-
-def engine_for_model(model: Model, default: EngineName = EngineName.LLAMA_SERVER) -> Engine:
-    from metal_agent.core.engines import ENGINES
-
-    return ENGINES[engine_name_for(model.spec.format, default)]
-
-
-def engine_named(name: EngineName | str) -> Engine:
-    from metal_agent.core.engines import ENGINES
-
-    return ENGINES[EngineName(name)]

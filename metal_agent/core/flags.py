@@ -95,6 +95,11 @@ class Dialect:
     no_jinja: bool = True
     no_slots: bool = True
 
+    def __post_init__(self) -> None:
+        # A programming error, not user input: an unknown option would stop llama-server at start-up.
+        if self.verbosity_flag is not None and self.verbosity_flag not in VERBOSITY_FLAGS:
+            raise ValueError(f"verbosity_flag must be llama-server's verbosity option, got {self.verbosity_flag!r}")
+
 
 def dialect_from_help(help_text: str) -> Dialect:
     """Everything the argv builder needs to know about the binary whose `--help` this is."""

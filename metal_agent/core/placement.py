@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from metal_agent.core.conditions import Condition
 from metal_agent.core.memory import gib
 
 #: Well-known member labels, published next to the user's own `--label k=v`.
@@ -185,14 +186,12 @@ def unschedulable_message(wanted: Wanted, members: list[Member], holding: frozen
     return head + ": " + "; ".join(f"{', '.join(names)}: {why}" for why, names in sorted(reasons.items()))
 
 
-def placement_condition(replicas: int, holders: Mapping[int, tuple[str, bool]], unplaced: str | None = None):
+def placement_condition(replicas: int, holders: Mapping[int, tuple[str, bool]], unplaced: str | None = None) -> Condition:
     """`FleetPlacement`: which Mac serves each replica (`holders`: index -> (member, ready)).
 
     True once every wanted replica has a Mac; the message names them all, so
     `kubectl describe` answers "where does this run?" without a second command.
     """
-    from metal_agent.core.conditions import Condition
-
     placed = [f"replica {i} on {name} ({'ready' if ready else 'starting'})"
               for i, (name, ready) in sorted(holders.items()) if i < replicas]
     message = ", ".join(placed) or "no Mac serves it"

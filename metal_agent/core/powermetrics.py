@@ -2,7 +2,8 @@
 
 The agent runs ``powermetrics --samplers cpu_power,gpu_power -i <ms> -n 3600``
 (one run after another, for as long as it lives) and turns every sample into
-four gauges (CPU, GPU, ANE and combined power, in watts). This module is
+four gauges (CPU, GPU, ANE and combined power, in watts) and two for the
+GPU's load (how busy it was, and at what frequency). This module is
 the pure half of that: it sees lines, never files or processes, so the same
 code serves the live sampler, ``metal-agent power parse`` and the tests, and
 it can be exercised on Linux with recorded output.
@@ -34,6 +35,18 @@ Rules, and why:
   the end of the gpu_power section, and they can differ by a milliwatt). The
   first one wins, so the four values come from one consistent summary.
 * Values are in mW; ``W`` is accepted too, decimals in either.
+* The GPU's load comes from two lines of the ``**** GPU usage ****`` section
+  (the gpu_power sampler), read there only::
+
+      GPU HW active frequency: 338 MHz
+      GPU HW active residency:   1.03% (338 MHz: 1.0% 486 MHz:   0% ...)
+
+  Residency is the share of the window the GPU was active, so it is the
+  GPU's busy ratio (what DCGM calls GPU utilisation on an NVIDIA card); the
+  frequency is the average frequency *while active* (0 when it never woke).
+  The real recordings print the ``HW`` spelling; ``GPU active ...`` without
+  it is accepted too, since that is the label's only other form we know of
+  (no recording of it). A sample without these lines carries None for them.
 * Older macOS prints no ``Combined`` line: combined is then CPU + GPU + ANE,
   counting a missing part as 0.
 
@@ -66,7 +79,11 @@ _HEADER_PREFIX = "*** Sampled system activity"
 _HEADER = re.compile(r"\*\*\* Sampled system activity \((?P<ts>[^()]*)\)(?: \((?P<ms>[0-9]+(?:\.[0-9]+)?)\s*ms elapsed\))?")
 _SECTION = re.compile(r"^\*{4} (?P<name>.+?) \*{4}\s*$")
 _GPU_SECTION = "GPU usage"
-_VALUE = r":\s*(?P<value>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(?P<unit>mW|W)\s*$"
+_NUMBER = r"(?P<value>[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+_VALUE = r":\s*" + _NUMBER + r"\s*(?P<unit>mW|W)\s*$"
+# The GPU load lines; the residency's per-frequency breakdown after the share is not read.
+_GPU_RESIDENCY = re.compile(r"GPU (?:HW )?active residency:\s*" + _NUMBER + r"\s*%(?:\s|$)")
+_GPU_FREQUENCY = re.compile(r"GPU (?:HW )?active frequency:\s*" + _NUMBER + r"\s*(?P<unit>MHz|GHz)\s*$")
 # (field, line prefix, full pattern). The prefix test is cheap and rejects the
 # many long residency lines before any regex runs.
 _FIELDS: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
@@ -95,6 +112,8 @@ class PowerSample:
     gpu_w: float
     ane_w: float
     combined_w: float
+    gpu_active_ratio: float | None = None  # 0..1, None when the sample had no residency line
+    gpu_active_hz: float | None = None  # None when the sample had no frequency line
 
 
 @dataclass(slots=True)
@@ -108,6 +127,8 @@ class _Open:
     gpu: float | None = None
     ane: float | None = None
     combined: float | None = None
+    gpu_active_ratio: float | None = None
+    gpu_active_hz: float | None = None
 
     def has_values(self) -> bool:
         return any(v is not None for v in (self.cpu, self.gpu, self.ane, self.combined))
@@ -115,7 +136,8 @@ class _Open:
     def close(self) -> PowerSample:
         cpu, gpu, ane = self.cpu or 0.0, self.gpu or 0.0, self.ane or 0.0
         combined = self.combined if self.combined is not None else cpu + gpu + ane
-        return PowerSample(self.timestamp, self.elapsed_ms, cpu, gpu, ane, combined)
+        return PowerSample(self.timestamp, self.elapsed_ms, cpu, gpu, ane, combined,
+                           self.gpu_active_ratio, self.gpu_active_hz)
 
 
 def _watts(match: re.Match[str]) -> float:
@@ -152,6 +174,8 @@ class PowerParser:
             if section:
                 sample.section = section["name"]
             return []
+        if sample.section == _GPU_SECTION and line.startswith("GPU ") and self._gpu_load(sample, line):
+            return []
         for field, prefix, pattern in _FIELDS:
             if line.startswith(prefix) and (m := pattern.match(line)):
                 self._set(sample, field, _watts(m))
@@ -168,6 +192,19 @@ class PowerParser:
     def _close_if_valued(self) -> list[PowerSample]:
         sample, self._open = self._open, None
         return [sample.close()] if sample is not None and sample.has_values() else []
+
+    @staticmethod
+    def _gpu_load(sample: _Open, line: str) -> bool:
+        """Read a GPU residency or frequency line; False if ``line`` is neither."""
+        if m := _GPU_RESIDENCY.match(line):
+            if sample.gpu_active_ratio is None:
+                sample.gpu_active_ratio = min(float(m["value"]), 100.0) / 100.0
+            return True
+        if m := _GPU_FREQUENCY.match(line):
+            if sample.gpu_active_hz is None:
+                sample.gpu_active_hz = float(m["value"]) * (1e6 if m["unit"] == "MHz" else 1e9)
+            return True
+        return False
 
     @staticmethod
     def _set(sample: _Open, field: str, watts: float) -> None:

@@ -27,6 +27,21 @@ by a margin (3 points by default: Critical ends at ≥ 11 %, Warning at ≥ 18 %
 Without it, stopping a model would drop pressure just below the line, the
 evicted service would resume, and the Mac would flap between the two.
 
+Critical pressure is not always ours to relieve: a build job or a browser
+can fill the Mac while our models sit still, and stopping a model then
+frees too little to matter and takes a healthy service off the cluster for
+nothing. So before evicting, the pressure is attributed (:func:`attribute`):
+our services' resident memory against the memory in use (total − available).
+Only when ours are more than ``min_own_share`` of it (default 0.5, LLMKube's
+"friendly-fire" guard) is a victim stopped; otherwise the eviction is
+refused with the reason ``PressureFromOtherProcesses`` and a message saying
+so with the numbers, for the MemoryPressure condition and an Event.
+(LLMKube's Go agent compares its processes' RSS with the whole RAM; ours
+compares it with the memory in use, which is what the pressure is made of.
+At Critical by the available share, less than 8 % is available, so the two
+differ by under 8 %; under the kernel's level, in use can be well below the
+RAM, and it is the truer measure of who is using it.)
+
 Evicted services stay blocked until the level is back to Normal, then all
 of them are unblocked together and resume on their own. (LLMKube's agent
 never returned to Normal, so evicted services stayed down until restart.)
@@ -133,6 +148,11 @@ SKIP_NOTHING_RUNNING = "NothingRunning"
 SKIP_LAST_RUNNING = "LastRunningService"
 SKIP_ALL_PROTECTED = "AllProtected"
 SKIP_EVICTION_IN_PROGRESS = "EvictionInProgress"
+SKIP_FOREIGN_PRESSURE = "PressureFromOtherProcesses"
+
+# Evict only when our services hold more than this share of the memory in use
+# (LLMKube's Go agent: more than half, its "friendly-fire" guard). 0 turns the guard off.
+DEFAULT_MIN_OWN_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +198,61 @@ def choose_victim(services: Sequence[ServiceMemory], evicting: Iterable[str] = (
     return Victim(victim.key)
 
 
+# -- attribution ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Who holds the memory in use: our services' resident memory, and the rest."""
+
+    own_bytes: int
+    in_use_bytes: int
+
+    @property
+    def share(self) -> float:
+        """Our part of the memory in use, 0..1.
+
+        Capped at 1: RSS counts pages the kernel may also count as available
+        (clean file pages of a mapped model), so ours can exceed "in use".
+        """
+        if self.in_use_bytes <= 0:
+            return 1.0 if self.own_bytes > 0 else 0.0
+        return min(1.0, self.own_bytes / self.in_use_bytes)
+
+    @property
+    def other_bytes(self) -> int:
+        return max(0, self.in_use_bytes - self.own_bytes)
+
+
+def attribute(reading: MemoryReading, services: Sequence[ServiceMemory]) -> Attribution:
+    """Our services' resident memory against the memory in use (total − available)."""
+    in_use = max(0, reading.total_bytes - max(0, reading.available_bytes))
+    return Attribution(sum(max(0, s.rss_bytes) for s in services), in_use)
+
+
+def ours_to_relieve(attribution: Attribution, min_own_share: float) -> bool:
+    """Whether our services are enough of the pressure for an eviction to be worth a model."""
+    return min_own_share <= 0 or attribution.share > min_own_share
+
+
+def validate_min_own_share(value: float) -> float:
+    """The guard's threshold: a share in [0, 1) (0: evict whatever the cause)."""
+    if not 0 <= value < 1:
+        raise ValueError(f"the minimum own share of memory for an eviction must be in [0, 1), got {value}")
+    return value
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def foreign_pressure_message(attribution: Attribution, min_own_share: float) -> str:
+    """What the MemoryPressure condition and the EvictionSkipped Event say when the guard refuses."""
+    return (f"pressure comes from other processes: this agent's services hold {_gib(attribution.own_bytes)} "
+            f"of the {_gib(attribution.in_use_bytes)} in use ({attribution.share:.0%}), other processes "
+            f"{_gib(attribution.other_bytes)}; eviction needs more than {min_own_share:.0%}")
+
+
 # -- state machine ------------------------------------------------------------
 
 
@@ -195,6 +270,7 @@ class Evict:
 @dataclass(frozen=True, slots=True)
 class EvictionSkipped:
     reason: str
+    message: str = ""  # for people (condition, Event); empty: the reason says it all
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,11 +292,16 @@ class PressureState:
 
 
 def step(state: PressureState, reading: MemoryReading, services: Sequence[ServiceMemory],
-         thresholds: Thresholds = Thresholds(), *, evict: bool = True) -> tuple[PressureState, tuple[Action, ...]]:
+         thresholds: Thresholds = Thresholds(), *, evict: bool = True,
+         min_own_share: float = DEFAULT_MIN_OWN_SHARE) -> tuple[PressureState, tuple[Action, ...]]:
     """Advance one tick. `services` are the ones running now (with a live process).
 
     With `evict` False (the agent's default; eviction is opt-in) levels are
-    still tracked and reported, but nothing is stopped."""
+    still tracked and reported, but nothing is stopped. A victim is stopped
+    only when our services hold more than `min_own_share` of the memory in
+    use; otherwise the eviction is refused as ``PressureFromOtherProcesses``.
+    The other refusals (nothing to spare, an eviction still under way) come
+    first: they hold whoever causes the pressure."""
     level = level_for(state.level, reading, thresholds)
     actions: list[Action] = []
     if level != state.level:
@@ -231,7 +312,10 @@ def step(state: PressureState, reading: MemoryReading, services: Sequence[Servic
         blocked = frozenset()
     elif level is Level.CRITICAL and evict:
         choice = choose_victim(services, evicting=blocked)
-        if isinstance(choice, Victim):
+        attribution = attribute(reading, services)
+        if isinstance(choice, Victim) and not ours_to_relieve(attribution, min_own_share):
+            actions.append(EvictionSkipped(SKIP_FOREIGN_PRESSURE, foreign_pressure_message(attribution, min_own_share)))
+        elif isinstance(choice, Victim):
             actions.append(Evict(choice.key))
             blocked = blocked | {choice.key}
         else:

@@ -1,6 +1,6 @@
 """What one Mac should do about one service's replica Leases, as one pure decision.
 
-The fleet (metal_agent/fleet.py) calls this for every service on every tick
+The fleet (metal_agent/fleet/placer.py) calls this for every service on every tick
 with what its watch shows; everything it decides to write follows from the
 answer. Kept pure so that the rules below are tested without an API server:
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from metal_agent.core.api import InferenceServiceSpec, ModelSpec
 from metal_agent.core.argv import spec_type
-from metal_agent.core.claim import Workload
+from metal_agent.core.workload import Workload
 
 SCHEMA_VERSION = 1
 #: Bumped when the llama-server command line rendered from the same spec changes for every spec

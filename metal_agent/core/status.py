@@ -66,7 +66,7 @@ class StatusInputs:
     # The Model's spec.hardware.gpu.layers (0: all, -1: auto, N: that many): a partial
     # offload of exactly the N layers asked for is not a memory shortfall.
     gpu_layers: int = 0
-    # Fleet mode (metal_agent/fleet.py): the replicas ready on other Macs, and the condition
+    # Fleet mode (metal_agent/fleet/): the replicas ready on other Macs, and the condition
     # saying which Macs serve the service (`FleetPlacement`), written by one Mac for all.
     ready_elsewhere: int = 0
     placement: Condition | None = None

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import re
 
-from metal_agent import __version__
-
 __all__ = [
     "MAX_INTERVAL_MS",
     "MIN_INTERVAL_MS",
@@ -154,16 +152,18 @@ def _sudoers_arg(arg: str) -> str:
     return arg.replace(",", "\\,")  # ',' separates commands in a sudoers list
 
 
-def render_sudoers(user: str, interval_ms: int, samples: int = SAMPLES_PER_RUN) -> str:
+def render_sudoers(user: str, interval_ms: int, samples: int = SAMPLES_PER_RUN, *, version: str) -> str:
     """Render the ``/etc/sudoers.d/llmkube-powermetrics`` fragment for ``user``.
 
     ``samples`` exists for tests that need short runs; the agent and the
-    install script always use :data:`SAMPLES_PER_RUN`.
+    install script always use :data:`SAMPLES_PER_RUN`. ``version`` is the
+    agent's (``metal_agent.__version__``), named in the header; the caller
+    passes it so that the core imports nothing above itself.
     """
     validate_user(user)
     command = " ".join(_sudoers_arg(a) for a in powermetrics_argv(interval_ms, samples))
     return f"""\
-# {SUDOERS_FRAGMENT_PATH}: rendered by metal-agent {__version__}; do not edit.
+# {SUDOERS_FRAGMENT_PATH}: rendered by metal-agent {version}; do not edit.
 # Re-render with: metal-agent render-sudoers --user {user} --interval-ms {interval_ms}
 # Install with:   make install-powermetrics-sudo   (checks it with visudo first)
 #

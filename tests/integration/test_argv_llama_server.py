@@ -12,10 +12,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from metal_agent.core.argv import AgentArgvOptions, build_argv, prompt_cache_mib, spec_type
+from metal_agent.core.argv import build_argv, prompt_cache_mib, spec_type
 from metal_agent.core.claim import evaluate
 from metal_agent.core.extra_args import ExtraArgsPolicy
 from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_log import Acceleration, parse_acceleration
 from metal_agent.core.result import Invalid
 from metal_agent.core.spec_policy import SpecPolicy
@@ -45,12 +46,13 @@ def dialect(help_text: str) -> Dialect:
     return dialect_from_help(help_text)
 
 
-def options(binary: Path, model: Path, port: int, style: MlockStyle, dialect: Dialect | None = None) -> AgentArgvOptions:
-    """The options the agent would use; with `dialect`, everything it reads from this binary's --help."""
+def options(binary: Path, model: Path, port: int, style: MlockStyle,
+            dialect: Dialect | None = None) -> tuple[LaunchSettings, Instance]:
+    """The settings the agent would use; with `dialect`, everything it reads from this binary's --help."""
     extra = {"verbosity_flag": dialect.verbosity_flag, "no_jinja": dialect.no_jinja} if dialect else {}
-    return AgentArgvOptions(
-        binary=str(binary), model_path=str(model), host="127.0.0.1", port=port, threads=2, mlock_style=style, **extra
-    )
+    settings = LaunchSettings(llama_server=str(binary), host="127.0.0.1", threads=2,
+                              dialect=Dialect(mlock_style=style, **extra))
+    return settings, Instance(model_path=str(model), port=port)
 
 
 def test_this_build_has_the_options_the_agent_relies_on(dialect):
@@ -85,7 +87,7 @@ def test_every_flag_the_builder_emits_is_known_to_this_build(help_text, mlock_st
         hardware=gpu(layers=2, count=1, sharding={"strategy": "layer", "layerSplit": ["1"]}),
     )
     opts = options(Path("llama-server"), Path("m.gguf"), 1, mlock_style, dialect)
-    argv = build_argv(everything, opts) + build_argv(workload({"jinja": False}), opts)
+    argv = build_argv(everything, *opts) + build_argv(workload({"jinja": False}), *opts)
     flags = {arg for arg in argv[1:] if re.fullmatch(r"--[a-z][a-z-]*", arg)}
     known = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text))
     assert flags - known == set()
@@ -112,7 +114,7 @@ CASES = [
 async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, tiny_model, mlock_style, dialect):
     spec = workload(isvc_spec)
     port = free_port()
-    argv = build_argv(spec, options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    argv = build_argv(spec, *options(llama_server_bin, tiny_model, port, mlock_style, dialect))
 
     async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
         async with http.get(f"{server.base_url}/health") as resp:
@@ -146,7 +148,7 @@ async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, t
 async def test_what_this_build_rejects_stops_llama_server(extra, error, llama_server_bin, tiny_model, dialect):
     """Why the agent refuses `ropeScaling.type: longrope` and never falls back to `--mlock`."""
     port = free_port()
-    argv = [*build_argv(workload(), options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)), *extra]
+    argv = [*build_argv(workload(), *options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)), *extra]
     with pytest.raises(LlamaServerExited) as exited:
         async with running_llama_server(argv, port=port, startup_timeout=30):
             pytest.fail(f"llama-server became healthy with {extra}")
@@ -157,7 +159,7 @@ async def test_custom_cache_type_unknown_to_the_build_stops_llama_server(llama_s
     port = free_port()
     argv = build_argv(
         workload({"cacheTypeCustomK": "turbo3", "cacheTypeCustomV": "turbo3"}),
-        options(llama_server_bin, tiny_model, port, mlock_style),
+        *options(llama_server_bin, tiny_model, port, mlock_style),
     )
     with pytest.raises(LlamaServerExited) as exited:
         async with running_llama_server(list(argv), port=port, startup_timeout=30):
@@ -194,7 +196,7 @@ async def test_acceleration_is_read_from_the_real_log_at_the_agents_verbosity(
     status.acceleration empty on every Mac.
     """
     port = free_port()
-    argv = build_argv(workload(), options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    argv = build_argv(workload(), *options(llama_server_bin, tiny_model, port, mlock_style, dialect))
     assert ("--verbosity", "4") in zip(argv, argv[1:])
     async with running_llama_server(list(argv), port=port) as server:
         log = server.stderr_text()
@@ -208,7 +210,7 @@ async def test_acceleration_is_read_from_the_real_log_at_the_agents_verbosity(
 async def test_without_verbosity_4_the_load_lines_are_missing(llama_server_bin, tiny_model, mlock_style):
     """Why the agent passes --verbosity: the same server at the default level hides its load."""
     port = free_port()
-    argv = build_argv(workload(), options(llama_server_bin, tiny_model, port, mlock_style))
+    argv = build_argv(workload(), *options(llama_server_bin, tiny_model, port, mlock_style))
     assert "--verbosity" not in argv
     async with running_llama_server(list(argv), port=port) as server:
         log = server.stderr_text()
@@ -232,7 +234,7 @@ async def test_flash_attention_off_with_a_quantized_v_cache_is_refused_by_llama_
     owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-type-v"})))
     argv = build_argv(
         workload({"flashAttention": False, "extraArgs": ["--cache-type-v", "q8_0"]}, policy=owner),
-        options(llama_server_bin, tiny_model, port, mlock_style, dialect),
+        *options(llama_server_bin, tiny_model, port, mlock_style, dialect),
     )
     with pytest.raises(LlamaServerExited) as exited:
         async with running_llama_server(list(argv), port=port, startup_timeout=30):
@@ -246,7 +248,7 @@ async def test_flash_attention_off_with_quantized_k_only_serves(llama_server_bin
     """Only V is affected: validation lets a quantized K cache through, and so does llama-server."""
     port = free_port()
     argv = build_argv(workload({"flashAttention": False, "cacheTypeK": "q8_0"}),
-                      options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+                      *options(llama_server_bin, tiny_model, port, mlock_style, dialect))
     async with running_llama_server(list(argv), port=port, startup_timeout=30):
         pass
 
@@ -270,7 +272,7 @@ async def test_jinja_false_turns_the_template_engine_off(jinja, engine_on, llama
     """
     spec = {} if jinja is None else {"jinja": jinja}
     port = free_port()
-    argv = build_argv(workload(spec), options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    argv = build_argv(workload(spec), *options(llama_server_bin, tiny_model, port, mlock_style, dialect))
     async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
         async with http.post(f"{server.base_url}/v1/chat/completions", json=TOOLS_REQUEST) as resp:
             body = await resp.text()
@@ -294,8 +296,8 @@ async def test_llama_server_runs_the_speculative_decoding_the_spec_asks_for(bloc
                        draft=model_doc("draft", source=f"file://{tiny_model}"))
     assert not isinstance(outcome, Invalid), outcome
     port = free_port()
-    opts = options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)
-    argv = build_argv(outcome.value, replace(opts, draft_model_path=str(tiny_model)))
+    settings, instance = options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)
+    argv = build_argv(outcome.value, settings, replace(instance, draft_model_path=str(tiny_model)))
     assert ("-md" in argv) is (outcome.value.draft is not None)
     async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
         body = {"prompt": "hello hello hello hello", "n_predict": 8, "temperature": 0}

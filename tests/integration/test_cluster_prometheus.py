@@ -265,6 +265,12 @@ async def test_power_gauges_and_the_energy_counter_follow_the_real_capture(setup
     assert any(float(combined["value"][1]) == pytest.approx(w) for w in M5_COMBINED_W)
     (up,) = await promql(s.prom, f"llmkube_metal_agent_apple_power_sampler_up{{{sel}}}", at=t2)
     assert up["value"][1] == "1" and combined["metric"]["host"] == label_value(HOST)
+    # The GPU's load, beside the watts on the agent's own /metrics, from the same samples.
+    replayed = parse_text((shared_dir / M5_CAPTURE).read_text())
+    (busy,) = await promql(s.prom, f"llmkube_metal_agent_apple_gpu_active_ratio{{{sel}}}", at=t2)
+    (hertz,) = await promql(s.prom, f"llmkube_metal_agent_apple_gpu_active_frequency_hertz{{{sel}}}", at=t2)
+    assert any(float(busy["value"][1]) == pytest.approx(x.gpu_active_ratio) for x in replayed)
+    assert float(hertz["value"][1]) == 338e6 and busy["metric"]["host"] == label_value(HOST)
     # The mean power over the last 10 s is a mean of the capture's values (each sample's joules
     # arrive once a second). The recorded 5-minute rate exists too, but on a series seconds old
     # rate() divides a few seconds' joules by the whole 5 minutes, so only its presence is checked.

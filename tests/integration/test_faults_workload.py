@@ -182,7 +182,7 @@ async def test_a_service_waiting_for_memory_is_not_announced_and_starts_when_mem
 
 
 async def test_an_eviction_withdraws_the_endpoint_before_the_process_stops(mac):
-    """Critical pressure evicts the lowest-priority service through its own reconcile: its
+    """Critical pressure that our services make evicts the lowest-priority one through its own reconcile: its
     slice is marked not ready first, the other service is untouched, and it comes back when
     pressure is Normal again."""
     agent = mac.agent()
@@ -192,7 +192,7 @@ async def test_an_eviction_withdraws_the_endpoint_before_the_process_stops(mac):
     await mac.wait_converged(agent, ["batch-job", "vip"])
     pids = await mac.pids(agent)
     async with mac.probe(["batch-job", "vip"]) as probe:
-        mac.memory.set(0.03)  # Critical
+        mac.memory.critical_from_ours(list(pids.values()))  # Critical, and our services hold most of it
 
         async def evicted():
             cond = await mac.cluster.condition("batch-job", "MemoryPressure")

@@ -1,5 +1,9 @@
 """The memory watchdog driven by a scripted reader: callbacks, blocking and gauges.
 
+The services' resident memory is set so that, unless a test says otherwise,
+they hold most of the memory in use: the pressure is theirs, so the
+friendly-fire guard lets the eviction through.
+
 The reader is the one seam (the issue asks for it): a list of readings
 stands in for psutil/vm_stat, everything else (state machine, metrics on a
 real registry, callback plumbing, the run loop) is the real code.
@@ -10,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from metal_agent.adapters.memory_watchdog import MemoryWatchdog, system_memory
 from metal_agent.core.api import Priority
 from metal_agent.core.memory import GiB
-from metal_agent.core.pressure import SKIP_LAST_RUNNING, Level, MemoryReading, ServiceMemory
+from metal_agent.core.pressure import SKIP_FOREIGN_PRESSURE, SKIP_LAST_RUNNING, Level, MemoryReading, ServiceMemory
 from tests.support.wait import wait_for
 
 TOTAL = 32 * GiB
@@ -46,6 +52,7 @@ class Host:
     def __init__(self, *services: ServiceMemory) -> None:
         self.running = {s.key: s for s in services}
         self.log: list[tuple] = []
+        self.messages: list[str] = []
 
     def services(self):
         return list(self.running.values())
@@ -61,8 +68,9 @@ class Host:
     def level_change(self, old: Level, new: Level) -> None:
         self.log.append(("level", old, new))
 
-    def skipped(self, reason: str) -> None:
+    def skipped(self, reason: str, message: str) -> None:
         self.log.append(("skipped", reason))
+        self.messages.append(message)
 
 
 def watchdog(host: Host, reader, registry: CollectorRegistry, **kw) -> MemoryWatchdog:
@@ -77,8 +85,8 @@ def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
 
 async def test_pressure_evicts_blocks_and_releases_with_metrics():
     registry = CollectorRegistry()
-    host = Host(ServiceMemory("ns/batch", Priority.BATCH, 4 * GiB, 1.0),
-                ServiceMemory("ns/chat", Priority.HIGH, 8 * GiB, 2.0))
+    host = Host(ServiceMemory("ns/batch", Priority.BATCH, 8 * GiB, 1.0),
+                ServiceMemory("ns/chat", Priority.HIGH, 10 * GiB, 2.0))
     dog = watchdog(host, Script(at(40), at(5), at(6), at(12), at(30)), registry)
 
     await dog.tick()  # Normal
@@ -91,6 +99,7 @@ async def test_pressure_evicts_blocks_and_releases_with_metrics():
     assert host.log == [("level", Level.NORMAL, Level.CRITICAL), ("evict", "ns/batch")]
     assert dog.is_blocked("ns/batch") and not dog.is_blocked("ns/chat")
     assert sample(registry, "memory_pressure_level") == 2 and sample(registry, "evictions_total") == 1
+    assert sample(registry, "memory_own_share_ratio") == pytest.approx(18 / (32 * 0.95))  # 18 GiB of 30.4 in use
 
     await dog.tick()  # still Critical, one service left: skipped, with a reason
     assert host.log[-1] == ("skipped", SKIP_LAST_RUNNING)
@@ -113,7 +122,7 @@ async def test_agent_memory_fraction_sets_the_budget_gauge():
 
 async def test_reader_and_callback_failures_do_not_stop_the_loop():
     registry = CollectorRegistry()
-    host = Host(ServiceMemory("ns/a", Priority.LOW, 1, 1.0), ServiceMemory("ns/b", Priority.LOW, 2, 2.0))
+    host = Host(ServiceMemory("ns/a", Priority.LOW, 10 * GiB, 1.0), ServiceMemory("ns/b", Priority.LOW, 11 * GiB, 2.0))
 
     def broken_level_change(old, new):
         raise RuntimeError("event sink down")
@@ -133,7 +142,7 @@ async def test_reader_and_callback_failures_do_not_stop_the_loop():
 
 async def test_forget_releases_a_deleted_service():
     registry = CollectorRegistry()
-    host = Host(ServiceMemory("ns/a", Priority.LOW, 1, 1.0), ServiceMemory("ns/b", Priority.HIGH, 1, 2.0))
+    host = Host(ServiceMemory("ns/a", Priority.LOW, 10 * GiB, 1.0), ServiceMemory("ns/b", Priority.HIGH, 10 * GiB, 2.0))
     dog = watchdog(host, Script(at(5)), registry)
     await dog.tick()
     assert dog.is_blocked("ns/a")
@@ -150,7 +159,7 @@ async def test_default_reader_reads_this_machine():
 
 async def test_a_failed_eviction_is_not_counted_and_is_tried_again():
     registry = CollectorRegistry()
-    host = Host(ServiceMemory("ns/a", Priority.LOW, 1, 1.0), ServiceMemory("ns/b", Priority.HIGH, 1, 2.0))
+    host = Host(ServiceMemory("ns/a", Priority.LOW, 10 * GiB, 1.0), ServiceMemory("ns/b", Priority.HIGH, 10 * GiB, 2.0))
     attempts: list[str] = []
 
     async def flaky_evict(key: str) -> None:
@@ -165,3 +174,41 @@ async def test_a_failed_eviction_is_not_counted_and_is_tried_again():
     assert attempts == ["ns/a"] and not dog.is_blocked("ns/a") and sample(registry, "evictions_total") == 0
     await dog.tick()
     assert attempts == ["ns/a", "ns/a"] and dog.is_blocked("ns/a") and sample(registry, "evictions_total") == 1
+
+
+async def test_pressure_from_other_processes_is_not_relieved_with_our_models():
+    """A browser or a build fills the Mac while our two services hold 6 GiB of the 30 GiB in
+    use: nothing is stopped, the refusal says why (once as a warning), and the share is a gauge.
+    When our services grow to most of the memory in use, the same pressure evicts."""
+    registry = CollectorRegistry()
+    batch = ServiceMemory("ns/batch", Priority.BATCH, 2 * GiB, 1.0)
+    host = Host(batch, ServiceMemory("ns/chat", Priority.HIGH, 4 * GiB, 2.0))
+    dog = watchdog(host, Script(at(6), at(5), at(5)), registry)
+
+    with capture_logs() as logs:
+        await dog.tick()
+        await dog.tick()
+    assert host.log == [("level", Level.NORMAL, Level.CRITICAL), ("skipped", SKIP_FOREIGN_PRESSURE),
+                        ("skipped", SKIP_FOREIGN_PRESSURE)]
+    assert not dog.is_blocked("ns/batch") and sample(registry, "evictions_total") == 0
+    assert sample(registry, "evictions_skipped_total", reason=SKIP_FOREIGN_PRESSURE) == 2
+    assert sample(registry, "memory_own_share_ratio") == pytest.approx(6 / (32 * 0.95))
+    assert host.messages[0].startswith("pressure comes from other processes: this agent's services hold 6.0 GiB "
+                                       "of the 30.1 GiB in use (20%)")
+    refusals = [e for e in logs if e["event"].startswith("memory is critical but the pressure comes from other")]
+    assert [e["log_level"] for e in refusals] == ["warning", "debug"]
+
+    host.running["ns/batch"] = ServiceMemory("ns/batch", Priority.BATCH, 14 * GiB, 1.0)  # ours now: 18 of 30.4 GiB
+    await dog.tick()
+    assert host.log[-1] == ("evict", "ns/batch") and dog.is_blocked("ns/batch")
+
+
+async def test_a_guard_of_zero_evicts_whatever_the_cause_and_a_bad_one_is_refused():
+    registry = CollectorRegistry()
+    host = Host(ServiceMemory("ns/a", Priority.LOW, 1, 1.0), ServiceMemory("ns/b", Priority.HIGH, 1, 2.0))
+    dog = watchdog(host, Script(at(5)), registry, min_own_share=0.0)
+    await dog.tick()
+    assert host.log[-1] == ("evict", "ns/a")
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            watchdog(Host(), Script(at(5)), CollectorRegistry(), min_own_share=bad)

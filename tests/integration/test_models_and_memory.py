@@ -7,10 +7,13 @@ import contextlib
 import hashlib
 from pathlib import Path
 
+import psutil
 import pytest
 
 from metal_agent.adapters.process.records import RecordStore
-from metal_agent.agent import AgentConfig, run_agent
+from metal_agent.app.config import (AgentConfig, ControllerSettings, EngineSettings, HttpSettings, KubeSettings,
+                                    MemorySettings, RegistrationSettings)
+from metal_agent.app.manager import run_agent
 from metal_agent.core.pressure import MemoryReading
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.paths import AgentPaths
@@ -170,11 +173,13 @@ async def test_critical_pressure_evicts_the_right_victim_and_normal_brings_it_ba
     await cluster.create_model("tiny", f"file://{tiny_model}")
     readings = Readings(total=64 * GiB)
     cfg = AgentConfig(
-        llama_server=str(llama_server_bin), paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"),
-        kubeconfig=str(control_plane.agent_kubeconfig), namespaces=(namespace,), host_ip="127.0.0.1",
-        register=False, http_port=0, threads=1, mlock=False, eviction=True, memory_interval=0.2,
-        memory_reader=readings,
-        policy=SpecPolicy(model_roots=(str(tiny_model.parent),)),  # the model store is tmp_path/models
+        paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"),
+        engines=EngineSettings(llama_server=str(llama_server_bin), threads=1, mlock=False),
+        kube=KubeSettings(kubeconfig=str(control_plane.agent_kubeconfig), namespaces=(namespace,)),
+        registration=RegistrationSettings(host_ip="127.0.0.1", register=False), http=HttpSettings(port=0),
+        memory=MemorySettings(eviction=True, interval=0.2, reader=readings),
+        # the model store is tmp_path/models
+        controller=ControllerSettings(policy=SpecPolicy(model_roots=(str(tiny_model.parent),))),
     )
     stop = asyncio.Event()
     agent = asyncio.create_task(run_agent(cfg, stop=stop, handle_signals=False))
@@ -184,8 +189,13 @@ async def test_critical_pressure_evicts_the_right_victim_and_normal_brings_it_ba
         await cluster.wait_phase("batch-job", "Ready", timeout=30)
         await cluster.wait_phase("vip", "Ready", timeout=30)
         vip_pid = await _pid_from_status_log(tmp_path, "vip")
+        batch_pid = await _pid_from_status_log(tmp_path, "batch-job")
 
-        readings.available = int(0.05 * readings.total)  # Critical
+        # Critical, with our two llama-servers holding 80 % of the memory in use: the pressure is
+        # ours, so the friendly-fire guard lets the eviction through.
+        ours = sum(psutil.Process(pid).memory_info().rss for pid in (vip_pid, batch_pid))
+        readings.total = int(ours / 0.8 / 0.95)
+        readings.available = int(0.05 * readings.total)
 
         async def evicted():
             cond = await cluster.condition("batch-job", "MemoryPressure")

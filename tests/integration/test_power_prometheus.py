@@ -71,6 +71,7 @@ async def test_prometheus_reads_replayed_power_from_the_agent(shared_dir: Path, 
             scraped_at = series["value"][0]
             (up,) = await prom.query(UP, at=scraped_at)
             (target_up,) = await prom.query('up{job="metal-agent"}', at=scraped_at)
+            (busy,) = await prom.query("llmkube_metal_agent_apple_gpu_active_ratio", at=scraped_at)
     finally:
         task.cancel()
         with suppress(asyncio.CancelledError):
@@ -79,6 +80,9 @@ async def test_prometheus_reads_replayed_power_from_the_agent(shared_dir: Path, 
     assert series["metric"] == {"__name__": COMBINED, "instance": f"127.0.0.1:{server.port}", "job": "metal-agent"}
     assert up["value"][1] == "1"
     assert target_up["value"][1] == "1"
+    # GPU busy sits beside the watts, from the same replayed samples.
+    replayed = parse_text((shared_dir / M5_CAPTURE).read_text())
+    assert round(float(busy["value"][1]), 6) in {round(x.gpu_active_ratio, 6) for x in replayed}
 
 
 async def test_http_endpoints() -> None:
@@ -111,6 +115,8 @@ async def test_http_endpoints() -> None:
 
     for suffix in ("combined", "gpu", "cpu", "ane"):
         assert f"\nllmkube_metal_agent_apple_power_{suffix}_watts 0.0\n" in text
+    for name in ("active_ratio", "active_frequency_hertz"):
+        assert f"\nllmkube_metal_agent_apple_gpu_{name} 0.0\n" in text
     assert f"\n{UP} 0.0\n" in text
 
 
@@ -125,8 +131,11 @@ async def test_power_serve_alone_gives_prometheus_the_capture_and_its_energy(sha
                                                                               prometheus_for) -> None:
     """`metal-agent power serve`, as a user runs it on a Mac with no cluster: the pinned
     `sudo -n /usr/bin/powermetrics ...` (real sudo; powermetrics a stand-in replaying the M5
-    capture in a loop), scraped by Prometheus: gauges, energy to 1 %, host_info, exit 0 on SIGTERM."""
-    per_sample = [sample_energy(x, 0.5).joules["combined"] for x in parse_text((shared_dir / M5_CAPTURE).read_text())]
+    capture in a loop), scraped by Prometheus: gauges (GPU busy and frequency too), energy to 1 %,
+    host_info, exit 0 on SIGTERM."""
+    replayed = parse_text((shared_dir / M5_CAPTURE).read_text())
+    per_sample = [sample_energy(x, 0.5).joules["combined"] for x in replayed]
+    gpu_active = {round(x.gpu_active_ratio, 6) for x in replayed}  # the GPU gauges of the standalone service too
 
     def expected(n: int) -> float:
         loops, rest = divmod(n, len(per_sample))
@@ -158,7 +167,10 @@ async def test_power_serve_alone_gives_prometheus_the_capture_and_its_energy(sha
             (energy,) = await prom.query('llmkube_metal_agent_apple_power_energy_joules_total{component="combined"}', at=at)
             (info,) = await prom.query("llmkube_metal_agent_host_info", at=at)
             (up,) = await prom.query("llmkube_metal_agent_apple_power_sampler_up", at=at)
+            (busy,) = await prom.query("llmkube_metal_agent_apple_gpu_active_ratio", at=at)
+            (hertz,) = await prom.query("llmkube_metal_agent_apple_gpu_active_frequency_hertz", at=at)
             assert float(energy["value"][1]) == pytest.approx(expected(n), rel=0.01)
+            assert round(float(busy["value"][1]), 6) in gpu_active and float(hertz["value"][1]) == 338e6
             assert info["metric"]["hostname"] and info["value"][1] == "1" and up["value"][1] == "1"
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:

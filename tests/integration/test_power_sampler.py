@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
+from metal_agent import __version__
 from metal_agent.adapters.powermetrics import PowerConfigError, PowerSampler, PowerSamplerSettings
 from metal_agent.cli.main import app
 from metal_agent.core.backoff import Backoff
@@ -51,6 +52,9 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE = Path(fake_powermetrics.__file__).resolve()
 INTERVAL_MS = 200
 GAUGES = ("combined", "cpu", "gpu", "ane")
+GPU_LOAD = {"gpu_active": "active_ratio", "gpu_hz": "active_frequency_hertz"}
+# The capture's "GPU HW active residency" per sample (its frequency is 338 MHz in all seven).
+M5_GPU_ACTIVE = [0.0103, 0.0367, 0.0391, 0.0443, 0.0796, 0.0727, 0.0536]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +71,10 @@ def read(registry: CollectorRegistry) -> dict[str, float]:
     readings = {g: value(f"{g}_watts") for g in GAUGES}
     readings["up"] = value("sampler_up")
     readings["last_sample"] = value("last_sample_timestamp_seconds")
+    for key, name in GPU_LOAD.items():
+        gpu = registry.get_sample_value(f"llmkube_metal_agent_apple_gpu_{name}")
+        assert gpu is not None, name
+        readings[key] = gpu
     return readings
 
 
@@ -114,7 +122,7 @@ async def test_gauges_follow_replayed_samples_read_zero_after_a_stall_and_a_hung
             capture, "--after", "stall", "--starts-file", str(starts), "--long-line-bytes", "300000"
         ),
     )
-    assert read(registry) == dict.fromkeys([*GAUGES, "up", "last_sample"], 0.0)
+    assert read(registry) == dict.fromkeys([*GAUGES, *GPU_LOAD, "up", "last_sample"], 0.0)
 
     with capture_logs() as logs:
         async with running(sampler):
@@ -140,10 +148,13 @@ async def test_gauges_follow_replayed_samples_read_zero_after_a_stall_and_a_hung
         assert gauges["up"] == 1
         assert abs(gauges["last_sample"] - time.time()) < 60
     assert seen[6][2]["gpu"] == 0.052  # the first GPU line of the sample, not the repeat (54 mW)
+    # The GPU's load beside the watts, from the same samples.
+    assert [round(g["gpu_active"], 6) for _, _, g in seen[:7]] == M5_GPU_ACTIVE
+    assert {g["gpu_hz"] for _, _, g in seen[:7]} == {338e6}
 
     # Stale after three intervals of silence, not before; the process still lives.
     assert zeroed_at - last_at >= 3 * INTERVAL_MS / 1000 - 0.02
-    assert {k: after_stall[k] for k in (*GAUGES, "up")} == dict.fromkeys([*GAUGES, "up"], 0.0)
+    assert {k: after_stall[k] for k in (*GAUGES, *GPU_LOAD, "up")} == dict.fromkeys([*GAUGES, *GPU_LOAD, "up"], 0.0)
     assert after_stall["last_sample"] == seen[6][2]["last_sample"]
     assert stand_in_alive and starts_at_zero == 1
 
@@ -177,7 +188,7 @@ async def test_exit_marks_the_sampler_down_and_restarts_it_with_backoff(capture:
             await wait_for(lambda: len(exits(logs)) >= 3, timeout=30, what="three exits of the stand-in")
             down = read(registry)
 
-    assert down["up"] == 0 and all(down[g] == 0 for g in GAUGES)
+    assert down["up"] == 0 and all(down[g] == 0 for g in (*GAUGES, *GPU_LOAD))
     # Two complete samples per run; the cut-off third (458 mW) is never published.
     assert [s.combined_w for s in seen[:6]] == [0.171, 0.428] * 3
     assert 0.458 not in [s.combined_w for s in seen]
@@ -297,6 +308,8 @@ def test_cli_power_parse_prints_one_json_object_per_sample(capture: Path) -> Non
         "gpu_watts": 0.007,
         "ane_watts": 0.0,
         "combined_watts": 0.171,
+        "gpu_active_ratio": 0.0103,
+        "gpu_active_frequency_hertz": 338e6,
     }
     assert from_stdin.exit_code == 0 and from_stdin.stdout == from_file.stdout
 
@@ -548,7 +561,7 @@ def sudo_power(shared_dir: Path) -> Iterator[SudoPower]:
             Path(POWERMETRICS_PATH).write_text(stand_in_script(shared_dir / M5_CAPTURE, options))
             installed = True
             Path(POWERMETRICS_PATH).chmod(0o755)
-            text = render_sudoers(users[RELAY], SUDO_INTERVAL_MS, samples=SUDO_SAMPLES) + (
+            text = render_sudoers(users[RELAY], SUDO_INTERVAL_MS, samples=SUDO_SAMPLES, version=__version__) + (
                 f"{users[FULL_ROOT]} ALL = (root) NOPASSWD: LLMKUBE_POWERMETRICS\n"
                 f"Defaults:{users[FULL_ROOT]} !pam_session, !pam_setcred, !use_pty\n"
             )

@@ -26,12 +26,20 @@ from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
+from metal_agent.controller.cleanup import shutdown
+from metal_agent.controller.gate import EVERY_SERVICE
+from metal_agent.controller.intake import Intake
+from metal_agent.controller.publishing import HostAddress, Publisher
+from metal_agent.controller.reconciler import Reconciler
+from metal_agent.controller.runner import Runner
+from metal_agent.controller.status_reporter import StatusReporter
+from metal_agent.controller.workqueue import WorkQueue
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.process import State
 from metal_agent.core.spec_policy import SpecPolicy
-from metal_agent.memory_guard import MemoryGuard
+from metal_agent.memory.guard import MemoryGuard
 from metal_agent.metrics import AgentMetrics
-from metal_agent.reconciler import LaunchSettings, Reconciler
 from tests.support.isvc import Cluster
 from tests.support.procs import process_gone
 from tests.support.wait import wait_for
@@ -44,6 +52,7 @@ RAM = 64 * 2**30
 @dataclass
 class Loop:
     reconciler: Reconciler
+    queue: WorkQueue
     cluster: Cluster
     model: Path  # the tiny GGUF
 
@@ -63,31 +72,37 @@ async def loop(control_plane, admin_api, namespace, llama_server_bin, tiny_model
     http = aiohttp.ClientSession()
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
-    reconciler: Reconciler | None = None
-    isvcs = Informer(api, CustomResource(GROUP, VERSION, ISVC_PLURAL),
-                     lambda old, new: reconciler.on_isvc_change(old, new), namespaces=[namespace])
-    models = Informer(api, CustomResource(GROUP, VERSION, MODEL_PLURAL),
-                      lambda old, new: reconciler.on_model_change(old, new), namespaces=[namespace])
+    # Built in the agent's order (app/build.py): queue and intake first, then what feeds them.
+    queue = WorkQueue()
+    events = EventRecorder(api, host="test-mac")
+    model_files = ModelFiles(tmp_path / "models", registry=registry, on_ready=queue.add, on_progress=queue.add)
+    isvc_cache: dict[str, dict] = {}
+    intake = Intake(queue, isvcs=isvc_cache, model_files=model_files, events=events, metrics=metrics)
+    isvcs = Informer(api, CustomResource(GROUP, VERSION, ISVC_PLURAL), intake.on_isvc_change,
+                     namespaces=[namespace], cache=isvc_cache)
+    models = Informer(api, CustomResource(GROUP, VERSION, MODEL_PLURAL), intake.on_model_change,
+                      namespaces=[namespace])
     processes = ProcessManager(records=RecordStore(tmp_path / "state" / "processes"), log_dir=tmp_path / "logs",
-                               http=http, on_change=lambda key, snap, event: reconciler.on_process_change(key, snap, event))
-    model_files = ModelFiles(tmp_path / "models", registry=registry)
+                               http=http, on_change=intake.on_process_change)
     reconciler = Reconciler(
         isvcs=isvcs, models=models, processes=processes, model_files=model_files,
         memory=MemoryGuard(model_files, registry, total_ram=lambda: RAM),
-        status=StatusWriter(api), events=EventRecorder(api, host="test-mac"), metrics=metrics,
+        reporter=StatusReporter(models=models, status=StatusWriter(api), events=events, metrics=metrics,
+                                allowlist=EVERY_SERVICE),
+        publisher=Publisher(None, HostAddress(bind="127.0.0.1"), events), events=events, metrics=metrics,
         launch=LaunchSettings(llama_server=str(llama_server_bin), threads=1, mlock=False,
                               policy=SpecPolicy(model_roots=(str(tiny_model.parent),))),  # the owner's model folder
+        wake=intake.wake,
     )
-    model_files.on_ready = model_files.on_progress = reconciler.queue.add
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", f"file://{tiny_model}")
     tasks = [asyncio.create_task(i.run()) for i in (isvcs, models)]
-    reconciler.queue.start()
+    Runner(queue, reconciler, metrics).start()
     try:
         await wait_for(lambda: reconciler.synced, timeout=60, what="the informers' first lists")
-        yield Loop(reconciler, cluster, tiny_model)
+        yield Loop(reconciler, queue, cluster, tiny_model)
     finally:
-        await reconciler.shutdown(stop_processes=True)
+        await shutdown(queue=queue, model_files=model_files, processes=processes, events=events, stop_processes=True)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -118,7 +133,7 @@ async def test_an_invalid_spec_never_spawns_and_says_why(loop: Loop):
     status = await loop.cluster.wait_phase("bad", "Failed")
     available = next(c for c in status["conditions"] if c["type"] == "Available")
     assert available["reason"] == "InvalidSpec" and "spec.flashAttention" in available["message"]
-    await loop.reconciler.queue.wait_idle()
+    await loop.queue.wait_idle()
     assert loop.process("bad") is None
 
 
@@ -127,7 +142,7 @@ async def test_a_service_whose_model_is_missing_is_left_alone_until_the_model_co
     not ours, so no process and no status write. A metal Model created later re-queues it."""
     await loop.cluster.create_isvc("later", "not-yet", contextSize=256)
     await wait_for(lambda: loop.reconciler.isvcs.get(f"{loop.cluster.ns}/later"), timeout=30, what="the informer")
-    await loop.reconciler.queue.wait_idle()
+    await loop.queue.wait_idle()
     assert loop.process("later") is None and not (await loop.cluster.status("later")).get("phase")
     await loop.cluster.create_model("not-yet", f"file://{loop.model}")
     await loop.cluster.wait_phase("later", "Ready")

@@ -2,7 +2,7 @@
 real kube-apiserver as the agent identity (RBAC on). The Model cache is a dict: the reporter
 only looks Models up, and an informer would add nothing but a watch.
 
-What it promises (metal_agent/status_reporter.py): one write per change of intent, none
+What it promises (metal_agent/controller/status_reporter.py): one write per change of intent, none
 after a restart when the object already holds it, each write whole (phase beside its own
 reasons), only its own fields when sharing, nothing for a service another Mac speaks for.
 """
@@ -18,12 +18,12 @@ from prometheus_client import CollectorRegistry
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.status_writer import StatusWriter
-from metal_agent.core.claim import EVERY_SERVICE
+from metal_agent.controller.gate import EVERY_SERVICE
 from metal_agent.core.conditions import Condition
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State
 from metal_agent.core.status_owner import StatusMode
 from metal_agent.metrics import AgentMetrics
-from metal_agent.status_reporter import StatusReporter
+from metal_agent.controller.status_reporter import StatusReporter
 from tests.support.isvc import GROUP, VERSION, Cluster
 
 pytestmark = pytest.mark.integration

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from metal_agent import __version__
 from metal_agent.adapters.powermetrics import check_sudo_grant
 from metal_agent.core.sudoers import (
     POWERMETRICS_PATH,
@@ -175,7 +176,7 @@ def test_installed_fragment_is_the_rendered_one_with_safe_owner_and_mode(grant: 
     fragment = Path(SUDOERS_FRAGMENT_PATH)
     info = fragment.stat()
 
-    assert fragment.read_text() == render_sudoers(grant.user, INTERVAL_MS)
+    assert fragment.read_text() == render_sudoers(grant.user, INTERVAL_MS, version=__version__)
     assert stat.S_IMODE(info.st_mode) == 0o440
     assert (info.st_uid, info.st_gid) == (0, 0)
 

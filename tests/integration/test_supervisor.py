@@ -13,7 +13,8 @@ import pytest
 
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import RecordStore
-from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
+from metal_agent.adapters.process.settings import SupervisorSettings
+from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.process import ExitReason, State
 from tests.support.procs import process_gone

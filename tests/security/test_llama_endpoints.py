@@ -10,8 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.argv import build_argv
 from metal_agent.core.claim import evaluate
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.result import Invalid
 from tests.support.http_models import ModelHTTPServer
 from tests.support.llama import running_llama_server
@@ -37,8 +38,8 @@ async def test_the_agents_llama_server_offers_no_endpoint_beyond_the_model(llama
 
     port = free_port()
     argv = build_argv(workload({"contextSize": 256, "extraArgs": ["--top-k", "40", "--temp=0.7"]}),
-                      AgentArgvOptions(binary=str(llama_server_bin), model_path=str(tiny_model), host="127.0.0.1",
-                                       port=port, threads=2, mlock=False))
+                      LaunchSettings(llama_server=str(llama_server_bin), host="127.0.0.1", threads=2, mlock=False),
+                      Instance(model_path=str(tiny_model), port=port))
     assert "--no-slots" in argv and "--props" not in argv and "--temp" in argv
     target = await ModelHTTPServer().start()  # what a /cors-proxy would be made to reach on the Mac
     try:

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest
-from metal_agent.adapters.process.supervisor import SupervisorSettings
+from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.core.backoff import Backoff
 from tests.support.procs import process_gone
 from tests.support.wait import wait_for

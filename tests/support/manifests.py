@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from metal_agent.core.claim import Workload, evaluate
+from metal_agent.core.claim import evaluate
+from metal_agent.core.workload import Workload
 from metal_agent.core.result import Parsed
 from metal_agent.core.spec_policy import SpecPolicy
 

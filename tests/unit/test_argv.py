@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from metal_agent.core.argv import AgentArgvOptions, build_argv
-from metal_agent.core.flags import VERBOSITY_FLAGS, MlockStyle
+from metal_agent.core.argv import build_argv
+from metal_agent.core.flags import VERBOSITY_FLAGS, Dialect, MlockStyle
+from metal_agent.core.launch import Instance, LaunchSettings
 from tests.support.manifests import gpu, workload
 
-OPTIONS = AgentArgvOptions(
-    binary="/opt/homebrew/bin/llama-server",
-    model_path="/cache/tiny-llama.gguf",
-    host="127.0.0.1",
-    port=18080,
-    threads=8,
-)
+
+def launch(binary="b", model_path="m", host="h", port=1, threads=None, mlock=True,
+           **dialect) -> tuple[LaunchSettings, Instance]:
+    """The agent's settings (binary, host, threads, mlock, the binary's dialect) and one process's."""
+    return (LaunchSettings(llama_server=binary, host=host, threads=threads, mlock=mlock, dialect=Dialect(**dialect)),
+            Instance(model_path=model_path, port=port))
+
+
+OPTIONS = launch(binary="/opt/homebrew/bin/llama-server", model_path="/cache/tiny-llama.gguf", host="127.0.0.1",
+                 port=18080, threads=8)
 
 
 def argv_for(isvc_spec=None, options=OPTIONS, **model_spec) -> tuple[str, ...]:
-    return build_argv(workload(isvc_spec, **model_spec), options)
+    return build_argv(workload(isvc_spec, **model_spec), *options)
 
 
 def has_run(argv, run) -> bool:
@@ -37,7 +41,7 @@ def test_defaults():
         "--ctx-size", "2048",
         "--parallel", "1",
         "--flash-attn", "on",
-        "--mlock",
+        "--load-mode", "mmap+mlock",
         "--threads", "8",
         "--batch-size", "2048",
         "--cache-ram", "1024",
@@ -161,7 +165,7 @@ def test_metrics_appears_exactly_once_and_extra_args_come_last():
 def test_agent_owned_flags_come_first():
     argv = argv_for({"extraArgs": ["--alias", "x"]})
     assert argv[:7] == (
-        OPTIONS.binary, "--model", OPTIONS.model_path, "--host", "127.0.0.1", "--port", "18080"
+        OPTIONS[0].llama_server, "--model", OPTIONS[1].model_path, "--host", "127.0.0.1", "--port", "18080"
     )  # fmt: skip
 
 
@@ -169,28 +173,34 @@ def test_agent_owned_flags_come_first():
     ("options", "present", "absent"),
     [
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="m", host="0.0.0.0", port=1, threads=None),
+            launch(binary="b", model_path="m", host="0.0.0.0", port=1, threads=None),
             ["--host", "0.0.0.0"],
             "--threads",
             id="threads-unset",
         ),
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="m", host="h", port=65535, mlock=False),
+            launch(binary="b", model_path="m", host="h", port=65535, mlock=False),
             ["--port", "65535"],
             "--mlock",
             id="mlock-opt-out",
         ),
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="m", host="h", port=2, mlock_style=MlockStyle.LOAD_MODE),
+            launch(binary="b", model_path="m", host="h", port=2, mlock_style=MlockStyle.LOAD_MODE),
             ["--load-mode", "mmap+mlock"],
             "--mlock",
             id="mlock-load-mode",
         ),
         pytest.param(
-            AgentArgvOptions(binary="b", model_path="/p/m.gguf", host="h", port=3, threads=6),
+            launch(binary="b", model_path="/p/m.gguf", host="h", port=3, threads=6),
             ["--threads", "6"],
-            "--load-mode",
+            "--mlock",  # the default dialect (help unread) is the pinned build's --load-mode
             id="threads",
+        ),
+        pytest.param(
+            launch(binary="b", model_path="m", host="h", port=4, mlock_style=MlockStyle.FLAG),
+            ["--mlock"],
+            "--load-mode",
+            id="mlock-flag-for-a-build-that-lists-it",
         ),
     ],
 )
@@ -202,7 +212,7 @@ def test_agent_options(options, present, absent):
 
 
 def test_mlock_opt_out_removes_load_mode_too():
-    options = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, mlock=False, mlock_style=MlockStyle.LOAD_MODE)
+    options = launch(binary="b", model_path="m", host="h", port=1, mlock=False, mlock_style=MlockStyle.LOAD_MODE)
     argv = argv_for(options=options)
     assert "--load-mode" not in argv and "--mlock" not in argv
 
@@ -221,7 +231,7 @@ def test_mlock_opt_out_removes_load_mode_too():
 def test_options_reject_programming_errors(bad):
     fields = {"binary": "b", "model_path": "m", "host": "h", "port": 1} | bad
     with pytest.raises(ValueError):
-        AgentArgvOptions(**fields)
+        launch(**fields)
 
 
 def test_turboquant_sample():
@@ -244,7 +254,7 @@ def test_turboquant_sample():
         "--ctx-size", "262144",
         "--parallel", "2",
         "--flash-attn", "on",
-        "--mlock",
+        "--load-mode", "mmap+mlock",
         "--cache-type-k", "turbo3",
         "--cache-type-v", "turbo3",
         "--threads", "8",
@@ -267,13 +277,13 @@ def test_a_prompt_cache_size_the_owner_allows_in_extra_args_is_the_only_one_said
     owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-ram"})))
     assert "ExtraArgRefused" in {e.reason for e in evaluate(isvc_doc(extraArgs=extra), model_doc()).errors}
     w = evaluate(isvc_doc(mode="embedding", extraArgs=extra), model_doc(), policy=owner).value
-    argv = build_argv(w, OPTIONS)
+    argv = build_argv(w, *OPTIONS)
     assert [t for t in argv if t in ("--cache-ram", "-cram")] == [extra[0].split("=")[0]]
     assert argv[-2:] == (extra[0].split("=")[0], "256")
     assert prompt_cache_mib(w.isvc.spec) == 256
 
 
-VERBOSE = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
+VERBOSE = launch(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
 
 
 def test_verbosity_4_is_passed_when_the_binary_has_the_option():
@@ -300,7 +310,7 @@ def test_the_verbosity_flag_cannot_be_overridden_from_extra_args():
 
 def test_no_jinja_is_left_out_for_a_build_without_it():
     # Such builds have the template engine off by default: saying nothing already means false.
-    old_build = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, no_jinja=False)
+    old_build = launch(binary="b", model_path="m", host="h", port=1, no_jinja=False)
     argv = argv_for({"jinja": False}, options=old_build)
     assert "--no-jinja" not in argv and "--jinja" not in argv
     assert "--jinja" in argv_for({"jinja": True}, options=old_build)
@@ -309,7 +319,7 @@ def test_no_jinja_is_left_out_for_a_build_without_it():
 @pytest.mark.parametrize("flag", ["--port", "--verbose", "-v", "4", ""])
 def test_verbosity_flag_must_be_a_verbosity_spelling(flag):
     with pytest.raises(ValueError):
-        AgentArgvOptions(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)
+        launch(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)
 
 
 def test_an_unbounded_prompt_cache_is_refused_even_when_the_owner_allows_the_option():
@@ -335,7 +345,8 @@ def test_longrope_is_refused_since_llama_server_would_exit_on_it():
 
 # -- speculative decoding (llama-server) ---------------------------------------------------
 
-SPEC_OPTIONS = AgentArgvOptions(binary="b", model_path="m", host="h", port=1, draft_model_path="/cache/draft.gguf")
+SPEC_OPTIONS = (LaunchSettings(llama_server="b", host="h"),
+                Instance(model_path="m", port=1, draft_model_path="/cache/draft.gguf"))
 
 
 @pytest.mark.parametrize(("block", "expected"), [
@@ -354,7 +365,7 @@ def test_speculative_decoding_maps_to_llama_servers_flags(block, expected):
 
     draft = model_doc("small", source="/models/small.gguf")
     outcome = evaluate(isvc_doc(speculativeDecoding=block), model_doc(), draft=draft)
-    argv = build_argv(outcome.value, SPEC_OPTIONS)
+    argv = build_argv(outcome.value, *SPEC_OPTIONS)
     assert has_run(argv, expected), argv
     assert argv.count("--spec-type") == 1
 
@@ -365,7 +376,7 @@ def test_no_speculation_says_nothing(kind):
     from tests.support.manifests import isvc_doc, model_doc
 
     argv = build_argv(evaluate(isvc_doc(speculativeDecoding={"type": kind, "nDraftMax": 4}), model_doc()).value,
-                      SPEC_OPTIONS)
+                      *SPEC_OPTIONS)
     assert not any(a.startswith("--spec") or a == "-md" for a in argv)
 
 

@@ -21,7 +21,7 @@ import pytest
 from tests.support.ports import free_port
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-HEAVY = ("kubernetes_asyncio", "aiohttp", "structlog", "prometheus_client", "psutil", "yaml", "metal_agent.agent")
+HEAVY = ("kubernetes_asyncio", "aiohttp", "structlog", "prometheus_client", "psutil", "yaml", "metal_agent.app.manager")
 
 PROBE = """
 import json, sys
@@ -86,7 +86,7 @@ def test_help_texts_load_nothing_heavy(report, argv):
 def test_non_cluster_commands_do_not_load_the_kubernetes_client(report, argv, exit_code):
     code, modules = report[argv[0]]
     assert code == exit_code
-    assert "kubernetes_asyncio" not in modules and "metal_agent.agent" not in modules
+    assert "kubernetes_asyncio" not in modules and "metal_agent.app.manager" not in modules
 
 
 def test_the_probe_sees_the_client_when_it_is_loaded(report):
@@ -116,7 +116,7 @@ def test_power_serve_runs_without_the_kubernetes_client():
         "    async with serve(app, '127.0.0.1', 0):\n"
         "        pass\n"
         "asyncio.run(main())\n"
-        "print(json.dumps(sorted(m for m in ('kubernetes_asyncio', 'metal_agent.agent') if m in sys.modules)))\n"
+        "print(json.dumps(sorted(m for m in ('kubernetes_asyncio', 'metal_agent.app.manager') if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
     assert json.loads(out) == []

@@ -57,7 +57,7 @@ from metal_agent.core.pressure import (
     parse_vm_stat,
     step,
 )
-from metal_agent.memory_guard import MemoryGuard
+from metal_agent.memory.guard import MemoryGuard
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "darwin_memory"
 GiB = 1 << 30
@@ -149,7 +149,8 @@ def test_kernel_levels_from_real_sysctl_output() -> None:
 def test_the_kernel_level_decides_and_the_share_applies_only_without_it() -> None:
     plenty = dict(total_bytes=100, available_bytes=60)
     scarce = dict(total_bytes=100, available_bytes=3)
-    a, b = ServiceMemory("ns/a", Priority.LOW, 10, 1.0), ServiceMemory("ns/b", Priority.HIGH, 10, 2.0)
+    # Our services hold 30 of the 40 in use: the pressure is theirs (the friendly-fire guard lets it through).
+    a, b = ServiceMemory("ns/a", Priority.LOW, 15, 1.0), ServiceMemory("ns/b", Priority.HIGH, 15, 2.0)
 
     state, actions = step(PressureState(), MemoryReading(**plenty, kernel_level=Level.CRITICAL), [a, b])
     assert actions == (LevelChanged(Level.NORMAL, Level.CRITICAL), Evict("ns/a"))
@@ -295,8 +296,9 @@ async def test_the_watchdog_acts_on_the_kernel_level_read_through_ctypes(libsyst
     path, control = libsystem
     load(control, vm_stat(APPLE_SILICON), memsize=M_SERIES_RAM, level=4)
     memory = DarwinMemory(path)
-    running = {"ns/batch": ServiceMemory("ns/batch", Priority.BATCH, 5, 1.0),
-               "ns/chat": ServiceMemory("ns/chat", Priority.HIGH, 5, 2.0)}
+    # 10 GiB of ours in the capture's ~13 GiB in use: the pressure is ours to relieve.
+    running = {"ns/batch": ServiceMemory("ns/batch", Priority.BATCH, 5 << 30, 1.0),
+               "ns/chat": ServiceMemory("ns/chat", Priority.HIGH, 5 << 30, 2.0)}
     evicted: list[str] = []
 
     async def read() -> MemoryReading:
@@ -316,6 +318,8 @@ async def test_the_watchdog_acts_on_the_kernel_level_read_through_ctypes(libsyst
     assert gauge("system_memory_available_bytes") == 3_110_649_856
     assert gauge("system_memory_wired_bytes") == 3_245_785_088
     assert gauge("memory_pressure_level") == 2
+    in_use = M_SERIES_RAM - 3_110_649_856
+    assert gauge("memory_own_share_ratio") == pytest.approx((10 << 30) / in_use)
 
     control.standin_set(b"kern.memorystatus_vm_pressure_level", sysctl_levels()[0])
     await dog.tick()

@@ -59,6 +59,27 @@ def test_the_counter_grows_by_each_samples_energy_and_survives_the_sampler_going
     assert value("samples_total") == 2
 
 
+def test_gpu_gauges_follow_each_sample_and_never_outlive_the_sampler(shared_dir: Path):
+    registry = CollectorRegistry()
+    gauges = PowerGauges(registry)
+
+    def gpu(name: str) -> float | None:
+        return registry.get_sample_value("llmkube_metal_agent_apple_gpu_" + name)
+
+    assert (gpu("active_ratio"), gpu("active_frequency_hertz")) == (0.0, 0.0)  # exported from the start
+    first, *_, last = parse_text((shared_dir / M5_CAPTURE).read_text())
+    gauges.publish(first, received_at=1.0)
+    assert (gpu("active_ratio"), gpu("active_frequency_hertz")) == (pytest.approx(0.0103), 338e6)
+    gauges.publish(last, received_at=2.0)
+    assert gpu("active_ratio") == pytest.approx(0.0536)
+    # A sample without the GPU lines does not keep the previous sample's load standing.
+    gauges.publish(PowerSample("t", 1000.0, 1.0, 2.0, 0.5, 3.5), received_at=3.0)
+    assert (gpu("active_ratio"), gpu("active_frequency_hertz")) == (0.0, 0.0)
+    gauges.publish(first, received_at=4.0)
+    gauges.off()
+    assert (gpu("active_ratio"), gpu("active_frequency_hertz")) == (0.0, 0.0)
+
+
 def test_host_info_labels():
     facts = HostFacts("Johns-MacBook-Pro.local", "Apple M5 Max", "26.1", 137438953472)
     assert host_info_labels(facts, "0.2.0") == {

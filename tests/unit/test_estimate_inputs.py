@@ -20,7 +20,7 @@ from metal_agent.adapters.model_files import LocalModel, ModelFiles
 from metal_agent.core.api import InferenceServiceSpec
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 from metal_agent.core.admission import Admit
-from metal_agent.memory_guard import MemoryGuard, Waiting
+from metal_agent.memory.guard import MemoryGuard, Waiting
 from tests.support import gguf_forge as f
 from tests.support.manifests import workload
 from tests.support.wait import wait_for

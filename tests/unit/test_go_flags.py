@@ -240,7 +240,7 @@ def restore_logging():
 @pytest.fixture
 def started(monkeypatch, restore_logging):
     """Run `metal-agent run ARGV` in-process; returns (result, the AgentConfig the agent got, or None)."""
-    import metal_agent.agent as agent_module
+    import metal_agent.app.manager as agent_module
 
     seen = []
 
@@ -268,10 +268,10 @@ def test_the_go_agents_published_plist_starts_this_agent(started):
     assert "--model-store" in args and "--port" in args  # the published job, as its users run it
     result, cfg = started(*args, "--log-format", "json")
     assert result.exit_code == 0, result.output
-    assert cfg.namespaces == ("default",)
+    assert cfg.kube.namespaces == ("default",)
     assert str(cfg.paths.models) == "/tmp/llmkube-models"
-    assert cfg.llama_server == "/opt/homebrew/bin/llama-server"
-    assert (cfg.http_host, cfg.http_port) == ("127.0.0.1", 9090)
+    assert cfg.engines.llama_server == "/opt/homebrew/bin/llama-server"
+    assert (cfg.http.host, cfg.http.port) == ("127.0.0.1", 9090)
     assert "ignoring flags" not in result.output  # nothing in it is ignored
 
 
@@ -282,9 +282,9 @@ def test_the_issues_go_job_starts_this_agent_and_names_what_is_ignored_once(star
         "a,b", "--memory-fraction", "0.8", "--eviction-enabled", "--omlx-port", "8000", "--client-port=9999",
         "--omlx-port", "8001", "--log-format", "json")
     assert result.exit_code == 0, result.output
-    assert cfg.power is True and cfg.power_interval_ms == 2000
-    assert cfg.allowlist == ("a", "b") and cfg.memory_fraction == 0.8 and cfg.eviction is True
-    assert cfg.http_port == 9091 and cfg.namespaces == ("llm",)
+    assert cfg.power.enabled is True and cfg.power.interval_ms == 2000
+    assert cfg.controller.allowlist == ("a", "b") and cfg.memory.fraction == 0.8 and cfg.memory.eviction is True
+    assert cfg.http.port == 9091 and cfg.kube.namespaces == ("llm",)
     warnings = [json.loads(line) for line in result.output.splitlines() if "ignoring flags" in line]
     assert len(warnings) == 1
     assert warnings[0]["level"] == "warning" and warnings[0]["flags"] == ["client-port", "omlx-port"]

@@ -70,6 +70,8 @@ def test_every_expr_uses_exported_metrics():
         "llmkube_metal_agent_apple_power_ane_watts",
         "llmkube_metal_agent_apple_power_sampler_up",
         "llmkube_metal_agent_apple_power_energy_joules_total",
+        "llmkube_metal_agent_apple_gpu_active_ratio",
+        "llmkube_metal_agent_apple_gpu_active_frequency_hertz",
         "llmkube_metal_agent_host_info",
         "host:llamacpp_tokens_predicted:rate5m",
         "model:llamacpp_tokens_predicted:rate5m",

@@ -44,7 +44,7 @@ from tests.unit.test_go_flags import _tar_member, restore_logging  # noqa: F401 
 
 URL = "https://models.example/org/repo/resolve/main/qwen-q4.gguf"
 URL_WITH_QUERY = "https://models.example/m/tiny.gguf?download=true"
-HEAVY = ("kubernetes_asyncio", "aiohttp", "structlog", "prometheus_client", "psutil", "yaml", "metal_agent.agent")
+HEAVY = ("kubernetes_asyncio", "aiohttp", "structlog", "prometheus_client", "psutil", "yaml", "metal_agent.app.manager")
 
 
 def published_job() -> dict:
@@ -149,7 +149,7 @@ def test_published_job_and_store_are_migrated(mac: Mac, monkeypatch):
 
 
 def test_the_written_job_starts_our_agent_on_the_adopted_models(mac: Mac, monkeypatch, restore_logging):
-    import metal_agent.agent as agent_module
+    import metal_agent.app.manager as agent_module
 
     mac.store_file("qwen", "qwen-q4.gguf", b"w")
     assert mac.migrate(monkeypatch, [model("qwen", URL)]).exit_code == 0
@@ -161,8 +161,8 @@ def test_the_written_job_starts_our_agent_on_the_adopted_models(mac: Mac, monkey
     monkeypatch.setattr(agent_module, "run_agent", fake_run_agent)
     result = CliRunner().invoke(app, mac.job()["ProgramArguments"][1:])
     assert result.exit_code == 0, result.output
-    assert seen[0].paths.models == mac.models_dir and seen[0].namespaces == ("default",)
-    assert seen[0].kubeconfig == str(mac.kubeconfig) and seen[0].http_port == 9090
+    assert seen[0].paths.models == mac.models_dir and seen[0].kube.namespaces == ("default",)
+    assert seen[0].kube.kubeconfig == str(mac.kubeconfig) and seen[0].http.port == 9090
 
 
 def test_a_dry_run_changes_nothing(mac: Mac, monkeypatch):

@@ -9,8 +9,8 @@ import pytest
 
 from metal_agent.core.api import InferenceServiceSpec
 from metal_agent.core.claim import evaluate
-from metal_agent.core.engine import Launch
 from metal_agent.core.engines.mlx_lm import MLX_LM
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.mlx_dialect import MlxDialect, mlx_dialect_from_help, refusals, supported
 from tests.support.manifests import isvc_doc, model_doc
 
@@ -24,11 +24,12 @@ HELP_0_30_5 = """usage: server.py [-h] [--model MODEL] [--adapter-path ADAPTER_P
 """
 OLD = mlx_dialect_from_help(HELP_0_30_5, "0.30.5")
 SOURCE = "/Users/me/models/Qwen3-4B-4bit"
-LAUNCH = Launch(command=("/venv/bin/python3", "/venv/bin/mlx_lm.server"), model_path=SOURCE, host="h", port=1)
+LAUNCH = (LaunchSettings(llama_server="llama-server", mlx_server=("/venv/bin/python3", "/venv/bin/mlx_lm.server"), host="h"),
+          Instance(model_path=SOURCE, port=1))
 
 
 def argv_for(**isvc) -> tuple[str, ...]:
-    return MLX_LM.argv(evaluate(isvc_doc(**isvc), model_doc(format="mlx", source=SOURCE)).value, LAUNCH)
+    return MLX_LM.argv(evaluate(isvc_doc(**isvc), model_doc(format="mlx", source=SOURCE)).value, *LAUNCH)
 
 
 def test_the_installed_mlx_lm_lists_every_option_the_engine_passes():

@@ -14,20 +14,23 @@ from metal_agent.adapters.mlx_binary import exec_form
 from metal_agent.adapters.model_files import LocalModel
 from metal_agent.core.api import CacheType, InferenceServiceSpec
 from metal_agent.core.claim import evaluate
-from metal_agent.core.engine import EngineName, Launch, engine_for
+from metal_agent.core.engine_name import EngineName
+from metal_agent.core.engines import engine_for
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.engines.mlx_lm import MLX_LM, ONE_MODEL
 from metal_agent.core.extra_args import check_extra_args
 from metal_agent.core.mlx_options import MLX_LM_OPTIONS
 from metal_agent.core.go_flags import normalize_run_argv
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.result import Invalid, Parsed
 from metal_agent.core.spec_hash import spec_hash
 from tests.support.manifests import isvc_doc, model_doc
 from tests.support.tiny_mlx_model import write_safetensors
 
 MLX_SOURCE = "/Users/me/models/Qwen3-4B-4bit"
-LAUNCH = Launch(command=("/venv/bin/python3", "/venv/bin/mlx_lm.server"), model_path=MLX_SOURCE,
-                host="10.0.0.5", port=8123)
+SETTINGS = LaunchSettings(llama_server="/opt/homebrew/bin/llama-server",
+                          mlx_server=("/venv/bin/python3", "/venv/bin/mlx_lm.server"), host="10.0.0.5")
+INSTANCE = Instance(model_path=MLX_SOURCE, port=8123)
 
 
 def mlx(isvc: dict | None = None, **model) -> Parsed | Invalid:
@@ -56,14 +59,19 @@ def test_the_format_chooses_the_engine_and_the_default_only_for_custom(fmt, defa
     assert engine_for(outcome.value, EngineName(default)).name is engine
 
 
-def test_llama_server_engine_builds_the_same_argv_as_before():
-    from metal_agent.core.argv import AgentArgvOptions, build_argv
-
+def test_each_engine_starts_with_its_own_command_from_the_same_settings():
     w = evaluate(isvc_doc(contextSize=4096, cacheTypeK="q8_0"), model_doc()).value
-    launch = Launch(command=("/opt/homebrew/bin/llama-server",), model_path="/m.gguf", host="h", port=9, threads=4)
-    assert LLAMA_SERVER.argv(w, launch) == build_argv(w, AgentArgvOptions(
-        binary="/opt/homebrew/bin/llama-server", model_path="/m.gguf", host="h", port=9, threads=4))
+    argv = LLAMA_SERVER.argv(w, SETTINGS, Instance(model_path="/m.gguf", port=9))
+    assert argv[:7] == ("/opt/homebrew/bin/llama-server", "--model", "/m.gguf", "--host", "10.0.0.5", "--port", "9")
+    assert "/venv/bin/python3" not in argv
+    assert MLX_LM.argv(workload(), SETTINGS, INSTANCE)[0] == "/venv/bin/python3"
     assert LLAMA_SERVER.probe.ready_path is None and LLAMA_SERVER.runtime_label == "llamacpp"
+
+
+def test_no_mlx_command_line_without_mlx_lm():
+    # The reconciler holds MLX services as RuntimeMissing before asking; asking anyway is a bug.
+    with pytest.raises(ValueError, match="mlx_lm.server was not found"):
+        MLX_LM.argv(workload(), LaunchSettings(llama_server="/opt/homebrew/bin/llama-server"), INSTANCE)
 
 
 def test_gguf_digests_do_not_move_and_the_format_is_part_of_an_mlx_digest():
@@ -82,7 +90,7 @@ def test_gguf_digests_do_not_move_and_the_format_is_part_of_an_mlx_digest():
 def test_mlx_argv_maps_the_spec():
     argv = MLX_LM.argv(workload(contextSize=8192, parallelSlots=4, batchSize=512,
                                 extraArgs=["--temp", "0.7", "--chat-template-args", '{"enable_thinking":false}']),
-                       LAUNCH)
+                       SETTINGS, INSTANCE)
     assert argv == (
         "/venv/bin/python3", "-c", ONE_MODEL, "--model", MLX_SOURCE, "--host", "10.0.0.5", "--port", "8123",
         "--log-level", "INFO", "--decode-concurrency", "4", "--prompt-cache-size", "4", "--prefill-step-size", "512",
@@ -92,13 +100,13 @@ def test_mlx_argv_maps_the_spec():
 
 @pytest.mark.parametrize("cache, bits", [("q8_0", "8"), ("q4_0", "4")])
 def test_quantized_kv_cache_becomes_kv_bits_from_the_first_token(cache, bits):
-    argv = MLX_LM.argv(workload(cacheTypeK=cache, cacheTypeV=cache), LAUNCH)
+    argv = MLX_LM.argv(workload(cacheTypeK=cache, cacheTypeV=cache), SETTINGS, INSTANCE)
     i = argv.index("--kv-bits")
     assert argv[i:i + 6] == ("--kv-bits", bits, "--kv-group-size", "64", "--quantized-kv-start", "0")
 
 
 def test_an_unquantized_cache_adds_no_flag():
-    assert "--kv-bits" not in MLX_LM.argv(workload(cacheTypeK="f16", cacheTypeV="f16"), LAUNCH)
+    assert "--kv-bits" not in MLX_LM.argv(workload(cacheTypeK="f16", cacheTypeV="f16"), SETTINGS, INSTANCE)
 
 
 # -- what MLX refuses -----------------------------------------------------------------
@@ -298,8 +306,8 @@ def test_a_draft_model_is_found_checked_and_passed_with_its_token_count():
     draft = model_doc("small", format="mlx", source="/models/small-mlx")
     outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(format="mlx", source=MLX_SOURCE), draft=draft)
     assert isinstance(outcome, Parsed) and outcome.value.draft.spec.source.raw == "/models/small-mlx"
-    argv = MLX_LM.argv(outcome.value, Launch(command=LAUNCH.command, model_path=MLX_SOURCE, host="h", port=1,
-                                             draft_model_path="/models/small-mlx"))
+    argv = MLX_LM.argv(outcome.value, SETTINGS, Instance(model_path=MLX_SOURCE, port=1,
+                                                         draft_model_path="/models/small-mlx"))
     assert argv[-4:] == ("--draft-model", "/models/small-mlx", "--num-draft-tokens", "3")
     without = evaluate(isvc_doc(), model_doc(format="mlx", source=MLX_SOURCE)).value
     assert spec_hash(outcome.value) != spec_hash(without)

@@ -70,9 +70,10 @@ def test_older_macos_without_combined_line_sums_the_parts_and_ignores_clusters()
     samples = parse_text((FIXTURES / "synthetic-older-macos-no-combined.txt").read_text())
 
     assert samples == [
-        PowerSample("Mon Jan  2 09:10:00 2023 +0100", 1003.12, 0.35, 0.04, 0.01, pytest.approx(0.40)),
-        # No ANE line in this sample: it counts as 0.
-        PowerSample("Mon Jan  2 09:10:01 2023 +0100", 1001.5, 2.18, 0.52, 0.0, pytest.approx(2.70)),
+        PowerSample("Mon Jan  2 09:10:00 2023 +0100", 1003.12, 0.35, 0.04, 0.01, pytest.approx(0.40),
+                    pytest.approx(0.021), 389e6),
+        # No ANE line in this sample: it counts as 0. Its GPU section has a frequency but no residency.
+        PowerSample("Mon Jan  2 09:10:01 2023 +0100", 1001.5, 2.18, 0.52, 0.0, pytest.approx(2.70), None, 1296e6),
     ]
 
 
@@ -169,3 +170,47 @@ def test_malformed_headers_still_open_a_sample(header: str) -> None:
     samples = parse_lines([header, "CPU Power: 10 mW", "**** GPU usage ****", "GPU Power: 2 mW"])
 
     assert [(s.cpu_w, s.gpu_w, s.combined_w) for s in samples] == [(0.01, 0.002, 0.012)]
+
+
+# From the capture: "GPU HW active residency" and "GPU HW active frequency" of each sample.
+M5_GPU_ACTIVE = [0.0103, 0.0367, 0.0391, 0.0443, 0.0796, 0.0727, 0.0536]
+M5_GPU_HZ = [338e6] * 7
+
+
+def test_real_capture_gives_the_gpu_busy_share_and_frequency_of_each_sample(m5_text: str) -> None:
+    samples = parse_text(m5_text)
+
+    assert close([s.gpu_active_ratio for s in samples], M5_GPU_ACTIVE)
+    assert [s.gpu_active_hz for s in samples] == M5_GPU_HZ
+    # The same window's idle residency is the rest: the share read is the GPU's own.
+    idle = [float(line.split()[-1].rstrip("%")) / 100 for line in m5_text.splitlines()
+            if line.startswith("GPU idle residency:")][:7]
+    assert close([round(a + i, 4) for a, i in zip(M5_GPU_ACTIVE, idle)], [1.0] * 7)
+
+
+def gpu_sample(*gpu_lines: str, before_gpu_section: tuple[str, ...] = ()) -> PowerSample:
+    [sample] = parse_lines(
+        ["*** Sampled system activity (T) (1000.0ms elapsed) ***", "**** Processor usage ****",
+         *before_gpu_section, "CPU Power: 10 mW", "**** GPU usage ****", *gpu_lines, "GPU Power: 2 mW"]
+    )
+    return sample
+
+
+def test_gpu_load_lines_in_other_spellings_and_units() -> None:
+    hw = gpu_sample("GPU HW active frequency: 1.62 GHz", "GPU HW active residency:  99.50% (1620 MHz: 99%)")
+    assert (hw.gpu_active_ratio, hw.gpu_active_hz) == (pytest.approx(0.995), pytest.approx(1.62e9))
+    plain = gpu_sample("GPU active frequency: 389 MHz", "GPU active residency: 100.00%")
+    assert (plain.gpu_active_ratio, plain.gpu_active_hz) == (1.0, 389e6)
+    over = gpu_sample("GPU HW active residency: 100.7% (1 MHz: 100%)")
+    assert over.gpu_active_ratio == 1.0  # rounding in powermetrics never makes the GPU more than busy
+
+
+def test_gpu_load_is_none_when_not_printed_and_read_only_in_the_gpu_section() -> None:
+    missing = gpu_sample("GPU idle residency: 100.00%")
+    assert (missing.gpu_active_ratio, missing.gpu_active_hz) == (None, None)
+    # Look-alikes before the GPU section (the cpu_power sampler's part) are not the GPU's.
+    elsewhere = gpu_sample(before_gpu_section=("GPU HW active residency:  50.00%", "GPU HW active frequency: 900 MHz"))
+    assert (elsewhere.gpu_active_ratio, elsewhere.gpu_active_hz) == (None, None)
+    garbled = gpu_sample("GPU HW active residency: n/a", "GPU HW active frequency: 12 kHz",
+                         "GPU HW active frequency: 444 MHz")
+    assert (garbled.gpu_active_ratio, garbled.gpu_active_hz) == (None, 444e6)

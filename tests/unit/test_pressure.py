@@ -10,6 +10,7 @@ from metal_agent.core.api import Priority
 from metal_agent.core.pressure import (
     SKIP_ALL_PROTECTED,
     SKIP_EVICTION_IN_PROGRESS,
+    SKIP_FOREIGN_PRESSURE,
     SKIP_LAST_RUNNING,
     SKIP_NOTHING_RUNNING,
     Evict,
@@ -23,6 +24,8 @@ from metal_agent.core.pressure import (
     Thresholds,
     Unblock,
     Victim,
+    Attribution,
+    attribute,
     choose_victim,
     classify,
     parse_vm_stat,
@@ -79,9 +82,10 @@ def reading(available_pct: float) -> MemoryReading:
 
 
 def test_state_machine_evicts_one_per_tick_blocks_and_unblocks_at_normal():
-    a = svc("ns/a", Priority.LOW, rss=10)
-    b = svc("ns/b", Priority.NORMAL, rss=20)
-    c = svc("ns/c", Priority.HIGH, rss=30)
+    # Our services hold most of the memory in use (60 of 95 units, then 50 of 94): the pressure is ours.
+    a = svc("ns/a", Priority.LOW, rss=10_000)
+    b = svc("ns/b", Priority.NORMAL, rss=20_000)
+    c = svc("ns/c", Priority.HIGH, rss=30_000)
     state = PressureState()
 
     state, actions = step(state, reading(12), [a, b, c])
@@ -108,6 +112,68 @@ def test_state_machine_evicts_one_per_tick_blocks_and_unblocks_at_normal():
     state, actions = step(state, reading(30), [c])
     assert actions == (LevelChanged(W, N), Unblock(frozenset({"ns/a", "ns/b"})))
     assert state == PressureState(N, frozenset())
+
+
+@pytest.mark.parametrize("own,available,share", [
+    (30, 40, 0.5),      # 30 of the 60 in use
+    (0, 40, 0.0),
+    (90, 40, 1.0),      # RSS counting pages the kernel also calls available: capped
+    (5, 100, 1.0),      # nothing in use but ours
+    (0, 100, 0.0),
+    (10, 120, 1.0),     # available above total (a bad reading): nothing in use
+])
+def test_attribution_is_our_share_of_the_memory_in_use(own, available, share):
+    got = attribute(MemoryReading(total_bytes=100, available_bytes=available), [svc("a", rss=own)])
+    assert got.share == share and got.own_bytes == own
+
+
+def test_attribution_sums_our_services_and_leaves_the_rest_to_others():
+    got = attribute(MemoryReading(100, 10), [svc("a", rss=20), svc("b", rss=25), svc("c", rss=-1)])
+    assert got == Attribution(own_bytes=45, in_use_bytes=90) and got.other_bytes == 45 and got.share == 0.5
+
+
+GIB = 1 << 30
+
+
+def test_critical_pressure_from_other_processes_evicts_nothing_and_says_why():
+    """LLMKube's guard: a build job or a browser filling the Mac must not cost a production model."""
+    a, b = svc("ns/a", Priority.LOW, rss=3 * GIB), svc("ns/b", Priority.HIGH, rss=5 * GIB)
+    critical = MemoryReading(total_bytes=64 * GIB, available_bytes=2 * GIB)  # 62 GiB in use, 8 ours
+
+    state, actions = step(PressureState(), critical, [a, b])
+    assert actions == (LevelChanged(N, C), EvictionSkipped(SKIP_FOREIGN_PRESSURE, (
+        "pressure comes from other processes: this agent's services hold 8.0 GiB of the 62.0 GiB in use (13%), "
+        "other processes 54.0 GiB; eviction needs more than 50%")))
+    assert state.blocked == frozenset()
+
+    # The same Mac with our services holding most of it: the pressure is ours, one goes.
+    big = svc("ns/b", Priority.HIGH, rss=40 * GIB)
+    state, actions = step(state, critical, [a, big])
+    assert actions == (Evict("ns/a"),) and state.blocked == {"ns/a"}
+
+
+@pytest.mark.parametrize("own_gib,threshold,evicts", [
+    (31, 0.5, False),   # exactly half of the 62 GiB in use is not more than half
+    (32, 0.5, True),
+    (20, 0.3, True),
+    (18, 0.3, False),
+    (0, 0.0, True),     # 0 turns the guard off: evict whatever the cause
+])
+def test_the_guard_needs_more_than_the_configured_share(own_gib, threshold, evicts):
+    services = [svc("ns/a", Priority.LOW, rss=own_gib * GIB), svc("ns/b", Priority.HIGH, rss=0)]
+    _, actions = step(PressureState(C), MemoryReading(64 * GIB, 2 * GIB), services, min_own_share=threshold)
+    assert isinstance(actions[0], Evict if evicts else EvictionSkipped)
+
+
+def test_other_refusals_come_before_the_guard_and_warning_or_disabled_never_ask_it():
+    critical = MemoryReading(64 * GIB, 2 * GIB)
+    lone = [svc("ns/a", rss=1)]
+    assert step(PressureState(C), critical, lone)[1] == (EvictionSkipped(SKIP_LAST_RUNNING),)
+    assert step(PressureState(C, frozenset({"ns/a"})), critical, [*lone, svc("ns/b")])[1] == (
+        EvictionSkipped(SKIP_EVICTION_IN_PROGRESS),)
+    two = [svc("ns/a", rss=1), svc("ns/b", rss=1)]
+    assert step(PressureState(C), critical, two, evict=False)[1] == ()
+    assert step(PressureState(W), MemoryReading(64 * GIB, 8 * GIB), two)[1] == ()
 
 
 def test_forgetting_a_deleted_service_drops_its_block():

@@ -13,7 +13,7 @@ import pytest
 from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, live_process
-from metal_agent.workqueue import WorkQueue
+from metal_agent.controller.workqueue import WorkQueue
 from tests.support.slowness import scaled
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -106,8 +106,8 @@ async def test_workqueue_deduplicates_and_runs_one_worker_per_key():
         running[key] -= 1
         return None
 
-    queue = WorkQueue(handler, concurrency=4)
-    queue.start()
+    queue = WorkQueue(concurrency=4)
+    queue.start(handler)
     try:
         queue.add("slow")
         for _ in range(5):
@@ -134,8 +134,8 @@ async def test_workqueue_retries_a_failing_key_later():
             raise RuntimeError("transient")
         return None
 
-    queue = WorkQueue(handler, concurrency=1, retry_initial=0.05)
-    queue.start()
+    queue = WorkQueue(concurrency=1, retry_initial=0.05)
+    queue.start(handler)
     try:
         queue.add("k")
         deadline = time.monotonic() + 5

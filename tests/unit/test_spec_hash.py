@@ -8,13 +8,14 @@ import re
 
 import pytest
 
-from metal_agent.core.argv import AgentArgvOptions, build_argv
+from metal_agent.core.argv import build_argv
 from metal_agent.core.claim import evaluate
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.result import Parsed
 from metal_agent.core.spec_hash import spec_hash
 from tests.support.manifests import gpu, isvc_doc, model_doc, workload
 
-OPTIONS = AgentArgvOptions(binary="llama-server", model_path="/m.gguf", host="127.0.0.1", port=8000, threads=4)
+OPTIONS = (LaunchSettings(llama_server="llama-server", host="127.0.0.1", threads=4), Instance(model_path="/m.gguf", port=8000))
 DIGEST = "ab" * 32
 
 
@@ -165,7 +166,7 @@ ARGV_CHANGES = [
 def test_every_argv_change_changes_the_digest(isvc_change, model_change):
     before = workload(BASE_ISVC, **BASE_MODEL)
     after = workload(BASE_ISVC | isvc_change, **(BASE_MODEL | model_change))
-    assert build_argv(after, OPTIONS) != build_argv(before, OPTIONS), "test case must change the argv"
+    assert build_argv(after, *OPTIONS) != build_argv(before, *OPTIONS), "test case must change the argv"
     assert spec_hash(after) != spec_hash(before)
 
 
@@ -228,6 +229,6 @@ def test_explicit_jinja_false_leaves_the_old_digest_because_its_process_changed(
     # Before, `jinja: false` hashed like the defaults (both rendered no flag);
     # now it renders --no-jinja, so the process it asks for is a different one.
     unset, off, on = workload(), workload({"jinja": False}), workload({"jinja": True})
-    assert "--no-jinja" in build_argv(off, OPTIONS) and "--no-jinja" not in build_argv(unset, OPTIONS)
+    assert "--no-jinja" in build_argv(off, *OPTIONS) and "--no-jinja" not in build_argv(unset, *OPTIONS)
     assert len({spec_hash(unset), spec_hash(off), spec_hash(on)}) == 3
     assert spec_hash(off).value != "0e228c6067608638aa66b4f6666755d731f7f6c8d64aef56bd5fc22cbe5d613b"

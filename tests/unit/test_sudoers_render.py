@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from metal_agent import __version__
 from metal_agent.core.sudoers import (
     SAMPLES_PER_RUN,
     SudoersError,
@@ -53,13 +54,13 @@ def test_the_sample_count_is_pinned_and_bounded() -> None:
         with pytest.raises(SudoersError):
             sampler_argv(1000, bad)  # type: ignore[arg-type]
         with pytest.raises(SudoersError):
-            render_sudoers("alice", 1000, bad)  # type: ignore[arg-type]
+            render_sudoers("alice", 1000, bad, version=__version__)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("user", ["alice", "bob.smith", "ci_runner-2", "_metalagent", "a", "x" * 64, "Alice", "u1"])
 @pytest.mark.parametrize("interval_ms", [100, 1000, 1500, 60_000])
 def test_good_users_and_intervals_render_one_pinned_rule(user: str, interval_ms: int) -> None:
-    text = render_sudoers(user, interval_ms)
+    text = render_sudoers(user, interval_ms, version=__version__)
 
     assert rules(text) == [
         f"Cmnd_Alias LLMKUBE_POWERMETRICS = /usr/bin/powermetrics --samplers cpu_power\\,gpu_power -i {interval_ms} -n 3600",
@@ -96,7 +97,7 @@ def test_good_users_and_intervals_render_one_pinned_rule(user: str, interval_ms:
 )
 def test_bad_users_are_refused(user: str) -> None:
     with pytest.raises(SudoersError):
-        render_sudoers(user, 1000)
+        render_sudoers(user, 1000, version=__version__)
     with pytest.raises(SudoersError):
         validate_user(user)
 
@@ -104,7 +105,7 @@ def test_bad_users_are_refused(user: str) -> None:
 @pytest.mark.parametrize("interval_ms", [0, -1000, 99, 60_001, 10**9, 1000.0, "1000", True, None])
 def test_bad_intervals_are_refused(interval_ms: object) -> None:
     with pytest.raises(SudoersError):
-        render_sudoers("alice", interval_ms)  # type: ignore[arg-type]
+        render_sudoers("alice", interval_ms, version=__version__)  # type: ignore[arg-type]
     with pytest.raises(SudoersError):
         sampler_argv(interval_ms)  # type: ignore[arg-type]
 
@@ -112,7 +113,7 @@ def test_bad_intervals_are_refused(interval_ms: object) -> None:
 def test_the_grant_names_the_same_command_the_sampler_runs() -> None:
     # One source of truth: un-escaping the rendered command gives the argv.
     for samples in (SAMPLES_PER_RUN, 3):
-        (alias, _) = rules(render_sudoers("alice", 750, samples))
+        (alias, _) = rules(render_sudoers("alice", 750, samples, version=__version__))
         command = alias.split(" = ", 1)[1].replace("\\,", ",")
         assert command.split(" ") == sampler_argv(750, samples)[2:]
 
@@ -121,7 +122,7 @@ def test_the_grant_names_the_same_command_the_sampler_runs() -> None:
 @pytest.mark.parametrize("user", ["alice", "bob.smith", "ci_runner-2", "_metalagent", "Alice"])
 def test_visudo_accepts_the_rendered_fragment(tmp_path: Path, user: str) -> None:
     fragment = tmp_path / "llmkube-powermetrics"
-    fragment.write_text(render_sudoers(user, 1000))
+    fragment.write_text(render_sudoers(user, 1000, version=__version__))
     visudo = shutil.which("visudo") or "/usr/sbin/visudo"
     result = subprocess.run([visudo, "-cf", str(fragment)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -130,6 +131,6 @@ def test_visudo_accepts_the_rendered_fragment(tmp_path: Path, user: str) -> None
 def test_the_example_in_the_repo_is_current() -> None:
     # sudoers/ holds a rendered example for readers; the text lives in the module.
     example = REPO / "sudoers" / "llmkube-powermetrics.example"
-    assert example.read_text() == render_sudoers("alice", 1000), (
+    assert example.read_text() == render_sudoers("alice", 1000, version=__version__), (
         "regenerate: metal-agent render-sudoers --user alice > sudoers/llmkube-powermetrics.example"
     )

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from metal_agent.core.backoff import Backoff
-from metal_agent.tasks import cancel_and_wait, supervised_loop, within
+from metal_agent.tasks import KeyedTasks, cancel_and_wait, supervised_loop, within
 from tests.support.wait import wait_for
 
 QUICK = Backoff(initial=0.01, factor=1.0, cap=0.01, reset_after=60)
@@ -225,3 +225,63 @@ async def test_within_still_times_out_and_returns_results():
     with pytest.raises(TimeoutError):
         await within(asyncio.sleep(10), 0.01)
     assert await within(asyncio.sleep(0, result="done"), 1) == "done"
+
+
+# -- KeyedTasks: at most one task per key --------------------------------------------
+
+
+async def test_a_key_at_work_takes_no_second_task_and_the_dropped_coroutine_is_closed():
+    tasks: KeyedTasks[str] = KeyedTasks("write")
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def work(tag: str) -> None:
+        ran.append(tag)
+        await release.wait()
+
+    first = tasks.start("slot", work("first"))
+    second_coro = work("second")
+    assert tasks.start("slot", second_coro) is None
+    assert second_coro.cr_frame is None  # closed, so never "coroutine was never awaited"
+    other = tasks.start("other", work("other"))
+    assert first is not None and other is not None and tasks.busy("slot") and tasks.current("slot") is first
+    release.set()
+    await asyncio.gather(first, other)
+    assert ran == ["first", "other"] and not tasks.busy("slot") and tasks.running() == []
+    again = tasks.start("slot", work("again"))  # the key is free once its task is done
+    await again
+    assert ran[-1] == "again"
+
+
+@pytest.mark.parametrize("error, level", [(OSError("refused"), "warning"), (KeyError("bug"), "error")])
+async def test_a_failed_task_is_logged_never_raised_and_frees_its_key(error, level):
+    from structlog.testing import capture_logs
+
+    tasks: KeyedTasks[str] = KeyedTasks("lease write", expected=(OSError,))
+
+    async def fail() -> None:
+        raise error
+
+    with capture_logs() as logs:
+        await tasks.start("slot", fail())
+    [entry] = [e for e in logs if e["event"].startswith("lease write failed")]
+    assert entry["log_level"] == level and entry["key"] == "slot" and type(error).__name__ in entry["error"]
+    assert not tasks.busy("slot")
+
+
+async def test_close_cancels_what_runs_and_waits_for_its_cleanup():
+    tasks: KeyedTasks[int] = KeyedTasks("write")
+    cleaned: list[int] = []
+    started = asyncio.Event()
+
+    async def work(n: int) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            cleaned.append(n)
+
+    running = [tasks.start(n, work(n)) for n in range(3)]
+    await started.wait()
+    await tasks.close()
+    assert sorted(cleaned) == [0, 1, 2] and all(t.cancelled() for t in running) and tasks.running() == []

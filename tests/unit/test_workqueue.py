@@ -8,19 +8,19 @@ from prometheus_client import CollectorRegistry
 
 from metal_agent.metrics import AgentMetrics, WorkQueueMetrics
 from metal_agent.tasks import cancel_and_wait
-from metal_agent.workqueue import WorkQueue
+from metal_agent.controller.workqueue import WorkQueue
 from tests.support.slowness import scaled
 from tests.support.wait import wait_for
 
 
-def recording_queue(**kwargs) -> tuple[WorkQueue, list[tuple[str, float]]]:
+def recording_queue(**kwargs) -> tuple[WorkQueue, list[tuple[str, float]], object]:
     calls: list[tuple[str, float]] = []
 
     async def handler(key: str):
         calls.append((key, asyncio.get_running_loop().time()))
         return None
 
-    return WorkQueue(handler, concurrency=2, **kwargs), calls
+    return WorkQueue(concurrency=2, **kwargs), calls, handler
 
 
 def sample(registry: CollectorRegistry, name: str, suffix: str = "") -> float:
@@ -29,8 +29,8 @@ def sample(registry: CollectorRegistry, name: str, suffix: str = "") -> float:
 
 
 async def test_add_after_keeps_the_earlier_timer():
-    queue, calls = recording_queue()
-    queue.start()
+    queue, calls, handler = recording_queue()
+    queue.start(handler)
     try:
         queue.add_after("k", 0.05)
         queue.add_after("k", 3600)  # a resync must not push back a "look again soon"
@@ -41,8 +41,8 @@ async def test_add_after_keeps_the_earlier_timer():
 
 
 async def test_add_after_replaces_a_later_timer_with_an_earlier_one():
-    queue, calls = recording_queue()
-    queue.start()
+    queue, calls, handler = recording_queue()
+    queue.start(handler)
     try:
         queue.add_after("k", 3600)
         queue.add_after("k", 0.05)
@@ -55,8 +55,8 @@ async def test_add_after_replaces_a_later_timer_with_an_earlier_one():
 
 
 async def test_add_supersedes_a_pending_timer():
-    queue, calls = recording_queue()
-    queue.start()
+    queue, calls, handler = recording_queue()
+    queue.start(handler)
     try:
         queue.add_after("k", 3600)
         queue.add("k")
@@ -78,9 +78,9 @@ async def test_failing_key_is_retried_with_jittered_doubling_delays():
         return None
 
     registry = CollectorRegistry()
-    queue = WorkQueue(handler, concurrency=1, retry_initial=0.1, retry_max=0.4,
+    queue = WorkQueue(concurrency=1, retry_initial=0.1, retry_max=0.4,
                       metrics=WorkQueueMetrics(registry, "inferenceservices"))
-    queue.start()
+    queue.start(handler)
     try:
         queue.add("k")
         await wait_for(lambda: len(attempts) == 5, timeout=10, what="five attempts")
@@ -103,14 +103,14 @@ async def test_metrics_count_adds_depth_and_durations_like_client_go():
         handled.append(key)
         return None
 
-    queue = WorkQueue(handler, concurrency=1, metrics=AgentMetrics(registry).workqueue)
+    queue = WorkQueue(concurrency=1, metrics=AgentMetrics(registry).workqueue)
     try:
         for _ in range(3):
             queue.add("a")  # de-duplicated: one add
         queue.add("slow")
         assert sample(registry, "workqueue_adds", "_total") == 2
         assert sample(registry, "workqueue_depth") == 2
-        queue.start()
+        queue.start(handler)
         await wait_for(lambda: handled == ["a"], timeout=5, what="a reconciled")
         await wait_for(lambda: sample(registry, "workqueue_depth") == 0, timeout=5, what="depth 0 while slow runs")
         queue.add("slow")  # while it runs: queued again once, counted once
@@ -149,8 +149,8 @@ async def test_stop_mid_reconcile_ends_even_when_the_reconcile_is_stopping_a_chi
         after.append(key)  # a swallowed cancel would carry on here and never end the worker
         return None
 
-    queue = WorkQueue(handler, concurrency=1)
-    queue.start()
+    queue = WorkQueue(concurrency=1)
+    queue.start(handler)
     queue.add("k")
     await asyncio.wait_for(in_cleanup.wait(), 5)
     stopping = asyncio.create_task(queue.stop())
@@ -171,8 +171,8 @@ async def test_stop_does_not_swallow_the_callers_cancellation():
         finally:
             await release.wait()
 
-    queue = WorkQueue(handler, concurrency=1)
-    queue.start()
+    queue = WorkQueue(concurrency=1)
+    queue.start(handler)
     queue.add("k")
     await asyncio.wait_for(started.wait(), 5)
     stopping = asyncio.create_task(queue.stop())

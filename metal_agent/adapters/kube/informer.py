@@ -85,7 +85,11 @@ class Informer:
         max_backoff: float = 30.0,
         on_failure: Callable[[int], None] | None = None,
         on_relist: Callable[[str], None] | None = None,
+        synced: asyncio.Event | None = None,
+        cache: dict[str, dict] | None = None,
     ) -> None:
+        """`cache`: the store to fill, when whoever handles `on_change` must read it and so
+        is built before the informer (the agent's intake); None: a store of its own."""
         self.api = client.CustomObjectsApi(api)
         self.resource = resource
         self.on_change = on_change
@@ -95,12 +99,12 @@ class Informer:
         self.max_backoff = max_backoff
         self.on_failure = on_failure
         self.on_relist = on_relist  # called with "initial" or "expired" (410 Gone) before each list
-        self.cache: dict[str, dict] = {}
+        self.cache: dict[str, dict] = {} if cache is None else cache
         self.consecutive_failures = 0
         self.unreachable_since: float | None = None
         self._synced_scopes: set[str | None] = set()
         self._resume: dict[str | None, str | None] = {}  # per scope: the resourceVersion to watch from
-        self.synced = asyncio.Event()
+        self.synced = synced if synced is not None else asyncio.Event()  # given: a part built first waits on it
         self._log = log.bind(resource=resource.plural)
 
     def get(self, key: str) -> dict | None:

@@ -22,9 +22,11 @@ from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.log_retention import remove_stale_service_logs, rotate_agent_log
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, find_unrecorded, live_process
-from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor, SupervisorSettings
+from metal_agent.adapters.process.settings import SupervisorSettings
+from metal_agent.adapters.process.supervisor import LaunchPlan, Supervisor
 from metal_agent.adapters.process.terminate import terminate_group
-from metal_agent.core.engine import Engine, engine_named
+from metal_agent.core.engine import Engine
+from metal_agent.core.engines import engine_named
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.process import Snapshot, SupervisorEvent
 

@@ -41,7 +41,7 @@ from typing import Sequence
 import psutil
 import structlog
 
-from metal_agent.core.engine import EngineName
+from metal_agent.core.engine_name import EngineName
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +70,7 @@ class ProcessRecord:
     # process (and restart it as it was) while the current spec is invalid.
     argv: tuple[str, ...] = ()
     boot_time: float = 0.0  # psutil.boot_time() when recorded (0: unknown, older records)
-    # The engine that runs it (core.engine.EngineName), so a later agent probes and names it
+    # The engine that runs it (core.engine_name.EngineName), so a later agent probes and names it
     # right before it sees the spec; records of older agents are llama-server's.
     engine: str = "llama-server"
 

@@ -16,7 +16,7 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import aiohttp
@@ -28,8 +28,8 @@ from metal_agent.adapters.process.health_probe import HealthProbe
 from metal_agent.adapters.process.logfile import ServiceLog
 from metal_agent.adapters.process.pause_point import AFTER_EXEC, pause_point
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, argv_digest, same_start
+from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.adapters.process.terminate import terminate_group
-from metal_agent.core.backoff import Backoff
 from metal_agent.core.engine import Engine
 from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.process import ExitInfo, ExitReason, Snapshot, State, SupervisorEvent
@@ -40,7 +40,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """What to run for one service. `build_argv(port)` returns the full argv."""
+    """The supervisor's job for one service, not a launch type: the command line is
+    `build_argv(port)` (the reconciler's closure over the engine's argv, `core.launch`'s
+    settings and the process's files), so no launch field is copied here. `host` is where the
+    supervisor picks a free port and probes: the address that argv binds to."""
 
     key: str
     uid: str
@@ -49,20 +52,6 @@ class LaunchPlan:
     build_argv: Callable[[int], Sequence[str]]
     port: int = 0  # 0: pick a free port on `host`
     engine: Engine = LLAMA_SERVER  # its probes and log reading (core.engine)
-
-
-@dataclass(frozen=True)
-class SupervisorSettings:
-    startup_timeout: float = 600.0  # big models take minutes to load
-    liveness_interval: float = 5.0
-    liveness_timeout: float = 3.0
-    liveness_failures: int = 3
-    # Between liveness probes, quick readiness probes: a server that stops answering is
-    # taken out of its EndpointSlice within about a second, long before it is restarted.
-    readiness_interval: float = 0.5
-    readiness_timeout: float = 0.5
-    stop_grace: float = 10.0
-    backoff: Backoff = field(default_factory=lambda: Backoff(first_immediate=True))
 
 
 OnChange = Callable[[Snapshot, SupervisorEvent | None], None]

@@ -18,21 +18,22 @@ from metal_agent.core.argv import (
     DRAFT_WEIGHT_TYPES,
     NEEDS_DRAFT_WEIGHTS,
     SPEC_TYPES,
-    AgentArgvOptions,
     build_argv,
     prompt_cache_mib,
     spec_type,
 )
-from metal_agent.core.claim import Workload
-from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
+from metal_agent.core.engine import ModelReader, Probe
+from metal_agent.core.engine_name import EngineName
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, OptionTable
 from metal_agent.core.fields import UNSUPPORTED_FIELD
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.memory import MiB, EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
+from metal_agent.core.workload import Workload
 
 HEADER_FIRST_READ = 1 << 20  # the read window: bytes looked at are read in windows this size
 HEADER_MAX_READ = 128 << 20
@@ -97,14 +98,8 @@ class LlamaServer:
         return (FieldError("spec.format", f"{draft.spec.format.value} cannot be a draft model for llama-server,"
                            " which loads GGUF files; use a GGUF Model", "Model", draft.meta.key),)
 
-    def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
-        argv = build_argv(workload, AgentArgvOptions(
-            binary=launch.command[-1], model_path=launch.model_path, host=launch.host, port=launch.port,
-            threads=launch.threads, mlock=launch.mlock, mlock_style=launch.mlock_style,
-            verbosity_flag=launch.verbosity_flag, no_jinja=launch.no_jinja, no_slots=launch.no_slots,
-            draft_model_path=launch.draft_model_path if workload.draft is not None else None,
-        ))
-        return (*launch.command[:-1], *argv)
+    def argv(self, workload: Workload, settings: LaunchSettings, instance: Instance) -> tuple[str, ...]:
+        return build_argv(workload, settings, instance)
 
     def acceleration(self, log_text: str) -> Acceleration | None:
         return llama_log.parse_acceleration(log_text)

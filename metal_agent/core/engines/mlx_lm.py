@@ -66,13 +66,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from metal_agent.core.api import InferenceServiceSpec, Mode, Model, ModelFormat, SourceKind, UNQUANTIZED_CACHE_TYPES
-from metal_agent.core.claim import Workload
-from metal_agent.core.engine import EngineName, Launch, ModelReader, Probe
+from metal_agent.core.engine import ModelReader, Probe
+from metal_agent.core.engine_name import EngineName
 from metal_agent.core.extra_args import OptionTable
+from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, overhead_bytes
 from metal_agent.core.mlx_options import MLX_LM_OPTIONS
 from metal_agent.core.result import FieldError
+from metal_agent.core.workload import Workload
 
 MODEL_KIND = "Model"
 ISVC_KIND = "InferenceService"
@@ -207,19 +209,22 @@ class MlxLm:
 
     # -- the command line ----------------------------------------------------
 
-    def argv(self, workload: Workload, launch: Launch) -> tuple[str, ...]:
+    def argv(self, workload: Workload, settings: LaunchSettings, instance: Instance) -> tuple[str, ...]:
         spec = workload.isvc.spec
+        found = settings.command(self.name)
+        if not found:
+            raise ValueError("mlx_lm.server was not found; the caller must not build its command line")
         # (interpreter, script): run the script's module through ONE_MODEL; a binary runs as it is.
-        command = [launch.command[0], "-c", ONE_MODEL] if len(launch.command) == 2 else list(launch.command)
-        argv = [*command, "--model", launch.model_path, "--host", launch.host, "--port", str(launch.port),
+        command = [found[0], "-c", ONE_MODEL] if len(found) == 2 else list(found)
+        argv = [*command, "--model", instance.model_path, "--host", settings.host, "--port", str(instance.port),
                 "--log-level", "INFO",
                 "--decode-concurrency", str(spec.parallel_slots),
                 "--prompt-cache-size", str(spec.parallel_slots),
                 "--prefill-step-size", str(spec.batch_size)]
         if (bits := _cache_bits(spec)) is not None:
             argv += ["--kv-bits", str(bits), "--kv-group-size", str(KV_GROUP_SIZE), "--quantized-kv-start", "0"]
-        if workload.draft is not None and launch.draft_model_path:
-            argv += ["--draft-model", launch.draft_model_path]
+        if workload.draft is not None and instance.draft_model_path:
+            argv += ["--draft-model", instance.draft_model_path]
             if spec.draft_tokens is not None:
                 argv += ["--num-draft-tokens", str(spec.draft_tokens)]
         argv += spec.extra_args

@@ -16,7 +16,7 @@ a good neighbour of LLMKube's controller:
   after the service is Ready; in shared mode that leftover is blanked in the
   write that reports the service served, or, if it appears later, cleared by
   a guarded merge patch.
-- In a fleet only one Mac speaks for a service (`Allowlist.speaks_for`).
+- In a fleet only one Mac speaks for a service (`controller.gate.Gate.speaks_for`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import structlog
 from metal_agent.adapters.kube.events import EventRecorder
 from metal_agent.adapters.kube.informer import Informer
 from metal_agent.adapters.kube.status_writer import StatusWriter, already_applied, utc_now
-from metal_agent.core.claim import Allowlist, wanted_model
+from metal_agent.controller.gate import Gate
+from metal_agent.core.claim import wanted_model
 from metal_agent.core.conditions import Condition
 from metal_agent.core.process import Snapshot
 from metal_agent.core.status import Blocker, StatusInputs, compute_status
@@ -39,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 class StatusReporter:
     def __init__(self, *, models: Informer, status: StatusWriter, events: EventRecorder, metrics: AgentMetrics,
-                 allowlist: Allowlist, status_mode: StatusMode = StatusMode.AUTO) -> None:
+                 allowlist: Gate, status_mode: StatusMode = StatusMode.AUTO) -> None:
         self.models = models
         self.status = status
         self.events = events

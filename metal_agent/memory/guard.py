@@ -19,11 +19,12 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
-from metal_agent.core.claim import Workload
+from metal_agent.core.workload import Workload
 from metal_agent.core.admission import Admit, Reject, admit
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, gib
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
+from metal_agent.memory.state import MemoryState
 from metal_agent.metrics import service_labels
 
 log = structlog.get_logger(__name__)
@@ -49,16 +50,19 @@ class MemoryGuard:
         agent_fraction: float | None = None,
         is_blocked: Callable[[str], bool] = lambda key: False,
         total_ram: Callable[[], int] = lambda: read_system_memory().total_bytes,
+        state: MemoryState | None = None,
     ) -> None:
         """`total_ram` defaults to the memory watchdog's own reading, so that admission and
-        the watchdog judge the same machine by the same numbers."""
+        the watchdog judge the same machine by the same numbers. Who waits is kept in
+        `state.waiting`, which the pressure responder reads."""
         self.model_files = model_files
         self.mode = mode
         self.agent_fraction = agent_fraction
         self.is_blocked = is_blocked
         self.total_ram = total_ram
         self.committed: dict[str, int] = {}
-        self.waiting: set[str] = set()
+        self.waiting: set[str] = (state or MemoryState()).waiting
+        self._reasons: dict[str, str] = {}  # why each waiting service waits
         self.estimated = Gauge(P + "memory_estimated_bytes", "estimated unified memory of a service (weights + KV cache + overhead)",
                                ["name", "namespace"], registry=registry)
 
@@ -87,7 +91,9 @@ class MemoryGuard:
                         total_ram_bytes=self.total_ram(), agent_fraction=self.agent_fraction, mode=self.mode)
         if isinstance(verdict, Reject):
             self.waiting.add(key)
-            return Waiting(verdict.blocker(), (verdict.reason, verdict.message))
+            waiting = Waiting(verdict.blocker(), (verdict.reason, verdict.message))
+            self._reasons[key] = waiting.blocker.message
+            return waiting
         if verdict.warning:
             log.warning("memory check", service=key, warning=verdict.warning)
         self.waiting.discard(key)
@@ -108,6 +114,10 @@ class MemoryGuard:
         self.committed[key] = estimate.total_bytes
         self.estimated.labels(**service_labels(key)).set(estimate.total_bytes)
 
+    def waiting_reason(self, key: str) -> str | None:
+        """Why admission holds `key` back, while it does (the fleet hands such a replica on)."""
+        return self._reasons.get(key) if key in self.waiting else None
+
     def counts(self, key: str) -> bool:
         """Whether `key`'s memory is counted against what others may start."""
         return key in self.committed
@@ -116,6 +126,7 @@ class MemoryGuard:
         """`key` stopped: forget its memory; return the services that may fit now."""
         freed = self.committed.pop(key, None)
         self.waiting.discard(key)
+        self._reasons.pop(key, None)
         try:
             labels = service_labels(key)
             self.estimated.remove(labels["name"], labels["namespace"])

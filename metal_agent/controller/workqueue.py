@@ -34,9 +34,13 @@ Handler = Callable[[str], Awaitable[float | None]]  # returns "requeue after N s
 
 
 class WorkQueue:
-    def __init__(self, handler: Handler, *, concurrency: int = 8, retry_initial: float = 0.5, retry_max: float = 60.0,
+    """Keys in, one handler call per key out. Built before anything that adds keys (informers,
+    supervisors, the download store, the fleet); the handler is given at `start`, so the queue
+    never depends on what consumes it."""
+
+    def __init__(self, *, concurrency: int = 8, retry_initial: float = 0.5, retry_max: float = 60.0,
                  metrics: WorkQueueMetrics | None = None) -> None:
-        self._handler = handler
+        self._handler: Handler | None = None
         self._concurrency = concurrency
         # Equal jitter: a retry waits between half and all of the doubled delay.
         self._retry = Backoff(initial=retry_initial, factor=2.0, cap=retry_max, jitter=0.5)
@@ -96,7 +100,8 @@ class WorkQueue:
             self.metrics.adds.inc()
             self.metrics.depth.set(len(self._queued) + len(self._dirty))
 
-    def start(self) -> None:
+    def start(self, handler: Handler) -> None:
+        self._handler = handler
         self._workers = [asyncio.create_task(self._work(), name=f"reconcile-worker-{i}") for i in range(self._concurrency)]
 
     async def stop(self) -> None:

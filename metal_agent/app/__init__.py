@@ -1,0 +1,1 @@
+"""The composition root: settings, construction in dependency order, and the run phases."""

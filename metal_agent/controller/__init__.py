@@ -1,0 +1,1 @@
+"""The controller: turns watched objects into running engines, published addresses and status."""

@@ -1,0 +1,182 @@
+"""Publishing a service's address: its Service and EndpointSlice, and following this Mac's address.
+
+The reconciler decides *when* a service is published, withdrawn or removed;
+this module does the writes, with the rules that keep publishing from ever
+touching a model: a refused or failed write is retried (soon, then less
+often), a name held by someone else's object is left untouched and reported
+once per message, and without registration (`--no-register`) every call is a
+no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import structlog
+
+from metal_agent.adapters.kube.events import EventRecorder
+from metal_agent.adapters.kube.registrar import NameTaken, Registrar
+from metal_agent.core.backoff import Backoff
+from metal_agent.core.registration import (
+    SERVICE_NAME_CONFLICT,
+    Registration,
+    conflict_message,
+    endpoint_path,
+    endpoint_url,
+    service_name_problem,
+)
+from metal_agent.core.status import Blocker
+
+log = structlog.get_logger(__name__)
+
+# A refused or failed Service/EndpointSlice write is retried soon, then less often.
+REGISTRATION_BACKOFF = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.5)
+
+
+@dataclass
+class HostAddress:
+    """Where this Mac's engines listen (`bind`) and the address published for them
+    (`registered`; None: nothing is published). Built first and shared: the reconciler
+    binds engines to it, the publisher and the fleet's registrar publish it, and an
+    address move changes it for all of them at once."""
+
+    bind: str
+    registered: str | None = None
+
+    def current(self) -> str | None:
+        return self.registered
+
+    def move(self, address: str, bind: str) -> None:
+        self.bind = bind
+        self.registered = address if self.registered else None
+
+
+class Publisher:
+    def __init__(self, registrar: Registrar | None, address: HostAddress, events: EventRecorder) -> None:
+        """`registrar` None, or an address that is not published: supervise only."""
+        self.registrar = registrar if address.registered else None
+        self.address = address
+        self.events = events
+        self._failures: dict[str, int] = {}
+        self._conflict_reported: dict[str, str] = {}  # key -> the ServiceNameConflict message last sent as an Event
+
+    def registered(self, key: str) -> bool:
+        return self.registrar is not None and self.registrar.registered(key)
+
+    async def register(self, key: str, raw: dict, supervisor) -> tuple[Blocker | None, float | None]:
+        """Publish the service's endpoint; never lets a failure touch the process.
+
+        Returns a problem for status (if the name cannot be registered) and a
+        retry delay when the API refused or failed the write.
+        """
+        if self.registrar is None or supervisor is None or supervisor.snapshot.port is None:
+            return None, None
+        name = raw["metadata"]["name"]
+        if problem := service_name_problem(name):
+            return Blocker("RegistrationFailed", problem), None
+        snap = supervisor.snapshot
+        reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name, isvc_uid=raw["metadata"].get("uid") or "",
+                           address=self.address.registered, port=snap.port, ready=snap.ready,
+                           model=str((raw.get("spec") or {}).get("modelRef") or ""),
+                           runtime=supervisor.plan.engine.runtime_label)
+        try:
+            await self.registrar.ensure(reg)
+        except NameTaken as taken:
+            # The name belongs to someone else's object: it stays untouched, the model keeps
+            # serving on the Mac, and we look again (it may be removed or handed over).
+            return self._name_taken(key, raw, taken)
+        except Exception as err:  # noqa: BLE001 - API errors and outages alike: retry, keep serving
+            failures = self._failures[key] = self._failures.get(key, 0) + 1
+            delay = REGISTRATION_BACKOFF.delay(failures)
+            log.warning("registration failed; retrying", service=key, error=f"{type(err).__name__}: {err}",
+                        retry_in_s=round(delay, 2))
+            return None, delay
+        self._failures.pop(key, None)
+        self._conflict_reported.pop(key, None)
+        return None, None
+
+    def _name_taken(self, key: str, raw: dict, taken: NameTaken) -> tuple[Blocker, float]:
+        failures = self._failures[key] = self._failures.get(key, 0) + 1
+        message = conflict_message(taken.kind, taken.namespace, taken.name)
+        if self._conflict_reported.get(key) != message:
+            self._conflict_reported[key] = message
+            log.warning("not registering: the name is taken by an object we do not own", service=key,
+                        object=f"{taken.kind} {taken.namespace}/{taken.name}")
+            self.events.emit(raw["metadata"], SERVICE_NAME_CONFLICT, message, warning=True)
+        else:
+            log.debug("still not registering: the name is taken", service=key, attempt=failures)
+        return Blocker(SERVICE_NAME_CONFLICT, message), REGISTRATION_BACKOFF.delay(failures)
+
+    async def mark_not_ready(self, key: str) -> None:
+        """Before a stop: the slice says not ready first. The API being away stops nothing."""
+        if self.registrar is None:
+            return
+        namespace, name = key.split("/", 1)
+        try:
+            await self.registrar.mark_not_ready(namespace, name)
+        except Exception as err:  # noqa: BLE001 - the API is away: stop anyway; the slice is fixed later
+            log.warning("could not mark the slice not ready before stopping", service=key,
+                        error=f"{type(err).__name__}: {err}")
+
+    async def unregister(self, key: str) -> None:
+        if self.registrar is not None:
+            namespace, name = key.split("/", 1)
+            await self.registrar.remove(namespace, name)
+
+    async def withdraw(self, key: str) -> None:
+        """Nothing serves this key now: no slice may say otherwise (the Service stays)."""
+        if self.registrar is not None:
+            namespace, name = key.split("/", 1)
+            await self.registrar.withdraw(namespace, name)
+
+    def endpoint_for(self, key: str, raw: dict, mode: str) -> str | None:
+        if not self.registered(key):
+            return None
+        namespace, name = key.split("/", 1)
+        return endpoint_url(namespace, name, endpoint_path(raw.get("spec"), mode))
+
+    async def cleanup(self, namespaces: Iterable[str] | None, keep_service: Callable[[str, str], bool],
+                      keep_slice: Callable[[str, str], bool]) -> int:
+        """Remove Services/EndpointSlices (and legacy Endpoints) of services no longer ours."""
+        if self.registrar is None:
+            return 0
+        return await self.registrar.cleanup(namespaces, keep_service, keep_slice)
+
+    def forget(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._conflict_reported.pop(key, None)
+
+
+class AddressMove:
+    """This Mac's detected address moved (Tailscale up after login, DHCP, another Wi-Fi):
+    publish the new one, and queue every running service, so that a llama-server bound to
+    the old address is respawned on the new one (the reconcile sees its host differ). An
+    address given with --host-ip is the user's word and is never followed."""
+
+    def __init__(self, *, address: HostAddress, bind_for: Callable[[str], str], running: Mapping[str, object],
+                 isvcs: Mapping[str, dict], events: EventRecorder, enqueue: Callable[[str], None],
+                 also: Callable[[str], None] | None = None) -> None:
+        """`bind_for(address)`: where engines listen for that address; `also(address)`: one
+        more follower (the agent's own metrics endpoint)."""
+        self.address = address
+        self.bind_for = bind_for
+        self.running = running
+        self.isvcs = isvcs
+        self.events = events
+        self.enqueue = enqueue
+        self.also = also
+
+    def __call__(self, change) -> None:
+        old, new, why = change.old.address, change.new.address, change.new.reason
+        log.warning("host address changed; re-registering", old=old, new=new, why=why)
+        self.address.move(new, self.bind_for(new))
+        for key in list(self.running):
+            raw = self.isvcs.get(key)
+            if raw is not None:
+                self.events.emit(raw["metadata"], "HostAddressChanged",
+                                 f"this Mac's address changed from {old} to {new} ({why}); re-registering",
+                                 warning=True)
+            self.enqueue(key)
+        if self.also is not None:
+            self.also(new)

@@ -1,0 +1,1 @@
+"""Fleet mode: several Macs share InferenceServices through replica Leases."""

@@ -1,0 +1,1 @@
+"""Memory admission and the answers to memory pressure."""

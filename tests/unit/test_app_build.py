@@ -1,0 +1,117 @@
+"""The composition root without a cluster: `app.build` produces the whole graph (nothing runs,
+nothing connects), every part is handed the real objects it calls, and `app.manager` runs the
+phases in order, with /readyz saying what is missing, and shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+from kubernetes_asyncio import client
+
+from metal_agent.adapters.kube.client import api_client
+from metal_agent.adapters.llama_binary import LlamaServerInfo
+from metal_agent.app.build import Agent, Host, build
+from metal_agent.app.config import AgentConfig, HttpSettings, RegistrationSettings
+from metal_agent.app.manager import Manager
+from metal_agent.core.flags import Dialect
+from metal_agent.core.host_info import HostFacts
+from metal_agent.paths import AgentPaths
+from tests.support.wait import wait_for
+
+WAITING = "waiting for the first list of InferenceServices and Models"
+
+
+def host(address: str = "127.0.0.1") -> Host:
+    return Host(llama=LlamaServerInfo("/bin/llama-server", "test", Dialect()), mlx=(), threads=2, host_ip=address,
+                choice=None, bind=address, facts=HostFacts("test-mac", "Apple M5", "26.1", 64 * 2**30))
+
+
+@contextlib.asynccontextmanager
+async def built(tmp_path, **settings):
+    configuration = client.Configuration()
+    configuration.host = "http://127.0.0.1:9"  # nothing listens: nothing here may need it
+    api, http = api_client(configuration), aiohttp.ClientSession()
+    cfg = AgentConfig(paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"), **settings)
+    try:
+        yield build(cfg, host(), api, http)
+    finally:
+        await http.close()
+        await api.close()
+
+
+async def test_every_part_is_handed_the_parts_built_before_it(tmp_path):
+    async with built(tmp_path) as agent:
+        assert all(getattr(agent, name) is not None for name in ("queue", "intake", "reconciler", "runner", "sweep"))
+        # Event sources call the intake, which feeds the one queue the runner drains.
+        assert agent.isvcs.on_change == agent.intake.on_isvc_change
+        assert agent.models.on_change == agent.intake.on_model_change
+        assert agent.processes.on_change == agent.intake.on_process_change
+        assert agent.intake.queue is agent.queue is agent.runner.queue
+        assert agent.model_files.on_ready == agent.queue.add
+        # The InferenceService cache is one store, filled by the informer and read by the intake.
+        assert agent.intake.isvcs is agent.isvcs.cache
+        # Memory: the guard and the reconciler share the state the responder writes.
+        assert agent.guard.waiting is agent.reconciler.pressure.waiting
+        assert agent.guard.is_blocked == agent.watchdog.is_blocked
+        assert agent.reconciler.address is agent.address
+        assert agent.fleet is None and agent.watcher is None
+
+
+async def test_readiness_is_checked_per_part_in_order(tmp_path):
+    async with built(tmp_path) as agent:
+        assert agent.readiness.parts() == ["api", "caches"]
+        assert agent.readiness() == WAITING
+        agent.isvcs.synced.set()
+        agent.models.synced.set()
+        assert agent.readiness() is True
+        agent.heartbeats.round(sent=2, failed=2)
+        assert agent.readiness().startswith("API server unreachable for 0s; supervising 0 llama-server(s) locally")
+
+
+async def test_the_loops_follow_the_settings(tmp_path):
+    async with built(tmp_path, registration=RegistrationSettings(register=False)) as agent:
+        assert set(Manager(agent).loops()) == {"watch-inferenceservices", "watch-models", "housekeeping",
+                                               "memory-watchdog"}
+    async with built(tmp_path) as agent:
+        assert {"heartbeats", "metrics-endpoint"} <= set(Manager(agent).loops())
+
+
+async def test_the_queue_starts_only_once_the_caches_are_synced(tmp_path):
+    async with built(tmp_path, registration=RegistrationSettings(register=False)) as agent:
+        manager = Manager(agent)
+        start = asyncio.create_task(manager.start_controller())
+        await asyncio.sleep(0)
+        assert not start.done() and agent.queue._workers == []
+        agent.isvcs.synced.set()
+        agent.models.synced.set()
+        await asyncio.wait_for(start, timeout=5)
+        assert agent.queue._workers
+        await agent.queue.stop()
+
+
+async def test_the_manager_serves_http_then_stops_on_request(tmp_path):
+    from tests.support.ports import free_port
+
+    port = free_port()
+    async with built(tmp_path, registration=RegistrationSettings(register=False),
+                     http=HttpSettings(port=port)) as agent:
+        stop = asyncio.Event()
+        run = asyncio.create_task(Manager(agent).run(stop))
+        async with aiohttp.ClientSession() as session:
+            async def readyz() -> tuple[int, str] | None:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        return resp.status, await resp.text()
+                except aiohttp.ClientError:
+                    return None
+
+            status, text = await wait_for(readyz, timeout=10, what="the agent's HTTP server")
+        assert status == 503 and ("API server unreachable" in text or WAITING in text)
+        stop.set()
+        await asyncio.wait_for(run, timeout=15)
+
+
+def test_a_built_agent_names_its_parts():
+    assert {"queue", "intake", "reconciler", "runner", "readiness", "web"} <= set(Agent.__dataclass_fields__)
