@@ -76,9 +76,11 @@ async def _help(command: tuple[str, ...], timeout: float) -> str:
         return ""
     try:
         out, _ = await within(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
+    except (asyncio.TimeoutError, asyncio.CancelledError) as stopped:
+        proc.kill()  # timed out, or start-up failed elsewhere: leave no child behind
+        await asyncio.shield(proc.wait())
+        if isinstance(stopped, asyncio.CancelledError):
+            raise
         return ""
     return out.decode(errors="replace") if proc.returncode == 0 else ""
 
@@ -108,6 +110,6 @@ async def probe(path: str, timeout: float = 20.0) -> MlxServerInfo | str:
 
 
 async def probe_dialect(info: MlxServerInfo, timeout: float = 20.0) -> MlxDialect:
-    """The options the server's --help lists (an MLX import: a second or two). Not called at start-up
-    yet: nothing uses the dialect until `Launch` carries it (see core.mlx_dialect)."""
+    """The options the server's --help lists (an MLX import: a second or two, once at start-up), so
+    that command lines carry only what it accepts (see core.mlx_dialect)."""
     return mlx_dialect_from_help(await _help(info.command, timeout), info.version)

@@ -17,10 +17,11 @@ option, read from the PyPI wheels (0.28.0, 0.30.5, 0.30.6, 0.31.0, 0.32.0,
 `ModelProvider.load(self, model_path, adapter_path=None,
 draft_model_path=None)`, which `ONE_MODEL` relies on.
 
-Pure: the adapter (`adapters.mlx_binary.probe`) runs `--help`; this module
-only reads its text. Not wired yet (see notes/f22-fields.md): `Launch` and
-the agent's settings must carry the dialect to `MlxLm.argv` (`supported`)
-and to `claim.evaluate` (`refusals`).
+Pure: the adapter (`adapters.mlx_binary.probe_dialect`) runs `--help` once
+at start-up (`app.build.probe_host`); this module only reads its text. The
+dialect travels in `core.launch.LaunchSettings.mlx_dialect` to `MlxLm.argv`
+(`supported`) and to `claim.evaluate` (`MlxLm.server_refusals` ->
+`refusals`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def refusals(spec: InferenceServiceSpec, dialect: MlxDialect, key: str,
                                      " mlx-lm) or remove the field", "InferenceService", key))
 
     if spec.parallel_slots > 1:
-        need("spec.parallelSlots", "--decode-concurrency", f"{spec.parallel_slots} slots")
+        need("spec.parallelSlots", "--decode-concurrency", f"parallelSlots {spec.parallel_slots}")
     if spec.batch_size != DEFAULT_BATCH:
         need("spec.batchSize", "--prefill-step-size", f"batchSize {spec.batch_size}")
     if quantized_cache:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 
 from metal_agent.core.api import InferenceServiceSpec
@@ -12,6 +14,7 @@ from metal_agent.core.claim import evaluate
 from metal_agent.core.engines.mlx_lm import MLX_LM
 from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.mlx_dialect import MlxDialect, mlx_dialect_from_help, refusals, supported
+from metal_agent.core.result import Invalid
 from tests.support.manifests import isvc_doc, model_doc
 
 #: `mlx_lm.server --help` usage of mlx-lm 0.30.5 (from its wheel's server.py: no --decode-concurrency,
@@ -46,6 +49,32 @@ def test_an_older_server_gets_only_the_options_it_has():
     for option in ("--decode-concurrency", "--prompt-cache-size", "--prefill-step-size"):
         assert option not in argv
     assert argv[argv.index("--model") + 1] == SOURCE and argv[-2:] == ("--log-level", "INFO")
+
+
+def old_settings() -> LaunchSettings:
+    return replace(LAUNCH[0], mlx_dialect=OLD)
+
+
+def test_the_engine_cuts_its_command_line_to_the_installed_server_and_keeps_the_owners_extra_args():
+    workload = evaluate(isvc_doc(extraArgs=["--temp", "0.2"]), model_doc(format="mlx", source=SOURCE)).value
+    argv = MLX_LM.argv(workload, old_settings(), LAUNCH[1])
+    assert argv == (*supported(argv_for(extraArgs=["--temp", "0.2"])[:-2], OLD), "--temp", "0.2")
+    assert "--decode-concurrency" not in argv and argv[-2:] == ("--temp", "0.2")
+    # A current server (or help unread) gets the whole command line.
+    assert MLX_LM.argv(workload, LAUNCH[0], LAUNCH[1]) == argv_for(extraArgs=["--temp", "0.2"])
+
+
+def test_evaluate_refuses_what_the_installed_server_is_too_old_for_only_when_it_knows_the_server():
+    mlx = model_doc(format="mlx", source=SOURCE)
+    slots = isvc_doc(parallelSlots=2)
+    assert not isinstance(evaluate(slots, mlx), Invalid)  # no settings: current servers assumed
+    assert not isinstance(evaluate(slots, mlx, settings=LAUNCH[0]), Invalid)
+    [error] = evaluate(slots, mlx, settings=old_settings()).errors
+    assert error.path == "spec.parallelSlots" and "0.30.6" in error.message and "0.30.5" in error.message
+    quantized = evaluate(isvc_doc(cacheTypeK="q8_0", cacheTypeV="q8_0"), mlx, settings=old_settings())
+    assert [e.path for e in quantized.errors] == ["spec.cacheTypeK"] and "0.32.0" in quantized.errors[0].message
+    # llama-server services do not depend on mlx-lm's release.
+    assert not isinstance(evaluate(slots, model_doc(), settings=old_settings()), Invalid)
 
 
 def test_unreadable_help_passes_everything():

@@ -88,6 +88,9 @@ class LlamaServer:
                    " (0 turns it off)", EXTRA_ARG_REFUSED)
         return tuple(errors)
 
+    def server_refusals(self, workload: Workload, settings: LaunchSettings) -> tuple[FieldError, ...]:
+        return ()  # the flag dialect (core.flags.Dialect) adapts the argv; nothing a spec sets is versioned
+
     def wants_draft(self, spec: InferenceServiceSpec) -> bool:
         return spec_type(spec) in DRAFT_WEIGHT_TYPES and spec.draft_model_ref is not None
 
