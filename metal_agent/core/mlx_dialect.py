@@ -17,8 +17,11 @@ option, read from the PyPI wheels (0.28.0, 0.30.5, 0.30.6, 0.31.0, 0.32.0,
 `ModelProvider.load(self, model_path, adapter_path=None,
 draft_model_path=None)`, which `ONE_MODEL` relies on.
 
-Pure: the adapter (`adapters.mlx_binary.probe_dialect`) runs `--help` once
-at start-up (`app.build.probe_host`); this module only reads its text. The
+Pure: the adapter (`adapters.mlx_binary.probe_dialect`) reads, once at
+start-up (`app.build.probe_host`), the server's source `mlx_lm/server.py`
+(its `add_argument` literals are the `--help` list: the same in every wheel
+above, without importing MLX), else its `--help`; this module only reads
+that text. The
 dialect travels in `core.launch.LaunchSettings.mlx_dialect` to `MlxLm.argv`
 (`supported`) and to `claim.evaluate` (`MlxLm.server_refusals` ->
 `refusals`).
@@ -60,6 +63,7 @@ class MlxDialect:
 
 
 def mlx_dialect_from_help(help_text: str, version: str = "unknown") -> MlxDialect:
+    """From `mlx_lm.server --help`, or the text of `mlx_lm/server.py` (the same long options)."""
     found = frozenset(_LONG_OPTION.findall(help_text))
     # Help that lists not even --model is not mlx_lm.server's help: say nothing about it.
     return MlxDialect(version, found if "--model" in found else None)

@@ -111,3 +111,8 @@ async def test_the_probe_reads_the_installed_servers_options():
     dialect = await probe_dialect(info, timeout=120)
     assert dialect.version == info.version != "unknown"
     assert {"--model", "--decode-concurrency", "--kv-bits"} <= dialect.options
+    # Read from the source by its interpreter (no MLX import) or from --help (the script run as it is):
+    # the same options.
+    assert len(info.command) == 2
+    by_help = await probe_dialect(replace(info, command=(info.command[1],)), timeout=120)
+    assert by_help.options - {"--help"} == dialect.options
