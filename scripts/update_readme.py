@@ -1,4 +1,4 @@
-"""Regenerate the README's configuration table from `metal-agent run`'s own options."""
+"""Regenerate the README's generated tables: `metal-agent run`'s options and the spec field table."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ sys.path.insert(0, str(REPO))
 
 from metal_agent.cli.main import app  # noqa: E402
 from metal_agent.cli.reference import BEGIN, END, render_block  # noqa: E402
+from metal_agent.core import fields  # noqa: E402
+
+
+def replace_block(text: str, begin: str, end: str, block: str) -> str:
+    start, stop = text.index(begin), text.index(end) + len(end)
+    return text[:start] + block + text[stop:]
+
 
 readme = REPO / "README.md"
-text = readme.read_text()
-start, end = text.index(BEGIN), text.index(END) + len(END)
-readme.write_text(text[:start] + render_block(app) + text[end:])
-print("README.md configuration table updated")
+text = replace_block(readme.read_text(), BEGIN, END, render_block(app))
+text = replace_block(text, fields.BEGIN, fields.END, fields.render_block())
+readme.write_text(text)
+print("README.md configuration and spec field tables updated")

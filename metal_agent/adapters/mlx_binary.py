@@ -21,11 +21,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from metal_agent.core.mlx_dialect import MlxDialect, mlx_dialect_from_help
 from metal_agent.paths import HOMEBREW_BIN_DIRS
 from metal_agent.tasks import within
 
 SCRIPT = "mlx_lm.server"
 VERSION_CODE = "import importlib.metadata as m; print(m.version('mlx-lm'))"
+#: Prints mlx_lm/server.py without importing mlx_lm (find_spec of a top-level package does not run it):
+#: its add_argument literals are exactly the options `--help` lists (compared in the wheels of 0.28.0 to
+#: 0.32.2), read in a tenth of a second where `--help` imports MLX (seconds of CPU at every start).
+SOURCE_CODE = ("import importlib.util as u, os, sys\n"
+               "s = u.find_spec('mlx_lm')\n"
+               "p = os.path.join(os.path.dirname(s.origin), 'server.py') if s and s.origin else ''\n"
+               "sys.stdout.write(open(p, encoding='utf-8').read() if p and os.path.isfile(p) else '')\n")
 
 
 def find_mlx_server(explicit: str | None = None) -> str | None:
@@ -65,6 +73,25 @@ class MlxServerInfo:
     version: str  # mlx-lm's version, "unknown" when the interpreter cannot say
 
 
+async def _output(argv: tuple[str, ...], timeout: float) -> str:
+    """What `argv` prints ("" when it cannot be run, fails or takes longer than `timeout`)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+    except OSError:
+        return ""
+    try:
+        out, _ = await within(proc.communicate(), timeout)
+    except (asyncio.TimeoutError, asyncio.CancelledError) as stopped:
+        proc.kill()  # timed out, or start-up failed elsewhere: leave no child behind
+        await asyncio.shield(proc.wait())
+        if isinstance(stopped, asyncio.CancelledError):
+            raise
+        return ""
+    return out.decode(errors="replace") if proc.returncode == 0 else ""
+
+
 async def probe(path: str, timeout: float = 20.0) -> MlxServerInfo | str:
     """The command and mlx-lm version for `path`, or why it cannot be used."""
     if not os.access(path, os.X_OK):
@@ -87,3 +114,13 @@ async def probe(path: str, timeout: float = 20.0) -> MlxServerInfo | str:
         except OSError:
             pass
     return MlxServerInfo(command, version)
+
+
+async def probe_dialect(info: MlxServerInfo, timeout: float = 20.0) -> MlxDialect:
+    """The options the server accepts, so that command lines carry only those (see core.mlx_dialect):
+    read from its source by its interpreter (`SOURCE_CODE`), else from `--help` (an MLX import)."""
+    if len(info.command) == 2:
+        found = mlx_dialect_from_help(await _output((info.command[0], "-c", SOURCE_CODE), timeout), info.version)
+        if found.options is not None:
+            return found
+    return mlx_dialect_from_help(await _output((*info.command, "--help"), timeout), info.version)

@@ -60,6 +60,7 @@ from metal_agent.controller.workqueue import WorkQueue
 from metal_agent.core.claim import Allowlist
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import policy as egress_policy
+from metal_agent.core.mlx_dialect import OPTION_SINCE, MlxDialect
 from metal_agent.core.engine_name import EngineName
 from metal_agent.core.model_urls import HF_ENDPOINT
 from metal_agent.core.host_address import Choice, bind_address
@@ -91,24 +92,37 @@ class Host:
     choice: Choice | None  # a detected address (followed); None: given with --host-ip
     bind: str
     facts: HostFacts
+    mlx_dialect: MlxDialect = MlxDialect()  # what that mlx_lm.server accepts (default: help unread)
 
 
-async def _find_mlx_server(explicit: str | None) -> tuple[str, ...]:
-    """How to start mlx_lm.server, or () without one: MLX Models then wait (RuntimeMissing), others run."""
+async def _find_mlx_server(explicit: str | None) -> tuple[tuple[str, ...], MlxDialect]:
+    """How to start mlx_lm.server, or () without one: MLX Models then wait (RuntimeMissing), others run;
+    and the options it accepts, so that an older mlx-lm gets a command line it can parse."""
     from metal_agent.adapters import mlx_binary
 
     path = mlx_binary.find_mlx_server(explicit)
     found = await mlx_binary.probe(path) if path else "not found in the agent's venv, Homebrew or PATH"
     if isinstance(found, str):
         (log.warning if explicit else log.info)("mlx_lm.server unavailable; MLX models will not start", why=found)
-        return ()
-    log.info("mlx_lm.server found", command=list(found.command), mlx_lm_version=found.version)
-    return found.command
+        return (), MlxDialect()
+    dialect = await mlx_binary.probe_dialect(found)
+    lacks = sorted(o for o in OPTION_SINCE if not dialect.has(o))
+    log.info("mlx_lm.server found", command=list(found.command), mlx_lm_version=found.version,
+             help_read=dialect.options is not None, lacks=lacks)
+    return found.command, dialect
 
 
 async def probe_host(cfg: AgentConfig) -> Host:
-    info = await llama_binary.probe(cfg.engines.llama_server)
-    mlx = await _find_mlx_server(cfg.engines.mlx_server)
+    # Both run their server's --help; mlx_lm.server's imports MLX (seconds): side by side.
+    mlx_found = asyncio.create_task(_find_mlx_server(cfg.engines.mlx_server))
+    try:
+        info = await llama_binary.probe(cfg.engines.llama_server)
+    except BaseException:
+        # A missing llama-server ends start-up (its own error, unwrapped): stop the MLX probe and its child.
+        mlx_found.cancel()
+        await asyncio.gather(mlx_found, return_exceptions=True)
+        raise
+    mlx, mlx_dialect = await mlx_found
     threads = cfg.engines.threads or await host_cpu.performance_core_count()
     choice: Choice | None = None
     if cfg.registration.host_ip:
@@ -120,7 +134,7 @@ async def probe_host(cfg: AgentConfig) -> Host:
     log.info("starting metal-agent", version=__version__, llama_server=info.path, llama_version=info.version,
              threads=threads, namespaces=list(cfg.kube.namespaces) or "all", host_ip=host_ip, host_ip_reason=why,
              bind=bind, register=cfg.registration.register, status_mode=cfg.controller.status_mode)
-    return Host(info, mlx, threads, host_ip, choice, bind, await read_host_facts())
+    return Host(info, mlx, threads, host_ip, choice, bind, await read_host_facts(), mlx_dialect)
 
 
 async def open_api(cfg: AgentConfig) -> client.ApiClient:
@@ -307,7 +321,8 @@ def _launch(cfg: AgentConfig, host: Host) -> LaunchSettings:
         llama_server=host.llama.path, mlx_server=host.mlx, host=host.bind,
         register_address=host.host_ip if cfg.registration.register else None, threads=host.threads,
         mlock=engines.mlock, dialect=host.llama.dialect, default_engine=EngineName(engines.default_runtime),
-        policy=cfg.controller.policy or SpecPolicy(model_roots=(str(cfg.paths.models),)))
+        policy=cfg.controller.policy or SpecPolicy(model_roots=(str(cfg.paths.models),)),
+        mlx_dialect=host.mlx_dialect)
 
 
 def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.ClientSession) -> Agent:

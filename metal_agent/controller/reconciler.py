@@ -132,7 +132,7 @@ class Reconciler:
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
         verdict = evaluate(raw, model_raw, self.gate, self.launch.default_engine, self._draft_raw(raw),
-                           self.launch.policy)
+                           self.launch.policy, self.launch)
         if not isinstance(verdict, NotOurs | Invalid) and (refused := self._source_refusals(verdict.value, model_raw)):
             verdict = Invalid(refused)
         if isinstance(verdict, NotOurs):

@@ -273,13 +273,15 @@ class InferenceServiceSpec:
     mode: Mode = Mode.CHAT
     priority: Priority = Priority.NORMAL
     eviction_protection: bool = False
-    # `speculativeDecoding`: read leniently (LLMKube's CRD validates it) for the engines
-    # that honour it (mlx_lm.server: a draft Model); llama-server ignores it as before.
-    # Hashed only through the draft Model a workload carries (core.workload.Workload.draft).
+    # `speculativeDecoding`: read leniently (LLMKube's CRD validates it); each engine honours
+    # what it can run and refuses the rest by name (core.engines.*.refusals). Hashed through the
+    # draft Model a workload carries (core.workload.Workload.draft) and, for llama-server, the
+    # resolved type, nDraftMax and pMin (core.spec_hash).
     speculative_type: str | None = None
     draft_model_ref: str | None = None  # speculativeDecoding.draftModelRef: a Model in the same namespace
     draft_model_file: str | None = None  # speculativeDecoding.draftModel: a file in the Model's spec.files
     draft_tokens: int | None = None  # speculativeDecoding.nDraftMax
+    draft_p_min: float | None = None  # speculativeDecoding.pMin
 
     @property
     def effective_cache_type_k(self) -> str | None:

@@ -38,17 +38,49 @@ Decisions worth knowing:
   each on its own as in LLMKube.
 * `reasoningBudget` 0 is omitted (LLMKube's rule), although llama-server
   reads an explicit 0 as "no thinking"; the message is sent when non-empty.
+* `--parallel N` is always sent, 1 included: without it current llama-server
+  picks "auto" (`n_parallel = -1` in `common/arg.cpp`), which
+  `tools/server/server.cpp` turns into 4 slots sharing one unified KV cache,
+  not the one slot the spec asks for.
+* `--cache-ram N` is always sent (unless `extraArgs` set it): llama-server
+  keeps finished prompts' KV states in a host-RAM prompt cache of up to
+  8192 MiB by default (`cache_ram_mib`, `common/common.h`), growing its token
+  limit until the memory limit is reached (`server_prompt_cache::update`).
+  On a Mac that is unified memory taken from the models, so the agent bounds
+  it (`prompt_cache_mib`) and memory admission counts what it allows. It is 0
+  for embedding and rerank, whose requests never read the cache (as LLMKube).
+* `speculativeDecoding` -> `--spec-type` (LLMKube's aliases resolved: `draft`
+  is `draft-simple`, `mtp` is `draft-mtp`, `disabled` is `none`), `-md` with
+  the draft Model's file for the types that take draft weights,
+  `--spec-draft-n-max`, `--spec-draft-p-min` (spellings and type names of
+  build 11434: `common/arg.cpp`, `common/speculative.cpp`).
 """
 
 from __future__ import annotations
 
 from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
+from metal_agent.core.extra_args import arity
 from metal_agent.core.flags import LOG_VERBOSITY
 from metal_agent.core.launch import Instance, LaunchSettings
+from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.workload import Workload
 
 #: What "all layers" is sent as; see the module docstring.
 ALL_LAYERS = "999"
+
+#: The host prompt cache a chat service gets, in MiB (llama-server's own default is 8192, which
+#: memory admission would have to count for every service: too much for most Macs). `extraArgs`
+#: `--cache-ram N` sets another size, counted as given.
+DEFAULT_PROMPT_CACHE_MIB = 1024
+CACHE_RAM = "--cache-ram"
+
+#: `--spec-type` names of the pinned build (`common_speculative_type_from_name_map`), and LLMKube's aliases.
+SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark",
+              "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+SPEC_TYPE_ALIASES = {"mtp": "draft-mtp", "draft": "draft-simple", "disabled": "none"}
+#: Types that run a draft model: all need its weights but `draft-mtp`, whose head may be in the model itself.
+DRAFT_WEIGHT_TYPES = ("draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")
+NEEDS_DRAFT_WEIGHTS = tuple(t for t in DRAFT_WEIGHT_TYPES if t != "draft-mtp")
 
 _SPLIT_MODE = {
     ShardingStrategy.NONE: "none",
@@ -81,8 +113,7 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
     argv += _split_args(model)
     argv += ["--ctx-size", str(spec.context_size)]
     argv += _rope_args(spec)
-    if spec.parallel_slots > 1:
-        argv += ["--parallel", str(spec.parallel_slots)]
+    argv += ["--parallel", str(spec.parallel_slots)]
     argv += ["--flash-attn", "on" if spec.flash_attention else "off"]
     if settings.mlock:
         argv += dialect.mlock_style.args()
@@ -111,11 +142,15 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         argv += ["--reasoning-budget", str(spec.reasoning_budget)]
     if spec.reasoning_budget_message:
         argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
+    # The draft path is the workload's draft Model on this Mac (None when it has none).
+    argv += _speculative_args(spec, instance.draft_model_path if workload.draft is not None else None)
     if spec.jinja:
         argv.append("--jinja")
     elif spec.jinja is False and dialect.no_jinja:
         argv.append("--no-jinja")
     argv += _mode_args(spec.mode)
+    if extra_arg_value(spec.extra_args, CACHE_RAM) is None:
+        argv += [CACHE_RAM, str(prompt_cache_mib(spec))]
     if dialect.no_slots:
         # /slots (on by default) shows every slot's prompt in flight to any client. /props
         # writes stay off: llama-server enables them only with --props, which extraArgs refuse.
@@ -167,3 +202,53 @@ def _mode_args(mode: Mode) -> list[str]:
     if mode is Mode.RERANK:
         return ["--reranking", "--embedding", "--pooling", "rank"]
     return []
+
+
+def extra_arg_value(tokens: tuple[str, ...], name: str) -> str | None:
+    """The value the last occurrence of option `name` (any spelling) has in checked extraArgs
+    `tokens` (llama-server takes the last one), walking them as llama-server's parser does."""
+    found, i = None, 0
+    while i < len(tokens):
+        spelling, inline = tokens[i], None
+        if spelling.startswith("--") and "=" in spelling:  # as written, before extraArgs are normalised
+            spelling, inline = spelling.split("=", 1)
+        option = LLAMA_SERVER_OPTIONS.option(spelling)
+        width = arity(option.value) if option is not None and inline is None else 0
+        if option is not None and name in option.spellings:
+            found = inline if inline is not None else (tokens[i + 1] if i + 1 < len(tokens) else found)
+        i += 1 + width
+    return found
+
+
+def prompt_cache_mib(spec: InferenceServiceSpec) -> int:
+    """The host prompt cache llama-server may fill for `spec`, in MiB (-1: no limit, refused by the
+    engine): what `extraArgs` say, else 0 where no request reads it, else the agent's default."""
+    given = extra_arg_value(spec.extra_args, CACHE_RAM)
+    if given is not None:
+        try:
+            return int(given)
+        except ValueError:
+            pass  # not an integer: the extraArgs allowlist refuses it
+    return 0 if spec.mode is not Mode.CHAT else DEFAULT_PROMPT_CACHE_MIB
+
+
+def spec_type(spec: InferenceServiceSpec) -> str | None:
+    """`speculativeDecoding.type` as llama-server spells it (None: no speculation); an unknown
+    name comes back as written, for the engine to refuse."""
+    written = spec.speculative_type
+    resolved = SPEC_TYPE_ALIASES.get(written, written) if written else None
+    return None if resolved in (None, "none") else resolved
+
+
+def _speculative_args(spec: InferenceServiceSpec, draft_path: str | None) -> list[str]:
+    kind = spec_type(spec)
+    if kind is None:
+        return []
+    args = ["--spec-type", kind]
+    if kind in DRAFT_WEIGHT_TYPES and draft_path:
+        args += ["-md", draft_path]
+    if spec.draft_tokens is not None:
+        args += ["--spec-draft-n-max", str(spec.draft_tokens)]
+    if spec.draft_p_min is not None:
+        args += ["--spec-draft-p-min", repr(spec.draft_p_min).removesuffix(".0")]
+    return args

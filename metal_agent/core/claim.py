@@ -24,6 +24,7 @@ from metal_agent.core.api import Accelerator, Model, Runtime
 from metal_agent.core.engine_name import EngineName
 from metal_agent.core.engines import engine_for
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, check_extra_args, with_checked_args
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.validation import (
@@ -155,7 +156,8 @@ def wanted_draft(isvc: Any) -> tuple[str, str] | None:
 
 def evaluate(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist(),
              default_engine: str = "llama-server", draft: Any | None = None,
-             policy: SpecPolicy = SpecPolicy()) -> NotOurs | Invalid | Parsed[Workload]:
+             policy: SpecPolicy = SpecPolicy(),
+             settings: LaunchSettings | None = None) -> NotOurs | Invalid | Parsed[Workload]:
     """Claim, then validate both objects; every error of both is reported.
 
     This is the one call the reconciler and `metal-agent render` need:
@@ -166,7 +168,9 @@ def evaluate(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist(),
     not found), checked when that engine does speculative decoding with it.
     `extraArgs` are checked against that engine's allowlist, widened by what
     the Mac's owner allows in `policy` (refusals carry ExtraArgRefused), and
-    come back as they go on the command line (`core.extra_args`).
+    come back as they go on the command line (`core.extra_args`). With the
+    agent's `settings` (the servers found on this Mac), the engine also refuses
+    what the installed server is too old for; without them, current servers are assumed.
     """
     verdict = claim(isvc, model, allowlist)
     if isinstance(verdict, NotOurs):
@@ -190,6 +194,8 @@ def evaluate(isvc: Any, model: Any | None, allowlist: ClaimFilter = Allowlist(),
         errors.extend(FieldError(f"spec.extraArgs[{r.index}]", r.message, "InferenceService", workload.isvc.meta.key,
                                  EXTRA_ARG_REFUSED, r.security) for r in checked.refusals)
         workload = replace(workload, isvc=replace(workload.isvc, spec=with_checked_args(spec, checked.tokens)))
+        if settings is not None:
+            errors.extend(engine.server_refusals(workload, settings))
         if not errors and engine.wants_draft(workload.isvc.spec):
             parsed_draft = _parse_draft(isvc, draft)
             if isinstance(parsed_draft, Invalid):

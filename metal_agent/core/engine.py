@@ -85,6 +85,10 @@ class Engine(Protocol):
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]: ...
 
+    def server_refusals(self, workload: Workload, settings: LaunchSettings) -> tuple[FieldError, ...]:
+        """What `workload` needs of the installed server (as `settings` describe it, probed at
+        start-up) that this one lacks: the spec is refused naming the release that has it."""
+
     def wants_draft(self, spec: InferenceServiceSpec) -> bool:
         """Does it run `spec`'s speculative decoding with a draft Model (which must then be found)?"""
 

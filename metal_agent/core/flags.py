@@ -40,14 +40,13 @@ class MlockStyle(StrEnum):
 def mlock_style_from_help(help_text: str) -> MlockStyle:
     """Pick the mlock spelling from `llama-server --help` output.
 
-    Unknown or empty help falls back to `--mlock`, the spelling LLMKube and
-    the Homebrew builds of its era use.
+    Unknown or empty help falls back to `--load-mode`, the spelling of the
+    pinned build and of every current one, which reject `--mlock` at start-up;
+    a binary that still has `--mlock` lists it in a readable `--help`.
     """
     if re.search(r"(?<![\w-])--mlock(?![\w-])", help_text):
         return MlockStyle.FLAG
-    if re.search(r"(?<![\w-])--load-mode(?![\w-])", help_text):
-        return MlockStyle.LOAD_MODE
-    return MlockStyle.FLAG
+    return MlockStyle.LOAD_MODE
 
 
 #: The log verbosity the agent runs llama-server at. In current llama.cpp
@@ -84,14 +83,14 @@ class Dialect:
       slot's prompt in flight) to any client unless told not to.
 
     The defaults describe a binary whose help could not be read: the
-    classic `--mlock` spelling, no verbosity option (never pass what may
+    current `--load-mode` spelling, no verbosity option (never pass what may
     not exist), and `--no-jinja` (an explicit `jinja: false` is then
     honoured, or fails loudly on an old build rather than silently), and
     `--no-slots` (a build that does not know it fails loudly at start
     rather than exposing prompts).
     """
 
-    mlock_style: MlockStyle = MlockStyle.FLAG
+    mlock_style: MlockStyle = MlockStyle.LOAD_MODE
     verbosity_flag: str | None = None
     no_jinja: bool = True
     no_slots: bool = True

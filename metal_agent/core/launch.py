@@ -8,7 +8,8 @@ Every command line the agent runs is made of three inputs:
   start-up), the address servers bind to and the one registered for them,
   the performance-core count, whether model memory is pinned, the flag
   dialect of the llama-server binary (`core.flags.Dialect`, read from its
-  `--help`), the engine for formats that name none, and what the Mac's
+  `--help`), the options of the installed mlx_lm.server
+  (`core.mlx_dialect.MlxDialect`, from its `--help`), the engine for formats that name none, and what the Mac's
   owner allows specs (`core.spec_policy`);
 * `Instance`, what differs between two processes of the same agent: where
   this workload's model (and draft model) files are on this Mac, and the
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 from metal_agent.core.engine_name import EngineName
 from metal_agent.core.flags import Dialect
+from metal_agent.core.mlx_dialect import MlxDialect
 from metal_agent.core.spec_policy import SpecPolicy
 
 
@@ -43,7 +45,8 @@ class LaunchSettings:
     (adoption compares the two), or () when mlx-lm was not found.
     `threads` None omits `--threads` (the server picks). `host` is where
     servers bind; `register_address` the address put in EndpointSlices
-    (None: the agent does not register).
+    (None: the agent does not register). `mlx_dialect` is what the installed
+    mlx_lm.server accepts; its default (help unread) assumes a current one.
     """
 
     llama_server: str
@@ -55,6 +58,7 @@ class LaunchSettings:
     dialect: Dialect = Dialect()
     default_engine: EngineName = EngineName.LLAMA_SERVER  # serves Models whose format names no engine (`custom`)
     policy: SpecPolicy = SpecPolicy()
+    mlx_dialect: MlxDialect = MlxDialect()
 
     def __post_init__(self) -> None:
         _check_text("llama_server", self.llama_server)

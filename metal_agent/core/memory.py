@@ -5,7 +5,7 @@ one number: weights + KV cache + working buffers. We estimate it before
 spawning so that a model too large for what is left is refused with a
 message, instead of being started and dragging the whole Mac into swap.
 
-    estimate = weights + KV cache + overhead
+    estimate = weights + KV cache + overhead (+ host prompt cache)
 
 * **weights** = the GGUF file size. llama.cpp maps the file and the Metal
   backend wires those pages; tensor data is by far the largest part of the
@@ -24,6 +24,11 @@ message, instead of being started and dragging the whole Mac into swap.
   process itself. Measured compute buffers grow roughly with model width,
   hence the proportional part for large models; the floor keeps small
   models from being under-counted, where fixed costs dominate.
+
+* **host prompt cache** = the `--cache-ram` limit the command line sets
+  (`core.argv.prompt_cache_mib`): llama-server copies finished prompts' KV
+  states into host RAM and lets that cache grow to its limit, which on a Mac
+  is the same memory the models use. 0 for embedding and rerank.
 
 The estimate is deliberately a little conservative (no sliding-window or
 MLA savings, attention-free recurrent state not counted separately): a
@@ -96,15 +101,18 @@ class MemoryEstimate:
     cache_type_k: str
     cache_type_v: str
     notes: tuple[str, ...] = ()
+    prompt_cache_bytes: int = 0  # llama-server's host prompt cache limit (--cache-ram)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.overhead_bytes
+        return self.weights_bytes + self.kv_bytes + self.overhead_bytes + self.prompt_cache_bytes
 
     def describe(self) -> str:
-        """E.g. "4.58 GiB weights + 1.00 GiB KV (ctx 8192, f16/f16) + 0.25 GiB overhead = 5.83 GiB"."""
+        """E.g. "4.58 GiB weights + 1.00 GiB KV (ctx 8192, f16/f16) + 0.25 GiB overhead + 1.00 GiB prompt
+        cache = 6.83 GiB" (the prompt cache only when there is one)."""
+        cache = f" + {gib(self.prompt_cache_bytes)} prompt cache" if self.prompt_cache_bytes else ""
         return (f"{gib(self.weights_bytes)} weights + {gib(self.kv_bytes)} KV (ctx {self.context}, "
-                f"{self.cache_type_k}/{self.cache_type_v}) + {gib(self.overhead_bytes)} overhead = "
+                f"{self.cache_type_k}/{self.cache_type_v}) + {gib(self.overhead_bytes)} overhead{cache} = "
                 f"{gib(self.total_bytes)}")
 
 
@@ -205,8 +213,10 @@ def overhead_bytes(weights_bytes: int) -> int:
     return max(OVERHEAD_FLOOR_BYTES, math.ceil(weights_bytes * OVERHEAD_FRACTION))
 
 
-def estimate_memory(shape: ModelShape, weights_bytes: int, spec: InferenceServiceSpec) -> MemoryEstimate:
-    """Memory for one service: its model's weights, its KV cache and the working overhead."""
+def estimate_memory(shape: ModelShape, weights_bytes: int, spec: InferenceServiceSpec,
+                    prompt_cache_bytes: int = 0) -> MemoryEstimate:
+    """Memory for one service: its model's weights, its KV cache, the working overhead and the host
+    prompt cache its command line allows (`prompt_cache_bytes`, from `core.argv.prompt_cache_mib`)."""
     k_name, _, k_note = cache_type_bytes(spec.effective_cache_type_k)
     v_name, _, v_note = cache_type_bytes(spec.effective_cache_type_v)
     notes = tuple(dict.fromkeys(n for n in (k_note, v_note) if n))
@@ -218,6 +228,7 @@ def estimate_memory(shape: ModelShape, weights_bytes: int, spec: InferenceServic
         cache_type_k=k_name,
         cache_type_v=v_name,
         notes=notes,
+        prompt_cache_bytes=prompt_cache_bytes,
     )
 
 

@@ -31,9 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from metal_agent.core.api import InferenceServiceSpec, ModelSpec
+from metal_agent.core.argv import spec_type
 from metal_agent.core.workload import Workload
 
 SCHEMA_VERSION = 1
+#: Bumped when the llama-server command line rendered from the same spec changes for every spec
+#: (2: `--parallel 1` and `--cache-ram` always sent).
+LLAMA_ARGV_REVISION = 2
 SHORT_LENGTH = 12
 
 
@@ -105,7 +109,17 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec, draft: ModelSpec | No
         "uBatchSize": spec.ubatch_size,
         "mode": spec.mode.value,
         "extraArgs": list(spec.extra_args),
+        # llama-server's command line now always says --parallel (1 included) and --cache-ram,
+        # so every llama-server process started before is respawned once to get them; MLX
+        # digests do not move (its command line did not change).
+        "llamaArgv": LLAMA_ARGV_REVISION if model.format.value != "mlx" else None,
     }
+    if model.format.value != "mlx" and spec_type(spec) is not None:
+        # llama-server's speculative decoding (mlx_lm.server's is hashed through its draft below):
+        # unset before, so no existing digest moves.
+        fields["speculative.type"] = spec_type(spec)  # resolved: `draft` and `draft-simple` are one process
+        fields["speculative.nDraftMax"] = spec.draft_tokens
+        fields["speculative.pMin"] = spec.draft_p_min
     if draft is not None:  # only engines that run a draft Model carry one: other digests never move
         fields["draft.source"] = draft.source.raw
         fields["draft.tokens"] = spec.draft_tokens

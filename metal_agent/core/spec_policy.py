@@ -25,10 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, ExtraArgsPolicy
+from metal_agent.core.fields import UNSUPPORTED_FIELD
 
 SOURCE_NOT_ALLOWED = "SourceNotAllowed"
 INVALID_SPEC = "InvalidSpec"
-POLICY_REASONS = (EXTRA_ARG_REFUSED, SOURCE_NOT_ALLOWED)
+#: Reasons of refusals (not mistakes), most serious first; `UnsupportedField` is a field LLMKube
+#: documents that the agent cannot honour on a Mac (core.fields).
+POLICY_REASONS = (EXTRA_ARG_REFUSED, SOURCE_NOT_ALLOWED, UNSUPPORTED_FIELD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,7 @@ class SpecPolicy:
 
 
 def spec_reason(reasons) -> str:
-    """The status reason for a list of errors' reasons: a security refusal first, else InvalidSpec."""
+    """The status reason for a list of errors' reasons: a security refusal first, then an
+    unsupported field, else InvalidSpec."""
     reasons = [r for r in reasons if r]
     return next((r for r in POLICY_REASONS if r in reasons), INVALID_SPEC)

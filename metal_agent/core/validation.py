@@ -11,8 +11,11 @@ Design choices:
 
 * Every check appends to one error list and parsing carries on with a
   harmless placeholder, so a manifest with five mistakes yields five errors.
-* Unknown fields are ignored: LLMKube adds fields faster than we follow, and
-  a field we do not read cannot change what we run.
+* Fields LLMKube's CRDs have and the agent does not honour are refused when
+  set (`core.fields`, reason `UnsupportedField`) or, where they configure
+  what a Mac has no counterpart of, ignored as documented there. Fields no
+  CRD of LLMKube's has are ignored: a field that cannot reach the API server
+  through either CRD set can only come from a hand-written file.
 * `null` is reported as a wrong type wherever we read a field. The API
   server prunes nulls before we see an object, so a null only ever comes
   from a hand-written manifest, where it usually means a forgotten value.
@@ -30,6 +33,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+from metal_agent.core import fields
 from metal_agent.core.api import (
     Accelerator,
     CacheType,
@@ -385,6 +389,8 @@ def parse_model(raw: Any) -> Parsed[Model] | Invalid:
     fmt = r.enum(spec, "format", "spec.format", ModelFormat, default=ModelFormat.GGUF)
     hardware = _read_hardware(r, spec)
     secret_ref = _read_secret_ref(r, spec)
+    if spec is not None:
+        r.errors.extend(fields.refusals(MODEL_KIND, spec, r.name))
 
     if r.errors or source is None:
         return Invalid(tuple(r.errors))
@@ -619,14 +625,16 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
         **_read_speculative(r, s),
     )
     _check_flash_attention(r, spec)
+    if s is not None:
+        r.errors.extend(fields.refusals(ISVC_KIND, s, r.name))
     if r.errors:
         return Invalid(tuple(r.errors))
     return Parsed(InferenceService(meta=meta, spec=spec))
 
 
 def _read_speculative(r: _Reader, s: Mapping[str, Any] | None) -> dict[str, Any]:
-    """`speculativeDecoding`, leniently: llama-server ignores the block (LLMKube's CRD validates
-    it), so values of the wrong type are dropped here and the engines that read it check the rest."""
+    """`speculativeDecoding`, leniently: LLMKube's CRD validates the block, so values of the wrong
+    type are dropped here and each engine honours or refuses the rest (`Engine.refusals`)."""
     block = r.get(s, "speculativeDecoding")
     block = block if isinstance(block, Mapping) else {}
 
@@ -635,7 +643,9 @@ def _read_speculative(r: _Reader, s: Mapping[str, Any] | None) -> dict[str, Any]
         return value if isinstance(value, str) and value else None
 
     tokens = block.get("nDraftMax")
+    p_min = block.get("pMin")
     return {
+        "draft_p_min": float(p_min) if isinstance(p_min, int | float) and not isinstance(p_min, bool) else None,
         "speculative_type": text("type"),
         "draft_model_ref": text("draftModelRef"),
         "draft_model_file": text("draftModel"),

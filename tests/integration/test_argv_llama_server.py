@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from metal_agent.core.argv import build_argv
+from metal_agent.core.argv import build_argv, prompt_cache_mib, spec_type
 from metal_agent.core.claim import evaluate
 from metal_agent.core.extra_args import ExtraArgsPolicy
 from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
@@ -22,6 +23,7 @@ from metal_agent.core.spec_policy import SpecPolicy
 from tests.support.llama import LlamaServerExited, running_llama_server
 from tests.support.manifests import gpu, isvc_doc, model_doc, workload
 from tests.support.ports import free_port
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +106,7 @@ CASES = [
     pytest.param({"flashAttention": False}, id="flash-attention-off"),
     pytest.param({"noWarmup": True, "metadataOverrides": ["general.name=str:tiny"]}, id="no-warmup-override-kv"),
     pytest.param({"mode": "embedding"}, id="embedding"),
+    pytest.param({"parallelSlots": 1, "contextSize": 4096}, id="parallel-1"),
 ]
 
 
@@ -119,14 +122,15 @@ async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, t
         async with http.get(f"{server.base_url}/props") as resp:
             props = await resp.json()
         context, slots = spec.isvc.spec.context_size, spec.isvc.spec.parallel_slots
-        if slots > 1:
-            # --parallel N splits --ctx-size into N slots.
-            assert (props["total_slots"], props["default_generation_settings"]["n_ctx"]) == (slots, context // slots)
-        else:
-            # No --parallel: the build picks its slot count over one unified cache
-            # of --ctx-size, so each request can still use the whole context.
-            assert props["default_generation_settings"]["n_ctx"] == context
+        # --parallel N, 1 included, splits --ctx-size into N slots (unsaid, this build would
+        # run 4 slots sharing one unified cache).
+        assert (props["total_slots"], props["default_generation_settings"]["n_ctx"]) == (slots, context // slots)
         assert props["endpoint_metrics"] is True
+        # The host prompt cache the agent counts in memory admission is the one llama-server keeps.
+        cache = prompt_cache_mib(spec.isvc.spec)
+        logged = ("prompt cache is disabled" if cache == 0
+                  else f"prompt cache is enabled, size limit: {cache} MiB")
+        assert logged in server.stderr_text()
         async with http.get(f"{server.base_url}/metrics") as resp:
             assert resp.status == 200
         if spec.isvc.spec.mode == "embedding":
@@ -134,6 +138,21 @@ async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, t
                 assert resp.status == 200, await resp.text()
                 body = await resp.json()
             assert len(body["data"][0]["embedding"]) == 64  # n_embd of the tiny model
+
+
+@pytest.mark.parametrize(("extra", "error"), [
+    pytest.param(["--rope-scaling", "longrope"], 'error while handling argument "--rope-scaling": invalid value',
+                 id="longrope-so-the-agent-refuses-it"),
+    pytest.param(["--mlock"], "--mlock", id="mlock-so-unreadable-help-means-load-mode"),
+])
+async def test_what_this_build_rejects_stops_llama_server(extra, error, llama_server_bin, tiny_model, dialect):
+    """Why the agent refuses `ropeScaling.type: longrope` and never falls back to `--mlock`."""
+    port = free_port()
+    argv = [*build_argv(workload(), *options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)), *extra]
+    with pytest.raises(LlamaServerExited) as exited:
+        async with running_llama_server(argv, port=port, startup_timeout=30):
+            pytest.fail(f"llama-server became healthy with {extra}")
+    assert exited.value.returncode != 0 and error in exited.value.stderr
 
 
 async def test_custom_cache_type_unknown_to_the_build_stops_llama_server(llama_server_bin, tiny_model, mlock_style):
@@ -262,3 +281,31 @@ async def test_jinja_false_turns_the_template_engine_off(jinja, engine_on, llama
         assert status == 200, body
     else:
         assert status != 200 and "tools param requires --jinja flag" in body
+
+
+SPECULATION = [
+    pytest.param({"type": "ngram-simple", "nDraftMax": 4}, id="ngram"),
+    # The draft is the tiny model itself: a GGUF sharing the target's vocabulary, as llama-server requires.
+    pytest.param({"type": "draft", "draftModelRef": "draft", "nDraftMax": 3, "pMin": 0.5}, id="draft-model"),
+]
+
+
+@pytest.mark.parametrize("block", SPECULATION)
+async def test_llama_server_runs_the_speculative_decoding_the_spec_asks_for(block, llama_server_bin, tiny_model, dialect):
+    outcome = evaluate(isvc_doc(speculativeDecoding=block, contextSize=512), model_doc(),
+                       draft=model_doc("draft", source=f"file://{tiny_model}"))
+    assert not isinstance(outcome, Invalid), outcome
+    port = free_port()
+    settings, instance = options(llama_server_bin, tiny_model, port, MlockStyle.LOAD_MODE, dialect)
+    argv = build_argv(outcome.value, settings, replace(instance, draft_model_path=str(tiny_model)))
+    assert ("-md" in argv) is (outcome.value.draft is not None)
+    async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
+        body = {"prompt": "hello hello hello hello", "n_predict": 8, "temperature": 0}
+        async with http.post(f"{server.base_url}/completion", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            reply = await resp.json()
+        assert reply["tokens_predicted"] > 0
+        # llama-server reports each speculative method it ran, by its own name (LLMKube's alias resolved).
+        ran = re.compile(rf"statistics\s+{spec_type(outcome.value.isvc.spec)}: #calls")
+        await wait_for(lambda: ran.search(server.stderr_text()), timeout=10, what="speculation statistics",
+                       on_timeout=lambda: server.stderr_text()[-2000:])

@@ -206,6 +206,29 @@ async def test_invalid_spec_never_spawns(env):
     assert await agent.services() == []
 
 
+async def test_a_field_the_agent_cannot_honour_is_refused_by_name_never_dropped(env):
+    """LLMKube fields the agent does not do on a Mac (core.fields): a new service with one never
+    starts, a change adding one leaves the running process serving, each with reason UnsupportedField."""
+    cluster, make_agent = env
+    agent, key, pid = await ready_service(cluster, make_agent, "lifetime", contextSize=256)
+    await cluster.create_isvc("public", "tiny", contextSize=256, endpoint={"type": "LoadBalancer"})
+    status = await cluster.wait_phase("public", "Failed")
+    available = next(c for c in status["conditions"] if c["type"] == "Available")
+    assert available["reason"] == "UnsupportedField" and "spec.endpoint.type" in available["message"]
+
+    await cluster.patch_isvc("lifetime", {"rolloutPolicy": {"waitForIdle": True}})
+
+    async def degraded():
+        cond = await cluster.condition("lifetime", "Degraded")
+        return cond if cond and cond["reason"] == "UnsupportedField" else None
+
+    cond = await wait_for(degraded, timeout=15, what="Degraded/UnsupportedField")
+    assert "spec.rolloutPolicy.waitForIdle" in cond["message"]
+    assert await service_pid(agent, key) == pid
+    await cluster.wait_event("lifetime", "UnsupportedField")
+    assert [row["service"] for row in await agent.services()] == [key]
+
+
 async def test_model_leaving_metal_stops_the_process(env):
     cluster, make_agent = env
     agent, key, pid = await ready_service(cluster, make_agent, "moved", contextSize=256)

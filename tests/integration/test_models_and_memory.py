@@ -77,8 +77,9 @@ async def test_over_budget_model_never_spawns_and_says_why(env, tiny_model):
 
 async def test_second_service_waits_for_memory_then_starts(env, tiny_model):
     cluster, make_agent, _ = env
-    # One tiny service is estimated at ~0.27 GiB (weights + KV + 256 MiB overhead): one fits, two do not.
-    await cluster.create_model("tiny", f"file://{tiny_model}", hardware={"accelerator": "metal", "memoryBudget": "400Mi"})
+    # One tiny service is estimated at ~1.27 GiB (weights + KV + 256 MiB overhead + the 1 GiB host
+    # prompt cache its --cache-ram allows): one fits, two do not.
+    await cluster.create_model("tiny", f"file://{tiny_model}", hardware={"accelerator": "metal", "memoryBudget": "2000Mi"})
     agent = make_agent()
     await agent.start()
     await cluster.create_isvc("first", "tiny", contextSize=256)

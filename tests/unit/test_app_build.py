@@ -8,34 +8,37 @@ import asyncio
 import contextlib
 
 import aiohttp
+import pytest
 from kubernetes_asyncio import client
 
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.llama_binary import LlamaServerInfo
-from metal_agent.app.build import Agent, Host, build
-from metal_agent.app.config import AgentConfig, HttpSettings, RegistrationSettings
+from metal_agent.app.build import Agent, Host, build, probe_host
+from metal_agent.app.config import AgentConfig, EngineSettings, HttpSettings, RegistrationSettings
 from metal_agent.app.manager import Manager
 from metal_agent.core.flags import Dialect
 from metal_agent.core.host_info import HostFacts
+from metal_agent.core.mlx_dialect import OPTION_SINCE, MlxDialect
 from metal_agent.paths import AgentPaths
 from tests.support.wait import wait_for
 
 WAITING = "waiting for the first list of InferenceServices and Models"
 
 
-def host(address: str = "127.0.0.1") -> Host:
+def host(address: str = "127.0.0.1", mlx_dialect: MlxDialect = MlxDialect()) -> Host:
     return Host(llama=LlamaServerInfo("/bin/llama-server", "test", Dialect()), mlx=(), threads=2, host_ip=address,
-                choice=None, bind=address, facts=HostFacts("test-mac", "Apple M5", "26.1", 64 * 2**30))
+                choice=None, bind=address, facts=HostFacts("test-mac", "Apple M5", "26.1", 64 * 2**30),
+                mlx_dialect=mlx_dialect)
 
 
 @contextlib.asynccontextmanager
-async def built(tmp_path, address: str = "127.0.0.1", **settings):
+async def built(tmp_path, address: str = "127.0.0.1", mlx_dialect: MlxDialect = MlxDialect(), **settings):
     configuration = client.Configuration()
     configuration.host = "http://127.0.0.1:9"  # nothing listens: nothing here may need it
     api, http = api_client(configuration), aiohttp.ClientSession()
     cfg = AgentConfig(paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"), **settings)
     try:
-        yield build(cfg, host(address), api, http)
+        yield build(cfg, host(address, mlx_dialect=mlx_dialect), api, http)
     finally:
         await http.close()
         await api.close()
@@ -134,3 +137,27 @@ async def test_with_the_front_door_engines_bind_loopback_and_its_parts_are_wired
         assert door.process.argv[1:4] == ("-m", "metal_agent", "front-door")
         assert door.process.argv[-4:] == ("--socket", str(tmp_path / "state" / "front-door.sock"),
                                           "--state-dir", str(tmp_path / "state"))
+
+
+async def test_the_installed_mlx_lm_found_at_start_up_reaches_every_command_line(tmp_path, llama_server_bin):
+    """probe_host reads this venv's mlx_lm.server --help (beside llama-server's); build hands it to the
+    reconciler's launch settings, which cut MLX command lines to it and refuse specs it is too old for."""
+    cfg = AgentConfig(paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"),
+                      engines=EngineSettings(llama_server=str(llama_server_bin), threads=2),
+                      registration=RegistrationSettings(host_ip="127.0.0.1"))
+    found = await probe_host(cfg)
+    assert found.mlx and found.mlx_dialect.version != "unknown"
+    assert set(OPTION_SINCE) <= found.mlx_dialect.options  # the test extra's floor, mlx-lm 0.32.0
+    old = MlxDialect("0.30.5", frozenset({"--model", "--host", "--port"}))
+    async with built(tmp_path, mlx_dialect=old) as agent:
+        assert agent.reconciler.launch.mlx_dialect is old
+
+
+async def test_a_missing_llama_server_ends_start_up_with_its_own_error(tmp_path):
+    from metal_agent.adapters.llama_binary import LlamaServerMissing
+
+    cfg = AgentConfig(paths=AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state"),
+                      engines=EngineSettings(llama_server=str(tmp_path / "no-llama-server"), threads=2),
+                      registration=RegistrationSettings(host_ip="127.0.0.1"))
+    with pytest.raises(LlamaServerMissing):  # not wrapped: cli.run reports it by its type
+        await probe_host(cfg)

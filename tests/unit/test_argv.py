@@ -39,10 +39,12 @@ def test_defaults():
         "--port", "18080",
         "--n-gpu-layers", "999",
         "--ctx-size", "2048",
+        "--parallel", "1",
         "--flash-attn", "on",
-        "--mlock",
+        "--load-mode", "mmap+mlock",
         "--threads", "8",
         "--batch-size", "2048",
+        "--cache-ram", "1024",
         "--no-slots",
         "--metrics",
     )  # fmt: skip
@@ -53,6 +55,11 @@ def test_defaults():
     [
         pytest.param({"contextSize": 131072}, {}, ["--ctx-size", "131072"], id="contextSize"),
         pytest.param({"parallelSlots": 4}, {}, ["--parallel", "4"], id="parallelSlots"),
+        # Unsaid, llama-server picks "auto": 4 slots sharing one unified KV cache.
+        pytest.param({"parallelSlots": 1}, {}, ["--parallel", "1"], id="parallelSlots-1-is-said"),
+        pytest.param({}, {}, ["--cache-ram", "1024"], id="chat-prompt-cache-bounded"),
+        pytest.param({"mode": "embedding"}, {}, ["--pooling", "last", "--cache-ram", "0"], id="embedding-no-prompt-cache"),
+        pytest.param({"mode": "rerank"}, {}, ["--pooling", "rank", "--cache-ram", "0"], id="rerank-no-prompt-cache"),
         pytest.param({"flashAttention": True}, {}, ["--flash-attn", "on"], id="flashAttention-true"),
         pytest.param({"flashAttention": False}, {}, ["--flash-attn", "off"], id="flashAttention-false"),
         pytest.param({"jinja": True}, {}, ["--jinja"], id="jinja"),
@@ -94,7 +101,6 @@ def test_defaults():
         ),
         pytest.param({"ropeScaling": {"type": "yarn"}}, {}, ["--rope-scaling", "yarn"], id="ropeScaling-type"),
         pytest.param({"ropeScaling": {"type": "linear"}}, {}, ["--rope-scaling", "linear"], id="ropeScaling-linear"),
-        pytest.param({"ropeScaling": {"type": "longrope"}}, {}, ["--rope-scaling", "longrope"], id="ropeScaling-longrope"),
         pytest.param({"ropeScaling": {"factor": "4.0"}}, {}, ["--rope-scale", "4"], id="ropeScaling-factor"),
         pytest.param({"ropeScaling": {"factor": "0.50"}}, {}, ["--rope-scale", "0.5"], id="ropeScaling-factor-fraction"),
         pytest.param(
@@ -128,7 +134,6 @@ def test_field_maps_to_flag(isvc_spec, model_spec, expected):
 @pytest.mark.parametrize(
     ("isvc_spec", "absent"),
     [
-        pytest.param({"parallelSlots": 1}, "--parallel", id="parallel-1"),
         pytest.param({}, "--cache-type-k", id="no-cacheTypeK"),
         pytest.param({}, "--cache-type-v", id="no-cacheTypeV"),
         pytest.param({}, "--ubatch-size", id="no-uBatchSize"),
@@ -188,8 +193,14 @@ def test_agent_owned_flags_come_first():
         pytest.param(
             launch(binary="b", model_path="/p/m.gguf", host="h", port=3, threads=6),
             ["--threads", "6"],
-            "--load-mode",
+            "--mlock",  # the default dialect (help unread) is the pinned build's --load-mode
             id="threads",
+        ),
+        pytest.param(
+            launch(binary="b", model_path="m", host="h", port=4, mlock_style=MlockStyle.FLAG),
+            ["--mlock"],
+            "--load-mode",
+            id="mlock-flag-for-a-build-that-lists-it",
         ),
     ],
 )
@@ -243,15 +254,33 @@ def test_turboquant_sample():
         "--ctx-size", "262144",
         "--parallel", "2",
         "--flash-attn", "on",
-        "--mlock",
+        "--load-mode", "mmap+mlock",
         "--cache-type-k", "turbo3",
         "--cache-type-v", "turbo3",
         "--threads", "8",
         "--batch-size", "2048",
         "--jinja",
+        "--cache-ram", "1024",
         "--no-slots",
         "--metrics",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [["--cache-ram", "256"], ["-cram", "256"], ["--cache-ram=256"]])
+def test_a_prompt_cache_size_the_owner_allows_in_extra_args_is_the_only_one_said_and_the_one_counted(extra):
+    from metal_agent.core.argv import prompt_cache_mib
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.extra_args import ExtraArgsPolicy
+    from metal_agent.core.spec_policy import SpecPolicy
+    from tests.support.manifests import isvc_doc, model_doc
+
+    owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-ram"})))
+    assert "ExtraArgRefused" in {e.reason for e in evaluate(isvc_doc(extraArgs=extra), model_doc()).errors}
+    w = evaluate(isvc_doc(mode="embedding", extraArgs=extra), model_doc(), policy=owner).value
+    argv = build_argv(w, *OPTIONS)
+    assert [t for t in argv if t in ("--cache-ram", "-cram")] == [extra[0].split("=")[0]]
+    assert argv[-2:] == (extra[0].split("=")[0], "256")
+    assert prompt_cache_mib(w.isvc.spec) == 256
 
 
 VERBOSE = launch(binary="b", model_path="m", host="h", port=1, verbosity_flag="--verbosity")
@@ -291,3 +320,93 @@ def test_no_jinja_is_left_out_for_a_build_without_it():
 def test_verbosity_flag_must_be_a_verbosity_spelling(flag):
     with pytest.raises(ValueError):
         launch(binary="b", model_path="m", host="h", port=1, verbosity_flag=flag)
+
+
+def test_an_unbounded_prompt_cache_is_refused_even_when_the_owner_allows_the_option():
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.extra_args import ExtraArgsPolicy
+    from metal_agent.core.spec_policy import SpecPolicy
+    from tests.support.manifests import isvc_doc, model_doc
+
+    owner = SpecPolicy(extra_args=ExtraArgsPolicy(frozenset({"--cache-ram"})))
+    outcome = evaluate(isvc_doc(extraArgs=["--temp", "0.2", "--cache-ram=-1"]), model_doc(), policy=owner)
+    [error] = outcome.errors
+    assert error.path == "spec.extraArgs[2]" and "no limit" in error.message
+
+
+def test_longrope_is_refused_since_llama_server_would_exit_on_it():
+    """`common/arg.cpp`: --rope-scaling takes none, linear or yarn and throws on anything else."""
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    [error] = evaluate(isvc_doc(ropeScaling={"type": "longrope", "factor": "4"}), model_doc()).errors
+    assert (error.path, error.reason) == ("spec.ropeScaling.type", "UnsupportedField")
+
+
+# -- speculative decoding (llama-server) ---------------------------------------------------
+
+SPEC_OPTIONS = (LaunchSettings(llama_server="b", host="h"),
+                Instance(model_path="m", port=1, draft_model_path="/cache/draft.gguf"))
+
+
+@pytest.mark.parametrize(("block", "expected"), [
+    pytest.param({"type": "ngram-simple"}, ["--spec-type", "ngram-simple"], id="ngram"),
+    pytest.param({"type": "ngram-mod", "nDraftMax": 8, "pMin": 0.75},
+                 ["--spec-type", "ngram-mod", "--spec-draft-n-max", "8", "--spec-draft-p-min", "0.75"], id="ngram-tuned"),
+    pytest.param({"type": "draft", "draftModelRef": "small", "nDraftMax": 3},
+                 ["--spec-type", "draft-simple", "-md", "/cache/draft.gguf", "--spec-draft-n-max", "3"], id="alias-draft"),
+    pytest.param({"type": "mtp"}, ["--spec-type", "draft-mtp"], id="alias-mtp-without-weights"),
+    pytest.param({"type": "draft-eagle3", "draftModelRef": "small", "pMin": 1},
+                 ["--spec-type", "draft-eagle3", "-md", "/cache/draft.gguf", "--spec-draft-p-min", "1"], id="eagle3"),
+])
+def test_speculative_decoding_maps_to_llama_servers_flags(block, expected):
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    draft = model_doc("small", source="/models/small.gguf")
+    outcome = evaluate(isvc_doc(speculativeDecoding=block), model_doc(), draft=draft)
+    argv = build_argv(outcome.value, *SPEC_OPTIONS)
+    assert has_run(argv, expected), argv
+    assert argv.count("--spec-type") == 1
+
+
+@pytest.mark.parametrize("kind", ["none", "disabled"])
+def test_no_speculation_says_nothing(kind):
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    argv = build_argv(evaluate(isvc_doc(speculativeDecoding={"type": kind, "nDraftMax": 4}), model_doc()).value,
+                      *SPEC_OPTIONS)
+    assert not any(a.startswith("--spec") or a == "-md" for a in argv)
+
+
+@pytest.mark.parametrize(("block", "path", "reason"), [
+    pytest.param({"type": "medusa"}, "spec.speculativeDecoding.type", "", id="unknown-type"),
+    pytest.param({"type": "draft-simple", "draftModel": "drafter.gguf"}, "spec.speculativeDecoding.draftModel",
+                 "UnsupportedField", id="draft-as-a-file-of-spec-files"),
+    pytest.param({"type": "draft-simple"}, "spec.speculativeDecoding.draftModelRef", "", id="draft-type-without-weights"),
+    pytest.param({"type": "ngram-simple", "draftModelRef": "small"}, "spec.speculativeDecoding.draftModelRef", "",
+                 id="ngram-with-weights"),
+    pytest.param({"type": "ngram-simple", "pMin": 1.5}, "spec.speculativeDecoding.pMin", "", id="p-min-above-1"),
+])
+def test_speculative_decoding_llama_server_cannot_run_is_refused_by_field(block, path, reason):
+    from metal_agent.core.claim import evaluate
+    from tests.support.manifests import isvc_doc, model_doc
+
+    [error] = evaluate(isvc_doc(speculativeDecoding=block), model_doc()).errors
+    assert (error.path, error.reason) == (path, reason)
+
+
+def test_speculative_decoding_is_part_of_the_digest_and_aliases_hash_alike():
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.spec_hash import spec_hash
+    from tests.support.manifests import isvc_doc, model_doc
+
+    def digest(block):
+        return spec_hash(evaluate(isvc_doc(speculativeDecoding=block), model_doc()).value)
+
+    plain = spec_hash(evaluate(isvc_doc(), model_doc()).value)
+    assert digest({"type": "none", "nDraftMax": 3}) == plain  # no speculation: the same process
+    assert len({plain, digest({"type": "ngram-simple"}), digest({"type": "ngram-simple", "nDraftMax": 3}),
+                digest({"type": "ngram-simple", "pMin": 0.5})}) == 4
+    assert digest({"type": "mtp"}) == digest({"type": "draft-mtp"})

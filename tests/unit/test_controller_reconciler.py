@@ -3,12 +3,15 @@ so what is tested is the reconcile's own decisions and the named results it hand
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
-from metal_agent.adapters.model_files import ModelPending
+from metal_agent.adapters.model_files import ModelPending, ModelReady
 from metal_agent.controller.publishing import HostAddress, Publisher
 from metal_agent.controller.reconciler import Reconciler
 from metal_agent.core.launch import LaunchSettings
+from metal_agent.core.mlx_dialect import mlx_dialect_from_help
 from metal_agent.controller.results import BLOCKED_RETRY, Done, Requeue
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.status import Blocker
@@ -21,7 +24,7 @@ KEY = "ml/chat"
 
 
 class Parts:
-    def __init__(self, *objects: dict, synced: bool = True, answer=None) -> None:
+    def __init__(self, *objects: dict, synced: bool = True, answer=None, launch: LaunchSettings | None = None) -> None:
         self.isvcs = FakeInformer(*[o for o in objects if "modelRef" in o["spec"]], synced=synced)
         self.models = FakeInformer(*[o for o in objects if "modelRef" not in o["spec"]], synced=synced)
         self.processes = FakeProcesses()
@@ -36,7 +39,7 @@ class Parts:
             memory=self.guard, reporter=self.reporter,
             publisher=Publisher(None, HostAddress(bind="10.0.0.5"), self.events), events=self.events,
             metrics=AgentMetrics(CollectorRegistry()), pressure=self.pressure, wake=self.woken.extend,
-            launch=LaunchSettings(llama_server="/bin/llama-server", policy=SpecPolicy(model_roots=("/models",))),
+            launch=launch or LaunchSettings(llama_server="/bin/llama-server", policy=SpecPolicy(model_roots=("/models",))),
         )
 
 
@@ -120,3 +123,34 @@ async def test_a_moved_address_respawns_the_engine_on_the_new_one():
     await parts.reconciler.reconcile(KEY)
     assert [p.host for p in parts.processes.started] == ["10.0.0.5", "10.0.0.9"]
     assert parts.processes.stopped == [KEY] and "Respawning" in parts.events.reasons()
+
+
+#: mlx-lm 0.30.5 as its --help shows it: none of the options that came later (core.mlx_dialect.OPTION_SINCE).
+OLD_MLX = LaunchSettings(
+    llama_server="/bin/llama-server", mlx_server=("/venv/bin/python3", "/venv/bin/mlx_lm.server"),
+    policy=SpecPolicy(model_roots=("/models",)),
+    mlx_dialect=mlx_dialect_from_help("usage: server.py [-h] [--model MODEL] [--host HOST] [--port PORT]"
+                                      " [--draft-model DRAFT_MODEL] [--log-level LEVEL]", "0.30.5"))
+
+
+def mlx_model() -> dict:
+    return {"metadata": {"namespace": "ml", "name": "qwen"},
+            "spec": {"source": "/models/qwen-mlx", "format": "mlx", "hardware": {"accelerator": "metal"}}}
+
+
+async def test_an_older_mlx_lm_gets_only_the_options_it_parses():
+    parts = Parts(isvc(), mlx_model(), answer=ModelReady(Path("/models/qwen-mlx")), launch=OLD_MLX)
+    assert isinstance(await parts.reconciler.reconcile(KEY), Done)
+    [plan] = parts.processes.started
+    argv = plan.build_argv(8081)
+    assert "/models/qwen-mlx" in argv and "--port" in argv
+    assert not {"--decode-concurrency", "--prompt-cache-size", "--prefill-step-size"} & set(argv)
+
+
+async def test_a_spec_the_installed_mlx_lm_is_too_old_for_is_refused_naming_both_releases():
+    parts = Parts(isvc(parallelSlots=2), mlx_model(), answer=ModelReady(Path("/models/qwen-mlx")), launch=OLD_MLX)
+    assert isinstance(await parts.reconciler.reconcile(KEY), Done)
+    assert parts.processes.started == [] and parts.events.reasons() == ["InvalidSpec"]
+    [error] = parts.reporter.written[KEY]["spec_errors"]
+    assert "spec.parallelSlots: parallelSlots 2 needs mlx-lm 0.30.6 or newer" in error
+    assert "the installed mlx-lm is 0.30.5" in error

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from metal_agent.core.api import CacheType, InferenceServiceSpec
+from metal_agent.core.api import CacheType, InferenceServiceSpec, Mode
 from metal_agent.core.gguf_header import ArrayInfo, GGUFError, GGUFHeader, ValueType
 from metal_agent.core.memory import (
     CACHE_TYPE_BYTES,
@@ -164,3 +164,18 @@ def test_estimate_from_a_real_gguf_header(tmp_path):
     data = path.read_bytes()
     e = estimate_from_header(parse_header(data), len(data), spec(context_size=4096))
     assert e.kv_bytes == 2 * 4096 * 1 * 32 * 2 * 2 and e.weights_bytes == len(data)
+
+
+@pytest.mark.parametrize(("mode", "cache_gib"), [("chat", 1), ("embedding", 0), ("rerank", 0)])
+def test_llama_server_estimate_counts_the_host_prompt_cache_its_command_line_allows(mode, cache_gib):
+    """llama-server fills a host-RAM prompt cache up to --cache-ram (server_prompt_cache::update
+    raises its token limit to the memory limit): the agent bounds it and admission counts it."""
+    from metal_agent.core.engines.llama_server import LLAMA_SERVER, GGUFInputs
+    from metal_agent.core.memory import GiB
+
+    s = spec(mode=Mode(mode), context_size=8192)
+    estimate = LLAMA_SERVER.estimate_with(GGUFInputs(LLAMA8B, 4 * GiB), s)
+    without = estimate_memory(LLAMA8B, 4 * GiB, s)
+    assert estimate.prompt_cache_bytes == cache_gib * GiB
+    assert estimate.total_bytes == without.total_bytes + cache_gib * GiB
+    assert ("prompt cache" in estimate.describe()) is bool(cache_gib)

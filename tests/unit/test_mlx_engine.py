@@ -78,8 +78,9 @@ def test_gguf_digests_do_not_move_and_the_format_is_part_of_an_mlx_digest():
     gguf = evaluate(isvc_doc(), model_doc(source=MLX_SOURCE)).value
     as_mlx = mlx().value
     assert spec_hash(gguf) != spec_hash(as_mlx)
-    # A llama-server spec with speculativeDecoding (ignored by it) keeps its digest.
-    with_spec = evaluate(isvc_doc(speculativeDecoding={"type": "ngram-simple"}), model_doc(source=MLX_SOURCE)).value
+    # A llama-server spec whose speculativeDecoding asks for none keeps its digest.
+    with_spec = evaluate(isvc_doc(speculativeDecoding={"type": "none", "nDraftMax": 4}),
+                         model_doc(source=MLX_SOURCE)).value
     assert spec_hash(with_spec) == spec_hash(gguf)
 
 
@@ -319,9 +320,19 @@ def test_a_draft_that_mlx_cannot_load_is_refused_on_the_draft_model():
     assert [(e.kind, e.name, e.path) for e in outcome.errors] == [("Model", "default/small", "spec.format")]
 
 
-def test_llama_server_still_ignores_speculative_decoding():
-    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc())
-    assert isinstance(outcome, Parsed) and outcome.value.draft is None
+def test_llama_server_takes_a_gguf_draft_and_refuses_an_mlx_one():
+    gguf_draft = model_doc("small", source="/models/small.gguf")
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(), draft=gguf_draft)
+    assert isinstance(outcome, Parsed) and outcome.value.draft.meta.name == "small"
+    mlx_draft = model_doc("small", format="mlx", source="/models/small-mlx")
+    outcome = evaluate(isvc_doc(speculativeDecoding=DRAFT), model_doc(), draft=mlx_draft)
+    assert isinstance(outcome, Invalid) and outcome.paths() == ("spec.format",)
+    assert isinstance(evaluate(isvc_doc(speculativeDecoding={"type": "disabled"}), model_doc()), Parsed)
+
+
+def test_mlx_refuses_a_minimum_draft_probability_it_has_no_option_for():
+    outcome = mlx(isvc_doc(speculativeDecoding={**DRAFT, "pMin": 0.75}))
+    assert isinstance(outcome, Invalid) and outcome.paths() == ("spec.speculativeDecoding.pMin",)
 
 
 def test_process_records_name_their_engine_and_older_ones_are_llama_servers(tmp_path):

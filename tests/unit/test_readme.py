@@ -16,3 +16,14 @@ def test_readme_config_reference_matches_the_cli():
     assert text[start:end] == render_block(app), (
         "README configuration table is stale: run `python scripts/update_readme.py`"
     )
+
+
+def test_readme_field_table_matches_core_fields():
+    """The table of what the agent does with each LLMKube field is `core.fields`' own."""
+    from metal_agent.core import fields
+
+    text = README.read_text()
+    start, end = text.index(fields.BEGIN), text.index(fields.END) + len(fields.END)
+    assert text[start:end] == fields.render_block(), (
+        "README spec field table is stale: run `python scripts/update_readme.py`"
+    )

@@ -59,6 +59,7 @@ def test_digest_is_sha256_of_the_documented_payload():
         "reasoningBudget": 0,
         "batchSize": 2048,
         "mode": "chat",
+        "llamaArgv": 2,
     }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     assert spec_hash(workload()).value == hashlib.sha256(canonical).hexdigest()
@@ -195,9 +196,11 @@ def test_equivalent_spellings_hash_alike():
 
 
 # Digests computed by the agent before `jinja: false` started to render
-# `--no-jinja` (commit 31a9673). They are stored with every running
-# llama-server; a spec whose command line did not change must keep its digest,
-# or upgrading the agent would reload every model on the Mac for nothing.
+# `--no-jinja` (commit 31a9673), and until llama-server's command line gained
+# `--parallel 1` and `--cache-ram` (llama argv revision 2). They are stored with
+# every running llama-server; a spec whose command line did not change must keep
+# its digest, or upgrading the agent would reload every model on the Mac for
+# nothing. Revision 2 changed every llama-server command line, so each moves once.
 PINNED_DIGESTS = [
     pytest.param({}, "0e228c6067608638aa66b4f6666755d731f7f6c8d64aef56bd5fc22cbe5d613b", id="defaults"),
     pytest.param({"jinja": True}, "dfc640acde1a15786409cd9f6bf2bc9ac494102cb3a4a297ce9192d3318f26cb", id="jinja-true"),
@@ -211,8 +214,15 @@ PINNED_DIGESTS = [
 
 
 @pytest.mark.parametrize(("isvc_spec", "digest"), PINNED_DIGESTS)
-def test_unchanged_specs_keep_the_digest_of_the_previous_agent(isvc_spec, digest):
-    assert spec_hash(workload(isvc_spec)).value == digest
+def test_the_previous_agents_digests_move_only_by_the_llama_argv_revision(isvc_spec, digest):
+    """Each old digest is the new payload without its `llamaArgv` key: nothing else moved."""
+    from metal_agent.core.spec_hash import _payload
+
+    w = workload(isvc_spec)
+    assert spec_hash(w).value != digest
+    payload = {k: v for k, v in _payload(w.model.spec, w.isvc.spec).items() if k != "llamaArgv"}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    assert hashlib.sha256(canonical).hexdigest() == digest
 
 
 def test_explicit_jinja_false_leaves_the_old_digest_because_its_process_changed():

@@ -12,16 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metal_agent.core import llama_log
-from metal_agent.core.api import InferenceServiceSpec, Model
-from metal_agent.core.argv import build_argv
+from metal_agent.core.api import InferenceServiceSpec, Model, ModelFormat, RopeScalingType
+from metal_agent.core.argv import (
+    CACHE_RAM,
+    DRAFT_WEIGHT_TYPES,
+    NEEDS_DRAFT_WEIGHTS,
+    SPEC_TYPES,
+    build_argv,
+    prompt_cache_mib,
+    spec_type,
+)
 from metal_agent.core.engine import ModelReader, Probe
 from metal_agent.core.engine_name import EngineName
-from metal_agent.core.extra_args import OptionTable
+from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, OptionTable
+from metal_agent.core.fields import UNSUPPORTED_FIELD
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader, read_header_from
 from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
-from metal_agent.core.memory import EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
+from metal_agent.core.memory import MiB, EstimateFailed, MemoryEstimate, ModelShape, estimate_memory, model_shape
 from metal_agent.core.registration import RUNTIME_LLAMACPP
 from metal_agent.core.result import FieldError
 from metal_agent.core.workload import Workload
@@ -59,13 +68,38 @@ class LlamaServer:
     options: OptionTable = LLAMA_SERVER_OPTIONS
 
     def refusals(self, workload: Workload) -> tuple[FieldError, ...]:
-        return ()  # validation's rules are llama-server's own
+        """What LLMKube's CRD admits and this llama-server cannot run (each checked against its source):
+        speculative decoding it cannot set up, `longrope` rope scaling, an unbounded prompt cache."""
+        spec, key = workload.isvc.spec, workload.isvc.meta.key
+        errors: list[FieldError] = []
+
+        def refuse(path: str, message: str, reason: str = UNSUPPORTED_FIELD) -> None:
+            errors.append(FieldError(path, message, "InferenceService", key, reason))
+
+        errors += _speculative_refusals(spec, key)
+        if spec.rope_scaling is not None and spec.rope_scaling.type is RopeScalingType.LONGROPE:
+            refuse("spec.ropeScaling.type", "'longrope' cannot be honoured by metal-agent: llama-server's"
+                   " --rope-scaling accepts only none, linear or yarn (it reads LongRoPE factors from the GGUF"
+                   " itself), and would exit at start; remove ropeScaling.type or use linear or yarn")
+        if prompt_cache_mib(spec) < 0:
+            index = max(i for i, token in enumerate(spec.extra_args) if token.split("=", 1)[0] in ("-cram", CACHE_RAM))
+            refuse(f"spec.extraArgs[{index}]", f"{CACHE_RAM} {prompt_cache_mib(spec)} (no limit) cannot be"
+                   " admitted: memory admission counts the host prompt cache, so it needs a size in MiB"
+                   " (0 turns it off)", EXTRA_ARG_REFUSED)
+        return tuple(errors)
+
+    def server_refusals(self, workload: Workload, settings: LaunchSettings) -> tuple[FieldError, ...]:
+        return ()  # the flag dialect (core.flags.Dialect) adapts the argv; nothing a spec sets is versioned
 
     def wants_draft(self, spec: InferenceServiceSpec) -> bool:
-        return False  # speculativeDecoding is ignored, as it always was
+        return spec_type(spec) in DRAFT_WEIGHT_TYPES and spec.draft_model_ref is not None
 
     def draft_refusals(self, draft: Model) -> tuple[FieldError, ...]:
-        return ()
+        """llama-server loads a draft the way it loads a model: one GGUF file."""
+        if draft.spec.format in (ModelFormat.GGUF, ModelFormat.CUSTOM):
+            return ()
+        return (FieldError("spec.format", f"{draft.spec.format.value} cannot be a draft model for llama-server,"
+                           " which loads GGUF files; use a GGUF Model", "Model", draft.meta.key),)
 
     def argv(self, workload: Workload, settings: LaunchSettings, instance: Instance) -> tuple[str, ...]:
         return build_argv(workload, settings, instance)
@@ -87,10 +121,38 @@ class LlamaServer:
     def estimate_with(self, inputs: GGUFInputs | EstimateFailed, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
         if isinstance(inputs, EstimateFailed):
             return inputs
-        return estimate_memory(inputs.shape, inputs.weights_bytes, spec)
+        return estimate_memory(inputs.shape, inputs.weights_bytes, spec, max(0, prompt_cache_mib(spec)) * MiB)
 
     def estimate(self, reader: ModelReader, spec: InferenceServiceSpec) -> MemoryEstimate | EstimateFailed:
         return self.estimate_with(self.estimate_inputs(reader), spec)
 
 
 LLAMA_SERVER = LlamaServer()
+
+
+def _speculative_refusals(spec: InferenceServiceSpec, key: str) -> list[FieldError]:
+    """`speculativeDecoding` llama-server cannot run as written (LLMKube's CRD checks most of this;
+    a manifest rendered offline or a lagging CRD does not)."""
+    base = "spec.speculativeDecoding"
+    kind = spec_type(spec)
+    errors: list[FieldError] = []
+
+    def refuse(path: str, message: str, reason: str = "") -> None:
+        errors.append(FieldError(path, message, "InferenceService", key, reason))
+
+    if kind is None:
+        return errors
+    if kind not in SPEC_TYPES:
+        refuse(f"{base}.type", f"{spec.speculative_type!r} is not a speculative decoding type of llama-server;"
+               f" use one of {', '.join(SPEC_TYPES)} (or LLMKube's draft, mtp, disabled)")
+    elif spec.draft_model_file is not None:
+        refuse(f"{base}.draftModel", f"{spec.draft_model_file!r} cannot be honoured by metal-agent: a draft named"
+               " as a file of the Model's spec.files is not fetched; give the draft as its own GGUF Model in"
+               " draftModelRef", UNSUPPORTED_FIELD)
+    elif kind in NEEDS_DRAFT_WEIGHTS and spec.draft_model_ref is None:
+        refuse(f"{base}.draftModelRef", f"type {kind} needs draft weights: name a GGUF Model in the same namespace")
+    elif kind not in DRAFT_WEIGHT_TYPES and spec.draft_model_ref is not None:
+        refuse(f"{base}.draftModelRef", f"type {kind} takes no draft model (only the draft-* types do)")
+    if spec.draft_p_min is not None and not 0 <= spec.draft_p_min <= 1:
+        refuse(f"{base}.pMin", f"must be between 0 and 1, got {spec.draft_p_min}")
+    return errors

@@ -25,6 +25,11 @@ Spec mapping (checked against `mlx_lm.server --help` of mlx-lm 0.32):
   refused. A different template (`--chat-template`, `--chat-template-args`)
   and sampling defaults (`--temp`, `--top-p`, `--top-k`, `--min-p`,
   `--max-tokens`) are mlx_lm.server options that `extraArgs` may carry.
+* The installed mlx-lm (`LaunchSettings.mlx_dialect`, read from its
+  `--help` at start-up): the options above appeared in 0.30.6 to 0.32.0
+  (`core.mlx_dialect.OPTION_SINCE`); for an older server the command line
+  leaves out those it lacks, and a spec that needs one (more slots, another
+  batchSize, a quantized cache) is refused naming the release.
 * `extraArgs` come last (argparse: the last occurrence wins), allowlisted by
   `core.mlx_options` (every option of mlx_lm.server classified; argparse's
   abbreviations and `--opt=value` resolved as argparse would).
@@ -72,6 +77,8 @@ from metal_agent.core.extra_args import OptionTable
 from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_log import Acceleration
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, overhead_bytes
+from metal_agent.core.mlx_dialect import refusals as version_refusals
+from metal_agent.core.mlx_dialect import supported
 from metal_agent.core.mlx_options import MLX_LM_OPTIONS
 from metal_agent.core.result import FieldError
 from metal_agent.core.workload import Workload
@@ -202,7 +209,16 @@ class MlxLm:
         elif kind in DRAFT_TYPES and spec.parallel_slots > 1:
             isvc_error("spec.parallelSlots", f"{spec.parallel_slots} slots cannot be honoured with a draft model:"
                        " mlx_lm.server then serves one request at a time; use 1")
+        if kind in DRAFT_TYPES and spec.draft_p_min is not None:
+            isvc_error("spec.speculativeDecoding.pMin", "cannot be honoured: mlx_lm.server has no minimum draft"
+                       " probability (it drafts nDraftMax tokens every step); remove it")
         return tuple(errors)
+
+    def server_refusals(self, workload: Workload, settings: LaunchSettings) -> tuple[FieldError, ...]:
+        """What the installed mlx-lm is too old for (core.mlx_dialect: the option's first release)."""
+        spec = workload.isvc.spec
+        return version_refusals(spec, settings.mlx_dialect, workload.isvc.meta.key,
+                                quantized_cache=_cache_bits(spec) is not None)
 
     # -- the command line ----------------------------------------------------
 
@@ -224,8 +240,9 @@ class MlxLm:
             argv += ["--draft-model", instance.draft_model_path]
             if spec.draft_tokens is not None:
                 argv += ["--num-draft-tokens", str(spec.draft_tokens)]
-        argv += spec.extra_args
-        return tuple(argv)
+        # Only what the installed server accepts: an older one stops on an unknown option, and a spec
+        # that needs a missing one was refused (server_refusals). The owner's extraArgs go as they are.
+        return (*supported(tuple(argv), settings.mlx_dialect), *spec.extra_args)
 
     # -- its log ---------------------------------------------------------------
 
