@@ -1,0 +1,202 @@
+"""Just enough HTTP/1.1 for a fast reverse proxy on plain asyncio streams.
+
+Why not aiohttp here: a request through aiohttp.web and ClientSession costs
+about a millisecond of Python per hop; the front door's budget is 0.3 ms p50
+(issue 21). Requests are read whole (OpenAI requests are small, and a whole
+body can be re-sent when the engine was mid-respawn); responses are relayed
+frame by frame as they arrive, so SSE reaches the client one event at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+MAX_HEAD = 64 * 1024
+MAX_BODY = 64 * 1024 * 1024
+READ_SIZE = 64 * 1024
+
+#: Headers that describe one hop, not the message: never forwarded as received.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade", b"content-length", b"expect",
+})
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Request:
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]   # names lower-cased
+    body: bytes = b""
+    keep_alive: bool = True
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+
+def parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Split a message head into its start line and (lower-cased name, value) pairs."""
+    lines = head[:-4].split(b"\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest(400, "malformed header line")
+        headers.append((name.lower(), value.strip()))
+    return lines[0], headers
+
+
+class ClientConn:
+    """The client side of one connection, with a buffer the disconnect watcher can fill.
+
+    While a request is upstream, `watch()` keeps reading so a client that hangs up is
+    noticed at once (and its engine slot freed); bytes of a pipelined next request land
+    in the same buffer and are not lost.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.buf = bytearray()
+        self.eof = False
+
+    async def _fill(self) -> None:
+        data = await self.reader.read(READ_SIZE)
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
+    async def read_head(self) -> bytes | None:
+        """The next request's head, or None when the client closed between requests."""
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buf[:end + 4])
+                del self.buf[:end + 4]
+                return head
+            if len(self.buf) > MAX_HEAD:
+                raise BadRequest(431, "request head too large")
+            if self.eof:
+                if self.buf.strip():
+                    raise BadRequest(400, "connection closed mid-request")
+                return None
+            await self._fill()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.eof:
+                raise BadRequest(400, "connection closed mid-body")
+            await self._fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def read_line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if self.eof or len(self.buf) > MAX_HEAD:
+                raise BadRequest(400, "bad chunked body")
+            await self._fill()
+
+    async def watch(self) -> None:
+        """Return when the client hangs up (or has sent too much ahead to keep listening)."""
+        while not self.eof and len(self.buf) < MAX_HEAD:
+            await self._fill()
+        if not self.eof:
+            await asyncio.Event().wait()  # a greedy pipeliner: stop reading, never report a hang-up
+
+
+async def read_request(conn: ClientConn) -> Request | None:
+    head = await conn.read_head()
+    if head is None:
+        return None
+    start, headers = parse_head(head)
+    parts = start.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise BadRequest(400, "malformed request line")
+    request = Request(parts[0], parts[1], parts[2], headers)
+    connection = (request.header(b"connection") or b"").lower()
+    request.keep_alive = b"close" not in connection and (
+        request.version == b"HTTP/1.1" or b"keep-alive" in connection)
+    if (request.header(b"expect") or b"").lower() == b"100-continue":
+        conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.body = await _read_body(conn, request)
+    return request
+
+
+async def _read_body(conn: ClientConn, request: Request) -> bytes:
+    if b"chunked" in (request.header(b"transfer-encoding") or b"").lower():
+        parts = []
+        total = 0
+        while True:
+            size = int(_chunk_size(await conn.read_line()))
+            if size == 0:
+                while await conn.read_line():
+                    pass  # trailers: dropped
+                return b"".join(parts)
+            total += size
+            if total > MAX_BODY:
+                raise BadRequest(413, "request body too large")
+            parts.append(await conn.read_exactly(size))
+            if await conn.read_exactly(2) != b"\r\n":
+                raise BadRequest(400, "bad chunked body")
+    length = request.header(b"content-length")
+    if length is None:
+        return b""
+    if not length.isdigit():
+        raise BadRequest(400, "bad Content-Length")
+    if int(length) > MAX_BODY:
+        raise BadRequest(413, "request body too large")
+    return await conn.read_exactly(int(length))
+
+
+def _chunk_size(line: bytes) -> int:
+    try:
+        return int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise BadRequest(400, "bad chunk size") from None
+
+
+def upstream_request(request: Request, host: bytes) -> bytes:
+    """The request as sent to the engine: same target and headers, our own framing."""
+    out = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+    for name, value in request.headers:
+        if name not in HOP_BY_HOP:
+            out += (name, b": ", value, b"\r\n")
+    if request.header(b"host") is None:
+        out += (b"host: ", host, b"\r\n")
+    out += (b"content-length: ", str(len(request.body)).encode(), b"\r\n\r\n", request.body)
+    return b"".join(out)
+
+
+def response_bytes(status: int, reason: str, body: bytes, *, content_type: bytes = b"application/json",
+                   keep_alive: bool = True, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """A whole response the front door answers itself (errors, /v1/models)."""
+    head = [f"HTTP/1.1 {status} {reason}\r\n".encode(), b"content-type: ", content_type, b"\r\n",
+            b"content-length: ", str(len(body)).encode(), b"\r\n",
+            b"connection: ", b"keep-alive" if keep_alive else b"close", b"\r\n"]
+    for name, value in extra:
+        head += (name, b": ", value, b"\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
