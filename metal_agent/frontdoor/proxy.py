@@ -254,6 +254,16 @@ class Proxy:
             if sent:
                 return False
             return self._answer(conn, request, 502, error_body(502, "upstream_error", str(err)), keep=False)
+        except ConnectionError as err:
+            discard(up)
+            if conn.writer.is_closing() or conn.eof:  # the client hung up while we wrote to it
+                svc.outcome["client_gone"].inc()
+                return False
+            svc.broken.inc()
+            svc.outcome["upstream_error"].inc()
+            log.info("front door: upstream %s broke: %r", up.address, err)
+            return False if sent else self._answer(conn, request, 502, error_body(
+                502, "upstream_error", f"the engine hung up: {type(err).__name__}"), keep=False)
         except BaseException:
             discard(up)
             raise
