@@ -79,11 +79,12 @@ class Table:
     def by_model(self, model: str) -> Route | None:
         """The client port's routing: the request's `model` is the InferenceService's name.
 
-        Stopped routes are not offered: a model that is not served is "not found",
-        not a request to hold for ever.
+        A stopped route is still offered: its request is held, and the agent, which sees
+        it in `/state` (`queued`, `last_request`), may load the model on demand. A model
+        that must not be served is one the agent leaves out of the table.
         """
         for route in self.routes:
-            if route.model == model and route.state is not RouteState.STOPPED:
+            if route.model == model:
                 return route
         return None
 
@@ -250,4 +251,4 @@ def models_body(table: Table, created: int) -> dict[str, Any]:
     return {"object": "list", "data": [
         {"id": r.model, "object": "model", "created": created, "owned_by": r.key.split("/")[0],
          "metal_agent": {"key": r.key, "state": r.state.value}}
-        for r in table.routes if r.state is not RouteState.STOPPED]}
+        for r in table.routes]}
