@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 MAX_HEAD = 64 * 1024
 MAX_BODY = 64 * 1024 * 1024
@@ -62,26 +63,100 @@ def parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return lines[0], headers
 
 
-class ClientConn:
-    """The client side of one connection, with a buffer the disconnect watcher can fill.
+class ClientConn(asyncio.Protocol):
+    """The client side of one connection, as a protocol: bytes land in a buffer the
+    request reader drains, and a hang-up is seen the moment the kernel reports it.
 
-    While a request is upstream, `watch()` keeps reading so a client that hangs up is
-    noticed at once (and its engine slot freed); bytes of a pipelined next request land
-    in the same buffer and are not lost.
+    A hang-up while a request is in flight (`busy`) cancels the connection's task, which
+    closes the engine connection and so frees the engine's slot; no per-request watcher
+    task is needed. Bytes of a pipelined next request simply wait in the buffer.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, serve: Callable[["ClientConn"], Awaitable[None]]) -> None:
+        self._serve = serve
         self.buf = bytearray()
         self.eof = False
+        self.busy = False
+        self.gone = False
+        self.peer = ""
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._data: asyncio.Future[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._paused_reading = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = (transport.get_extra_info("peername") or ("",))[0]
+        self.task = asyncio.get_running_loop().create_task(self._serve(self))
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > MAX_HEAD and not self._paused_reading and self.transport is not None:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._hung_up()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._hung_up()
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client went away"))
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _hung_up(self) -> None:
+        if not self.eof:
+            self.eof = True
+            self._wake()
+            if self.busy and self.task is not None:
+                self.gone = True
+                self.task.cancel()
+
+    def _wake(self) -> None:
+        waiter, self._data = self._data, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the stream side -----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        if self._writable is not None:
+            await self._writable
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     async def _fill(self) -> None:
-        data = await self.reader.read(READ_SIZE)
-        if data:
-            self.buf += data
-        else:
-            self.eof = True
+        if self._paused_reading and self.transport is not None:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        self._data = asyncio.get_running_loop().create_future()
+        await self._data
 
     async def read_head(self) -> bytes | None:
         """The next request's head, or None when the client closed between requests."""
@@ -119,13 +194,6 @@ class ClientConn:
                 raise BadRequest(400, "bad chunked body")
             await self._fill()
 
-    async def watch(self) -> None:
-        """Return when the client hangs up (or has sent too much ahead to keep listening)."""
-        while not self.eof and len(self.buf) < MAX_HEAD:
-            await self._fill()
-        if not self.eof:
-            await asyncio.Event().wait()  # a greedy pipeliner: stop reading, never report a hang-up
-
 
 async def read_request(conn: ClientConn) -> Request | None:
     head = await conn.read_head()
@@ -140,7 +208,7 @@ async def read_request(conn: ClientConn) -> Request | None:
     request.keep_alive = b"close" not in connection and (
         request.version == b"HTTP/1.1" or b"keep-alive" in connection)
     if (request.header(b"expect") or b"").lower() == b"100-continue":
-        conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     request.body = await _read_body(conn, request)
     return request
 

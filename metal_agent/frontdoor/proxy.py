@@ -78,17 +78,19 @@ class Proxy:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, route_key: str | None) -> None:
-        conn = ClientConn(reader, writer)
-        peer = (writer.get_extra_info("peername") or ("",))[0]
+    def protocol(self, route_key: str | None) -> ClientConn:
+        """A connection on a listener: `route_key` is its route, None for the client port."""
+        return ClientConn(lambda conn: self.handle(conn, route_key))
+
+    async def handle(self, conn: ClientConn, route_key: str | None) -> None:
         try:
             while not self.draining:
                 self._idle_conns.add(conn)
                 try:
                     request = await read_request(conn)
                 except BadRequest as err:
-                    writer.write(response_bytes(err.status, http.HTTPStatus(err.status).phrase,
-                                                error_body(err.status, "bad_request", err.message), keep_alive=False))
+                    conn.write(response_bytes(err.status, http.HTTPStatus(err.status).phrase,
+                                              error_body(err.status, "bad_request", err.message), keep_alive=False))
                     break
                 finally:
                     self._idle_conns.discard(conn)
@@ -96,17 +98,15 @@ class Proxy:
                     break
                 self._begin()
                 try:
-                    keep = await self._serve(conn, request, route_key, peer)
+                    keep = await self._serve(conn, request, route_key)
                 finally:
                     self._end()
                 if not keep:
                     break
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            writer.close()
+            conn.close()
 
     def _begin(self) -> None:
         self.active += 1
@@ -120,7 +120,7 @@ class Proxy:
     def close_idle(self) -> None:
         """Shutting down: connections between requests are closed; busy ones finish first."""
         for conn in list(self._idle_conns):
-            conn.writer.close()
+            conn.close()
 
     async def wait_quiet(self) -> None:
         await self._quiet.wait()
@@ -131,7 +131,7 @@ class Proxy:
                 retry_after: int | None = None, keep: bool = True) -> bool:
         keep = keep and request.keep_alive and not self.draining
         extra = ((b"retry-after", str(retry_after).encode()),) if retry_after is not None else ()
-        conn.writer.write(response_bytes(status, http.HTTPStatus(status).phrase, body,
+        conn.write(response_bytes(status, http.HTTPStatus(status).phrase, body,
                                          keep_alive=keep, extra=extra))
         return keep
 
@@ -156,7 +156,7 @@ class Proxy:
                 404, "model_not_found", f"the model {model!r} is not served on this Mac"))
         return route, True
 
-    async def _serve(self, conn: ClientConn, request: Request, route_key: str | None, peer: str) -> bool:
+    async def _serve(self, conn: ClientConn, request: Request, route_key: str | None) -> bool:
         arrival = asyncio.get_running_loop().time()
         if route_key is None:
             route, keep = self._client_route(conn, request)
@@ -168,24 +168,20 @@ class Proxy:
                 return self._answer(conn, request, 503, error_body(503, "not_served", f"{route_key} is not served"),
                                     retry_after=5)
         svc = self.service[route.key]
-        denial = await self.access.authorize(route, peer, request.headers)
+        denial = await self.access.authorize(route, conn.peer, request.headers)
         if denial is not None:
             svc.outcome["refused"].inc()
             return self._answer(conn, request, denial.status, json.dumps(denial.body).encode(), denial.retry_after)
-        watch = asyncio.ensure_future(conn.watch())
-        work = asyncio.ensure_future(self._forward(conn, request, self.gates[route.key], svc, arrival))
+        conn.busy = True
         try:
-            await asyncio.wait((watch, work), return_when=asyncio.FIRST_COMPLETED)
+            return await self._forward(conn, request, self.gates[route.key], svc, arrival)
+        except asyncio.CancelledError:
+            if not conn.gone:
+                raise
+            svc.outcome["client_gone"].inc()  # its engine connection is closed: the slot is free
+            return False
         finally:
-            if not work.done():  # the client hung up (or we are cancelled): free the engine's slot
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-                svc.outcome["client_gone"].inc()
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-        return work.result() if not work.cancelled() else False
+            conn.busy = False
 
     async def _forward(self, conn: ClientConn, request: Request, gate: Gate, svc: ServiceMetrics,
                        arrival: float) -> bool:
@@ -245,7 +241,7 @@ class Proxy:
                     raise _StaleConnection() from None
                 raise
             keep = request.keep_alive and not self.draining and head.framing != "close"
-            await relay_body(up, head, conn.writer, client_head(head, keep), first_byte)
+            await relay_body(up, head, conn, client_head(head, keep), first_byte)
         except UpstreamBroken as err:
             discard(up)
             svc.broken.inc()
@@ -256,7 +252,7 @@ class Proxy:
             return self._answer(conn, request, 502, error_body(502, "upstream_error", str(err)), keep=False)
         except ConnectionError as err:
             discard(up)
-            if conn.writer.is_closing() or conn.eof:  # the client hung up while we wrote to it
+            if conn.is_closing() or conn.eof:  # the client hung up while we wrote to it
                 svc.outcome["client_gone"].inc()
                 return False
             svc.broken.inc()

@@ -88,9 +88,8 @@ class FrontDoor:
             if bind in self._listeners:
                 continue
             try:
-                server = await asyncio.start_server(
-                    lambda r, w, t=target: self.proxy.handle(r, w, t), bind[0], bind[1],
-                    reuse_address=True, backlog=1024, limit=256 * 1024)
+                server = await asyncio.get_running_loop().create_server(
+                    lambda t=target: self.proxy.protocol(t), bind[0], bind[1], reuse_address=True, backlog=1024)
             except OSError as err:
                 name = target or "client port"
                 self.listen_errors[name] = f"{bind[0]}:{bind[1]}: {err.strerror or err}"

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from metal_agent.frontdoor.http1 import HOP_BY_HOP, parse_head
 
 Address = tuple[str, int]
 MAX_IDLE_PER_UPSTREAM = 64
+
+
+class Writer(Protocol):
+    """Where a response goes: the client connection (write now, drain under backpressure)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
 
 
 class ConnectFailed(Exception):
@@ -123,7 +131,7 @@ def client_head(response: ResponseHead, keep_alive: bool) -> bytes:
     return b"".join(out)
 
 
-async def relay_body(conn: UpstreamConn, response: ResponseHead, client: asyncio.StreamWriter,
+async def relay_body(conn: UpstreamConn, response: ResponseHead, client: Writer,
                      head: bytes, first_byte: Callable[[], None]) -> None:
     """Copy the body as it comes; each chunk (an SSE event) goes to the client at once.
 
@@ -150,7 +158,7 @@ async def relay_body(conn: UpstreamConn, response: ResponseHead, client: asyncio
     await client.drain()
 
 
-async def _relay_length(reader: asyncio.StreamReader, client: asyncio.StreamWriter, head: bytes,
+async def _relay_length(reader: asyncio.StreamReader, client: Writer, head: bytes,
                         length: int, first_byte: Callable[[], None]) -> None:
     left = length
     pending = head
@@ -169,7 +177,7 @@ async def _relay_length(reader: asyncio.StreamReader, client: asyncio.StreamWrit
         first_byte()
 
 
-async def _relay_chunked(reader: asyncio.StreamReader, client: asyncio.StreamWriter, head: bytes,
+async def _relay_chunked(reader: asyncio.StreamReader, client: Writer, head: bytes,
                          first_byte: Callable[[], None]) -> None:
     pending = head
     while True:
