@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,30 @@ from tests.support import tiny_model  # noqa: E402
 from tests.support.front_door import route, running_front_door, table  # noqa: E402
 from tests.support.llama import running_llama_server  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
+from tests.support.procs import ManagedProcess  # noqa: E402
+
+STUB_BODY = b'{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"x"}}]}'
+STUB_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                 % len(STUB_BODY) + STUB_BODY)
+
+
+async def _stub_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An engine that answers at once: isolates the front door's own cost from the model's."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            writer.write(STUB_RESPONSE)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
+async def stub_serve(port: int) -> None:
+    server = await asyncio.start_server(_stub_conn, "127.0.0.1", port)
+    await server.serve_forever()
+
 
 ONE_TOKEN = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
 
@@ -95,11 +120,14 @@ async def _stream(http: aiohttp.ClientSession, port: int, tokens: int) -> tuple[
     return count, time.perf_counter() - t0
 
 
-async def bench_stream(http, direct: int, via: int, tokens: int, rounds: int = 3) -> tuple[float, float]:
+async def bench_stream(http, direct: int, via: int, tokens: int, rounds: int = 6) -> tuple[float, float]:
     rates: dict[int, list[float]] = {direct: [], via: []}
-    for _ in range(rounds):
-        for port in (direct, via):
-            count, seconds = await _stream(http, port, tokens)
+    for i in range(rounds):
+        for port in ((direct, via) if i % 2 == 0 else (via, direct)):  # neither path always goes first
+            try:
+                count, seconds = await _stream(http, port, tokens)
+            except Exception as err:
+                raise RuntimeError(f"stream {i} to {'the engine' if port == direct else 'the front door'}: {err!r}") from err
             rates[port].append(count / seconds)
     return statistics.median(rates[direct]), statistics.median(rates[via])
 
@@ -120,27 +148,43 @@ async def main() -> int:
     parser.add_argument("--stream-tokens", type=int, default=2000)
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "front_door.json")
+    parser.add_argument("--stub-serve", type=int, help=argparse.SUPPRESS)  # internal: run the stub engine
     args = parser.parse_args()
+    if args.stub_serve:
+        await stub_serve(args.stub_serve)
+        return 0
+    load_before = os.getloadavg()[0]
     llama_bin = cached("build-llama-server.sh")
     model = tiny_model.ensure_model(tiny_model.DEFAULT, llama_bin.parent.parent / "models" / "ggml-vocab-llama-spm.gguf")
     engine_port, door_port = free_port(), free_port()
     argv = [str(llama_bin), "--model", str(model), "--host", "127.0.0.1", "--port", str(engine_port),
             "--ctx-size", "16384", "--threads", "1", "--parallel", "4"]
+    stub_port, stub_door_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="fd-bench-") as tmp:
+        stub = ManagedProcess("stub-engine", [sys.executable, __file__, "--stub-serve", str(stub_port)],
+                              Path(tmp) / "stub.log")
+        await stub.start()
         async with running_llama_server(argv, port=engine_port) as _engine, running_front_door(Path(tmp)) as door:
-            status, text = await door.put_table(table(1, [route(
-                "bench/tiny", door_port, f"127.0.0.1:{engine_port}", max_inflight=4, queue=128, queue_timeout_s=120)]))
+            status, text = await door.put_table(table(1, [
+                route("bench/tiny", door_port, f"127.0.0.1:{engine_port}", max_inflight=4, queue=128,
+                      queue_timeout_s=120),
+                route("bench/stub", stub_door_port, f"127.0.0.1:{stub_port}", max_inflight=4)]))
             if status != 204:
                 raise SystemExit(f"the front door refused the table: {text}")
             proc = psutil.Process(door.process.pid)
+            stub_direct, stub_via = await bench_latency(stub_port, stub_door_port, args.requests)
             cpu0 = sum(proc.cpu_times()[:2])
             direct, via = await bench_latency(engine_port, door_port, args.requests)
             cpu_per_request = (sum(proc.cpu_times()[:2]) - cpu0) / (len(via) + 100)
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            # A fresh connection per stream on both paths: llama-server drops idle keep-alive
+            # connections on its own schedule, which would fail a reused one at random.
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                             connector=aiohttp.TCPConnector(force_close=True, limit=0)) as http:
                 rate_direct, rate_via = await bench_stream(http, engine_port, door_port, args.stream_tokens)
                 failed_direct, wall_direct = await bench_concurrent(http, engine_port, args.streams, 64)
                 failed_via, wall_via = await bench_concurrent(http, door_port, args.streams, 64)
             rss = proc.memory_info().rss
+        await stub.stop()
     ms = 1000.0
     results = {
         "requests": len(via),
@@ -150,7 +194,11 @@ async def main() -> int:
         "stream_tokens_per_s": {"direct": rate_direct, "through": rate_via, "ratio": rate_via / rate_direct},
         "concurrent_streams": {"streams": args.streams, "failed_direct": failed_direct, "failed_through": failed_via,
                                "wall_s_direct": wall_direct, "wall_s_through": wall_via},
+        "stub_engine_ms": {"direct_p50": pct(stub_direct, 0.5) * ms, "through_p50": pct(stub_via, 0.5) * ms,
+                           "added_p50": (pct(stub_via, 0.5) - pct(stub_direct, 0.5)) * ms,
+                           "added_p99": (pct(stub_via, 0.99) - pct(stub_direct, 0.99)) * ms},
         "cpu_ms_per_request": cpu_per_request * ms,
+        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "rss_mib": rss / 2**20,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +213,10 @@ async def main() -> int:
               f"({rate_via:.0f} / {rate_direct:.0f})", ">= 99 %", r["stream_tokens_per_s"]["ratio"] >= 0.99),
         at_most(f"{args.streams} concurrent streams: failed through", failed_via, 0),
         shown_only(f"{args.streams} streams wall time direct / through", f"{wall_direct:.2f} / {wall_via:.2f} s"),
+        shown_only("added vs an instant stub engine p50 / p99", f"{r['stub_engine_ms']['added_p50']:.3f} / "
+                   f"{r['stub_engine_ms']['added_p99']:.3f} ms"),
         shown_only("front door CPU per request", f"{r['cpu_ms_per_request']:.3f} ms"),
+        shown_only("load average (1 min) before / after", f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"),
         shown_only("front door RSS after the run", f"{r['rss_mib']:.1f} MiB"),
     ]
     code = report(figures)

@@ -268,3 +268,56 @@ def response_bytes(status: int, reason: str, body: bytes, *, content_type: bytes
         head += (name, b": ", value, b"\r\n")
     head.append(b"\r\n")
     return b"".join(head) + body
+
+
+class ChunkedEnd:
+    """Finds where a chunked body ends in bytes relayed as they arrive, without re-framing.
+
+    The relay forwards each read from the engine as is (one SSE event is usually one
+    read and one write); this only tracks chunk sizes to know when the last chunk and
+    its trailers have passed, so the connection can go back to the pool.
+    """
+
+    MAX_LINE = 8192
+
+    def __init__(self) -> None:
+        self._need = 0            # bytes of chunk data (+ its CRLF) still to pass
+        self._line = bytearray()  # a size or trailer line split across reads
+        self._trailers = False
+
+    def feed(self, data: bytes) -> int | None:
+        """The offset just past the body's end if it ends in `data`, else None."""
+        i, n = 0, len(data)
+        while i < n:
+            if self._need:
+                take = min(self._need, n - i)
+                self._need -= take
+                i += take
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self._line += data[i:]
+                if len(self._line) > self.MAX_LINE:
+                    raise ValueError("chunk line too long")
+                return None
+            self._line += data[i:j]
+            i = j + 1
+            line = bytes(self._line).rstrip(b"\r")
+            self._line.clear()
+            if self._trailers:
+                if not line:
+                    return i
+                continue
+            size = _chunk_size_or_value_error(line)
+            if size == 0:
+                self._trailers = True
+            else:
+                self._need = size + 2
+        return None
+
+
+def _chunk_size_or_value_error(line: bytes) -> int:
+    try:
+        return int(line.split(b";", 1)[0].strip(), 16)
+    except ValueError:
+        raise ValueError(f"bad chunk size line {line[:40]!r}") from None

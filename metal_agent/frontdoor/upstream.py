@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from metal_agent.frontdoor.http1 import HOP_BY_HOP, parse_head
+from metal_agent.frontdoor.http1 import HOP_BY_HOP, ChunkedEnd, parse_head
 
 Address = tuple[str, int]
 MAX_IDLE_PER_UPSTREAM = 64
@@ -179,24 +179,23 @@ async def _relay_length(reader: asyncio.StreamReader, client: Writer, head: byte
 
 async def _relay_chunked(reader: asyncio.StreamReader, client: Writer, head: bytes,
                          first_byte: Callable[[], None]) -> None:
+    """Forward the engine's chunked bytes read by read, framing untouched (one SSE event
+    is typically one read and one write), until the last chunk has passed."""
+    scanner = ChunkedEnd()
     pending = head
     while True:
-        line = await reader.readuntil(b"\r\n")
-        size = int(line.split(b";", 1)[0].strip(), 16)
-        if size == 0:
-            rest = bytearray(line)
-            while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
-                rest += trailer
-            rest += b"\r\n"
-            client.write(pending + bytes(rest))
-            if pending:
-                first_byte()
-            return
-        data = await reader.readexactly(size + 2)
-        client.write(pending + line + data)
+        data = await reader.read(65536)
+        if not data:
+            raise asyncio.IncompleteReadError(b"", None)
+        end = scanner.feed(data)
+        if end is not None:
+            data = data[:end]
+        client.write(pending + data if pending else data)
         if pending:
             pending = b""
             first_byte()
+        if end is not None:
+            return
         await client.drain()
 
 
