@@ -47,6 +47,7 @@ from tests.support.front_door import route, running_front_door, table  # noqa: E
 from tests.support.llama import running_llama_server  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.procs import ManagedProcess  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
 
 STUB_BODY = b'{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"x"}}]}'
 STUB_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -120,15 +121,31 @@ async def _stream(http: aiohttp.ClientSession, port: int, tokens: int) -> tuple[
     return count, time.perf_counter() - t0
 
 
-async def bench_stream(http, direct: int, via: int, tokens: int, rounds: int = 6) -> tuple[float, float]:
+def _stream_blocking(port: int, tokens: int) -> float:
+    """Tokens/s of one long streaming completion, read line by line by a plain blocking client."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens,
+                       "ignore_eos": True, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        count = 0
+        while line := resp.readline():
+            if line.startswith(b"data: [DONE]"):
+                return count / (time.perf_counter() - t0)
+            if line.startswith(b"data: {") and b'"finish_reason":null' in line:
+                count += 1
+        raise RuntimeError(f"the stream on port {port} ended without [DONE] after {count} events")
+    finally:
+        conn.close()
+
+
+async def bench_stream(direct: int, via: int, tokens: int, rounds: int = 6) -> tuple[float, float]:
     rates: dict[int, list[float]] = {direct: [], via: []}
     for i in range(rounds):
         for port in ((direct, via) if i % 2 == 0 else (via, direct)):  # neither path always goes first
-            try:
-                count, seconds = await _stream(http, port, tokens)
-            except Exception as err:
-                raise RuntimeError(f"stream {i} to {'the engine' if port == direct else 'the front door'}: {err!r}") from err
-            rates[port].append(count / seconds)
+            rates[port].append(await asyncio.to_thread(_stream_blocking, port, tokens))
     return statistics.median(rates[direct]), statistics.median(rates[via])
 
 
@@ -140,6 +157,15 @@ async def bench_concurrent(http, port: int, streams: int, tokens: int) -> tuple[
         print(f"  failed stream on port {port}: {r!r}", file=sys.stderr)
     failed = len(bad)
     return failed, time.perf_counter() - t0
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
 
 
 async def main() -> int:
@@ -164,6 +190,7 @@ async def main() -> int:
         stub = ManagedProcess("stub-engine", [sys.executable, __file__, "--stub-serve", str(stub_port)],
                               Path(tmp) / "stub.log")
         await stub.start()
+        await wait_for(lambda: _listening(stub_port), timeout=30, what="the stub engine to listen")
         async with running_llama_server(argv, port=engine_port) as _engine, running_front_door(Path(tmp)) as door:
             status, text = await door.put_table(table(1, [
                 route("bench/tiny", door_port, f"127.0.0.1:{engine_port}", max_inflight=4, queue=128,
@@ -180,7 +207,7 @@ async def main() -> int:
             # connections on its own schedule, which would fail a reused one at random.
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
                                              connector=aiohttp.TCPConnector(force_close=True, limit=0)) as http:
-                rate_direct, rate_via = await bench_stream(http, engine_port, door_port, args.stream_tokens)
+                rate_direct, rate_via = await bench_stream(engine_port, door_port, args.stream_tokens)
                 failed_direct, wall_direct = await bench_concurrent(http, engine_port, args.streams, 64)
                 failed_via, wall_via = await bench_concurrent(http, door_port, args.streams, 64)
             rss = proc.memory_info().rss
