@@ -241,3 +241,18 @@ async def _refused(port: int) -> bool:
         return True
     writer.close()
     return False
+
+
+async def test_listeners_follow_the_routes_and_a_removed_route_answers_its_held_requests(tmp_path, llama, http):
+    a, b = free_port(), free_port()
+    async with running_front_door(tmp_path) as door:
+        await door.put_table(table(1, [route("ns/tiny", a, None, state="starting")]))
+        held = asyncio.ensure_future(http.post(f"http://127.0.0.1:{a}{CHAT}", json=SHORT))
+        await wait_for(lambda: _queued_is(door, 1), timeout=10, what="the request to be held")
+        await door.put_table(table(2, [route("ns/other", b, _upstream(llama))]))
+        async with await asyncio.wait_for(held, 10) as resp:
+            assert resp.status == 503  # answered at once, not at its queue timeout
+        assert await _refused(a)
+        async with http.post(f"http://127.0.0.1:{b}{CHAT}", json=SHORT) as resp:
+            assert resp.status == 200
+        assert set((await door.state())["routes"]) == {"ns/other"}
