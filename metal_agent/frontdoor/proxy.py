@@ -202,7 +202,7 @@ class Proxy:
                 upstream = gate.route.upstream
                 assert upstream is not None
                 try:
-                    up = await self.pool.get(upstream)
+                    up = await (self.pool.get(upstream) if stale_retry else self.pool.connect(upstream))
                 except ConnectFailed as err:
                     svc.connect_errors.inc()
                     log.info("front door: %s: upstream %s refused; holding the request", gate.route.key, err)
