@@ -47,7 +47,8 @@ class FrontDoorMetrics:
             queue_depth=self.queue_depth.labels(service), inflight=self.inflight.labels(service),
             queue_wait=self.queue_wait.labels(service), ttfb=self.ttfb.labels(service),
             connect_errors=self.upstream_errors.labels(service, "connect"),
-            broken=self.upstream_errors.labels(service, "broken"))
+            broken=self.upstream_errors.labels(service, "broken"),
+            not_ready=self.upstream_errors.labels(service, "not_ready"))
 
     def forget(self, service: str) -> None:
         """A route left the table: drop its series so /metrics does not grow for ever."""
@@ -61,7 +62,7 @@ class FrontDoorMetrics:
                 self.requests.remove(service, outcome)
             except KeyError:
                 pass
-        for kind in ("connect", "broken"):
+        for kind in ("connect", "broken", "not_ready"):
             try:
                 self.upstream_errors.remove(service, kind)
             except KeyError:
@@ -77,3 +78,4 @@ class ServiceMetrics:
     ttfb: Histogram
     connect_errors: Counter
     broken: Counter
+    not_ready: Counter

@@ -209,7 +209,11 @@ class Proxy:
                     gate.upstream_failed()
                     continue
                 try:
-                    return await self._exchange(conn, request, up, svc, arrival)
+                    return await self._exchange(conn, request, up, svc, arrival, deadline)
+                except _NotReady:
+                    svc.not_ready.inc()
+                    gate.upstream_failed()  # a (re)starting engine: wait as for a refused port
+                    continue
                 except _StaleConnection:
                     discard(up)
                     if stale_retry:
@@ -223,7 +227,7 @@ class Proxy:
                 gate.release()
 
     async def _exchange(self, conn: ClientConn, request: Request, up: UpstreamConn, svc: ServiceMetrics,
-                        arrival: float) -> bool:
+                        arrival: float, deadline: float) -> bool:
         loop = asyncio.get_running_loop()
         sent = False
 
@@ -240,6 +244,9 @@ class Proxy:
                 if up.reused:
                     raise _StaleConnection() from None
                 raise
+            if head.status == 503 and loop.time() < deadline:
+                discard(up)
+                raise _NotReady()
             keep = request.keep_alive and not self.draining and head.framing != "close"
             await relay_body(up, head, conn, client_head(head, keep), first_byte)
         except UpstreamBroken as err:
@@ -269,6 +276,10 @@ class Proxy:
             discard(up)
         svc.outcome["ok" if head.status < 400 else "client_error" if head.status < 500 else "upstream_error"].inc()
         return keep
+
+
+class _NotReady(Exception):
+    """The engine answered 503 (llama-server while it loads its model): hold and retry."""
 
 
 class _StaleConnection(Exception):

@@ -256,3 +256,21 @@ async def test_listeners_follow_the_routes_and_a_removed_route_answers_its_held_
         async with http.post(f"http://127.0.0.1:{b}{CHAT}", json=SHORT) as resp:
             assert resp.status == 200
         assert set((await door.state())["routes"]) == {"ns/other"}
+
+
+async def test_an_engine_restarted_on_the_same_port_is_a_wait_not_an_error(tmp_path, llama_server_bin, tiny_model, http):
+    """No table change at all: the pooled connections to the old process are dead, the port
+    refuses for a while, and the back-off alone finds the new process."""
+    engine, port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}{CHAT}"
+    argv = _argv(llama_server_bin, tiny_model, engine)
+    async with running_front_door(tmp_path) as door:
+        await door.put_table(table(1, [route("ns/tiny", port, f"127.0.0.1:{engine}")]))
+        async with running_llama_server(argv, port=engine):
+            async with http.post(url, json=SHORT) as resp:
+                assert resp.status == 200  # leaves a pooled keep-alive connection behind
+        held = asyncio.ensure_future(http.post(url, json=SHORT))
+        await wait_for(lambda: _connect_errors(door), timeout=10, what="a refused connect")
+        async with running_llama_server(argv, port=engine):
+            async with await asyncio.wait_for(held, 20) as resp:
+                assert resp.status == 200
