@@ -274,3 +274,38 @@ async def test_an_engine_restarted_on_the_same_port_is_a_wait_not_an_error(tmp_p
         async with running_llama_server(argv, port=engine):
             async with await asyncio.wait_for(held, 20) as resp:
                 assert resp.status == 200
+
+
+async def test_a_client_that_hangs_up_while_queued_leaves_the_queue(tmp_path, http):
+    port = free_port()
+    async with running_front_door(tmp_path) as door:
+        await door.put_table(table(1, [route("ns/tiny", port, None, state="starting")]))
+        held = asyncio.ensure_future(http.post(f"http://127.0.0.1:{port}{CHAT}", json=SHORT))
+        await wait_for(lambda: _queued_is(door, 1), timeout=10, what="the request to be held")
+        held.cancel()  # closes the client's connection
+        await wait_for(lambda: _queued_is(door, 0), timeout=10, what="the queue to let go of it")
+        assert 'outcome="client_gone",service="ns/tiny"} 1.0' in await door.metrics()
+
+
+async def test_expect_100_continue_and_a_chunked_request_body(tmp_path, llama):
+    port = free_port()
+    async with running_front_door(tmp_path) as door:
+        await door.put_table(table(1, [route("ns/tiny", port, _upstream(llama))]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            body = json.dumps(SHORT).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+            assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            half = len(body) // 2
+            for piece in (body[:half], body[half:]):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            writer.write(b"0\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+            assert answer["object"] == "chat.completion"
+        finally:
+            writer.close()
