@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping, Protocol
 
-from metal_agent.core.front_door import Route, Table
+from metal_agent.core.front_door import Route, Table, TableError
 
 REVIEW_TTL_S = 60.0
 REVIEW_CACHE_MAX = 4096
@@ -63,12 +63,24 @@ class Access:
         self._cache: dict[tuple[str, str], tuple[float, bool, str]] = {}
 
     def apply(self, table: Table) -> None:
-        """Parse the table's opaque access blobs once per table, not once per request."""
+        """Parse the table's opaque access blobs once per table, not once per request.
+
+        A blob the access module cannot read refuses the whole table (TableError), before
+        anything is persisted or applied, like any other bad field.
+        """
         if self._decider is None:
             return
         mod = self._decider
-        self._policy = mod.AccessPolicy.from_json(table.access or {})
-        self._keys = {r.key: mod.ServiceKeys.from_json(r.access or {}) for r in table.routes}
+        where = "table `access`"
+        try:
+            policy = mod.AccessPolicy.from_json(table.access or {})
+            keys = {}
+            for r in table.routes:
+                where = f"route {r.key!r}: `access`"
+                keys[r.key] = mod.ServiceKeys.from_json(r.access or {})
+        except Exception as err:
+            raise TableError(f"{where}: {err}") from err
+        self._policy, self._keys = policy, keys
 
     async def authorize(self, route: Route, peer: str, headers: Mapping[bytes, bytes] | list) -> Denial | None:
         if self._decider is None:

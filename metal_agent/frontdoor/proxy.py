@@ -51,7 +51,6 @@ class Proxy:
 
     def apply(self, table: Table) -> None:
         old = self.table
-        self.access.apply(table)
         for route in table.routes:
             gate = self.gates.get(route.key)
             before = old.by_key(route.key)

@@ -69,6 +69,7 @@ class FrontDoor:
 
     async def apply(self, table: Table, *, persist: bool = True) -> None:
         async with self._lock:
+            self.proxy.access.apply(table)  # may refuse the table (TableError): before persisting
             if persist:
                 await asyncio.to_thread(self._persist, table)
             self.proxy.apply(table)
@@ -109,12 +110,11 @@ class FrontDoor:
 
     async def _put_table(self, request: web.Request) -> web.StreamResponse:
         try:
-            table = parse_table(json.loads(await request.read()))
+            await self.apply(parse_table(json.loads(await request.read())))
         except (ValueError, TableError) as err:
             self.metrics.tables_refused.inc()
             log.warning("front door: refused a table (the previous one keeps serving): %s", err)
             return web.json_response({"error": str(err)}, status=400)
-        await self.apply(table)
         return web.Response(status=204)
 
     async def _get_state(self, request: web.Request) -> web.StreamResponse:
@@ -136,7 +136,10 @@ class FrontDoor:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         table = self.load_persisted()
         if table is not None:
-            await self.apply(table, persist=False)
+            try:
+                await self.apply(table, persist=False)
+            except TableError as err:
+                log.warning("front door: ignoring the persisted table: %s", err)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self._runner = web.AppRunner(self.control_app(), access_log=None, handle_signals=False)

@@ -129,3 +129,21 @@ async def test_the_agent_reviewer_speaks_post_review_on_the_agent_socket(tmp_pat
         await reviewer.close()
         await runner.cleanup()
     assert seen == [{"token": "t1", "key": "ns/a"}, {"token": "t2", "key": "ns/b"}]
+
+
+async def test_an_access_blob_the_module_cannot_read_refuses_the_table_and_keeps_the_old_state():
+    import pytest
+
+    from metal_agent.core.front_door import TableError
+
+    decider = _decider()
+    access = Access(decider, Reviewer())
+    access.apply(TABLE)
+
+    def broken(obj):
+        raise ValueError("digests must be hex")
+
+    decider.ServiceKeys.from_json = staticmethod(broken)
+    with pytest.raises(TableError, match="route 'ns/a': `access`: digests must be hex"):
+        access.apply(TABLE)
+    assert await access.authorize(TABLE.routes[0], "127.0.0.1", []) is None  # decide() checks the old keys
