@@ -147,6 +147,9 @@ class ClientConn(asyncio.Protocol):
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
+    def writing_paused(self) -> bool:
+        return self._writable is not None
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()

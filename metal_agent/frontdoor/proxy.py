@@ -236,7 +236,7 @@ class Proxy:
             svc.ttfb.observe(loop.time() - arrival)
 
         try:
-            up.writer.write(upstream_request(request, f"{up.address[0]}:{up.address[1]}".encode()))
+            up.write(upstream_request(request, f"{up.address[0]}:{up.address[1]}".encode()))
             try:
                 head = await read_response_head(up, request.method)
             except UpstreamBroken:

@@ -7,18 +7,20 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from metal_agent.frontdoor.http1 import HOP_BY_HOP, ChunkedEnd, parse_head
+from metal_agent.frontdoor.http1 import HOP_BY_HOP, MAX_HEAD, BadRequest, ChunkedEnd, parse_head
 
 Address = tuple[str, int]
 MAX_IDLE_PER_UPSTREAM = 64
 
 
 class Writer(Protocol):
-    """Where a response goes: the client connection (write now, drain under backpressure)."""
+    """Where a response goes: the client connection (write now; drain under back-pressure)."""
 
     def write(self, data: bytes) -> None: ...
 
     async def drain(self) -> None: ...
+
+    def writing_paused(self) -> bool: ...
 
 
 class ConnectFailed(Exception):
@@ -29,15 +31,157 @@ class UpstreamBroken(Exception):
     """The engine hung up or spoke nonsense mid-response."""
 
 
-@dataclass
-class UpstreamConn:
-    address: Address
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    reused: bool = False
+class UpstreamConn(asyncio.Protocol):
+    """One connection to an engine. The response body is forwarded from `data_received`
+    straight to the client, with no coroutine wake-up per chunk: a streamed token costs
+    one read and one write. Back-pressure: a client that cannot keep up pauses reading."""
+
+    def __init__(self, address: Address) -> None:
+        self.address = address
+        self.reused = False
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self._head: asyncio.Future[bytes] | None = None
+        self._body: asyncio.Future[None] | None = None
+        self._client: Writer | None = None
+        self._framing = "none"
+        self._left = 0
+        self._scanner: ChunkedEnd | None = None
+        self._pending = b""
+        self._first: Callable[[], None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._body is not None:
+            self._forward(data)
+            return
+        self.buf += data
+        head = self._head
+        if head is not None and not head.done():
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                raw = bytes(self.buf[:end + 4])
+                del self.buf[:end + 4]
+                head.set_result(raw)
+            elif len(self.buf) > MAX_HEAD:
+                head.set_exception(UpstreamBroken("response head too large"))
+
+    def eof_received(self) -> bool:
+        self._lost(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        head, body = self._head, self._body
+        if head is not None and not head.done():
+            head.set_exception(UpstreamBroken(f"closed before a response head ({exc!r})"))
+        if body is not None and not body.done():
+            if self._framing == "close":
+                body.set_result(None)
+            else:
+                body.set_exception(UpstreamBroken(f"closed mid-body ({exc!r})"))
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
     def close(self) -> None:
-        self.writer.close()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def read_head(self) -> bytes:
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0:
+            raw = bytes(self.buf[:end + 4])
+            del self.buf[:end + 4]
+            return raw
+        if self.closed:
+            raise UpstreamBroken("the connection is closed")
+        self._head = asyncio.get_running_loop().create_future()
+        try:
+            return await self._head
+        finally:
+            self._head = None
+
+    async def relay(self, response: "ResponseHead", client: Writer, head: bytes,
+                    first_byte: Callable[[], None]) -> None:
+        """Send `head` with the first body bytes, then the body as it arrives, until its end."""
+        if response.framing == "none" or (response.framing == "length" and response.length == 0):
+            client.write(head)
+            first_byte()
+            return
+        self._client, self._framing, self._left = client, response.framing, response.length
+        self._scanner = ChunkedEnd() if response.framing == "chunked" else None
+        self._pending, self._first = head, first_byte
+        body = self._body = asyncio.get_running_loop().create_future()
+        try:
+            if self.buf:
+                data = bytes(self.buf)
+                self.buf.clear()
+                self._forward(data)
+            if self.closed and not body.done():
+                self._lost(None)
+            await body
+        finally:
+            self._body = self._client = self._first = None
+            if self._paused and not self.closed and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+
+    def _forward(self, data: bytes) -> None:
+        body, client = self._body, self._client
+        if body is None or body.done() or client is None:
+            self.close()  # bytes past the response's end: not a connection to reuse
+            return
+        done = False
+        if self._framing == "length":
+            if len(data) >= self._left:
+                if len(data) > self._left:
+                    self.closed = True  # trailing garbage: do not pool
+                data, done = data[:self._left], True
+            self._left -= len(data)
+        elif self._scanner is not None:
+            try:
+                end = self._scanner.feed(data)
+            except ValueError as err:
+                body.set_exception(UpstreamBroken(str(err)))
+                return
+            if end is not None:
+                if end < len(data):
+                    self.closed = True
+                data, done = data[:end], True
+        if self._pending:
+            client.write(self._pending + data)
+            self._pending = b""
+            if self._first is not None:
+                self._first()
+        else:
+            client.write(data)
+        if done:
+            body.set_result(None)
+        elif client.writing_paused() and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._resume_when_drained(client))
+
+    async def _resume_when_drained(self, client: Writer) -> None:
+        try:
+            await client.drain()
+        except ConnectionError:
+            self.close()
+            return
+        if self._paused and not self.closed and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
 
 class Pool:
@@ -49,23 +193,25 @@ class Pool:
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
-            if not conn.writer.is_closing() and not conn.reader.at_eof():
+            if not conn.closed:
                 conn.reused = True
                 return conn
             conn.close()
         return await self.connect(address)
 
     async def connect(self, address: Address) -> UpstreamConn:
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(address[0], address[1], limit=256 * 1024), self._connect_timeout)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConn(address), address[0], address[1]),
+                self._connect_timeout)
         except (OSError, asyncio.TimeoutError) as err:
             raise ConnectFailed(f"{address[0]}:{address[1]}: {err}") from None
-        return UpstreamConn(address, reader, writer)
+        return conn
 
     def put(self, conn: UpstreamConn) -> None:
         idle = self._idle.setdefault(conn.address, [])
-        if len(idle) < MAX_IDLE_PER_UPSTREAM and not conn.writer.is_closing():
+        if len(idle) < MAX_IDLE_PER_UPSTREAM and not conn.closed:
             idle.append(conn)
         else:
             conn.close()
@@ -92,11 +238,11 @@ class ResponseHead:
 
 async def read_response_head(conn: UpstreamConn, method: bytes) -> ResponseHead:
     """Read the engine's response head; UpstreamBroken when it hangs up before one."""
+    head = await conn.read_head()
     try:
-        head = await conn.reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError) as err:
-        raise UpstreamBroken(f"no response head: {err!r}") from None
-    start, headers = parse_head(head)
+        start, headers = parse_head(head)
+    except BadRequest as err:
+        raise UpstreamBroken(f"bad response head: {err.message}") from None
     parts = start.split(b" ", 2)
     try:
         status = int(parts[1])
@@ -108,6 +254,8 @@ async def read_response_head(conn: UpstreamConn, method: bytes) -> ResponseHead:
         if name == b"transfer-encoding" and b"chunked" in value.lower():
             response.framing = "chunked"
         elif name == b"content-length" and response.framing != "chunked":
+            if not value.isdigit():
+                raise UpstreamBroken(f"bad Content-Length {value[:20]!r}")
             response.framing, response.length = "length", int(value)
         elif name == b"connection":
             connection = value.lower()
@@ -133,70 +281,9 @@ def client_head(response: ResponseHead, keep_alive: bool) -> bytes:
 
 async def relay_body(conn: UpstreamConn, response: ResponseHead, client: Writer,
                      head: bytes, first_byte: Callable[[], None]) -> None:
-    """Copy the body as it comes; each chunk (an SSE event) goes to the client at once.
-
-    The head is held back and sent with the first piece of body, so a short answer
-    leaves in one write (one packet) instead of two.
-    """
-    reader = conn.reader
-    try:
-        if response.framing == "none":
-            client.write(head)
-            first_byte()
-        elif response.framing == "length":
-            await _relay_length(reader, client, head, response.length, first_byte)
-        elif response.framing == "chunked":
-            await _relay_chunked(reader, client, head, first_byte)
-        else:
-            client.write(head)
-            first_byte()
-            while data := await reader.read(65536):
-                client.write(data)
-                await client.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as err:
-        raise UpstreamBroken(f"response body cut short: {err!r}") from None
-    await client.drain()
-
-
-async def _relay_length(reader: asyncio.StreamReader, client: Writer, head: bytes,
-                        length: int, first_byte: Callable[[], None]) -> None:
-    left = length
-    pending = head
-    while left > 0:
-        data = await reader.read(min(left, 65536))
-        if not data:
-            raise asyncio.IncompleteReadError(b"", left)
-        left -= len(data)
-        client.write(pending + data if pending else data)
-        if pending:
-            pending = b""
-            first_byte()
-        await client.drain()
-    if pending:
-        client.write(pending)
-        first_byte()
-
-
-async def _relay_chunked(reader: asyncio.StreamReader, client: Writer, head: bytes,
-                         first_byte: Callable[[], None]) -> None:
-    """Forward the engine's chunked bytes read by read, framing untouched (one SSE event
-    is typically one read and one write), until the last chunk has passed."""
-    scanner = ChunkedEnd()
-    pending = head
-    while True:
-        data = await reader.read(65536)
-        if not data:
-            raise asyncio.IncompleteReadError(b"", None)
-        end = scanner.feed(data)
-        if end is not None:
-            data = data[:end]
-        client.write(pending + data if pending else data)
-        if pending:
-            pending = b""
-            first_byte()
-        if end is not None:
-            return
-        await client.drain()
+    """Copy the body as it comes; the head leaves with the first piece of body, so a
+    short answer is one write (one packet) instead of two."""
+    await conn.relay(response, client, head, first_byte)
 
 
 def discard(conn: UpstreamConn) -> None:
