@@ -309,3 +309,36 @@ async def test_expect_100_continue_and_a_chunked_request_body(tmp_path, llama):
             assert answer["object"] == "chat.completion"
         finally:
             writer.close()
+
+
+async def test_a_slow_reader_gets_the_whole_stream(tmp_path, llama, http):
+    """Back-pressure: the client reads nothing until the engine has finished generating, so
+    the front door's buffers fill and it must pause and resume reading from the engine."""
+    import socket
+
+    port = free_port()
+    async with running_front_door(tmp_path) as door:
+        await door.put_table(table(1, [route("ns/tiny", port, _upstream(llama))]))
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
+        try:
+            body = json.dumps({**LONG, "max_tokens": 4000}).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await wait_for(lambda: _slot_busy(http, llama), timeout=10, what="generation to start")
+            writer.transport.pause_reading()  # read nothing while the engine generates
+            await wait_for(lambda: _not(_slot_busy(http, llama)), timeout=60, what="generation to end")
+            writer.transport.resume_reading()
+            events = 0
+            while True:
+                line = await asyncio.wait_for(reader.readline(), 20)
+                if line.startswith(b"data: [DONE]"):
+                    break
+                if line.startswith(b"data: {") and b'"finish_reason":null' in line:
+                    events += 1
+            assert events >= 3900  # [DONE] reached; llama-server merges the pieces of a split UTF-8 character
+        finally:
+            writer.close()
