@@ -7,6 +7,7 @@ import typer
 from metal_agent import __version__
 from metal_agent.cli.doctor import doctor
 from metal_agent.cli.fleet import drain, fleet, uncordon
+from metal_agent.cli.front_door import front_door
 from metal_agent.cli.install import render_plist, stop_all
 from metal_agent.cli.migrate import migrate
 from metal_agent.cli.power import power_app, render_sudoers
@@ -36,6 +37,7 @@ app.command("logs")(logs)
 app.command("fleet")(fleet)
 app.command("drain")(drain)
 app.command("uncordon")(uncordon)
+app.command("front-door", hidden=True)(front_door)
 
 
 def _version(value: bool) -> None:

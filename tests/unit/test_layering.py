@@ -42,6 +42,7 @@ RANKS: dict[str, int] = {
     "tasks": 1,
     "logging_setup": 1,
     "adapters": 2,
+    "frontdoor": 2,  # the data plane process (issue 21): core and top-level helpers only
     "memory": 3,
     "controller": 4,
     "fleet": 4,
