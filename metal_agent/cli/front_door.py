@@ -25,7 +25,7 @@ def front_door(
     """Run the front door (the agent spawns this; see `run --front-door`)."""
     import asyncio
 
-    from metal_agent.frontdoor.access import Access, AgentReviewer, load_decider
+    from metal_agent.frontdoor.access import Access, AgentReviewer
     from metal_agent.frontdoor.server import FrontDoor
     from metal_agent.logging_setup import configure_logging
 
@@ -33,7 +33,7 @@ def front_door(
 
     async def main() -> None:
         reviewer = AgentReviewer(agent_socket or state_dir / "agent.sock")
-        door = FrontDoor(state_dir, socket, Access(load_decider(), reviewer), grace_s=grace)
+        door = FrontDoor(state_dir, socket, Access(reviewer), grace_s=grace)
         try:
             await door.run()
         finally:

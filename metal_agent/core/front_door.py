@@ -79,8 +79,8 @@ class Table:
     def by_model(self, model: str) -> Route | None:
         """The client port's routing: the request's `model` is the InferenceService's name.
 
-        A stopped route is still offered: its request is held, and the agent, which sees
-        it in `/state` (`queued`, `last_request`), may load the model on demand. A model
+        A stopped route is still listed (so `/v1/models` shows every model of the Mac), but
+        its requests are answered 503 at once: nothing loads a model on demand yet. A model
         that must not be served is one the agent leaves out of the table.
         """
         for route in self.routes:

@@ -13,9 +13,10 @@ import http
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from metal_agent.core.front_door import EMPTY, Route, Table, models_body
+from metal_agent.core.front_door import EMPTY, Route, RouteState, Table, models_body
 from metal_agent.frontdoor.access import Access
 from metal_agent.frontdoor.gate import Gate, Refused
 from metal_agent.frontdoor.http1 import BadRequest, ClientConn, Request, read_request, response_bytes, upstream_request
@@ -127,9 +128,11 @@ class Proxy:
     # -- one request ---------------------------------------------------------------------------
 
     def _answer(self, conn: ClientConn, request: Request, status: int, body: bytes,
-                retry_after: int | None = None, keep: bool = True) -> bool:
+                retry_after: int | None = None, keep: bool = True,
+                headers: Mapping[str, str] | None = None) -> bool:
         keep = keep and request.keep_alive and not self.draining
         extra = ((b"retry-after", str(retry_after).encode()),) if retry_after is not None else ()
+        extra += tuple((k.lower().encode(), v.encode("latin-1")) for k, v in (headers or {}).items())
         conn.write(response_bytes(status, http.HTTPStatus(status).phrase, body,
                                          keep_alive=keep, extra=extra))
         return keep
@@ -170,7 +173,14 @@ class Proxy:
         denial = await self.access.authorize(route, conn.peer, request.headers)
         if denial is not None:
             svc.outcome["refused"].inc()
-            return self._answer(conn, request, denial.status, json.dumps(denial.body).encode(), denial.retry_after)
+            return self._answer(conn, request, denial.status, json.dumps(denial.body).encode(), denial.retry_after,
+                                headers=denial.headers)
+        if route.state is RouteState.STOPPED:
+            # Nothing will start it for this request (no load on demand yet): say so now rather
+            # than hold the client for the whole queue timeout.
+            svc.outcome["refused"].inc()
+            return self._answer(conn, request, 503, error_body(503, "model_not_running",
+                                                             f"{route.key} is not running on this Mac"), retry_after=5)
         conn.busy = True
         try:
             return await self._forward(conn, request, self.gates[route.key], svc, arrival)

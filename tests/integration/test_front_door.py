@@ -14,7 +14,7 @@ import signal
 import aiohttp
 import pytest
 
-from tests.support.front_door import route, running_front_door, start_front_door, table
+from tests.support.front_door import route, running_front_door, settle, start_front_door, table
 from tests.support.llama import running_llama_server
 from tests.support.ports import free_port
 from tests.support.wait import wait_for
@@ -154,6 +154,19 @@ async def test_a_starting_route_holds_then_503s_with_retry_after(tmp_path, http)
             assert resp.status == 503
             assert int(resp.headers["Retry-After"]) >= 1
             assert (await resp.json())["error"]["code"] == "model_unavailable"
+
+
+async def test_a_stopped_route_answers_503_at_once_instead_of_holding_the_client(tmp_path, http):
+    port = free_port()
+    async with running_front_door(tmp_path) as door:
+        # A 20 s queue timeout: holding would keep the client for 20 s; the answer must come now.
+        await door.put_table(table(1, [route("ns/tiny", port, None, state="stopped", queue_timeout_s=20)]))
+
+        async def ask():
+            async with http.post(f"http://127.0.0.1:{port}{CHAT}", json=SHORT) as resp:
+                return resp.status, resp.headers.get("Retry-After"), (await resp.json())["error"]["code"]
+
+        assert await settle(ask(), timeout=5) == (503, "5", "model_not_running")
 
 
 async def test_a_request_held_while_starting_is_released_by_the_table_with_an_upstream(tmp_path, llama, http):

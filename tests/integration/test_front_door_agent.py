@@ -1,11 +1,11 @@
 """The agent side of the front door end to end (`--front-door`), real kube-apiserver and real
 llama-server, the "Mac" a network namespace as in test_registration.py.
 
-The front door process here is tests/support/front_door_stand_in.py (started through the
-hidden `--front-door-command`): fd-proxy's real `metal-agent front-door` was not on main when
-this was written, so what is tested is the agent's side: the slice on the stable port, the
-engine on loopback, the table the front door is handed, the port surviving an agent restart,
-and the front door process adopted (not restarted) across one. The lead runs the real pair.
+The front door is the real one (`metal-agent front-door`, spawned by the agent): the slice on
+the stable port, the engine on loopback, the table the front door is handed, a cluster client's
+request through the stable port, the port surviving an agent restart, and the front door
+process adopted (not restarted) across one. The front door runs in `open` access mode here:
+who may call is tested in test_front_door_access.py and tests/security/.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -34,19 +33,13 @@ pytestmark = [
     pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
 ]
 
-STAND_IN = Path(__file__).resolve().parents[1] / "support" / "front_door_stand_in.py"
-# Another front door command: then a request also goes through it to llama-server. fd-proxy's real
-# one before it is on this branch (run from this worktree; -P keeps the cwd off sys.path):
-#   PYTHONPATH=/work/wt-fd-proxy METAL_AGENT_TEST_FRONT_DOOR_COMMAND="$VENV/bin/python -P -m metal_agent front-door" \
-#     python -m pytest tests/integration/test_front_door_agent.py
-REAL = os.environ.get("METAL_AGENT_TEST_FRONT_DOOR_COMMAND")
 
 
 @pytest.fixture
 async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model, tmp_path):
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", f"file://{tiny_model}")
-    args = ("--front-door", "--front-door-command", REAL or f"{sys.executable} {STAND_IN}", "--heartbeat-interval", "1")
+    args = ("--front-door", "--front-door-access", "open", "--heartbeat-interval", "1")
     try:
         async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
                                    llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
@@ -102,12 +95,12 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
     status, body = await agent._get("/v1/services")
     assert status == 200 and json.loads(body)["routes"][0]["port"] == port
     scraped = await agent.metrics()  # the front door's own metrics ride along with the agent's
-    assert "metal_agent_" in scraped and (REAL or "stand_in_front_door_routes 1" in scraped)
-    if REAL:  # a cluster client through the slice: the front door's stable port, then the engine
-        async with aiohttp.ClientSession() as http:
-            body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-            async with http.post(f"http://{ns.inner_ip}:{port}/v1/chat/completions", json=body) as resp:
-                assert resp.status == 200, await resp.text()
+    assert "metal_agent_" in scraped and "llmkube_metal_agent_front_door_table_version" in scraped
+    # A cluster client through the slice: the front door's stable port, then the engine.
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with http.post(f"http://{ns.inner_ip}:{port}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
 
     door = read_record(state / RECORD_FILE)
     assert door is not None and live_process(door)

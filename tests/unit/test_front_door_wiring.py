@@ -1,7 +1,7 @@
 """The agent's front-door parts with real sockets and processes: the publisher pointing slices at
 stable ports, the agent socket's /review, the front door process spawned, adopted across an
 agent restart and restarted when it dies, and its metrics appended. The front door here is
-tests/support/front_door_stand_in.py (fd-proxy's real one was not on main when this was written)."""
+tests/support/front_door_stand_in.py (a unit test of the process supervision: the real one is exercised in tests/integration/test_front_door*.py)."""
 
 from __future__ import annotations
 
