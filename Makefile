@@ -54,6 +54,10 @@ bench-compat: dev ## Status writes beside LLMKube's real controller (needs root 
 bench-review-flood: dev ## 2,000 made-up bearer tokens from one source and from 40 (needs root): TokenReviews sent, a real scrape's latency during it; table + bench/results/review_flood.json, exit 1 on a missed goal
 	$(BIN)/python bench/review_flood.py
 
+.PHONY: bench-front-door
+bench-front-door: dev ## Direct to llama-server vs through the front door: added latency p50/p99, streaming throughput, 64 concurrent streams; table + bench/results/front_door.json, exit 1 on a missed goal
+	$(BIN)/python bench/front_door.py --requests 2000
+
 .PHONY: test
 test: venv ## Run the whole test suite against real parts (run `make dev` first)
 	METAL_AGENT_REQUIRE_ASSETS=1 $(BIN)/pytest

@@ -173,9 +173,8 @@ def _downloads(ctx: typer.Context) -> DownloadSettings:
                             free_margin=_bytes(o.download_free_margin, "--download-free-margin", minimum=0))
 
 
-# The front door is a first, opt-in slice: its flags stay out of --help and the README's
-# table until it is on by default (then: False here, and `python scripts/update_readme.py`).
-_FRONT_DOOR_HIDDEN = True
+# The front door is opt-in (a preview) in this release; its flags are documented like the rest.
+_FRONT_DOOR_HIDDEN = False
 
 
 def _front_door(ctx: typer.Context) -> FrontDoorSettings:
