@@ -83,5 +83,5 @@ install-metal-agent: ## Install (or upgrade) the agent: own venv, plist, launchc
 	scripts/install-metal-agent.sh --mode "$(MODE)"
 
 .PHONY: uninstall-metal-agent
-uninstall-metal-agent: ## Unload the LaunchAgent or LaunchDaemon, remove its plist and venv (STOP_MODELS=1 also stops llama-servers)
+uninstall-metal-agent: ## Unload the LaunchAgent or LaunchDaemon, remove its plist and venv (STOP_MODELS=1 also stops llama-servers and the front door)
 	scripts/uninstall-metal-agent.sh

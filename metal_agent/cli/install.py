@@ -126,13 +126,19 @@ def stop_all(
     state_dir: Annotated[Path | None, typer.Option(envvar="METAL_AGENT_STATE_DIR", help="The agent's state directory (default: the platform's).")] = None,
     grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
 ) -> None:
-    """Stop the llama-servers an agent left running (e.g. before uninstalling).
+    """Stop the llama-servers (and the front door) an agent left running (e.g. before uninstalling).
 
     Reads the agent's process records and signals only processes whose pid,
     start time and command line still match a record, so a reused pid is
     never hit. Stop the agent first, or it starts them again.
     """
-    from metal_agent.cli.stop_records import stop_recorded
+    from metal_agent.cli.stop_records import stop_front_door, stop_recorded
 
-    if not asyncio.run(stop_recorded((state_dir or default_paths().state) / "processes", grace)):
+    state = state_dir or default_paths().state
+
+    async def stop_everything() -> bool:
+        engines, door = await asyncio.gather(stop_recorded(state / "processes", grace), stop_front_door(state, grace))
+        return engines and door
+
+    if not asyncio.run(stop_everything()):
         raise typer.Exit(1)

@@ -1,4 +1,4 @@
-"""`metal-agent stop-all`'s work: stop the llama-servers recorded in the state directory.
+"""`metal-agent stop-all`'s work: stop the engines and the front door recorded in the state directory.
 
 Kept apart from the command (`metal_agent.cli.install`) because it imports
 the process adapters (psutil, aiohttp, structlog), which `--help` and the
@@ -12,10 +12,11 @@ from pathlib import Path
 
 import typer
 
+from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record
 from metal_agent.adapters.process.manager import terminate_recorded
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
 
-__all__ = ["stop_recorded"]
+__all__ = ["stop_front_door", "stop_recorded"]
 
 
 async def _stop_one(store: RecordStore, record: ProcessRecord, grace: float) -> tuple[str, bool]:
@@ -41,3 +42,22 @@ async def stop_recorded(directory: Path, grace: float) -> bool:
     for line, _ in results:
         typer.echo(line)
     return all(ok for _, ok in results)
+
+
+async def stop_front_door(state_dir: Path, grace: float) -> bool:
+    """Stop the front door an agent left serving (`--front-door`), if its record proves it is
+    that process; print one line when there was one. False if it survived."""
+    path = state_dir / RECORD_FILE
+    record = read_record(path)
+    if record is None:
+        return True
+    if live_process(record) is not None:
+        await terminate_recorded(record, grace)
+        if live_process(record) is not None:
+            typer.echo(f"front door: pid {record.pid} did not exit; record kept")
+            return False
+        typer.echo(f"front door: stopped pid {record.pid}")
+    else:
+        typer.echo(f"front door: pid {record.pid} is not running (or is no longer that process); record removed")
+    path.unlink(missing_ok=True)
+    return True

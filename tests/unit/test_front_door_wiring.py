@@ -217,3 +217,21 @@ async def test_the_agents_metrics_carry_the_extra_text_in_the_classic_format_onl
         open_metrics = await (await http.get("/metrics", headers={
             "Accept": "application/openmetrics-text; version=1.0.0"})).text()
         assert "front_door_thing" not in open_metrics and open_metrics.endswith("# EOF\n")
+
+
+async def test_stop_all_stops_the_front_door_an_agent_left_serving(tmp_path, in_repo, capsys):
+    from metal_agent.cli.stop_records import stop_front_door
+
+    proc, client = stand_in_process(tmp_path, lambda: None)
+    task = asyncio.create_task(proc.run())
+    try:
+        await wait_for(lambda: proc.up, timeout=20, what="the front door answers")
+        pid = proc.pid
+    finally:
+        await cancel_and_wait(task)  # the agent exits: the front door serves on, as it should
+    assert psutil.pid_exists(pid) and await client.healthy()
+
+    assert await stop_front_door(tmp_path, grace=5)  # what `metal-agent stop-all` runs
+    assert not await client.healthy() and not (tmp_path / "front-door.json").exists()
+    assert f"front door: stopped pid {pid}" in capsys.readouterr().out
+    assert await stop_front_door(tmp_path, grace=5)  # nothing recorded any more: nothing to do
