@@ -96,7 +96,7 @@ class Manager:
         if a.front_door is not None:
             found["front-door"] = a.front_door.process.run
             found["front-door-table"] = a.front_door.pusher.run
-            found["front-door-access"] = a.front_door.access.run
+            found.update(a.front_door.access.loops())
         return found
 
     async def until_synced(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Mapping
+from typing import Awaitable, Callable, Mapping
 
 from kubernetes_asyncio import client
 
@@ -77,14 +77,24 @@ class AccessSource:
         obj = new or old
         self.api_keys.update(object_key(obj), (new or {}).get("metadata", {}).get("annotations") if new else None)
 
+    def loops(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The watches that keep the sources current, each its own loop for the agent's
+        `supervised_loop` (a failing Nodes watch restarts alone, the keys keep being read)."""
+        found: dict[str, Callable[[], Awaitable[None]]] = {"front-door-api-keys": self._keys}
+        if self.cluster is not None:
+            found["front-door-nodes"] = self.cluster.run
+        return found
+
     async def run(self) -> None:
-        """Read what the cache holds now, then keep every source current until cancelled."""
+        """Every loop at once, for tests that drive a source on its own."""
+        await asyncio.gather(*(loop() for loop in self.loops().values()))
+
+    async def _keys(self) -> None:
+        """Read what the cache holds now (services known before this loop began), then keep
+        the API keys current until cancelled."""
         for obj in list(self.isvcs.values()):
             self.on_isvc_change(None, obj)
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.api_keys.run(), name="front door API keys")
-            if self.cluster is not None:
-                tasks.create_task(self.cluster.run(), name="front door cluster networks")
+        await self.api_keys.run()
 
     # -- the cluster's word on a token ----------------------------------------------------------------
 
