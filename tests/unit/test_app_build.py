@@ -133,7 +133,7 @@ async def test_with_the_front_door_engines_bind_loopback_and_its_parts_are_wired
         assert agent.runner.after == door.pusher.changed
         assert door.process.on_start == door.pusher.resend
         assert agent.readiness.parts() == ["api", "caches", "front-door"]
-        assert {"front-door", "front-door-table"} <= set(Manager(agent).loops())
+        assert {"front-door", "front-door-table", "front-door-api-keys", "front-door-nodes"} <= set(Manager(agent).loops())
         assert door.process.argv[1:4] == ("-m", "metal_agent", "front-door")
         assert door.process.argv[-4:] == ("--socket", str(tmp_path / "state" / "front-door.sock"),
                                           "--state-dir", str(tmp_path / "state"))
