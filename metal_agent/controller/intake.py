@@ -17,7 +17,7 @@ from metal_agent.controller.workqueue import WorkQueue
 from metal_agent.core.claim import wanted_draft, wanted_model
 from metal_agent.core.process import Snapshot, SupervisorEvent
 from metal_agent.core.result import Invalid
-from metal_agent.core.validation import parse_model
+from metal_agent.core.model_validation import parse_model
 from metal_agent.metrics import AgentMetrics, service_labels
 
 

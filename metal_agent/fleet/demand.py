@@ -13,7 +13,7 @@ from typing import Any, Callable
 from metal_agent.core.claim import Allowlist, evaluate, wanted_draft, wanted_model
 from metal_agent.core.placement import Wanted, wanted_from
 from metal_agent.core.result import Parsed
-from metal_agent.core.validation import parse_model
+from metal_agent.core.model_validation import parse_model
 from metal_agent.fleet.ports import FleetSettings, ModelFilesPort, ObjectCache
 
 EVERY_SERVICE = Allowlist()
