@@ -18,6 +18,7 @@ from metal_agent.core.download_limits import DEFAULT_FREE_MARGIN, DEFAULT_MAX_SI
 from metal_agent.core.pressure import DEFAULT_MIN_OWN_SHARE, MemoryReading
 from metal_agent.core.review_limits import GLOBAL_RATE, PER_SOURCE_RATE
 from metal_agent.core.spec_policy import SpecPolicy
+from metal_agent.fleet.settings import FleetSettings
 from metal_agent.paths import AgentPaths
 
 
@@ -99,15 +100,18 @@ class DownloadSettings:
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """Fleet mode (metal_agent/fleet/): several Macs place services among themselves with Leases."""
+    """Fleet mode (metal_agent/fleet/): several Macs place services among themselves with Leases.
+
+    The defaults are the fleet's own (`fleet.settings.FleetSettings`), written once there.
+    """
 
     enabled: bool = False
-    namespace: str = "metal-agent"
+    namespace: str = FleetSettings.namespace
     member_name: str | None = None  # None: from the host name
     labels: tuple[tuple[str, str], ...] = ()  # --label k=v
-    lease_duration: float = 40.0
-    lease_renew_interval: float = 10.0
-    bid_step: float = 2.0
+    lease_duration: float = FleetSettings.lease_duration
+    lease_renew_interval: float = FleetSettings.renew_interval
+    bid_step: float = FleetSettings.bid_step
 
 
 @dataclass(frozen=True)

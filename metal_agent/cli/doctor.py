@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from metal_agent.app.config import FleetConfig
 from metal_agent.cli.status import DEFAULT_LISTEN
 
 __all__ = ["DEFAULT_POWER_INTERVAL_MS", "doctor"]
@@ -31,7 +32,7 @@ def doctor(
     mlx_server: Annotated[str | None, typer.Option(envvar="METAL_AGENT_MLX_SERVER", help="mlx_lm.server for MLX Models (default: the agent's venv, Homebrew, then PATH).")] = None,
     listen: Annotated[str, typer.Option(envvar="METAL_AGENT_LISTEN", help="The agent's --listen address.")] = DEFAULT_LISTEN,
     fleet: Annotated[bool, typer.Option("--fleet/--no-fleet", envvar="METAL_AGENT_FLEET", help="The agent runs with --fleet: check its Lease permissions too.")] = False,
-    fleet_namespace: Annotated[str, typer.Option(envvar="METAL_AGENT_FLEET_NAMESPACE", help="The agent's --fleet-namespace.")] = "metal-agent",
+    fleet_namespace: Annotated[str, typer.Option(envvar="METAL_AGENT_FLEET_NAMESPACE", help="The agent's --fleet-namespace.")] = FleetConfig.namespace,
     power_interval_ms: Annotated[int, typer.Option(envvar="METAL_AGENT_POWER_INTERVAL_MS", help="The agent's power sampling interval (the sudoers grant pins it).")] = DEFAULT_POWER_INTERVAL_MS,
 ) -> None:
     """Check this Mac, llama-server, the cluster and the install; print a fix for each problem.

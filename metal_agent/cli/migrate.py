@@ -58,8 +58,8 @@ async def _list_models(kubeconfig: str | None, context: str | None, namespaces: 
 
 def _models(raw: list[dict]) -> list:
     """The Models that parse (an invalid one is named: the new agent will not serve it either)."""
+    from metal_agent.core.model_validation import parse_model
     from metal_agent.core.result import Invalid
-    from metal_agent.core.validation import parse_model
 
     models = []
     for item in raw:

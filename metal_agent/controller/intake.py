@@ -15,9 +15,9 @@ from metal_agent.adapters.kube.informer import object_key
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.controller.workqueue import WorkQueue
 from metal_agent.core.claim import wanted_draft, wanted_model
+from metal_agent.core.model_validation import parse_model
 from metal_agent.core.process import Snapshot, SupervisorEvent
 from metal_agent.core.result import Invalid
-from metal_agent.core.validation import parse_model
 from metal_agent.metrics import AgentMetrics, service_labels
 
 

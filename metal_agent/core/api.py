@@ -5,7 +5,7 @@ applied, enums are enums, empty strings that mean "unset" are `None`. Two
 manifests that mean the same thing therefore compare (and hash) equal,
 whatever their key order or whether they spelled a default out.
 
-They are built only by `metal_agent.core.validation`, which guarantees the
+They are built only by `metal_agent.core.model_validation` and `core.isvc_validation`, which guarantee the
 invariants documented on each field; nothing here re-checks them.
 Frozen dataclasses and tuples make a parsed spec safe to share between
 asyncio tasks and to use as a dict key.

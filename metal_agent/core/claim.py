@@ -24,15 +24,12 @@ from metal_agent.core.api import Accelerator, Model, Runtime
 from metal_agent.core.engine_name import EngineName
 from metal_agent.core.engines import engine_for
 from metal_agent.core.extra_args import EXTRA_ARG_REFUSED, check_extra_args, with_checked_args
+from metal_agent.core.isvc_validation import parse_inference_service
 from metal_agent.core.launch import LaunchSettings
+from metal_agent.core.model_validation import check_servable, parse_model
+from metal_agent.core.object_meta import DEFAULT_NAMESPACE
 from metal_agent.core.result import FieldError, Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy
-from metal_agent.core.validation import (
-    DEFAULT_NAMESPACE,
-    check_servable,
-    parse_inference_service,
-    parse_model,
-)
 from metal_agent.core.workload import Workload
 
 

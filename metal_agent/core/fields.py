@@ -16,7 +16,7 @@ condition that says so, never be dropped without a word. One row per field
   why they are not refused.
 
 A row with `refuse_when` turns into a refusal by itself (`refusals`, called
-by `core.validation`): the table and the behaviour cannot drift apart. Rows
+by `core.model_validation` and `core.isvc_validation`): the table and the behaviour cannot drift apart. Rows
 whose refusal depends on the engine (e.g. `speculativeDecoding`, honoured by
 mlx_lm.server) are enforced by that engine's `refusals` and say so.
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from metal_agent.core.claim import Allowlist, evaluate, wanted_draft, wanted_model
+from metal_agent.core.model_validation import parse_model
 from metal_agent.core.placement import Wanted, wanted_from
 from metal_agent.core.result import Parsed
-from metal_agent.core.validation import parse_model
-from metal_agent.fleet.ports import FleetSettings, ModelFilesPort, ObjectCache
+from metal_agent.fleet.ports import ModelFilesPort, ObjectCache
+from metal_agent.fleet.settings import FleetSettings
 
 EVERY_SERVICE = Allowlist()
 

@@ -16,7 +16,7 @@ from typing import Callable
 from metal_agent.fleet.gate import FleetGate
 from metal_agent.fleet.membership import Membership
 from metal_agent.fleet.placer import Placer
-from metal_agent.fleet.ports import FleetSettings
+from metal_agent.fleet.settings import FleetSettings
 from metal_agent.tasks import KeyedTasks
 
 RENEW = "renew"

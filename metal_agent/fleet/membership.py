@@ -39,7 +39,8 @@ from metal_agent.core.leases import (
 )
 from metal_agent.core.placement import Member
 from metal_agent.fleet.demand import Demand
-from metal_agent.fleet.ports import API_ERRORS, FleetSettings, LeasePort, MemoryPort
+from metal_agent.fleet.ports import API_ERRORS, LeasePort, MemoryPort
+from metal_agent.fleet.settings import FleetSettings
 
 log = structlog.get_logger(__name__)
 

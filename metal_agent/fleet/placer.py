@@ -27,7 +27,8 @@ from metal_agent.core.status import Blocker
 from metal_agent.fleet.demand import Demand
 from metal_agent.fleet.gate import FleetGate
 from metal_agent.fleet.membership import LocalMember, Membership
-from metal_agent.fleet.ports import API_ERRORS, EventSink, FleetSettings, LeasePort, MemoryPort, ModelFilesPort, Slices
+from metal_agent.fleet.ports import API_ERRORS, EventSink, LeasePort, MemoryPort, ModelFilesPort, Slices
+from metal_agent.fleet.settings import FleetSettings
 from metal_agent.tasks import KeyedTasks
 
 log = structlog.get_logger(__name__)

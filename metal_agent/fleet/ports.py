@@ -2,15 +2,14 @@
 
 The fleet's parts are built with these (by `metal_agent.fleet.wiring` with the
 real adapters, by the unit tests with small fakes), so that each part says in
-its constructor exactly what it reads and writes. The settings it is built
-with live here too, since every part takes them.
+its constructor exactly what it reads and writes. The settings every part takes
+are `metal_agent.fleet.settings.FleetSettings`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -20,36 +19,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from metal_agent.core.api import InferenceServiceSpec, Model
 from metal_agent.core.engine import Engine
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
-from metal_agent.core.spec_policy import SpecPolicy
 
 #: What a Lease call may meet that the next tick retries: the API away, slow, or refusing.
 API_ERRORS: tuple[type[BaseException], ...] = (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError)
-
-
-@dataclass(frozen=True)
-class FleetSettings:
-    member: str
-    namespace: str = "metal-agent"
-    labels: dict[str, str] = field(default_factory=dict)
-    lease_duration: float = 40.0
-    renew_interval: float = 10.0
-    bid_step: float = 2.0  # seconds of delay per place in the preference order
-    host: str = ""
-    chip: str = ""
-    total_ram: int = 0
-    agent_fraction: float | None = None
-    default_engine: str = "llama-server"  # the agent's --default-runtime: judged as the reconciler judges
-    policy: SpecPolicy = SpecPolicy()  # the owner's --allow-extra-arg (and roots): judged as the reconciler judges
-    namespaces: tuple[str, ...] | None = None  # the watched namespaces (None: all), for a silent Mac's slices
-
-    @property
-    def tick(self) -> float:
-        return max(0.05, min(1.0, self.renew_interval / 2))
-
-    @property
-    def lease_seconds(self) -> int:
-        """A Lease's `leaseDurationSeconds` (whole seconds, at least one)."""
-        return max(1, round(self.lease_duration))
 
 
 class LeasePort(Protocol):

@@ -30,13 +30,13 @@ from metal_agent.fleet.metrics import FleetCollector
 from metal_agent.fleet.placer import Placer
 from metal_agent.fleet.ports import (
     EventSink,
-    FleetSettings,
     LeasePort,
     MemoryPort,
     ModelFilesPort,
     ObjectCache,
     Slices,
 )
+from metal_agent.fleet.settings import FleetSettings
 from metal_agent.fleet.view import FleetView
 
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")

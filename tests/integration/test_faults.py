@@ -104,11 +104,13 @@ async def test_blackholed_api_with_a_llama_server_killed_meanwhile(rig):
             os.kill(pids["hit"], signal.SIGKILL)
             restarted = await wait_for(lambda: rig.ready_pid(agent, "hit", other_than=pids["hit"]), timeout=30,
                                        what="restart during the blackhole", on_timeout=agent.process.tail)
+            await probe.wait_sampled(since=time.monotonic())  # looked at the restart while the API is away
             await rig.create("late")  # the agent can only learn of it after the blackhole
             await hold(began)
             assert agent.process.running
         ended = time.time()
         await rig.wait_converged(agent, ["hit", "bystander", "late"], since=ended)
+        await probe.wait_sampled(since=time.monotonic())  # and once the API is back
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     after = await rig.pids(agent)
     assert (after["hit"], after["bystander"]) == (restarted, pids["bystander"])
@@ -131,10 +133,12 @@ async def test_every_connection_reset(rig):
             began = time.monotonic()
             await rig.touch("steady")  # watch traffic, so the watch meets the resets too
             await wait_for(lambda: unreachable(agent), timeout=30, what="/readyz 503 (API unreachable)")
+            await probe.wait_sampled(since=time.monotonic())  # looked while every connection is reset
             await rig.create("late")
             await hold(began)
         ended = time.time()
         await rig.wait_converged(agent, ["steady", "late"], since=ended)
+        await probe.wait_sampled(since=time.monotonic())  # and once the API is back
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert (await rig.pids(agent))["steady"] == pids["steady"]
     assert await rig.restarts(agent, "steady") == 0
@@ -156,9 +160,11 @@ async def test_two_second_latency_with_jitter(rig):
             new = await wait_for(lambda: rig.ready_pid(agent, "changed", other_than=pids["changed"]), timeout=60,
                                  what="respawn under latency")
             await wait_for(lambda: heartbeat_after(rig, "steady", first), timeout=30, what="a heartbeat under latency")
+            await probe.wait_sampled(since=time.monotonic())  # looked at the respawn under latency
             await hold(began, max(FAULT_S, 6))
         ended = time.time()
         await rig.wait_converged(agent, ["changed", "steady"], since=ended)
+        await probe.wait_sampled(since=time.monotonic())  # and once the latency is gone
     # The respawn's slice update costs API calls, each a round trip late (see the next test).
     assert probe.longest_dead() <= 2 * ROUND_TRIP_S + dead_ready_limit(), probe.describe()
     assert probe.truth["steady"].longest_wrong == 0, probe.describe()
@@ -177,6 +183,7 @@ async def test_a_respawn_under_latency_announces_a_dead_port_no_longer_than_one_
             await wait_for(lambda: rig.ready_pid(agent, "changed", other_than=pids["changed"]), timeout=60,
                            what="respawn under latency")
             await wait_for(lambda: _slice_port_is(rig, agent, "changed"), timeout=30, what="the slice to follow")
+            await probe.wait_sampled(since=time.monotonic())  # looked at the slice on the new port
     assert probe.longest_dead() <= LATENCY_MS / 1000 + dead_ready_limit(), probe.describe()
 
 
@@ -211,8 +218,10 @@ async def test_watch_stream_cut_mid_event(rig):
             await rig.cluster.patch_isvc("cut", {"contextSize": 512})
             await wait_for(lambda: _more(watch_failures(agent), failures), timeout=30, what="the watch to be cut")
             assert (await rig.pids(agent))["cut"] == pids["cut"]  # nothing acted on half an event
+            await probe.wait_sampled(since=time.monotonic())  # looked while the watch is cut
         ended = time.time()
         await rig.wait_converged(agent, ["cut"], since=ended)
+        await probe.wait_sampled(since=time.monotonic())  # and at the respawn once it heals
     new = (await rig.pids(agent))["cut"]
     assert new != pids["cut"] and cmdline_value(new, "--ctx-size") == "512"
     assert await rig.respawns(agent, "cut") == 1 and await rig.restarts(agent, "cut") == 0
@@ -263,6 +272,7 @@ async def test_kube_apiserver_restarted(rig, control_plane):
         ended = time.time()
         await rig.create("late")
         await rig.wait_converged(agent, ["steady", "late"], since=ended)
+        await probe.wait_sampled(since=time.monotonic())  # looked once the API server is back (it cannot read it while it is down)
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert (await rig.pids(agent))["steady"] == pids["steady"]
     assert await rig.restarts(agent, "steady") == 0
@@ -383,6 +393,7 @@ async def test_a_llama_server_that_stops_answering_is_restarted_by_liveness(rig)
     async with rig.probe(["frozen", "bystander"]) as probe:
         os.kill(pids["frozen"], signal.SIGSTOP)
         try:
+            await probe.wait_sampled(since=time.monotonic())  # looked while it is frozen
             new = await wait_for(lambda: rig.ready_pid(agent, "frozen", other_than=pids["frozen"]), timeout=60,
                                  what="liveness restart")
         except BaseException:
@@ -390,6 +401,7 @@ async def test_a_llama_server_that_stops_answering_is_restarted_by_liveness(rig)
                 os.kill(pids["frozen"], signal.SIGCONT)  # let the teardown stop it
             raise
         await rig.wait_converged(agent, ["frozen", "bystander"])
+        await probe.wait_sampled(since=time.monotonic())  # and at the restarted one
     assert process_gone(pids["frozen"])
     assert await rig.pids(agent) == {"frozen": new, "bystander": pids["bystander"]}
     assert await rig.restarts(agent, "frozen") == 1 and await rig.restarts(agent, "bystander") == 0
@@ -492,10 +504,12 @@ async def test_the_log_directory_fills_up_while_serving(rig, full_log_dir):
         os.kill(pids["one"], signal.SIGKILL)
         restarted = await wait_for(lambda: rig.ready_pid(agent, "one", other_than=pids["one"]), timeout=30,
                                    what="restart with the disk full", on_timeout=lambda: _df(full_log_dir))
+        await probe.wait_sampled(since=time.monotonic())  # looked at the restart with the disk full
         await rig.cluster.patch_isvc("two", {"contextSize": 512})
         respawned = await wait_for(lambda: rig.ready_pid(agent, "two", other_than=pids["two"]), timeout=15,
                                    what="respawn with the disk full", on_timeout=lambda: rig.dump(agent))
         await rig.wait_converged(agent, ["one", "two"], since=time.time())
+        await probe.wait_sampled(since=time.monotonic())  # and at the respawn
     assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
     assert await rig.pids(agent) == {"one": restarted, "two": respawned}
     assert await rig.restarts(agent, "one") == 1 and await rig.restarts(agent, "two") == 0

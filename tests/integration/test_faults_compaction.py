@@ -71,6 +71,7 @@ async def test_etcd_compaction_during_a_cut_makes_every_watch_relist(uncached_pl
             async with mac.probe(["changed", "steady"]) as probe:
                 async with proxy.fault("reset_peer"):
                     await wait_for(lambda: _unreachable(agent), timeout=30, what="the agent to lose the API server")
+                    await probe.wait_sampled(since=time.monotonic())  # looked while the agent is cut off
                     await cluster.patch_isvc("changed", {"contextSize": 512})  # missed by the cut watch
                     await cluster.custom.patch_namespaced_custom_object(  # a Model event missed too
                         GROUP, VERSION, cluster.ns, "models", "tiny",
@@ -80,6 +81,7 @@ async def test_etcd_compaction_during_a_cut_makes_every_watch_relist(uncached_pl
                 await wait_for(lambda: mac.ready_pid(agent, "changed", other_than=pids["changed"]), timeout=60,
                                what="the missed spec change applied after the relist", on_timeout=agent.process.tail)
                 await mac.wait_converged(agent, ["changed", "steady"], since=ended)
+                await probe.wait_sampled(since=time.monotonic())  # and after the relist
             assert probe.longest_dead() <= dead_ready_limit(), probe.describe()
             for resource in ("inferenceservices", "models"):
                 assert await relists(agent, resource) > before[resource], (resource, compacted)

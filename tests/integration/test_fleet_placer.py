@@ -35,7 +35,7 @@ from metal_agent.core.leases import COORDINATION, ISVC_NAMESPACE_LABEL, member_l
 from metal_agent.core.names import GROUP as ISVC_GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION as ISVC_VERSION
 from metal_agent.fleet.gate import FleetGate
 from metal_agent.fleet.placer import UNSCHEDULABLE
-from metal_agent.fleet.ports import FleetSettings
+from metal_agent.fleet.settings import FleetSettings
 from metal_agent.fleet.wiring import FleetParts, assemble
 from metal_agent.memory.guard import MemoryGuard
 from tests.support.isvc import Cluster

@@ -24,7 +24,7 @@ from metal_agent.core.placement import Member
 from metal_agent.fleet.demand import Demand
 from metal_agent.fleet.gate import FleetGate
 from metal_agent.fleet.membership import LocalMember, Membership
-from metal_agent.fleet.ports import FleetSettings
+from metal_agent.fleet.settings import FleetSettings
 from metal_agent.fleet.wiring import FleetParts, assemble
 
 WALL = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

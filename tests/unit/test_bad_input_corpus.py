@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from metal_agent.core.claim import evaluate
+from metal_agent.core.isvc_validation import parse_inference_service
+from metal_agent.core.model_validation import parse_model
 from metal_agent.core.result import Invalid, NotOurs, Parsed
-from metal_agent.core.validation import parse_inference_service, parse_model
 from tests.support.manifests import gpu, isvc_doc, model_doc
 
 Doc = dict[str, Any]

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import metal_agent.cli.migrate as migrate_cli
 from metal_agent.cli.main import app
 from metal_agent.core.result import Parsed
-from metal_agent.core.validation import parse_model
+from metal_agent.core.model_validation import parse_model
 from metal_agent.adapters.go_migration import (
     GoJob,
     MigrationError,

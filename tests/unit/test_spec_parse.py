@@ -25,8 +25,9 @@ from metal_agent.core.extra_args import check_extra_args
 from metal_agent.core.flags import Dialect, MlockStyle, dialect_from_help, mlock_style_from_help
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
 from metal_agent.core.quantity import quantity_to_bytes
+from metal_agent.core.isvc_validation import parse_inference_service
+from metal_agent.core.model_validation import parse_model
 from metal_agent.core.result import Invalid, NotOurs, Parsed
-from metal_agent.core.validation import parse_inference_service, parse_model
 from tests.support.manifests import gpu, isvc_doc, model_doc
 
 
