@@ -210,31 +210,33 @@ async def main() -> int:
         stub = ManagedProcess("stub-engine", [sys.executable, __file__, "--stub-serve", str(stub_port)],
                               Path(tmp) / "stub.log")
         await stub.start()
-        await wait_for(lambda: _listening(stub_port), timeout=30, what="the stub engine to listen")
-        async with running_llama_server(argv, port=engine_port) as _engine, running_front_door(Path(tmp)) as door:
-            status, text = await door.put_table(table(1, [
-                route("bench/tiny", door_port, f"127.0.0.1:{engine_port}", max_inflight=4, queue=128,
-                      queue_timeout_s=120),
-                route("bench/stub", stub_door_port, f"127.0.0.1:{stub_port}", max_inflight=4)]))
-            if status != 204:
-                raise SystemExit(f"the front door refused the table: {text}")
-            proc = psutil.Process(door.process.pid)
-            stub_direct, stub_via = await bench_latency(stub_port, stub_door_port, args.requests)
-            cpu0 = sum(proc.cpu_times()[:2])
-            direct, via = await bench_latency(engine_port, door_port, args.requests)
-            cpu_per_request = (sum(proc.cpu_times()[:2]) - cpu0) / (len(via) + 100)
-            # A fresh connection per stream on both paths: llama-server drops idle keep-alive
-            # connections on its own schedule, which would fail a reused one at random.
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
-                                             connector=aiohttp.TCPConnector(force_close=True, limit=0)) as http:
-                rate_direct, rate_via = await bench_stream(engine_port, door_port, args.stream_tokens)
-                failed_direct, wall_direct = await bench_concurrent(http, engine_port, args.streams, 64)
-                failed_via, wall_via = await bench_concurrent(http, door_port, args.streams, 64)
-            rss = proc.memory_info().rss
-            for line in door.log().splitlines():
-                if "broke" in line or "refused" in line:
-                    print(f"  front door log: {line}", file=sys.stderr)
-        await stub.stop()
+        try:
+            await wait_for(lambda: _listening(stub_port), timeout=30, what="the stub engine to listen")
+            async with running_llama_server(argv, port=engine_port) as _engine, running_front_door(Path(tmp)) as door:
+                status, text = await door.put_table(table(1, [
+                    route("bench/tiny", door_port, f"127.0.0.1:{engine_port}", max_inflight=4, queue=128,
+                          queue_timeout_s=120),
+                    route("bench/stub", stub_door_port, f"127.0.0.1:{stub_port}", max_inflight=4)]))
+                if status != 204:
+                    raise SystemExit(f"the front door refused the table: {text}")
+                proc = psutil.Process(door.process.pid)
+                stub_direct, stub_via = await bench_latency(stub_port, stub_door_port, args.requests)
+                cpu0 = sum(proc.cpu_times()[:2])
+                direct, via = await bench_latency(engine_port, door_port, args.requests)
+                cpu_per_request = (sum(proc.cpu_times()[:2]) - cpu0) / (len(via) + 100)
+                # A fresh connection per stream on both paths: llama-server drops idle keep-alive
+                # connections on its own schedule, which would fail a reused one at random.
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                                 connector=aiohttp.TCPConnector(force_close=True, limit=0)) as http:
+                    rate_direct, rate_via = await bench_stream(engine_port, door_port, args.stream_tokens)
+                    failed_direct, wall_direct = await bench_concurrent(http, engine_port, args.streams, 64)
+                    failed_via, wall_via = await bench_concurrent(http, door_port, args.streams, 64)
+                rss = proc.memory_info().rss
+                for line in door.log().splitlines():
+                    if "broke" in line or "refused" in line:
+                        print(f"  front door log: {line}", file=sys.stderr)
+        finally:  # a failed run must not leave the stub engine behind
+            await stub.stop()
     ms = 1000.0
     results = {
         "requests": len(via),
