@@ -334,13 +334,27 @@ def pids_in(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie is dead: it only waits for whoever inherited it to reap it; once the
-    sampler's process has exited that is init, which in some containers never reaps)."""
+def alive(pid: int, marker: Path | str) -> bool:
+    """The stand-in with this pid is still running: the pid is alive, not a zombie (a zombie is
+    dead: it only waits for whoever inherited it to reap it; once the sampler's process has
+    exited that is init, which in some containers never reaps), and its command line still
+    names `marker` (its options or pids file). Without that last check a busy machine fails the
+    test at random: with pid_max 32768, the dead stand-in's pid is soon another process's."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and str(marker) in " ".join(proc.cmdline())
     except psutil.NoSuchProcess:
         return False
+
+
+def gone_and_reaped(pid: int, marker: Path | str) -> bool:
+    """The stand-in exited and its parent (the sampler) reaped it: no zombie is left with its pid,
+    and no live process with its pid is it (a later process may have been given the pid)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and str(marker) not in " ".join(proc.cmdline())
+    except psutil.NoSuchProcess:
+        return True
 
 
 def completions(logs: list[dict]) -> list[dict]:
@@ -410,7 +424,7 @@ async def test_a_powermetrics_deaf_to_sigterm_is_ended_by_closing_its_pipe(captu
 
     (over,) = [e for e in logs if e["event"] == "powermetrics run over"]
     assert over["returncode"] == -13 and not over["abandoned"]  # SIGPIPE, not SIGTERM (-15) nor SIGKILL (-9)
-    assert not psutil.pid_exists(pids_in(pids)[0])  # gone and reaped
+    assert gone_and_reaped(pids_in(pids)[0], pids)
 
 
 # -- through the real sudo, as a throw-away non-root user ------------------------------------------
@@ -708,7 +722,7 @@ async def test_through_real_sudo_a_dying_powermetrics_is_restarted_and_the_sampl
     assert warning["returncode"] == 3 and warning["stderr_tail"] == "powermetrics: simulated failure"
     assert [e["restart_in_s"] for e in exited()[:3]] == [0.2, 0.4, 0.8]
     assert len({e["start"] for e in driver.named("sample")}) >= 3, "every restarted run delivered samples"
-    assert not [pid for pid in pids_in(sudo_power.pids) if alive(pid)]
+    assert not [pid for pid in pids_in(sudo_power.pids) if alive(pid, sudo_power.options)]
     assert sudo_power.leftovers() == []
 
 
@@ -752,4 +766,4 @@ async def test_through_real_sudo_a_stalled_powermetrics_is_replaced_even_when_it
     assert len(driver.named("driver stopped")[0]["abandoned"]) <= 1
     # A run abandoned at the stop is still asleep; it dies at its next write, within the stall.
     await wait_for(lambda: sudo_power.leftovers() == [], timeout=30, what="every stand-in to be gone")
-    assert not [pid for pid in pids_in(sudo_power.pids) if alive(pid)]
+    assert not [pid for pid in pids_in(sudo_power.pids) if alive(pid, sudo_power.options)]
