@@ -389,7 +389,7 @@ async def test_a_run_that_finishes_its_pinned_samples_is_restarted_at_once_not_a
         async with running(sampler):
             await wait_for(lambda: len(completions(logs)) >= 3, timeout=30, what="three runs of 3 samples")
             finished = pids_in(pids)[:3]
-            finished_alive = [pid for pid in finished if psutil.pid_exists(pid)]  # reaped, too
+            finished_alive = [pid for pid in finished if not gone_and_reaped(pid, pids)]
             up_between_runs = read(registry)["up"]
 
     assert seen[:9] == M5_COMBINED_W[:3] * 3  # each run replays from the start: three fresh runs
@@ -678,7 +678,7 @@ async def test_through_real_sudo_runs_end_after_n_samples_and_restart_and_stop_l
         done = lambda: [e for e in driver.named("powermetrics finished its pinned samples; starting the next run")]  # noqa: E731
         await wait_for(lambda: len(done()) >= 3, timeout=60, what="three runs of 3 samples", on_timeout=driver.tail)
         finished = pids_in(sudo_power.pids)[:3]
-        finished_alive = [pid for pid in finished if psutil.pid_exists(pid)]  # reaped, too
+        finished_alive = [pid for pid in finished if not gone_and_reaped(pid, sudo_power.options)]
         sudo_children = len(psutil.Process(driver.proc.pid).children())
         running_before_stop = driver.proc.returncode is None
         rc = await driver.stop()
