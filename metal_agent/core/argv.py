@@ -36,8 +36,11 @@ Decisions worth knowing:
   the model was loaded, and `status.acceleration` would stay empty.
 * MoE: `moeCPUOffload` -> `--cpu-moe`, `moeCPULayers` > 0 -> `--n-cpu-moe N`,
   each on its own as in LLMKube.
-* `reasoningBudget` 0 is omitted (LLMKube's rule), although llama-server
-  reads an explicit 0 as "no thinking"; the message is sent when non-empty.
+* `--reasoning-budget N` whenever `reasoningBudget` is set, 0 included, and
+  the message only with it: LLMKube's controller rule (`appendReasoningBudgetArgs`,
+  `budget != nil`), which gives 0 the meaning its API documents ("disables
+  visible thinking output"). LLMKube's Go Metal agent drops 0 (`> 0`); unset
+  keeps llama-server's default (-1, unlimited).
 * `--parallel N` is always sent, 1 included: without it current llama-server
   picks "auto" (`n_parallel = -1` in `common/arg.cpp`), which
   `tools/server/server.cpp` turns into 4 slots sharing one unified KV cache,
@@ -138,10 +141,10 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         argv += ["--ubatch-size", str(spec.ubatch_size)]
     if spec.no_warmup:
         argv.append("--no-warmup")
-    if spec.reasoning_budget > 0:
+    if spec.reasoning_budget is not None:
         argv += ["--reasoning-budget", str(spec.reasoning_budget)]
-    if spec.reasoning_budget_message:
-        argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
+        if spec.reasoning_budget_message:
+            argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
     # The draft path is the workload's draft Model on this Mac (None when it has none).
     argv += _speculative_args(spec, instance.draft_model_path if workload.draft is not None else None)
     if spec.jinja:

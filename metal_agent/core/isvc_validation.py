@@ -74,9 +74,7 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
         moe_cpu_layers=r.integer(s, "moeCPULayers", "spec.moeCPULayers", default=0, minimum=0),
         no_kv_offload=r.boolean(s, "noKvOffload", "spec.noKvOffload", default=False),
         no_warmup=r.boolean(s, "noWarmup", "spec.noWarmup", default=False),
-        reasoning_budget=r.integer(
-            s, "reasoningBudget", "spec.reasoningBudget", default=0, minimum=0
-        ),
+        reasoning_budget=r.optional_integer(s, "reasoningBudget", "spec.reasoningBudget", minimum=0),
         reasoning_budget_message=r.string(
             s, "reasoningBudgetMessage", "spec.reasoningBudgetMessage"
         )

@@ -107,6 +107,8 @@ CASES = [
     pytest.param({"noWarmup": True, "metadataOverrides": ["general.name=str:tiny"]}, id="no-warmup-override-kv"),
     pytest.param({"mode": "embedding"}, id="embedding"),
     pytest.param({"parallelSlots": 1, "contextSize": 4096}, id="parallel-1"),
+    # `--reasoning-budget 0` ("0 for immediate end" in this build's help), said as LLMKube's controller says it.
+    pytest.param({"reasoningBudget": 0, "reasoningBudgetMessage": "Stop.", "jinja": True}, id="reasoning-budget-0"),
 ]
 
 

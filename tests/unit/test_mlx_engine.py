@@ -128,6 +128,7 @@ def test_an_unquantized_cache_adds_no_flag():
     ({"tensorOverrides": ["a=CPU"]}, "spec.tensorOverrides", "llama-server option"),
     ({"metadataOverrides": ["a=int:1"]}, "spec.metadataOverrides", "llama-server option"),
     ({"reasoningBudget": 10}, "spec.reasoningBudget", "llama-server option"),
+    ({"reasoningBudget": 0}, "spec.reasoningBudget", "llama-server option"),  # 0 means "no thinking": not dropped
     ({"uBatchSize": 64}, "spec.uBatchSize", "llama-server option"),
     ({"speculativeDecoding": {"type": "mtp"}}, "spec.speculativeDecoding.type", "draft model only"),
     ({"speculativeDecoding": {"type": "draft", "draftModel": "d.gguf"}}, "spec.speculativeDecoding.draftModel",
