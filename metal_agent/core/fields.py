@@ -120,8 +120,8 @@ FIELDS: tuple[FieldRow, ...] = (
     _h(ISVC, "spec.noWarmup", "`--no-warmup`"),
     _h(ISVC, "spec.reasoningBudget", "`--reasoning-budget N` (0 included: no visible thinking, as LLMKube's controller)"),
     _h(ISVC, "spec.reasoningBudgetMessage", "`--reasoning-budget-message` (with `reasoningBudget` only, as LLMKube)"),
-    _h(ISVC, "spec.metadataOverrides", "`--override-kv`, one per entry"),
-    _h(ISVC, "spec.tensorOverrides", "`--override-tensor`, one per entry"),
+    _h(ISVC, "spec.metadataOverrides", "one `--override-kv`, entries joined with commas (a `str:` value holding a comma is quoted); an entry llama-server would misread (a non-numeric `int:`, `bool:` other than true/false, a key or `str:` value over 127 bytes) is refused"),
+    _h(ISVC, "spec.tensorOverrides", "one `--override-tensor`, entries joined with commas; an entry holding a comma or a second `=` is refused (llama-server would split it)"),
     _h(ISVC, "spec.batchSize", "`--batch-size` (mlx_lm.server: `--prefill-step-size`)"),
     _h(ISVC, "spec.uBatchSize", "`--ubatch-size`"),
     _h(ISVC, "spec.extraArgs", "appended last, each option checked against the engine's allowlist "

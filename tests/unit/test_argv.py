@@ -88,13 +88,19 @@ def test_defaults():
         pytest.param(
             {"metadataOverrides": ["a.b=int:1", "c=bool:false"]},
             {},
-            ["--override-kv", "a.b=int:1", "--override-kv", "c=bool:false"],
+            ["--override-kv", "a.b=int:1,c=bool:false"],  # once: build 11434 warns on a repeated option
             id="metadataOverrides",
+        ),
+        pytest.param(
+            {"metadataOverrides": ["general.name=str:Tiny, v2", 'q=str:say "hi"', "n=int:-3"]},
+            {},
+            ["--override-kv", '"general.name=str:Tiny, v2","q=str:say ""hi""",n=int:-3'],  # parse_csv_row quoting
+            id="metadataOverrides-commas-quoted",
         ),
         pytest.param(
             {"tensorOverrides": ["blk\\.[0-9]+\\.ffn_.*_exps=CPU", "token_embd=CPU"]},
             {},
-            ["--override-tensor", "blk\\.[0-9]+\\.ffn_.*_exps=CPU", "--override-tensor", "token_embd=CPU"],
+            ["--override-tensor", "blk\\.[0-9]+\\.ffn_.*_exps=CPU,token_embd=CPU"],
             id="tensorOverrides",
         ),
         pytest.param({"batchSize": 512}, {}, ["--batch-size", "512"], id="batchSize"),
