@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 from metal_agent.adapters.model_cache import CachePaths, safe_file_name
 from metal_agent.core.api import Model, SourceKind
-from metal_agent.core.go_flags import GoCommandLine, Ignored, parse_go_argv, translate
+from metal_agent.core.go_flags import MLX_LM_INSTALL, GoCommandLine, Ignored, parse_go_argv, translate
 from metal_agent.core.go_values import GoFlagError
 from metal_agent.core.launchd import LABEL
 from metal_agent.core.model_urls import HF_ENDPOINT, resolve_source
@@ -121,6 +121,12 @@ class JobSettings:
     notes: tuple[str, ...]
 
 
+#: The Go agent's MLX runtime is a Swift binary that cannot run our command line: say what runs instead.
+_MLX_NOTE = ("MLX: the Go job's {binary} (the Swift mlx-server) is not used; metal-agent serves MLX Models with "
+             "mlx-lm's mlx_lm.server. Install it with " + MLX_LM_INSTALL + "; `metal-agent doctor` says whether "
+             "it is found. Without it MLX services wait (RuntimeMissing); GGUF Models run anyway")
+
+
 def is_temporary(path: Path) -> bool:
     real = os.path.realpath(path)
     return any(real == root or real.startswith(root + "/") for root in _TEMPORARY_ROOTS)
@@ -166,6 +172,8 @@ def job_settings(job: GoJob, *, default_model_dir: Path, model_dir: Path | None 
         notes.append("the Go agent's default 127.0.0.1:9999 /v1 proxy is served only with --front-door (off by "
                      "default in this release); without it clients on this Mac "
                      "use the address `metal-agent status` shows")
+    if values.get("mlx-server-bin") or job.cmdline.value("runtime") == "mlx-server":
+        notes.append(_MLX_NOTE.format(binary=values.get("mlx-server-bin") or "defilantech's mlx-server"))
     if job.cmdline.unread:
         notes.append("the Go agent stopped reading its arguments at " + " ".join(job.cmdline.unread)
                      + " (a non-flag), so those were never in effect and are not carried over")

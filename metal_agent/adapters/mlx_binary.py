@@ -7,9 +7,10 @@ not prove the process is the one it started (adoption compares the two).
 So the agent runs the interpreter itself: `exec_form` turns the script into
 `(interpreter, script)`, and the recorded argv is exactly the command line.
 
-Search order (`find_mlx_server`): an explicit path (`--mlx-server`, the Go
-agent's `--mlx-server-bin`), the agent's own venv (`pip install mlx-lm`
-beside metal-agent), Homebrew's bin directories, then PATH.
+Search order (`find_mlx_server`): an explicit path (`--mlx-server`; not the
+Go agent's `--mlx-server-bin`, which names the Swift mlx-server, another CLI),
+the agent's own venv (`pip install mlx-lm` beside metal-agent), Homebrew's
+bin directories, then PATH.
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tup
 
 
 def _fleet(cfg: AgentConfig, api: client.ApiClient, host: Host, src: _Sources, guard: MemoryGuard,
-           address: HostAddress):
+           address: HostAddress, launch: LaunchSettings):
     from metal_agent.fleet.wiring import build_fleet
 
     facts = host.facts
@@ -311,7 +311,7 @@ def _fleet(cfg: AgentConfig, api: client.ApiClient, host: Host, src: _Sources, g
         events=src.events,
         on_key=src.queue.add, process_ready=functools.partial(_process_ready, src.processes),
         waiting=guard.waiting_reason, address=address.current, state_dir=cfg.paths.state,
-        registrar_kwargs={"host": facts.host}, registry=src.registry,
+        registrar_kwargs={"host": facts.host}, registry=src.registry, launch=launch,
     )
 
 
@@ -339,19 +339,19 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
                             supervisors=lambda: src.processes.supervisors, access=src.access,
                             dirty=src.table_dirty) if src.access is not None else None
-    fleet = _fleet(cfg, api, host, src, guard, address) if cfg.fleet.enabled else None
+    launch = _launch(cfg, host)
+    fleet = _fleet(cfg, api, host, src, guard, address, launch) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
     gate = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
     publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
                               gate=gate, status_mode=StatusMode(cfg.controller.status_mode))
-    launch = _launch(cfg, host)
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
         wake=src.intake.wake, managed=managed, pressure=state, gate=gate)
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
-                  default_engine=launch.default_engine, policy=launch.policy, gate=gate)
+                  default_engine=launch.default_engine, policy=launch.policy, gate=gate, launch=launch)
     heartbeats = HeartbeatHealth()
     readiness = Readiness()
     readiness.add("api", ApiReachable((src.isvcs, src.models), heartbeats, lambda: len(src.processes.supervisors)))

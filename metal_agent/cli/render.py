@@ -31,6 +31,7 @@ from metal_agent.core.engine_name import EngineName
 from metal_agent.core.engines import engine_for
 from metal_agent.core.flags import Dialect
 from metal_agent.core.launch import Instance, LaunchSettings
+from metal_agent.core.mlx_dialect import MlxDialect
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.workload import Workload
@@ -100,19 +101,18 @@ def render(
 
     engine_name = EngineName(default_runtime)
     engine = engine_for(workload, engine_name)
-    llama, mlx, dialect = llama_server or "llama-server", (), Dialect()
+    llama, mlx, dialect, mlx_dialect = llama_server or "llama-server", (), Dialect(), MlxDialect()
     if engine.name is EngineName.MLX_LM:
-        from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server
-
-        found = find_mlx_server(mlx_server)
-        mlx = exec_form(found) if found else ("python3", "mlx_lm.server")
+        mlx, mlx_dialect = _probe_mlx(mlx_server)
     else:
         dialect = _probe_dialect(llama_server)
     settings = LaunchSettings(
         llama_server=llama, mlx_server=mlx, host=host, mlock=mlock, dialect=dialect,
         threads=threads if threads is not None else asyncio.run(performance_core_count()),
-        default_engine=engine_name, policy=policy,
+        default_engine=engine_name, policy=policy, mlx_dialect=mlx_dialect,
     )
+    if refused := engine.server_refusals(workload, settings):
+        _fail([_described(error) for error in refused])  # the agent on this Mac would refuse it too
     instance = Instance(model_path or placeholder_model_path(workload.model.spec.source), port)
     typer.echo(json.dumps(list(engine.argv(workload, settings, instance))))
 
@@ -216,6 +216,22 @@ def _namespace_name(doc: dict[str, Any]) -> tuple[Any, Any]:
 def _key(doc: dict[str, Any]) -> str:
     namespace, name = _namespace_name(doc)
     return f"{namespace}/{name}"
+
+
+def _probe_mlx(explicit: str | None) -> tuple[tuple[str, ...], MlxDialect]:
+    """How the agent would start mlx_lm.server here and what that server accepts, probed as the
+    agent probes it at start-up (its source's option list, else `--help`), so that `render`
+    refuses what this Mac's mlx-lm is too old for and prints the argv it can parse.
+    Without a runnable server, a current mlx-lm is assumed."""
+    from metal_agent.adapters.mlx_binary import exec_form, find_mlx_server, probe, probe_dialect
+
+    path = find_mlx_server(explicit)
+    if not path:
+        return ("python3", "mlx_lm.server"), MlxDialect()
+    found = asyncio.run(probe(path))
+    if isinstance(found, str):  # not runnable here: shown as given, a current mlx-lm assumed
+        return exec_form(path), MlxDialect()
+    return found.command, asyncio.run(probe_dialect(found))
 
 
 def _probe_dialect(binary: str | None) -> Dialect:

@@ -24,6 +24,7 @@ from metal_agent.controller.publishing import Publisher
 from metal_agent.controller.workqueue import WorkQueue
 from metal_agent.controller.gate import EVERY_SERVICE, Gate
 from metal_agent.core.claim import evaluate, wanted_model
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.result import Invalid, NotOurs, Parsed
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.tasks import within
@@ -34,9 +35,10 @@ log = structlog.get_logger(__name__)
 class Sweep:
     def __init__(self, *, isvcs: Informer, models: Informer, processes: ProcessManager, publisher: Publisher,
                  managed: Mapping[str, object], default_engine: str, policy: SpecPolicy,
-                 gate: Gate = EVERY_SERVICE) -> None:
+                 gate: Gate = EVERY_SERVICE, launch: LaunchSettings | None = None) -> None:
         """`managed`: the reconciler's table of the services it started (a refused spec's
-        process keeps serving only if this agent started it)."""
+        process keeps serving only if this agent started it). `launch`: the reconciler's launch
+        settings, so a spec the installed server is too old for is judged as the reconcile judges it."""
         self.isvcs = isvcs
         self.models = models
         self.processes = processes
@@ -45,6 +47,7 @@ class Sweep:
         self.default_engine = default_engine
         self.policy = policy
         self.gate = gate
+        self.launch = launch
 
     def _verdict(self, key: str):
         raw = self.isvcs.get(key)
@@ -52,7 +55,8 @@ class Sweep:
             return None, None, None
         ref = wanted_model(raw)
         model_raw = self.models.get(f"{ref[0]}/{ref[1]}") if ref else None
-        return evaluate(raw, model_raw, self.gate, self.default_engine, policy=self.policy), ref, model_raw
+        return evaluate(raw, model_raw, self.gate, self.default_engine, policy=self.policy,
+                        settings=self.launch), ref, model_raw
 
     def wanted(self, key: str) -> bool:
         """Should a process serve `key`? The one rule for start-up cleanup and run time.

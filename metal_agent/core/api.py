@@ -263,7 +263,7 @@ class InferenceServiceSpec:
     moe_cpu_layers: int = 0
     no_kv_offload: bool = False
     no_warmup: bool = False
-    reasoning_budget: int = 0
+    reasoning_budget: int | None = None  # None: unset (LLMKube's nil); 0 is "no thinking", said out loud
     reasoning_budget_message: str | None = None
     metadata_overrides: tuple[str, ...] = ()
     tensor_overrides: tuple[str, ...] = ()

@@ -36,8 +36,11 @@ Decisions worth knowing:
   the model was loaded, and `status.acceleration` would stay empty.
 * MoE: `moeCPUOffload` -> `--cpu-moe`, `moeCPULayers` > 0 -> `--n-cpu-moe N`,
   each on its own as in LLMKube.
-* `reasoningBudget` 0 is omitted (LLMKube's rule), although llama-server
-  reads an explicit 0 as "no thinking"; the message is sent when non-empty.
+* `--reasoning-budget N` whenever `reasoningBudget` is set, 0 included, and
+  the message only with it: LLMKube's controller rule (`appendReasoningBudgetArgs`,
+  `budget != nil`), which gives 0 the meaning its API documents ("disables
+  visible thinking output"). LLMKube's Go Metal agent drops 0 (`> 0`); unset
+  keeps llama-server's default (-1, unlimited).
 * `--parallel N` is always sent, 1 included: without it current llama-server
   picks "auto" (`n_parallel = -1` in `common/arg.cpp`), which
   `tools/server/server.cpp` turns into 4 slots sharing one unified KV cache,
@@ -49,6 +52,9 @@ Decisions worth knowing:
   On a Mac that is unified memory taken from the models, so the agent bounds
   it (`prompt_cache_mib`) and memory admission counts what it allows. It is 0
   for embedding and rerank, whose requests never read the cache (as LLMKube).
+* `tensorOverrides` / `metadataOverrides`: one `--override-tensor` and one
+  `--override-kv`, items joined with commas (`str:` values holding a comma
+  quoted): see `core.llama_overrides` for how build 11434 reads them.
 * `speculativeDecoding` -> `--spec-type` (LLMKube's aliases resolved: `draft`
   is `draft-simple`, `mtp` is `draft-mtp`, `disabled` is `none`), `-md` with
   the draft Model's file for the types that take draft weights,
@@ -63,6 +69,7 @@ from metal_agent.core.extra_args import arity
 from metal_agent.core.flags import LOG_VERBOSITY
 from metal_agent.core.launch import Instance, LaunchSettings
 from metal_agent.core.llama_options import LLAMA_SERVER_OPTIONS
+from metal_agent.core.llama_overrides import kv_overrides_value, tensor_overrides_value
 from metal_agent.core.workload import Workload
 
 #: What "all layers" is sent as; see the module docstring.
@@ -127,10 +134,10 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         argv += ["--n-cpu-moe", str(spec.moe_cpu_layers)]
     if spec.no_kv_offload:
         argv.append("--no-kv-offload")
-    for override in spec.tensor_overrides:
-        argv += ["--override-tensor", override]
-    for override in spec.metadata_overrides:
-        argv += ["--override-kv", override]
+    if spec.tensor_overrides:  # each option once: repeated, build 11434 logs "only last value will be used"
+        argv += ["--override-tensor", tensor_overrides_value(spec.tensor_overrides)]
+    if spec.metadata_overrides:
+        argv += ["--override-kv", kv_overrides_value(spec.metadata_overrides)]
     if settings.threads is not None:
         argv += ["--threads", str(settings.threads)]
     argv += ["--batch-size", str(spec.batch_size)]
@@ -138,10 +145,10 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         argv += ["--ubatch-size", str(spec.ubatch_size)]
     if spec.no_warmup:
         argv.append("--no-warmup")
-    if spec.reasoning_budget > 0:
+    if spec.reasoning_budget is not None:
         argv += ["--reasoning-budget", str(spec.reasoning_budget)]
-    if spec.reasoning_budget_message:
-        argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
+        if spec.reasoning_budget_message:
+            argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
     # The draft path is the workload's draft Model on this Mac (None when it has none).
     argv += _speculative_args(spec, instance.draft_model_path if workload.draft is not None else None)
     if spec.jinja:

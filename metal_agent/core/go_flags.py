@@ -126,6 +126,14 @@ _RUNTIME = ("metal-agent runs llama-server for GGUF Models and mlx_lm.server for
             "InferenceServices whose runtime is unset or llamacpp are served, other runtimes are left alone")
 
 
+#: Where the agent looks for mlx_lm.server (adapters.mlx_binary.find_mlx_server) and how to put it there.
+MLX_LM_INSTALL = ("`pip install mlx-lm` into the agent's venv (`~/Library/Application Support/metal-agent/venv/bin/pip"
+                  " install mlx-lm`), where the agent looks first, then Homebrew's bin directories and PATH; or "
+                  "`--mlx-server PATH`")
+MLX_SERVER_BIN_IGNORED = ("the Go agent's Swift mlx-server, not used: metal-agent runs mlx-lm's mlx_lm.server "
+                          "instead")
+
+
 def _runtime(value: object) -> Outcome:
     """The Go agent's one runtime per Mac becomes the default engine (for Models whose format names none):
     mlx-server -> mlx_lm.server. GGUF Models keep llama-server and MLX Models mlx_lm.server either way."""
@@ -183,8 +191,9 @@ FLAGS: dict[str, GoFlag] = {f.name: f for f in (
     _flag("omlx-port", I, "8000", "ignored (no oMLX runtime)", _ignored(_RUNTIME)),
     _flag("ollama-port", I, "11434", "ignored (no Ollama runtime)", _ignored(_RUNTIME)),
     _flag("vllm-swift-bin", S, "", "ignored (no vllm-swift runtime)", _ignored(_RUNTIME)),
-    _flag("mlx-server-bin", S, "", "`--mlx-server` (the MLX server to run; ours is mlx-lm's `mlx_lm.server`)",
-          _ours("--mlx-server")),
+    _flag("mlx-server-bin", S, "", "ignored: it is defilantech's Swift `mlx-server`, whose command line (`--model "
+          "--host --port --max-slots --tool-call-format` only) cannot take mlx_lm.server's. MLX Models run mlx-lm's "
+          f"`mlx_lm.server`: {MLX_LM_INSTALL}", _ignored(MLX_SERVER_BIN_IGNORED)),
     _flag("mlx-server-port", I, "8080", "ignored (each MLX service gets a free port, like llama-server's)",
           _ignored("each MLX service gets a free port and its own EndpointSlice")),
     _flag("port", I, "9090", "`--listen 127.0.0.1:PORT` (metrics, health; the Go agent bound 127.0.0.1 too)", _port),

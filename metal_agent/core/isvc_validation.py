@@ -10,7 +10,6 @@ CRD of LLMKube's has are ignored. How a field is read is `core.spec_reader`'s jo
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -27,13 +26,13 @@ from metal_agent.core.api import (
     Runtime,
 )
 from metal_agent.core.cache_rules import check_flash_attention, read_custom_cache_type
+from metal_agent.core.llama_overrides import kv_override_problem, tensor_override_problem
 from metal_agent.core.object_meta import check_subdomain, display_name, read_meta, top_level
 from metal_agent.core.result import Invalid, Parsed
 from metal_agent.core.spec_reader import DECIMAL, MISSING, Reader, describe
 
 ISVC_KIND = "InferenceService"
 
-_KV_OVERRIDE = re.compile(r"[^=\s]+=(int|float|bool|str):.*", re.DOTALL)
 
 
 def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
@@ -74,9 +73,7 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
         moe_cpu_layers=r.integer(s, "moeCPULayers", "spec.moeCPULayers", default=0, minimum=0),
         no_kv_offload=r.boolean(s, "noKvOffload", "spec.noKvOffload", default=False),
         no_warmup=r.boolean(s, "noWarmup", "spec.noWarmup", default=False),
-        reasoning_budget=r.integer(
-            s, "reasoningBudget", "spec.reasoningBudget", default=0, minimum=0
-        ),
+        reasoning_budget=r.optional_integer(s, "reasoningBudget", "spec.reasoningBudget", minimum=0),
         reasoning_budget_message=r.string(
             s, "reasoningBudgetMessage", "spec.reasoningBudgetMessage"
         )
@@ -168,18 +165,18 @@ def _extra_arg_check(r: Reader) -> Callable[[str, str], None]:
 
 
 def _kv_override_check(r: Reader) -> Callable[[str, str], None]:
+    """As llama-server reads an `--override-kv` item (`core.llama_overrides`)."""
     def check(item: str, path: str) -> None:
-        if not _KV_OVERRIDE.fullmatch(item):
-            r.error(path, f"{item!r} is not a metadata override of the form key=type:value"
-                    " (type one of int, float, bool, str)")
+        if problem := kv_override_problem(item):
+            r.error(path, f"{item!r} {problem}" if problem.startswith("is not") else f"{item!r}: {problem}")
 
     return check
 
 
 def _tensor_override_check(r: Reader) -> Callable[[str, str], None]:
+    """As llama-server reads an `--override-tensor` item: a comma or a second '=' cannot be said."""
     def check(item: str, path: str) -> None:
-        pattern, sep, target = item.partition("=")
-        if not sep or not pattern.strip() or not target.strip():
-            r.error(path, f"{item!r} is not a tensor override of the form <tensor pattern>=<buffer type>")
+        if problem := tensor_override_problem(item):
+            r.error(path, f"{item!r} {problem}")
 
     return check

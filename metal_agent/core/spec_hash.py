@@ -101,7 +101,10 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec, draft: ModelSpec | No
         "moeCPULayers": spec.moe_cpu_layers,
         "noKvOffload": spec.no_kv_offload,
         "noWarmup": spec.no_warmup,
-        "reasoningBudget": spec.reasoning_budget,
+        # Unset hashes as 0 did (so existing digests stay); an explicit 0 now renders
+        # `--reasoning-budget 0`, a different process, so it adds a key of its own.
+        "reasoningBudget": spec.reasoning_budget or 0,
+        "reasoningBudgetZero": True if spec.reasoning_budget == 0 else None,
         "reasoningBudgetMessage": spec.reasoning_budget_message,
         "metadataOverrides": list(spec.metadata_overrides),
         "tensorOverrides": list(spec.tensor_overrides),

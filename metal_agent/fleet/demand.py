@@ -48,7 +48,7 @@ class Demand:
         version += ((draft or {}).get("metadata", {}).get("resourceVersion"),)
         verdict = self._parsed(("isvc", f"{meta.get('namespace', '')}/{meta.get('name', '')}"), version,
                                lambda: evaluate(raw, model_raw, EVERY_SERVICE, self.s.default_engine, draft,
-                                                self.s.policy))
+                                                self.s.policy, self.s.launch))
         if not isinstance(verdict, Parsed) or ref is None:
             return None
         spec = verdict.value.isvc.spec

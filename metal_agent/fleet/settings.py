@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.spec_policy import SpecPolicy
 
 
@@ -31,6 +32,9 @@ class FleetSettings:
     default_engine: str = "llama-server"  # the agent's --default-runtime: judged as the reconciler judges
     policy: SpecPolicy = SpecPolicy()  # the owner's --allow-extra-arg (and roots): judged as the reconciler judges
     namespaces: tuple[str, ...] | None = None  # the watched namespaces (None: all), for a silent Mac's slices
+    # The reconciler's launch settings (the servers found on this Mac): a Mac whose mlx-lm is too
+    # old for a service must not bid for it. None: current servers assumed (tests, no probe).
+    launch: LaunchSettings | None = None
 
     @property
     def tick(self) -> float:

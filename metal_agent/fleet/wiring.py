@@ -18,6 +18,7 @@ from metal_agent.adapters.kube.fleet_registrar import FleetRegistrar
 from metal_agent.adapters.kube.informer import CustomResource, Informer
 from metal_agent.adapters.kube.leases import LeaseClient
 from metal_agent.core.claim import Allowlist
+from metal_agent.core.launch import LaunchSettings
 from metal_agent.core.leases import COORDINATION, member_name
 from metal_agent.core.memory import GiB
 from metal_agent.core.placement import CHIP_LABEL, HOSTNAME_LABEL, MEMORY_LABEL
@@ -113,12 +114,13 @@ def assemble(settings: FleetSettings, *, leases: LeasePort, synced: asyncio.Even
                       FleetView(membership, demand, gate))
 
 
-def settings_from(cfg, *, host: str, chip: str, total_ram: int) -> FleetSettings:
+def settings_from(cfg, *, host: str, chip: str, total_ram: int, launch: LaunchSettings | None = None) -> FleetSettings:
     """The fleet's settings from the agent's nested configuration and this Mac's facts.
 
     `cfg` is an `app.config.AgentConfig`, read but not imported (the fleet ranks below the
     app): its `fleet` group, and the memory share, default engine, spec policy and watched
-    namespaces the reconciler is given too, so the fleet judges a service as the reconciler will.
+    namespaces the reconciler is given too, so the fleet judges a service as the reconciler will;
+    `launch` is the reconciler's own launch settings (what the installed servers accept).
     """
     fleet = cfg.fleet
     name = fleet.member_name or member_name(host)
@@ -127,7 +129,7 @@ def settings_from(cfg, *, host: str, chip: str, total_ram: int) -> FleetSettings
         lease_duration=fleet.lease_duration, renew_interval=fleet.lease_renew_interval, bid_step=fleet.bid_step,
         host=host, chip=chip, total_ram=total_ram, agent_fraction=cfg.memory.fraction,
         default_engine=cfg.engines.default_runtime, policy=cfg.controller.policy or SpecPolicy(),
-        namespaces=tuple(cfg.kube.namespaces or ()) or None,
+        namespaces=tuple(cfg.kube.namespaces or ()) or None, launch=launch,
     )
 
 
@@ -135,9 +137,9 @@ def build_fleet(cfg, api, *, host: str, chip: str, total_ram: int, version: str,
                 memory: MemoryPort, model_files: ModelFilesPort, events: EventSink, on_key: Callable[[str], None],
                 process_ready: Callable[[str], bool], waiting: Callable[[str], str | None],
                 address: Callable[[], str | None], state_dir: Path, registrar_kwargs: dict,
-                registry=None) -> FleetParts:
+                registry=None, launch: LaunchSettings | None = None) -> FleetParts:
     """Fleet mode against the cluster: the Lease client, the parts, the registrar, the lease watch."""
-    settings = settings_from(cfg, host=host, chip=chip, total_ram=total_ram)
+    settings = settings_from(cfg, host=host, chip=chip, total_ram=total_ram, launch=launch)
     synced = asyncio.Event()
 
     def registrar(gate: FleetGate) -> FleetRegistrar:

@@ -107,6 +107,8 @@ CASES = [
     pytest.param({"noWarmup": True, "metadataOverrides": ["general.name=str:tiny"]}, id="no-warmup-override-kv"),
     pytest.param({"mode": "embedding"}, id="embedding"),
     pytest.param({"parallelSlots": 1, "contextSize": 4096}, id="parallel-1"),
+    # `--reasoning-budget 0` ("0 for immediate end" in this build's help), said as LLMKube's controller says it.
+    pytest.param({"reasoningBudget": 0, "reasoningBudgetMessage": "Stop.", "jinja": True}, id="reasoning-budget-0"),
 ]
 
 
@@ -138,6 +140,22 @@ async def test_llama_server_serves_the_built_argv(isvc_spec, llama_server_bin, t
                 assert resp.status == 200, await resp.text()
                 body = await resp.json()
             assert len(body["data"][0]["embedding"]) == 64  # n_embd of the tiny model
+
+
+async def test_overrides_are_said_once_and_a_comma_in_a_str_value_survives(llama_server_bin, tiny_model, mlock_style,
+                                                                           dialect):
+    """Build 11434 warns "only last value will be used" for a repeated -ot/--override-kv and splits
+    --override-kv at commas (quotes keep them): one joined, quoted value of each reaches the model."""
+    spec = workload({"tensorOverrides": ["token_embd=CPU", "output=CPU"],
+                     "metadataOverrides": ["general.name=str:Tiny, v2", "tokenizer.ggml.add_bos_token=bool:false"]})
+    port = free_port()
+    argv = build_argv(spec, *options(llama_server_bin, tiny_model, port, mlock_style, dialect))
+    assert argv.count("--override-kv") == 1 and argv.count("--override-tensor") == 1
+    async with running_llama_server(list(argv), port=port) as server:
+        log = server.stderr_text()
+    assert "DEPRECATED" not in log
+    assert re.search(r"print_info: general\.name\s+= Tiny, v2\n", log), log
+    assert "Using metadata override ( bool) 'tokenizer.ggml.add_bos_token'" in log
 
 
 @pytest.mark.parametrize(("extra", "error"), [

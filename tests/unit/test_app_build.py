@@ -14,7 +14,7 @@ from kubernetes_asyncio import client
 from metal_agent.adapters.kube.client import api_client
 from metal_agent.adapters.llama_binary import LlamaServerInfo
 from metal_agent.app.build import Agent, Host, build, probe_host
-from metal_agent.app.config import AgentConfig, EngineSettings, HttpSettings, RegistrationSettings
+from metal_agent.app.config import AgentConfig, EngineSettings, FleetConfig, HttpSettings, RegistrationSettings
 from metal_agent.app.manager import Manager
 from metal_agent.core.flags import Dialect
 from metal_agent.core.host_info import HostFacts
@@ -151,6 +151,9 @@ async def test_the_installed_mlx_lm_found_at_start_up_reaches_every_command_line
     old = MlxDialect("0.30.5", frozenset({"--model", "--host", "--port"}))
     async with built(tmp_path, mlx_dialect=old) as agent:
         assert agent.reconciler.launch.mlx_dialect is old
+        assert agent.sweep.launch is agent.reconciler.launch  # the sweep judges as the reconcile
+    async with built(tmp_path, mlx_dialect=old, fleet=FleetConfig(enabled=True)) as agent:
+        assert agent.fleet.demand.s.launch is agent.reconciler.launch  # nor does the Mac bid for what it refuses
 
 
 async def test_a_missing_llama_server_ends_start_up_with_its_own_error(tmp_path):

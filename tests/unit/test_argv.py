@@ -75,6 +75,10 @@ def test_defaults():
         pytest.param({"noKvOffload": True}, {}, ["--no-kv-offload"], id="noKvOffload"),
         pytest.param({"noWarmup": True}, {}, ["--no-warmup"], id="noWarmup"),
         pytest.param({"reasoningBudget": 1024}, {}, ["--reasoning-budget", "1024"], id="reasoningBudget"),
+        # LLMKube's controller: set means said, 0 included (its API: "disables visible thinking").
+        pytest.param({"reasoningBudget": 0}, {}, ["--reasoning-budget", "0"], id="reasoningBudget-0"),
+        pytest.param({"reasoningBudget": 0, "reasoningBudgetMessage": "Stop."}, {},
+                     ["--reasoning-budget", "0", "--reasoning-budget-message", "Stop."], id="reasoningBudget-0-message"),
         pytest.param(
             {"reasoningBudget": 8, "reasoningBudgetMessage": "Time is up.\nAnswer now."},
             {},
@@ -84,13 +88,19 @@ def test_defaults():
         pytest.param(
             {"metadataOverrides": ["a.b=int:1", "c=bool:false"]},
             {},
-            ["--override-kv", "a.b=int:1", "--override-kv", "c=bool:false"],
+            ["--override-kv", "a.b=int:1,c=bool:false"],  # once: build 11434 warns on a repeated option
             id="metadataOverrides",
+        ),
+        pytest.param(
+            {"metadataOverrides": ["general.name=str:Tiny, v2", 'q=str:say "hi"', "n=int:-3"]},
+            {},
+            ["--override-kv", '"general.name=str:Tiny, v2","q=str:say ""hi""",n=int:-3'],  # parse_csv_row quoting
+            id="metadataOverrides-commas-quoted",
         ),
         pytest.param(
             {"tensorOverrides": ["blk\\.[0-9]+\\.ffn_.*_exps=CPU", "token_embd=CPU"]},
             {},
-            ["--override-tensor", "blk\\.[0-9]+\\.ffn_.*_exps=CPU", "--override-tensor", "token_embd=CPU"],
+            ["--override-tensor", "blk\\.[0-9]+\\.ffn_.*_exps=CPU,token_embd=CPU"],
             id="tensorOverrides",
         ),
         pytest.param({"batchSize": 512}, {}, ["--batch-size", "512"], id="batchSize"),
@@ -137,8 +147,10 @@ def test_field_maps_to_flag(isvc_spec, model_spec, expected):
         pytest.param({}, "--cache-type-k", id="no-cacheTypeK"),
         pytest.param({}, "--cache-type-v", id="no-cacheTypeV"),
         pytest.param({}, "--ubatch-size", id="no-uBatchSize"),
-        pytest.param({"reasoningBudget": 0}, "--reasoning-budget", id="reasoningBudget-0"),
+        pytest.param({}, "--reasoning-budget", id="no-reasoningBudget"),
         pytest.param({}, "--reasoning-budget-message", id="no-message"),
+        # The message only qualifies a budget (LLMKube: "ignored unless ReasoningBudget is also set").
+        pytest.param({"reasoningBudgetMessage": "Stop."}, "--reasoning-budget-message", id="message-without-budget"),
         pytest.param({"jinja": False}, "--jinja", id="jinja-false"),
         pytest.param({}, "--no-jinja", id="jinja-unset-keeps-the-build-default"),
         pytest.param({"jinja": True}, "--no-jinja", id="jinja-true"),

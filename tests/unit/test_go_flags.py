@@ -74,8 +74,7 @@ def test_readme_table_of_go_flags_matches_the_code():
     text = README.read_text()
     begin, end = "<!-- BEGIN go-flags (metal_agent.core.go_flags.markdown_table) -->", "<!-- END go-flags -->"
     assert text[text.index(begin) + len(begin):text.index(end)].strip() == markdown_table(), (
-        "README's Go flag table is stale: paste the output of "
-        "`python -c 'from metal_agent.core.go_flags import markdown_table; print(markdown_table())'`")
+        "README's Go flag table is stale: run `python scripts/update_readme.py`")
 
 
 # -- Go's value syntax ------------------------------------------------------------------------
@@ -198,6 +197,7 @@ def test_a_go_value_flag_takes_the_next_token_whatever_it_looks_like():
     ["--omlx-port", "8000"], ["--runtime=omlx"], ["--client-port", "70000"], ["--max-watch-failures", "5"],
     ["--memory-pressure-warning", "0.3"], ["--memory-watchdog-interval", "0"], ["--powermetrics-bin", "/x"],
     ["--llama-server-port", "8080"], ["--mlx-server-startup-timeout", "1m"],
+    ["--mlx-server-bin", "/opt/homebrew/bin/mlx-server"],  # the Swift server: cannot run mlx_lm.server's argv
 ])
 def test_what_we_do_not_do_is_ignored_out_loud(argv):
     result = normalize_run_argv(argv, OURS_WITH_VALUE)

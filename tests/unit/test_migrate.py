@@ -165,6 +165,26 @@ def test_the_written_job_starts_our_agent_on_the_adopted_models(mac: Mac, monkey
     assert seen[0].kube.kubeconfig == str(mac.kubeconfig) and seen[0].http.port == 9090
 
 
+def test_a_go_job_with_the_swift_mlx_server_is_told_what_runs_mlx_instead(mac: Mac, monkeypatch):
+    mac.write_job(lambda args: [*args, "--runtime", "mlx-server", "--mlx-server-bin", "/opt/homebrew/bin/mlx-server"])
+    result = mac.migrate(monkeypatch, [])
+    assert result.exit_code == 0, result.output
+    args = mac.job()["ProgramArguments"]
+    assert "--default-runtime=mlx-lm" in args and not any("mlx-server" in a for a in args)  # never handed our flags
+    [ignored] = [line for line in result.output.splitlines() if line.startswith("ignored")]
+    assert "--mlx-server-bin=/opt/homebrew/bin/mlx-server (the Go agent's Swift mlx-server, not used" in ignored
+    [note] = [line for line in result.output.splitlines() if line.startswith("note: MLX:")]
+    assert "/opt/homebrew/bin/mlx-server (the Swift mlx-server) is not used" in note
+    assert "pip install mlx-lm" in note and "--mlx-server PATH" in note and "RuntimeMissing" in note
+
+
+def test_only_a_go_job_that_ran_mlx_gets_the_mlx_note():
+    assert not any(n.startswith("MLX:") for n in job_settings(go_job([]), default_model_dir=Path("/d")).notes)
+    [note] = [n for n in job_settings(go_job(["--runtime", "mlx-server"]), default_model_dir=Path("/d")).notes
+              if n.startswith("MLX:")]
+    assert "defilantech's mlx-server (the Swift mlx-server) is not used" in note
+
+
 def test_a_dry_run_changes_nothing(mac: Mac, monkeypatch):
     original = mac.store_file("qwen", "qwen-q4.gguf", b"w")
     before = mac.plist.read_bytes()

@@ -128,6 +128,7 @@ def test_an_unquantized_cache_adds_no_flag():
     ({"tensorOverrides": ["a=CPU"]}, "spec.tensorOverrides", "llama-server option"),
     ({"metadataOverrides": ["a=int:1"]}, "spec.metadataOverrides", "llama-server option"),
     ({"reasoningBudget": 10}, "spec.reasoningBudget", "llama-server option"),
+    ({"reasoningBudget": 0}, "spec.reasoningBudget", "llama-server option"),  # 0 means "no thinking": not dropped
     ({"uBatchSize": 64}, "spec.uBatchSize", "llama-server option"),
     ({"speculativeDecoding": {"type": "mtp"}}, "spec.speculativeDecoding.type", "draft model only"),
     ({"speculativeDecoding": {"type": "draft", "draftModel": "d.gguf"}}, "spec.speculativeDecoding.draftModel",
@@ -262,10 +263,12 @@ def test_readiness_waits_for_the_model_not_for_the_http_server():
     assert json.loads(probe.ready_body) == {"prompt": "ok", "max_tokens": 1}
 
 
-def test_go_runtime_flags_become_the_default_engine_and_the_binary():
+def test_go_runtime_flags_become_the_default_engine_and_the_swift_binary_is_not_run():
     assert normalize_run_argv(["--runtime", "mlx-server"], set()).argv == ["--default-runtime=mlx-lm"]
-    assert normalize_run_argv(["--mlx-server-bin", "/opt/homebrew/bin/mlx_lm.server"], set()).argv == [
-        "--mlx-server=/opt/homebrew/bin/mlx_lm.server"]
+    # The Go agent's --mlx-server-bin is defilantech's Swift mlx-server: handed mlx_lm.server's argv it would
+    # exit, so it is ignored out loud and the agent finds mlx_lm.server itself.
+    swift = normalize_run_argv(["--mlx-server-bin", "/opt/homebrew/bin/mlx-server"], set())
+    assert swift.argv == [] and "Swift mlx-server" in swift.ignored[0].reason
     assert normalize_run_argv(["--runtime", "llama-server"], set()).argv == []
     assert normalize_run_argv(["--runtime=omlx"], set()).ignored
 

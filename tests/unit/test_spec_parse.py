@@ -86,6 +86,8 @@ def test_defaults_are_llmkubes():
         pytest.param({"noKvOffload": True}, "no_kv_offload", True, id="noKvOffload"),
         pytest.param({"noWarmup": True}, "no_warmup", True, id="noWarmup"),
         pytest.param({"reasoningBudget": 512}, "reasoning_budget", 512, id="reasoningBudget"),
+        pytest.param({"reasoningBudget": 0}, "reasoning_budget", 0, id="reasoningBudget-0"),
+        pytest.param({}, "reasoning_budget", None, id="reasoningBudget-unset"),
         pytest.param({"reasoningBudgetMessage": "wrap up"}, "reasoning_budget_message", "wrap up", id="reasoningBudgetMessage"),
         pytest.param({"reasoningBudgetMessage": ""}, "reasoning_budget_message", None, id="reasoningBudgetMessage-empty"),
         pytest.param({"metadataOverrides": ["a.b=int:1", "c=str:x"]}, "metadata_overrides", ("a.b=int:1", "c=str:x"), id="metadataOverrides"),

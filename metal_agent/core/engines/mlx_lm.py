@@ -189,7 +189,7 @@ class MlxLm:
             ("spec.moeCPUOffload", spec.moe_cpu_offload), ("spec.moeCPULayers", spec.moe_cpu_layers > 0),
             ("spec.noKvOffload", spec.no_kv_offload), ("spec.tensorOverrides", bool(spec.tensor_overrides)),
             ("spec.metadataOverrides", bool(spec.metadata_overrides)),
-            ("spec.reasoningBudget", spec.reasoning_budget > 0),
+            ("spec.reasoningBudget", spec.reasoning_budget is not None),  # 0 means "no thinking" too
             ("spec.reasoningBudgetMessage", bool(spec.reasoning_budget_message)),
             ("spec.uBatchSize", spec.ubatch_size is not None),
         )
