@@ -128,7 +128,10 @@ def settings_from(cfg, *, host: str, chip: str, total_ram: int, launch: LaunchSe
         member=name, namespace=fleet.namespace, labels=member_labels(name, chip, total_ram, dict(fleet.labels)),
         lease_duration=fleet.lease_duration, renew_interval=fleet.lease_renew_interval, bid_step=fleet.bid_step,
         host=host, chip=chip, total_ram=total_ram, agent_fraction=cfg.memory.fraction,
-        default_engine=cfg.engines.default_runtime, policy=cfg.controller.policy or SpecPolicy(),
+        default_engine=cfg.engines.default_runtime,
+        # The reconciler's own policy (its default keeps model sources in the model store): a Mac
+        # must not bid for a service its reconciler would refuse as SourceNotAllowed.
+        policy=launch.policy if launch is not None else (cfg.controller.policy or SpecPolicy()),
         namespaces=tuple(cfg.kube.namespaces or ()) or None, launch=launch,
     )
 

@@ -154,6 +154,9 @@ async def test_the_installed_mlx_lm_found_at_start_up_reaches_every_command_line
         assert agent.sweep.launch is agent.reconciler.launch  # the sweep judges as the reconcile
     async with built(tmp_path, mlx_dialect=old, fleet=FleetConfig(enabled=True)) as agent:
         assert agent.fleet.demand.s.launch is agent.reconciler.launch  # nor does the Mac bid for what it refuses
+        # ... nor for a model outside the model store, which its reconciler refuses (SourceNotAllowed).
+        assert agent.fleet.demand.s.policy == agent.reconciler.launch.policy
+        assert agent.fleet.demand.s.policy.model_roots == (str(tmp_path / "models"),)
 
 
 async def test_a_missing_llama_server_ends_start_up_with_its_own_error(tmp_path):
