@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
-from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes_asyncio import client
 from structlog.testing import capture_logs
 
@@ -38,39 +35,18 @@ from metal_agent.core.access import (
 from metal_agent.core.review_limits import ReviewLimiter
 from tests.support.kube import apply, service_account_token
 from tests.support.token_flood import junk, token_reviews
+from tests.support.front_door_grants import grant_client, grant_key_reader
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 KEY_A = "key-a-" + "1" * 32
 KEY_B = "key-b-" + "2" * 32
 
 
-def _docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-async def grant_key_reader(admin_api, namespace: str, secrets: list[str]) -> None:
-    """The shipped optional-api-key-reader.yaml, for `namespace` and `secrets`, as an owner applies it."""
-    docs = copy.deepcopy(_docs(MANIFESTS / "rbac" / "optional-api-key-reader.yaml"))
-    for doc in docs:
-        doc["metadata"]["namespace"] = namespace
-        if doc["kind"] == "Role":
-            doc["rules"][0]["resourceNames"] = secrets
-    await apply(admin_api, docs)
 
-
-async def grant_client(admin_api, namespace: str, service: str) -> None:
-    """The shipped sample client Role and its binding (ServiceAccount chat-client), for `service`."""
-    docs = copy.deepcopy(_docs(MANIFESTS / "samples" / "front-door-client.yaml"))
-    for doc in docs:
-        doc["metadata"]["namespace"] = namespace
-        if doc["kind"] == "Role":
-            doc["rules"][0]["resourceNames"] = [service]
-        if doc["kind"] == "RoleBinding":
-            doc["subjects"][0]["namespace"] = namespace
-    await apply(admin_api, docs)
 
 
 def isvc(namespace: str, name: str, annotation: str | None) -> dict:

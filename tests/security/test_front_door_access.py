@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import copy
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from kubernetes_asyncio import client
@@ -32,11 +29,11 @@ from metal_agent.adapters.kube.api_keys import ANNOTATION, ApiKeys
 from metal_agent.controller.access import AccessSource
 from metal_agent.core.access import AccessMode, AccessPolicy, AccessSettings, Allow, Refuse, Review, ServiceKeys, decide
 from tests.support.kube import apply, create_namespace, delete_namespace, service_account_token
+from tests.support.front_door_grants import grant_client
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 CLUSTER = AccessPolicy(AccessMode.CLUSTER, ("10.244.0.0/16", "192.168.1.10/32"))
 CHAT_KEY = "chat-key-" + "c" * 32
 CODE_KEY = "code-key-" + "d" * 32
@@ -60,15 +57,6 @@ def resign(token: str, key: rsa.RSAPrivateKey, **claims) -> str:
     return f"{signing_input}.{_b64(signature)}"
 
 
-async def grant_client(admin_api, namespace: str, service: str) -> None:
-    docs = copy.deepcopy([d for d in yaml.safe_load_all((MANIFESTS / "samples" / "front-door-client.yaml").read_text()) if d])
-    for doc in docs:
-        doc["metadata"]["namespace"] = namespace
-        if doc["kind"] == "Role":
-            doc["rules"][0]["resourceNames"] = [service]
-        if doc["kind"] == "RoleBinding":
-            doc["subjects"][0]["namespace"] = namespace
-    await apply(admin_api, docs)
 
 
 @pytest.fixture
