@@ -33,7 +33,7 @@ from metal_agent.core.access import (
     review_outcome,
 )
 from metal_agent.core.review_limits import ReviewLimiter
-from tests.support.kube import apply, service_account_token
+from tests.support.kube import service_account_token
 from tests.support.token_flood import junk, token_reviews
 from tests.support.front_door_grants import grant_client, grant_key_reader
 from tests.support.wait import wait_for

@@ -28,7 +28,7 @@ from kubernetes_asyncio import client
 from metal_agent.adapters.kube.api_keys import ANNOTATION, ApiKeys
 from metal_agent.controller.access import AccessSource
 from metal_agent.core.access import AccessMode, AccessPolicy, AccessSettings, Allow, Refuse, Review, ServiceKeys, decide
-from tests.support.kube import apply, create_namespace, delete_namespace, service_account_token
+from tests.support.kube import create_namespace, delete_namespace, service_account_token
 from tests.support.front_door_grants import grant_client
 from tests.support.wait import wait_for
 
