@@ -256,6 +256,14 @@ async def test_model_refused_by_llmkube_is_explained_on_the_service(lk, llmkube_
     agent = make_agent()
     await agent.start()
     await cluster.create_model("outside", f"file://{tiny_model}")  # not under --allowed-host-path-roots
+
+    async def refused_by_llmkube():
+        model = await cluster.custom.get_namespaced_custom_object(GROUP, VERSION, cluster.ns, "models", "outside")
+        return any(c.get("reason") == "SourceNotAllowed" for c in (model.get("status") or {}).get("conditions") or [])
+    # LLMKube's word first: a process this agent had already started under its own policy would
+    # rightly keep serving (README: an invalid change never kills a model the agent started), so
+    # the service is applied once the refusal stands, which is what this test is about.
+    await wait_for(refused_by_llmkube, timeout=60, what="LLMKube's SourceNotAllowed on the Model")
     await cluster.create_isvc("outside", "outside", contextSize=256)
 
     async def explained():
