@@ -71,5 +71,5 @@ run_root mv -f "$staged" "$target"
 # Replace a previous version: launchd keeps what it loaded until booted out.
 run_root "$launchctl" bootout "system/$label" >/dev/null 2>&1 || true
 run_root "$launchctl" bootstrap system "$target"
-echo "installed $target: runs $("$metal_agent" render-wired-limit --limit-mb "$limit" --ram-bytes "$ram" | sed -n 's|.*<string>\(/usr/sbin/sysctl\)</string>|\1|p;s|.*<string>\(iogpu[^<]*\)</string>|\1|p' | tr '\n' ' ')at every boot"
+echo "installed $target: runs /usr/sbin/sysctl $(grep -o 'iogpu.wired_limit_mb=[0-9]*' "$rendered") at every boot"
 echo "iogpu.wired_limit_mb is now $("$sysctl" -n iogpu.wired_limit_mb)"
