@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
@@ -73,8 +73,10 @@ class ReadingCommands:
 class MacReadings:
     """The latest ceiling and thermal state, with their gauges; `note()` for /readyz."""
 
-    def __init__(self, registry: CollectorRegistry, commands: ReadingCommands = ReadingCommands()) -> None:
+    def __init__(self, registry: CollectorRegistry, commands: ReadingCommands = ReadingCommands(),
+                 on_ceiling_change: Callable[[], object] = lambda: None) -> None:
         self.commands = commands
+        self.on_ceiling_change = on_ceiling_change
         self.wired: WiredCeiling | None = None
         self.thermal: ThermalState | None = None
         self.read = asyncio.Event()  # set after the first reading: admission waits for the ceiling
@@ -101,8 +103,11 @@ class MacReadings:
                      source=wired.source if wired else "unreadable (not a Mac?)")
         if thermal is not None and (self.thermal is None or thermal.throttled != self.thermal.throttled):
             (log.warning if thermal.throttled else log.info)("thermal state", state=thermal.describe())
+        changed = self.read.is_set() and wired != self.wired
         self.wired, self.thermal = wired, thermal
         self.read.set()
+        if changed:
+            self.on_ceiling_change()
 
     def note(self) -> str | None:
         """What /readyz adds to "ready" while macOS throttles."""

@@ -287,10 +287,9 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
 
 
 def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed],
-            mac: MacReadings) -> tuple[MemoryWatchdog, MemoryGuard, MemoryState]:
+            mac: MacReadings, state: MemoryState) -> tuple[MemoryWatchdog, MemoryGuard, MemoryState]:
     """State first, then the responder the watchdog calls, the watchdog, and the guard that
     asks the watchdog whether a service is blocked: no part needs one built after it."""
-    state = MemoryState()
     responder = PressureResponder(state=state, running=managed, isvcs=src.isvcs.cache, processes=src.processes,
                                   events=src.events, enqueue=src.queue.add)
     mem = cfg.memory
@@ -336,13 +335,15 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     register_host_info(src.registry, host.facts, __version__)
     fatal_exits = FatalExitLog(cfg.paths.state / "fatal_exits.json", src.metrics.fatal_exits)
     managed: dict[str, Managed] = {}
-    m = cfg.mac
-    mac = MacReadings(src.registry, ReadingCommands(m.sysctl, (m.pmset, "-g", "therm"), m.readings_interval))
+    m, memory_state = cfg.mac, MemoryState()
+    # A changed ceiling (the owner ran `sudo sysctl`) may let waiting services fit: queue them again.
+    mac = MacReadings(src.registry, ReadingCommands(m.sysctl, (m.pmset, "-g", "therm"), m.readings_interval),
+                      on_ceiling_change=lambda: [src.queue.add(key) for key in sorted(memory_state.waiting)])
     # "Serving or loading": every service with a supervisor, whatever its state.
     sleep = SleepAssertion(src.registry, mode=SleepMode(m.prevent_sleep), state_dir=cfg.paths.state,
                            active=lambda: len(src.processes.supervisors), caffeinate=m.caffeinate,
                            interval=m.sleep_check_interval)
-    watchdog, guard, state = _memory(cfg, src, managed, mac)
+    watchdog, guard, state = _memory(cfg, src, managed, mac, memory_state)
     front = cfg.front_door.enabled
     bind_for = front_door_bind(front, cfg.registration.bind_all)
     address = HostAddress(bind=bind_for(host.host_ip) if front else host.bind,
