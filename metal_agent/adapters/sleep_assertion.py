@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,8 @@ log = structlog.get_logger(__name__)
 
 RECORD_NAME = "sleep_assertion.json"
 STOP_TIMEOUT_S = 5.0
-SPAWN_RETRY_S = 60.0  # a caffeinate that cannot start is tried again this often, not every tick
+SPAWN_RETRY_S = 60.0
+IDENTITY_TRIES, IDENTITY_RETRY_S = 50, 0.02  # a caffeinate that cannot start is tried again this often, not every tick
 
 
 def _matches(record: dict) -> psutil.Process | None:
@@ -102,18 +104,34 @@ class SleepAssertion:
         except OSError as err:
             self._spawn_failed_at = time.monotonic()
             self.problem = f"cannot run {self.caffeinate}: {err.strerror or err}"
-            log.warning("cannot hold the no-idle-sleep assertion; the Mac may sleep while serving",
-                        caffeinate=self.caffeinate, error=self.problem)
+            # Off macOS (development) there is no caffeinate and no sleep to prevent: not a warning.
+            (log.warning if sys.platform == "darwin" else log.info)(
+                "cannot hold the no-idle-sleep assertion; the Mac may sleep while serving",
+                caffeinate=self.caffeinate, error=self.problem)
             return
         self._proc, self._spawn_failed_at, self.problem = proc, None, None
-        try:  # as the system reports it, which is what a later agent compares against
-            seen = psutil.Process(proc.pid)
-            create_time, cmdline = seen.create_time(), seen.cmdline()
-        except psutil.Error:  # gone already: the next tick sees it ended
+        seen = await self._identity(proc.pid)
+        if seen is None:  # gone already: the next tick sees it ended
             return
+        create_time, cmdline = seen
         payload = json.dumps({"pid": proc.pid, "create_time": create_time, "cmdline": cmdline})
         await asyncio.to_thread(self.record.write_text, payload)
         log.info("holding the no-idle-sleep assertion", pid=proc.pid, argv=list(argv), mode=self.mode.value)
+
+    @staticmethod
+    async def _identity(pid: int) -> tuple[float, list[str]] | None:
+        """Start time and command line as the system reports them (what a later agent compares
+        against). A just-started process can briefly show an empty command line: asked again."""
+        for _ in range(IDENTITY_TRIES):
+            try:
+                proc = psutil.Process(pid)
+                create_time, cmdline = proc.create_time(), proc.cmdline()
+            except psutil.Error:
+                return None
+            if cmdline:
+                return create_time, cmdline
+            await asyncio.sleep(IDENTITY_RETRY_S)
+        return None
 
     async def release(self) -> None:
         """Stop the child (if any) and forget its record."""

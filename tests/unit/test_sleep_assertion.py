@@ -39,7 +39,7 @@ async def test_held_with_one_service_released_with_none(tmp_path):
     assert hold.held and registry.get_sample_value("llmkube_metal_agent_sleep_assertion_held") == 1
     child = psutil.Process(hold.pid)
     assert child.cmdline()[-3:] == ["-i", "-w", str(os.getpid())]
-    assert len(mac_stand_ins.running_caffeinates(tmp_path / "caffeinate")) == 1
+    assert [p.pid for p in mac_stand_ins.running_caffeinates(tmp_path / "caffeinate")] == [child.pid]
     record = json.loads((tmp_path / "state" / RECORD_NAME).read_text())
     assert record["pid"] == child.pid and record["cmdline"] == child.cmdline()
     active[0] = 0
@@ -84,5 +84,6 @@ async def test_a_stale_record_is_ended_only_when_it_is_provably_that_process(tmp
     await new.end_stale()
     await wait_for(lambda: process_gone(left.pid), timeout=10, what="the left caffeinate ended")
     await new.apply()
-    assert len(mac_stand_ins.running_caffeinates(tmp_path / "caffeinate")) == 1
+    assert new.held
+    assert [p.pid for p in mac_stand_ins.running_caffeinates(tmp_path / "caffeinate")] == [new.pid]
     await new.release()
