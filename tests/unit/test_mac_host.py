@@ -163,3 +163,27 @@ def test_warning_levels_are_throttling():
 
 def test_other_output_is_not_a_reading():
     assert parse_therm("pmset: unknown option\n") is None
+
+
+# --- metal-agent status ----------------------------------------------------------------
+
+
+def test_status_lines_for_the_mac():
+    from metal_agent.cli.status import format_mac
+
+    held = format_mac({"sleep_assertion": {"mode": "auto", "held": True, "pid": 812, "problem": None},
+                       "wired_limit": {"bytes": 26000 * MiB, "source": "iogpu.wired_limit_mb=26000"},
+                       "thermal": {"throttled": False, "state": "no thermal throttling reported"}})
+    assert held.splitlines() == [
+        "sleep assertion: held (caffeinate pid 812, --prevent-sleep=auto)",
+        "GPU wired-memory ceiling: 25.4 GiB (iogpu.wired_limit_mb=26000)",
+        "thermal: no thermal throttling reported",
+    ]
+    unknown = format_mac({"sleep_assertion": {"mode": "auto", "held": False, "pid": None,
+                                              "problem": "cannot run /usr/bin/caffeinate: No such file or directory"},
+                          "wired_limit": None, "thermal": None})
+    assert unknown.splitlines() == [
+        "sleep assertion: not held (--prevent-sleep=auto): cannot run /usr/bin/caffeinate: No such file or directory",
+        "GPU wired-memory ceiling: unknown (not read on this host)",
+        "thermal: unknown (pmset -g therm not read)",
+    ]
