@@ -94,10 +94,11 @@ def sysctl(directory: Path, *, wired_limit_mb: int | None = 0, memsize: int | No
 
 
 def running_caffeinates(stand_in: Path) -> list[psutil.Process]:
-    """Every live process of this caffeinate stand-in (zombies excluded)."""
+    """Every live process of this caffeinate stand-in (zombies excluded): `<python> <stand-in> ARGS...`,
+    not the agent whose own command line names it (`--caffeinate <stand-in>`)."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
-        if str(stand_in) in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+        if cmdline[1:2] == [str(stand_in)] and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
