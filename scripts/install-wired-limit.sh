@@ -37,7 +37,9 @@ if [[ "$(uname -s)" != Darwin && $prefix_mode -eq 0 ]]; then
   exit 2
 fi
 
-run_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo -- "$@"; fi; }
+
+# Prefix mode (tests): the directory is the caller's own, no root needed.
+run_root() { if [[ "$(id -u)" -eq 0 || $prefix_mode -eq 1 ]]; then "$@"; else sudo -- "$@"; fi; }
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 metal_agent="${METAL_AGENT:-}"

@@ -6,10 +6,11 @@
 # Environment (tests only): LAUNCH_DAEMONS_DIR, LAUNCHCTL.
 set -euo pipefail
 
-run_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo -- "$@"; fi; }
 
 daemons_dir="${LAUNCH_DAEMONS_DIR:-/Library/LaunchDaemons}"
 launchctl="${LAUNCHCTL:-/bin/launchctl}"
+# Prefix mode (tests): the directory is the caller's own, no root needed.
+run_root() { if [[ "$(id -u)" -eq 0 || "$daemons_dir" != /Library/LaunchDaemons ]]; then "$@"; else sudo -- "$@"; fi; }
 label=com.llmkube.wired-limit
 target="$daemons_dir/$label.plist"
 staged="$daemons_dir/.$label.plist.new"
