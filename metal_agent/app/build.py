@@ -288,8 +288,9 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
 
 def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed],
             mac: MacReadings, state: MemoryState) -> tuple[MemoryWatchdog, MemoryGuard, MemoryState]:
-    """State first, then the responder the watchdog calls, the watchdog, and the guard that
-    asks the watchdog whether a service is blocked: no part needs one built after it."""
+    """Given the state (shared with the Mac's readings, which re-queue who waits when the GPU's
+    ceiling changes): the responder the watchdog calls, the watchdog, and the guard that asks
+    the watchdog whether a service is blocked: no part needs one built after it."""
     responder = PressureResponder(state=state, running=managed, isvcs=src.isvcs.cache, processes=src.processes,
                                   events=src.events, enqueue=src.queue.add)
     mem = cfg.memory
