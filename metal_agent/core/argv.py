@@ -64,6 +64,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+from metal_agent.core.companion_files import mmproj_path
 from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
 from metal_agent.core.extra_args import arity
 from metal_agent.core.flags import LOG_VERBOSITY
@@ -118,6 +119,8 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         "--n-gpu-layers", _gpu_layers(model),
     ]
     argv += _split_args(model)
+    if mmproj := mmproj_path(model, instance.model_path):
+        argv += ["--mmproj", mmproj]
     argv += ["--ctx-size", str(spec.context_size)]
     argv += _rope_args(spec)
     argv += ["--parallel", str(spec.parallel_slots)]

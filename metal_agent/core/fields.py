@@ -219,8 +219,12 @@ FIELDS: tuple[FieldRow, ...] = (
     _h(MODEL, "spec.hardware.memoryFraction", "the budget as a fraction of RAM"),
     _h(MODEL, "spec.refreshPolicy", "`IfNotPresent` (the default) is what the agent does; `OnChange` is refused "
        "(a cached model is never fetched again: change the source or sha256)", when=_not("IfNotPresent")),
-    _refused(MODEL, "spec.files", "refused: companion files (split GGUF parts) are not fetched yet"),
-    _refused(MODEL, "spec.mmproj", "refused: a vision projector is not fetched nor passed (`--mmproj`) yet"),
+    _h(MODEL, "spec.files", "the files fetched from `source` (then a repository, prefix or directory) into one "
+       "directory, each checked (relative, no `..`, no glob, at most 64); `files[0]` is loaded, a split GGUF's "
+       "other parts (`-0000N-of-0000M.gguf`, all required) beside it; `sha256` verifies `files[0]`; every file "
+       "counted in memory admission and part of the spec hash"),
+    _h(MODEL, "spec.mmproj", "fetched with `files` (which must be set, as LLMKube requires) and passed as "
+       "`--mmproj`; counted in memory admission"),
     _na(MODEL, "spec.hardware.gpu.enabled", "Metal is always there; `layers` says how much runs on it"),
     _na(MODEL, "spec.hardware.gpu.memory", f"{_GPU_NODE}; memory admission reads the model itself"),
     _na(MODEL, "spec.hardware.gpu.vendor", _GPU_NODE),

@@ -109,8 +109,6 @@ REFUSED_EXAMPLES = {
     (ISVC, "spec.endpoint.type"): "LoadBalancer",
     (ISVC, "spec.endpoint.nodePort"): 30080,
     (MODEL, "spec.refreshPolicy"): "OnChange",
-    (MODEL, "spec.files"): ["model-00001-of-00002.gguf", "model-00002-of-00002.gguf"],
-    (MODEL, "spec.mmproj"): "mmproj-F16.gguf",
 }
 
 
