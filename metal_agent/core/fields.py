@@ -165,8 +165,9 @@ FIELDS: tuple[FieldRow, ...] = (
     _refused(ISVC, "spec.bindAddress", "refused: where the engine listens is the Mac owner's choice (the "
              "registered address, or `--bind-all`)"),
     # -- InferenceService: the Service ---------------------------------------------
-    _h(ISVC, "spec.endpoint.port", "8080 (the default) is the registered Service's port, as with LLMKube's Go "
-             "agent; any other port is refused", when=_not(8080)),
+    _h(ISVC, "spec.endpoint.port", "the registered Service's port (8080 when unset) and the port in "
+       "`status.endpoint`, as LLMKube's operator gives its Services; the Service forwards it to the engine's "
+       "port (LLMKube's Go agent always registered 8080)"),
     _h(ISVC, "spec.endpoint.type", "`ClusterIP` (the default) is the registered Service's type; NodePort and "
              "LoadBalancer are refused", when=_not("ClusterIP")),
     _refused(ISVC, "spec.endpoint.nodePort", "refused: the registered Service is a ClusterIP one"),

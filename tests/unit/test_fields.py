@@ -105,7 +105,6 @@ REFUSED_EXAMPLES = {
     (ISVC, "spec.command"): ["/bin/sh"],
     (ISVC, "spec.env"): [{"name": "LLAMA_ARG_MODEL", "value": "/etc/passwd"}],
     (ISVC, "spec.bindAddress"): "::",
-    (ISVC, "spec.endpoint.port"): 8000,
     (ISVC, "spec.endpoint.type"): "LoadBalancer",
     (ISVC, "spec.endpoint.nodePort"): 30080,
     (MODEL, "spec.refreshPolicy"): "OnChange",
