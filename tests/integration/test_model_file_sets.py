@@ -1,0 +1,95 @@
+"""`Model.spec.files` / `spec.mmproj` through the whole agent (real API server, real llama-server, real HTTP).
+
+The split GGUF is the tiny model written in two parts by the gguf package's
+writer (tests/support/tiny_model.py `ensure_split_model`, llama.cpp's split
+layout); llama-server is started from the first part and must find the second
+beside it, so a chat answer proves the whole set landed where it belongs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
+from tests.support.http_models import ModelHTTPServer
+from tests.support.isvc import Cluster
+from tests.support.wait import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def env(control_plane, admin_api, namespace, llama_server_bin, tmp_path):
+    cluster = Cluster(admin_api, namespace)
+    agent = AgentProcess(AgentOptions(kubeconfig=control_plane.agent_kubeconfig, llama_server=llama_server_bin,
+                                      workdir=tmp_path, namespaces=(namespace,)))
+    server = await ModelHTTPServer().start()
+    try:
+        yield cluster, agent, server
+    finally:
+        if agent.process and agent.process.running:
+            await agent.stop()
+        await server.stop()
+        kill_recorded_processes(tmp_path / "state")
+
+
+def served_argv(rows: list[dict], key: str) -> list[str]:
+    [row] = [r for r in rows if r["service"] == key]
+    return psutil.Process(row["pid"]).cmdline()
+
+
+async def chat(port: int) -> dict:
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+
+async def test_a_split_gguf_is_fetched_whole_and_served_from_its_first_part(env, tiny_split_model):
+    cluster, agent, server = env
+    names = [f"Q/{p.name}" for p in tiny_split_model]
+    first, second = (p.read_bytes() for p in tiny_split_model)
+    server.add(f"/repo/{names[0]}", first)
+    server.add(f"/repo/{names[1]}", second, drop_after=[len(second) // 2])  # resumed, like a one-file model
+    await cluster.create_model("split", server.url("/repo"), files=names,
+                               sha256=hashlib.sha256(first).hexdigest())
+    await agent.start()
+    await cluster.create_isvc("split-chat", "split", contextSize=256)
+    await cluster.wait_phase("split-chat", "Ready", timeout=60)
+
+    rows = await agent.services()
+    argv = served_argv(rows, f"{cluster.ns}/split-chat")
+    model = Path(argv[argv.index("--model") + 1])
+    assert model.name == tiny_split_model[0].name and model.parent.name == "Q"
+    assert (model.parent / tiny_split_model[1].name).read_bytes() == second  # beside it, whole
+    assert "--mmproj" not in argv
+    ranges = [seen.range for seen in server.requests_for(f"/repo/{names[1]}")]
+    assert ranges[0] is None and ranges[1] and ranges[1].startswith("bytes=")
+    assert (await chat(rows[0]["port"]))["usage"]["completion_tokens"] >= 1
+
+
+async def _blocked(cluster: Cluster, name: str, *needles: str):
+    status = await cluster.status(name)
+    text = " ".join(c.get("message", "") for c in status.get("conditions", []))
+    return status if all(n in text for n in needles) else None
+
+
+async def test_a_missing_projector_is_named_and_nothing_starts(env, tiny_split_model):
+    """A local set (`file://` directory) whose mmproj is not there: the service says which file,
+    starts nothing, and starts with `--mmproj` as soon as the file appears."""
+    cluster, agent, _ = env
+    directory = tiny_split_model[0].parent
+    await cluster.create_model("local-set", f"file://{directory}", files=[p.name for p in tiny_split_model],
+                               mmproj="mmproj-missing.gguf")
+    await agent.start()
+    await cluster.create_isvc("vision", "local-set", contextSize=256)
+    await wait_for(lambda: _blocked(cluster, "vision", "mmproj-missing.gguf", "does not exist"), timeout=30,
+                   what="missing mmproj reported")
+    assert await agent.services() == []
