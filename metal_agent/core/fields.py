@@ -135,9 +135,9 @@ FIELDS: tuple[FieldRow, ...] = (
        "(`--draft-model`), other types refused"),
     _h(ISVC, "spec.speculativeDecoding.draftModelRef", "the draft Model (GGUF for llama-server, `-md`; MLX for "
        "mlx_lm.server), fetched, verified, counted in memory admission and part of the spec hash"),
-    _refused(ISVC, "spec.speculativeDecoding.draftModel",
-             "refused: a draft named as a file of `Model.spec.files`, which the agent does not fetch; use "
-             "`draftModelRef`", when=None),
+    _h(ISVC, "spec.speculativeDecoding.draftModel", "llama-server: `-md` with that file of the Model's "
+       "`spec.files` (it must be listed there, so it is fetched with the model, counted in memory admission); "
+       "refused with `draftModelRef` too, and by mlx_lm.server"),
     _h(ISVC, "spec.speculativeDecoding.nDraftMax", "llama-server: `--spec-draft-n-max`; mlx_lm.server: "
        "`--num-draft-tokens`"),
     _h(ISVC, "spec.speculativeDecoding.pMin", "llama-server: `--spec-draft-p-min`; refused by mlx_lm.server, "
