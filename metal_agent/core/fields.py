@@ -171,10 +171,12 @@ FIELDS: tuple[FieldRow, ...] = (
     _h(ISVC, "spec.endpoint.type", "`ClusterIP` (the default) is the registered Service's type; NodePort and "
              "LoadBalancer are refused", when=_not("ClusterIP")),
     _refused(ISVC, "spec.endpoint.nodePort", "refused: the registered Service is a ClusterIP one"),
-    _na(ISVC, "spec.endpoint.path", "llama-server serves every OpenAI path; the path only documents the endpoint"),
+    _h(ISVC, "spec.endpoint.path", "the path `status.endpoint` ends with, as LLMKube's operator writes it (the "
+       "engine serves every OpenAI path whatever it says)"),
     _na(ISVC, "spec.endpoint.gateway", "Gateway API routes are the operator's; the agent registers the Service",
         subtree=True),
-    _na(ISVC, "spec.containerPort", "the agent picks a free port for the engine; the Service's 8080 maps to it"),
+    _na(ISVC, "spec.containerPort", "the agent picks a free port for the engine; the Service's port "
+        "(`endpoint.port`) maps to it"),
     # -- InferenceService: pods, images and other runtimes -----------------------------
     _na(ISVC, "spec.image", f"{_POD} (the engine binary is the Mac's)"),
     _na(ISVC, "spec.imagePullSecrets", _POD, subtree=True),
@@ -207,8 +209,9 @@ FIELDS: tuple[FieldRow, ...] = (
     _na(ISVC, "spec.personaPlexConfig", _OTHER_RUNTIME, subtree=True),
     # -- Model -------------------------------------------------------------------
     _h(MODEL, "spec.source", "fetched into the model store (http(s), hf://) or used in place (file://, a path "
-       "under `--allowed-model-roots`)"),
-    _h(MODEL, "spec.sha256", "verified before the first start; part of the spec hash"),
+       "under `--allowed-model-roots`); with `files`, the repository, prefix or directory they come from"),
+    _h(MODEL, "spec.sha256", "a downloaded file (with `files`: `files[0]`) is verified against it before the "
+       "first start; a local source (file://, a path) is served as it is, not hashed; part of the spec hash"),
     _h(MODEL, "spec.format", "`gguf` (llama-server) or `mlx` (mlx_lm.server); safetensors and pytorch refused"),
     _h(MODEL, "spec.sourceSecretRef.name", "the Secret whose `token` key authorises the download"),
     _h(MODEL, "spec.hardware.accelerator", "`metal` makes services of this Model ours"),
