@@ -142,6 +142,6 @@ def parse_acceleration(log_text: str) -> Acceleration | None:
 
 def problem_lines(log_text: str, limit: int = 5) -> list[str]:
     """The last `limit` lines that look like the reason a start failed."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    problems = [ln for ln in lines if _PROBLEM.search(ln) and not _NOT_A_PROBLEM.search(ln)]
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip() and not _NOT_A_PROBLEM.search(ln)]
+    problems = [ln for ln in lines if _PROBLEM.search(ln)]
     return problems[-limit:] if problems else lines[-limit:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metal_agent.core.llama_log import Acceleration, buffer_device, is_host_buffer, parse_acceleration
+from metal_agent.core.llama_log import Acceleration, buffer_device, is_host_buffer, parse_acceleration, problem_lines
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "llama_log"
 
@@ -113,3 +113,23 @@ def test_no_load_lines_means_unknown_and_cpu_builds_say_cpu():
     cpu_build = "warning: no usable GPU found, --gpu-layers option will be ignored\n"
     assert parse_acceleration(cpu_build) == Acceleration("CPU", 0, 0)
     assert parse_acceleration(cpu_build).as_status() == {"device": "CPU", "layersOffloaded": 0}
+
+
+def _log_lines(name: str) -> list[str]:
+    return [ln for ln in fixture(name).splitlines() if not ln.startswith("#")]
+
+
+def test_the_fit_warning_is_never_quoted_as_a_crash_cause():
+    """With -ngl always given, llama.cpp logs "failed to fit params ... already set by user ... abort"
+    on every start: it is its memory fitting standing aside, not a failure, and must never be the cause
+    a status quotes, neither among the errors nor among the last lines quoted when there are none."""
+    warning = _log_lines("fit_params_layers_set_by_user.log")
+    shortfall = _log_lines("metal_partial_offload_cpu_repack.log")[:2]  # the fit's own projection lines
+    crash = ["main: loading model", *warning, "llama_model_load: error loading model: tensor 'blk.0.attn_q.weight' "
+             "data is not within the file bounds", "main: exiting due to model loading error"]
+    assert problem_lines("\n".join(crash)) == crash[-2:]
+    quiet = ["main: loading model", *shortfall, *warning, "srv  load_model: loading"]
+    assert problem_lines("\n".join(quiet), limit=5) == ["main: loading model", *shortfall, "srv  load_model: loading"]
+    # The same words about anything else are still a problem.
+    other = "llama_params_fit: failed to fit params to free device memory: out of memory"
+    assert problem_lines(f"{warning[0]}\n{other}") == [other]
