@@ -65,10 +65,10 @@ from metal_agent.adapters.download_metrics import DownloadMetrics, Throttle
 from metal_agent.adapters.estimates import ESTIMATE_TIMEOUT, EstimateInputs
 from metal_agent.adapters.local_models import LocalModel, check_local_dir, check_local_file, read_gguf_header
 from metal_agent.adapters.model_lookup import Lookup, ModelPending, ModelReady
-from metal_agent.adapters.model_sets import lookup_set, present_set, set_failure_keys
+from metal_agent.adapters.model_sets import lookup_set, present_set, set_failure_keys, with_companions
 from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
 from metal_agent.adapters.snapshots import HubRepo, SnapshotDownload, resolve_repo, snapshot_paths
-from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceKind
+from metal_agent.core.api import InferenceServiceSpec, Model, ModelSpec, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy, policy
@@ -413,9 +413,11 @@ class ModelFiles:
         section (in a thread): windows of 1 MiB, never past 128 MiB."""
         return await asyncio.to_thread(read_gguf_header, path)
 
-    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,
-                              engine: Engine = LLAMA_SERVER) -> MemoryEstimate | EstimateFailed:
+    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec, engine: Engine = LLAMA_SERVER,
+                              model: ModelSpec | None = None) -> MemoryEstimate | EstimateFailed:
         """What the service `spec` will need with the model at `path` under `engine` (see core.memory):
         the files' inputs cached by identity, read in the estimates' own pool within a time limit
-        (see adapters.estimates)."""
-        return engine.estimate_with(await self.estimates.get(path, engine), spec)
+        (see adapters.estimates); with the Model's `model` spec, its other files (`spec.files`,
+        `spec.mmproj`) beside `path` count too."""
+        estimate = engine.estimate_with(await self.estimates.get(path, engine), spec)
+        return estimate if model is None else await with_companions(estimate, model, path)

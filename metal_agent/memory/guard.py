@@ -19,7 +19,6 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
-from metal_agent.adapters.model_sets import with_companions
 from metal_agent.core.workload import Workload
 from metal_agent.core.admission import Admit, Reject, admit
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, gib
@@ -71,8 +70,7 @@ class MemoryGuard:
         """The engine's estimate for the model at `path`, plus the weights and KV cache of the
         draft model at `draft` (speculative decoding loads both into the one process)."""
         engine = self.model_files.engine_of(workload.model)
-        estimate = await with_companions(await self.model_files.memory_estimate(path, workload.isvc.spec, engine),
-                                         workload.model.spec, path)
+        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec, engine, workload.model.spec)
         if draft is None or isinstance(estimate, EstimateFailed):
             return estimate
         extra = await self.model_files.memory_estimate(draft, workload.isvc.spec, engine)
