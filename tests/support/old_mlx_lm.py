@@ -5,10 +5,11 @@ passes only those (`core.mlx_dialect`); only a real older release proves it.
 0.30.5 is the last release before `--decode-concurrency` (0.30.6), and lacks
 `--prompt-cache-size`, `--prefill-step-size` (0.31.0) and `--kv-bits` (0.32.0).
 
-Cheap for a cold CI: the venv holds only the mlx-lm wheel (~370 kB, installed
-with `--no-deps`); MLX, transformers and the rest come from the test venv
+Cheap for a cold CI: the venv holds only the mlx-lm wheel (~370 kB) and the
+MLX of its time (`MLX_OF`, ~11 MB: old mlx-lm cannot run on today's MLX), all
+installed with `--no-deps`; transformers and the rest come from the test venv
 through a `.pth` line that adds its site-packages after the venv's own, so the
-old `mlx_lm` shadows the new one and nothing else is downloaded. Cached under
+old packages shadow the new ones and nothing else is downloaded. Cached under
 `~/.cache/metal-agent/mlx-lm-<version>-py<X.Y>` (a warm run reuses it; `make
 dev` builds it). Run as a script to build it: `python tests/support/old_mlx_lm.py`.
 """
@@ -23,6 +24,10 @@ import sys
 from pathlib import Path
 
 OLD_VERSION = "0.30.5"
+#: The MLX of the release's time: mlx-lm before 0.31.3 decodes on a stream made in the main thread,
+#: which MLX 0.31+ keeps per thread ("There is no Stream(cpu, 0) in current thread" at the first
+#: request), so the test venv's MLX cannot run it. mlx 0.30.4 (its floor) is ~11 MB with its CPU build.
+MLX_OF = {"0.30.5": ("mlx==0.30.4", "mlx-cpu==0.30.4" if sys.platform == "linux" else "mlx-metal==0.30.4")}
 
 
 def cache_root() -> Path:
@@ -45,7 +50,7 @@ def ensure(version: str = OLD_VERSION) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(work)], check=True)
     python = work / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
-                    "--no-input", f"mlx-lm=={version}"], check=True)
+                    "--no-input", f"mlx-lm=={version}", *MLX_OF[version]], check=True)
     own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                          check=True, capture_output=True, text=True).stdout.strip()
     shared = [p for p in site.getsitepackages() if p.startswith(sys.prefix)]
