@@ -28,6 +28,8 @@ from metal_agent.core.spec_reader import Reader
 from metal_agent.core.status import Blocker
 
 MAX_FILES = 64
+#: What the model store keeps beside a file (adapters.model_cache.CachePaths).
+STORE_SUFFIXES = (".partial", ".partial.json", ".sha256.json")
 MAX_PATH = 512
 _SEGMENT = re.compile(r"[A-Za-z0-9_+@-][A-Za-z0-9._+@-]{0,199}")
 _SPLIT = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
@@ -41,6 +43,11 @@ def _check_path(r: Reader, value: str, where: str) -> bool:
     if value.startswith("/") or any(not _SEGMENT.fullmatch(p) for p in parts):
         r.error(where, f"{value!r} must be a relative path of names made of letters, digits and . _ + @ - "
                 "(no leading '/', no '..', no glob, no empty segment)")
+        return False
+    if value.endswith(STORE_SUFFIXES):
+        # Beside each file the store keeps its partial download and its verification record; a
+        # file of the set named like one would overwrite another's.
+        r.error(where, f"{value!r} ends like a file of the model store ({', '.join(STORE_SUFFIXES)})")
         return False
     return True
 

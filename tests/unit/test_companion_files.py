@@ -57,12 +57,22 @@ def test_a_split_set_with_a_projector_is_accepted():
         ({"files": ["m.gguf"], "mmproj": "../mm.gguf"}, "spec.mmproj", "relative path"),
         ({"files": SPLIT[:2]}, "spec.files", "missing Q4/m-00003-of-00003.gguf"),
         ({"files": ["m.gguf"], "format": "mlx"}, "spec.files", "MLX models"),
+        ({"files": ["m.gguf", "m.gguf.sha256.json"]}, "spec.files[1]", "model store"),
+        ({"files": ["m.gguf"], "mmproj": "m.gguf.partial"}, "spec.mmproj", "model store"),
     ],
 )
 def test_names_a_stranger_may_not_give(spec, path, words):
     spec.setdefault("source", REPO)
     got = errors(**spec)
     assert path in got and words in got[path], got
+
+
+def test_the_store_suffixes_are_the_caches_own():
+    from metal_agent.adapters.model_cache import CachePaths
+    from metal_agent.core.companion_files import STORE_SUFFIXES
+
+    paths = CachePaths(Path("/c/m.gguf"))
+    assert {p.name.removeprefix("m.gguf") for p in (paths.partial, paths.partial_meta, paths.sidecar)} == set(STORE_SUFFIXES)
 
 
 def test_split_parts_follow_llamas_naming():
