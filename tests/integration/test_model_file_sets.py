@@ -17,7 +17,8 @@ import pytest
 
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.http_models import ModelHTTPServer
-from tests.support.isvc import Cluster
+from tests.support import tiny_mmproj
+from tests.support.isvc import GROUP, MERGE_PATCH, VERSION, Cluster
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -82,15 +83,33 @@ async def _blocked(cluster: Cluster, name: str, *needles: str):
     return status if all(n in text for n in needles) else None
 
 
-async def test_a_missing_projector_is_named_and_nothing_starts(env, tiny_split_model):
-    """A local set (`file://` directory) whose mmproj is not there: the service says which file,
-    starts nothing, and starts with `--mmproj` as soon as the file appears."""
+async def test_a_missing_projector_is_named_then_served_with_mmproj(env, tiny_split_model, tmp_path):
+    """A local set (`file://` directory) whose mmproj is not there: the service says which file and
+    starts nothing; once the file is there (and the Model touched, as an edit would), it starts with
+    `--mmproj` and llama-server loads the projector: its /props says it sees images."""
     cluster, agent, _ = env
-    directory = tiny_split_model[0].parent
+    directory = tmp_path / "set"
+    directory.mkdir()
+    for part in tiny_split_model:
+        (directory / part.name).symlink_to(part)
     await cluster.create_model("local-set", f"file://{directory}", files=[p.name for p in tiny_split_model],
-                               mmproj="mmproj-missing.gguf")
+                               mmproj="proj/mmproj.gguf")
     await agent.start()
     await cluster.create_isvc("vision", "local-set", contextSize=256)
-    await wait_for(lambda: _blocked(cluster, "vision", "mmproj-missing.gguf", "does not exist"), timeout=30,
+    await wait_for(lambda: _blocked(cluster, "vision", "proj/mmproj.gguf", "does not exist"), timeout=30,
                    what="missing mmproj reported")
     assert await agent.services() == []
+
+    (directory / "proj").mkdir()
+    (directory / "proj" / "mmproj.gguf").symlink_to(tiny_mmproj.ensure_mmproj())
+    await cluster.custom.patch_namespaced_custom_object(GROUP, VERSION, cluster.ns, "models", "local-set",
+                                                        {"metadata": {"annotations": {"touched": "1"}}},
+                                                        _content_type=MERGE_PATCH)
+    await cluster.wait_phase("vision", "Ready", timeout=60)
+    rows = await agent.services()
+    argv = served_argv(rows, f"{cluster.ns}/vision")
+    assert argv[argv.index("--mmproj") + 1] == str(directory / "proj" / "mmproj.gguf")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{rows[0]['port']}/props") as resp:
+            assert (await resp.json())["modalities"]["vision"] is True
+    assert (await chat(rows[0]["port"]))["usage"]["completion_tokens"] >= 1
