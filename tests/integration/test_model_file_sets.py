@@ -113,3 +113,34 @@ async def test_a_missing_projector_is_named_then_served_with_mmproj(env, tiny_sp
         async with http.get(f"http://127.0.0.1:{rows[0]['port']}/props") as resp:
             assert (await resp.json())["modalities"]["vision"] is True
     assert (await chat(rows[0]["port"]))["usage"]["completion_tokens"] >= 1
+
+
+async def test_a_set_from_the_hub_is_fetched_from_its_resolve_urls(control_plane, admin_api, namespace,
+                                                                  llama_server_bin, tiny_split_model, tmp_path):
+    """`hf://org/repo` with files: each file from `<HF_ENDPOINT>/org/repo/resolve/main/<name>`, as
+    LLMKube's init container fetches them (the hub played over real HTTP); the projector too."""
+    server = await ModelHTTPServer().start()
+    names = [f"Q4/{p.name}" for p in tiny_split_model]
+    for name, part in zip(names, tiny_split_model):
+        server.add(f"/org/tiny-gguf/resolve/main/{name}", part.read_bytes())
+    server.add("/org/tiny-gguf/resolve/main/mmproj-F32.gguf", tiny_mmproj.ensure_mmproj().read_bytes())
+    cluster = Cluster(admin_api, namespace)
+    agent = AgentProcess(AgentOptions(kubeconfig=control_plane.agent_kubeconfig, llama_server=llama_server_bin,
+                                      workdir=tmp_path, namespaces=(namespace,),
+                                      env={"HF_ENDPOINT": f"http://127.0.0.1:{server.port}"}))
+    try:
+        await cluster.create_model("hub-set", "hf://org/tiny-gguf", files=names, mmproj="mmproj-F32.gguf")
+        await agent.start()
+        await cluster.create_isvc("hub-vision", "hub-set", contextSize=256)
+        await cluster.wait_phase("hub-vision", "Ready", timeout=60)
+        rows = await agent.services()
+        argv = served_argv(rows, f"{cluster.ns}/hub-vision")
+        model, mmproj = Path(argv[argv.index("--model") + 1]), Path(argv[argv.index("--mmproj") + 1])
+        assert model.relative_to(tmp_path / "models").parts[1:] == ("Q4", tiny_split_model[0].name)
+        assert mmproj == model.parent.parent / "mmproj-F32.gguf"  # one directory per repository
+        assert (await chat(rows[0]["port"]))["usage"]["completion_tokens"] >= 1
+    finally:
+        if agent.process and agent.process.running:
+            await agent.stop()
+        await server.stop()
+        kill_recorded_processes(tmp_path / "state")
