@@ -48,7 +48,7 @@ import ssl
 
 import aiohttp
 import structlog
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
 from metal_agent.adapters.downloads import (
     DEFAULT_BACKOFF,
@@ -64,9 +64,9 @@ from metal_agent.adapters import egress_http
 from metal_agent.adapters.download_metrics import DownloadMetrics, Throttle
 from metal_agent.adapters.estimates import ESTIMATE_TIMEOUT, EstimateInputs
 from metal_agent.adapters.local_models import LocalModel, check_local_dir, check_local_file, read_gguf_header
+from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
 from metal_agent.adapters.model_lookup import Lookup, ModelPending, ModelReady
 from metal_agent.adapters.model_sets import lookup_set, present_set, set_failure_keys, with_companions
-from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
 from metal_agent.adapters.snapshots import HubRepo, SnapshotDownload, resolve_repo, snapshot_paths
 from metal_agent.core.api import InferenceServiceSpec, Model, ModelSpec, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
@@ -79,12 +79,9 @@ from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader
 from metal_agent.core.model_urls import HF_ENDPOINT, redact, resolve_source
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
-from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
-
-
 
 
 @dataclass(eq=False)

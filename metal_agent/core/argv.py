@@ -64,8 +64,8 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
-from metal_agent.core.companion_files import mmproj_path, path_of
 from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
+from metal_agent.core.companion_files import mmproj_path, path_of
 from metal_agent.core.extra_args import arity
 from metal_agent.core.flags import LOG_VERBOSITY
 from metal_agent.core.launch import Instance, LaunchSettings

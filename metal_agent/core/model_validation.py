@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import unquote
 
 from metal_agent.core import fields
-from metal_agent.core.companion_files import read_files
 from metal_agent.core.api import (
     Accelerator,
     GpuSpec,
@@ -34,6 +33,7 @@ from metal_agent.core.api import (
     ShardingStrategy,
     SourceKind,
 )
+from metal_agent.core.companion_files import read_files
 from metal_agent.core.object_meta import check_subdomain, display_name, read_meta, top_level
 from metal_agent.core.quantity import quantity_to_bytes
 from metal_agent.core.result import FieldError, Invalid, Parsed
