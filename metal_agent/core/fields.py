@@ -215,7 +215,8 @@ FIELDS: tuple[FieldRow, ...] = (
     _h(MODEL, "spec.format", "`gguf` (llama-server) or `mlx` (mlx_lm.server); safetensors and pytorch refused"),
     _h(MODEL, "spec.sourceSecretRef.name", "the Secret whose `token` key authorises the download"),
     _h(MODEL, "spec.hardware.accelerator", "`metal` makes services of this Model ours"),
-    _h(MODEL, "spec.hardware.gpu.layers", "`--n-gpu-layers` (0 or unset: all layers)"),
+    _h(MODEL, "spec.hardware.gpu.layers", "`--n-gpu-layers` (0 or unset: all layers, sent as 999; -1: llama.cpp "
+       "fits the layers to the free memory)"),
     _h(MODEL, "spec.hardware.gpu.sharding.strategy", "`--split-mode`"),
     _h(MODEL, "spec.hardware.gpu.sharding.layerSplit", "`--tensor-split`"),
     _h(MODEL, "spec.hardware.gpu.count", "checked against `layerSplit`'s length; a Mac has one GPU"),
