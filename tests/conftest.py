@@ -116,6 +116,12 @@ def mlx_server_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_split_model(llama_vocab: Path) -> list[Path]:
+    """`tiny_model`'s shape as a split GGUF of two parts (`tiny-split-0000i-of-00002.gguf`, one directory)."""
+    return tiny_models.ensure_split_model(tiny_models.DEFAULT, llama_vocab, 2)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_bad_head_dim(llama_vocab: Path) -> Path:
     """Like `tiny_model` but head dim 16, which quantized KV caches cannot divide."""
     return tiny_models.ensure_model(tiny_models.BAD_HEAD_DIM, llama_vocab)

@@ -48,7 +48,7 @@ import ssl
 
 import aiohttp
 import structlog
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
 from metal_agent.adapters.downloads import (
     DEFAULT_BACKOFF,
@@ -61,11 +61,14 @@ from metal_agent.adapters.downloads import (
     TokenUnavailable,
 )
 from metal_agent.adapters import egress_http
+from metal_agent.adapters.download_metrics import DownloadMetrics, Throttle
 from metal_agent.adapters.estimates import ESTIMATE_TIMEOUT, EstimateInputs
 from metal_agent.adapters.local_models import LocalModel, check_local_dir, check_local_file, read_gguf_header
 from metal_agent.adapters.model_cache import CachePaths, Verified, safe_file_name
+from metal_agent.adapters.model_lookup import Lookup, ModelPending, ModelReady
+from metal_agent.adapters.model_sets import lookup_set, present_set, set_failure_keys, with_companions
 from metal_agent.adapters.snapshots import HubRepo, SnapshotDownload, resolve_repo, snapshot_paths
-from metal_agent.core.api import InferenceServiceSpec, Model, SecretRef, SourceKind
+from metal_agent.core.api import InferenceServiceSpec, Model, ModelSpec, SecretRef, SourceKind
 from metal_agent.core.backoff import Backoff
 from metal_agent.core.download_limits import DownloadLimits
 from metal_agent.core.egress import REASON_TOKEN_HOST, EgressPolicy, policy
@@ -76,77 +79,9 @@ from metal_agent.core.engines.llama_server import LLAMA_SERVER
 from metal_agent.core.gguf_header import GGUFError, GGUFHeader
 from metal_agent.core.model_urls import HF_ENDPOINT, redact, resolve_source
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
-from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelReady:
-    path: Path
-    sha256: str | None = None  # known for downloaded files
-
-
-@dataclass(frozen=True)
-class ModelPending:
-    message: str
-
-
-Lookup = ModelReady | ModelPending | Blocker
-
-
-class DownloadMetrics:
-    """Per-service download progress, in bytes, labelled like LLMKube's per-service metrics."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.done = Gauge(P + "model_download_bytes", "bytes of the service's model file downloaded so far",
-                          ["name", "namespace"], registry=registry)
-        self.total = Gauge(P + "model_download_total_bytes", "size of the service's model file being downloaded "
-                           "(0 while unknown)", ["name", "namespace"], registry=registry)
-
-    def set(self, key: str, done: int, total: int | None) -> None:
-        namespace, name = key.split("/", 1)
-        self.done.labels(name, namespace).set(done)
-        self.total.labels(name, namespace).set(total or 0)
-
-    def forget(self, key: str) -> None:
-        namespace, name = key.split("/", 1)
-        for gauge in (self.done, self.total):
-            try:
-                gauge.remove(name, namespace)
-            except KeyError:
-                pass
-
-
-class _Throttle:
-    """Call `fire` at most once per `interval`; a call inside the window is deferred
-    to its end (never dropped), so the last state is always reported."""
-
-    def __init__(self, interval: float, fire: Callable[[], None]) -> None:
-        self.interval = interval
-        self.fire = fire
-        self.last = float("-inf")
-        self.pending: asyncio.TimerHandle | None = None
-
-    def __call__(self) -> None:
-        if self.pending is not None:
-            return
-        wait = self.last + self.interval - time.monotonic()
-        if wait <= 0:
-            self._run()
-        else:
-            self.pending = asyncio.get_running_loop().call_later(wait, self._run)
-
-    def _run(self) -> None:
-        self.pending = None
-        self.last = time.monotonic()
-        self.fire()
-
-    def cancel(self) -> None:
-        if self.pending is not None:
-            self.pending.cancel()
-            self.pending = None
 
 
 @dataclass(eq=False)
@@ -156,7 +91,7 @@ class _Job:
     download: Download
     waiters: set[str] = field(default_factory=set)
     task: asyncio.Task | None = None
-    throttle: _Throttle | None = None
+    throttle: Throttle | None = None
 
 
 @dataclass(frozen=True)
@@ -211,7 +146,7 @@ class ModelFiles:
         self._jobs: dict[Path, _Job] = {}
         self._ready: dict[Path, Verified] = {}
         self._failures: dict[tuple[Path, str | None], _Failure] = {}
-        self._waiting_on: dict[str, Path] = {}
+        self._waiting_on: dict[str, set[Path]] = {}
         self.estimates = EstimateInputs(LocalModel, timeout=estimate_timeout)
 
     # -- the reconciler's entry point ---------------------------------------------
@@ -231,11 +166,13 @@ class ModelFiles:
         """
         if directory is None:
             directory = self.engine_of(model).directory_model
+        if model.spec.files and not directory:
+            return lookup_set(self, model, key, secret_ref)
         where = self._locate(model, directory)
         if isinstance(where, tuple):
             return self._lookup_download(model, key, *where, secret_ref)
         if key is not None:
-            self._wait_on(key, None)  # no download (any more) for this service
+            self._wait_on(key, set())  # no download (any more) for this service
         return where
 
     def present(self, model: Model) -> Path | None:
@@ -243,6 +180,8 @@ class ModelFiles:
         download in the cache), without starting anything: what the fleet's placement prefers.
         Only a complete snapshot directory is ever at its final path (it is renamed there whole)."""
         directory = self.engine_of(model).directory_model
+        if model.spec.files and not directory:
+            return present_set(self, model)
         where = self._locate(model, directory)
         path = where.path if isinstance(where, ModelReady) else where[1].final if isinstance(where, tuple) else None
         if path is None:
@@ -273,21 +212,25 @@ class ModelFiles:
         return url, CachePaths.for_url(self.cache_dir, url, source.file_name)
 
     def _lookup_download(self, model: Model, key: str | None, url: str | HubRepo, paths: CachePaths,
-                         secret_ref: SecretRef | None) -> Lookup:
+                         secret_ref: SecretRef | None, expected: str | None | bool = True,
+                         wait: bool = True) -> Lookup:
         """Ready if verified and unchanged; else join the running download, repeat a
         remembered failure, or start a download. A token for a host that may not have
-        it is refused first: nothing is read or sent."""
+        it is refused first: nothing is read or sent. `expected`: the sha256 to verify
+        (True: the Model's); `wait`: record that `key` waits for this file alone (a file
+        set records all its files itself)."""
         if secret_ref is not None:
             first = url.listing_url if isinstance(url, HubRepo) else url
             why = self.egress.token_refusal(first)
             if why is not None:
-                if key is not None:
-                    self._wait_on(key, None)
+                if key is not None and wait:
+                    self._wait_on(key, set())
                 return Blocker(REASON_TOKEN_HOST, f"the Model names a token (spec.sourceSecretRef) for "
                                f"{redact(first)}, which may not receive it: {why}")
-        expected = model.spec.sha256
-        if key is not None:
-            self._wait_on(key, paths.final)
+        if expected is True:
+            expected = model.spec.sha256
+        if key is not None and wait:
+            self._wait_on(key, {paths.final})
 
         ready = self._ready.get(paths.final)
         if ready is not None:
@@ -311,7 +254,7 @@ class ModelFiles:
                 return failure.blocker
             del self._failures[(paths.final, expected)]
 
-        self._start(model, key, url, paths, secret_ref)
+        self._start(model, key, url, paths, secret_ref, expected)
         return ModelPending(f"download of {paths.final.name} is starting")
 
     def _unchanged(self, ready: Verified) -> bool:
@@ -322,15 +265,15 @@ class ModelFiles:
             return False
         return st.st_size == ready.size and st.st_mtime_ns == ready.mtime_ns
 
-    def _wait_on(self, key: str, dest: Path | None) -> None:
-        """Record what `key` waits for (None: no download); a service that switched
-        to another source stops waiting for the old download, and a download
+    def _wait_on(self, key: str, dests: set[Path]) -> None:
+        """Record what `key` waits for (empty: no download); a service that switched
+        to another source stops waiting for the old downloads, and a download
         nobody waits for any more is cancelled."""
-        previous = self._waiting_on.pop(key, None)
-        if dest is not None:
-            self._waiting_on[key] = dest
-        if previous is not None and previous != dest:
-            self._leave(key, previous)
+        previous = self._waiting_on.pop(key, set())
+        if dests:
+            self._waiting_on[key] = dests
+        for dest in previous - dests:
+            self._leave(key, dest)
 
     def _leave(self, key: str, dest: Path) -> None:
         job = self._jobs.get(dest)
@@ -350,7 +293,7 @@ class ModelFiles:
         return self._session
 
     def _start(self, model: Model, key: str | None, url: str | HubRepo, paths: CachePaths,
-               secret_ref: SecretRef | None) -> None:
+               secret_ref: SecretRef | None, expected: str | None) -> None:
         namespace = model.meta.namespace
 
         async def token() -> str | None:
@@ -366,15 +309,15 @@ class ModelFiles:
                                         on_update=lambda: job.throttle(), egress=self.egress, limits=self.limits)
         else:
             download = Download(
-                url, paths, model.spec.sha256, session=self._session_for_downloads(), token=token,
+                url, paths, expected, session=self._session_for_downloads(), token=token,
                 backoff=self.backoff, max_failures=self.max_failures, on_update=lambda: job.throttle(),
                 egress=self.egress, limits=self.limits,
             )
-        job = _Job(paths, model.spec.sha256, download, waiters={key} if key is not None else set())
-        job.throttle = _Throttle(self.progress_interval, lambda: self._report(job))
+        job = _Job(paths, expected, download, waiters={key} if key is not None else set())
+        job.throttle = Throttle(self.progress_interval, lambda: self._report(job))
         self._jobs[paths.final] = job
         log.info("model download started", url=download.where, path=str(paths.final),
-                 service=key, sha256=model.spec.sha256)
+                 service=key, sha256=expected)
         job.task = asyncio.get_running_loop().create_task(download.run(), name=f"download {paths.final}")
         job.task.add_done_callback(lambda task: self._finished(job, task))
 
@@ -429,8 +372,7 @@ class ModelFiles:
     def forget(self, key: str) -> None:
         """The service is gone: drop its gauges and stop waiting (a download nobody
         else waits for is cancelled; its partial file stays for next time)."""
-        dest = self._waiting_on.pop(key, None)
-        if dest is not None:
+        for dest in self._waiting_on.pop(key, set()):
             self._leave(key, dest)
         if self.metrics is not None:
             self.metrics.forget(key)
@@ -443,6 +385,8 @@ class ModelFiles:
             where = self._locate(model, directory)
             if isinstance(where, tuple):
                 self._failures.pop((where[1].final, model.spec.sha256), None)
+        for paths, expected in set_failure_keys(self, model):
+            self._failures.pop((paths, expected), None)
 
     def downloading(self) -> list[Path]:
         """Destinations with a download in flight (for diagnostics and tests)."""
@@ -466,9 +410,11 @@ class ModelFiles:
         section (in a thread): windows of 1 MiB, never past 128 MiB."""
         return await asyncio.to_thread(read_gguf_header, path)
 
-    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,
-                              engine: Engine = LLAMA_SERVER) -> MemoryEstimate | EstimateFailed:
+    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec, engine: Engine = LLAMA_SERVER,
+                              model: ModelSpec | None = None) -> MemoryEstimate | EstimateFailed:
         """What the service `spec` will need with the model at `path` under `engine` (see core.memory):
         the files' inputs cached by identity, read in the estimates' own pool within a time limit
-        (see adapters.estimates)."""
-        return engine.estimate_with(await self.estimates.get(path, engine), spec)
+        (see adapters.estimates); with the Model's `model` spec, its other files (`spec.files`,
+        `spec.mmproj`) beside `path` count too."""
+        estimate = engine.estimate_with(await self.estimates.get(path, engine), spec)
+        return estimate if model is None else await with_companions(estimate, model, path)

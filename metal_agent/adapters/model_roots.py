@@ -53,7 +53,12 @@ def workload_refusals(workload, model_raw: dict | None, roots: tuple[str, ...]) 
     errors = []
     for model in (workload.model, workload.draft):
         path = model.spec.source.local_path if model is not None else None
-        if path is not None and (why := source_refusal(path, roots)):
+        if path is None:
+            continue
+        # Each file of a set too: one may be a symbolic link out of the roots.
+        members = [os.path.join(path, name) for name in (*model.spec.files, model.spec.mmproj) if name]
+        why = next((w for p in (path, *members) if (w := source_refusal(p, roots))), None)
+        if why:
             errors.append(FieldError("spec.source", why, "Model", model.meta.key, SOURCE_NOT_ALLOWED, True))
     if why := source_refused(model_raw):
         errors.append(FieldError("spec.source", why, "Model", workload.model.meta.key, SOURCE_NOT_ALLOWED, True))

@@ -113,7 +113,8 @@ def render(
     )
     if refused := engine.server_refusals(workload, settings):
         _fail([_described(error) for error in refused])  # the agent on this Mac would refuse it too
-    instance = Instance(model_path or placeholder_model_path(workload.model.spec.source), port)
+    instance = Instance(model_path or placeholder_model_path(workload.model.spec.source, workload.model.spec.files),
+                        port)
     typer.echo(json.dumps(list(engine.argv(workload, settings, instance))))
 
 
@@ -147,13 +148,16 @@ def _accepted(paths: list[Path], default_runtime: str, allow_extra_arg: List[str
     return outcome.value, policy
 
 
-def placeholder_model_path(source: ModelSource) -> str:
+def placeholder_model_path(source: ModelSource, files: tuple[str, ...] = ()) -> str:
     """The file llama-server would be given, as far as we can tell offline.
 
     Local sources are their own path; anything downloaded is shown under the
     agent's cache with its file name, marked by the unexpanded `~` as a
-    placeholder rather than a file that exists.
+    placeholder rather than a file that exists. A file set (`spec.files`) is
+    loaded from its first file, below the source (or the set's cache directory).
     """
+    if files:
+        return f"{source.local_path or MODEL_CACHE_DISPLAY}/{files[0]}"
     return source.local_path or f"{MODEL_CACHE_DISPLAY}/{source.file_name or 'model.gguf'}"
 
 

@@ -25,6 +25,7 @@ from metal_agent.core.registration import (
     endpoint_path,
     endpoint_url,
     service_name_problem,
+    service_port,
 )
 from metal_agent.core.status import Blocker
 
@@ -94,7 +95,8 @@ class Publisher:
             reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name,
                                isvc_uid=raw["metadata"].get("uid") or "", address=self.address.registered,
                                port=port, ready=ready, model=str((raw.get("spec") or {}).get("modelRef") or ""),
-                               runtime=supervisor.plan.engine.runtime_label)
+                               runtime=supervisor.plan.engine.runtime_label,
+                               service_port=service_port(raw.get("spec")))
             await self.registrar.ensure(reg)
         except NameTaken as taken:
             # The name belongs to someone else's object: it stays untouched, the model keeps
@@ -162,7 +164,7 @@ class Publisher:
         if not self.registered(key):
             return None
         namespace, name = key.split("/", 1)
-        return endpoint_url(namespace, name, endpoint_path(raw.get("spec"), mode))
+        return endpoint_url(namespace, name, endpoint_path(raw.get("spec"), mode), service_port(raw.get("spec")))
 
     async def cleanup(self, namespaces: Iterable[str] | None, keep_service: Callable[[str, str], bool],
                       keep_slice: Callable[[str, str], bool]) -> int:

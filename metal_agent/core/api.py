@@ -210,6 +210,9 @@ class ModelSpec:
     format: ModelFormat = ModelFormat.GGUF
     hardware: HardwareSpec = HardwareSpec()
     source_secret_ref: SecretRef | None = None
+    # `files[0]` is the file the engine loads; the rest and `mmproj` lie beside it (core.companion_files).
+    files: tuple[str, ...] = ()
+    mmproj: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 from metal_agent.core.api import InferenceServiceSpec, Mode, ModelSpec, ShardingStrategy
+from metal_agent.core.companion_files import mmproj_path, path_of
 from metal_agent.core.extra_args import arity
 from metal_agent.core.flags import LOG_VERBOSITY
 from metal_agent.core.launch import Instance, LaunchSettings
@@ -118,6 +119,8 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         "--n-gpu-layers", _gpu_layers(model),
     ]
     argv += _split_args(model)
+    if mmproj := mmproj_path(model, instance.model_path):
+        argv += ["--mmproj", mmproj]
     argv += ["--ctx-size", str(spec.context_size)]
     argv += _rope_args(spec)
     argv += ["--parallel", str(spec.parallel_slots)]
@@ -149,8 +152,11 @@ def build_argv(workload: Workload, settings: LaunchSettings, instance: Instance)
         argv += ["--reasoning-budget", str(spec.reasoning_budget)]
         if spec.reasoning_budget_message:
             argv += ["--reasoning-budget-message", spec.reasoning_budget_message]
-    # The draft path is the workload's draft Model on this Mac (None when it has none).
-    argv += _speculative_args(spec, instance.draft_model_path if workload.draft is not None else None)
+    # The draft is the workload's draft Model on this Mac, or a file of the Model's set (draftModel).
+    draft = instance.draft_model_path if workload.draft is not None else None
+    if draft is None and spec.draft_model_file and model.files:
+        draft = path_of(model, instance.model_path, spec.draft_model_file)
+    argv += _speculative_args(spec, draft)
     if spec.jinja:
         argv.append("--jinja")
     elif spec.jinja is False and dialect.no_jinja:

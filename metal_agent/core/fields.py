@@ -135,9 +135,9 @@ FIELDS: tuple[FieldRow, ...] = (
        "(`--draft-model`), other types refused"),
     _h(ISVC, "spec.speculativeDecoding.draftModelRef", "the draft Model (GGUF for llama-server, `-md`; MLX for "
        "mlx_lm.server), fetched, verified, counted in memory admission and part of the spec hash"),
-    _refused(ISVC, "spec.speculativeDecoding.draftModel",
-             "refused: a draft named as a file of `Model.spec.files`, which the agent does not fetch; use "
-             "`draftModelRef`", when=None),
+    _h(ISVC, "spec.speculativeDecoding.draftModel", "llama-server: `-md` with that file of the Model's "
+       "`spec.files` (it must be listed there, so it is fetched with the model, counted in memory admission); "
+       "refused with `draftModelRef` too, and by mlx_lm.server"),
     _h(ISVC, "spec.speculativeDecoding.nDraftMax", "llama-server: `--spec-draft-n-max`; mlx_lm.server: "
        "`--num-draft-tokens`"),
     _h(ISVC, "spec.speculativeDecoding.pMin", "llama-server: `--spec-draft-p-min`; refused by mlx_lm.server, "
@@ -165,15 +165,18 @@ FIELDS: tuple[FieldRow, ...] = (
     _refused(ISVC, "spec.bindAddress", "refused: where the engine listens is the Mac owner's choice (the "
              "registered address, or `--bind-all`)"),
     # -- InferenceService: the Service ---------------------------------------------
-    _h(ISVC, "spec.endpoint.port", "8080 (the default) is the registered Service's port, as with LLMKube's Go "
-             "agent; any other port is refused", when=_not(8080)),
+    _h(ISVC, "spec.endpoint.port", "the registered Service's port (8080 when unset) and the port in "
+       "`status.endpoint`, as LLMKube's operator gives its Services; the Service forwards it to the engine's "
+       "port (LLMKube's Go agent always registered 8080)"),
     _h(ISVC, "spec.endpoint.type", "`ClusterIP` (the default) is the registered Service's type; NodePort and "
              "LoadBalancer are refused", when=_not("ClusterIP")),
     _refused(ISVC, "spec.endpoint.nodePort", "refused: the registered Service is a ClusterIP one"),
-    _na(ISVC, "spec.endpoint.path", "llama-server serves every OpenAI path; the path only documents the endpoint"),
+    _h(ISVC, "spec.endpoint.path", "the path `status.endpoint` ends with, as LLMKube's operator writes it (the "
+       "engine serves every OpenAI path whatever it says)"),
     _na(ISVC, "spec.endpoint.gateway", "Gateway API routes are the operator's; the agent registers the Service",
         subtree=True),
-    _na(ISVC, "spec.containerPort", "the agent picks a free port for the engine; the Service's 8080 maps to it"),
+    _na(ISVC, "spec.containerPort", "the agent picks a free port for the engine; the Service's port "
+        "(`endpoint.port`) maps to it"),
     # -- InferenceService: pods, images and other runtimes -----------------------------
     _na(ISVC, "spec.image", f"{_POD} (the engine binary is the Mac's)"),
     _na(ISVC, "spec.imagePullSecrets", _POD, subtree=True),
@@ -206,12 +209,14 @@ FIELDS: tuple[FieldRow, ...] = (
     _na(ISVC, "spec.personaPlexConfig", _OTHER_RUNTIME, subtree=True),
     # -- Model -------------------------------------------------------------------
     _h(MODEL, "spec.source", "fetched into the model store (http(s), hf://) or used in place (file://, a path "
-       "under `--allowed-model-roots`)"),
-    _h(MODEL, "spec.sha256", "verified before the first start; part of the spec hash"),
+       "under `--allowed-model-roots`); with `files`, the repository, prefix or directory they come from"),
+    _h(MODEL, "spec.sha256", "a downloaded file (with `files`: `files[0]`) is verified against it before the "
+       "first start; a local source (file://, a path) is served as it is, not hashed; part of the spec hash"),
     _h(MODEL, "spec.format", "`gguf` (llama-server) or `mlx` (mlx_lm.server); safetensors and pytorch refused"),
     _h(MODEL, "spec.sourceSecretRef.name", "the Secret whose `token` key authorises the download"),
     _h(MODEL, "spec.hardware.accelerator", "`metal` makes services of this Model ours"),
-    _h(MODEL, "spec.hardware.gpu.layers", "`--n-gpu-layers` (0 or unset: all layers)"),
+    _h(MODEL, "spec.hardware.gpu.layers", "`--n-gpu-layers` (0 or unset: all layers, sent as 999; -1: llama.cpp "
+       "fits the layers to the free memory)"),
     _h(MODEL, "spec.hardware.gpu.sharding.strategy", "`--split-mode`"),
     _h(MODEL, "spec.hardware.gpu.sharding.layerSplit", "`--tensor-split`"),
     _h(MODEL, "spec.hardware.gpu.count", "checked against `layerSplit`'s length; a Mac has one GPU"),
@@ -219,8 +224,12 @@ FIELDS: tuple[FieldRow, ...] = (
     _h(MODEL, "spec.hardware.memoryFraction", "the budget as a fraction of RAM"),
     _h(MODEL, "spec.refreshPolicy", "`IfNotPresent` (the default) is what the agent does; `OnChange` is refused "
        "(a cached model is never fetched again: change the source or sha256)", when=_not("IfNotPresent")),
-    _refused(MODEL, "spec.files", "refused: companion files (split GGUF parts) are not fetched yet"),
-    _refused(MODEL, "spec.mmproj", "refused: a vision projector is not fetched nor passed (`--mmproj`) yet"),
+    _h(MODEL, "spec.files", "the files fetched from `source` (then a repository, prefix or directory) into one "
+       "directory, each checked (relative, no `..`, no glob, at most 64); `files[0]` is loaded, a split GGUF's "
+       "other parts (`-0000N-of-0000M.gguf`, all required) beside it; `sha256` verifies `files[0]`; every file "
+       "counted in memory admission and part of the spec hash"),
+    _h(MODEL, "spec.mmproj", "fetched with `files` (which must be set, as LLMKube requires) and passed as "
+       "`--mmproj`; counted in memory admission"),
     _na(MODEL, "spec.hardware.gpu.enabled", "Metal is always there; `layers` says how much runs on it"),
     _na(MODEL, "spec.hardware.gpu.memory", f"{_GPU_NODE}; memory admission reads the model itself"),
     _na(MODEL, "spec.hardware.gpu.vendor", _GPU_NODE),

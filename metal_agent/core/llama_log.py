@@ -51,6 +51,15 @@ _DEVICE_SUFFIX = re.compile(r"_(?:Mapped|Private|Shared)$")
 # every layer then runs on the CPU, whatever --n-gpu-layers says.
 _NO_GPU = re.compile(r"no usable GPU found")
 _PROBLEM = re.compile(r"\b(error|failed|failure|unsupported|invalid|unknown|cannot|can't|abort|terminate)", re.I)
+# Lines that read like trouble but are not. llama.cpp's memory fitting (`--fit`, on by default;
+# common/fit.cpp in the pinned build) stands aside when the layer count (or tensor split, or tensor
+# overrides) was given: whenever the projection exceeds the free device memory less its margin (a
+# big model on a Mac, routinely) it warns "failed to fit params to free device memory: n_gpu_layers
+# already set by user to 999, abort" and loads as asked. The agent always passes --n-gpu-layers, so
+# quoting it as the cause of a crash would mislead. Its "cannot meet free memory target" line is the
+# fitting's own projection. ("was unable to fit model into system memory" stays: that one can be.)
+_NOT_A_PROBLEM = re.compile(r"failed to fit params to free device memory: .*already set by user"
+                            r"|llama_params_fit\w*: cannot meet free memory target")
 
 
 @dataclass(frozen=True)
@@ -72,10 +81,16 @@ class Acceleration:
     def partial(self) -> bool:
         """Some layers, but not all, are on the GPU: the rest run on the CPU, slowly.
 
-        llama.cpp fits what it can into the memory the GPU may use and leaves
-        the remainder on the CPU, so on a Mac (one GPU, unified memory) a
-        partial offload is a memory shortfall, unless fewer layers were asked
-        for (`spec.hardware.gpu.layers`), which only the caller knows.
+        The agent always passes `--n-gpu-layers` (999 for "all"), and with a
+        count given llama.cpp's memory fitting stands aside ("failed to fit
+        params ... n_gpu_layers already set by user ... abort", a warning
+        whenever the model does not fit the free memory with llama.cpp's
+        margin, not a failure): the layers asked for are loaded or the load
+        fails. So a partial offload means fewer layers were asked for
+        (`spec.hardware.gpu.layers` N, or an `-ngl` in `extraArgs`), or
+        `gpu.layers: -1` (auto), where llama.cpp fits the layers to the free
+        memory and a partial offload is a memory shortfall. Only the caller
+        knows which (`core.status`).
         """
         return 0 < self.layers_offloaded < self.layers_total
 
@@ -130,6 +145,6 @@ def parse_acceleration(log_text: str) -> Acceleration | None:
 
 def problem_lines(log_text: str, limit: int = 5) -> list[str]:
     """The last `limit` lines that look like the reason a start failed."""
-    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip() and not _NOT_A_PROBLEM.search(ln)]
     problems = [ln for ln in lines if _PROBLEM.search(ln)]
     return problems[-limit:] if problems else lines[-limit:]

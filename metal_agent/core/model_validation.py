@@ -33,6 +33,7 @@ from metal_agent.core.api import (
     ShardingStrategy,
     SourceKind,
 )
+from metal_agent.core.companion_files import read_files
 from metal_agent.core.object_meta import check_subdomain, display_name, read_meta, top_level
 from metal_agent.core.quantity import quantity_to_bytes
 from metal_agent.core.result import FieldError, Invalid, Parsed
@@ -67,7 +68,9 @@ def parse_model(raw: Any) -> Parsed[Model] | Invalid:
     spec = r.mapping(obj, "spec", "spec", required=True)
 
     # An MLX model is a directory, so its source may name one (format is checked below).
-    source = _read_source(r, spec, directory=isinstance(spec, Mapping) and spec.get("format") == ModelFormat.MLX.value)
+    # With spec.files the source names the repository or directory they come from.
+    source = _read_source(r, spec, directory=isinstance(spec, Mapping) and (
+        spec.get("format") == ModelFormat.MLX.value or bool(spec.get("files"))))
     sha256 = r.string(spec, "sha256", "spec.sha256") or None
     if sha256 is not None:
         if _SHA256.fullmatch(sha256):
@@ -78,6 +81,7 @@ def parse_model(raw: Any) -> Parsed[Model] | Invalid:
     fmt = r.enum(spec, "format", "spec.format", ModelFormat, default=ModelFormat.GGUF)
     hardware = _read_hardware(r, spec)
     secret_ref = _read_secret_ref(r, spec)
+    files, mmproj = read_files(r, spec, fmt)
     if spec is not None:
         r.errors.extend(fields.refusals(MODEL_KIND, spec, r.name))
 
@@ -87,7 +91,7 @@ def parse_model(raw: Any) -> Parsed[Model] | Invalid:
         Model(
             meta=meta,
             spec=ModelSpec(source=source, sha256=sha256, format=fmt or ModelFormat.GGUF, hardware=hardware,
-                           source_secret_ref=secret_ref),
+                           source_secret_ref=secret_ref, files=files, mmproj=mmproj),
         )
     )
 

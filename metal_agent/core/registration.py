@@ -54,6 +54,7 @@ class Registration:
     member: str | None = None  # fleet mode: this Mac's member name; its slice is named for it
     model: str = ""  # spec.modelRef, for the `inference.llmkube.dev/model` label
     runtime: str = RUNTIME_LLAMACPP
+    service_port: int = SERVICE_PORT  # spec.endpoint.port: the port clients dial on the Service
 
 
 def service_name(isvc_name: str) -> str:
@@ -116,8 +117,16 @@ def endpoint_path(raw_spec: dict | None, mode: str = "chat") -> str:
     return given if isinstance(given, str) and given.startswith("/") else _MODE_PATHS.get(mode, _MODE_PATHS["chat"])
 
 
-def endpoint_url(namespace: str, isvc_name: str, path: str = "") -> str:
-    return f"http://{service_name(isvc_name)}.{namespace}.svc.cluster.local:{SERVICE_PORT}{path}"
+def service_port(raw_spec: dict | None) -> int:
+    """The Service's port: `spec.endpoint.port` (1-65535), as LLMKube's operator gives the
+    Services it creates and writes into `status.endpoint`; 8080 when unset."""
+    given = ((raw_spec or {}).get("endpoint") or {}).get("port") if isinstance(raw_spec, dict) else None
+    valid = isinstance(given, int) and not isinstance(given, bool) and 0 < given < 65536
+    return given if valid else SERVICE_PORT
+
+
+def endpoint_url(namespace: str, isvc_name: str, path: str = "", port: int = SERVICE_PORT) -> str:
+    return f"http://{service_name(isvc_name)}.{namespace}.svc.cluster.local:{port}{path}"
 
 
 def label_value(value: str) -> str:
@@ -161,7 +170,7 @@ def desired_service(reg: Registration) -> dict:
             "type": "ClusterIP",
             # In a fleet each Mac's llama-server has its own port: the port's name says where
             # to go (kube-proxy takes a selector-less Service's port from the slices).
-            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "targetPort": PORT_NAME if reg.member else reg.port,
+            "ports": [{"name": PORT_NAME, "port": reg.service_port, "targetPort": PORT_NAME if reg.member else reg.port,
                        "protocol": "TCP"}],
         },
     }

@@ -80,6 +80,9 @@ def _payload(model: ModelSpec, spec: InferenceServiceSpec, draft: ModelSpec | No
         "model.gpuLayers": gpu.layers,
         "model.splitMode": sharding.strategy.value if sharding and sharding.strategy else None,
         "model.layerSplit": [format(p, "f") for p in sharding.layer_split] if sharding else [],
+        # Set only with files (so no other digest moves): which files make the model.
+        "model.files": list(model.files),
+        "model.mmproj": model.mmproj,
         # InferenceService: every field that reaches the command line.
         "contextSize": spec.context_size,
         "rope.type": rope.type.value if rope and rope.type else None,

@@ -107,10 +107,14 @@ def _process_condition(inputs: StatusInputs) -> Condition:
 def _offload_shortfall(inputs: StatusInputs) -> str:
     """Why a serving process is slower than it should be: only part of the model is on the GPU.
 
-    llama.cpp puts on the GPU what fits in the memory it may use and runs the
-    rest on the CPU, so a partial offload of a Model that asks for all layers
-    (or for more than it got) means this Mac is short of memory. It still
-    serves, so the process stays Ready; the message says what is wrong.
+    With `gpu.layers: -1` (auto) llama.cpp fits the layers to the memory the
+    GPU may use and runs the rest on the CPU, so a partial offload means this
+    Mac is short of memory. With a count (999 for "all") llama.cpp loads what
+    was asked (see `Acceleration.partial`), so a partial offload below the
+    count asked for comes from elsewhere (an `-ngl` in `extraArgs`, a build
+    that clamps); it is still worth a word. Reaching the count asked for is
+    not. It still serves, so the process stays Ready; the message says what
+    is wrong.
     """
     accel = inputs.process.acceleration if inputs.process else None
     if accel is None or not accel.partial:

@@ -177,7 +177,8 @@ class Placer:
         path = self.model_files.present(workload.model)
         if path is None:
             return True
-        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec, self.model_files.engine_of(workload.model))
+        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec, self.model_files.engine_of(workload.model),
+                                                          workload.model.spec)
         running = {**self.memory.committed, **self.local.reserved}
         verdict = admit(key, estimate, running, hardware=workload.model.spec.hardware, total_ram_bytes=self.s.total_ram,
                         agent_fraction=self.s.agent_fraction, mode=self.memory.mode)

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from metal_agent.core.api import InferenceServiceSpec, Model
+from metal_agent.core.api import InferenceServiceSpec, Model, ModelSpec
 from metal_agent.core.engine import Engine
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate
 
@@ -62,8 +62,8 @@ class ModelFilesPort(Protocol):
 
     def engine_of(self, model: Model) -> Engine: ...
 
-    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec,
-                              engine: Engine) -> MemoryEstimate | EstimateFailed: ...
+    async def memory_estimate(self, path: Path, spec: InferenceServiceSpec, engine: Engine,
+                              model: ModelSpec | None = None) -> MemoryEstimate | EstimateFailed: ...
 
 
 class EventSink(Protocol):

@@ -21,6 +21,7 @@ from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.core.workload import Workload
 from metal_agent.core.admission import INSUFFICIENT_MEMORY, Admit, Reject, admit
+from metal_agent.core.companion_files import path_of
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, gib
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
@@ -77,18 +78,25 @@ class MemoryGuard:
                                ["name", "namespace"], registry=registry)
 
     async def _estimate(self, workload: Workload, path: Path, draft: Path | None) -> MemoryEstimate | EstimateFailed:
-        """The engine's estimate for the model at `path`, plus the weights and KV cache of the
-        draft model at `draft` (speculative decoding loads both into the one process)."""
+        """The engine's estimate for the model at `path` (with the other files of its set), plus the
+        weights and KV cache of the draft model at `draft`, or the KV cache of a draft that is a file of
+        the set (`draftModel`: its weights are already counted); speculative decoding loads both into
+        the one process."""
         engine = self.model_files.engine_of(workload.model)
-        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec, engine)
+        model = workload.model.spec
+        estimate = await self.model_files.memory_estimate(path, workload.isvc.spec, engine, model)
+        in_set = draft is None and bool(workload.isvc.spec.draft_model_file) and bool(model.files)
+        if in_set:
+            draft = Path(path_of(model, str(path), workload.isvc.spec.draft_model_file or ""))
         if draft is None or isinstance(estimate, EstimateFailed):
             return estimate
         extra = await self.model_files.memory_estimate(draft, workload.isvc.spec, engine)
         if isinstance(extra, EstimateFailed):
             return EstimateFailed(f"draft model: {extra.message}")
-        return replace(estimate, weights_bytes=estimate.weights_bytes + extra.weights_bytes,
+        weights = 0 if in_set else extra.weights_bytes
+        return replace(estimate, weights_bytes=estimate.weights_bytes + weights,
                        kv_bytes=estimate.kv_bytes + extra.kv_bytes,
-                       notes=(*estimate.notes, f"includes the draft model ({gib(extra.weights_bytes + extra.kv_bytes)})"))
+                       notes=(*estimate.notes, f"includes the draft model ({gib(weights + extra.kv_bytes)})"))
 
     async def check(self, key: str, workload: Workload, path: Path, draft: Path | None = None) -> Admit | Waiting:
         """May `key` start now with the model at `path` (and its draft model at `draft`)?"""

@@ -327,3 +327,29 @@ async def test_llama_server_runs_the_speculative_decoding_the_spec_asks_for(bloc
         ran = re.compile(rf"statistics\s+{spec_type(outcome.value.isvc.spec)}: #calls")
         await wait_for(lambda: ran.search(server.stderr_text()), timeout=10, what="speculation statistics",
                        on_timeout=lambda: server.stderr_text()[-2000:])
+
+async def test_a_split_gguf_and_a_draft_file_of_the_set_run(llama_server_bin, tiny_split_model, tiny_model, dialect,
+                                                           tmp_path):
+    """A Model of `spec.files`: llama-server is given the first part and finds the second beside it;
+    `draftModel` names another file of the set, passed as `-md` from the same base directory."""
+    for part in tiny_split_model:
+        (tmp_path / part.name).symlink_to(part)
+    (tmp_path / "draft").mkdir()
+    (tmp_path / "draft" / "tiny.gguf").symlink_to(tiny_model)
+    files = [p.name for p in tiny_split_model] + ["draft/tiny.gguf"]
+    outcome = evaluate(isvc_doc(speculativeDecoding={"type": "draft", "draftModel": "draft/tiny.gguf", "nDraftMax": 3},
+                                contextSize=512),
+                       model_doc(source=f"file://{tmp_path}", files=files))
+    assert not isinstance(outcome, Invalid), outcome
+    port = free_port()
+    settings, instance = options(llama_server_bin, tmp_path / files[0], port, MlockStyle.LOAD_MODE, dialect)
+    argv = build_argv(outcome.value, settings, instance)
+    assert argv[argv.index("--model") + 1] == str(tmp_path / files[0])
+    assert argv[argv.index("-md") + 1] == str(tmp_path / "draft" / "tiny.gguf")
+    async with running_llama_server(list(argv), port=port) as server, aiohttp.ClientSession() as http:
+        body = {"prompt": "hello hello hello hello", "n_predict": 8, "temperature": 0}
+        async with http.post(f"{server.base_url}/completion", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["tokens_predicted"] > 0
+        # Both parts were loaded: llama.cpp names the split it reads the tensors from.
+        assert re.search(r"additional 1 GGUFs metadata loaded", server.stderr_text()), server.stderr_text()[-3000:]

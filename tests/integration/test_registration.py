@@ -111,6 +111,31 @@ async def test_service_and_slice_follow_the_contract_and_serve(mac):
     assert out.decode().strip() == "refused"
 
 
+async def test_endpoint_port_is_the_services_port_and_moves_without_a_respawn(mac):
+    """`spec.endpoint.port` is what LLMKube's operator makes the Service port and writes into
+    status.endpoint; the agent's Service follows it (targetPort stays the engine's), and a change
+    moves the Service without touching the process (the port is not on its command line)."""
+    cluster, _, make_agent = mac
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("ported", "tiny", contextSize=256, endpoint={"port": 9000, "path": "/v1/completions"})
+    status = await cluster.wait_phase("ported", "Ready")
+    assert status["endpoint"] == f"http://ported.{cluster.ns}.svc.cluster.local:9000/v1/completions"
+    [row] = await agent.services()
+    svc = await cluster.core.read_namespaced_service("ported", cluster.ns)
+    assert [(p.port, p.target_port) for p in svc.spec.ports] == [(9000, row["port"])]
+
+    await cluster.patch_isvc("ported", {"endpoint": {"port": 8081}})
+
+    async def moved():
+        svc = await cluster.core.read_namespaced_service("ported", cluster.ns)
+        status = await cluster.status("ported")
+        return svc.spec.ports[0].port == 8081 and status.get("endpoint", "").endswith(":8081/v1/completions")
+
+    await wait_for(moved, timeout=20, what="Service and status.endpoint on port 8081")
+    assert [(r["pid"], r["port"]) for r in await agent.services()] == [(row["pid"], row["port"])]
+
+
 def cmdline_value(pid: int, flag: str) -> str:
     argv = psutil.Process(pid).cmdline()
     return argv[argv.index(flag) + 1]

@@ -158,3 +158,22 @@ def test_render_refuses_a_source_outside_the_roots_and_takes_the_flag(tmp_path):
                              timeout=120)
     assert allowed.returncode == 0, allowed.stderr
     assert _untouched(secret)
+
+
+@pytest.mark.parametrize("member", ["files", "mmproj"])
+def test_a_file_of_a_set_linked_out_of_the_roots_is_refused(layout, member):
+    """`spec.files` names are checked (no `..`, no leading `/`), but a name inside the root may be a
+    symbolic link out of it: each file of a local set is resolved like the source itself."""
+    root, _, secret = layout
+    _trap(root / "set" / "m-00001-of-00002.gguf")
+    _trap(root / "set" / "m-00002-of-00002.gguf")
+    (root / "set" / "linked.gguf").symlink_to(secret)
+    files = ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
+    spec = {"files": files + ["linked.gguf"]} if member == "files" else {"files": files, "mmproj": "linked.gguf"}
+    outcome = evaluate(isvc_doc(), model_doc(source=f"file://{root / 'set'}", **spec))
+    assert isinstance(outcome, Parsed), outcome
+    errors = workload_refusals(outcome.value, None, (str(root),))
+    assert [(e.path, e.reason) for e in errors] == [("spec.source", "SourceNotAllowed")]
+    clean = evaluate(isvc_doc(), model_doc(source=f"file://{root / 'set'}", files=files))
+    assert workload_refusals(clean.value, None, (str(root),)) == ()
+    assert _untouched(secret)

@@ -150,7 +150,7 @@ class FakeModelFiles:
     def engine_of(self, model):
         return None
 
-    async def memory_estimate(self, path, spec, engine):
+    async def memory_estimate(self, path, spec, engine, model=None):
         raise AssertionError("no model is on disk in these tests")
 
 

@@ -114,7 +114,30 @@ def _copy_tokenizer(reader, writer) -> int:
     return n_vocab
 
 
-def _write_model(shape: TinyShape, vocab: Path, out: Path) -> None:
+def ensure_split_model(shape: TinyShape, vocab: Path, parts: int = 2, out_dir: Path | None = None) -> list[Path]:
+    """The model for `shape` written as a split GGUF of `parts` files (`<stem>-0000i-of-0000N.gguf`, in
+    a directory of their own), as llama.cpp's gguf-split lays it out: the gguf package's writer
+    shards it (`split.no`, `split.count`, `split.tensors.count` in each part, metadata in the first)."""
+    single = model_path(shape, vocab, out_dir or default_cache_dir())
+    directory = single.with_name(f"{single.stem}-split{parts}")
+    n_tensors = 3 + 9 * shape.n_layer
+    names = [directory / f"tiny-split-{i:05d}-of-{parts:05d}.gguf" for i in range(1, parts + 1)]
+    if not all(p.exists() for p in names):
+        tmp = directory.with_name(f"{directory.name}.{os.getpid()}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        _write_model(shape, vocab, tmp / "tiny-split.gguf", split_max_tensors=-(-n_tensors // parts))
+        written = sorted(p.name for p in tmp.iterdir())
+        if written != [p.name for p in names]:
+            raise RuntimeError(f"the gguf writer made {written}, expected {[p.name for p in names]}")
+        if directory.exists():
+            for old in directory.iterdir():
+                old.unlink()
+            directory.rmdir()
+        os.replace(tmp, directory)
+    return names
+
+
+def _write_model(shape: TinyShape, vocab: Path, out: Path, split_max_tensors: int = 0) -> None:
     import gguf
     import numpy as np
 
@@ -124,7 +147,7 @@ def _write_model(shape: TinyShape, vocab: Path, out: Path) -> None:
     def weights(*dims: int) -> "np.ndarray":
         return (rng.standard_normal(dims) * 0.02).astype(np.float32)
 
-    writer = gguf.GGUFWriter(str(out), arch="llama")
+    writer = gguf.GGUFWriter(str(out), arch="llama", split_max_tensors=split_max_tensors)
     writer.add_name("metal-agent tiny test model")
     writer.add_context_length(shape.n_ctx_train)
     writer.add_embedding_length(shape.n_embd)
@@ -165,6 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     for shape in (DEFAULT, BAD_HEAD_DIM):
         print(ensure_model(shape, args.vocab, args.out_dir))
+    print(*ensure_split_model(DEFAULT, args.vocab, 2, args.out_dir))
 
 
 if __name__ == "__main__":

@@ -395,7 +395,9 @@ def test_no_speculation_says_nothing(kind):
 @pytest.mark.parametrize(("block", "path", "reason"), [
     pytest.param({"type": "medusa"}, "spec.speculativeDecoding.type", "", id="unknown-type"),
     pytest.param({"type": "draft-simple", "draftModel": "drafter.gguf"}, "spec.speculativeDecoding.draftModel",
-                 "UnsupportedField", id="draft-as-a-file-of-spec-files"),
+                 "", id="draft-file-not-in-spec-files"),
+    pytest.param({"type": "draft-simple", "draftModel": "drafter.gguf", "draftModelRef": "small"},
+                 "spec.speculativeDecoding.draftModel", "", id="draft-file-and-draft-model"),
     pytest.param({"type": "draft-simple"}, "spec.speculativeDecoding.draftModelRef", "", id="draft-type-without-weights"),
     pytest.param({"type": "ngram-simple", "draftModelRef": "small"}, "spec.speculativeDecoding.draftModelRef", "",
                  id="ngram-with-weights"),
@@ -407,6 +409,21 @@ def test_speculative_decoding_llama_server_cannot_run_is_refused_by_field(block,
 
     [error] = evaluate(isvc_doc(speculativeDecoding=block), model_doc()).errors
     assert (error.path, error.reason) == (path, reason)
+
+
+def test_a_draft_file_of_the_models_set_is_passed_from_beside_the_model():
+    """LLMKube's `draftModel`: a file of the Model's `spec.files`, staged beside the model file."""
+    from metal_agent.core.claim import evaluate
+    from metal_agent.core.launch import Instance
+    from tests.support.manifests import isvc_doc, model_doc
+
+    model = model_doc(source="hf://org/Repo-GGUF", files=["big/m.gguf", "small/d.gguf"])
+    got = evaluate(isvc_doc(speculativeDecoding={"type": "draft", "draftModel": "small/d.gguf"}), model)
+    argv = build_argv(got.value, SPEC_OPTIONS[0], Instance("/cache/x/big/m.gguf", 1))
+    assert has_run(argv, ["--spec-type", "draft-simple", "-md", "/cache/x/small/d.gguf"])
+    [error] = evaluate(isvc_doc(speculativeDecoding={"type": "ngram-simple", "draftModel": "small/d.gguf"}),
+                       model).errors
+    assert error.path == "spec.speculativeDecoding.draftModel" and "takes no draft model" in error.message
 
 
 def test_speculative_decoding_is_part_of_the_digest_and_aliases_hash_alike():

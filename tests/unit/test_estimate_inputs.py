@@ -195,3 +195,19 @@ async def test_admission_of_an_honest_service_is_not_delayed_by_a_hostile_or_sta
     assert isinstance(hostile_verdict, (Admit, Waiting))  # parses in well under the limit: refused or admitted by its numbers
     assert isinstance(stalled_verdict, Waiting) and stalled_verdict.blocker.reason == "MemoryCheckFailed"
     assert "took longer than 1.5 s" in stalled_verdict.blocker.message
+
+
+async def test_a_draft_file_of_the_set_adds_its_kv_cache_once_and_its_weights_once(store, tmp_path):
+    """`draftModel` names a file of the Model's `spec.files`: its bytes are counted with the set's
+    files, its KV cache by the draft estimate, neither twice."""
+    files = store()
+    guard = MemoryGuard(files, CollectorRegistry(), total_ram=lambda: 64 * GiB)
+    main, draft = honest(tmp_path / "m.gguf", layers=4), honest(tmp_path / "d.gguf", layers=2)
+    plain = workload(source=f"file://{tmp_path}", files=["m.gguf"])
+    with_draft = workload({"speculativeDecoding": {"type": "draft", "draftModel": "d.gguf"}},
+                          source=f"file://{tmp_path}", files=["m.gguf", "d.gguf"])
+    base = await guard._estimate(plain, main, None)
+    alone = await files.memory_estimate(draft, with_draft.isvc.spec)
+    got = await guard._estimate(with_draft, main, None)
+    assert got.weights_bytes == base.weights_bytes + draft.stat().st_size
+    assert got.kv_bytes == base.kv_bytes + alone.kv_bytes and alone.kv_bytes > 0

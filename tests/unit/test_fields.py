@@ -105,12 +105,9 @@ REFUSED_EXAMPLES = {
     (ISVC, "spec.command"): ["/bin/sh"],
     (ISVC, "spec.env"): [{"name": "LLAMA_ARG_MODEL", "value": "/etc/passwd"}],
     (ISVC, "spec.bindAddress"): "::",
-    (ISVC, "spec.endpoint.port"): 8000,
     (ISVC, "spec.endpoint.type"): "LoadBalancer",
     (ISVC, "spec.endpoint.nodePort"): 30080,
     (MODEL, "spec.refreshPolicy"): "OnChange",
-    (MODEL, "spec.files"): ["model-00001-of-00002.gguf", "model-00002-of-00002.gguf"],
-    (MODEL, "spec.mmproj"): "mmproj-F16.gguf",
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metal_agent.core.llama_log import Acceleration, buffer_device, is_host_buffer, parse_acceleration
+from metal_agent.core.llama_log import Acceleration, buffer_device, is_host_buffer, parse_acceleration, problem_lines
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "llama_log"
 
@@ -113,3 +113,39 @@ def test_no_load_lines_means_unknown_and_cpu_builds_say_cpu():
     cpu_build = "warning: no usable GPU found, --gpu-layers option will be ignored\n"
     assert parse_acceleration(cpu_build) == Acceleration("CPU", 0, 0)
     assert parse_acceleration(cpu_build).as_status() == {"device": "CPU", "layersOffloaded": 0}
+
+
+def _log_lines(name: str) -> list[str]:
+    return [ln for ln in fixture(name).splitlines() if not ln.startswith("#")]
+
+
+# Recorded here from the pinned CPU build (11434, `--verbosity 4`): llama-server given the first part
+# of a split GGUF whose second part is missing; the lines it wrote from the load to its exit, verbatim.
+SPLIT_PART_MISSING = """\
+0.00.008.040 I srv    load_model: loading model 'lone/tiny-split-00001-of-00002.gguf'
+0.00.015.155 E gguf_init_from_file: failed to open GGUF file 'lone/tiny-split-00002-of-00002.gguf' (No such file or directory)
+0.00.017.515 E llama_model_load: error loading model: llama_model_loader: failed to load GGUF split from lone/tiny-split-00002-of-00002.gguf
+0.00.017.911 E llama_model_load_from_file_impl: failed to load model
+0.00.026.295 E cmn  common_init_: failed to load model 'lone/tiny-split-00001-of-00002.gguf'
+0.00.026.343 E srv    load_model: failed to load model, 'lone/tiny-split-00001-of-00002.gguf'
+0.00.026.362 I srv    operator(): operator(): cleaning up before exit...
+0.00.027.080 E srv  llama_server: exiting due to model loading error
+""".splitlines()
+
+
+def test_the_fit_warning_is_never_quoted_as_a_crash_cause():
+    """With -ngl always given, llama.cpp warns "failed to fit params ... already set by user ... abort"
+    whenever a model does not fit the free memory with its margin (a Mac build fits before it loads):
+    its memory fitting standing aside, not a failure. It must never be the cause a status quotes,
+    neither among the errors nor among the last lines quoted when there are none."""
+    warning = _log_lines("fit_params_layers_set_by_user.log")
+    crash = [SPLIT_PART_MISSING[0], *warning, *SPLIT_PART_MISSING[1:]]
+    errors = [ln for ln in SPLIT_PART_MISSING if " E " in ln]
+    assert problem_lines("\n".join(crash), limit=10) == errors
+    assert problem_lines("\n".join([*SPLIT_PART_MISSING[:2], *warning]), limit=5) == [SPLIT_PART_MISSING[1]]
+    shortfall = _log_lines("metal_partial_offload_cpu_repack.log")[:2]  # the fit's own projection lines
+    quiet = [SPLIT_PART_MISSING[0], *shortfall, *warning, "srv  load_model: loading"]
+    assert problem_lines("\n".join(quiet), limit=5) == [SPLIT_PART_MISSING[0], *shortfall, "srv  load_model: loading"]
+    # The same words about anything else are still a problem.
+    other = "common_fit_params: failed to fit params to free device memory: was unable to fit model into system memory"
+    assert problem_lines(f"{warning[0]}\n{other}") == [other]

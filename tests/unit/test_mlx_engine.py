@@ -385,3 +385,13 @@ def test_hostile_mlx_files_are_refused_not_raised_or_parsed_at_length(tmp_path):
         (d / f"s{i:03d}.safetensors").write_bytes(st.pack("<Q", len(header)) + header)
     failed = MLX_LM.estimate(LocalModel(d), InferenceServiceSpec(model_ref="m"))
     assert isinstance(failed, EstimateFailed) and "more than 64 MiB" in failed.message, failed
+
+
+def test_files_of_a_custom_format_model_run_by_mlx_are_refused_not_dropped():
+    """`format: custom` goes to the default engine; with `--default-runtime mlx-lm` a file set would
+    otherwise be ignored (an MLX model is fetched whole), so it is refused on the Model."""
+    doc = model_doc(format="custom", source="hf://org/Repo-GGUF", files=["m.gguf"], mmproj="mm.gguf")
+    outcome = evaluate(isvc_doc(), doc, default_engine="mlx-lm")
+    assert isinstance(outcome, Invalid)
+    assert [(e.kind, e.path) for e in outcome.errors] == [("Model", "spec.files")]
+    assert "whole directory or repository" in outcome.errors[0].message

@@ -13,6 +13,7 @@ from metal_agent.core.registration import (
     label_value,
     service_name,
     service_name_problem,
+    service_port,
 )
 
 REG = Registration(namespace="ml", isvc_name="qwen.coder", isvc_uid="u-1", address="100.101.1.2", port=41234, ready=True,
@@ -84,6 +85,20 @@ def test_service_name_rules(name, problem):
 
 def test_endpoint_url():
     assert endpoint_url("ml", "qwen.coder") == "http://qwen-coder.ml.svc.cluster.local:8080"
+    assert endpoint_url("ml", "qwen.coder", "/v1/models", 9000) == "http://qwen-coder.ml.svc.cluster.local:9000/v1/models"
+
+
+@pytest.mark.parametrize(("spec", "port"), [
+    ({}, 8080), (None, 8080), ({"endpoint": {}}, 8080), ({"endpoint": {"port": 9000}}, 9000),
+    ({"endpoint": {"port": 0}}, 8080), ({"endpoint": {"port": 70000}}, 8080), ({"endpoint": {"port": True}}, 8080),
+    ({"endpoint": {"port": "9000"}}, 8080),
+])
+def test_endpoint_port_is_the_services_port(spec, port):
+    """LLMKube's operator gives its Services `spec.endpoint.port` (service_builder.go) and writes it into
+    status.endpoint; the CRD bounds it to 1-65535, anything else (no CRD: render) keeps 8080."""
+    assert service_port(spec) == port
+    svc = desired_service(Registration(**{**REG.__dict__, "service_port": service_port(spec)}))
+    assert svc["spec"]["ports"] == [{"name": "http", "port": port, "targetPort": 41234, "protocol": "TCP"}]
     assert service_name("a.b") == "a-b"
 
 

@@ -88,6 +88,19 @@ def test_local_source_is_its_own_model_path(tmp_path):
     assert argv[1:3] == ["--model", "/Users/me/models/q.gguf"]
 
 
+def test_a_file_set_renders_its_first_file_and_projector(tmp_path):
+    model, isvc = yaml.safe_load_all(TURBOQUANT.read_text())
+    model["spec"].update(source="hf://org/Repo-GGUF", mmproj="mmproj-F16.gguf",
+                         files=["Q4/m-00001-of-00002.gguf", "Q4/m-00002-of-00002.gguf"])
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump_all([isvc, model]))
+    result = render("-f", tmp_path / "all.yaml", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)
+    cache = "~/Library/Caches/metal-agent/models"
+    assert argv[1:3] == ["--model", f"{cache}/Q4/m-00001-of-00002.gguf"]
+    assert argv[argv.index("--mmproj") + 1] == f"{cache}/mmproj-F16.gguf"
+
+
 def test_invalid_manifest_lists_every_error_with_its_path():
     result = render("-f", MANIFESTS / "invalid.yaml", "--threads", "2")
     assert result.returncode == 2

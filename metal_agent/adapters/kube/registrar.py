@@ -91,7 +91,7 @@ class Registrar:
         previous = self._applied.get(key)
         stale = time.monotonic() - self._service_applied_at.get(key, float("-inf")) > SERVICE_RECHECK_S
         owned = _ours_for(reg.isvc_name, reg.isvc_uid)
-        if previous is None or stale or (previous.port, previous.isvc_uid) != (reg.port, reg.isvc_uid):
+        if previous is None or stale or (previous.port, previous.isvc_uid, previous.service_port) != (reg.port, reg.isvc_uid, reg.service_port):
             try:
                 await self.services.apply(reg.namespace, service_name(reg.isvc_name), desired_service(reg), owned,
                                           claimant=reg.isvc_name)

@@ -76,7 +76,7 @@ class LlamaServer:
         def refuse(path: str, message: str, reason: str = UNSUPPORTED_FIELD) -> None:
             errors.append(FieldError(path, message, "InferenceService", key, reason))
 
-        errors += _speculative_refusals(spec, key)
+        errors += _speculative_refusals(spec, key, workload.model.spec.files)
         if spec.rope_scaling is not None and spec.rope_scaling.type is RopeScalingType.LONGROPE:
             refuse("spec.ropeScaling.type", "'longrope' cannot be honoured by metal-agent: llama-server's"
                    " --rope-scaling accepts only none, linear or yarn (it reads LongRoPE factors from the GGUF"
@@ -130,7 +130,7 @@ class LlamaServer:
 LLAMA_SERVER = LlamaServer()
 
 
-def _speculative_refusals(spec: InferenceServiceSpec, key: str) -> list[FieldError]:
+def _speculative_refusals(spec: InferenceServiceSpec, key: str, files: tuple[str, ...] = ()) -> list[FieldError]:
     """`speculativeDecoding` llama-server cannot run as written (LLMKube's CRD checks most of this;
     a manifest rendered offline or a lagging CRD does not)."""
     base = "spec.speculativeDecoding"
@@ -145,11 +145,15 @@ def _speculative_refusals(spec: InferenceServiceSpec, key: str) -> list[FieldErr
     if kind not in SPEC_TYPES:
         refuse(f"{base}.type", f"{spec.speculative_type!r} is not a speculative decoding type of llama-server;"
                f" use one of {', '.join(SPEC_TYPES)} (or LLMKube's draft, mtp, disabled)")
-    elif spec.draft_model_file is not None:
-        refuse(f"{base}.draftModel", f"{spec.draft_model_file!r} cannot be honoured by metal-agent: a draft named"
-               " as a file of the Model's spec.files is not fetched; give the draft as its own GGUF Model in"
-               " draftModelRef", UNSUPPORTED_FIELD)
-    elif kind in NEEDS_DRAFT_WEIGHTS and spec.draft_model_ref is None:
+    elif spec.draft_model_file is not None and spec.draft_model_ref is not None:
+        refuse(f"{base}.draftModel", "set draftModel (a file of the Model's spec.files) or draftModelRef (a"
+               " draft Model), not both")
+    elif spec.draft_model_file is not None and spec.draft_model_file not in files:
+        refuse(f"{base}.draftModel", f"{spec.draft_model_file!r} is not one of the Model's spec.files: list it"
+               " there, so it is fetched with the model")
+    elif spec.draft_model_file is not None and kind not in DRAFT_WEIGHT_TYPES:
+        refuse(f"{base}.draftModel", f"type {kind} takes no draft model (only the draft-* types do)")
+    elif kind in NEEDS_DRAFT_WEIGHTS and spec.draft_model_ref is None and spec.draft_model_file is None:
         refuse(f"{base}.draftModelRef", f"type {kind} needs draft weights: name a GGUF Model in the same namespace")
     elif kind not in DRAFT_WEIGHT_TYPES and spec.draft_model_ref is not None:
         refuse(f"{base}.draftModelRef", f"type {kind} takes no draft model (only the draft-* types do)")

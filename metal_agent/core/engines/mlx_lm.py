@@ -353,6 +353,9 @@ def _model_refusals(model: Model) -> tuple[FieldError, ...]:
         if len([p for p in repo.split("/") if p]) != 2:
             model_error("spec.source", "an MLX model from the hub is a whole repository: write"
                         " hf://org/repo or hf://org/repo@revision, without a file path")
+    if model.spec.files or model.spec.mmproj:
+        model_error("spec.files" if model.spec.files else "spec.mmproj", "an MLX model is fetched as a whole"
+                    " directory or repository (spec.source); files and mmproj name GGUF files for llama-server")
     if model.spec.sha256:
         model_error("spec.sha256", "an MLX model is a directory of files, which has no single sha256; remove"
                     " it (hub downloads are verified file by file against the sizes and hashes the hub lists)")
