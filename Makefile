@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed ## Create .venv with metal-agent (editable) and test dependencies
 
 .PHONY: assets
-assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Kubernetes discovery), llama-server, LLMKube's manager (needs ../shared) and the tiny test models, GGUF and MLX (~/.cache/metal-agent)
+assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Kubernetes discovery), llama-server, LLMKube's manager and llama-swap (need ../shared) and the tiny test models, GGUF and MLX (~/.cache/metal-agent)
 	scripts/build-controlplane.sh
 	scripts/build-toxiproxy.sh
 	scripts/build-prometheus.sh
@@ -29,6 +29,8 @@ assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Ku
 	$(BIN)/python tests/support/tiny_mlx_model.py
 	@# Exit 4: no vendored LLMKube source (a user's clone); the tests that need it skip.
 	scripts/build-llmkube.sh || { rc=$$?; if [ $$rc -eq 4 ]; then echo ">> skipped LLMKube's manager: no ../shared (its coexistence tests will skip)"; else exit $$rc; fi; }
+	@# Exit 4: no vendored llama-swap source; the front-door bench's side-by-side section skips.
+	scripts/build-llama-swap.sh || { rc=$$?; if [ $$rc -eq 4 ]; then echo ">> skipped llama-swap: no ../shared (the front-door bench's side-by-side section will skip)"; else exit $$rc; fi; }
 
 .PHONY: dev
 dev: venv assets ## Everything needed to develop and run the tests
