@@ -1,0 +1,109 @@
+"""Issue 21, item 5, end to end: under a steady request load through the front door, a respawn for a
+spec change, a crash restart and an agent restart each cost no request.
+
+The "Mac" is a network namespace running the real agent (`--front-door`), which spawns the real front
+door and the real llama-server; four client loops in the root namespace play cluster clients calling
+the service's stable port, a fresh connection per request, from before the first event to after the
+last. Each window (event -> the engine or agent ready again) must have had requests open in it, so
+"no failure" is about requests that were really held, not about a quiet moment.
+
+Runs in `open` access mode: who may call is test_front_door_netns.py's subject.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+
+from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record
+from metal_agent.adapters.process.records import live_process
+from tests.support import netns
+from tests.support.agent import agents_in_netns
+from tests.support.isvc import Cluster
+from tests.support.steady_load import SteadyLoad
+from tests.support.wait import wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
+]
+
+
+@pytest.fixture
+async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model, tmp_path):
+    cluster = Cluster(admin_api, namespace)
+    await cluster.create_model("tiny", f"file://{tiny_model}")
+    args = ("--front-door", "--front-door-access", "open", "--heartbeat-interval", "1")
+    try:
+        async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
+                                   llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
+                                   extra_args=args) as (ns, make_agent):
+            yield cluster, ns, make_agent, tmp_path / "state"
+    finally:
+        record = read_record(tmp_path / "state" / RECORD_FILE)
+        if record is not None and live_process(record):  # the front door outlives agents by design
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(record.pid, signal.SIGKILL)
+
+
+def _stable_port(state, key: str) -> int | None:
+    import json
+
+    path = state / "front-door-ports.json"
+    return json.loads(path.read_text())["ports"].get(key) if path.exists() else None
+
+
+async def _serving_on(agent, other_than: int | None = None) -> int | None:
+    """The engine's pid once the agent says Ready (and it is not `other_than`)."""
+    rows = await agent.services()
+    if rows and rows[0]["state"] == "Ready" and rows[0]["pid"] not in (None, other_than):
+        return rows[0]["pid"]
+    return None
+
+
+async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent_restart(mac):
+    cluster, ns, make_agent, state = mac
+    agent = make_agent()
+    await agent.start()
+    key = f"{cluster.ns}/steady"
+    await cluster.create_isvc("steady", "tiny", contextSize=256, parallelSlots=2)
+    await cluster.wait_phase("steady", "Ready")
+    port = await wait_for(lambda: _stable_port(state, key), timeout=30, what="the service's stable port")
+    pid = await wait_for(lambda: _serving_on(agent), timeout=30, what="the engine ready")
+    windows: dict[str, tuple[float, float]] = {}
+
+    async with SteadyLoad(f"http://{ns.inner_ip}:{port}/v1/chat/completions", "steady", loops=4) as load:
+        await wait_for(load.progressed(0.0, each=3), timeout=60, what="the load flowing",
+                       on_timeout=lambda: repr(load.outcomes[-4:]))
+
+        began = time.monotonic()
+        await cluster.patch_isvc("steady", {"contextSize": 512})  # a respawn for a spec change
+        pid = await wait_for(lambda: _serving_on(agent, other_than=pid), timeout=90, what="respawned")
+        windows["respawn"] = (began, time.monotonic())
+        await wait_for(load.progressed(windows["respawn"][1]), timeout=60, what="the load after the respawn")
+
+        began = time.monotonic()
+        os.kill(pid, signal.SIGKILL)  # a crash: the supervisor restarts it
+        pid = await wait_for(lambda: _serving_on(agent, other_than=pid), timeout=90, what="restarted")
+        windows["crash"] = (began, time.monotonic())
+        await wait_for(load.progressed(windows["crash"][1]), timeout=60, what="the load after the crash")
+
+        began = time.monotonic()
+        await agent.stop()  # an agent restart (an upgrade): the front door and the engine stay
+        again = make_agent()
+        await again.start()
+        await wait_for(lambda: _serving_on(again), timeout=90, what="the engine adopted")
+        windows["agent restart"] = (began, time.monotonic())
+        await wait_for(load.progressed(windows["agent restart"][1]), timeout=60, what="the load after the restart")
+
+    assert load.failed() == [], f"{len(load.failed())} of {len(load.outcomes)} failed: {load.failed()[:5]}"
+    for name, (start, end) in windows.items():
+        held = load.overlapping(start, end)
+        assert len(held) >= 4, f"{name}: only {len(held)} requests were open during it"
+        print(f"{name}: {end - start:.2f} s, {len(held)} requests open in it, the longest "
+              f"{load.longest_ms(start, end):.0f} ms")  # the figures in the notes (pytest -s)
+    assert (await _serving_on(again)) == pid  # adopted, not restarted
