@@ -89,10 +89,11 @@ def _ports(workdir) -> dict[str, int]:
 
 
 def _engine_requests(workdir, namespace: str, name: str) -> int:
-    """Completions the engine itself answered, from its own log (llama-server logs each request)."""
+    """Completions the engine itself took on, from its own log: llama-server logs "processing task"
+    when a slot starts one (it does not log requests themselves)."""
     path = workdir / "logs" / f"{namespace}__{name}.log"
     text = path.read_text(errors="replace") if path.exists() else ""
-    return sum(1 for line in text.splitlines() if "POST /v1/chat/completions" in line)
+    return sum(1 for line in text.splitlines() if "processing task" in line)
 
 
 async def _serve_two(cluster: Cluster, admin_api, namespace: str, workdir) -> dict[str, int]:
