@@ -57,6 +57,14 @@ def _stable_port(state, key: str) -> int | None:
     return json.loads(path.read_text())["ports"].get(key) if path.exists() else None
 
 
+def _table_serves(state, key: str, port: int) -> bool:
+    import json
+
+    path = state / "front-door-table.json"  # where the front door keeps the last table it was handed
+    routes = json.loads(path.read_text())["routes"] if path.exists() else []
+    return any(r["key"] == key and r["port"] == port and r["state"] == "serving" for r in routes)
+
+
 async def _serving_on(agent, other_than: int | None = None) -> int | None:
     """The engine's pid once the agent says Ready (and it is not `other_than`)."""
     rows = await agent.services()
@@ -74,6 +82,7 @@ async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent
     await cluster.wait_phase("steady", "Ready")
     port = await wait_for(lambda: _stable_port(state, key), timeout=30, what="the service's stable port")
     pid = await wait_for(lambda: _serving_on(agent), timeout=30, what="the engine ready")
+    await wait_for(lambda: _table_serves(state, key, port), timeout=30, what="the front door handed the route")
     windows: dict[str, tuple[float, float]] = {}
 
     async with SteadyLoad(f"http://{ns.inner_ip}:{port}/v1/chat/completions", "steady", loops=4) as load:
@@ -100,10 +109,21 @@ async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent
         windows["agent restart"] = (began, time.monotonic())
         await wait_for(load.progressed(windows["agent restart"][1]), timeout=60, what="the load after the restart")
 
-    assert load.failed() == [], f"{len(load.failed())} of {len(load.outcomes)} failed: {load.failed()[:5]}"
+    assert load.failed() == [], _failures(load, windows)
     for name, (start, end) in windows.items():
         held = load.overlapping(start, end)
         assert len(held) >= 4, f"{name}: only {len(held)} requests were open during it"
         print(f"{name}: {end - start:.2f} s, {len(held)} requests open in it, the longest "
               f"{load.longest_ms(start, end):.0f} ms")  # the figures in the notes (pytest -s)
     assert (await _serving_on(again)) == pid  # adopted, not restarted
+
+
+def _failures(load: SteadyLoad, windows: dict[str, tuple[float, float]]) -> str:
+    """Which window each failure fell in, and the first of each kind."""
+    lines = [f"{len(load.failed())} of {len(load.outcomes)} requests failed"]
+    for name, (start, end) in [*windows.items(), ("outside every window", (0.0, float("inf")))]:
+        inside = [o for o in load.failed() if o.start <= end and o.end >= start]
+        if inside:
+            lines.append(f"{name}: {len(inside)}, first {inside[0].end - start:+.3f} s in: {inside[0].status} "
+                         f"{inside[0].error[:200]}")
+    return "\n".join(lines)
