@@ -23,6 +23,7 @@ from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_re
 from metal_agent.adapters.process.records import live_process
 from tests.support import netns
 from tests.support.agent import agents_in_netns
+from tests.support.front_door import accepting, handed
 from tests.support.isvc import Cluster
 from tests.support.steady_load import SteadyLoad
 from tests.support.wait import wait_for
@@ -57,14 +58,6 @@ def _stable_port(state, key: str) -> int | None:
     return json.loads(path.read_text())["ports"].get(key) if path.exists() else None
 
 
-def _table_serves(state, key: str, port: int) -> bool:
-    import json
-
-    path = state / "front-door-table.json"  # where the front door keeps the last table it was handed
-    routes = json.loads(path.read_text())["routes"] if path.exists() else []
-    return any(r["key"] == key and r["port"] == port and r["state"] == "serving" for r in routes)
-
-
 async def _serving_on(agent, other_than: int | None = None) -> int | None:
     """The engine's pid once the agent says Ready (and it is not `other_than`)."""
     rows = await agent.services()
@@ -82,7 +75,9 @@ async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent
     await cluster.wait_phase("steady", "Ready")
     port = await wait_for(lambda: _stable_port(state, key), timeout=30, what="the service's stable port")
     pid = await wait_for(lambda: _serving_on(agent), timeout=30, what="the engine ready")
-    await wait_for(lambda: _table_serves(state, key, port), timeout=30, what="the front door handed the route")
+    # Not before: the service turns Ready before the front door listens on its port (see the notes).
+    await wait_for(lambda: handed(state, key), timeout=30, what="the front door handed the route")
+    await wait_for(lambda: accepting(ns.inner_ip, port), timeout=30, what="the front door listening")
     windows: dict[str, tuple[float, float]] = {}
 
     async with SteadyLoad(f"http://{ns.inner_ip}:{port}/v1/chat/completions", "steady", loops=4) as load:

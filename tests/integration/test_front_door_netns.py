@@ -6,8 +6,8 @@ connect from addresses of their own (netns.add_sources), as separate machines wo
 
 - "cluster node": its address is a Node's InternalIP in the real kube-apiserver, so it is let in
   without a credential, and stops being let in when the Node goes;
-- "LAN stranger": no credential, a made-up key: 401 with an OpenAI-shaped body, and the engine
-  never sees the request;
+- "LAN stranger": no credential (401) or a made-up key (403), an OpenAI-shaped body either way,
+  and the engine never sees the request;
 - "token holder": a real ServiceAccount token bound by the shipped sample Role
   (manifests/samples/front-door-client.yaml) to one service: allowed there, 403 on the other;
 - "key of another service": a service's API key (from the Secret its annotation names, read under
@@ -34,6 +34,7 @@ from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_re
 from metal_agent.adapters.process.records import live_process
 from tests.support import netns
 from tests.support.agent import agents_in_netns
+from tests.support.front_door import accepting, handed
 from tests.support.front_door_grants import grant_client, grant_key_reader
 from tests.support.isvc import GROUP, MERGE_PATCH, VERSION, Cluster
 from tests.support.kube import service_account_token
@@ -111,6 +112,8 @@ async def _serve_two(cluster: Cluster, admin_api, namespace: str, workdir) -> di
     for name in ("chat", "code"):
         await cluster.wait_phase(name, "Ready", timeout=90)
     ports = await wait_for(lambda: len(_ports(workdir)) == 2 and _ports(workdir), timeout=30, what="two stable ports")
+    for name in ("chat", "code"):  # Ready comes before the front door listens on the port (see the notes)
+        await wait_for(lambda: handed(workdir / "state", f"{namespace}/{name}"), timeout=30, what=f"{name} handed")
     return {"chat": ports[f"{namespace}/chat"], "code": ports[f"{namespace}/code"]}
 
 
@@ -121,6 +124,8 @@ async def test_the_cluster_a_stranger_a_token_holder_and_another_services_key_on
     ports = await _serve_two(cluster, admin_api, namespace, workdir)
     node_ip, stranger_ip = await netns.add_sources(ns, 2)
     node, stranger = Client(node_ip, ns.inner_ip), Client(stranger_ip, ns.inner_ip)
+    for port in ports.values():
+        await wait_for(lambda: accepting(ns.inner_ip, port), timeout=30, what="the front door listening")
     core = client.CoreV1Api(admin_api)
     node_name = f"worker-{namespace}"
     await core.create_node({"metadata": {"name": node_name}})
@@ -135,9 +140,9 @@ async def test_the_cluster_a_stranger_a_token_holder_and_another_services_key_on
         assert await wait_for(logged, timeout=10, what="the engine's log of the first completion") == 1
 
         # The stranger: refused, OpenAI-shaped.
-        for credential in (None, "sk-made-up-" + "0" * 32):
+        for credential, refused in ((None, 401), ("sk-made-up-" + "0" * 32, 403)):
             status, body = await stranger.call(ports["chat"], "chat", credential)
-            assert status == 401, body
+            assert status == refused, body
             assert set(body["error"]) >= {"message", "type", "code"} and "0" * 32 not in json.dumps(body)
 
         # The token holder: allowed on the service its Role names, refused on the other.
