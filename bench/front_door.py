@@ -248,12 +248,12 @@ async def main() -> int:
                     failed_direct, wall_direct = await bench_concurrent(http, engine_port, args.streams, 64)
                     failed_via, wall_via = await bench_concurrent(http, door_port, args.streams, 64)
                 rss = proc.memory_info().rss
-                if not args.no_side_by_side:  # after the front door's own figures: nothing else runs meanwhile
-                    side = await llama_swap.side_by_side(door, llama_bin, model, engine_args, args.requests,
-                                                         args.side_runs, 1, _llama_swap_bin())
                 for line in door.log().splitlines():
                     if "broke" in line or "refused" in line:
                         print(f"  front door log: {line}", file=sys.stderr)
+                if not args.no_side_by_side:  # after the front door's own figures: nothing else runs meanwhile
+                    side = await llama_swap.side_by_side(door, llama_bin, model, engine_args, args.requests,
+                                                         args.side_runs, 1, _llama_swap_bin())
         finally:  # a failed run must not leave the stub engine behind
             await stub.stop()
     ms = 1000.0
