@@ -11,7 +11,7 @@ no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Awaitable, Callable, Iterable, Mapping, Protocol
 
 import structlog
 
@@ -59,14 +59,17 @@ class _Ports(Protocol):
 
 class Publisher:
     def __init__(self, registrar: Registrar | None, address: HostAddress, events: EventRecorder,
-                 ports: _Ports | None = None) -> None:
+                 ports: _Ports | None = None, drain: Callable[[str], Awaitable[None]] | None = None) -> None:
         """`registrar` None, or an address that is not published: supervise only. `ports`: the
         front door's stable ports (`--front-door`): the slice points at the service's stable
-        port and stays ready across engine respawns (the front door holds requests meanwhile)."""
+        port and stays ready across engine respawns (the front door holds requests meanwhile).
+        `drain(key)`: with the front door, before a stop: hold new requests, let those in
+        flight finish (app/front_door_drain.py)."""
         self.registrar = registrar if address.registered else None
         self.address = address
         self.events = events
         self.ports = ports
+        self.drain = drain
         self._failures: dict[str, int] = {}
         self._conflict_reported: dict[str, str] = {}  # key -> the ServiceNameConflict message last sent as an Event
 
@@ -134,8 +137,13 @@ class Publisher:
     async def mark_not_ready(self, key: str) -> None:
         """Before a stop: the slice says not ready first. The API being away stops nothing.
         Behind the front door it stays ready: the front door holds requests while the engine
-        is replaced (a stop for good is followed by a withdraw or an unregister)."""
-        if self.registrar is None or self.ports is not None:
+        is replaced (a stop for good is followed by a withdraw or an unregister); the requests
+        in flight through it finish first (`drain`)."""
+        if self.ports is not None:
+            if self.drain is not None:
+                await self.drain(key)
+            return
+        if self.registrar is None:
             return
         namespace, name = key.split("/", 1)
         try:
