@@ -63,8 +63,9 @@ class Drainer:
         self.pusher.changed()
         deadline = self.clock() + self.timeout_s
         while self.clock() < deadline:
-            if not self._serving_pushed(key) and await self._idle(key):
-                return
+            idle = await self._idle(key)
+            if idle is None or (idle and not self._serving_pushed(key)):
+                return  # None: no front door to drain (down or restarting), so nothing in flight through it
             await asyncio.sleep(self.poll_s)  # polls the front door; its state has no change feed
         log.info("requests still in flight after the drain; stopping the engine anyway", service=key,
                  waited_s=self.timeout_s)
@@ -73,10 +74,11 @@ class Drainer:
         pushed = self.pusher.pushed or {}
         return any(r.get("key") == key and r.get("state") == "serving" for r in pushed.get("routes", ()))
 
-    async def _idle(self, key: str) -> bool:
+    async def _idle(self, key: str) -> bool | None:
+        """No request in flight for `key`; None when the front door does not answer."""
         try:
             routes = (await self.client.state()).get("routes") or {}
         except FrontDoorUnavailable:
-            return True  # no front door, nothing in flight through it
+            return None
         route = routes.get(key) if isinstance(routes, dict) else None
         return not isinstance(route, dict) or not route.get("inflight")

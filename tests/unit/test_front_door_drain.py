@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from metal_agent.adapters.front_door_client import FrontDoorUnavailable
 from metal_agent.app.front_door_drain import Drainer
 from metal_agent.controller.front_door_table import RouteFacts, TablePusher, TableSettings, compute_table
 from metal_agent.tasks import cancel_and_wait
@@ -21,12 +22,15 @@ class ControlSocket:
         self.tables: list[dict] = []
         self.inflight: dict[str, int] = {}
         self.polls = 0
+        self.down = False
 
     async def put_table(self, table: dict) -> None:
         self.tables.append(table)
 
     async def state(self) -> dict:
         self.polls += 1
+        if self.down:
+            raise FrontDoorUnavailable("GET /state: connection refused")
         return {"version": len(self.tables), "routes": {k: {"inflight": n, "queued": 0} for k, n in self.inflight.items()}}
 
 
@@ -97,3 +101,13 @@ async def test_requests_that_never_finish_delay_the_stop_only_until_the_timeout(
     drainer = Drainer(socket, pusher, lambda: sups, timeout_s=0.1, poll_s=0.01)
     await asyncio.wait_for(drainer("ns/a"), 5)  # returns (and the stop goes on) after 0.1 s
     await asyncio.wait_for(drainer("ns/unknown"), 5)  # nothing supervised: nothing to drain
+
+
+async def test_a_front_door_that_does_not_answer_delays_no_stop():
+    socket = ControlSocket()
+    socket.inflight["ns/a"], socket.down = 1, True
+    pusher = TablePusher(socket, dict)
+    pusher.pushed = {"version": 1, "routes": [{"key": "ns/a", "state": "serving"}]}  # it never took the hold
+    drainer = Drainer(socket, pusher, lambda: {"ns/a": OLD}, timeout_s=60.0, poll_s=0.01)
+    await asyncio.wait_for(drainer("ns/a"), 5)
+    assert socket.polls == 1
