@@ -57,7 +57,7 @@ bench-review-flood: dev ## 2,000 made-up bearer tokens from one source and from 
 	$(BIN)/python bench/review_flood.py
 
 .PHONY: bench-front-door
-bench-front-door: dev ## Direct to llama-server vs through the front door: added latency p50/p99, streaming throughput, 64 concurrent streams; table + bench/results/front_door.json, exit 1 on a missed goal
+bench-front-door: dev ## Direct to llama-server vs through the front door: added latency p50/p99, streaming throughput, 64 concurrent streams; llama-swap side by side (overhead, swap time, RSS); table + bench/results/front_door.json, exit 1 on a missed goal
 	$(BIN)/python bench/front_door.py --requests 2000
 
 .PHONY: test
