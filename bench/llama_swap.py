@@ -9,7 +9,8 @@ section after its own, so the two never compete for the CPU:
   swap time       a request for the model that is not loaded (two models in llama-swap's default
                   one-at-a-time group, so each request stops one llama-server and starts the other)
                   -> its response head; p50/p95
-  engine start    llama-server alone: spawn -> first /health 200 (polled every 5 ms), p50/p95
+  engine start    llama-server alone: spawn -> first /health 200 (polled every 5 ms), and -> the
+                  response head of a completion sent straight to it then, p50/p95
   ours, held      the front door holding a request on a route whose engine is down while the same
                   llama-server starts on that port (a crash restart on the same port: the engine is
                   spawned as the request is sent) -> its response head; and a route the table marks
@@ -124,15 +125,21 @@ async def _spawned(name: str, argv: list[str], log: Path, run: Callable[[Managed
         await process.stop(grace=5)
 
 
-async def engine_start(llama_argv: Callable[[int], list[str]], tmp: Path, runs: int) -> list[float]:
-    """llama-server alone: spawn -> first /health 200."""
-    out = []
+async def engine_start(llama_argv: Callable[[int], list[str]], tmp: Path, runs: int) -> tuple[list[float], list[float]]:
+    """llama-server alone: spawn -> first /health 200, and spawn -> the response head of a completion
+    sent straight to it at that moment (what the front door's held request is measured against)."""
+    healthy, answered = [], []
+
+    async def run(_p, port: int, started: float) -> None:
+        healthy.append(await _until_healthy(port, started))
+        answered.append(await asyncio.to_thread(_first_head, port, None) - started)
+
     for i in range(runs):
         port = free_port()
         started = time.perf_counter()
-        out.append(await _spawned("llama-server", llama_argv(port), tmp / f"start-{i}.log",
-                                  lambda _p, port=port, started=started: _until_healthy(port, started)))
-    return out
+        await _spawned("llama-server", llama_argv(port), tmp / f"start-{i}.log",
+                       lambda p, port=port, started=started: run(p, port, started))
+    return healthy, answered
 
 
 async def _held_request(door, listen: int) -> asyncio.Future:
@@ -266,6 +273,7 @@ def figures(r: dict[str, Any], front_door: dict[str, Any]) -> list[Figure]:
         return f"{ms['p50']:.0f} / {ms['p95']:.0f} ms"
 
     rows = [shown_only("llama-server alone starts p50 / p95", p50_p95(start)),
+            shown_only("llama-server alone: spawn -> first answer", p50_p95(r["engine_first_answer_ms"])),
             shown_only("front door held, refused port: spawn -> head", p50_p95(ours["refused_port_ms"])),
             shown_only("front door held, released by table: spawn -> head", p50_p95(ours["released_by_table_ms"]))]
     if ls is None:
@@ -289,10 +297,11 @@ async def side_by_side(door, llama_bin: Path, model: Path, engine_args: list[str
         def argv(port: int) -> list[str]:
             return [str(llama_bin), "--model", str(model), "--host", "127.0.0.1", "--port", str(port), *engine_args]
 
-        start = await engine_start(argv, Path(tmp), runs)
+        start, first_answer = await engine_start(argv, Path(tmp), runs)
         refused, released, version = await ours_held(door, argv, Path(tmp), runs, version)
     result: dict[str, Any] = {
         "engine_start_ms": _pcts(start),
+        "engine_first_answer_ms": _pcts(first_answer),
         "ours": {"refused_port_ms": _pcts(refused), "released_by_table_ms": _pcts(released),
                  "ours_on_demand_ms": None},
         "llama_swap": None,
