@@ -54,6 +54,22 @@ class FrontDoorParts:
     access: AccessSource
     drain: Drainer
 
+    async def routed(self, key: str) -> bool:
+        """Does the front door listen on `key`'s port: is the route in the last table it accepted,
+        or (nothing pushed yet since the agent started) in the one it serves, e.g. an adopted front
+        door's persisted table? A front door that does not answer listens on nothing."""
+        pushed = self.pusher.pushed
+        if pushed is not None and any(r.get("key") == key for r in pushed.get("routes", ())):
+            return True
+        self.pusher.changed()
+        if pushed is not None:
+            return False
+        try:
+            serving = (await self.client.state()).get("routes") or {}
+        except FrontDoorUnavailable:
+            return False
+        return isinstance(serving, dict) and key in serving
+
     async def status_routes(self) -> list[dict]:
         """One row per route: its port and state from the table, in flight/queued from the front door."""
         try:

@@ -24,7 +24,6 @@ from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_re
 from metal_agent.adapters.process.records import live_process
 from tests.support import netns
 from tests.support.agent import agents_in_netns
-from tests.support.front_door import accepting, handed
 from tests.support.isvc import Cluster
 from tests.support.steady_load import SteadyLoad
 from tests.support.wait import wait_for
@@ -59,6 +58,15 @@ def _stable_port(state, key: str) -> int | None:
     return json.loads(path.read_text())["ports"].get(key) if path.exists() else None
 
 
+async def _slice_ready(cluster: Cluster, name: str, port: int) -> bool:
+    from kubernetes_asyncio import client
+
+    found = await client.DiscoveryV1Api(cluster.api).list_namespaced_endpoint_slice(
+        cluster.ns, label_selector=f"kubernetes.io/service-name={name}")
+    return any(s.endpoints and s.endpoints[0].conditions.ready and [p.port for p in s.ports or []] == [port]
+               for s in found.items)
+
+
 async def _serving_on(agent, other_than: int | None = None) -> int | None:
     """The engine's pid once the agent says Ready (and it is not `other_than`)."""
     rows = await agent.services()
@@ -73,17 +81,17 @@ async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent
     await agent.start()
     key = f"{cluster.ns}/steady"
     await cluster.create_isvc("steady", "tiny", contextSize=256, parallelSlots=2)
-    await cluster.wait_phase("steady", "Ready")
-    port = await wait_for(lambda: _stable_port(state, key), timeout=30, what="the service's stable port")
-    pid = await wait_for(lambda: _serving_on(agent), timeout=30, what="the engine ready")
-    # Not before: the service turns Ready before the front door listens on its port (see the notes).
-    await wait_for(lambda: handed(state, key), timeout=30, what="the front door handed the route")
-    await wait_for(lambda: accepting(ns.inner_ip, port), timeout=30, what="the front door listening")
+    # What a cluster client follows: the load starts the moment the slice says ready (behind the front
+    # door, while the engine may still be starting: the front door holds), so a slice that said so
+    # before the front door listened on the port would fail the first requests.
+    port = await wait_for(lambda: _stable_port(state, key), timeout=60, interval=0.005, what="the stable port")
+    await wait_for(lambda: _slice_ready(cluster, "steady", port), timeout=60, interval=0.005, what="the slice ready")
     windows: dict[str, tuple[float, float]] = {}
 
     async with SteadyLoad(f"http://{ns.inner_ip}:{port}/v1/chat/completions", "steady", loops=4) as load:
         await wait_for(load.progressed(0.0, each=3), timeout=60, what="the load flowing",
                        on_timeout=lambda: repr(load.outcomes[-4:]))
+        pid = await wait_for(lambda: _serving_on(agent), timeout=30, what="the engine ready")
 
         began = time.monotonic()
         await cluster.patch_isvc("steady", {"contextSize": 512})  # a respawn for a spec change
