@@ -112,7 +112,7 @@ async def _serve_two(cluster: Cluster, admin_api, namespace: str, workdir) -> di
     for name in ("chat", "code"):
         await cluster.wait_phase(name, "Ready", timeout=90)
     ports = await wait_for(lambda: len(_ports(workdir)) == 2 and _ports(workdir), timeout=30, what="two stable ports")
-    for name in ("chat", "code"):  # Ready comes before the front door listens on the port (see the notes)
+    for name in ("chat", "code"):  # phase Ready can come before the front door listens (the slice waits)
         await wait_for(lambda: handed(workdir / "state", f"{namespace}/{name}"), timeout=30, what=f"{name} handed")
     return {"chat": ports[f"{namespace}/chat"], "code": ports[f"{namespace}/code"]}
 
