@@ -75,7 +75,8 @@ async def _serving_on(agent, other_than: int | None = None) -> int | None:
     return None
 
 
-async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent_restart(mac):
+@pytest.mark.parametrize("agent_exit", ["stop", "kill"])  # an upgrade (SIGTERM), and the agent crashing
+async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent_restart(mac, agent_exit):
     cluster, ns, make_agent, state = mac
     agent = make_agent()
     await agent.start()
@@ -106,7 +107,11 @@ async def test_a_steady_load_loses_nothing_across_a_respawn_a_crash_and_an_agent
         await wait_for(load.progressed(windows["crash"][1]), timeout=60, what="the load after the crash")
 
         began = time.monotonic()
-        await agent.stop()  # an agent restart (an upgrade): the front door and the engine stay
+        if agent_exit == "stop":
+            await agent.stop()  # an agent restart (an upgrade): the front door and the engine stay
+        else:
+            agent.kill()  # SIGKILL, nothing tidied up
+            await agent.process.proc.wait()
         again = make_agent()
         await again.start()
         await wait_for(lambda: _serving_on(again), timeout=90, what="the engine adopted")
