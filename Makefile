@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed ## Create .venv with metal-agent (editable) and test dependencies
 
 .PHONY: assets
-assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Kubernetes discovery), llama-server, LLMKube's manager (needs ../shared) the tiny test models, GGUF and MLX, and an older mlx-lm (~/.cache/metal-agent)
+assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Kubernetes discovery), llama-server, LLMKube's manager and llama-swap (need ../shared), the tiny test models (GGUF, split GGUF, mmproj, MLX) and an older mlx-lm (~/.cache/metal-agent)
 	scripts/build-controlplane.sh
 	scripts/build-toxiproxy.sh
 	scripts/build-prometheus.sh
@@ -31,6 +31,8 @@ assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Ku
 	$(BIN)/python tests/support/old_mlx_lm.py  # mlx-lm 0.30.5 (one 370 kB wheel) for the version-dialect test
 	@# Exit 4: no vendored LLMKube source (a user's clone); the tests that need it skip.
 	scripts/build-llmkube.sh || { rc=$$?; if [ $$rc -eq 4 ]; then echo ">> skipped LLMKube's manager: no ../shared (its coexistence tests will skip)"; else exit $$rc; fi; }
+	@# Exit 4: no vendored llama-swap source; the front-door bench's side-by-side section skips.
+	scripts/build-llama-swap.sh || { rc=$$?; if [ $$rc -eq 4 ]; then echo ">> skipped llama-swap: no ../shared (the front-door bench's side-by-side section will skip)"; else exit $$rc; fi; }
 
 .PHONY: dev
 dev: venv assets ## Everything needed to develop and run the tests
@@ -57,7 +59,7 @@ bench-review-flood: dev ## 2,000 made-up bearer tokens from one source and from 
 	$(BIN)/python bench/review_flood.py
 
 .PHONY: bench-front-door
-bench-front-door: dev ## Direct to llama-server vs through the front door: added latency p50/p99, streaming throughput, 64 concurrent streams; table + bench/results/front_door.json, exit 1 on a missed goal
+bench-front-door: dev ## Direct to llama-server vs through the front door: added latency p50/p99, streaming throughput, 64 concurrent streams; llama-swap side by side (overhead, swap time, RSS); table + bench/results/front_door.json, exit 1 on a missed goal
 	$(BIN)/python bench/front_door.py --requests 2000
 
 .PHONY: test

@@ -12,8 +12,11 @@ Runs the real llama-server on the tiny GGUF and the real front door process
                   wall time through vs direct
   CPU/request     the front door's CPU seconds over the latency run / requests
   RSS idle        the front door's resident memory after the run
+  side by side    llama-swap on the same model and engine (bench/llama_swap.py): its added latency,
+                  swap time and idle RSS beside the front door's, and the front door holding a
+                  request while an engine starts (--no-side-by-side skips it)
 
-    .venv/bin/python bench/front_door.py [--requests 2000] [--stream-tokens 2000]
+    .venv/bin/python bench/front_door.py [--requests 2000] [--stream-tokens 2000] [--side-runs 20]
 
 Prints a table, writes bench/results/front_door.json; exits 1 on a missed goal.
 The client is a plain blocking `http.client` loop on a worker thread: its own
@@ -41,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.assets import cached  # noqa: E402
 from bench.control_loop import pct  # noqa: E402
+from bench import llama_swap  # noqa: E402
 from bench.goals import at_most, check, report, shown_only  # noqa: E402
 from tests.support import tiny_model  # noqa: E402
 from tests.support.front_door import route, running_front_door, table  # noqa: E402
@@ -188,11 +192,22 @@ async def _listening(port: int) -> bool:
     return True
 
 
+def _llama_swap_bin() -> Path | None:
+    """llama-swap as `make dev` built it; None (its rows say skipped) where no source was vendored."""
+    try:
+        return cached("build-llama-swap.sh") / "llama-swap"
+    except SystemExit as missing:
+        print(f"llama-swap: {missing}; its side-by-side rows are skipped", file=sys.stderr)
+        return None
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--stream-tokens", type=int, default=2000)
     parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--side-runs", type=int, default=20, help="engine starts per side-by-side figure")
+    parser.add_argument("--no-side-by-side", action="store_true", help="skip llama-swap and the held-start figures")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "front_door.json")
     parser.add_argument("--stub-serve", type=int, help=argparse.SUPPRESS)  # internal: run the stub engine
     args = parser.parse_args()
@@ -203,8 +218,9 @@ async def main() -> int:
     llama_bin = cached("build-llama-server.sh")
     model = tiny_model.ensure_model(tiny_model.DEFAULT, llama_bin.parent.parent / "models" / "ggml-vocab-llama-spm.gguf")
     engine_port, door_port = free_port(), free_port()
-    argv = [str(llama_bin), "--model", str(model), "--host", "127.0.0.1", "--port", str(engine_port),
-            "--ctx-size", "16384", "--threads", "1", "--parallel", "4"]
+    engine_args = ["--ctx-size", "16384", "--threads", "1", "--parallel", "4"]
+    argv = [str(llama_bin), "--model", str(model), "--host", "127.0.0.1", "--port", str(engine_port), *engine_args]
+    side = None
     stub_port, stub_door_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="fd-bench-") as tmp:
         stub = ManagedProcess("stub-engine", [sys.executable, __file__, "--stub-serve", str(stub_port)],
@@ -235,6 +251,9 @@ async def main() -> int:
                 for line in door.log().splitlines():
                     if "broke" in line or "refused" in line:
                         print(f"  front door log: {line}", file=sys.stderr)
+                if not args.no_side_by_side:  # after the front door's own figures: nothing else runs meanwhile
+                    side = await llama_swap.side_by_side(door, llama_bin, model, engine_args, args.requests,
+                                                         args.side_runs, 1, _llama_swap_bin())
         finally:  # a failed run must not leave the stub engine behind
             await stub.stop()
     ms = 1000.0
@@ -252,10 +271,13 @@ async def main() -> int:
         "cpu_ms_per_request": cpu_per_request * ms,
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "rss_mib": rss / 2**20,
+        "side_by_side": side,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     figures = _figures(results, args.streams)
+    if side is not None:
+        figures += llama_swap.figures(side, results)
     code = report(figures)
     print(f"written to {args.out}")
     return code

@@ -356,7 +356,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     fleet = _fleet(cfg, api, host, src, guard, address, launch) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
     gate = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
-    publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None)
+    publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None,
+                          drain=door.drain if door else None, routed=door.routed if door else None)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
                               gate=gate, status_mode=StatusMode(cfg.controller.status_mode))
     reconciler = Reconciler(

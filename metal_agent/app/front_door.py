@@ -23,6 +23,7 @@ from metal_agent.adapters.front_door_client import FrontDoorClient, FrontDoorUna
 from metal_agent.adapters.port_book_file import PortBookFile
 from metal_agent.adapters.process.front_door_process import FrontDoorProcess
 from metal_agent.app.config import AgentConfig
+from metal_agent.app.front_door_drain import Drainer
 from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
 from metal_agent.controller.publishing import HostAddress
@@ -51,6 +52,23 @@ class FrontDoorParts:
     process: FrontDoorProcess
     socket: AgentSocket
     access: AccessSource
+    drain: Drainer
+
+    async def routed(self, key: str) -> bool:
+        """Does the front door listen on `key`'s port: is the route in the last table it accepted,
+        or (nothing pushed yet since the agent started) in the one it serves, e.g. an adopted front
+        door's persisted table? A front door that does not answer listens on nothing."""
+        pushed = self.pusher.pushed
+        if pushed is not None and any(r.get("key") == key for r in pushed.get("routes", ())):
+            return True
+        self.pusher.changed()
+        if pushed is not None:
+            return False
+        try:
+            serving = (await self.client.state()).get("routes") or {}
+        except FrontDoorUnavailable:
+            return False
+        return isinstance(serving, dict) and key in serving
 
     async def status_routes(self) -> list[dict]:
         """One row per route: its port and state from the table, in flight/queued from the front door."""
@@ -99,16 +117,19 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
 
     def compute() -> dict:
-        facts = gather(ports.book.ports, isvcs, managed, supervisors())
+        sups = supervisors()
+        facts = drain.facts(gather(ports.book.ports, isvcs, managed, sups), sups)
         return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
                              access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json())
 
     client = FrontDoorClient(state / SOCKET)
     pusher = TablePusher(client, compute, dirty=dirty)
+    drain = Drainer(client, pusher, supervisors)
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
-    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access)
+    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access,
+                          drain)
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

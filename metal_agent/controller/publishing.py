@@ -11,7 +11,7 @@ no-op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Awaitable, Callable, Iterable, Mapping, Protocol
 
 import structlog
 
@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 
 # A refused or failed Service/EndpointSlice write is retried soon, then less often.
 REGISTRATION_BACKOFF = Backoff(initial=0.5, factor=2.0, cap=30.0, jitter=0.5)
+#: A new service behind the front door: how soon to look again whether its port is bound yet.
+ROUTE_WAIT_S = 0.05
 
 
 @dataclass
@@ -60,14 +62,21 @@ class _Ports(Protocol):
 
 class Publisher:
     def __init__(self, registrar: Registrar | None, address: HostAddress, events: EventRecorder,
-                 ports: _Ports | None = None) -> None:
+                 ports: _Ports | None = None, drain: Callable[[str], Awaitable[None]] | None = None,
+                 routed: Callable[[str], Awaitable[bool]] | None = None) -> None:
         """`registrar` None, or an address that is not published: supervise only. `ports`: the
         front door's stable ports (`--front-door`): the slice points at the service's stable
-        port and stays ready across engine respawns (the front door holds requests meanwhile)."""
+        port and stays ready across engine respawns (the front door holds requests meanwhile).
+        `drain(key)`: with the front door, before a stop: hold new requests, let those in
+        flight finish (app/front_door_drain.py). `routed(key)`: with the front door, whether it
+        has been handed the route (so listens on its port): until then the slice says not ready,
+        or cluster clients would be refused by a port nobody listens on yet."""
         self.registrar = registrar if address.registered else None
         self.address = address
         self.events = events
         self.ports = ports
+        self.drain = drain
+        self.routed = routed
         self._failures: dict[str, int] = {}
         self._conflict_reported: dict[str, str] = {}  # key -> the ServiceNameConflict message last sent as an Event
 
@@ -91,7 +100,10 @@ class Publisher:
             return Blocker("RegistrationFailed", problem), None
         snap = supervisor.snapshot
         try:
-            port, ready = (await self.ports.ensure(key), True) if self.ports is not None else (snap.port, snap.ready)
+            if self.ports is not None:
+                port, ready = await self.ports.ensure(key), self.routed is None or await self.routed(key)
+            else:
+                port, ready = snap.port, snap.ready
             reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name,
                                isvc_uid=raw["metadata"].get("uid") or "", address=self.address.registered,
                                port=port, ready=ready, model=str((raw.get("spec") or {}).get("modelRef") or ""),
@@ -110,7 +122,7 @@ class Publisher:
             return None, delay
         self._failures.pop(key, None)
         self._conflict_reported.pop(key, None)
-        return None, None
+        return None, (ROUTE_WAIT_S if self.ports is not None and not ready else None)
 
     async def _stable_port_only(self, key: str) -> tuple[None, float | None]:
         try:
@@ -136,8 +148,13 @@ class Publisher:
     async def mark_not_ready(self, key: str) -> None:
         """Before a stop: the slice says not ready first. The API being away stops nothing.
         Behind the front door it stays ready: the front door holds requests while the engine
-        is replaced (a stop for good is followed by a withdraw or an unregister)."""
-        if self.registrar is None or self.ports is not None:
+        is replaced (a stop for good is followed by a withdraw or an unregister); the requests
+        in flight through it finish first (`drain`)."""
+        if self.ports is not None:
+            if self.drain is not None:
+                await self.drain(key)
+            return
+        if self.registrar is None:
             return
         namespace, name = key.split("/", 1)
         try:

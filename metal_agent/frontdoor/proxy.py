@@ -197,6 +197,7 @@ class Proxy:
         """Wait for a slot, send, relay; hold and retry when the engine is not there (yet)."""
         deadline = arrival + gate.route.queue_timeout_s
         stale_retry = True
+        replayed = False
         while True:
             try:
                 waited = await gate.acquire(deadline)
@@ -222,6 +223,17 @@ class Proxy:
                 except _NotReady:
                     svc.not_ready.inc()
                     gate.upstream_failed()  # a (re)starting engine: wait as for a refused port
+                    continue
+                except _EngineGone as gone:
+                    discard(up)
+                    svc.broken.inc()
+                    if replayed or asyncio.get_running_loop().time() >= deadline:
+                        svc.outcome["upstream_error"].inc()
+                        return self._answer(conn, request, 502, error_body(502, "upstream_error", str(gone)), keep=False)
+                    replayed = True  # once: a request that kills its engine must not kill the next one too
+                    log.info("front door: %s: the engine went before answering (%s); holding the request to "
+                             "send it again", gate.route.key, gone)
+                    gate.upstream_failed()
                     continue
                 except _StaleConnection:
                     discard(up)
@@ -249,10 +261,8 @@ class Proxy:
             up.write(upstream_request(request, f"{up.address[0]}:{up.address[1]}".encode()))
             try:
                 head = await read_response_head(up, request.method)
-            except UpstreamBroken:
-                if up.reused:
-                    raise _StaleConnection() from None
-                raise
+            except UpstreamBroken as err:
+                raise (_StaleConnection() if up.reused else _EngineGone(str(err))) from None
             if head.status == 503 and loop.time() < deadline:
                 discard(up)
                 raise _NotReady()
@@ -289,6 +299,12 @@ class Proxy:
 
 class _NotReady(Exception):
     """The engine answered 503 (llama-server while it loads its model): hold and retry."""
+
+
+class _EngineGone(Exception):
+    """The engine hung up before a response head (it crashed or was stopped mid-request): nothing
+    reached the client, and a completion has no side effect to repeat, so the request is held
+    for the restarted engine and sent once more."""
 
 
 class _StaleConnection(Exception):

@@ -99,3 +99,24 @@ def route(key: str, port: int, upstream: str | None, *, state: str = "serving", 
 async def settle(coro_factory, timeout: float = 10):
     """Await with a bound, so a hung proxy fails the test instead of the suite."""
     return await asyncio.wait_for(coro_factory, timeout)
+
+
+def handed(state_dir: Path, key: str) -> dict[str, Any] | None:
+    """The route `key` serving in the table the front door was last handed (it keeps it in
+    `front-door-table.json` under the agent's state dir), or None."""
+    import json
+
+    path = state_dir / "front-door-table.json"
+    routes = json.loads(path.read_text())["routes"] if path.exists() else []
+    return next((r for r in routes if r["key"] == key and r["state"] == "serving"), None)
+
+
+async def accepting(host: str, port: int) -> bool:
+    """Does something accept TCP connections on host:port? (The front door persists a table a moment
+    before it binds the table's ports.)"""
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    return True
