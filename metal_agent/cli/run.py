@@ -173,7 +173,7 @@ def _downloads(ctx: typer.Context) -> DownloadSettings:
                             free_margin=_bytes(o.download_free_margin, "--download-free-margin", minimum=0))
 
 
-# The front door is opt-in (a preview) in this release; its flags are documented like the rest.
+# The front door is on by default (issue 21); its flags are documented like the rest.
 _FRONT_DOOR_HIDDEN = False
 
 
@@ -305,8 +305,8 @@ def run(
     token_hosts: List[str] = typer.Option([], "--token-hosts", envvar=_env("TOKEN_HOSTS"), help="A host that may receive a Model's sourceSecretRef token, besides the Hugging Face endpoint (repeat, or comma-separated; *.example.com for its subdomains). Tokens go only over https and never follow a redirect to another host."),
     max_download_size: str = typer.Option(_quantity(DownloadSettings.max_size), envvar=_env("MAX_DOWNLOAD_SIZE"), help="Largest model file a download may write (quantity, e.g. 256Gi); a file of unknown size is downloaded only when the Model pins its sha256."),
     download_free_margin: str = typer.Option(_quantity(DownloadSettings.free_margin), envvar=_env("DOWNLOAD_FREE_MARGIN"), help="Free disk space a download must leave on the model volume (quantity, e.g. 5Gi), checked before and while writing; below it the download stops and its partial file is removed."),
-    front_door: bool = typer.Option(FrontDoorSettings.enabled, "--front-door/--no-front-door", envvar=_env("FRONT_DOOR"), hidden=_FRONT_DOOR_HIDDEN, help="Serve every model through the front door: a stable port per service (its EndpointSlice points there), engines on 127.0.0.1, requests held across respawns and agent restarts, and the client port."),
-    client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="With --front-door: 127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off)."),
+    front_door: bool = typer.Option(FrontDoorSettings.enabled, "--front-door/--no-front-door", envvar=_env("FRONT_DOOR"), hidden=_FRONT_DOOR_HIDDEN, help="Serve every model through the front door (the default): a stable port per service (its EndpointSlice points there), engines on 127.0.0.1, requests held across respawns and agent restarts, who may call checked, and the client port. --no-front-door: each engine listens on the Mac's address and its slice points at it; anyone who can route to the Mac can call it (the Go agent's behaviour), and there is no client port."),
+    client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off; nothing with --no-front-door)."),
     front_door_queue: int = typer.Option(FrontDoorSettings.queue, min=0, envvar=_env("FRONT_DOOR_QUEUE"), hidden=_FRONT_DOOR_HIDDEN, help="Requests the front door holds per service beyond its parallel slots; beyond them, 429 with Retry-After."),
     front_door_queue_timeout: float = typer.Option(FrontDoorSettings.queue_timeout, min=0.1, envvar=_env("FRONT_DOOR_QUEUE_TIMEOUT"), hidden=_FRONT_DOOR_HIDDEN, help="Seconds a held request waits for a slot (or for its engine to be ready) before 429/503."),
     front_door_access: str = typer.Option(FrontDoorSettings.access, envvar=_env("FRONT_DOOR_ACCESS"), hidden=_FRONT_DOOR_HIDDEN, help="Who may call the front door from the network: cluster (loopback, the cluster's Node addresses and pod CIDRs, --front-door-allow-network, a service's API key, a ServiceAccount token allowed inferenceservices/proxy) or open (anyone who can route to the Mac, the Go agent's behaviour)."),
