@@ -325,6 +325,12 @@ def _launch(cfg: AgentConfig, host: Host) -> LaunchSettings:
         mlx_dialect=host.mlx_dialect)
 
 
+def _moved_event(src: _Sources, key: str, message: str) -> None:
+    raw = src.isvcs.cache.get(key)
+    if raw is not None:
+        src.events.emit(raw["metadata"], "MovingBehindFrontDoor", message)
+
+
 def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.ClientSession) -> Agent:
     """Every part of the agent, each built after what it is handed; nothing runs yet."""
     src = _sources(cfg, api, http)
@@ -338,7 +344,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
                           registered=host.host_ip if cfg.registration.register else None)
     door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
                             supervisors=lambda: src.processes.supervisors, access=src.access,
-                            dirty=src.table_dirty) if src.access is not None else None
+                            dirty=src.table_dirty, enqueue=src.queue.add,
+                            on_move=functools.partial(_moved_event, src)) if src.access is not None else None
     launch = _launch(cfg, host)
     fleet = _fleet(cfg, api, host, src, guard, address, launch) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
@@ -349,7 +356,7 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
-        wake=src.intake.wake, managed=managed, pressure=state, gate=gate)
+        wake=src.intake.wake, managed=managed, pressure=state, gate=gate, rebind=door.rebind if door else None)
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
                   default_engine=launch.default_engine, policy=launch.policy, gate=gate, launch=launch)
     heartbeats = HeartbeatHealth()

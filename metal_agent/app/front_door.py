@@ -26,6 +26,7 @@ from metal_agent.app.config import AgentConfig
 from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
 from metal_agent.controller.publishing import HostAddress
+from metal_agent.controller.rebind import Rebinder
 from metal_agent.controller.stable_ports import StablePorts
 from metal_agent.core.backoff import Backoff
 
@@ -51,6 +52,7 @@ class FrontDoorParts:
     process: FrontDoorProcess
     socket: AgentSocket
     access: AccessSource
+    rebind: Rebinder
 
     async def status_routes(self) -> list[dict]:
         """One row per route: its port and state from the table, in flight/queued from the front door."""
@@ -90,10 +92,12 @@ class MetricsAppender:
 
 def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[str, dict],
                      managed: Mapping[str, object], supervisors: Callable[[], Mapping[str, object]],
-                     access: AccessSource, dirty: asyncio.Event) -> FrontDoorParts:
+                     access: AccessSource, dirty: asyncio.Event, enqueue: Callable[[str], None],
+                     on_move: Callable[[str, str], None]) -> FrontDoorParts:
     """`supervisors()`: the process manager's table; `access`: who may call (its policy and each
     service's key digests travel in the table; it answers the front door's token reviews);
-    `dirty`: set by whatever the table is made of, the access sources included."""
+    `dirty`: set by whatever the table is made of, the access sources included; `enqueue` and
+    `on_move`: the rebinder's (an older agent's engines moved onto loopback, controller/rebind.py)."""
     fd, state = cfg.front_door, cfg.paths.state
     ports = StablePorts(PortBookFile(state), host=lambda: address.registered or LOOPBACK)
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
@@ -101,14 +105,18 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     def compute() -> dict:
         facts = gather(ports.book.ports, isvcs, managed, supervisors())
         return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
-                             access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json())
+                             access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json(),
+                             held=rebind.holding)
 
     client = FrontDoorClient(state / SOCKET)
     pusher = TablePusher(client, compute, dirty=dirty)
+    rebind = Rebinder(bind=lambda: address.bind, supervisors=supervisors, state=client.state,
+                      pushed=lambda: pusher.pushed, changed=pusher.changed, enqueue=enqueue, on_move=on_move)
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
-    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access)
+    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access,
+                          rebind)
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:
