@@ -18,6 +18,8 @@ from typing import Awaitable, Callable, Mapping
 
 import structlog
 
+from metal_agent.adapters.process.pause_point import BEFORE_FIRST_MOVE, pause_point
+
 log = structlog.get_logger(__name__)
 
 QUIET_WAIT = 60.0  # seconds to wait for a moment without requests before holding them anyway
@@ -84,7 +86,12 @@ class Rebinder:
     async def _move(self, key: str) -> None:
         if not self._exposed(key):
             return  # stopped, or respawned for another reason meanwhile
+        # First through the front door where it listens (never hold a route it has not served),
+        # then a quiet moment.
+        await self._until(lambda: self._routed(key), self.ready_wait)
         await self._until(lambda: self._idle(key, queued_too=True), self.quiet_wait)
+        if not self.moved:
+            pause_point(BEFORE_FIRST_MOVE)  # tests only (pause_point.py)
         self.holding.add(key)
         self.changed()
         if not await self._until(lambda: self._held(key), self.ready_wait):
@@ -114,6 +121,10 @@ class Rebinder:
         except Exception:  # noqa: BLE001 - the front door away (restarting): not known to be idle
             return False
         return not route.get("inflight") and not (queued_too and route.get("queued"))
+
+    async def _routed(self, key: str) -> bool:
+        table = self.pushed() or {}
+        return any(r.get("key") == key and r.get("state") == "serving" for r in table.get("routes", ()))
 
     async def _held(self, key: str) -> bool:
         table = self.pushed() or {}

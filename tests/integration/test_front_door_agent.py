@@ -1,15 +1,17 @@
-"""The agent side of the front door end to end (`--front-door`), real kube-apiserver and real
+"""The agent side of the front door end to end (on by default), real kube-apiserver and real
 llama-server, the "Mac" a network namespace as in test_registration.py.
 
 The front door is the real one (`metal-agent front-door`, spawned by the agent): the slice on
 the stable port, the engine on loopback, the table the front door is handed, a cluster client's
 request through the stable port, the port surviving an agent restart, and the front door
-process adopted (not restarted) across one. The front door runs in `open` access mode here:
+process adopted (not restarted) across one, and the engines of an agent without the front door
+moved behind it one at a time under load. The front door runs in `open` access mode here:
 who may call is tested in test_front_door_access.py and tests/security/.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +24,7 @@ import pytest
 from kubernetes_asyncio import client
 
 from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record
+from metal_agent.adapters.process.pause_point import BEFORE_FIRST_MOVE, ENV as PAUSE_ENV
 from metal_agent.adapters.process.records import live_process
 from tests.support import netns
 from tests.support.agent import agents_in_netns
@@ -39,7 +42,7 @@ pytestmark = [
 async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model, tmp_path):
     cluster = Cluster(admin_api, namespace)
     await cluster.create_model("tiny", f"file://{tiny_model}")
-    args = ("--front-door", "--front-door-access", "open", "--heartbeat-interval", "1")
+    args = ("--front-door-access", "open", "--heartbeat-interval", "1")  # the front door: on by default
     try:
         async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
                                    llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
@@ -168,3 +171,119 @@ async def _ready_other_than(agent, pid: int) -> bool:
 def _route_upstream(state: Path, key: str, engine_port: int) -> dict | None:
     route = serving_route(state, key)
     return route if route and route["upstream"] == f"127.0.0.1:{engine_port}" else None
+
+
+async def test_an_older_agents_engines_move_behind_the_front_door_one_at_a_time_under_load(mac):
+    """The upgrade path: an agent without the front door (an older release, or --no-front-door) left
+    its engines on the Mac's address, open to the LAN. The next agent takes them over and routes them
+    through the front door where they listen (no model reloaded to get there), then moves each onto
+    127.0.0.1 once its route is quiet, one service at a time, the front door holding requests
+    meanwhile: not one request fails."""
+    cluster, ns, make_agent, state = mac
+    old = make_agent("--no-front-door")
+    await old.start()
+    names = ("one", "two")
+    for name in names:
+        await cluster.create_isvc(name, "tiny", contextSize=256)
+    for name in names:
+        await cluster.wait_phase(name, "Ready")
+    before = {row["service"]: row for row in await old.services()}
+    for row in before.values():
+        argv = psutil.Process(row["pid"]).cmdline()
+        assert argv[argv.index("--host") + 1] == ns.inner_ip  # open to whoever routes to the Mac
+    await old.stop()  # its engines are left for the next agent, as after any agent upgrade
+
+    new = make_agent()
+    new.options.env = {PAUSE_ENV: BEFORE_FIRST_MOVE}
+    await new.start(wait_ready=False)
+    agent_proc = psutil.Process(new.process.pid)
+    await wait_for(lambda: agent_proc.status() == psutil.STATUS_STOPPED, timeout=60,
+                   what="the new agent at its first move", on_timeout=new.log_text)
+    # Taken over, not respawned: the same engines, served through the front door where they listen.
+    ports = stable_ports(state)
+    for key, row in before.items():
+        assert live_pid(row["pid"])
+        route = serving_route(state, key)
+        assert route["upstream"] == f"{ns.inner_ip}:{row['port']}" and route["port"] == ports[key]
+        found = await read_slice(cluster, key.split("/")[1])
+        assert [(p.name, p.port) for p in found.ports] == [("http", ports[key])]
+
+    load = {key: Load(f"http://{ns.inner_ip}:{ports[key]}", key.split("/")[1]) for key in before}
+    tasks = [asyncio.create_task(one.run()) for one in load.values()]
+    try:
+        await wait_for(lambda: all(one.ok >= 5 for one in load.values()), timeout=30, what="load flowing")
+        os.kill(new.process.pid, signal.SIGCONT)
+        await wait_for(lambda: _all_moved(new, before), timeout=120, interval=0.05,
+                       what="both engines on 127.0.0.1", on_timeout=new.log_text)
+        marks = {key: one.ok for key, one in load.items()}
+        await wait_for(lambda: all(one.ok >= marks[k] + 5 for k, one in load.items()), timeout=30,
+                       what="load served by the moved engines")
+    finally:
+        for one in load.values():
+            one.stop = True
+        await asyncio.gather(*tasks)
+    assert [one.failures for one in load.values()] == [[], []]
+    for row in await new.services():
+        argv = psutil.Process(row["pid"]).cmdline()
+        assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    # One at a time: the second is moved only once the first is serving again.
+    order = _log_order(new.log_text(), before)
+    first, second = sorted(before, key=lambda key: order[("move", key)])
+    assert order[("move", first)] < order[("ready", first)] < order[("move", second)] < order[("ready", second)]
+    reasons = [e.reason for e in await cluster.events(first.split("/")[1])]
+    assert "MovingBehindFrontDoor" in reasons
+
+
+class Load:
+    """One client sending short completions back to back through the front door."""
+
+    def __init__(self, base: str, model: str) -> None:
+        self.base, self.model = base, model
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = False
+
+    async def run(self) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+            while not self.stop:
+                try:
+                    async with http.post(f"{self.base}/v1/chat/completions", json=body) as resp:
+                        text = await resp.text()
+                        if resp.status == 200:
+                            self.ok += 1
+                        else:
+                            self.failures.append(f"{resp.status} {text[:200]}")
+                except (aiohttp.ClientError, OSError) as err:
+                    self.failures.append(repr(err))
+
+
+def live_pid(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+async def _all_moved(agent, before: dict) -> bool:
+    rows = await agent.services()
+    return len(rows) == len(before) and all(
+        row["state"] == "Ready" and row["pid"] != before[row["service"]]["pid"] for row in rows)
+
+
+def _log_order(text: str, keys) -> dict[tuple[str, str], int]:
+    """Line numbers of each service's move and of its new engine's readiness, in the agent's log."""
+    found: dict[tuple[str, str], int] = {}
+    for number, line in enumerate(text.splitlines()):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        key, event = entry.get("service"), entry.get("event")
+        if key not in keys:
+            continue
+        if event == "moving the engine onto 127.0.0.1 behind the front door":
+            found.setdefault(("move", key), number)
+        elif event == "llama-server ready" and ("move", key) in found:
+            found.setdefault(("ready", key), number)
+    return found
