@@ -24,7 +24,7 @@ import pytest
 from kubernetes_asyncio import client
 
 from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record
-from metal_agent.adapters.process.pause_point import BEFORE_FIRST_MOVE, ENV as PAUSE_ENV
+from metal_agent.adapters.process.pause_point import AFTER_FRONT_DOOR_EXEC, BEFORE_FIRST_MOVE, ENV as PAUSE_ENV
 from metal_agent.adapters.process.records import live_process
 from tests.support import netns
 from tests.support.agent import agents_in_netns
@@ -287,3 +287,44 @@ def _log_order(text: str, keys) -> dict[tuple[str, str], int]:
         elif event == "llama-server ready" and ("move", key) in found:
             found.setdefault(("ready", key), number)
     return found
+
+
+def front_doors_of(state: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "front-door" in argv and str(state) in argv and proc.status() != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+async def test_an_agent_killed_between_the_front_doors_exec_and_its_record_leaves_no_stray_one(mac):
+    """The record is written before the exec: an agent killed in that window (held open by a pause
+    point, so the test hits it every time) leaves a front door the next agent adopts by its command
+    line, not a second one beside an unrecorded first."""
+    cluster, ns, make_agent, state = mac
+    first = make_agent()
+    first.options.env = {PAUSE_ENV: AFTER_FRONT_DOOR_EXEC}
+    await first.start(wait_ready=False)
+    agent_proc = psutil.Process(first.process.pid)
+    await wait_for(lambda: agent_proc.status() == psutil.STATUS_STOPPED, timeout=60,
+                   what="the agent right after the front door's exec", on_timeout=first.log_text)
+    pending = read_record(state / RECORD_FILE)
+    assert pending is not None and pending.pid == 0  # written before the exec, without a pid
+    [door] = front_doors_of(state)
+    first.kill()
+
+    again = make_agent()
+    await again.start()
+    assert [p.pid for p in front_doors_of(state)] == [door.pid]  # adopted: no second front door
+    record = read_record(state / RECORD_FILE)
+    assert record.pid == door.pid and live_process(record)
+    assert "adopted the running front door" in again.log_text()
+    await cluster.create_isvc("after", "tiny", contextSize=256)
+    await cluster.wait_phase("after", "Ready")
+    key = f"{cluster.ns}/after"
+    port = (await wait_for(lambda: serving_route(state, key), timeout=30, what="the route serving"))["port"]
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "after", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        async with http.post(f"http://{ns.inner_ip}:{port}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()

@@ -176,10 +176,10 @@ def kill_front_door(state_dir: Path) -> None:
     """SIGKILL the front door recorded under `state_dir` if it is provably that process."""
     import signal
 
-    from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record
+    from metal_agent.adapters.process.front_door_process import RECORD_FILE, resolve_record
     from metal_agent.adapters.process.records import live_process
 
-    record = read_record(state_dir / RECORD_FILE)
+    record = resolve_record(state_dir / RECORD_FILE)
     if record is not None and record.pid > 0 and live_process(record):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(record.pid, signal.SIGKILL)
