@@ -234,12 +234,13 @@ def _fan_out(*handlers):
 
 
 def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
-            table_dirty: asyncio.Event) -> AccessSource:
+            table_dirty: asyncio.Event, queue: WorkQueue) -> AccessSource:
     fd, http = cfg.front_door, cfg.http
     settings = AccessSettings(mode=fd.access, allow_networks=fd.allow_networks,
                               token_review_rate=http.token_review_rate,
                               token_review_global_rate=http.token_review_global_rate)
-    return AccessSource(api, settings, isvc_cache, on_change=table_dirty.set, reviews_counter=metrics.token_reviews)
+    return AccessSource(api, settings, isvc_cache, on_change=table_dirty.set, reviews_counter=metrics.token_reviews,
+                        on_service=queue.add)
 
 
 def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSession) -> _Sources:
@@ -266,7 +267,7 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
                         on_relist=functools.partial(watch.relisted, plural), cache=cache)
 
     table_dirty = asyncio.Event() if cfg.front_door.enabled else None
-    access = _access(cfg, api, metrics, isvc_cache, table_dirty) if table_dirty is not None else None
+    access = _access(cfg, api, metrics, isvc_cache, table_dirty, queue) if table_dirty is not None else None
     on_isvc = _fan_out(intake.on_isvc_change, access.on_isvc_change) if access else intake.on_isvc_change
     isvcs = informer(ISVC_PLURAL, on_isvc, isvc_cache)
     models = informer(MODEL_PLURAL, intake.on_model_change)
@@ -352,7 +353,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     gate = fleet.gate if fleet else StaticGate(Allowlist(cfg.controller.allowlist))
     publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
-                              gate=gate, status_mode=StatusMode(cfg.controller.status_mode))
+                              gate=gate, status_mode=StatusMode(cfg.controller.status_mode),
+                              **({"api_key": src.access.condition} if src.access is not None else {}))
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,

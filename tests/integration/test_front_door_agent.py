@@ -328,3 +328,41 @@ async def test_an_agent_killed_between_the_front_doors_exec_and_its_record_leave
         body = {"model": "after", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         async with http.post(f"http://{ns.inner_ip}:{port}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200, await resp.text()
+
+
+async def test_a_services_unusable_api_key_secret_is_a_condition_and_an_event_until_fixed(mac):
+    """No key can work while the named Secret is missing: the user sees it on the InferenceService
+    (condition MetalApiKeyReady=False, an Event naming the Secret, never a key), and the condition
+    turns True once the Secret is there; the model serves meanwhile (loopback needs no key)."""
+    from metal_agent.adapters.kube.api_keys import ANNOTATION, NOT_FOUND
+    from tests.support.front_door_grants import grant_key_reader
+
+    cluster, ns, make_agent, state = mac
+    key_value = "guarded-key-" + "7" * 24
+    await grant_key_reader(cluster.api, cluster.ns, ["guard-keys"])
+    agent = make_agent()
+    await agent.start()
+    await cluster.create_isvc("guarded", "tiny", contextSize=256)
+    await cluster.custom.patch_namespaced_custom_object(
+        "inference.llmkube.dev", "v1alpha1", cluster.ns, "inferenceservices", "guarded",
+        {"metadata": {"annotations": {ANNOTATION: "guard-keys"}}}, _content_type="application/merge-patch+json")
+    await cluster.wait_phase("guarded", "Ready")
+
+    async def condition_is(status: str):
+        found = await cluster.condition("guarded", "MetalApiKeyReady")
+        return found if found and found["status"] == status else None
+
+    bad = await wait_for(lambda: condition_is("False"), timeout=30, what="MetalApiKeyReady=False")
+    assert bad["reason"] == NOT_FOUND and f"Secret {cluster.ns}/guard-keys" in bad["message"]
+    await cluster.wait_event("guarded", NOT_FOUND)
+    [event] = [e for e in await cluster.events("guarded") if e.reason == NOT_FOUND]
+    assert event.type == "Warning" and f"{cluster.ns}/guard-keys" in event.message
+
+    await cluster.core.create_namespaced_secret(cluster.ns, {
+        "metadata": {"name": "guard-keys"}, "stringData": {"api-key": key_value}})
+    good = await wait_for(lambda: condition_is("True"), timeout=30, what="MetalApiKeyReady=True")
+    assert good["reason"] == "ApiKeysLoaded"
+    await cluster.wait_event("guarded", "ApiKeySecretReadable")
+    texts = [str(c) for c in (await cluster.status("guarded"))["conditions"]]
+    texts += [e.message for e in await cluster.events("guarded")]
+    assert not any(key_value in text for text in texts)  # the key itself is never shown
