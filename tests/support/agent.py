@@ -100,6 +100,9 @@ class AgentProcess:
             # inside a network namespace); without it the agent refuses them like any non-public address.
             *(arg for net in o.download_networks for arg in ("--download-allow-network", net)),
             "--client-port", str(self.client_port),
+            # In a network namespace the root namespace (where the API server runs) plays the cluster's
+            # node: the front door lets it in as it would a Node's address (access `cluster`).
+            *(["--front-door-allow-network", f"{o.netns.outer_ip}/32"] if o.netns else []),
             *o.extra_args,
         ]
         for ns in o.namespaces:
