@@ -104,7 +104,10 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
 
     def compute() -> dict:
         facts = gather(ports.book.ports, isvcs, managed, supervisors())
-        return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
+        # --bind-all: what listened on every address without the front door (the engines) now sits
+        # behind it, so the front door does (who may call is still its access decision).
+        listen = "0.0.0.0" if cfg.registration.bind_all else address.registered or LOOPBACK
+        return compute_table(facts, listen_host=listen, settings=settings,
                              access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json(),
                              held=rebind.holding)
 

@@ -145,6 +145,11 @@ async def test_with_the_front_door_engines_bind_loopback_and_its_parts_are_wired
         assert door.process.argv[1:4] == ("-m", "metal_agent", "front-door")
         assert door.process.argv[-4:] == ("--socket", str(tmp_path / "state" / "front-door.sock"),
                                           "--state-dir", str(tmp_path / "state"))
+        assert door.pusher.compute()["listen_host"] == "10.0.0.5"  # the service ports: on the Mac's address
+        assert agent.reconciler.rebind is door.rebind
+    # --bind-all: what listened everywhere (the engines) is behind the front door, which does instead.
+    async with built(tmp_path, "10.0.0.5", registration=RegistrationSettings(bind_all=True)) as agent:
+        assert agent.address.bind == "127.0.0.1" and agent.front_door.pusher.compute()["listen_host"] == "0.0.0.0"
 
 
 async def test_the_installed_mlx_lm_found_at_start_up_reaches_every_command_line(tmp_path, llama_server_bin):
