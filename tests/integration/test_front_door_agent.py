@@ -89,7 +89,7 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
     # The front door is handed the engine on loopback and the service's stable port.
     assert route["port"] == port and route["upstream"] == f"127.0.0.1:{row['port']}"
     assert route["model"] == "chat" and route["max_inflight"] == 2 and route["queue"] == 64
-    assert pushed_table(state)["listen_host"] == ns.inner_ip and pushed_table(state)["client_port"] == 9999
+    assert pushed_table(state)["listen_host"] == ns.inner_ip and pushed_table(state)["client_port"] == agent.client_port
     argv = psutil.Process(row["pid"]).cmdline()
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # only the front door reaches the engine
     found = await read_slice(cluster, "chat")
@@ -192,6 +192,9 @@ async def test_an_older_agents_engines_move_behind_the_front_door_one_at_a_time_
         argv = psutil.Process(row["pid"]).cmdline()
         assert argv[argv.index("--host") + 1] == ns.inner_ip  # open to whoever routes to the Mac
     await old.stop()  # its engines are left for the next agent, as after any agent upgrade
+    for name in names:  # the slices the older agent wrote name the engines' own ports
+        found = await read_slice(cluster, name)
+        assert [p.port for p in found.ports] == [before[f"{cluster.ns}/{name}"]["port"]]
 
     new = make_agent()
     new.options.env = {PAUSE_ENV: BEFORE_FIRST_MOVE}
@@ -199,19 +202,21 @@ async def test_an_older_agents_engines_move_behind_the_front_door_one_at_a_time_
     agent_proc = psutil.Process(new.process.pid)
     await wait_for(lambda: agent_proc.status() == psutil.STATUS_STOPPED, timeout=60,
                    what="the new agent at its first move", on_timeout=new.log_text)
-    # Taken over, not respawned: the same engines, served through the front door where they listen.
+    # Taken over, not respawned: the same engines, served through the front door where they listen
+    # (the one about to move certainly; the other may still be in its first health check).
     ports = stable_ports(state)
+    routes = {r["key"]: r for r in pushed_table(state)["routes"]}
+    assert set(routes) == set(before) and any(r["state"] == "serving" for r in routes.values())
     for key, row in before.items():
-        assert live_pid(row["pid"])
-        route = serving_route(state, key)
-        assert route["upstream"] == f"{ns.inner_ip}:{row['port']}" and route["port"] == ports[key]
-        found = await read_slice(cluster, key.split("/")[1])
-        assert [(p.name, p.port) for p in found.ports] == [("http", ports[key])]
+        assert live_pid(row["pid"]) and routes[key]["port"] == ports[key]
+        if routes[key]["state"] == "serving":
+            assert routes[key]["upstream"] == f"{ns.inner_ip}:{row['port']}"
 
     load = {key: Load(f"http://{ns.inner_ip}:{ports[key]}", key.split("/")[1]) for key in before}
     tasks = [asyncio.create_task(one.run()) for one in load.values()]
     try:
-        await wait_for(lambda: all(one.ok >= 5 for one in load.values()), timeout=30, what="load flowing")
+        served = [k for k, r in routes.items() if r["state"] == "serving"]
+        await wait_for(lambda: all(load[k].ok >= 5 for k in served), timeout=30, what="load through the old engines")
         os.kill(new.process.pid, signal.SIGCONT)
         await wait_for(lambda: _all_moved(new, before), timeout=120, interval=0.05,
                        what="both engines on 127.0.0.1", on_timeout=new.log_text)
@@ -226,6 +231,8 @@ async def test_an_older_agents_engines_move_behind_the_front_door_one_at_a_time_
     for row in await new.services():
         argv = psutil.Process(row["pid"]).cmdline()
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
+        found = await read_slice(cluster, row["service"].split("/")[1])  # the slice: the front door's port
+        assert [p.port for p in found.ports] == [ports[row["service"]]] and found.endpoints[0].conditions.ready
     # One at a time: the second is moved only once the first is serving again.
     order = _log_order(new.log_text(), before)
     first, second = sorted(before, key=lambda key: order[("move", key)])
