@@ -74,6 +74,16 @@ install-powermetrics-sudo: ## Grant this user password-less sudo for the exact p
 uninstall-powermetrics-sudo: ## Remove that grant
 	scripts/uninstall-powermetrics-sudo.sh
 
+WIRED_LIMIT_MB ?=
+
+.PHONY: install-wired-limit
+install-wired-limit: ## Set the GPU's wired-memory ceiling at every boot: a root LaunchDaemon running `/usr/sbin/sysctl iogpu.wired_limit_mb=$(WIRED_LIMIT_MB)` (doctor suggests a value)
+	scripts/install-wired-limit.sh --limit-mb "$(WIRED_LIMIT_MB)"
+
+.PHONY: uninstall-wired-limit
+uninstall-wired-limit: ## Remove that LaunchDaemon (the ceiling stays until reboot)
+	scripts/uninstall-wired-limit.sh
+
 # agent: a LaunchAgent (runs while you are logged in at the GUI); daemon: a
 # LaunchDaemon that starts at boot and runs as you (headless Macs, SSH installs).
 MODE ?= agent

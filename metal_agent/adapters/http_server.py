@@ -97,7 +97,8 @@ def auth_middleware(authorize: Authorize, refusals: RefusalLog | None = None):
 def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True,
                authorize: Authorize | None = None, allowed_hosts: frozenset[str] | None = None,
                refusals: RefusalLog | None = None,
-               extra_metrics: Callable[[], Awaitable[str]] | None = None) -> web.Application:
+               extra_metrics: Callable[[], Awaitable[str]] | None = None,
+               note: Callable[[], str | None] | None = None) -> web.Application:
     """Build the app: ``/metrics`` from ``registry``, ``/healthz`` and ``/readyz``.
 
     ``/healthz`` answers 200 whenever the event loop is serving requests (the
@@ -111,6 +112,7 @@ def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True,
     `power serve`, which has metrics alone and nothing to change, passes none.
     ``extra_metrics()``: more Prometheus text appended to the classic text format (the
     front door's own registry, fetched at scrape time); OpenMetrics scrapes get the agent's alone.
+    ``note()``: said after "ready" while it returns text (a throttling Mac: ready, but slower).
     """
 
     async def metrics(request: web.Request) -> web.Response:
@@ -128,7 +130,8 @@ def create_app(registry: CollectorRegistry, *, ready: Readiness = lambda: True,
     async def readyz(_: web.Request) -> web.Response:
         verdict = ready()
         if verdict is True:
-            return web.Response(text="ready\n")
+            said = note() if note is not None else None
+            return web.Response(text=f"ready; {said}\n" if said else "ready\n")
         return web.Response(status=503, text=f"not ready: {verdict}\n" if isinstance(verdict, str) else "not ready\n")
 
     refusals = refusals or RefusalLog()

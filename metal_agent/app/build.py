@@ -40,7 +40,9 @@ from metal_agent.adapters.kube.secrets import SecretTokenReader
 from metal_agent.adapters.kube.status_writer import StatusWriter
 from metal_agent.adapters.memory_watchdog import MemoryWatchdog, system_memory
 from metal_agent.adapters.model_files import ModelFiles
+from metal_agent.adapters.mac_readings import MacReadings, ReadingCommands
 from metal_agent.adapters.powermetrics import PowerSampler
+from metal_agent.adapters.sleep_assertion import SleepAssertion
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.records import RecordStore
 from metal_agent.app.config import AgentConfig
@@ -66,6 +68,7 @@ from metal_agent.core.model_urls import HF_ENDPOINT
 from metal_agent.core.host_address import Choice, bind_address
 from metal_agent.core.host_info import HostFacts
 from metal_agent.core.launch import LaunchSettings
+from metal_agent.core.sleep_assertion import SleepMode
 from metal_agent.core.names import GROUP, ISVC_PLURAL, MODEL_PLURAL, VERSION
 from metal_agent.core.spec_policy import SpecPolicy
 from metal_agent.core.status_owner import StatusMode
@@ -206,6 +209,8 @@ class Agent:
     watcher: AddressWatcher | None
     sampler: PowerSampler | None
     front_door: object | None = None  # app.front_door.FrontDoorParts with --front-door
+    sleep: SleepAssertion | None = None  # the no-idle-sleep assertion (issue 23)
+    mac: MacReadings | None = None  # the GPU's wired-memory ceiling and the thermal state (issue 23)
 
 
 @dataclass
@@ -282,11 +287,11 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
                     table_dirty)
 
 
-def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tuple[MemoryWatchdog, MemoryGuard,
-                                                                                   MemoryState]:
-    """State first, then the responder the watchdog calls, the watchdog, and the guard that
-    asks the watchdog whether a service is blocked: no part needs one built after it."""
-    state = MemoryState()
+def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed],
+            mac: MacReadings, state: MemoryState) -> tuple[MemoryWatchdog, MemoryGuard, MemoryState]:
+    """Given the state (shared with the Mac's readings, which re-queue who waits when the GPU's
+    ceiling changes): the responder the watchdog calls, the watchdog, and the guard that asks
+    the watchdog whether a service is blocked: no part needs one built after it."""
     responder = PressureResponder(state=state, running=managed, isvcs=src.isvcs.cache, processes=src.processes,
                                   events=src.events, enqueue=src.queue.add)
     mem = cfg.memory
@@ -297,7 +302,7 @@ def _memory(cfg: AgentConfig, src: _Sources, managed: dict[str, Managed]) -> tup
         eviction_enabled=mem.eviction, min_own_share=mem.min_own_share,
     )
     guard = MemoryGuard(src.model_files, src.registry, mode=mem.check_mode, agent_fraction=mem.fraction,
-                        is_blocked=watchdog.is_blocked, state=state)
+                        is_blocked=watchdog.is_blocked, state=state, wired=mac.current_ceiling)
     return watchdog, guard, state
 
 
@@ -338,7 +343,15 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     register_host_info(src.registry, host.facts, __version__)
     fatal_exits = FatalExitLog(cfg.paths.state / "fatal_exits.json", src.metrics.fatal_exits)
     managed: dict[str, Managed] = {}
-    watchdog, guard, state = _memory(cfg, src, managed)
+    m, memory_state = cfg.mac, MemoryState()
+    # A changed ceiling (the owner ran `sudo sysctl`) may let waiting services fit: queue them again.
+    mac = MacReadings(src.registry, ReadingCommands(m.sysctl, (m.pmset, "-g", "therm"), m.readings_interval),
+                      on_ceiling_change=lambda: [src.queue.add(key) for key in sorted(memory_state.waiting)])
+    # "Serving or loading": every service with a supervisor, whatever its state.
+    sleep = SleepAssertion(src.registry, mode=SleepMode(m.prevent_sleep), state_dir=cfg.paths.state,
+                           active=lambda: len(src.processes.supervisors), caffeinate=m.caffeinate,
+                           interval=m.sleep_check_interval)
+    watchdog, guard, state = _memory(cfg, src, managed, mac, memory_state)
     front = cfg.front_door.enabled
     bind_for = front_door_bind(front, cfg.registration.bind_all)
     address = HostAddress(bind=bind_for(host.host_ip) if front else host.bind,
@@ -365,10 +378,12 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     readiness = Readiness()
     readiness.add("api", ApiReachable((src.isvcs, src.models), heartbeats, lambda: len(src.processes.supervisors)))
     readiness.add("caches", synced_check(lambda: reconciler.synced))
+    readiness.add_note(mac.note)
     if door is not None:
         readiness.add("front-door", door.process.readiness)
     web = build_http(cfg, api, registry=src.registry, metrics=src.metrics, readiness=readiness,
-                     processes=src.processes, facts=host.facts, address=host.host_ip, fleet=fleet, front_door=door)
+                     processes=src.processes, facts=host.facts, address=host.host_ip, fleet=fleet, front_door=door,
+                     mac_view=lambda: {"sleep_assertion": sleep.view(), **mac.view()})
     move = AddressMove(address=address, bind_for=bind_for,
                        running=managed, isvcs=src.isvcs.cache, events=src.events, enqueue=src.queue.add,
                        also=web.endpoint.move if web.endpoint is not None else None)
@@ -380,4 +395,4 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     return Agent(cfg, host, api, http, src.registry, src.metrics, fatal_exits, src.queue, src.intake, src.isvcs,
                  src.models, src.processes, src.model_files, src.events, watchdog, guard, fleet, registrar, address,
                  reconciler, Runner(src.queue, reconciler, src.metrics, after=door.pusher.changed if door else None),
-                 sweep, readiness, heartbeats, web, watcher, sampler, door)
+                 sweep, readiness, heartbeats, web, watcher, sampler, door, sleep, mac)

@@ -91,6 +91,18 @@ class PowerSettings:
 
 
 @dataclass(frozen=True)
+class MacSettings:
+    """The Mac itself (issue 23): idle sleep while serving, the GPU's wired-memory ceiling, heat."""
+
+    prevent_sleep: str = "auto"  # auto (while >= 1 service serves or loads) | always | never
+    caffeinate: str = "/usr/bin/caffeinate"  # tests: a stand-in
+    sysctl: str = "/usr/sbin/sysctl"  # tests: a stand-in replaying recorded output
+    pmset: str = "/usr/bin/pmset"  # tests: a stand-in replaying recorded output
+    readings_interval: float = 30.0  # seconds between reads of the wired ceiling and thermal state
+    sleep_check_interval: float = 1.0  # seconds between checks of whether the assertion is wanted
+
+
+@dataclass(frozen=True)
 class DownloadSettings:
     allow_networks: tuple[str, ...] = ()  # --download-allow-network: beyond public addresses
     token_hosts: tuple[str, ...] = ()  # --token-hosts: beyond the hub endpoint's host
@@ -139,6 +151,7 @@ class AgentConfig:
     http: HttpSettings = HttpSettings()
     memory: MemorySettings = MemorySettings()
     power: PowerSettings = PowerSettings()
+    mac: MacSettings = MacSettings()
     downloads: DownloadSettings = DownloadSettings()
     fleet: FleetConfig = FleetConfig()
     front_door: FrontDoorSettings = FrontDoorSettings()

@@ -32,9 +32,11 @@ class HttpParts:
     endpoint: MetricsEndpoint | None  # None: the agent's metrics are not published
 
 
-def _services_route(processes: ProcessManager, front_door=None):
+def _services_route(processes: ProcessManager, front_door=None, mac_view=None):
     async def services(_: web.Request) -> web.Response:
         payload = {"version": __version__, "services": services_view(processes)}
+        if mac_view is not None:
+            payload["mac"] = mac_view()
         if front_door is not None:
             payload["routes"] = await front_door.status_routes()
         return web.json_response(payload)
@@ -43,7 +45,7 @@ def _services_route(processes: ProcessManager, front_door=None):
 
 def build_http(cfg: AgentConfig, api: client.ApiClient, *, registry: CollectorRegistry, metrics: AgentMetrics,
                readiness: Readiness, processes: ProcessManager, facts: HostFacts, address: str,
-               fleet=None, front_door=None) -> HttpParts:
+               fleet=None, front_door=None, mac_view=None) -> HttpParts:
     """Requests a browser could have forged are refused; those that do not arrive on loopback
     need a token the cluster vouches for, and reviews of unknown tokens are budgeted."""
     http = cfg.http
@@ -58,8 +60,9 @@ def build_http(cfg: AgentConfig, api: client.ApiClient, *, registry: CollectorRe
         extra = MetricsAppender(front_door.client)
     app = create_app(registry, ready=readiness, authorize=authorizer.authorize, refusals=refusals,
                      allowed_hosts=frozenset(h.lower() for h in (*http.allowed_hosts, http.host)
-                                             if h not in ("0.0.0.0", "::", "")), extra_metrics=extra)
-    app.router.add_get("/v1/services", _services_route(processes, front_door))
+                                             if h not in ("0.0.0.0", "::", "")), extra_metrics=extra,
+                     note=readiness.note)
+    app.router.add_get("/v1/services", _services_route(processes, front_door, mac_view))
     if fleet is not None:
         from metal_agent.fleet.view import add_routes
 

@@ -82,6 +82,10 @@ class Manager:
             "housekeeping": functools.partial(loops.housekeeping, a.processes, a.metrics),
             "memory-watchdog": a.watchdog.run,
         }
+        if a.sleep is not None:
+            found["sleep-assertion"] = a.sleep.run
+        if a.mac is not None:
+            found["mac-readings"] = a.mac.run
         if cfg.registration.register:
             found["heartbeats"] = functools.partial(loops.heartbeats, a.registrar.heartbeat, a.heartbeats,
                                                     cfg.registration.heartbeat_interval)
@@ -110,6 +114,8 @@ class Manager:
         """Once synced: reconcile every service and every process once, then sweep."""
         a = self.agent
         await self.until_synced()
+        if a.mac is not None and not a.mac.read.is_set():
+            await a.mac.refresh()  # the GPU's wired-memory ceiling is known before anything is admitted
         a.runner.start()
         a.intake.resync_all(a.processes.supervisors)
         await a.queue.wait_idle()
@@ -124,6 +130,7 @@ class Manager:
         door = a.front_door if a.cfg.controller.stop_on_exit else None  # else it serves on, for the next agent
         await asyncio.gather(
             *([door.process.stop()] if door is not None else []),
+            *([a.sleep.release()] if a.sleep is not None else []),
             shutdown(queue=a.queue, model_files=a.model_files, processes=a.processes, events=a.events,
                      stop_processes=a.cfg.controller.stop_on_exit),
             *([a.web.endpoint.withdraw()] if a.web.endpoint is not None else []))

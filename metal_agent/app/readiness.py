@@ -16,6 +16,14 @@ Check = Callable[[], "bool | str"]
 class Readiness:
     def __init__(self) -> None:
         self._checks: list[tuple[str, Check]] = []
+        self._notes: list[Callable[[], str | None]] = []
+
+    def add_note(self, note: Callable[[], "str | None"]) -> None:
+        """Something said beside "ready" without making the agent unready (macOS throttling)."""
+        self._notes.append(note)
+
+    def note(self) -> str | None:
+        return "; ".join(n for n in (note() for note in self._notes) if n) or None
 
     def add(self, part: str, check: Check) -> None:
         self._checks.append((part, check))

@@ -35,6 +35,7 @@ from metal_agent.adapters.sudo_grant import check_sudo_grant
 from metal_agent.cli.agent_client import fetch_services
 from metal_agent.cli.doctor_base import CheckResult, fail, is_mac, not_mac, ok, run_command, skip
 from metal_agent.cli.doctor_cluster import cluster_checks
+from metal_agent.cli.doctor_mac_host import mac_host_checks
 from metal_agent.cli.doctor_mlx import check_mlx_server
 from metal_agent.cli.status import AgentUnreachable
 from metal_agent.core.launchd import LAUNCH_DAEMONS_DIR, LAUNCHD_PATH, Mode, plist_path, service_target
@@ -451,6 +452,7 @@ async def run_checks(
         check_agent(listen),
         check_metal_device(llama_server, system),
         check_firewall(llama_server, system),
+        mac_host_checks(listen, system=system),
     ]
     results: list[CheckResult] = []
     for item in await asyncio.gather(*groups):

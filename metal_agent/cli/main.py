@@ -15,6 +15,7 @@ from metal_agent.cli.render import render
 from metal_agent.cli.reference import config_reference
 from metal_agent.cli.run import GoCompatCommand, run
 from metal_agent.cli.status import logs, status
+from metal_agent.cli.wired_limit import render_wired_limit
 
 app = typer.Typer(
     name="metal-agent",
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(power_app, name="power")
 app.command("render-sudoers")(render_sudoers)
+app.command("render-wired-limit")(render_wired_limit)
 app.command("render")(render)
 app.command("run", cls=GoCompatCommand)(run)
 app.command("config-reference", hidden=True)(config_reference)

@@ -22,7 +22,8 @@ from metal_agent import __version__
 from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.app.config import (AgentConfig, ControllerSettings, DownloadSettings, EngineSettings, FleetConfig,
                                     FrontDoorSettings,
-                                    HttpSettings, KubeSettings, MemorySettings, PowerSettings, RegistrationSettings)
+                                    HttpSettings, KubeSettings, MacSettings, MemorySettings, PowerSettings,
+                                    RegistrationSettings)
 from metal_agent.core.go_flags import describe_ignored, normalize_run_argv
 from metal_agent.core.go_values import GoFlagError
 from metal_agent.core.host_address import NoUsableAddress, validate_host_ip
@@ -196,6 +197,13 @@ def _front_door(ctx: typer.Context) -> FrontDoorSettings:
                              command=tuple(shlex.split(o.front_door_command or "")))
 
 
+def _mac(ctx: typer.Context) -> MacSettings:
+    o = SimpleNamespace(**ctx.params)
+    return MacSettings(prevent_sleep=_choice(o.prevent_sleep, ("auto", "always", "never"), "--prevent-sleep"),
+                       caffeinate=o.caffeinate, sysctl=o.sysctl, pmset=o.pmset,
+                       readings_interval=o.mac_readings_interval)
+
+
 def _agent_config(ctx: typer.Context) -> AgentConfig:
     """The settings from the parsed flags; a flag that makes no sense is a usage error naming it."""
     from metal_agent.core.claim import Allowlist
@@ -235,7 +243,7 @@ def _agent_config(ctx: typer.Context) -> AgentConfig:
                               reader=_file_reader(o.memory_readings_file) if o.memory_readings_file else None),
         power=PowerSettings(enabled=sys.platform == "darwin" if o.power is None else o.power,
                             interval_ms=o.power_interval_ms),
-        downloads=downloads, fleet=fleet, front_door=_front_door(ctx),
+        downloads=downloads, fleet=fleet, front_door=_front_door(ctx), mac=_mac(ctx),
         supervisor=SupervisorSettings(startup_timeout=o.startup_timeout, liveness_interval=o.liveness_interval,
                                       liveness_failures=o.liveness_failures),
     )
@@ -289,6 +297,11 @@ def run(
     memory_readings_file: Optional[Path] = typer.Option(None, hidden=True, help="Drills and tests: read memory from this JSON file instead of the system (see adapters/memory_watchdog.file_reader)."),
     power: Optional[bool] = typer.Option(None, "--power/--no-power", envvar=_env("POWER"), help="Sample Apple SoC power with the pinned `sudo powermetrics` command (default: on for macOS; see make install-powermetrics-sudo)."),
     power_interval_ms: int = typer.Option(PowerSettings.interval_ms, min=100, max=60000, envvar=_env("POWER_INTERVAL_MS"), help="powermetrics sample interval; must equal the interval in the sudoers grant."),
+    prevent_sleep: str = typer.Option(MacSettings.prevent_sleep, envvar=_env("PREVENT_SLEEP"), help="Keep the Mac from idle sleep with a `caffeinate -i` child: auto (while at least one model serves or loads), always (while the agent runs) or never. A closed lid without external display and power, and sleep the owner asks for, still happen."),
+    caffeinate: str = typer.Option(MacSettings.caffeinate, hidden=True, help="Tests: the caffeinate to run (default /usr/bin/caffeinate)."),
+    sysctl: str = typer.Option(MacSettings.sysctl, hidden=True, help="Tests: the sysctl to read iogpu.wired_limit_mb and hw.memsize with."),
+    pmset: str = typer.Option(MacSettings.pmset, hidden=True, help="Tests: the pmset to read `-g therm` with."),
+    mac_readings_interval: float = typer.Option(MacSettings.readings_interval, min=0.1, hidden=True, help="Seconds between reads of the GPU wired-memory ceiling and the thermal state."),
     log_level: str = typer.Option("info", envvar=_env("LOG_LEVEL"), help="debug, info, warning or error."),
     log_format: str = typer.Option("auto", envvar=_env("LOG_FORMAT"), help="auto (text on a TTY, else JSON), json or text."),
     allowlist: List[str] = typer.Option([], "--inference-service-allowlist", envvar=_env("INFERENCE_SERVICE_ALLOWLIST"), help="Serve only these InferenceServices: NAME or NAMESPACE/NAME, comma-separated or repeated (default: every Metal one). Several Macs sharing a cluster each list their own."),

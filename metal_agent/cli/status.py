@@ -27,7 +27,7 @@ from metal_agent.core.names import is_dns1123_label, is_dns1123_subdomain
 from metal_agent.core.launchd import LABEL
 from metal_agent.paths import default_paths
 
-__all__ = ["AgentUnreachable", "format_bytes", "format_duration", "format_table", "logs",
+__all__ = ["AgentUnreachable", "format_bytes", "format_duration", "format_mac", "format_table", "logs",
            "parse_service_key", "services_url", "status"]
 
 DEFAULT_LISTEN = "127.0.0.1:9090"
@@ -121,6 +121,24 @@ def format_routes(routes: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [ROUTE_COLUMNS, *rows])
 
 
+def format_mac(mac: dict[str, Any]) -> str:
+    """The Mac itself: the no-idle-sleep assertion, the GPU's wired-memory ceiling, the thermal state."""
+    sleep = mac.get("sleep_assertion") or {}
+    if sleep.get("held"):
+        held = f"held (caffeinate pid {sleep.get('pid')}, --prevent-sleep={sleep.get('mode')})"
+    else:
+        held = f"not held (--prevent-sleep={sleep.get('mode', '?')})"
+        if sleep.get("problem"):
+            held += f": {sleep['problem']}"
+    wired, thermal = mac.get("wired_limit"), mac.get("thermal")
+    return "\n".join([
+        f"sleep assertion: {held}",
+        f"GPU wired-memory ceiling: {format_bytes(wired.get('bytes'))} ({wired.get('source')})"
+        if isinstance(wired, dict) else "GPU wired-memory ceiling: unknown (not read on this host)",
+        f"thermal: {thermal.get('state')}" if isinstance(thermal, dict) else "thermal: unknown (pmset -g therm not read)",
+    ])
+
+
 def status(
     listen: Annotated[str, typer.Option(envvar="METAL_AGENT_LISTEN", help="The agent's --listen address.")] = DEFAULT_LISTEN,
     as_json: Annotated[bool, typer.Option("--json", help="Print the agent's answer as JSON.")] = False,
@@ -143,6 +161,8 @@ def status(
         typer.echo(f"the agent (version {payload.get('version', '?')}) manages no llama-servers")
     else:
         typer.echo(format_table(services))
+    if isinstance(payload.get("mac"), dict):
+        typer.echo("\n" + format_mac(payload["mac"]))
     if payload.get("routes"):  # the front door is on (--front-door)
         typer.echo("\nfront door\n" + format_routes(payload["routes"]))
 

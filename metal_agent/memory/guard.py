@@ -20,10 +20,11 @@ from prometheus_client import CollectorRegistry, Gauge
 from metal_agent.adapters.memory_watchdog import read_system_memory
 from metal_agent.adapters.model_files import ModelFiles
 from metal_agent.core.workload import Workload
-from metal_agent.core.admission import Admit, Reject, admit
+from metal_agent.core.admission import INSUFFICIENT_MEMORY, Admit, Reject, admit
 from metal_agent.core.memory import EstimateFailed, MemoryEstimate, gib
 from metal_agent.core.names import METRIC_PREFIX as P
 from metal_agent.core.status import Blocker
+from metal_agent.core.wired_limit import WiredCeiling, check_wired
 from metal_agent.memory.state import MemoryState
 from metal_agent.metrics import service_labels
 
@@ -40,6 +41,12 @@ class Waiting:
     scheduling: tuple[str, str] | None  # (schedulingStatus, schedulingMessage), LLMKube's fields
 
 
+def gpu_bytes(estimate: MemoryEstimate) -> int:
+    """What a service wires for the GPU: weights, KV cache and compute buffers; llama-server's
+    prompt cache (--cache-ram) lives in ordinary host memory."""
+    return estimate.total_bytes - estimate.prompt_cache_bytes
+
+
 class MemoryGuard:
     def __init__(
         self,
@@ -51,6 +58,7 @@ class MemoryGuard:
         is_blocked: Callable[[str], bool] = lambda key: False,
         total_ram: Callable[[], int] = lambda: read_system_memory().total_bytes,
         state: MemoryState | None = None,
+        wired: Callable[[], WiredCeiling | None] = lambda: None,
     ) -> None:
         """`total_ram` defaults to the memory watchdog's own reading, so that admission and
         the watchdog judge the same machine by the same numbers. Who waits is kept in
@@ -61,6 +69,8 @@ class MemoryGuard:
         self.is_blocked = is_blocked
         self.total_ram = total_ram
         self.committed: dict[str, int] = {}
+        self.wired = wired  # the GPU's wired-memory ceiling (None: unknown, not checked)
+        self.gpu_committed: dict[str, int] = {}  # GPU-resident bytes of each running service
         self.waiting: set[str] = (state or MemoryState()).waiting
         self._reasons: dict[str, str] = {}  # why each waiting service waits
         self.estimated = Gauge(P + "memory_estimated_bytes", "estimated unified memory of a service (weights + KV cache + overhead)",
@@ -89,6 +99,9 @@ class MemoryGuard:
         estimate = await self._estimate(workload, path, draft)
         verdict = admit(key, estimate, self.committed, hardware=workload.model.spec.hardware,
                         total_ram_bytes=self.total_ram(), agent_fraction=self.agent_fraction, mode=self.mode)
+        if isinstance(verdict, Admit) and isinstance(estimate, MemoryEstimate):
+            if why := check_wired(key, gpu_bytes(estimate), self.gpu_committed, self.wired()):
+                verdict = Reject(INSUFFICIENT_MEMORY, why)
         if isinstance(verdict, Reject):
             self.waiting.add(key)
             waiting = Waiting(verdict.blocker(), (verdict.reason, verdict.message))
@@ -98,6 +111,8 @@ class MemoryGuard:
             log.warning("memory check", service=key, warning=verdict.warning)
         self.waiting.discard(key)
         self.committed[key] = verdict.needed_bytes
+        if isinstance(estimate, MemoryEstimate):
+            self.gpu_committed[key] = gpu_bytes(estimate)
         self.estimated.labels(**service_labels(key)).set(verdict.needed_bytes)
         return verdict
 
@@ -112,6 +127,7 @@ class MemoryGuard:
             log.warning("cannot estimate a running service's memory", service=key, error=estimate.message)
             return
         self.committed[key] = estimate.total_bytes
+        self.gpu_committed[key] = gpu_bytes(estimate)
         self.estimated.labels(**service_labels(key)).set(estimate.total_bytes)
 
     def waiting_reason(self, key: str) -> str | None:
@@ -125,6 +141,7 @@ class MemoryGuard:
     def release(self, key: str) -> set[str]:
         """`key` stopped: forget its memory; return the services that may fit now."""
         freed = self.committed.pop(key, None)
+        self.gpu_committed.pop(key, None)
         self.waiting.discard(key)
         self._reasons.pop(key, None)
         try:

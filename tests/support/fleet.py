@@ -20,13 +20,16 @@ import time
 import aiohttp
 from kubernetes_asyncio import client
 
+from metal_agent.core.leases import member_lease_name
 from tests.support.agent import AgentProcess, agents_in_netns
 from tests.support.isvc import Cluster
+from tests.support.kube import api_client_for
 from tests.support.netns import NetNS
 
 LEASE_S = 6.0
 FLEET_FLAGS = ("--fleet", "--lease-duration", str(LEASE_S), "--lease-renew-interval", "1", "--fleet-bid-step", "1",
                "--heartbeat-interval", "1", "--liveness-interval", "0.5", "--liveness-failures", "2")
+FLEET_NAMESPACE = "metal-agent"  # the agents' default --fleet-namespace
 START_TIMEOUT = 90  # a deadline for a condition on a shared 2-core machine, not a goal
 
 
@@ -46,11 +49,15 @@ class Mac:
 
 @contextlib.asynccontextmanager
 async def fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs, *, api_ports=None, extra=()):
-    """Macs named after `specs` ({suffix: labels}) on `control_plane` (anything with `port` and
-    `agent_kubeconfig`); names are unique per test (the fleet namespace is shared)."""
+    """Macs named after `specs` ({suffix: labels}) on `control_plane` (anything with `port`,
+    `agent_kubeconfig` and `admin_kubeconfig`); names are unique per test (the fleet namespace is
+    shared). A stopped agent keeps its member Lease on purpose (a restart must find it), so the
+    Macs' Leases are deleted afterwards: otherwise a later test's fleet counts them as alive
+    members for one lease duration."""
     tag = secrets.token_hex(2)
     macs: list[Mac] = []
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(_forget_members, control_plane, macs)
         for suffix, labels in specs.items():
             name = f"{suffix}-{tag}"
             workdir = tmp_path / name
@@ -64,6 +71,15 @@ async def fleet_of(control_plane, llama_server_bin, tmp_path, namespace, specs, 
                                                      *extra)))
             macs.append(Mac(name, ns, make_agent(), workdir))
         yield macs
+
+
+async def _forget_members(control_plane, macs: list[Mac]) -> None:
+    """Delete the member Leases of `macs` (runs after their agents stopped)."""
+    async with api_client_for(control_plane.admin_kubeconfig) as api:
+        leases = client.CoordinationV1Api(api)
+        for mac in macs:
+            with contextlib.suppress(client.exceptions.ApiException):
+                await leases.delete_namespaced_lease(member_lease_name(mac.name), FLEET_NAMESPACE)
 
 
 async def ready_on(cluster: Cluster, service: str, macs: list[Mac], count: int = 1) -> list[Mac] | None:

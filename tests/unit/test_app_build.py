@@ -82,8 +82,9 @@ async def test_readiness_is_checked_per_part_in_order(tmp_path):
 async def test_the_loops_follow_the_settings(tmp_path):
     async with built(tmp_path, registration=RegistrationSettings(register=False)) as agent:
         assert set(Manager(agent).loops()) == {"watch-inferenceservices", "watch-models", "housekeeping",
-                                               "memory-watchdog", "front-door", "front-door-table",
-                                               "front-door-api-keys", "front-door-nodes", "front-door-rebind"}
+                                               "memory-watchdog", "sleep-assertion", "mac-readings", "front-door",
+                                               "front-door-table", "front-door-api-keys", "front-door-nodes",
+                                               "front-door-rebind"}
     async with built(tmp_path) as agent:
         assert {"heartbeats", "metrics-endpoint"} <= set(Manager(agent).loops())
 
