@@ -188,10 +188,23 @@ def kill_front_door(state_dir: Path) -> None:
             os.killpg(record.pid, signal.SIGKILL)
 
 
-def reap_front_doors() -> None:
-    """After each test: no front door an agent of it started outlives the test."""
+def reap_front_doors(under: Path | None = None) -> None:
+    """After each test: no front door an agent of it started outlives the test, whether the agent
+    was an AgentProcess (its state directory is known) or run in the test's own process (then its
+    front door's state directory is under this pytest run's temporary directory, `under`)."""
     while STATE_DIRS:
         kill_front_door(STATE_DIRS.pop())
+    if under is None:
+        return
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "front-door" not in argv or "--state-dir" not in argv[:-1]:
+            continue
+        state = Path(argv[argv.index("--state-dir") + 1])
+        if state.is_relative_to(under):
+            kill_front_door(state)
 
 
 @contextlib.asynccontextmanager
