@@ -373,3 +373,40 @@ async def test_a_services_unusable_api_key_secret_is_a_condition_and_an_event_un
     texts = [str(c) for c in (await cluster.status("guarded"))["conditions"]]
     texts += [e.message for e in await cluster.events("guarded")]
     assert not any(key_value in text for text in texts)  # the key itself is never shown
+
+
+async def test_a_moved_address_is_followed_by_the_front_door_without_a_respawn(mac):
+    """The Mac changes networks: the slice names the new address on the same stable port, the
+    front door listens there, and the engine, on loopback, is not restarted (no model reload)."""
+    cluster, ns, make_agent, state = mac
+    agent = make_agent("--address-check-interval", "0.3", detect_host=True)
+    await agent.start()
+    await cluster.create_isvc("roam", "tiny", contextSize=256)
+    await cluster.wait_phase("roam", "Ready")
+    key = f"{cluster.ns}/roam"
+    port = (await wait_for(lambda: serving_route(state, key), timeout=30, what="the route serving"))["port"]
+    pid = (await agent.services())[0]["pid"]
+
+    moved = await netns.move_address(ns)
+
+    async def registered_there():
+        found = await read_slice(cluster, "roam")
+        ok = found and found.endpoints and found.endpoints[0].addresses == [moved.inner_ip]
+        return found if ok and found.endpoints[0].conditions.ready else None
+    found = await wait_for(registered_there, timeout=30, what="the slice on the new address, ready")
+    assert [p.port for p in found.ports] == [port]  # the stable port stays
+    await wait_for(lambda: pushed_table(state).get("listen_host") == moved.inner_ip, timeout=30,
+                   what="the front door told the new address")
+    body = {"model": "roam", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+    async def answered() -> bool:
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"http://{moved.inner_ip}:{port}/v1/chat/completions", json=body,
+                                     timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False  # its listener is (re)opened just after the table is kept
+    await wait_for(answered, timeout=30, what="a request on the new address")
+    rows = await agent.services()
+    assert rows[0]["pid"] == pid and rows[0]["state"] == "Ready"  # not respawned: it listens on loopback
