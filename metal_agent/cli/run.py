@@ -182,6 +182,10 @@ def _front_door(ctx: typer.Context) -> FrontDoorSettings:
     o = SimpleNamespace(**ctx.params)
     if not 0 <= o.client_port <= 65535:
         raise typer.BadParameter("expected a TCP port (0: off)", param_hint="--client-port")
+    asked = getattr(ctx.get_parameter_source("client_port"), "name", "DEFAULT") != "DEFAULT"
+    if not o.front_door and o.client_port and asked:
+        typer.echo(f"warning: --client-port {o.client_port} is not served with --no-front-door (the front door "
+                   "serves it)", err=True)
     import shlex
 
     from metal_agent.core.access import AccessSettings
