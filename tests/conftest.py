@@ -63,6 +63,16 @@ def _cached_asset(script: str) -> Path | None:
     return Path(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else None
 
 
+@pytest.fixture(autouse=True)
+def _no_front_door_outlives_its_test(tmp_path_factory):
+    """The front door is on by default and outlives its agent on purpose (adopted by the next
+    one); a test's agents are gone when it ends, so their front doors go too."""
+    yield
+    from tests.support.agent import reap_front_doors
+
+    reap_front_doors(under=tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

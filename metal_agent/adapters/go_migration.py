@@ -168,10 +168,6 @@ def job_settings(job: GoJob, *, default_model_dir: Path, model_dir: Path | None 
             notes.append(f"models move out of {store}: macOS empties temporary directories on its own")
         else:
             model_dir = store
-    if "client-port" not in values:
-        notes.append("the Go agent's default 127.0.0.1:9999 /v1 proxy is served only with --front-door (off by "
-                     "default in this release); without it clients on this Mac "
-                     "use the address `metal-agent status` shows")
     if values.get("mlx-server-bin") or job.cmdline.value("runtime") == "mlx-server":
         notes.append(_MLX_NOTE.format(binary=values.get("mlx-server-bin") or "defilantech's mlx-server"))
     if job.cmdline.unread:

@@ -239,12 +239,13 @@ def _fan_out(*handlers):
 
 
 def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
-            table_dirty: asyncio.Event) -> AccessSource:
+            table_dirty: asyncio.Event, queue: WorkQueue) -> AccessSource:
     fd, http = cfg.front_door, cfg.http
     settings = AccessSettings(mode=fd.access, allow_networks=fd.allow_networks,
                               token_review_rate=http.token_review_rate,
                               token_review_global_rate=http.token_review_global_rate)
-    return AccessSource(api, settings, isvc_cache, on_change=table_dirty.set, reviews_counter=metrics.token_reviews)
+    return AccessSource(api, settings, isvc_cache, on_change=table_dirty.set, reviews_counter=metrics.token_reviews,
+                        on_service=queue.add)
 
 
 def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSession) -> _Sources:
@@ -271,7 +272,7 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
                         on_relist=functools.partial(watch.relisted, plural), cache=cache)
 
     table_dirty = asyncio.Event() if cfg.front_door.enabled else None
-    access = _access(cfg, api, metrics, isvc_cache, table_dirty) if table_dirty is not None else None
+    access = _access(cfg, api, metrics, isvc_cache, table_dirty, queue) if table_dirty is not None else None
     on_isvc = _fan_out(intake.on_isvc_change, access.on_isvc_change) if access else intake.on_isvc_change
     isvcs = informer(ISVC_PLURAL, on_isvc, isvc_cache)
     models = informer(MODEL_PLURAL, intake.on_model_change)
@@ -330,6 +331,12 @@ def _launch(cfg: AgentConfig, host: Host) -> LaunchSettings:
         mlx_dialect=host.mlx_dialect)
 
 
+def _moved_event(src: _Sources, key: str, message: str) -> None:
+    raw = src.isvcs.cache.get(key)
+    if raw is not None:
+        src.events.emit(raw["metadata"], "MovingBehindFrontDoor", message)
+
+
 def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.ClientSession) -> Agent:
     """Every part of the agent, each built after what it is handed; nothing runs yet."""
     src = _sources(cfg, api, http)
@@ -351,7 +358,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
                           registered=host.host_ip if cfg.registration.register else None)
     door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
                             supervisors=lambda: src.processes.supervisors, access=src.access,
-                            dirty=src.table_dirty) if src.access is not None else None
+                            dirty=src.table_dirty, enqueue=src.queue.add,
+                            on_move=functools.partial(_moved_event, src)) if src.access is not None else None
     launch = _launch(cfg, host)
     fleet = _fleet(cfg, api, host, src, guard, address, launch) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
@@ -359,11 +367,12 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     publisher = Publisher(registrar, address, src.events, ports=door.ports if door else None,
                           drain=door.drain if door else None, routed=door.routed if door else None)
     reporter = StatusReporter(models=src.models, status=StatusWriter(api), events=src.events, metrics=src.metrics,
-                              gate=gate, status_mode=StatusMode(cfg.controller.status_mode))
+                              gate=gate, status_mode=StatusMode(cfg.controller.status_mode),
+                              **({"api_key": src.access.condition} if src.access is not None else {}))
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
-        wake=src.intake.wake, managed=managed, pressure=state, gate=gate)
+        wake=src.intake.wake, managed=managed, pressure=state, gate=gate, rebind=door.rebind if door else None)
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
                   default_engine=launch.default_engine, policy=launch.policy, gate=gate, launch=launch)
     heartbeats = HeartbeatHealth()

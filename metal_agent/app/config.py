@@ -128,9 +128,10 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class FrontDoorSettings:
-    """The front door (issue 21): one process in front of every engine, opt-in in this release."""
+    """The front door (issue 21): one process in front of every engine, on by default so no
+    model is open to anyone on the LAN and the Go agent's client port keeps working."""
 
-    enabled: bool = False  # --front-door: stable ports, engines on loopback, the client port
+    enabled: bool = True  # --no-front-door: engines on the Mac's address, no stable ports, no client port
     client_port: int = 9999  # 127.0.0.1:PORT serves every model (the Go agent's --client-port); 0: off
     queue: int = 64  # requests held per service beyond its parallel slots
     queue_timeout: float = 30.0  # seconds a held request waits before 429/503

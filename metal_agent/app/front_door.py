@@ -27,6 +27,7 @@ from metal_agent.app.front_door_drain import Drainer
 from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
 from metal_agent.controller.publishing import HostAddress
+from metal_agent.controller.rebind import Rebinder
 from metal_agent.controller.stable_ports import StablePorts
 from metal_agent.core.backoff import Backoff
 
@@ -53,6 +54,7 @@ class FrontDoorParts:
     socket: AgentSocket
     access: AccessSource
     drain: Drainer
+    rebind: Rebinder
 
     async def routed(self, key: str) -> bool:
         """Does the front door listen on `key`'s port: is the route in the last table it accepted,
@@ -108,10 +110,12 @@ class MetricsAppender:
 
 def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[str, dict],
                      managed: Mapping[str, object], supervisors: Callable[[], Mapping[str, object]],
-                     access: AccessSource, dirty: asyncio.Event) -> FrontDoorParts:
+                     access: AccessSource, dirty: asyncio.Event, enqueue: Callable[[str], None],
+                     on_move: Callable[[str, str], None]) -> FrontDoorParts:
     """`supervisors()`: the process manager's table; `access`: who may call (its policy and each
     service's key digests travel in the table; it answers the front door's token reviews);
-    `dirty`: set by whatever the table is made of, the access sources included."""
+    `dirty`: set by whatever the table is made of, the access sources included; `enqueue` and
+    `on_move`: the rebinder's (an older agent's engines moved onto loopback, controller/rebind.py)."""
     fd, state = cfg.front_door, cfg.paths.state
     ports = StablePorts(PortBookFile(state), host=lambda: address.registered or LOOPBACK)
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
@@ -119,17 +123,23 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     def compute() -> dict:
         sups = supervisors()
         facts = drain.facts(gather(ports.book.ports, isvcs, managed, sups), sups)
-        return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
-                             access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json())
+        # --bind-all: what listened on every address without the front door (the engines) now sits
+        # behind it, so the front door does (who may call is still its access decision).
+        listen = "0.0.0.0" if cfg.registration.bind_all else address.registered or LOOPBACK
+        return compute_table(facts, listen_host=listen, settings=settings,
+                             access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json(),
+                             held=rebind.holding)
 
     client = FrontDoorClient(state / SOCKET)
     pusher = TablePusher(client, compute, dirty=dirty)
     drain = Drainer(client, pusher, supervisors)
+    rebind = Rebinder(bind=lambda: address.bind, supervisors=supervisors, state=client.state,
+                      pushed=lambda: pusher.pushed, changed=pusher.changed, enqueue=enqueue, on_move=on_move)
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
     return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access,
-                          drain)
+                          drain, rebind)
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

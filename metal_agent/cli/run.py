@@ -174,7 +174,7 @@ def _downloads(ctx: typer.Context) -> DownloadSettings:
                             free_margin=_bytes(o.download_free_margin, "--download-free-margin", minimum=0))
 
 
-# The front door is opt-in (a preview) in this release; its flags are documented like the rest.
+# The front door is on by default (issue 21); its flags are documented like the rest.
 _FRONT_DOOR_HIDDEN = False
 
 
@@ -182,6 +182,10 @@ def _front_door(ctx: typer.Context) -> FrontDoorSettings:
     o = SimpleNamespace(**ctx.params)
     if not 0 <= o.client_port <= 65535:
         raise typer.BadParameter("expected a TCP port (0: off)", param_hint="--client-port")
+    asked = getattr(ctx.get_parameter_source("client_port"), "name", "DEFAULT") != "DEFAULT"
+    if not o.front_door and o.client_port and asked:
+        typer.echo(f"warning: --client-port {o.client_port} is not served with --no-front-door (the front door "
+                   "serves it)", err=True)
     import shlex
 
     from metal_agent.core.access import AccessSettings
@@ -268,7 +272,7 @@ def run(
     mlx_server: Optional[str] = typer.Option(None, envvar=_env("MLX_SERVER"), help="mlx_lm.server for MLX Models (default: the agent's venv, Homebrew, then PATH; none: MLX Models wait)."),
     default_runtime: str = typer.Option(EngineSettings.default_runtime, envvar=_env("DEFAULT_RUNTIME"), help="Engine for Models whose format names none (custom): llama-server or mlx-lm. GGUF is always llama-server, MLX mlx-lm."),
     host_ip: Optional[str] = typer.Option(None, envvar=_env("HOST_IP"), help="This Mac's address as the cluster reaches it (default: Tailscale, then the default route's interface)."),
-    bind_all: bool = typer.Option(RegistrationSettings.bind_all, "--bind-all", envvar=_env("BIND_ALL"), help="llama-server listens on all interfaces (default: only on --host-ip)."),
+    bind_all: bool = typer.Option(RegistrationSettings.bind_all, "--bind-all", envvar=_env("BIND_ALL"), help="Listen on all interfaces (default: only on --host-ip): the front door's service ports, or with --no-front-door each engine."),
     register: bool = typer.Option(RegistrationSettings.register, "--register/--no-register", envvar=_env("REGISTER"), help="Publish a Service and EndpointSlice per model (off: supervise only, e.g. for local use)."),
     register_metrics: bool = typer.Option(RegistrationSettings.register_metrics, "--register-metrics/--no-register-metrics", envvar=_env("REGISTER_METRICS"), help="With --register: also serve /metrics on the registered address (a bearer token the cluster vouches for is required) and publish it as this Mac's EndpointSlice of the `metal-agent` Service, for the cluster's Prometheus."),
     agent_namespace: str = typer.Option(RegistrationSettings.agent_namespace, envvar=_env("AGENT_NAMESPACE"), help="Namespace of the `metal-agent` Service that --register-metrics publishes this Mac's metrics endpoint in."),
@@ -318,8 +322,8 @@ def run(
     token_hosts: List[str] = typer.Option([], "--token-hosts", envvar=_env("TOKEN_HOSTS"), help="A host that may receive a Model's sourceSecretRef token, besides the Hugging Face endpoint (repeat, or comma-separated; *.example.com for its subdomains). Tokens go only over https and never follow a redirect to another host."),
     max_download_size: str = typer.Option(_quantity(DownloadSettings.max_size), envvar=_env("MAX_DOWNLOAD_SIZE"), help="Largest model file a download may write (quantity, e.g. 256Gi); a file of unknown size is downloaded only when the Model pins its sha256."),
     download_free_margin: str = typer.Option(_quantity(DownloadSettings.free_margin), envvar=_env("DOWNLOAD_FREE_MARGIN"), help="Free disk space a download must leave on the model volume (quantity, e.g. 5Gi), checked before and while writing; below it the download stops and its partial file is removed."),
-    front_door: bool = typer.Option(FrontDoorSettings.enabled, "--front-door/--no-front-door", envvar=_env("FRONT_DOOR"), hidden=_FRONT_DOOR_HIDDEN, help="Serve every model through the front door: a stable port per service (its EndpointSlice points there), engines on 127.0.0.1, requests held across respawns and agent restarts, and the client port."),
-    client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="With --front-door: 127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off)."),
+    front_door: bool = typer.Option(FrontDoorSettings.enabled, "--front-door/--no-front-door", envvar=_env("FRONT_DOOR"), hidden=_FRONT_DOOR_HIDDEN, help="Serve every model through the front door (the default): a stable port per service (its EndpointSlice points there), engines on 127.0.0.1, requests held across respawns and agent restarts, who may call checked, and the client port. --no-front-door: each engine listens on the Mac's address and its slice points at it; anyone who can route to the Mac can call it (the Go agent's behaviour), and there is no client port."),
+    client_port: int = typer.Option(FrontDoorSettings.client_port, envvar=_env("CLIENT_PORT"), hidden=_FRONT_DOOR_HIDDEN, help="127.0.0.1:PORT serves the OpenAI API of every model, routed by the request's model (the Go agent's --client-port; 0: off; nothing with --no-front-door)."),
     front_door_queue: int = typer.Option(FrontDoorSettings.queue, min=0, envvar=_env("FRONT_DOOR_QUEUE"), hidden=_FRONT_DOOR_HIDDEN, help="Requests the front door holds per service beyond its parallel slots; beyond them, 429 with Retry-After."),
     front_door_queue_timeout: float = typer.Option(FrontDoorSettings.queue_timeout, min=0.1, envvar=_env("FRONT_DOOR_QUEUE_TIMEOUT"), hidden=_FRONT_DOOR_HIDDEN, help="Seconds a held request waits for a slot (or for its engine to be ready) before 429/503."),
     front_door_access: str = typer.Option(FrontDoorSettings.access, envvar=_env("FRONT_DOOR_ACCESS"), hidden=_FRONT_DOOR_HIDDEN, help="Who may call the front door from the network: cluster (loopback, the cluster's Node addresses and pod CIDRs, --front-door-allow-network, a service's API key, a ServiceAccount token allowed inferenceservices/proxy) or open (anyone who can route to the Mac, the Go agent's behaviour)."),

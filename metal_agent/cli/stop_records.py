@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record
+from metal_agent.adapters.process.front_door_process import RECORD_FILE, resolve_record
 from metal_agent.adapters.process.manager import terminate_recorded
 from metal_agent.adapters.process.records import ProcessRecord, RecordStore, live_process
 
@@ -48,7 +48,7 @@ async def stop_front_door(state_dir: Path, grace: float) -> bool:
     """Stop the front door an agent left serving (`--front-door`), if its record proves it is
     that process; print one line when there was one. False if it survived."""
     path = state_dir / RECORD_FILE
-    record = read_record(path)
+    record = await asyncio.to_thread(resolve_record, path)  # a pre-exec record: found by its command line
     if record is None:
         return True
     if live_process(record) is not None:

@@ -38,7 +38,9 @@ from metal_agent.core.access import (
     proxy_access_review,
     review_answer,
 )
+from metal_agent.core.conditions import Condition
 from metal_agent.core.metrics_auth import Verdict
+from metal_agent.core.status import API_KEY_READY
 from metal_agent.core.review_limits import ReviewLimiter
 
 
@@ -46,12 +48,15 @@ from metal_agent.core.review_limits import ReviewLimiter
 class AccessSource:
     def __init__(self, api: client.ApiClient, settings: AccessSettings, isvcs: Mapping[str, dict],
                  on_change: Callable[[], None] = lambda: None, *, clock: Callable[[], float] = time.monotonic,
-                 reviews_counter=None, limiter: ReviewLimiter | None = None) -> None:
+                 reviews_counter=None, limiter: ReviewLimiter | None = None,
+                 on_service: Callable[[str], None] = lambda key: None) -> None:
+        """`on_service(key)`: a service's API keys changed (its condition may have: reconcile it)."""
         self.settings = settings
         self.isvcs = isvcs
         self.on_change = on_change
+        self.on_service = on_service
         self.cluster = ClusterNetworks(api, self._changed) if settings.mode is AccessMode.CLUSTER else None
-        self.api_keys = ApiKeys(api, lambda service: self._changed())
+        self.api_keys = ApiKeys(api, self._keys_changed)
         self.authorizer = KubeAuthorizer(
             api, clock=clock, reviews_counter=reviews_counter, access_review=proxy_access_review,
             purpose="a front door request",
@@ -70,6 +75,19 @@ class AccessSource:
     def problem(self, key: str) -> Problem | None:
         """Why no API key works for this service (a reason and message for a condition or Event)."""
         return self.api_keys.problem(key)
+
+    def condition(self, key: str) -> Condition | None:
+        """`MetalApiKeyReady` for a service whose annotation names a Secret of API keys: False with
+        the reason and a message naming the Secret (never a key) while no key can work; None for a
+        service without the annotation, or whose Secret has not been read yet."""
+        if not self.api_keys.annotated(key):
+            return None
+        if (problem := self.api_keys.problem(key)) is not None:
+            return Condition(API_KEY_READY, False, problem.reason, problem.message)
+        if not self.api_keys.keys(key).digests:
+            return None
+        return Condition(API_KEY_READY, True, "ApiKeysLoaded",
+                         f"the front door accepts the API keys of Secret {self.api_keys.secret_of(key)}")
 
     # -- inputs --------------------------------------------------------------------------------------
 
@@ -127,3 +145,7 @@ class AccessSource:
     def _changed(self) -> None:
         self._policy = self._compute_policy()
         self.on_change()
+
+    def _keys_changed(self, service: str) -> None:
+        self._changed()
+        self.on_service(service)

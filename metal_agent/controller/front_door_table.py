@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Container, Iterable, Mapping, Protocol
 
 import structlog
 
@@ -33,6 +33,7 @@ class RouteFacts:
     ready: bool  # the engine answers its health check
     running: bool  # a process is supervised (starting, ready, or restarting)
     max_inflight: int  # the engine's parallel slots
+    engine_host: str = "127.0.0.1"  # where the engine listens (an older agent's engine: the Mac's address)
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,23 @@ def route_state(f: RouteFacts) -> str:
     return "starting" if f.running else "stopped"
 
 
+def upstream(host: str, port: int) -> str:
+    """`host:port` for the front door; an engine bound to every address is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def compute_table(facts: Iterable[RouteFacts], *, listen_host: str, settings: TableSettings,
-                  access: dict | None = None, keys: Callable[[str], dict | None] | None = None) -> dict:
+                  access: dict | None = None, keys: Callable[[str], dict | None] | None = None,
+                  held: Container[str] = ()) -> dict:
     """The table without its version (the pusher numbers it). `access`/`keys(key)`: the
-    access policy's and each service's key digests' JSON, opaque here; omitted when None."""
+    access policy's and each service's key digests' JSON, opaque here; omitted when None.
+    `held`: routes whose new requests the front door holds (an engine about to be moved)."""
     routes = []
     for f in sorted(facts, key=lambda f: f.key):
-        state = route_state(f)
+        state = "starting" if f.key in held and f.running else route_state(f)
         route = {"key": f.key, "model": f.key.split("/", 1)[1], "port": f.port,
-                 "upstream": f"127.0.0.1:{f.engine_port}" if state == "serving" else None,
+                 "upstream": upstream(f.engine_host, f.engine_port) if state == "serving" and f.engine_port else None,
                  "state": state, "max_inflight": max(1, f.max_inflight), "queue": settings.queue,
                  "queue_timeout_s": settings.queue_timeout_s}
         if keys is not None and (k := keys(f.key)) is not None:
@@ -86,7 +95,8 @@ def gather(ports: Mapping[str, int], isvcs: Mapping[str, dict], managed: Mapping
         slots = workload.isvc.spec.parallel_slots if workload is not None else 1
         found.append(RouteFacts(key=key, port=port, engine_port=getattr(snap, "port", None),
                                 ready=bool(snap is not None and snap.ready), running=sup is not None,
-                                max_inflight=slots))
+                                max_inflight=slots, engine_host=getattr(getattr(sup, "plan", None), "host", None)
+                                or "127.0.0.1"))
     return found
 
 

@@ -36,6 +36,7 @@ from metal_agent.adapters.model_roots import workload_refusals
 from metal_agent.adapters.process.manager import ProcessManager
 from metal_agent.adapters.process.supervisor import LaunchPlan
 from metal_agent.controller.publishing import HostAddress, Publisher
+from metal_agent.controller.rebind import Rebinder
 from metal_agent.controller.results import BLOCKED_RETRY, DONE, DRAFT_DOWNLOAD_RETRY, Done, Requeue, Result
 from metal_agent.controller.status_reporter import StatusReporter
 from metal_agent.controller.gate import EVERY_SERVICE, Gate
@@ -92,11 +93,14 @@ class Reconciler:
         managed: dict[str, Managed] | None = None,
         pressure: MemoryState | None = None,
         gate: Gate = EVERY_SERVICE,
+        rebind: Rebinder | None = None,
     ) -> None:
         """`managed`: the table of running services the pressure responder also reads;
         `pressure`: what memory pressure means for each service (the responder writes it);
         `wake(keys)`: reconcile those keys again (memory freed by a stop); `publisher.address`
-        is where engines bind."""
+        is where engines bind; `rebind`: with the front door, moves engines an older agent left on the
+        Mac's address onto loopback one at a time (until then they serve where they are)."""
+        self.rebind = rebind
         self.gate = gate  # services it refuses are another Mac's (or off the allowlist): not ours, their objects stay
         self.isvcs = isvcs
         self.models = models
@@ -164,7 +168,7 @@ class Reconciler:
         uid = raw["metadata"].get("uid") or ""
         managed = await self._take_over(key, workload, digest, uid)
         running = self.processes.get(key)
-        moved = running is not None and running.plan.host != self.address.bind
+        moved = running is not None and not self._in_place(key, running)
         if managed is not None and (managed.spec_hash != digest or managed.uid != uid or moved):
             if managed.uid == uid and not moved and key not in self.pressure.evicted:
                 deferred = self._new_model_not_ready(key, raw, workload, digest)
@@ -177,9 +181,10 @@ class Reconciler:
                     if deferred.failed:
                         return Requeue(BLOCKED_RETRY, "the changed spec's model cannot be had")
                     return _registration_result(retry)
-            log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
-            self.events.emit(raw["metadata"], "Respawning",
-                             f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]}); restarting llama-server")
+            why = (f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]})" if managed.spec_hash != digest
+                   else f"it must listen on {self.address.bind}" if moved else "the service was re-created")
+            log.info("respawning llama-server", service=key, why=why)
+            self.events.emit(raw["metadata"], "Respawning", f"{why}; restarting llama-server")
             self.metrics.respawns.labels(**service_labels(key)).inc()
             await self._stop(key)
             managed = None
@@ -208,10 +213,15 @@ class Reconciler:
             # Started by an agent from before --no-slots: /slots shows prompts to any client.
             log.warning("respawning: the running llama-server serves /slots", service=key)
             managed = self.managed[key] = Managed(workload, "", kept.plan.uid)
-        elif (kept.plan.spec_hash, kept.plan.uid, kept.plan.host) == (digest, uid, self.address.bind):
+        elif (kept.plan.spec_hash, kept.plan.uid) == (digest, uid) and self._in_place(key, kept):
             log.info("took over the running llama-server", service=key, pid=kept.snapshot.pid)
             await self._commit_running(key, workload)
         return managed
+
+    def _in_place(self, key: str, sup) -> bool:
+        """Its engine listens where engines should, or keeps serving where it is until its turn
+        to move behind the front door (controller/rebind.py)."""
+        return sup.plan.host == self.address.bind or (self.rebind is not None and self.rebind.defers(key))
 
     async def _stop_if_must(self, key: str, managed: Managed | None) -> Managed | None:
         """A supervisor that failed internally is restarted; an evicted service is stopped."""

@@ -21,6 +21,8 @@ a good neighbour of LLMKube's controller:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import structlog
 
 from metal_agent.adapters.kube.events import EventRecorder
@@ -40,7 +42,11 @@ log = structlog.get_logger(__name__)
 
 class StatusReporter:
     def __init__(self, *, models: Informer, status: StatusWriter, events: EventRecorder, metrics: AgentMetrics,
-                 gate: Gate, status_mode: StatusMode = StatusMode.AUTO) -> None:
+                 gate: Gate, status_mode: StatusMode = StatusMode.AUTO,
+                 api_key: Callable[[str], Condition | None] = lambda key: None) -> None:
+        """`api_key(key)`: the front door's MetalApiKeyReady for the service (controller/access.py)."""
+        self.api_key = api_key
+        self._api_key_reported: dict[str, Condition] = {}
         self.models = models
         self.status = status
         self.events = events
@@ -56,6 +62,7 @@ class StatusReporter:
         self._applied.pop(key, None)
         self._ownership.pop(key, None)
         self._model_not_ready_reported.pop(key, None)
+        self._api_key_reported.pop(key, None)
 
     async def write(
         self, key: str, raw: dict, wants_process: bool, *, process: Snapshot | None, endpoint: str | None,
@@ -94,6 +101,7 @@ class StatusReporter:
             gpu_layers=gpu_layers,
             shared=owner.shared,
             **dict(zip(("placement", "ready_elsewhere"), self.gate.placement(key))),
+            api_key=self._api_key(key, raw),
         )
         cleared = owner.shared and scheduling is None and await self._clear_stale_scheduling(key, raw, serving)
         last = self._applied.get(key)
@@ -118,6 +126,20 @@ class StatusReporter:
                       scheduling=intent.get("schedulingStatus"), first=last is None,
                       blanked=(raw.get("status") or {}).get("schedulingStatus") if blanks else None)
         self._applied[key] = intent
+
+    def _api_key(self, key: str, raw: dict) -> Condition | None:
+        """The condition, and an Event naming the Secret each time it turns bad or good again."""
+        found = self.api_key(key)
+        before = self._api_key_reported.get(key)
+        if found is not None and found.status is False and (before is None or before != found):
+            self.events.emit(raw["metadata"], found.reason, found.message, warning=True)
+        elif found is not None and found.status and before is not None and before.status is False:
+            self.events.emit(raw["metadata"], "ApiKeySecretReadable", found.message)
+        if found is None:
+            self._api_key_reported.pop(key, None)
+        else:
+            self._api_key_reported[key] = found
+        return found
 
     async def _clear_stale_scheduling(self, key: str, raw: dict, serving: bool) -> bool:
         fields = stale_scheduling(raw, serving=serving)

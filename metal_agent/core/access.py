@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from metal_agent.core import openai_errors
 from metal_agent.core.egress import parse_address
 from metal_agent.core.metrics_auth import review_about
 from metal_agent.core.review_limits import GLOBAL_RATE, PER_SOURCE_RATE
@@ -263,13 +264,9 @@ def review_refusal(reason: str, status: int = 403) -> Refuse:
     return Refuse(status, _REVIEW_CODES[status], f"the cluster did not allow this token to use this model: {reason}"[:300])
 
 
-_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error", 503: "api_error"}
-
-
 def error_body(refusal: Refuse) -> dict:
-    """The JSON body of a refusal, shaped like OpenAI's errors so clients show the message."""
-    return {"error": {"message": refusal.message, "type": _TYPES.get(refusal.status, "invalid_request_error"),
-                      "code": refusal.code}}
+    """The JSON body of a refusal, in the one shape of the front door's errors (core/openai_errors.py)."""
+    return openai_errors.error_body(refusal.status, refusal.code, refusal.message)
 
 
 def challenge(refusal: Refuse) -> dict[str, str]:

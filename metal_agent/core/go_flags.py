@@ -148,7 +148,7 @@ def _client_port(value: object) -> Outcome:
     assert isinstance(value, int)
     if not 0 <= value <= 65535:
         return Outcome(ignored=f"{value} is not a TCP port")
-    return Outcome((f"--client-port={value}",))  # served by the front door (`--front-door`)
+    return Outcome((f"--client-port={value}",))  # served by the front door (on by default)
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ FLAGS: dict[str, GoFlag] = {f.name: f for f in (
           _ignored("each MLX service gets a free port and its own EndpointSlice")),
     _flag("port", I, "9090", "`--listen 127.0.0.1:PORT` (metrics, health; the Go agent bound 127.0.0.1 too)", _port),
     _flag("client-port", I, "9999", "`--client-port` (127.0.0.1:PORT serves every model's OpenAI API through the "
-          "front door, `--front-door`; 0: off)", _client_port),
+          "front door, on by default; 0: off)", _client_port),
     _flag("log-level", S, "info", "`--log-level` (`warn` is `warning`; an unknown level is info, as in Go)", _log_level),
     _flag("host-ip", S, "", "`--host-ip` (empty: auto-detect)", _ours("--host-ip")),
     _flag("memory-fraction", F, "0", "`--memory-fraction` (0: auto, 0.67 up to 36 GiB RAM, 0.75 above, in both)",

@@ -32,7 +32,8 @@ PROCESS_READY = "MetalProcessReady"
 SPEC_ACCEPTED = "MetalSpecAccepted"
 MEMORY_PRESSURE = "MemoryPressure"
 FLEET_PLACEMENT = "FleetPlacement"
-AGENT_CONDITIONS = (PROCESS_READY, SPEC_ACCEPTED, MEMORY_PRESSURE, FLEET_PLACEMENT)
+API_KEY_READY = "MetalApiKeyReady"  # the front door: can the service's named Secret of API keys be used
+AGENT_CONDITIONS = (PROCESS_READY, SPEC_ACCEPTED, MEMORY_PRESSURE, FLEET_PLACEMENT, API_KEY_READY)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class StatusInputs:
     # saying which Macs serve the service (`FleetPlacement`), written by one Mac for all.
     ready_elsewhere: int = 0
     placement: Condition | None = None
+    api_key: Condition | None = None  # MetalApiKeyReady, for a service naming a Secret of API keys
 
 
 def _process_condition(inputs: StatusInputs) -> Condition:
@@ -209,7 +211,7 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
     p = inputs.process
     running = p is not None and p.state is not State.STOPPED
     agent = [_process_condition(inputs), _spec_condition(inputs),
-             *filter(None, [inputs.memory_pressure, inputs.placement])]
+             *filter(None, [inputs.memory_pressure, inputs.placement, inputs.api_key])]
     old = [c for c in (previous or {}).get("conditions") or [] if isinstance(c, dict)]
     status: dict = {}
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from metal_agent.core import openai_errors
 from metal_agent.core.front_door import EMPTY, Route, RouteState, Table, models_body
 from metal_agent.frontdoor.access import Access
 from metal_agent.frontdoor.gate import Gate, Refused
@@ -29,9 +30,7 @@ log = logging.getLogger("metal_agent.frontdoor")
 
 
 def error_body(status: int, code: str, message: str) -> bytes:
-    kind = ("rate_limit_error" if status == 429 else "invalid_request_error" if status < 500
-            else "server_error")
-    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+    return json.dumps(openai_errors.error_body(status, code, message)).encode()
 
 
 class Proxy:

@@ -140,8 +140,9 @@ async def setup(control_plane, admin_api, llama_server_bin, tiny_model, promethe
     try:
         async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
                                    llama_server=llama_server_bin, workdir=workdir, namespaces=(namespace,),
-                                   extra_args=("--agent-namespace", agent_namespace, "--heartbeat-interval", "2",
-                                               *power)) as (mac, make_agent):
+                                   # the PodMonitor scrapes the engine where its slice names it
+                                   extra_args=("--no-front-door", "--agent-namespace", agent_namespace,
+                                               "--heartbeat-interval", "2", *power)) as (mac, make_agent):
             agent = make_agent()
             await agent.start()
             prom = Prometheus(prometheus_bin, workdir, config=prometheus_config(control_plane, token_file, agent_namespace))

@@ -21,12 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import psutil
 import pytest
 
 from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes
 from tests.support.http_models import ModelHTTPServer
 from tests.support.isvc import Cluster
+from tests.support.ports import free_port
 from tests.support.wait import wait_for
 from tests.unit.test_go_flags import _tar_member
 
@@ -42,7 +44,7 @@ async def server():
     await srv.stop()
 
 
-def go_job(namespace: str, store: Path, llama_server: Path, port: int, kubeconfig: Path) -> bytes:
+def go_job(namespace: str, store: Path, llama_server: Path, port: int, kubeconfig: Path, client_port: int) -> bytes:
     """The published plist, pointed at this test's cluster, binary, store and port, with the issue's flags."""
     job = plistlib.loads(_tar_member("deployment/macos/com.llmkube.metal-agent.plist").encode())
     args = job["ProgramArguments"]
@@ -50,7 +52,8 @@ def go_job(namespace: str, store: Path, llama_server: Path, port: int, kubeconfi
                         ("--llama-server", str(llama_server)), ("--port", str(port))):
         args[args.index(flag) + 1] = value
     args += ["--apple-power-enabled", "--apple-power-interval", "1s", "--inference-service-allowlist", "chat",
-             "--memory-fraction", "0.9", "--eviction-enabled", "-llama-server-startup-timeout=2m", "--omlx-port", "8000"]
+             "--memory-fraction", "0.9", "--eviction-enabled", "-llama-server-startup-timeout=2m", "--omlx-port", "8000",
+             "-client-port", str(client_port)]
     job["EnvironmentVariables"]["KUBECONFIG"] = str(kubeconfig)  # how a Go job names its cluster
     return plistlib.dumps(job)
 
@@ -69,7 +72,9 @@ async def test_go_agent_job_and_store_are_migrated_and_served_without_a_download
                                       workdir=tmp_path))
     plist = tmp_path / "home" / "Library" / "LaunchAgents" / "com.llmkube.metal-agent.plist"
     plist.parent.mkdir(parents=True)
-    plist.write_bytes(go_job(namespace, store, llama_server_bin, agent.port, control_plane.agent_kubeconfig))
+    client_port = free_port()  # the Go agent's --client-port (its default 9999 is shared by every test)
+    plist.write_bytes(go_job(namespace, store, llama_server_bin, agent.port, control_plane.agent_kubeconfig,
+                             client_port))
     metal_agent_bin = Path(sys.executable).parent / "metal-agent"
 
     migrate = subprocess.run(
@@ -102,6 +107,21 @@ async def test_go_agent_job_and_store_are_migrated_and_served_without_a_download
         assert not (await cluster.status("other")).get("conditions")  # never claimed, never written
         # Migrate left out what metal-agent ignores, so the migrated job starts without a warning about it.
         assert "ignoring flags of LLMKube's Go agent" not in agent.log_text()
+        # The Go agent's client port is honoured: 127.0.0.1:PORT serves every model (the front door).
+        assert f"--client-port={client_port}" in job["ProgramArguments"]
+        async with aiohttp.ClientSession() as http:
+            async def listed() -> list[str] | None:
+                try:
+                    async with http.get(f"http://127.0.0.1:{client_port}/v1/models") as resp:
+                        found = [m["id"] for m in (await resp.json())["data"]] if resp.status == 200 else []
+                except aiohttp.ClientError:
+                    return None
+                return found if found == ["chat"] else None
+
+            await wait_for(listed, timeout=30, what="the client port listing the model")
+            body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+            async with http.post(f"http://127.0.0.1:{client_port}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
     finally:
         await agent.stop()
         kill_recorded_processes(tmp_path / "state")

@@ -42,8 +42,11 @@ async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
     await cluster.create_model("tiny", f"file://{tiny_model}")
     async with agents_in_netns(kubeconfig=control_plane.agent_kubeconfig, api_port=control_plane.port,
                                llama_server=llama_server_bin, workdir=tmp_path, namespaces=(namespace,),
-                               extra_args=("--liveness-interval", "0.5", "--liveness-failures", "2",
-                                           "--heartbeat-interval", "1")) as (ns, make_agent):
+                               # The engine's own registration (--no-front-door): the slice names the
+                               # engine's address and port. The front door's (the default) is in
+                               # test_front_door_agent.py.
+                               extra_args=("--no-front-door", "--liveness-interval", "0.5", "--liveness-failures",
+                                           "2", "--heartbeat-interval", "1")) as (ns, make_agent):
         yield cluster, ns, make_agent
 
 

@@ -44,6 +44,16 @@ class AgentOptions:
     # so file:// test Models are served; security tests give their own narrow list.
     model_roots: Sequence[str] | None = None
     download_networks: Sequence[str] = (TEST_MODEL_NETWORK,)  # --download-allow-network (the owner's flag)
+    # --client-port. The front door is on by default and its client port is 127.0.0.1:9999 (the Go
+    # agent's); tests run side by side on one machine, so each agent gets a free port of its own
+    # (None) unless a test names one (0: off). Inside a network namespace loopback is private, yet
+    # a free port changes nothing there either.
+    client_port: int | None = None
+
+
+# Every state directory an agent of this test run used: the front door outlives its agent by
+# design (an agent restart must drop no request), so the teardown stops it (`reap_front_doors`).
+STATE_DIRS: set[Path] = set()
 
 
 def _test_roots(workdir: Path) -> list[str]:
@@ -64,6 +74,8 @@ class AgentProcess:
         self.listen_host = "127.0.0.1"
         self.url = f"http://{self.listen_host}:{self.port}"
         self.metrics_url = f"http://{options.netns.inner_ip}:{self.port}/metrics" if options.netns else None
+        self.client_port = free_port() if options.client_port is None else options.client_port
+        STATE_DIRS.add(options.workdir / "state")
         self.starts = 0
         self.process: ManagedProcess | None = None
 
@@ -87,6 +99,10 @@ class AgentProcess:
             # The owner's flag that lets downloads reach the tests' model servers (on loopback, also
             # inside a network namespace); without it the agent refuses them like any non-public address.
             *(arg for net in o.download_networks for arg in ("--download-allow-network", net)),
+            "--client-port", str(self.client_port),
+            # In a network namespace the root namespace (where the API server runs) plays the cluster's
+            # node: the front door lets it in as it would a Node's address (access `cluster`).
+            *(["--front-door-allow-network", f"{o.netns.outer_ip}/32"] if o.netns else []),
             *o.extra_args,
         ]
         for ns in o.namespaces:
@@ -146,15 +162,49 @@ class AgentProcess:
 
 
 def kill_recorded_processes(state_dir: Path) -> None:
-    """Teardown safety net: SIGKILL every llama-server an agent recorded under `state_dir`
-    that is provably still that process, so a failed test never leaves one behind."""
+    """Teardown safety net: SIGKILL every llama-server (and the front door) an agent recorded
+    under `state_dir` that is provably still that process, so a failed test never leaves one behind."""
     import signal
 
     from metal_agent.adapters.process.records import RecordStore, live_process
 
     for record in RecordStore(state_dir / "processes").load_all():
         if live_process(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(record.pid, signal.SIGKILL)
+    kill_front_door(state_dir)
+
+
+def kill_front_door(state_dir: Path) -> None:
+    """SIGKILL the front door recorded under `state_dir` if it is provably that process."""
+    import signal
+
+    from metal_agent.adapters.process.front_door_process import RECORD_FILE, resolve_record
+    from metal_agent.adapters.process.records import live_process
+
+    record = resolve_record(state_dir / RECORD_FILE)
+    if record is not None and record.pid > 0 and live_process(record):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(record.pid, signal.SIGKILL)
+
+
+def reap_front_doors(under: Path | None = None) -> None:
+    """After each test: no front door an agent of it started outlives the test, whether the agent
+    was an AgentProcess (its state directory is known) or run in the test's own process (then its
+    front door's state directory is under this pytest run's temporary directory, `under`)."""
+    while STATE_DIRS:
+        kill_front_door(STATE_DIRS.pop())
+    if under is None:
+        return
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "front-door" not in argv or "--state-dir" not in argv[:-1]:
+            continue
+        state = Path(argv[argv.index("--state-dir") + 1])
+        if state.is_relative_to(under):
+            kill_front_door(state)
 
 
 @contextlib.asynccontextmanager

@@ -45,7 +45,11 @@ async def built(tmp_path, address: str = "127.0.0.1", mlx_dialect: MlxDialect = 
 
 
 async def test_every_part_is_handed_the_parts_built_before_it(tmp_path):
-    async with built(tmp_path) as agent:
+    from metal_agent.app.config import FrontDoorSettings
+
+    # Without the front door, so each event source's handler is the intake's own (with it, the
+    # InferenceService events also reach the access source: the front door test below).
+    async with built(tmp_path, front_door=FrontDoorSettings(enabled=False)) as agent:
         assert all(getattr(agent, name) is not None for name in ("queue", "intake", "reconciler", "runner", "sweep"))
         # Event sources call the intake, which feeds the one queue the runner drains.
         assert agent.isvcs.on_change == agent.intake.on_isvc_change
@@ -64,10 +68,12 @@ async def test_every_part_is_handed_the_parts_built_before_it(tmp_path):
 
 async def test_readiness_is_checked_per_part_in_order(tmp_path):
     async with built(tmp_path) as agent:
-        assert agent.readiness.parts() == ["api", "caches"]
+        assert agent.readiness.parts() == ["api", "caches", "front-door"]
         assert agent.readiness() == WAITING
         agent.isvcs.synced.set()
         agent.models.synced.set()
+        assert agent.readiness() == "the front door is not running (it is being started)"
+        agent.front_door.process.up = True
         assert agent.readiness() is True
         agent.heartbeats.round(sent=2, failed=2)
         assert agent.readiness().startswith("API server unreachable for 0s; supervising 0 llama-server(s) locally")
@@ -76,7 +82,9 @@ async def test_readiness_is_checked_per_part_in_order(tmp_path):
 async def test_the_loops_follow_the_settings(tmp_path):
     async with built(tmp_path, registration=RegistrationSettings(register=False)) as agent:
         assert set(Manager(agent).loops()) == {"watch-inferenceservices", "watch-models", "housekeeping",
-                                               "memory-watchdog", "sleep-assertion", "mac-readings"}
+                                               "memory-watchdog", "sleep-assertion", "mac-readings", "front-door",
+                                               "front-door-table", "front-door-api-keys", "front-door-nodes",
+                                               "front-door-rebind"}
     async with built(tmp_path) as agent:
         assert {"heartbeats", "metrics-endpoint"} <= set(Manager(agent).loops())
 
@@ -123,10 +131,11 @@ def test_a_built_agent_names_its_parts():
 async def test_with_the_front_door_engines_bind_loopback_and_its_parts_are_wired(tmp_path):
     from metal_agent.app.config import FrontDoorSettings
 
-    async with built(tmp_path, "10.0.0.5") as agent:  # off by default: nothing of it is built
+    async with built(tmp_path, "10.0.0.5", front_door=FrontDoorSettings(enabled=False)) as agent:
+        # --no-front-door: nothing of it is built, engines listen on the Mac's address
         assert agent.front_door is None and agent.runner.after is None
         assert agent.reconciler.publisher.ports is None and agent.address.bind == "10.0.0.5"
-    async with built(tmp_path, "10.0.0.5", front_door=FrontDoorSettings(enabled=True)) as agent:
+    async with built(tmp_path, "10.0.0.5") as agent:  # on by default
         door = agent.front_door
         assert agent.address.bind == "127.0.0.1" and agent.address.registered == "10.0.0.5"
         assert agent.reconciler.publisher.ports is door.ports
@@ -137,6 +146,11 @@ async def test_with_the_front_door_engines_bind_loopback_and_its_parts_are_wired
         assert door.process.argv[1:4] == ("-m", "metal_agent", "front-door")
         assert door.process.argv[-4:] == ("--socket", str(tmp_path / "state" / "front-door.sock"),
                                           "--state-dir", str(tmp_path / "state"))
+        assert door.pusher.compute()["listen_host"] == "10.0.0.5"  # the service ports: on the Mac's address
+        assert agent.reconciler.rebind is door.rebind
+    # --bind-all: what listened everywhere (the engines) is behind the front door, which does instead.
+    async with built(tmp_path, "10.0.0.5", registration=RegistrationSettings(bind_all=True)) as agent:
+        assert agent.address.bind == "127.0.0.1" and agent.front_door.pusher.compute()["listen_host"] == "0.0.0.0"
 
 
 async def test_the_installed_mlx_lm_found_at_start_up_reaches_every_command_line(tmp_path, llama_server_bin):

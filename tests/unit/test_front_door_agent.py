@@ -88,8 +88,9 @@ def test_free_port_avoids_ports_held_by_other_services():
 
 # -- the table (pure) ----------------------------------------------------------------------
 
-def facts(key="ns/a", port=31000, engine_port=40123, ready=True, running=True, slots=4) -> RouteFacts:
-    return RouteFacts(key, port, engine_port, ready, running, slots)
+def facts(key="ns/a", port=31000, engine_port=40123, ready=True, running=True, slots=4,
+          host="127.0.0.1") -> RouteFacts:
+    return RouteFacts(key, port, engine_port, ready, running, slots, host)
 
 
 def test_state_follows_the_engine():
@@ -109,6 +110,20 @@ def test_the_table_has_one_route_per_service_with_upstream_only_while_serving():
          "max_inflight": 4, "queue": 8, "queue_timeout_s": 12.5}]}
 
 
+def test_an_older_agents_engine_is_reached_where_it_listens_and_a_held_route_holds():
+    # Adopted from an agent without the front door: the engine listens on the Mac's address
+    # (or every address) until it is moved onto loopback (controller/rebind.py).
+    table = compute_table([facts("ns/a", host="192.168.1.20"), facts("ns/b", 31001, host="0.0.0.0"),
+                           facts("ns/c", 31002, host="fd7a::5"), facts("ns/d", 31003)],
+                          listen_host="192.168.1.20", settings=TableSettings(), held={"ns/d"})
+    assert [(r["upstream"], r["state"]) for r in table["routes"]] == [
+        ("192.168.1.20:40123", "serving"), ("127.0.0.1:40123", "serving"), ("[fd7a::5]:40123", "serving"),
+        (None, "starting")]
+    stopped = compute_table([facts(running=False, ready=False, engine_port=None)], listen_host="h",
+                            settings=TableSettings(), held={"ns/a"})
+    assert stopped["routes"][0]["state"] == "stopped"  # nothing to hold for: answered 503 at once
+
+
 def test_access_json_passes_through_opaque():
     table = compute_table([facts()], listen_host="h", settings=TableSettings(), access={"mode": "cluster"},
                           keys=lambda key: {"digests": [key]})
@@ -122,8 +137,9 @@ class _Snap:
 
 
 class _Sup:
-    def __init__(self, port, ready):
+    def __init__(self, port, ready, host="127.0.0.1"):
         self.snapshot = _Snap(port, ready)
+        self.plan = type("P", (), {"host": host})
 
 
 class _Managed:
@@ -133,8 +149,9 @@ class _Managed:
 
 def test_gather_reads_ports_processes_and_slots_and_skips_deleted_services():
     found = gather({"ns/a": 31000, "ns/b": 31001, "ns/gone": 31002}, isvcs={"ns/a": {}, "ns/b": {}},
-                   managed={"ns/a": _Managed(3)}, supervisors={"ns/a": _Sup(40000, True)})
-    assert found == [RouteFacts("ns/a", 31000, 40000, True, True, 3), RouteFacts("ns/b", 31001, None, False, False, 1)]
+                   managed={"ns/a": _Managed(3)}, supervisors={"ns/a": _Sup(40000, True, "10.0.0.5")})
+    assert found == [RouteFacts("ns/a", 31000, 40000, True, True, 3, "10.0.0.5"),
+                     RouteFacts("ns/b", 31001, None, False, False, 1)]
 
 
 # -- the pusher ----------------------------------------------------------------------------

@@ -178,6 +178,47 @@ async def test_a_forged_or_stale_record_is_not_adopted(tmp_path, in_repo):
     assert not proc.adopt()
 
 
+async def test_the_record_is_written_before_the_exec_and_a_pid_less_one_is_adopted_by_command_line(
+        tmp_path, in_repo):
+    from metal_agent.adapters.process.front_door_process import read_record
+
+    seen: list[object] = []
+    first, client = stand_in_process(tmp_path, lambda: None)
+    real_exec = asyncio.create_subprocess_exec
+
+    async def exec_seeing_the_record(*argv, **kwargs):
+        seen.append(read_record(tmp_path / "front-door.json"))  # what an agent killed now would leave
+        return await real_exec(*argv, **kwargs)
+
+    asyncio.create_subprocess_exec = exec_seeing_the_record
+    try:
+        await first._spawn()
+    finally:
+        asyncio.create_subprocess_exec = real_exec
+    [pending] = seen
+    assert pending is not None and pending.pid == 0 and pending.argv == first.argv
+    pid = first.pid
+    try:
+        await wait_for(client.healthy, timeout=20, what="the stand-in answers")
+        # An agent killed between the exec and the full record: the record still has no pid.
+        from metal_agent.adapters.process.front_door_process import write_record
+
+        write_record(tmp_path / "front-door.json", pending)
+        second, _ = stand_in_process(tmp_path, lambda: None)
+        assert second.adopt() and second.pid == pid  # found by its command line, not started twice
+        assert read_record(tmp_path / "front-door.json").pid == pid  # and recorded in full now
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        await wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+                       timeout=10, what="the stand-in gone")
+        if first.child is not None:
+            await first.child.wait()
+    # Nothing runs for a pid-less record: it is dropped, and a new front door would be started.
+    write_record(tmp_path / "front-door.json", pending)
+    third, _ = stand_in_process(tmp_path, lambda: None)
+    assert not third.adopt() and not (tmp_path / "front-door.json").exists()
+
+
 async def test_the_table_reaches_the_front_door_and_its_metrics_are_appended(tmp_path, in_repo):
     content = {"listen_host": "127.0.0.1", "client_port": 0, "routes": [{"key": "ns/a"}]}
     holder: list[TablePusher] = []

@@ -291,6 +291,17 @@ def test_the_issues_go_job_starts_this_agent_and_names_what_is_ignored_once(star
     assert cfg.front_door.client_port == 9999
 
 
+def test_a_client_port_asked_for_without_the_front_door_is_said_to_be_unserved(started):
+    llama = ("--llama-server", "/opt/homebrew/bin/llama-server")
+    result, cfg = started(*llama, "--client-port", "8088", "--no-front-door")
+    assert result.exit_code == 0, result.output
+    assert "--client-port 8088 is not served with --no-front-door" in result.output
+    result, cfg = started(*llama, "--no-front-door")  # the default port, not asked for: nothing to say
+    assert result.exit_code == 0 and "not served" not in result.output
+    result, cfg = started(*llama, "--client-port", "8088")  # on by default: served
+    assert "not served" not in result.output and cfg.front_door.enabled and cfg.front_door.client_port == 8088
+
+
 def test_a_value_go_would_refuse_is_a_usage_error(started):
     result, cfg = started("--apple-power-interval", "1")
     assert result.exit_code == 2 and cfg is None

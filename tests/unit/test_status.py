@@ -262,3 +262,15 @@ def test_each_write_of_a_crash_loop_pairs_its_phase_with_its_own_available_reaso
         assert conds(status)["Available"] == expected[phase], (step, status)
         assert conds(status).get("Degraded") == (("True", "CrashLoopBackOff") if phase == "Failed" else None)
         previous = status
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_an_unusable_api_key_secret_is_the_agents_own_condition_and_goes_when_the_annotation_does(shared):
+    bad = Condition("MetalApiKeyReady", False, "ApiKeySecretNotFound", "Secret ns/keys named by ... does not exist")
+    inputs = StatusInputs(generation=1, wants_process=True, process=snap(State.READY), shared=shared, api_key=bad)
+    first = compute_status(inputs, None, T0)
+    assert conds(first)["MetalApiKeyReady"] == ("False", "ApiKeySecretNotFound")
+    if not shared:
+        assert first["phase"] == "Ready"  # serving goes on: a key problem is not an outage
+    gone = compute_status(replace(inputs, api_key=None), first, T0)
+    assert "MetalApiKeyReady" not in conds(gone)

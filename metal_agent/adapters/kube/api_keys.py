@@ -155,6 +155,15 @@ class ApiKeys:
     def problem(self, service: str) -> Problem | None:
         return self._state.get(service, (NO_KEYS, None))[1]
 
+    def secret_of(self, service: str) -> str | None:
+        """`namespace/name` of the Secret the service's annotation names (None: no annotation, or
+        one that names none)."""
+        found = self._secret_of(service)
+        return f"{found[0]}/{found[1]}" if found else None
+
+    def annotated(self, service: str) -> bool:
+        return service in self._refs
+
     def update(self, service: str, annotations: dict | None) -> None:
         value = (annotations or {}).get(ANNOTATION)
         ref = parse_ref(value) if isinstance(value, str) else None

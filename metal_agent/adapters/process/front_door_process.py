@@ -7,6 +7,11 @@ The record is believed on the same terms as an engine's
 (adapters/process/records.py): a file only this user could write, read
 without following a symlink, and a live process whose pid, start time and
 whole command line match it. Otherwise a new front door is started.
+
+As for the engines, the record is written before the exec, without a pid: an agent killed (or
+cancelled) between the exec and the full record leaves a front door the next agent still finds
+by its command line (unique: it names this state directory's socket) and adopts, never a second
+one beside an unrecorded first.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import structlog
 
 from metal_agent.adapters.process.exitwatch import wait_exit
 from metal_agent.adapters.process.logfile import ServiceLog
-from metal_agent.adapters.process.records import argv_digest, live_process
+from metal_agent.adapters.process.pause_point import AFTER_FRONT_DOOR_EXEC, pause_point
+from metal_agent.adapters.process.records import argv_digest, find_unrecorded, live_process
 from metal_agent.adapters.process.terminate import terminate_group
 from metal_agent.core.backoff import Backoff
 
@@ -66,9 +72,25 @@ def read_record(path: Path) -> FrontDoorRecord | None:
                                  argv_digest=str(data["argv_digest"]))
     except (ValueError, TypeError, KeyError):
         return None
-    if record.pid <= 0 or argv_digest(record.argv) != record.argv_digest:
+    if record.pid < 0 or argv_digest(record.argv) != record.argv_digest:
         return None
     return record
+
+
+def resolve_record(path: Path) -> FrontDoorRecord | None:
+    """The record, completed with the pid of the process a pre-exec record (pid 0) stands for
+    (and saved so); a pre-exec record whose process does not run is removed. Blocking: call
+    it in a thread."""
+    record = read_record(path)
+    if record is None or record.pid:
+        return record
+    found = find_unrecorded(record)
+    if found is None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+    write_record(path, found)
+    return found
 
 
 def write_record(path: Path, record: FrontDoorRecord) -> None:
@@ -112,7 +134,7 @@ class FrontDoorProcess:
 
     def adopt(self) -> bool:
         """Re-attach to the front door a previous agent left running, if provably it."""
-        record = read_record(self.record_path)
+        record = resolve_record(self.record_path)
         if record is None or live_process(record) is None:
             return False
         self.pid, self.create_time, self.adopted = record.pid, record.create_time, True
@@ -124,7 +146,13 @@ class FrontDoorProcess:
         while True:
             began = time.monotonic()
             if self.pid is None:
-                await self._spawn()
+                try:
+                    await self._spawn()
+                except OSError as err:  # the state directory or the command: said, and tried again
+                    log.error("cannot start the front door", error=str(err))
+                    failures += 1
+                    await asyncio.sleep(self.backoff.delay(failures))
+                    continue
             exited = asyncio.ensure_future(self._wait_exit())
             try:
                 await self._until_healthy(exited)
@@ -140,20 +168,47 @@ class FrontDoorProcess:
             await asyncio.sleep(self.backoff.delay(failures))
 
     async def _spawn(self) -> None:
+        """The launch is shielded from cancellation (an agent stopping mid-spawn): it always ends
+        with the process recorded (or stopped), never running unrecorded."""
+        launch = asyncio.ensure_future(self._launch())
+        try:
+            await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            await launch
+            raise
+
+    async def _launch(self) -> None:
+        pending = FrontDoorRecord(0, 0.0, psutil.boot_time(), self.argv, argv_digest(self.argv))
+        await asyncio.to_thread(write_record, self.record_path, pending)  # fails: nothing is started
         fd = self.log.open_for_child()
         try:
             # Its own session: a signal to the agent's group (Ctrl-C, launchd) must not reach it.
             self.child = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self.record_path.unlink()
+            raise
         finally:
             os.close(fd)
+        pause_point(AFTER_FRONT_DOOR_EXEC)  # tests only (pause_point.py): the exec-to-record window
         self.pid = self.child.pid
         try:
             self.create_time = psutil.Process(self.pid).create_time()
         except psutil.Error:
             self.create_time = time.time()
         record = FrontDoorRecord(self.pid, self.create_time, psutil.boot_time(), self.argv, argv_digest(self.argv))
-        await asyncio.to_thread(write_record, self.record_path, record)
+        try:
+            await asyncio.to_thread(write_record, self.record_path, record)
+        except OSError as err:
+            # A front door no later agent could prove it started must not run.
+            log.error("cannot record the front door; stopping it", pid=self.pid, error=str(err))
+            exited = asyncio.ensure_future(self._wait_exit())
+            try:
+                await terminate_group(self.pid, exited, grace=2.0)
+            finally:
+                exited.cancel()
+            raise
         log.info("front door started", pid=self.pid, argv=list(self.argv))
 
     async def _wait_exit(self) -> None:

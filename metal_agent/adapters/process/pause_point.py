@@ -20,6 +20,10 @@ import signal
 
 ENV = "METAL_AGENT_PAUSE_AT"
 AFTER_EXEC = "after-exec"  # a llama-server is running; its record does not name its pid yet
+AFTER_FRONT_DOOR_EXEC = "after-front-door-exec"  # the front door runs; its record does not name its pid yet
+# An older agent's engines are routed through the front door where they listen, none moved yet
+# (controller/rebind.py): a test sends its load from here, then lets the agent go on.
+BEFORE_FIRST_MOVE = "before-first-move"
 
 
 def pause_point(point: str) -> None:
