@@ -38,6 +38,7 @@ class Waiting:
 
     blocker: Blocker
     scheduling: tuple[str, str] | None  # (schedulingStatus, schedulingMessage), LLMKube's fields
+    shortfall_bytes: int = 0  # what unloading others would have to free for it to fit (0: unknown)
 
 
 class MemoryGuard:
@@ -91,7 +92,7 @@ class MemoryGuard:
                         total_ram_bytes=self.total_ram(), agent_fraction=self.agent_fraction, mode=self.mode)
         if isinstance(verdict, Reject):
             self.waiting.add(key)
-            waiting = Waiting(verdict.blocker(), (verdict.reason, verdict.message))
+            waiting = Waiting(verdict.blocker(), (verdict.reason, verdict.message), verdict.shortfall_bytes)
             self._reasons[key] = waiting.blocker.message
             return waiting
         if verdict.warning:
