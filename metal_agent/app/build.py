@@ -338,7 +338,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
                           registered=host.host_ip if cfg.registration.register else None)
     door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
                             supervisors=lambda: src.processes.supervisors, access=src.access,
-                            dirty=src.table_dirty) if src.access is not None else None
+                            dirty=src.table_dirty, events=src.events, enqueue=src.queue.add,
+                            ) if src.access is not None else None
     launch = _launch(cfg, host)
     fleet = _fleet(cfg, api, host, src, guard, address, launch) if cfg.fleet.enabled else None
     registrar = fleet.registrar if fleet else Registrar(api, agent_version=__version__, host=host.facts.host)
@@ -349,7 +350,8 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
-        wake=src.intake.wake, managed=managed, pressure=state, gate=gate)
+        wake=src.intake.wake, managed=managed, pressure=state, gate=gate,
+        on_demand=door.on_demand if door else None)
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
                   default_engine=launch.default_engine, policy=launch.policy, gate=gate, launch=launch)
     heartbeats = HeartbeatHealth()

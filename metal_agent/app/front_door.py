@@ -25,6 +25,7 @@ from metal_agent.adapters.process.front_door_process import FrontDoorProcess
 from metal_agent.app.config import AgentConfig
 from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
+from metal_agent.controller.on_demand import OnDemand
 from metal_agent.controller.publishing import HostAddress
 from metal_agent.controller.stable_ports import StablePorts
 from metal_agent.core.backoff import Backoff
@@ -51,6 +52,7 @@ class FrontDoorParts:
     process: FrontDoorProcess
     socket: AgentSocket
     access: AccessSource
+    on_demand: OnDemand
 
     async def status_routes(self) -> list[dict]:
         """One row per route: its port and state from the table, in flight/queued from the front door."""
@@ -62,7 +64,8 @@ class FrontDoorParts:
         for route in self.pusher.current().get("routes", ()):
             now = live.get(route["key"]) if isinstance(live, dict) else None
             now = now if isinstance(now, dict) else {}
-            rows.append({"service": route["key"], "port": route["port"], "state": route["state"],
+            rows.append({"service": route["key"], "port": route["port"],
+                         "state": self.on_demand.label(route["key"], route["state"]),
                          "upstream": route["upstream"], "inflight": now.get("inflight"), "queued": now.get("queued")})
         return rows
 
@@ -90,25 +93,31 @@ class MetricsAppender:
 
 def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[str, dict],
                      managed: Mapping[str, object], supervisors: Callable[[], Mapping[str, object]],
-                     access: AccessSource, dirty: asyncio.Event) -> FrontDoorParts:
+                     access: AccessSource, dirty: asyncio.Event, events, enqueue: Callable[[str], None]
+                     ) -> FrontDoorParts:
     """`supervisors()`: the process manager's table; `access`: who may call (its policy and each
     service's key digests travel in the table; it answers the front door's token reviews);
-    `dirty`: set by whatever the table is made of, the access sources included."""
+    `dirty`: set by whatever the table is made of, the access sources included; `events` and
+    `enqueue`: for load on demand (it records loads and unloads, and queues the key to act)."""
     fd, state = cfg.front_door, cfg.paths.state
     ports = StablePorts(PortBookFile(state), host=lambda: address.registered or LOOPBACK)
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
 
+    client = FrontDoorClient(state / SOCKET)
+    on_demand = OnDemand(enabled=True, events=events, isvcs=isvcs, running=managed, enqueue=enqueue,
+                         activity=client.state, changed=dirty.set)
+
     def compute() -> dict:
-        facts = gather(ports.book.ports, isvcs, managed, supervisors())
+        facts = gather(ports.book.ports, isvcs, managed, supervisors(), on_demand.route_state)
         return compute_table(facts, listen_host=address.registered or LOOPBACK, settings=settings,
                              access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json())
 
-    client = FrontDoorClient(state / SOCKET)
     pusher = TablePusher(client, compute, dirty=dirty)
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
-    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access)
+    socket = AgentSocket(state / AGENT_SOCKET, access.answer, on_demand.wake)
+    return FrontDoorParts(ports, client, pusher, process, socket, access, on_demand)
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

@@ -96,6 +96,7 @@ class Manager:
         if a.front_door is not None:
             found["front-door"] = a.front_door.process.run
             found["front-door-table"] = a.front_door.pusher.run
+            found["on-demand"] = a.front_door.on_demand.run
             found.update(a.front_door.access.loops())
         return found
 

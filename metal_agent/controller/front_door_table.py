@@ -33,6 +33,7 @@ class RouteFacts:
     ready: bool  # the engine answers its health check
     running: bool  # a process is supervised (starting, ready, or restarting)
     max_inflight: int  # the engine's parallel slots
+    hint: str | None = None  # on demand (controller/on_demand.py): "sleeping" or "starting" without an engine
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,9 @@ class TableSettings:
 def route_state(f: RouteFacts) -> str:
     if f.ready and f.engine_port:
         return "serving"
-    return "starting" if f.running else "stopped"
+    if f.hint == "sleeping":  # unloaded on purpose (or being unloaded): hold requests and wake it
+        return "sleeping"
+    return "starting" if f.running or f.hint == "starting" else "stopped"
 
 
 def compute_table(facts: Iterable[RouteFacts], *, listen_host: str, settings: TableSettings,
@@ -74,8 +77,10 @@ class _Supervised(Protocol):
 
 
 def gather(ports: Mapping[str, int], isvcs: Mapping[str, dict], managed: Mapping[str, object],
-           supervisors: Mapping[str, _Supervised]) -> list[RouteFacts]:
-    """Each service with a stable port whose InferenceService exists, as the controller sees it now."""
+           supervisors: Mapping[str, _Supervised],
+           hint: Callable[[str], str | None] = lambda key: None) -> list[RouteFacts]:
+    """Each service with a stable port whose InferenceService exists, as the controller sees it
+    now; `hint(key)`: what load on demand says of a route without a serving engine."""
     found = []
     for key, port in ports.items():
         if key not in isvcs:
@@ -86,7 +91,7 @@ def gather(ports: Mapping[str, int], isvcs: Mapping[str, dict], managed: Mapping
         slots = workload.isvc.spec.parallel_slots if workload is not None else 1
         found.append(RouteFacts(key=key, port=port, engine_port=getattr(snap, "port", None),
                                 ready=bool(snap is not None and snap.ready), running=sup is not None,
-                                max_inflight=slots))
+                                max_inflight=slots, hint=hint(key)))
     return found
 
 

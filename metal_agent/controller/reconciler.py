@@ -39,6 +39,7 @@ from metal_agent.controller.publishing import HostAddress, Publisher
 from metal_agent.controller.results import BLOCKED_RETRY, DONE, DRAFT_DOWNLOAD_RETRY, Done, Requeue, Result
 from metal_agent.controller.status_reporter import StatusReporter
 from metal_agent.controller.gate import EVERY_SERVICE, Gate
+from metal_agent.controller.on_demand import OnDemand
 from metal_agent.core.claim import evaluate, wanted_draft, wanted_model
 from metal_agent.core.engine import Engine
 from metal_agent.core.engine_name import EngineName
@@ -92,11 +93,12 @@ class Reconciler:
         managed: dict[str, Managed] | None = None,
         pressure: MemoryState | None = None,
         gate: Gate = EVERY_SERVICE,
+        on_demand: OnDemand | None = None,
     ) -> None:
         """`managed`: the table of running services the pressure responder also reads;
         `pressure`: what memory pressure means for each service (the responder writes it);
         `wake(keys)`: reconcile those keys again (memory freed by a stop); `publisher.address`
-        is where engines bind."""
+        is where engines bind; `on_demand`: who sleeps (load on demand, the front door's)."""
         self.gate = gate  # services it refuses are another Mac's (or off the allowlist): not ours, their objects stay
         self.isvcs = isvcs
         self.models = models
@@ -112,6 +114,7 @@ class Reconciler:
         self.wake = wake
         self.managed: dict[str, Managed] = {} if managed is None else managed
         self.pressure = MemoryState() if pressure is None else pressure
+        self.on_demand = on_demand or OnDemand(enabled=False, events=events, isvcs=isvcs.cache, running=self.managed)
         self._waiting_reported: dict[str, str] = {}
         self._deferred_reported: dict[str, tuple[str, str]] = {}
         self._invalid_reported: dict[str, tuple] = {}
@@ -160,6 +163,9 @@ class Reconciler:
 
     async def _serve(self, key: str, raw: dict, workload: Workload) -> Result:
         """A valid spec that wants a process: keep, replace or start it, then publish it."""
+        on_demand_problem = self.on_demand.read(key, raw)
+        if self.on_demand.is_asleep(key):
+            return await self._asleep(key, raw, workload)
         digest = spec_hash(workload).value
         uid = raw["metadata"].get("uid") or ""
         managed = await self._take_over(key, workload, digest, uid)
@@ -193,6 +199,15 @@ class Reconciler:
             # the key when that ends): what it holds counts against others from now on.
             await self._commit_running(key, workload)
         problem, retry = await self.publisher.register(key, raw, self.processes.get(key))
+        await self._write_status(key, raw, True, degraded=problem or on_demand_problem)
+        return _registration_result(retry)
+
+    async def _asleep(self, key: str, raw: dict, workload: Workload) -> Result:
+        """Unloaded on demand (idle, or for another's memory): no process, and the slice stays
+        ready on the front door's port, which holds a request and wakes the model."""
+        if self.managed.get(key) is not None or self.processes.get(key) is not None:
+            await self._stop(key)
+        problem, retry = await self.publisher.register(key, raw, None, runtime=self._engine(workload).runtime_label)
         await self._write_status(key, raw, True, degraded=problem)
         return _registration_result(retry)
 
@@ -247,6 +262,8 @@ class Reconciler:
             await self._blocked(key, raw, blocker=missing)
             return Done("the engine is not installed; the agent restarts when it is")
         admission = await self.memory.check(key, workload, found.path, draft.path if draft else None)
+        if isinstance(admission, Waiting) and await self._make_room(key, admission):
+            admission = await self.memory.check(key, workload, found.path, draft.path if draft else None)
         if isinstance(admission, Waiting):
             self._report_waiting(key, raw, admission)
             await self._blocked(key, raw, blocker=admission.blocker, scheduling=admission.scheduling)
@@ -254,6 +271,17 @@ class Reconciler:
         self._waiting_reported.pop(key, None)
         await self._start(key, workload, digest, uid, found, draft)
         return None
+
+    async def _make_room(self, key: str, waiting: Waiting) -> bool:
+        """Memory is short: unload the least recently used idle on-demand models, if that is enough."""
+        def protected(k: str) -> bool:
+            m = self.managed.get(k)
+            return m is None or m.workload.isvc.spec.eviction_protection
+
+        chosen = await self.on_demand.make_room(key, waiting.shortfall_bytes, dict(self.memory.committed), protected)
+        for victim in chosen:
+            await self._stop(victim)
+        return bool(chosen)
 
     async def _blocked(self, key: str, raw: dict, **facts) -> None:
         """Nothing may serve `key` now: withdraw its slice and say why."""
@@ -419,6 +447,7 @@ class Reconciler:
         plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=host, build_argv=argv_for, engine=engine)
         self.managed[key] = Managed(workload, digest, uid)
         await self.processes.start(plan)
+        self.on_demand.started(key)
 
 
     def _forget(self, key: str) -> None:
@@ -430,6 +459,7 @@ class Reconciler:
         self._invalid_reported.pop(key, None)
         self.reporter.forget(key)
         self.publisher.forget(key)
+        self.on_demand.forget(key)
         namespace, name = key.split("/", 1)
         self.metrics.forget_service(namespace, name)
 
@@ -438,6 +468,7 @@ class Reconciler:
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
         registered = self.publisher.registered(key)
+        idle, loading = self.on_demand.notes(key, supervisor is not None and supervisor.snapshot.ready)
         await self.reporter.write(
             key, raw, wants_process,
             process=self._snapshot(supervisor),
@@ -446,7 +477,7 @@ class Reconciler:
             serving=supervisor is not None and supervisor.snapshot.ready and registered,
             memory_pressure=self.pressure.condition(key),
             gpu_layers=managed.workload.model.spec.hardware.gpu.layers if managed else 0,
-            **facts,
+            idle=idle, loading=loading, **facts,
         )
 
     @staticmethod
