@@ -86,3 +86,34 @@ def test_never_a_busy_one_an_opted_out_one_a_protected_one_or_the_one_that_needs
 
 def test_no_shortfall_unloads_nobody():
     assert choose_evictions([_r("ns/a")], 0, for_key="ns/b") == ()
+
+
+def _status(**kw) -> dict:
+    from metal_agent.core.status import StatusInputs, compute_status
+
+    return compute_status(StatusInputs(generation=1, wants_process=True, **kw), None, "2026-01-01T00:00:00Z")
+
+
+def _conditions(status: dict) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in status["conditions"]}
+
+
+def test_an_idle_model_is_ready_and_says_why_it_has_no_process():
+    why = "unloaded: idle for 15m; the next request loads it (held at the front door meanwhile)"
+    full = _status(idle=why)
+    assert full["phase"] == "Ready" and full["readyReplicas"] == 1  # its slice stays ready
+    assert _conditions(full)["Available"] == ("True", "Idle", why)
+    assert _conditions(full)["MetalProcessReady"] == ("False", "Idle", why)
+    shared = _status(idle=why, shared=True)
+    assert "phase" not in shared and _conditions(shared)["MetalProcessReady"] == ("False", "Idle", why)
+
+
+def test_a_model_loading_on_demand_says_so():
+    from metal_agent.core.process import Snapshot, State
+
+    starting = Snapshot(key="ml/chat", spec_hash="h", state=State.STARTING)
+    status = _status(process=starting, loading="a request arrived")
+    assert _conditions(status)["MetalProcessReady"] == (
+        "False", "LoadingOnDemand", "llama-server is loading the model on demand: a request arrived")
+    assert status["phase"] == "Progressing"
+    assert _conditions(_status(process=starting))["MetalProcessReady"][1] == "ModelLoading"
