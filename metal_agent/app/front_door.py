@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 SOCKET = "front-door.sock"
 AGENT_SOCKET = "agent.sock"
 LOOPBACK = "127.0.0.1"  # engines listen here when the front door is on: only it reaches them
+SETTLE_TIMEOUT_S = 2.0  # an on-demand unload waits this long at most for the front door to hold requests
 
 
 def front_door_argv(cfg: AgentConfig) -> tuple[str, ...]:
@@ -104,8 +105,14 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
 
     client = FrontDoorClient(state / SOCKET)
+    def sleeping(key: str) -> Callable[[dict], bool]:
+        return lambda table: any(r.get("key") == key and r.get("state") == "sleeping" for r in table.get("routes", ()))
+
+    async def settle(key: str) -> bool:  # the pusher is built below, before anything calls this
+        return await pusher.wait_for_table(sleeping(key), SETTLE_TIMEOUT_S)
+
     on_demand = OnDemand(enabled=True, events=events, isvcs=isvcs, running=managed, enqueue=enqueue,
-                         activity=client.state, changed=dirty.set)
+                         activity=client.state, changed=dirty.set, settle=settle)
 
     def compute() -> dict:
         facts = gather(ports.book.ports, isvcs, managed, supervisors(), on_demand.route_state)

@@ -117,6 +117,7 @@ class TablePusher:
         self._resend = True  # first push: learn the front door's version, then send
         self.pushes = 0
         self.rounds = 0  # completed attempts, pushed or not (tests wait on it)
+        self._round = asyncio.Condition()
 
     def changed(self, *_: object) -> None:
         """Something the table is made of may have changed. Never blocks, never fails."""
@@ -148,6 +149,8 @@ class TablePusher:
                 await self._push_once()
                 failures = 0
                 self.rounds += 1
+                async with self._round:
+                    self._round.notify_all()
             except Exception as err:  # noqa: BLE001 - the front door away or restarting: try again
                 failures += 1
                 self._resend = True  # it may have restarted meanwhile: learn its version again
@@ -156,6 +159,17 @@ class TablePusher:
                     "could not push the front door's table; retrying", error=str(err), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 self._dirty.set()
+
+    async def wait_for_table(self, check: Callable[[dict], bool], timeout: float) -> bool:
+        """Wait until the front door has accepted a table for which `check` holds (False: the
+        timeout ran out first, e.g. the front door is away)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._round:
+                    await self._round.wait_for(lambda: self.pushed is not None and check(self.pushed))
+        except TimeoutError:
+            return False
+        return True
 
     async def _push_once(self) -> None:
         content = self.compute()

@@ -43,13 +43,19 @@ async def _no_activity() -> dict:
     return {}
 
 
+async def _settled(key: str) -> bool:
+    return True
+
+
 class OnDemand:
     def __init__(self, *, enabled: bool, events, isvcs: Mapping[str, dict], running: Mapping[str, object],
                  enqueue: Callable[[str], None] = lambda key: None,
                  activity: Callable[[], Awaitable[dict]] = _no_activity,
-                 changed: Callable[[], None] = _nothing, clock: Callable[[], float] = time.time) -> None:
+                 changed: Callable[[], None] = _nothing, clock: Callable[[], float] = time.time,
+                 settle: Callable[[str], Awaitable[bool]] = _settled) -> None:
         """`running`: the reconciler's table of services it runs; `activity()`: the front door's
-        `GET /state`; `changed()`: the front door's table must be recomputed (a route sleeps or wakes)."""
+        `GET /state`; `changed()`: the front door's table must be recomputed (a route sleeps or
+        wakes); `settle(key)`: wait until the front door holds `key`'s requests (its route sleeps)."""
         self.enabled = enabled
         self.events = events
         self.isvcs = isvcs
@@ -58,6 +64,7 @@ class OnDemand:
         self.activity = activity
         self.changed = changed
         self.clock = clock
+        self.settle = settle
         self.policies: dict[str, OnDemandPolicy] = {}
         self.asleep: dict[str, str] = {}  # key -> why it was unloaded (status says it)
         self.loading: dict[str, str] = {}  # key -> why it is being loaded, until it serves
@@ -65,6 +72,8 @@ class OnDemand:
         self.last_active: dict[str, float] = {}
         self._reported: dict[str, str] = {}
         self._wakeup = asyncio.Event()
+        self._seen: set[str] = set()
+        self._before: asyncio.Task | None = None  # the front door's route states when the agent started
 
     # -- what the reconciler asks --------------------------------------------------------------
 
@@ -98,6 +107,41 @@ class OnDemand:
     def is_asleep(self, key: str) -> bool:
         return key in self.asleep
 
+    async def slept_before(self, key: str, *, running: bool) -> bool:
+        """First sight of `key` since the agent started: it slept under the previous agent (its
+        route sleeps at the front door and no engine runs) and sleeps on, rather than every
+        on-demand model being loaded because the agent restarted."""
+        if key in self._seen or key not in self.policies:
+            return False
+        self._seen.add(key)
+        if running:
+            return False
+        if self._before is None:
+            self._before = asyncio.get_running_loop().create_task(self._activity())
+        seen = (await asyncio.shield(self._before)).get(key)
+        if not isinstance(seen, dict) or seen.get("state") != "sleeping":
+            return False
+        self.asleep[key] = "unloaded before the agent restarted; the next request loads it"
+        self.changed()
+        return True
+
+    async def confirm_sleep(self, key: str) -> bool:
+        """Before its engine is stopped: once the front door holds `key`'s new requests, is it
+        still idle? A request that slipped in meanwhile keeps it loaded (False)."""
+        if key not in self.asleep:
+            return False
+        await self.settle(key)
+        seen = (await self._activity()).get(key)
+        if isinstance(seen, dict) and not (seen.get("inflight") or seen.get("queued")):
+            return True
+        self.asleep.pop(key, None)
+        self.loaded_at[key] = self.clock()  # its clock starts again
+        self._emit(key, "UnloadCancelled", "kept loaded: a request arrived as it was being unloaded")
+        log.info("kept loaded: a request arrived as it was being unloaded", service=key)
+        self.changed()
+        self._wakeup.set()
+        return False
+
     def started(self, key: str) -> None:
         """A process was spawned for `key`: its idle clock starts now."""
         self.loaded_at[key] = self.clock()
@@ -125,6 +169,7 @@ class OnDemand:
     def forget(self, key: str) -> None:
         for table in (self.policies, self.asleep, self.loading, self.loaded_at, self.last_active, self._reported):
             table.pop(key, None)
+        self._seen.discard(key)
 
     # -- a request arrived ---------------------------------------------------------------------
 

@@ -164,8 +164,10 @@ class Reconciler:
     async def _serve(self, key: str, raw: dict, workload: Workload) -> Result:
         """A valid spec that wants a process: keep, replace or start it, then publish it."""
         on_demand_problem = self.on_demand.read(key, raw)
-        if self.on_demand.is_asleep(key):
-            return await self._asleep(key, raw, workload)
+        running = self.processes.get(key) is not None
+        if self.on_demand.is_asleep(key) or await self.on_demand.slept_before(key, running=running):
+            if not running or await self.on_demand.confirm_sleep(key):
+                return await self._asleep(key, raw, workload)
         digest = spec_hash(workload).value
         uid = raw["metadata"].get("uid") or ""
         managed = await self._take_over(key, workload, digest, uid)
@@ -279,9 +281,12 @@ class Reconciler:
             return m is None or m.workload.isvc.spec.eviction_protection
 
         chosen = await self.on_demand.make_room(key, waiting.shortfall_bytes, dict(self.memory.committed), protected)
+        stopped = False
         for victim in chosen:
-            await self._stop(victim)
-        return bool(chosen)
+            if await self.on_demand.confirm_sleep(victim):
+                await self._stop(victim)
+                stopped = True
+        return stopped
 
     async def _blocked(self, key: str, raw: dict, **facts) -> None:
         """Nothing may serve `key` now: withdraw its slice and say why."""
@@ -449,7 +454,6 @@ class Reconciler:
         await self.processes.start(plan)
         self.on_demand.started(key)
 
-
     def _forget(self, key: str) -> None:
         self.model_files.forget(key)
         self.memory.forget(key)
@@ -488,7 +492,6 @@ class Reconciler:
             return None
         snap = supervisor.snapshot
         return replace(snap, state=State.STARTING) if snap.state is State.STOPPED else snap
-
 
 
 def _registration_result(retry: float | None) -> Result:

@@ -124,7 +124,7 @@ class FrontDoor:
         proxy = self.proxy
         routes: dict[str, Any] = {
             key: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request,
-                  "last_active": g.last_active}
+                  "last_active": g.last_active, "state": g.route.state.value}
             for key, g in proxy.gates.items()}
         return web.json_response({"version": proxy.table.version, "routes": routes,
                                   "listen_errors": self.listen_errors})

@@ -183,3 +183,30 @@ async def test_a_deleted_service_is_forgotten():
     del parts.isvcs.cache["ml/chat"]
     await parts.reconciler.reconcile("ml/chat")
     assert parts.on_demand.policies == {} and parts.on_demand._next_due() is None
+
+
+async def test_a_request_that_slips_in_as_it_is_unloaded_keeps_it_loaded():
+    parts = Parts(on_demand_isvc("chat", "10s"), model())
+    await parts.reconciler.reconcile("ml/chat")
+    parts.idle_route("ml/chat")
+    parts.clock.now += 11
+    await parts.on_demand._unload_idle()
+    assert parts.on_demand.is_asleep("ml/chat")
+    parts.routes["ml/chat"]["inflight"] = 1  # arrived before the front door held its route
+    await parts.reconciler.reconcile("ml/chat")
+    assert parts.processes.stopped == [] and not parts.on_demand.is_asleep("ml/chat")
+    assert parts.events.reasons()[-1] == "UnloadCancelled"
+    assert parts.on_demand._next_due() == 10.0  # its clock starts again
+
+
+async def test_after_an_agent_restart_a_model_that_slept_sleeps_on_and_one_that_ran_is_taken_over():
+    parts = Parts(on_demand_isvc("chat"), on_demand_isvc("other"), model())
+    parts.routes["ml/chat"] = {"inflight": 0, "queued": 0, "last_active": None, "state": "sleeping"}
+    parts.routes["ml/other"] = {"inflight": 0, "queued": 0, "last_active": None, "state": "stopped"}
+    await parts.reconciler.reconcile("ml/chat")
+    await parts.reconciler.reconcile("ml/other")
+    assert [p.key for p in parts.processes.started] == ["ml/other"]  # only what did not sleep loads
+    assert "before the agent restarted" in parts.reporter.written["ml/chat"]["idle"]
+    assert await parts.on_demand.wake("ml/chat") == "loading"
+    await parts.reconciler.reconcile("ml/chat")
+    assert "ml/chat" in parts.processes.supervisors
