@@ -1,0 +1,186 @@
+"""Load on demand: a cold start's cost beyond the engine's own start (issue 21, point 3).
+
+Runs a real etcd + kube-apiserver, the real agent with the real front door
+(`--front-door`, open access, supervise-only), and the tiny GGUF on the real
+llama-server. One InferenceService opts in with a 1 s idle unload. Then,
+`--rounds` times: wait until it is unloaded (its route sleeping), send a
+1-token completion to its stable port and time the answer (the cold start).
+Beside it, the same llama-server command line the agent ran, started by hand
+`--rounds` times and polled every 2 ms to its first `/health` 200 (the
+engine's own start), and warm 1-token completions through the front door.
+
+  overhead = cold start p50 - engine start p50 - warm completion p50
+             (goal <= 50 ms: wake, admission, spawn, readiness probe, table push)
+
+    .venv/bin/python bench/on_demand.py [--rounds 10]
+
+Prints a table, writes bench/results/on_demand.json; exits 1 on a missed goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.assets import cached  # noqa: E402
+from bench.control_loop import pct  # noqa: E402
+from bench.goals import at_most, report, shown_only  # noqa: E402
+from metal_agent.adapters.process.front_door_process import RECORD_FILE, read_record  # noqa: E402
+from metal_agent.adapters.process.records import live_process  # noqa: E402
+from metal_agent.core.names import GROUP, VERSION  # noqa: E402
+from metal_agent.core.on_demand import IDLE_AFTER, ON_DEMAND  # noqa: E402
+from tests.support import tiny_model  # noqa: E402
+from tests.support.agent import AgentOptions, AgentProcess, kill_recorded_processes  # noqa: E402
+from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
+from tests.support.isvc import Cluster  # noqa: E402
+from tests.support.kube import api_client, create_namespace, install_metal_agent  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+
+ONE_TOKEN = {"model": "cold", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def _route_state(state_dir: Path, key: str) -> str | None:
+    path = state_dir / "front-door-table.json"  # the front door's persisted table
+    try:
+        routes = json.loads(path.read_text()).get("routes", [])
+    except (OSError, ValueError):
+        return None
+    return next((r["state"] for r in routes if r["key"] == key), None)
+
+
+async def _engine_argv(agent: AgentProcess, key: str) -> list[str]:
+    async def pid():
+        rows = [r for r in await agent.services() if r["service"] == key and r["state"] == "Ready"]
+        return rows[0]["pid"] if rows else None
+    return psutil.Process(await wait_for(pid, timeout=60, what="the engine Ready")).cmdline()
+
+
+async def engine_start(argv: list[str], rounds: int) -> list[float]:
+    """The engine alone: exec to first /health 200, polled every 2 ms."""
+    times = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+        for _ in range(rounds):
+            port = free_port()
+            args = list(argv)
+            args[args.index("--port") + 1] = str(port)
+            t0 = time.monotonic()
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                while True:
+                    try:
+                        async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                            if resp.status == 200:
+                                break
+                    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                        pass
+                    if proc.poll() is not None:
+                        raise SystemExit(f"llama-server exited with {proc.returncode}: {args}")
+                    await asyncio.sleep(0.002)  # the poll interval being measured with
+                times.append(time.monotonic() - t0)
+            finally:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait)
+    return times
+
+
+async def _ask(http: aiohttp.ClientSession, port: int) -> float:
+    t0 = time.monotonic()
+    async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ONE_TOKEN) as resp:
+        await resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"the completion failed: {resp.status}")
+    return time.monotonic() - t0
+
+
+async def cold_starts(http, state_dir: Path, key: str, port: int, rounds: int) -> tuple[list[float], list[float]]:
+    cold, warm = [], []
+    for _ in range(rounds):
+        await wait_for(lambda: _route_state(state_dir, key) == "sleeping", timeout=60, what="the model unloaded")
+        cold.append(await _ask(http, port))
+        warm.extend([await _ask(http, port) for _ in range(5)])
+    return cold, warm
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "on_demand.json")
+    args = parser.parse_args()
+    llama = cached("build-llama-server.sh")
+    model = tiny_model.ensure_model(tiny_model.DEFAULT, llama.parent.parent / "models" / "ggml-vocab-llama-spm.gguf")
+    with tempfile.TemporaryDirectory(prefix="bench-on-demand-") as tmp:
+        tmp = Path(tmp)
+        cp = ControlPlane(Binaries.in_dir(cached("build-controlplane.sh")), tmp / "cp")
+        await cp.start()
+        admin = await api_client(cp.admin_kubeconfig)
+        agent = None
+        try:
+            await install_metal_agent(admin)
+            ns = await create_namespace(admin, "bench")
+            cluster = Cluster(admin, ns)
+            await cluster.create_model("tiny", f"file://{model}")
+            agent = AgentProcess(AgentOptions(
+                kubeconfig=cp.agent_kubeconfig, llama_server=llama, workdir=tmp / "agent", namespaces=(ns,),
+                log_level="info", extra_args=("--front-door", "--front-door-access", "open", "--client-port", "0")))
+            await agent.start()
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
+                    "metadata": {"name": "cold", "annotations": {ON_DEMAND: "true", IDLE_AFTER: "1s"}},
+                    "spec": {"modelRef": "tiny", "contextSize": 256}}
+            await cluster.custom.create_namespaced_custom_object(GROUP, VERSION, ns, "inferenceservices", body)
+            key, state_dir = f"{ns}/cold", tmp / "agent" / "state"
+            argv = await _engine_argv(agent, key)
+            port = json.loads((state_dir / "front-door-ports.json").read_text())["ports"][key]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+                cold, warm = await cold_starts(http, state_dir, key, port, args.rounds)
+            engine = await engine_start(argv, args.rounds)
+        finally:
+            if agent is not None:
+                await agent.stop()
+                kill_recorded_processes(tmp / "agent" / "state")
+                door = read_record(tmp / "agent" / "state" / RECORD_FILE)
+                if door is not None and live_process(door):  # the front door outlives agents by design
+                    os.killpg(door.pid, signal.SIGKILL)
+            await admin.close()
+            await cp.stop()
+    ms = 1000.0
+    overhead = (pct(cold, 0.5) - pct(engine, 0.5) - pct(warm, 0.5)) * ms
+    results = {
+        "rounds": args.rounds,
+        "cold_start_ms": {"p50": pct(cold, 0.5) * ms, "max": max(cold) * ms},
+        "engine_start_ms": {"p50": pct(engine, 0.5) * ms, "max": max(engine) * ms},
+        "warm_completion_ms": {"p50": pct(warm, 0.5) * ms},
+        "overhead_ms_p50": overhead,
+        "load_average": os.getloadavg()[0],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    code = report([
+        shown_only("cold start through the front door p50 / max",
+                   f"{results['cold_start_ms']['p50']:.1f} / {results['cold_start_ms']['max']:.1f} ms"),
+        shown_only("llama-server's own start p50 / max (2 ms polls)",
+                   f"{results['engine_start_ms']['p50']:.1f} / {results['engine_start_ms']['max']:.1f} ms"),
+        shown_only("warm 1-token completion p50", f"{results['warm_completion_ms']['p50']:.2f} ms"),
+        at_most("on-demand overhead p50 (ms)", round(overhead, 1), 50.0),
+        shown_only("load average (1 min)", f"{results['load_average']:.2f}"),
+    ])
+    print(f"written to {args.out}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
