@@ -54,6 +54,7 @@ from metal_agent.controller.intake import Intake
 from metal_agent.controller.publishing import AddressMove, HostAddress, Publisher
 from metal_agent.controller.gate import StaticGate
 from metal_agent.controller.reconciler import Managed, Reconciler
+from metal_agent.controller.rollout import Rollouts
 from metal_agent.controller.runner import Runner
 from metal_agent.controller.status_reporter import StatusReporter
 from metal_agent.controller.workqueue import WorkQueue
@@ -351,7 +352,9 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
         wake=src.intake.wake, managed=managed, pressure=state, gate=gate,
-        on_demand=door.on_demand if door else None)
+        on_demand=door.on_demand if door else None,
+        rollouts=Rollouts(model_files=src.model_files, events=src.events, enqueue_after=src.queue.add_after,
+                          activity=door.client.state if door else None))
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
                   default_engine=launch.default_engine, policy=launch.policy, gate=gate, launch=launch)
     heartbeats = HeartbeatHealth()

@@ -40,6 +40,7 @@ from metal_agent.controller.results import BLOCKED_RETRY, DONE, DRAFT_DOWNLOAD_R
 from metal_agent.controller.status_reporter import StatusReporter
 from metal_agent.controller.gate import EVERY_SERVICE, Gate
 from metal_agent.controller.on_demand import OnDemand
+from metal_agent.controller.rollout import Rollouts
 from metal_agent.core.claim import evaluate, wanted_draft, wanted_model
 from metal_agent.core.engine import Engine
 from metal_agent.core.engine_name import EngineName
@@ -67,14 +68,6 @@ class Managed:
     uid: str
 
 
-@dataclass(frozen=True)
-class _Deferred:
-    """A changed spec that cannot start yet while the previous one serves."""
-
-    pending: Blocker | None = None  # its model is downloading
-    failed: Blocker | None = None  # its model cannot be had (shown as a spec problem)
-
-
 class Reconciler:
     def __init__(
         self,
@@ -94,11 +87,13 @@ class Reconciler:
         pressure: MemoryState | None = None,
         gate: Gate = EVERY_SERVICE,
         on_demand: OnDemand | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         """`managed`: the table of running services the pressure responder also reads;
         `pressure`: what memory pressure means for each service (the responder writes it);
         `wake(keys)`: reconcile those keys again (memory freed by a stop); `publisher.address`
-        is where engines bind; `on_demand`: who sleeps (load on demand, the front door's)."""
+        is where engines bind; `on_demand`: who sleeps (load on demand, the front door's);
+        `rollouts`: what holds a changed spec back, and when a process is due for recycling."""
         self.gate = gate  # services it refuses are another Mac's (or off the allowlist): not ours, their objects stay
         self.isvcs = isvcs
         self.models = models
@@ -115,8 +110,8 @@ class Reconciler:
         self.managed: dict[str, Managed] = {} if managed is None else managed
         self.pressure = MemoryState() if pressure is None else pressure
         self.on_demand = on_demand or OnDemand(enabled=False, events=events, isvcs=isvcs.cache, running=self.managed)
+        self.rollouts = rollouts or Rollouts(model_files=model_files, events=events, enqueue_after=lambda k, d: None)
         self._waiting_reported: dict[str, str] = {}
-        self._deferred_reported: dict[str, tuple[str, str]] = {}
         self._invalid_reported: dict[str, tuple] = {}
 
     @property
@@ -175,15 +170,17 @@ class Reconciler:
         moved = running is not None and running.plan.host != self.address.bind
         if managed is not None and (managed.spec_hash != digest or managed.uid != uid or moved):
             if managed.uid == uid and not moved and key not in self.pressure.evicted:
-                deferred = self._new_model_not_ready(key, raw, workload, digest)
+                deferred = await self.rollouts.hold(key, raw, workload, digest)
                 if deferred is not None:
                     # Make before break: the running process keeps serving the previous spec
-                    # until the new model is on disk (a download can take hours).
+                    # until the new model is on disk (a download can take hours), or idle.
                     problem, retry = await self.publisher.register(key, raw, self.processes.get(key))
                     await self._write_status(key, raw, True, degraded=problem or deferred.failed,
                                              rollout=deferred.pending)
                     if deferred.failed:
                         return Requeue(BLOCKED_RETRY, "the changed spec's model cannot be had")
+                    if deferred.retry is not None:
+                        return Requeue(deferred.retry, "waiting for idle before respawning")
                     return _registration_result(retry)
             log.info("spec changed; respawning llama-server", service=key, old=managed.spec_hash[:12], new=digest[:12])
             self.events.emit(raw["metadata"], "Respawning",
@@ -191,7 +188,7 @@ class Reconciler:
             self.metrics.respawns.labels(**service_labels(key)).inc()
             await self._stop(key)
             managed = None
-        managed = await self._stop_if_must(key, managed)
+        managed = await self._stop_if_must(key, raw, managed)
         if managed is None:
             blocked = await self._start_if_admitted(key, raw, workload, digest, uid)
             if blocked is not None:
@@ -230,8 +227,9 @@ class Reconciler:
             await self._commit_running(key, workload)
         return managed
 
-    async def _stop_if_must(self, key: str, managed: Managed | None) -> Managed | None:
-        """A supervisor that failed internally is restarted; an evicted service is stopped."""
+    async def _stop_if_must(self, key: str, raw: dict, managed: Managed | None) -> Managed | None:
+        """A supervisor that failed internally is restarted; an evicted service is stopped; one
+        past its maxPodLifetimeSeconds is recycled."""
         failed = self.processes.get(key)
         if failed is not None and failed.failed is not None:
             log.warning("restarting supervision after an internal error", service=key)
@@ -239,6 +237,9 @@ class Reconciler:
             managed = None
         if managed is not None and key in self.pressure.evicted:
             log.warning("evicted: stopping llama-server to relieve memory pressure", service=key)
+            await self._stop(key)
+            managed = None
+        if managed is not None and await self.rollouts.must_recycle(key, raw, managed.workload, self.processes.get(key)):
             await self._stop(key)
             managed = None
         return managed
@@ -376,27 +377,6 @@ class Reconciler:
         await self._write_status(key, raw, wants, spec_errors=errors, spec_reason=reason)
         return DONE
 
-    def _new_model_not_ready(self, key: str, raw: dict, workload: Workload, digest: str) -> _Deferred | None:
-        """Whether a changed spec's model is not on disk yet (downloading, or failed to),
-        so the running process should go on serving the previous spec meanwhile."""
-        found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
-        if isinstance(found, ModelReady):
-            self._deferred_reported.pop(key, None)
-            return None
-        if isinstance(found, ModelPending):
-            deferred = _Deferred(pending=Blocker("ModelDownloading", found.message, phase="Creating"))
-        else:
-            deferred = _Deferred(failed=Blocker(found.reason, f"still serving the previous spec; {found.message}"))
-        if self._deferred_reported.get(key) != (digest, found.reason if deferred.failed else ""):
-            self._deferred_reported[key] = (digest, found.reason if deferred.failed else "")
-            why = found.message
-            log.info("spec changed; the running llama-server serves until the new model is ready", service=key,
-                     new=digest[:12], why=why)
-            self.events.emit(raw["metadata"], "RespawnDeferred",
-                             f"spec changed (hash {digest[:12]}); llama-server keeps serving the previous spec "
-                             f"until the new model is ready: {why}", warning=deferred.failed is not None)
-        return deferred
-
     async def _commit_running(self, key: str, workload: Workload) -> None:
         """A running process's memory counts against what others may start."""
         found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
@@ -459,7 +439,7 @@ class Reconciler:
         self.memory.forget(key)
         self.pressure.evicted.discard(key)
         self._waiting_reported.pop(key, None)
-        self._deferred_reported.pop(key, None)
+        self.rollouts.forget(key)
         self._invalid_reported.pop(key, None)
         self.reporter.forget(key)
         self.publisher.forget(key)
