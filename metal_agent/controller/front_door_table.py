@@ -44,10 +44,10 @@ class TableSettings:
 
 
 def route_state(f: RouteFacts) -> str:
+    if f.hint == "sleeping":  # being unloaded (first the front door holds, then the engine stops), or unloaded
+        return "sleeping"
     if f.ready and f.engine_port:
         return "serving"
-    if f.hint == "sleeping":  # unloaded on purpose (or being unloaded): hold requests and wake it
-        return "sleeping"
     return "starting" if f.running or f.hint == "starting" else "stopped"
 
 

@@ -210,3 +210,18 @@ async def test_after_an_agent_restart_a_model_that_slept_sleeps_on_and_one_that_
     assert await parts.on_demand.wake("ml/chat") == "loading"
     await parts.reconciler.reconcile("ml/chat")
     assert "ml/chat" in parts.processes.supervisors
+
+
+def test_the_front_doors_route_state_follows_sleep_and_wake():
+    from metal_agent.controller.front_door_table import RouteFacts, route_state
+
+    def facts(hint, *, ready=False, running=False):
+        return RouteFacts(key="ml/chat", port=31000, engine_port=8081 if running else None, ready=ready,
+                          running=running, max_inflight=1, hint=hint)
+
+    # Being unloaded: the front door holds new requests before the engine is stopped.
+    assert route_state(facts("sleeping", ready=True, running=True)) == "sleeping"
+    assert route_state(facts("sleeping")) == "sleeping"
+    assert route_state(facts("starting")) == "starting"  # woken, not spawned yet: hold, do not refuse
+    assert route_state(facts("starting", ready=True, running=True)) == "serving"
+    assert route_state(facts(None)) == "stopped"
