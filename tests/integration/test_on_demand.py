@@ -156,7 +156,7 @@ async def test_memory_short_unloads_the_idle_on_demand_model_but_never_a_busy_on
     code, text, _ = await ask(ns, stable_ports(state)[second], "second")
     assert code == 200, text
     second_pid = await wait_for(lambda: engine_pid(agent, second), timeout=30, what="second serving")
-    await cluster.wait_event("first", "UnloadedForMemory")
+    await cluster.wait_event("first", "UnloadedForMemory", count=2)
     os.kill(second_pid, signal.SIGSTOP)
     try:
         stuck = asyncio.create_task(ask(ns, stable_ports(state)[second], "second", timeout=120))
