@@ -118,7 +118,7 @@ class OnDemand:
             return False
         if self._before is None:
             self._before = asyncio.get_running_loop().create_task(self._activity())
-        seen = (await asyncio.shield(self._before)).get(key)
+        seen = (await asyncio.shield(self._before) or {}).get(key)
         if not isinstance(seen, dict) or seen.get("state") != "sleeping":
             return False
         self.asleep[key] = "unloaded before the agent restarted; the next request loads it"
@@ -131,13 +131,16 @@ class OnDemand:
         if key not in self.asleep:
             return False
         await self.settle(key)
-        seen = (await self._activity()).get(key)
-        if isinstance(seen, dict) and not (seen.get("inflight") or seen.get("queued")):
-            return True
+        activity = await self._activity()
+        seen = activity.get(key) if activity is not None else None
+        busy = isinstance(seen, dict) and bool(seen.get("inflight") or seen.get("queued"))
+        if activity is not None and not busy:
+            return True  # (a route the front door does not have yet has had no request)
+        why = "a request arrived as it was being unloaded" if busy else "the front door did not answer"
         self.asleep.pop(key, None)
         self.loaded_at[key] = self.clock()  # its clock starts again
-        self._emit(key, "UnloadCancelled", "kept loaded: a request arrived as it was being unloaded")
-        log.info("kept loaded: a request arrived as it was being unloaded", service=key)
+        self._emit(key, "UnloadCancelled", f"kept loaded: {why}")
+        log.info("kept loaded", service=key, why=why)
         self.changed()
         self._wakeup.set()
         return False
@@ -203,14 +206,22 @@ class OnDemand:
         if not keys or shortfall_bytes <= 0:
             return ()
         activity = await self._activity()
+        if activity is None:
+            return ()  # who is busy is not known: unload nobody
         residents = []
         for k in keys:
-            seen = activity.get(k)
-            busy = seen is None or bool(seen.get("inflight") or seen.get("queued"))
-            last = seen.get("last_active") if isinstance(seen, dict) else None
+            # A route the front door does not have yet has had no request: engines listen on
+            # loopback, reached only through it.
+            seen = activity.get(k) if isinstance(activity.get(k), dict) else {}
+            busy = bool(seen.get("inflight") or seen.get("queued"))
+            last = seen.get("last_active")
             residents.append(Resident(k, committed[k], True, protected(k), busy,
                                       last if isinstance(last, (int, float)) else self.loaded_at.get(k, 0.0)))
         chosen = choose_evictions(residents, shortfall_bytes, for_key=for_key)
+        if not chosen:
+            log.info("memory short; no idle on-demand model can make room", service=for_key,
+                     short_bytes=shortfall_bytes, busy=[r.key for r in residents if r.busy],
+                     protected=[r.key for r in residents if r.protected])
         for k in chosen:
             self._sleep(k, "UnloadedForMemory", f"evicted for {for_key} under memory shortage")
         return chosen
@@ -242,7 +253,7 @@ class OnDemand:
         return min(due) if due else None
 
     async def _unload_idle(self) -> None:
-        activity = await self._activity()
+        activity = await self._activity() or {}
         now = self.clock()
         for key in self._loaded():
             seen = activity.get(key)
@@ -271,13 +282,14 @@ class OnDemand:
         self.enqueue(key)
         self.changed()
 
-    async def _activity(self) -> dict:
+    async def _activity(self) -> dict | None:
+        """The front door's routes (in flight, queued, last activity, state); None when it did not answer."""
         try:
             routes = (await self.activity()).get("routes")
         except Exception as err:  # noqa: BLE001 - the front door away: nothing is known, nothing unloaded
             log.warning("cannot read the front door's activity; unloading nothing now", error=str(err))
-            return {}
-        return routes if isinstance(routes, dict) else {}
+            return None
+        return routes if isinstance(routes, dict) else None
 
     def _emit(self, key: str, reason: str, message: str) -> None:
         raw = self.isvcs.get(key)

@@ -225,3 +225,22 @@ def test_the_front_doors_route_state_follows_sleep_and_wake():
     assert route_state(facts("starting")) == "starting"  # woken, not spawned yet: hold, do not refuse
     assert route_state(facts("starting", ready=True, running=True)) == "serving"
     assert route_state(facts(None)) == "stopped"
+
+
+async def test_a_route_the_front_door_does_not_have_yet_has_no_request_but_a_silent_front_door_unloads_nobody():
+    parts = Parts(on_demand_isvc("old"), isvc("big"), model())
+    await parts.reconciler.reconcile("ml/old")
+    parts.guard.capacity = 1
+    await parts.reconciler.reconcile("ml/big")  # the table with `old` not pushed yet: no route there
+    assert parts.processes.stopped == ["ml/old"] and "ml/big" in parts.processes.supervisors
+
+    parts = Parts(on_demand_isvc("old"), isvc("big"), model())
+    await parts.reconciler.reconcile("ml/old")
+
+    async def away() -> dict:
+        raise OSError("no socket")
+
+    parts.on_demand.activity = away
+    parts.guard.capacity = 1
+    await parts.reconciler.reconcile("ml/big")
+    assert parts.processes.stopped == [] and parts.reporter.written["ml/big"]["blocker"].reason == "InsufficientMemory"
