@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -107,23 +108,63 @@ async def _ask(http: aiohttp.ClientSession, port: int) -> float:
     return time.monotonic() - t0
 
 
-async def cold_starts(http, state_dir: Path, key: str, port: int, rounds: int) -> tuple[list[float], list[float]]:
-    cold, warm = [], []
+async def cold_starts(http, state_dir: Path, key: str, port: int, rounds: int
+                      ) -> tuple[list[float], list[float], list[float]]:
+    cold, warm, sent = [], [], []
     for _ in range(rounds):
         await wait_for(lambda: _route_state(state_dir, key) == "sleeping", timeout=60, what="the model unloaded")
+        sent.append(time.time())
         cold.append(await _ask(http, port))
         warm.extend([await _ask(http, port) for _ in range(5)])
-    return cold, warm
+    return cold, warm, sent
+
+
+STEPS = (("loading on demand: a request arrived", "wake"), ("llama-server started", "spawned"),
+         ("llama-server ready", "ready"), ("front door table pushed", "pushed"))
+
+
+def breakdown(agent_log: Path, sent: list[float], cold: list[float]) -> dict[str, float]:
+    """Where each cold start's time went, from the agent's own log (p50 per step, ms):
+    request sent -> agent woken -> engine spawned -> engine ready (its first /health 200) ->
+    table pushed -> answer received."""
+    import datetime as dt
+
+    events = []
+    for line in agent_log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        name = next((label for text, label in STEPS if entry.get("event") == text), None)
+        if name is not None:
+            events.append((dt.datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp(), name))
+    steps: dict[str, list[float]] = {}
+    for start, took in zip(sent, cold):
+        t, seen = start, {}
+        for at, name in events:
+            if at >= start and name not in seen and at <= start + took:
+                want = [label for _, label in STEPS][len(seen)] if len(seen) < len(STEPS) else None
+                if name == want:
+                    seen[name] = at
+        previous = start
+        for _, label in STEPS:
+            if label in seen:
+                steps.setdefault(f"-> {label}", []).append((seen[label] - previous) * 1000)
+                previous = seen[label]
+        steps.setdefault("-> answered", []).append((start + took - previous) * 1000)
+    return {k: round(pct(v, 0.5), 1) for k, v in steps.items()}
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "on_demand.json")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep it (the agent's and front door's logs)")
     args = parser.parse_args()
     llama = cached("build-llama-server.sh")
     model = tiny_model.ensure_model(tiny_model.DEFAULT, llama.parent.parent / "models" / "ggml-vocab-llama-spm.gguf")
-    with tempfile.TemporaryDirectory(prefix="bench-on-demand-") as tmp:
+    with (contextlib.nullcontext(str(args.keep)) if args.keep else
+          tempfile.TemporaryDirectory(prefix="bench-on-demand-")) as tmp:
         tmp = Path(tmp)
         cp = ControlPlane(Binaries.in_dir(cached("build-controlplane.sh")), tmp / "cp")
         await cp.start()
@@ -136,7 +177,7 @@ async def main() -> int:
             await cluster.create_model("tiny", f"file://{model}")
             agent = AgentProcess(AgentOptions(
                 kubeconfig=cp.agent_kubeconfig, llama_server=llama, workdir=tmp / "agent", namespaces=(ns,),
-                log_level="info", extra_args=("--front-door", "--front-door-access", "open", "--client-port", "0")))
+                log_level="debug", extra_args=("--front-door", "--front-door-access", "open", "--client-port", "0")))
             await agent.start()
             body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService",
                     "metadata": {"name": "cold", "annotations": {ON_DEMAND: "true", IDLE_AFTER: "1s"}},
@@ -146,7 +187,8 @@ async def main() -> int:
             argv = await _engine_argv(agent, key)
             port = json.loads((state_dir / "front-door-ports.json").read_text())["ports"][key]
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-                cold, warm = await cold_starts(http, state_dir, key, port, args.rounds)
+                cold, warm, sent = await cold_starts(http, state_dir, key, port, args.rounds)
+            steps = breakdown(tmp / "agent" / f"agent-{agent.starts}.log", sent, cold)
             engine = await engine_start(argv, args.rounds)
         finally:
             if agent is not None:
@@ -165,6 +207,7 @@ async def main() -> int:
         "engine_start_ms": {"p50": pct(engine, 0.5) * ms, "max": max(engine) * ms},
         "warm_completion_ms": {"p50": pct(warm, 0.5) * ms},
         "overhead_ms_p50": overhead,
+        "steps_ms_p50": steps,
         "load_average": os.getloadavg()[0],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +220,7 @@ async def main() -> int:
         shown_only("warm 1-token completion p50", f"{results['warm_completion_ms']['p50']:.2f} ms"),
         at_most("on-demand overhead p50 (ms)", round(overhead, 1), 50.0),
         shown_only("load average (1 min)", f"{results['load_average']:.2f}"),
+        shown_only("steps p50 (ms)", ", ".join(f"{k} {v}" for k, v in steps.items())),
     ])
     print(f"written to {args.out}")
     return code

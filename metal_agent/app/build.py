@@ -234,6 +234,13 @@ def _fan_out(*handlers):
     return handle
 
 
+def _process_fan_out(intake: Intake, table_dirty: asyncio.Event):
+    def on_change(key, snap, event) -> None:
+        intake.on_process_change(key, snap, event)
+        table_dirty.set()
+    return on_change
+
+
 def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
             table_dirty: asyncio.Event) -> AccessSource:
     fd, http = cfg.front_door, cfg.http
@@ -271,9 +278,12 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
     on_isvc = _fan_out(intake.on_isvc_change, access.on_isvc_change) if access else intake.on_isvc_change
     isvcs = informer(ISVC_PLURAL, on_isvc, isvc_cache)
     models = informer(MODEL_PLURAL, intake.on_model_change)
+    # The front door's table is made of the engines' states too: recomputed the moment one turns
+    # ready (a request may be held for it), not after the reconcile and its status write.
+    on_process = intake.on_process_change if table_dirty is None else _process_fan_out(intake, table_dirty)
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
-        on_change=intake.on_process_change, settings=cfg.supervisor,
+        on_change=on_process, settings=cfg.supervisor,
         on_probe=functools.partial(_observe_probe, metrics),
     )
     # Read when scraped: always the number supervised now, whoever started or stopped one.

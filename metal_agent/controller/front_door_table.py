@@ -101,7 +101,7 @@ class TableClient(Protocol):
 
 
 class TablePusher:
-    def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.02,
+    def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.005,
                  backoff: Backoff = PUSH_BACKOFF, dirty: asyncio.Event | None = None) -> None:
         """`dirty`: set by anything the table is made of (e.g. the access sources, built before the
         pusher); `changed()` sets it too."""
@@ -143,7 +143,9 @@ class TablePusher:
         self._dirty.set()
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(self.debounce)  # let a burst of reconciles settle into one push
+            # Let a burst of reconciles settle into one push; short, since a held request may be
+            # waiting for the route this push makes serving (a cold start of a model on demand).
+            await asyncio.sleep(self.debounce)
             self._dirty.clear()
             try:
                 await self._push_once()
