@@ -3,10 +3,10 @@
 A request for a route in state `sleeping` is held like one for a starting
 engine (the gate's queue, within the queue timeout); what differs is that
 nothing would start the engine on its own, so the front door asks the agent
-(`POST /wake {"key"}` on its `agent.sock`). One call per route at a time, and
-not again within `AGAIN_S` while the route still sleeps: a burst of requests
-for a cold model costs the agent one wake, and an agent that was restarting
-when the first one was sent is asked again by the next request.
+(`POST /wake {"key"}` on its `agent.sock`). One call per route at a time: a
+burst of requests for a cold model costs the agent one wake (a wake of a model
+already loading is answered at once, and is idempotent), and an agent that was
+restarting when the first one was sent is asked again by the next request.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("metal_agent.frontdoor")
-
-AGAIN_S = 1.0
 
 
 class AgentWaker:
@@ -29,14 +26,12 @@ class AgentWaker:
         self._timeout = timeout
         self._session: Any = None
         self._pending: dict[str, asyncio.Task] = {}
-        self._sent: dict[str, float] = {}
         self.sent = 0  # wakes sent (tests and the log)
 
     def wake(self, key: str) -> None:
         """A request is waiting for `key`: ask the agent to load it. Never blocks, never raises."""
-        if key in self._pending or time.monotonic() - self._sent.get(key, -AGAIN_S) < AGAIN_S:
+        if key in self._pending:
             return
-        self._sent[key] = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._post(key))
         self._pending[key] = task
         task.add_done_callback(lambda _t, k=key: self._pending.pop(k, None))
@@ -55,7 +50,8 @@ class AgentWaker:
             if resp.status != 200:
                 log.warning("front door: the agent refused to wake %s: HTTP %d %s", key, resp.status, body[:200])
             else:
-                log.info("front door: asked the agent to load %s (%s)", key, json.loads(body).get("state"))
+                state = json.loads(body).get("state")
+                (log.info if state == "loading" else log.debug)("front door: asked the agent to load %s (%s)", key, state)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as err:
             # The agent is away (restarting): the held request's next sibling asks again.
             log.warning("front door: could not ask the agent to load %s: %s", key, err)

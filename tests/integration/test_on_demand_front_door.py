@@ -37,9 +37,11 @@ async def llama(llama_server_bin, tiny_model):
 
 async def test_a_request_for_a_sleeping_route_wakes_the_agent_once_and_is_served_when_it_loads(tmp_path, llama):
     woken: list[str] = []
+    answer = asyncio.Event()
 
     async def wake(key: str) -> str:
         woken.append(key)
+        await answer.wait()  # the agent answers once the burst is in: one wake in flight per route
         return "loading"
 
     agent = AgentSocket(tmp_path / "agent.sock", waker=wake)
@@ -60,6 +62,7 @@ async def test_a_request_for_a_sleeping_route_wakes_the_agent_once_and_is_served
             await wait_for(lambda: _queued(door, 3), timeout=10, what="three requests held")
             await wait_for(lambda: woken, timeout=10, what="the agent woken")
             assert woken == ["ns/cold"]  # three requests, one wake
+            answer.set()
             assert not any(h.done() for h in held)
             before = time.time()
             await door.put_table(table(2, [route("ns/cold", port, llama.base_url.removeprefix("http://"))]))
@@ -82,8 +85,7 @@ async def test_an_agent_that_is_away_is_asked_again_by_the_next_request(tmp_path
 
     async with running_front_door(tmp_path) as door, aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=30)) as http:
-        # Held 1.2 s: longer than the front door waits before asking the agent again for a route.
-        await door.put_table(table(1, [route("ns/cold", port, None, state="sleeping", queue_timeout_s=1.2)]))
+        await door.put_table(table(1, [route("ns/cold", port, None, state="sleeping", queue_timeout_s=0.5)]))
         async with http.post(url, json=SHORT) as resp:  # no agent socket yet: held, then 503
             assert resp.status == 503 and (await resp.json())["error"]["code"] == "model_unavailable"
         agent = AgentSocket(tmp_path / "agent.sock", waker=wake)
