@@ -9,6 +9,7 @@ the real front door (whose activity says "idle"), real kube-apiserver and real l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -65,6 +66,7 @@ async def test_a_changed_spec_waits_for_the_request_in_flight_then_respawns(mac)
     await cluster.wait_phase("steady", "Ready")
     pid = await wait_for(lambda: engine_pid(agent, key), timeout=30, what="the engine serving")
     port = stable_ports(state)[key]
+    await wait_for(lambda: _listening(ns.inner_ip, port), timeout=30, what="the front door's listener")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         stream = await http.post(f"http://{ns.inner_ip}:{port}/v1/chat/completions", json={**LONG, "model": "steady"})
         assert stream.status == 200 and (await stream.content.readline()).startswith(b"data: ")
@@ -93,6 +95,15 @@ async def test_an_engine_past_its_lifetime_is_recycled(mac):
     pid = await wait_for(lambda: engine_pid(agent, key), timeout=30, what="the engine serving")
     await wait_for(lambda: _other_pid(agent, key, pid), timeout=30, what="the engine recycled")
     await cluster.wait_event("aging", "Recycling")
+
+
+async def _listening(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    return True
 
 
 async def _other_pid(agent, key: str, pid: int) -> int | None:
