@@ -71,31 +71,41 @@ async def _engine_argv(agent: AgentProcess, key: str) -> list[str]:
     return psutil.Process(await wait_for(pid, timeout=60, what="the engine Ready")).cmdline()
 
 
+async def _health_ok(port: int) -> bool:
+    """One `GET /health` on a fresh connection, bounded: True on a 200."""
+    try:
+        async with asyncio.timeout(0.5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                return (await reader.readline()).split(b" ")[1:2] == [b"200"]
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, IndexError):
+        return False
+
+
 async def engine_start(argv: list[str], rounds: int) -> list[float]:
     """The engine alone: exec to first /health 200, polled every 2 ms."""
     times = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-        for _ in range(rounds):
-            port = free_port()
-            args = list(argv)
-            args[args.index("--port") + 1] = str(port)
-            t0 = time.monotonic()
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                while True:
-                    try:
-                        async with http.get(f"http://127.0.0.1:{port}/health") as resp:
-                            if resp.status == 200:
-                                break
-                    except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
-                        pass
-                    if proc.poll() is not None:
-                        raise SystemExit(f"llama-server exited with {proc.returncode}: {args}")
-                    await asyncio.sleep(0.002)  # the poll interval being measured with
-                times.append(time.monotonic() - t0)
-            finally:
-                proc.terminate()
-                await asyncio.to_thread(proc.wait)
+    for _ in range(rounds):
+        port = free_port()
+        args = list(argv)
+        args[args.index("--port") + 1] = str(port)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not await _health_ok(port):
+                if proc.poll() is not None:
+                    raise SystemExit(f"llama-server exited with {proc.returncode}: {args}")
+                if time.monotonic() - t0 > 60:
+                    raise SystemExit("llama-server did not answer /health within 60 s")
+                await asyncio.sleep(0.002)  # the poll interval being measured with
+            times.append(time.monotonic() - t0)
+        finally:
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
     return times
 
 
