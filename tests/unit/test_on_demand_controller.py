@@ -244,3 +244,16 @@ async def test_a_route_the_front_door_does_not_have_yet_has_no_request_but_a_sil
     parts.guard.capacity = 1
     await parts.reconciler.reconcile("ml/big")
     assert parts.processes.stopped == [] and parts.reporter.written["ml/big"]["blocker"].reason == "InsufficientMemory"
+
+
+async def test_metal_agent_status_says_idle_and_loading_on_demand():
+    parts = Parts(on_demand_isvc("chat", "10s"), model())
+    await parts.reconciler.reconcile("ml/chat")
+    assert parts.on_demand.label("ml/chat", "serving") == "serving"
+    parts.idle_route("ml/chat")
+    parts.clock.now += 11
+    await parts.on_demand._unload_idle()
+    assert parts.on_demand.label("ml/chat", "sleeping") == "Idle"
+    await parts.on_demand.wake("ml/chat")
+    assert parts.on_demand.label("ml/chat", "starting") == "Loading on demand"
+    assert parts.on_demand.label("ml/chat", "serving") == "serving"
