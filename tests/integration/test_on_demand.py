@@ -38,6 +38,7 @@ pytestmark = [
     pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 for network namespaces"),
 ]
 
+restarts: list = []  # the running test's agent maker (a second agent after a restart)
 BODY = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
@@ -54,6 +55,7 @@ async def mac(control_plane, admin_api, namespace, llama_server_bin, tiny_model,
                                    extra_args=args) as (ns, make_agent):
             agent = make_agent()
             await agent.start()
+            restarts.append(make_agent)
             yield cluster, ns, agent, tmp_path / "state"
     finally:
         record = read_record(tmp_path / "state" / RECORD_FILE)
@@ -186,3 +188,22 @@ async def _inflight(agent, key: str) -> bool:
 async def _scheduling(cluster: Cluster, name: str, reason: str) -> dict | None:
     status = await cluster.status(name)
     return status if status.get("schedulingStatus") == reason else None
+
+
+async def test_a_model_asleep_when_the_agent_restarts_sleeps_on_and_wakes_on_request(mac):
+    cluster, ns, agent, state = mac
+    key = f"{cluster.ns}/nap"
+    await create_on_demand(cluster, "nap", "1s")
+    await cluster.wait_phase("nap", "Ready")
+    await wait_for(lambda: process_reason(cluster, "nap", "Idle"), timeout=30, what="status Idle")
+    await wait_for(lambda: route_state(state, key) == "sleeping", timeout=10, what="the route sleeping")
+    version = pushed_table(state)["version"]
+    agent.kill()  # SIGKILL; the front door serves on
+    again = restarts[-1]()
+    await again.start()
+    # The new agent has reconciled every service once, then pushed its table.
+    await wait_for(lambda: pushed_table(state)["version"] > version, timeout=30, what="the new agent's table")
+    assert route_state(state, key) == "sleeping" and await again.services() == []  # not loaded by the restart
+    code, text, _ = await ask(ns, stable_ports(state)[key], "nap")
+    assert code == 200, text
+    assert (await cluster.event_reasons("nap")).count("LoadingOnDemand") == 1
