@@ -140,6 +140,7 @@ class Reconciler:
         self._invalid_reported.pop(key, None)
         workload = verdict.value
         if not workload.isvc.spec.wants_process:
+            self.on_demand.forget(key)  # scaled to zero: no longer asleep or loading, its route answers 503
             if self.managed.get(key) is not None:
                 log.info("scaled to zero or suspended; stopping llama-server", service=key)
                 await self._stop(key)

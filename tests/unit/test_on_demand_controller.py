@@ -257,3 +257,20 @@ async def test_metal_agent_status_says_idle_and_loading_on_demand():
     await parts.on_demand.wake("ml/chat")
     assert parts.on_demand.label("ml/chat", "starting") == "Loading on demand"
     assert parts.on_demand.label("ml/chat", "serving") == "serving"
+
+
+async def test_scaled_to_zero_a_sleeping_service_is_neither_asleep_nor_woken():
+    raw = on_demand_isvc("chat", "10s")
+    parts = Parts(raw, model())
+    await parts.reconciler.reconcile("ml/chat")
+    parts.idle_route("ml/chat")
+    parts.clock.now += 11
+    await parts.on_demand._unload_idle()
+    await parts.reconciler.reconcile("ml/chat")
+    raw["spec"]["replicas"] = 0
+    await parts.reconciler.reconcile("ml/chat")
+    assert parts.on_demand.route_state("ml/chat") is None  # the front door's rule: stopped, 503 at once
+    assert await parts.on_demand.wake("ml/chat") == "not on demand"
+    raw["spec"]["replicas"] = 1
+    await parts.reconciler.reconcile("ml/chat")
+    assert "ml/chat" in parts.processes.supervisors  # scaled up again: loaded, its idle clock anew
