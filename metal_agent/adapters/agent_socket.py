@@ -9,6 +9,9 @@ in at build (TokenReview + SubjectAccessReview, controller/access.py); without
 one every token is refused, so the front door never lets a stranger in by
 default. The socket is only this user's: the front door runs as the agent's
 user, nobody else may ask.
+
+`POST /wake {"key"}` -> `{"state"}`: a request waits at the front door for a
+model unloaded while idle; the agent loads it (controller/on_demand.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from metal_agent.core.access import review_answer
 log = structlog.get_logger(__name__)
 
 Reviewer = Callable[[str, str, str], Awaitable[dict]]  # (token, key, peer) -> review_answer(...)
+Waker = Callable[[str], Awaitable[str]]  # key -> what the agent does about it ("loading", "awake", ...)
 MAX_BODY = 64 * 1024
 
 
@@ -34,7 +38,11 @@ async def refuse_all(token: str, key: str, peer: str = "") -> dict:
     return review_answer(403, "token review not configured")
 
 
-def review_app(reviewer: Reviewer) -> web.Application:
+async def wake_none(key: str) -> str:
+    return "not on demand"
+
+
+def review_app(reviewer: Reviewer, waker: Waker = wake_none) -> web.Application:
     async def review(request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -52,15 +60,25 @@ def review_app(reviewer: Reviewer) -> web.Application:
             answer = review_answer(503, "token review failed")
         return web.json_response(answer)
 
+    async def wake(request: web.Request) -> web.Response:
+        try:
+            key = (await request.json())["key"]
+            if not isinstance(key, str) or key.count("/") != 1:
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "expected {\"key\": \"ns/name\"}"}, status=400)
+        return web.json_response({"state": await waker(key)})
+
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/review", review)
+    app.router.add_post("/wake", wake)
     return app
 
 
 class AgentSocket:
-    def __init__(self, path: Path, reviewer: Reviewer = refuse_all) -> None:
+    def __init__(self, path: Path, reviewer: Reviewer = refuse_all, waker: Waker = wake_none) -> None:
         self.path = path
-        self.runner = web.AppRunner(review_app(reviewer), access_log=None)
+        self.runner = web.AppRunner(review_app(reviewer, waker), access_log=None)
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

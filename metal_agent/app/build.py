@@ -56,6 +56,7 @@ from metal_agent.controller.intake import Intake
 from metal_agent.controller.publishing import AddressMove, HostAddress, Publisher
 from metal_agent.controller.gate import StaticGate
 from metal_agent.controller.reconciler import Managed, Reconciler
+from metal_agent.controller.rollout import Rollouts
 from metal_agent.controller.runner import Runner
 from metal_agent.controller.status_reporter import StatusReporter
 from metal_agent.controller.workqueue import WorkQueue
@@ -238,6 +239,13 @@ def _fan_out(*handlers):
     return handle
 
 
+def _process_fan_out(intake: Intake, table_dirty: asyncio.Event):
+    def on_change(key, snap, event) -> None:
+        intake.on_process_change(key, snap, event)
+        table_dirty.set()
+    return on_change
+
+
 def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
             table_dirty: asyncio.Event, queue: WorkQueue) -> AccessSource:
     fd, http = cfg.front_door, cfg.http
@@ -276,9 +284,12 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
     on_isvc = _fan_out(intake.on_isvc_change, access.on_isvc_change) if access else intake.on_isvc_change
     isvcs = informer(ISVC_PLURAL, on_isvc, isvc_cache)
     models = informer(MODEL_PLURAL, intake.on_model_change)
+    # The front door's table is made of the engines' states too: recomputed the moment one turns
+    # ready (a request may be held for it), not after the reconcile and its status write.
+    on_process = intake.on_process_change if table_dirty is None else _process_fan_out(intake, table_dirty)
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
-        on_change=intake.on_process_change, settings=cfg.supervisor,
+        on_change=on_process, settings=cfg.supervisor,
         on_probe=functools.partial(_observe_probe, metrics),
     )
     # Read when scraped: always the number supervised now, whoever started or stopped one.
@@ -358,7 +369,7 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
                           registered=host.host_ip if cfg.registration.register else None)
     door = build_front_door(cfg, address=address, isvcs=src.isvcs.cache, managed=managed,
                             supervisors=lambda: src.processes.supervisors, access=src.access,
-                            dirty=src.table_dirty, enqueue=src.queue.add,
+                            dirty=src.table_dirty, events=src.events, enqueue=src.queue.add,
                             on_move=functools.partial(_moved_event, src)) if src.access is not None else None
     launch = _launch(cfg, host)
     fleet = _fleet(cfg, api, host, src, guard, address, launch) if cfg.fleet.enabled else None
@@ -372,7 +383,10 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     reconciler = Reconciler(
         isvcs=src.isvcs, models=src.models, processes=src.processes, model_files=src.model_files, memory=guard,
         reporter=reporter, publisher=publisher, events=src.events, metrics=src.metrics, launch=launch,
-        wake=src.intake.wake, managed=managed, pressure=state, gate=gate, rebind=door.rebind if door else None)
+        wake=src.intake.wake, managed=managed, pressure=state, gate=gate, rebind=door.rebind if door else None,
+        on_demand=door.on_demand if door else None,
+        rollouts=Rollouts(model_files=src.model_files, events=src.events, enqueue_after=src.queue.add_after,
+                          activity=door.client.state if door else None))
     sweep = Sweep(isvcs=src.isvcs, models=src.models, processes=src.processes, publisher=publisher, managed=managed,
                   default_engine=launch.default_engine, policy=launch.policy, gate=gate, launch=launch)
     heartbeats = HeartbeatHealth()

@@ -26,6 +26,7 @@ from metal_agent.app.config import AgentConfig
 from metal_agent.app.front_door_drain import Drainer
 from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
+from metal_agent.controller.on_demand import OnDemand
 from metal_agent.controller.publishing import HostAddress
 from metal_agent.controller.rebind import Rebinder
 from metal_agent.controller.stable_ports import StablePorts
@@ -36,6 +37,7 @@ log = structlog.get_logger(__name__)
 SOCKET = "front-door.sock"
 AGENT_SOCKET = "agent.sock"
 LOOPBACK = "127.0.0.1"  # engines listen here when the front door is on: only it reaches them
+SETTLE_TIMEOUT_S = 2.0  # an on-demand unload waits this long at most for the front door to hold requests
 
 
 def front_door_argv(cfg: AgentConfig) -> tuple[str, ...]:
@@ -55,6 +57,7 @@ class FrontDoorParts:
     access: AccessSource
     drain: Drainer
     rebind: Rebinder
+    on_demand: OnDemand
 
     async def routed(self, key: str) -> bool:
         """Does the front door listen on `key`'s port: is the route in the last table it accepted,
@@ -82,7 +85,8 @@ class FrontDoorParts:
         for route in self.pusher.current().get("routes", ()):
             now = live.get(route["key"]) if isinstance(live, dict) else None
             now = now if isinstance(now, dict) else {}
-            rows.append({"service": route["key"], "port": route["port"], "state": route["state"],
+            rows.append({"service": route["key"], "port": route["port"],
+                         "state": self.on_demand.label(route["key"], route["state"]),
                          "upstream": route["upstream"], "inflight": now.get("inflight"), "queued": now.get("queued")})
         return rows
 
@@ -110,19 +114,30 @@ class MetricsAppender:
 
 def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[str, dict],
                      managed: Mapping[str, object], supervisors: Callable[[], Mapping[str, object]],
-                     access: AccessSource, dirty: asyncio.Event, enqueue: Callable[[str], None],
+                     access: AccessSource, dirty: asyncio.Event, events, enqueue: Callable[[str], None],
                      on_move: Callable[[str, str], None]) -> FrontDoorParts:
     """`supervisors()`: the process manager's table; `access`: who may call (its policy and each
     service's key digests travel in the table; it answers the front door's token reviews);
-    `dirty`: set by whatever the table is made of, the access sources included; `enqueue` and
-    `on_move`: the rebinder's (an older agent's engines moved onto loopback, controller/rebind.py)."""
+    `dirty`: set by whatever the table is made of, the access sources included; `events` and
+    `enqueue`: for load on demand (it records loads and unloads, and queues the key to act) and the
+    rebinder, with `on_move` (an older agent's engines moved onto loopback, controller/rebind.py)."""
     fd, state = cfg.front_door, cfg.paths.state
     ports = StablePorts(PortBookFile(state), host=lambda: address.registered or LOOPBACK)
     settings = TableSettings(client_port=fd.client_port, queue=fd.queue, queue_timeout_s=fd.queue_timeout)
 
+    client = FrontDoorClient(state / SOCKET)
+    def sleeping(key: str) -> Callable[[dict], bool]:
+        return lambda table: any(r.get("key") == key and r.get("state") == "sleeping" for r in table.get("routes", ()))
+
+    async def settle(key: str) -> bool:  # the pusher is built below, before anything calls this
+        return await pusher.wait_for_table(sleeping(key), SETTLE_TIMEOUT_S)
+
+    on_demand = OnDemand(enabled=True, events=events, isvcs=isvcs, running=managed, enqueue=enqueue,
+                         activity=client.state, changed=dirty.set, settle=settle)
+
     def compute() -> dict:
         sups = supervisors()
-        facts = drain.facts(gather(ports.book.ports, isvcs, managed, sups), sups)
+        facts = drain.facts(gather(ports.book.ports, isvcs, managed, sups, on_demand.route_state), sups)
         # --bind-all: what listened on every address without the front door (the engines) now sits
         # behind it, so the front door does (who may call is still its access decision).
         listen = "0.0.0.0" if cfg.registration.bind_all else address.registered or LOOPBACK
@@ -130,7 +145,6 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
                              access=access.policy().to_json(), keys=lambda key: access.keys(key).to_json(),
                              held=rebind.holding)
 
-    client = FrontDoorClient(state / SOCKET)
     pusher = TablePusher(client, compute, dirty=dirty)
     drain = Drainer(client, pusher, supervisors)
     rebind = Rebinder(bind=lambda: address.bind, supervisors=supervisors, state=client.state,
@@ -138,8 +152,8 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
-    return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access,
-                          drain, rebind)
+    socket = AgentSocket(state / AGENT_SOCKET, access.answer, on_demand.wake)
+    return FrontDoorParts(ports, client, pusher, process, socket, access, drain, rebind, on_demand)
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

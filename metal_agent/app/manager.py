@@ -101,6 +101,7 @@ class Manager:
             found["front-door"] = a.front_door.process.run
             found["front-door-table"] = a.front_door.pusher.run
             found["front-door-rebind"] = a.front_door.rebind.run
+            found["on-demand"] = a.front_door.on_demand.run
             found.update(a.front_door.access.loops())
         return found
 

@@ -34,6 +34,7 @@ class RouteFacts:
     running: bool  # a process is supervised (starting, ready, or restarting)
     max_inflight: int  # the engine's parallel slots
     engine_host: str = "127.0.0.1"  # where the engine listens (an older agent's engine: the Mac's address)
+    hint: str | None = None  # on demand (controller/on_demand.py): "sleeping" or "starting" without an engine
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,11 @@ class TableSettings:
 
 
 def route_state(f: RouteFacts) -> str:
+    if f.hint == "sleeping":  # being unloaded (first the front door holds, then the engine stops), or unloaded
+        return "sleeping"
     if f.ready and f.engine_port:
         return "serving"
-    return "starting" if f.running else "stopped"
+    return "starting" if f.running or f.hint == "starting" else "stopped"
 
 
 def upstream(host: str, port: int) -> str:
@@ -83,8 +86,10 @@ class _Supervised(Protocol):
 
 
 def gather(ports: Mapping[str, int], isvcs: Mapping[str, dict], managed: Mapping[str, object],
-           supervisors: Mapping[str, _Supervised]) -> list[RouteFacts]:
-    """Each service with a stable port whose InferenceService exists, as the controller sees it now."""
+           supervisors: Mapping[str, _Supervised],
+           hint: Callable[[str], str | None] = lambda key: None) -> list[RouteFacts]:
+    """Each service with a stable port whose InferenceService exists, as the controller sees it
+    now; `hint(key)`: what load on demand says of a route without a serving engine."""
     found = []
     for key, port in ports.items():
         if key not in isvcs:
@@ -96,7 +101,7 @@ def gather(ports: Mapping[str, int], isvcs: Mapping[str, dict], managed: Mapping
         found.append(RouteFacts(key=key, port=port, engine_port=getattr(snap, "port", None),
                                 ready=bool(snap is not None and snap.ready), running=sup is not None,
                                 max_inflight=slots, engine_host=getattr(getattr(sup, "plan", None), "host", None)
-                                or "127.0.0.1"))
+                                or "127.0.0.1", hint=hint(key)))
     return found
 
 
@@ -106,7 +111,7 @@ class TableClient(Protocol):
 
 
 class TablePusher:
-    def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.02,
+    def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.005,
                  backoff: Backoff = PUSH_BACKOFF, dirty: asyncio.Event | None = None) -> None:
         """`dirty`: set by anything the table is made of (e.g. the access sources, built before the
         pusher); `changed()` sets it too."""
@@ -122,6 +127,7 @@ class TablePusher:
         self._resend = True  # first push: learn the front door's version, then send
         self.pushes = 0
         self.rounds = 0  # completed attempts, pushed or not (tests wait on it)
+        self._round = asyncio.Condition()
 
     def changed(self, *_: object) -> None:
         """Something the table is made of may have changed. Never blocks, never fails."""
@@ -147,12 +153,16 @@ class TablePusher:
         self._dirty.set()
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(self.debounce)  # let a burst of reconciles settle into one push
+            # Let a burst of reconciles settle into one push; short, since a held request may be
+            # waiting for the route this push makes serving (a cold start of a model on demand).
+            await asyncio.sleep(self.debounce)
             self._dirty.clear()
             try:
                 await self._push_once()
                 failures = 0
                 self.rounds += 1
+                async with self._round:
+                    self._round.notify_all()
             except Exception as err:  # noqa: BLE001 - the front door away or restarting: try again
                 failures += 1
                 self._resend = True  # it may have restarted meanwhile: learn its version again
@@ -161,6 +171,17 @@ class TablePusher:
                     "could not push the front door's table; retrying", error=str(err), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 self._dirty.set()
+
+    async def wait_for_table(self, check: Callable[[dict], bool], timeout: float) -> bool:
+        """Wait until the front door has accepted a table for which `check` holds (False: the
+        timeout ran out first, e.g. the front door is away)."""
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._round:
+                    await self._round.wait_for(lambda: self.pushed is not None and check(self.pushed))
+        except TimeoutError:
+            return False
+        return True
 
     async def _push_once(self) -> None:
         content = self.compute()

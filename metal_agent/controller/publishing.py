@@ -83,13 +83,18 @@ class Publisher:
     def registered(self, key: str) -> bool:
         return self.registrar is not None and self.registrar.registered(key)
 
-    async def register(self, key: str, raw: dict, supervisor) -> tuple[Blocker | None, float | None]:
+    async def register(self, key: str, raw: dict, supervisor, *,
+                       runtime: str | None = None) -> tuple[Blocker | None, float | None]:
         """Publish the service's endpoint; never lets a failure touch the process.
 
         Returns a problem for status (if the name cannot be registered) and a
-        retry delay when the API refused or failed the write.
+        retry delay when the API refused or failed the write. Without a supervisor, only
+        a model asleep behind the front door (`runtime`: its engine's label) is published:
+        the front door answers for it.
         """
-        if supervisor is None or (self.ports is None and supervisor.snapshot.port is None):
+        if supervisor is None and (runtime is None or self.ports is None):
+            return None, None
+        if self.ports is None and supervisor.snapshot.port is None:
             return None, None
         if self.registrar is None:
             if self.ports is not None:  # unpublished, the front door still routes it (the client port)
@@ -98,16 +103,15 @@ class Publisher:
         name = raw["metadata"]["name"]
         if problem := service_name_problem(name):
             return Blocker("RegistrationFailed", problem), None
-        snap = supervisor.snapshot
         try:
             if self.ports is not None:
                 port, ready = await self.ports.ensure(key), self.routed is None or await self.routed(key)
             else:
-                port, ready = snap.port, snap.ready
+                port, ready = supervisor.snapshot.port, supervisor.snapshot.ready
             reg = Registration(namespace=key.split("/", 1)[0], isvc_name=name,
                                isvc_uid=raw["metadata"].get("uid") or "", address=self.address.registered,
                                port=port, ready=ready, model=str((raw.get("spec") or {}).get("modelRef") or ""),
-                               runtime=supervisor.plan.engine.runtime_label,
+                               runtime=runtime or supervisor.plan.engine.runtime_label,
                                service_port=service_port(raw.get("spec")))
             await self.registrar.ensure(reg)
         except NameTaken as taken:

@@ -40,6 +40,8 @@ from metal_agent.controller.rebind import Rebinder
 from metal_agent.controller.results import BLOCKED_RETRY, DONE, DRAFT_DOWNLOAD_RETRY, Done, Requeue, Result
 from metal_agent.controller.status_reporter import StatusReporter
 from metal_agent.controller.gate import EVERY_SERVICE, Gate
+from metal_agent.controller.on_demand import OnDemand
+from metal_agent.controller.rollout import Rollouts
 from metal_agent.core.claim import evaluate, wanted_draft, wanted_model
 from metal_agent.core.engine import Engine
 from metal_agent.core.engine_name import EngineName
@@ -67,14 +69,6 @@ class Managed:
     uid: str
 
 
-@dataclass(frozen=True)
-class _Deferred:
-    """A changed spec that cannot start yet while the previous one serves."""
-
-    pending: Blocker | None = None  # its model is downloading
-    failed: Blocker | None = None  # its model cannot be had (shown as a spec problem)
-
-
 class Reconciler:
     def __init__(
         self,
@@ -94,12 +88,16 @@ class Reconciler:
         pressure: MemoryState | None = None,
         gate: Gate = EVERY_SERVICE,
         rebind: Rebinder | None = None,
+        on_demand: OnDemand | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         """`managed`: the table of running services the pressure responder also reads;
         `pressure`: what memory pressure means for each service (the responder writes it);
         `wake(keys)`: reconcile those keys again (memory freed by a stop); `publisher.address`
         is where engines bind; `rebind`: with the front door, moves engines an older agent left on the
-        Mac's address onto loopback one at a time (until then they serve where they are)."""
+        Mac's address onto loopback one at a time (until then they serve where they are);
+        `on_demand`: who sleeps (load on demand, the front door's); `rollouts`: what holds a changed
+        spec back, and when a process is due for recycling."""
         self.rebind = rebind
         self.gate = gate  # services it refuses are another Mac's (or off the allowlist): not ours, their objects stay
         self.isvcs = isvcs
@@ -116,8 +114,9 @@ class Reconciler:
         self.wake = wake
         self.managed: dict[str, Managed] = {} if managed is None else managed
         self.pressure = MemoryState() if pressure is None else pressure
+        self.on_demand = on_demand or OnDemand(enabled=False, events=events, isvcs=isvcs.cache, running=self.managed)
+        self.rollouts = rollouts or Rollouts(model_files=model_files, events=events, enqueue_after=lambda k, d: None)
         self._waiting_reported: dict[str, str] = {}
-        self._deferred_reported: dict[str, tuple[str, str]] = {}
         self._invalid_reported: dict[str, tuple] = {}
 
     @property
@@ -146,6 +145,7 @@ class Reconciler:
         self._invalid_reported.pop(key, None)
         workload = verdict.value
         if not workload.isvc.spec.wants_process:
+            self.on_demand.forget(key)  # scaled to zero: no longer asleep or loading, its route answers 503
             if self.managed.get(key) is not None:
                 log.info("scaled to zero or suspended; stopping llama-server", service=key)
                 await self._stop(key)
@@ -164,6 +164,11 @@ class Reconciler:
 
     async def _serve(self, key: str, raw: dict, workload: Workload) -> Result:
         """A valid spec that wants a process: keep, replace or start it, then publish it."""
+        on_demand_problem = self.on_demand.read(key, raw)
+        running = self.processes.get(key) is not None
+        if self.on_demand.is_asleep(key) or await self.on_demand.slept_before(key, running=running):
+            if not running or await self.on_demand.confirm_sleep(key):
+                return await self._asleep(key, raw, workload)
         digest = spec_hash(workload).value
         uid = raw["metadata"].get("uid") or ""
         managed = await self._take_over(key, workload, digest, uid)
@@ -171,15 +176,17 @@ class Reconciler:
         moved = running is not None and not self._in_place(key, running)
         if managed is not None and (managed.spec_hash != digest or managed.uid != uid or moved):
             if managed.uid == uid and not moved and key not in self.pressure.evicted:
-                deferred = self._new_model_not_ready(key, raw, workload, digest)
+                deferred = await self.rollouts.hold(key, raw, workload, digest)
                 if deferred is not None:
                     # Make before break: the running process keeps serving the previous spec
-                    # until the new model is on disk (a download can take hours).
+                    # until the new model is on disk (a download can take hours), or idle.
                     problem, retry = await self.publisher.register(key, raw, self.processes.get(key))
                     await self._write_status(key, raw, True, degraded=problem or deferred.failed,
                                              rollout=deferred.pending)
                     if deferred.failed:
                         return Requeue(BLOCKED_RETRY, "the changed spec's model cannot be had")
+                    if deferred.retry is not None:
+                        return Requeue(deferred.retry, "waiting for idle before respawning")
                     return _registration_result(retry)
             why = (f"spec changed (hash {managed.spec_hash[:12]} -> {digest[:12]})" if managed.spec_hash != digest
                    else f"it must listen on {self.address.bind}" if moved else "the service was re-created")
@@ -188,7 +195,7 @@ class Reconciler:
             self.metrics.respawns.labels(**service_labels(key)).inc()
             await self._stop(key)
             managed = None
-        managed = await self._stop_if_must(key, managed)
+        managed = await self._stop_if_must(key, raw, managed)
         if managed is None:
             blocked = await self._start_if_admitted(key, raw, workload, digest, uid)
             if blocked is not None:
@@ -198,6 +205,15 @@ class Reconciler:
             # the key when that ends): what it holds counts against others from now on.
             await self._commit_running(key, workload)
         problem, retry = await self.publisher.register(key, raw, self.processes.get(key))
+        await self._write_status(key, raw, True, degraded=problem or on_demand_problem)
+        return _registration_result(retry)
+
+    async def _asleep(self, key: str, raw: dict, workload: Workload) -> Result:
+        """Unloaded on demand (idle, or for another's memory): no process, and the slice stays
+        ready on the front door's port, which holds a request and wakes the model."""
+        if self.managed.get(key) is not None or self.processes.get(key) is not None:
+            await self._stop(key)
+        problem, retry = await self.publisher.register(key, raw, None, runtime=self._engine(workload).runtime_label)
         await self._write_status(key, raw, True, degraded=problem)
         return _registration_result(retry)
 
@@ -223,8 +239,9 @@ class Reconciler:
         to move behind the front door (controller/rebind.py)."""
         return sup.plan.host == self.address.bind or (self.rebind is not None and self.rebind.defers(key))
 
-    async def _stop_if_must(self, key: str, managed: Managed | None) -> Managed | None:
-        """A supervisor that failed internally is restarted; an evicted service is stopped."""
+    async def _stop_if_must(self, key: str, raw: dict, managed: Managed | None) -> Managed | None:
+        """A supervisor that failed internally is restarted; an evicted service is stopped; one
+        past its maxPodLifetimeSeconds is recycled."""
         failed = self.processes.get(key)
         if failed is not None and failed.failed is not None:
             log.warning("restarting supervision after an internal error", service=key)
@@ -232,6 +249,9 @@ class Reconciler:
             managed = None
         if managed is not None and key in self.pressure.evicted:
             log.warning("evicted: stopping llama-server to relieve memory pressure", service=key)
+            await self._stop(key)
+            managed = None
+        if managed is not None and await self.rollouts.must_recycle(key, raw, managed.workload, self.processes.get(key)):
             await self._stop(key)
             managed = None
         return managed
@@ -257,6 +277,8 @@ class Reconciler:
             await self._blocked(key, raw, blocker=missing)
             return Done("the engine is not installed; the agent restarts when it is")
         admission = await self.memory.check(key, workload, found.path, draft.path if draft else None)
+        if isinstance(admission, Waiting) and await self._make_room(key, admission):
+            admission = await self.memory.check(key, workload, found.path, draft.path if draft else None)
         if isinstance(admission, Waiting):
             self._report_waiting(key, raw, admission)
             await self._blocked(key, raw, blocker=admission.blocker, scheduling=admission.scheduling)
@@ -264,6 +286,20 @@ class Reconciler:
         self._waiting_reported.pop(key, None)
         await self._start(key, workload, digest, uid, found, draft)
         return None
+
+    async def _make_room(self, key: str, waiting: Waiting) -> bool:
+        """Memory is short: unload the least recently used idle on-demand models, if that is enough."""
+        def protected(k: str) -> bool:
+            m = self.managed.get(k)
+            return m is None or m.workload.isvc.spec.eviction_protection
+
+        chosen = await self.on_demand.make_room(key, waiting.shortfall_bytes, dict(self.memory.committed), protected)
+        stopped = False
+        for victim in chosen:
+            if await self.on_demand.confirm_sleep(victim):
+                await self._stop(victim)
+                stopped = True
+        return stopped
 
     async def _blocked(self, key: str, raw: dict, **facts) -> None:
         """Nothing may serve `key` now: withdraw its slice and say why."""
@@ -353,27 +389,6 @@ class Reconciler:
         await self._write_status(key, raw, wants, spec_errors=errors, spec_reason=reason)
         return DONE
 
-    def _new_model_not_ready(self, key: str, raw: dict, workload: Workload, digest: str) -> _Deferred | None:
-        """Whether a changed spec's model is not on disk yet (downloading, or failed to),
-        so the running process should go on serving the previous spec meanwhile."""
-        found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
-        if isinstance(found, ModelReady):
-            self._deferred_reported.pop(key, None)
-            return None
-        if isinstance(found, ModelPending):
-            deferred = _Deferred(pending=Blocker("ModelDownloading", found.message, phase="Creating"))
-        else:
-            deferred = _Deferred(failed=Blocker(found.reason, f"still serving the previous spec; {found.message}"))
-        if self._deferred_reported.get(key) != (digest, found.reason if deferred.failed else ""):
-            self._deferred_reported[key] = (digest, found.reason if deferred.failed else "")
-            why = found.message
-            log.info("spec changed; the running llama-server serves until the new model is ready", service=key,
-                     new=digest[:12], why=why)
-            self.events.emit(raw["metadata"], "RespawnDeferred",
-                             f"spec changed (hash {digest[:12]}); llama-server keeps serving the previous spec "
-                             f"until the new model is ready: {why}", warning=deferred.failed is not None)
-        return deferred
-
     async def _commit_running(self, key: str, workload: Workload) -> None:
         """A running process's memory counts against what others may start."""
         found = self.model_files.lookup(workload.model, key, secret_ref=workload.model.spec.source_secret_ref)
@@ -429,17 +444,18 @@ class Reconciler:
         plan = LaunchPlan(key=key, uid=uid, spec_hash=digest, host=host, build_argv=argv_for, engine=engine)
         self.managed[key] = Managed(workload, digest, uid)
         await self.processes.start(plan)
-
+        self.on_demand.started(key)
 
     def _forget(self, key: str) -> None:
         self.model_files.forget(key)
         self.memory.forget(key)
         self.pressure.evicted.discard(key)
         self._waiting_reported.pop(key, None)
-        self._deferred_reported.pop(key, None)
+        self.rollouts.forget(key)
         self._invalid_reported.pop(key, None)
         self.reporter.forget(key)
         self.publisher.forget(key)
+        self.on_demand.forget(key)
         namespace, name = key.split("/", 1)
         self.metrics.forget_service(namespace, name)
 
@@ -448,6 +464,7 @@ class Reconciler:
         supervisor = self.processes.get(key)
         managed = self.managed.get(key)
         registered = self.publisher.registered(key)
+        idle, loading = self.on_demand.notes(key, supervisor is not None and supervisor.snapshot.ready)
         await self.reporter.write(
             key, raw, wants_process,
             process=self._snapshot(supervisor),
@@ -456,7 +473,7 @@ class Reconciler:
             serving=supervisor is not None and supervisor.snapshot.ready and registered,
             memory_pressure=self.pressure.condition(key),
             gpu_layers=managed.workload.model.spec.hardware.gpu.layers if managed else 0,
-            **facts,
+            idle=idle, loading=loading, **facts,
         )
 
     @staticmethod
@@ -467,7 +484,6 @@ class Reconciler:
             return None
         snap = supervisor.snapshot
         return replace(snap, state=State.STARTING) if snap.state is State.STOPPED else snap
-
 
 
 def _registration_result(retry: float | None) -> Result:

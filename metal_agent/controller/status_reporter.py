@@ -69,8 +69,10 @@ class StatusReporter:
         serving: bool, memory_pressure: Condition, gpu_layers: int = 0, suspended: bool = False,
         spec_errors: tuple[str, ...] = (), spec_reason: str = "InvalidSpec", blocker: Blocker | None = None, degraded: Blocker | None = None,
         scheduling: tuple[str, str] | None = None, rollout: Blocker | None = None,
+        idle: str | None = None, loading: str | None = None,
     ) -> None:
-        """Apply what is true of `key` now. `serving`: its process is ready and registered."""
+        """Apply what is true of `key` now. `serving`: its process is ready and registered;
+        `idle`/`loading`: why an on-demand model sleeps / is being loaded."""
         if not self.gate.speaks_for(key):
             self._applied.pop(key, None)  # when it is our turn again, the status may be another Mac's
             return  # fleet: another Mac serving this service writes its status
@@ -99,6 +101,8 @@ class StatusReporter:
             endpoint=endpoint,
             model_not_accepted=Blocker(*not_ready) if not_ready else None,
             gpu_layers=gpu_layers,
+            idle=idle,
+            loading=loading,
             shared=owner.shared,
             **dict(zip(("placement", "ready_elsewhere"), self.gate.placement(key))),
             api_key=self._api_key(key, raw),

@@ -81,6 +81,7 @@ class Admit:
 class Reject:
     reason: str  # INSUFFICIENT_MEMORY or MEMORY_CHECK_FAILED (LLMKube's schedulingStatus values)
     message: str
+    shortfall_bytes: int = 0  # how much more the budget would need (0: unknown)
 
     def blocker(self) -> Blocker:
         """As a status blocker. Too little memory may change when another service stops
@@ -125,4 +126,5 @@ def admit(
         already = "nothing else running"
     return Reject(INSUFFICIENT_MEMORY,
                   f"needs {gib(needed)} ({estimate.describe()}); {already}; "
-                  f"total {gib(needed + committed)} exceeds the budget of {gib(budget.bytes)} ({budget.source})")
+                  f"total {gib(needed + committed)} exceeds the budget of {gib(budget.bytes)} ({budget.source})",
+                  shortfall_bytes=needed + committed - budget.bytes)

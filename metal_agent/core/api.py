@@ -18,6 +18,8 @@ from decimal import Decimal
 from enum import StrEnum
 from urllib.parse import unquote, urlsplit
 
+from metal_agent.core.lifecycle import Lifetime, RolloutPolicy
+
 # ---------------------------------------------------------------------------
 # Enums: the value sets of LLMKube's CRDs (see docs/llmkube-compat.md).
 # ---------------------------------------------------------------------------
@@ -285,6 +287,9 @@ class InferenceServiceSpec:
     draft_model_file: str | None = None  # speculativeDecoding.draftModel: a file in the Model's spec.files
     draft_tokens: int | None = None  # speculativeDecoding.nDraftMax
     draft_p_min: float | None = None  # speculativeDecoding.pMin
+    # When a running process may be replaced (core.lifecycle); not hashed: changing them respawns nothing.
+    rollout_policy: RolloutPolicy | None = None
+    lifetime: Lifetime = Lifetime()
 
     @property
     def effective_cache_type_k(self) -> str | None:

@@ -142,14 +142,17 @@ FIELDS: tuple[FieldRow, ...] = (
        "`--num-draft-tokens`"),
     _h(ISVC, "spec.speculativeDecoding.pMin", "llama-server: `--spec-draft-p-min`; refused by mlx_lm.server, "
        "which has no such option"),
-    # -- InferenceService: lifecycle the agent does not do (yet) ----------------------
-    _refused(ISVC, "spec.rolloutPolicy.waitForIdle",
-             "refused when true: a changed spec respawns at once, it does not wait for requests in flight",
-             when=lambda value: value is True),
-    _na(ISVC, "spec.rolloutPolicy.idleTimeoutSeconds", "only bounds `waitForIdle`, which is refused"),
-    _na(ISVC, "spec.rolloutPolicy.force", "only overrides `waitForIdle`, which is refused"),
-    _refused(ISVC, "spec.maxPodLifetimeSeconds", "refused: the agent does not recycle a process by age"),
-    _na(ISVC, "spec.maxPodLifetimeIdleTimeoutSeconds", "only bounds `maxPodLifetimeSeconds`, which is refused"),
+    # -- InferenceService: when a running process is replaced (core/lifecycle.py) --------
+    _h(ISVC, "spec.rolloutPolicy.waitForIdle", "a changed spec respawns only once the front door sees no "
+       "request in flight or queued (`RolloutDeferred` while it waits); without `--front-door` idleness "
+       "cannot be seen, so it waits for `idleTimeoutSeconds` (fail closed, as LLMKube)"),
+    _h(ISVC, "spec.rolloutPolicy.idleTimeoutSeconds", "bounds that wait (0 or unset: 300 s), counted from "
+       "the first deferral; then the respawn goes ahead"),
+    _h(ISVC, "spec.rolloutPolicy.force", "respawn at once, `waitForIdle` ignored"),
+    _h(ISVC, "spec.maxPodLifetimeSeconds", "the engine process is recycled (stopped, started again) once "
+       "older than this; with `waitForIdle`, when idle"),
+    _h(ISVC, "spec.maxPodLifetimeIdleTimeoutSeconds", "with `waitForIdle`: how long past its lifetime a busy "
+       "process waits for idle before it is recycled anyway (0: no wait; unset: as long as it takes)"),
     _refused(ISVC, "spec.autoscaling", "refused: no autoscaler scales processes on a Mac; set `replicas`",
              subtree=True),
     _refused(ISVC, "spec.turboQuantBits", "refused: oMLX's KV cache setting; with llama-server use "

@@ -34,6 +34,8 @@ class RouteState(StrEnum):
     SERVING = "serving"
     STARTING = "starting"
     STOPPED = "stopped"
+    # Unloaded while idle (load on demand): a request is held and wakes it; the agent loads it.
+    SLEEPING = "sleeping"
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,8 @@ class Table:
         """The client port's routing: the request's `model` is the InferenceService's name.
 
         A stopped route is still listed (so `/v1/models` shows every model of the Mac), but
-        its requests are answered 503 at once: nothing loads a model on demand yet. A model
-        that must not be served is one the agent leaves out of the table.
+        its requests are answered 503 at once; a sleeping one's are held while the agent loads
+        it on demand. A model that must not be served is one the agent leaves out of the table.
         """
         for route in self.routes:
             if route.model == model:
@@ -165,7 +167,7 @@ def _route(obj: Any, index: int) -> Route:
     try:
         state = RouteState(state_text)
     except ValueError:
-        raise TableError(f"{where}: `state` {state_text!r} is not serving, starting or stopped") from None
+        raise TableError(f"{where}: `state` {state_text!r} is not serving, starting, stopped or sleeping") from None
     upstream = _upstream(obj.get("upstream"), where)
     if state is RouteState.SERVING and upstream is None:
         raise TableError(f"{where}: a serving route needs an `upstream`")

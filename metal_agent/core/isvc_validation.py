@@ -26,6 +26,7 @@ from metal_agent.core.api import (
     Runtime,
 )
 from metal_agent.core.cache_rules import check_flash_attention, read_custom_cache_type
+from metal_agent.core.lifecycle import Lifetime, RolloutPolicy
 from metal_agent.core.llama_overrides import kv_override_problem, tensor_override_problem
 from metal_agent.core.object_meta import check_subdomain, display_name, read_meta, top_level
 from metal_agent.core.result import Invalid, Parsed
@@ -96,6 +97,11 @@ def parse_inference_service(raw: Any) -> Parsed[InferenceService] | Invalid:
             s, "evictionProtection", "spec.evictionProtection", default=False
         ),
         **_read_speculative(r, s),
+        rollout_policy=_read_rollout(r, s),
+        lifetime=Lifetime(
+            max_s=r.optional_integer(s, "maxPodLifetimeSeconds", "spec.maxPodLifetimeSeconds", minimum=1),
+            idle_timeout_s=r.optional_integer(s, "maxPodLifetimeIdleTimeoutSeconds",
+                                              "spec.maxPodLifetimeIdleTimeoutSeconds", minimum=0)),
     )
     check_flash_attention(r, spec)
     if s is not None:
@@ -124,6 +130,17 @@ def _read_speculative(r: Reader, s: Mapping[str, Any] | None) -> dict[str, Any]:
         "draft_model_file": text("draftModel"),
         "draft_tokens": tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1 else None,
     }
+
+
+def _read_rollout(r: Reader, s: Mapping[str, Any] | None) -> RolloutPolicy | None:
+    block = r.mapping(s, "rolloutPolicy", "spec.rolloutPolicy")
+    if block is None:
+        return None
+    return RolloutPolicy(
+        wait_for_idle=r.boolean(block, "waitForIdle", "spec.rolloutPolicy.waitForIdle", default=False),
+        idle_timeout_s=r.integer(block, "idleTimeoutSeconds", "spec.rolloutPolicy.idleTimeoutSeconds", default=0,
+                                 minimum=0, maximum=7 * 24 * 3600),
+        force=r.boolean(block, "force", "spec.rolloutPolicy.force", default=False))
 
 
 def _read_rope_scaling(r: Reader, s: Mapping[str, Any] | None) -> RopeScaling | None:

@@ -67,6 +67,10 @@ class StatusInputs:
     # The Model's spec.hardware.gpu.layers (0: all, -1: auto, N: that many): a partial
     # offload of exactly the N layers asked for is not a memory shortfall.
     gpu_layers: int = 0
+    # Load on demand (core/on_demand.py): why the model sleeps (unloaded, the slice still
+    # ready: the front door answers for it) or why it is being loaded.
+    idle: str | None = None
+    loading: str | None = None
     # Fleet mode (metal_agent/fleet/): the replicas ready on other Macs, and the condition
     # saying which Macs serve the service (`FleetPlacement`), written by one Mac for all.
     ready_elsewhere: int = 0
@@ -87,6 +91,8 @@ def _process_condition(inputs: StatusInputs) -> Condition:
         if p.state is State.STARTING:
             # No pid here: a spawn would then be two writes (before and after the pid is known).
             what = f"re-attached to running {p.server}" if p.adopted else f"{p.server} is loading the model"
+            if inputs.loading and not p.adopted:
+                return Condition(PROCESS_READY, False, "LoadingOnDemand", f"{what} on demand: {inputs.loading}")
             return Condition(PROCESS_READY, False, "ModelLoading", what)
         if p.state is State.UNHEALTHY:
             return Condition(PROCESS_READY, False, "Unhealthy", f"{p.server} does not answer /health")
@@ -101,6 +107,8 @@ def _process_condition(inputs: StatusInputs) -> Condition:
     if not inputs.wants_process:
         phase = "Suspended" if inputs.suspended else "Stopped"
         return Condition(PROCESS_READY, False, phase, _stopped_why(inputs))
+    if inputs.idle is not None:
+        return Condition(PROCESS_READY, False, "Idle", inputs.idle)
     if inputs.blocker is not None:
         return Condition(PROCESS_READY, False, inputs.blocker.reason, inputs.blocker.message)
     return Condition(PROCESS_READY, False, "Creating", "preparing to start llama-server")
@@ -189,6 +197,9 @@ def _full_conditions(inputs: StatusInputs, ready: int, desired: int) -> tuple[st
         degraded = [Condition("Degraded", True, "Unhealthy", process.message)] if p.state is State.UNHEALTHY else []
         return "Progressing", [Condition("Available", False, process.reason, process.message),
                                Condition("Progressing", True, process.reason, process.message), *degraded]
+    if inputs.idle is not None:
+        # Its slice stays ready: a request is answered (after a load), so it is available.
+        return "Ready", [Condition("Available", True, "Idle", inputs.idle)]
     if inputs.blocker is not None:
         b = inputs.blocker
         conds = [Condition("Available", False, b.reason, b.message)]
@@ -220,7 +231,8 @@ def compute_status(inputs: StatusInputs, previous: dict | None, now: str) -> dic
             status["phase"] = "Suspended" if inputs.suspended else "Stopped"
         wanted = agent
     else:
-        ready = (1 if running and p.state is State.READY else 0) + inputs.ready_elsewhere
+        serves = running and p.state is State.READY or not running and inputs.idle is not None
+        ready = (1 if serves else 0) + inputs.ready_elsewhere
         desired = max(0, inputs.desired_replicas) if inputs.wants_process else 0
         phase, standard = _full_conditions(inputs, ready, desired)
         status["phase"] = phase

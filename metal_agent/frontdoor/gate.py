@@ -35,6 +35,7 @@ class Gate:
         self.route = route
         self.inflight = 0
         self.last_request: float | None = None
+        self.last_active: float | None = None  # a request's arrival or end: the idle clock's (wall time)
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._suspended_until = 0.0
         self._backoff = BACKOFF_FIRST_S
@@ -63,7 +64,7 @@ class Gate:
 
     async def acquire(self, deadline: float) -> float:
         """Take a slot or wait for one until `deadline` (loop time); return the seconds waited."""
-        self.last_request = time.time()
+        self.last_request = self.last_active = time.time()
         route = self.route
         verdict = admit(holds=self.holds, inflight=self.inflight, queued=self.queued,
                         max_inflight=route.max_inflight, queue=route.queue)
@@ -98,6 +99,7 @@ class Gate:
 
     def release(self) -> None:
         self.inflight -= 1
+        self.last_active = time.time()
         self._pump()
 
     def upstream_failed(self) -> None:

@@ -13,7 +13,7 @@ import http
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from metal_agent.core import openai_errors
@@ -43,6 +43,8 @@ class Proxy:
         self.service: dict[str, ServiceMetrics] = {}
         self.draining = False
         self.active = 0
+        # Asks the agent to load a sleeping route's model (frontdoor/wake.py); set by the server.
+        self.wake: Callable[[str], None] = lambda key: None
         self._idle_conns: set[ClientConn] = set()
         self._quiet = asyncio.Event()
         self._quiet.set()
@@ -174,6 +176,8 @@ class Proxy:
             svc.outcome["refused"].inc()
             return self._answer(conn, request, denial.status, json.dumps(denial.body).encode(), denial.retry_after,
                                 headers=denial.headers)
+        if route.state is RouteState.SLEEPING:
+            self.wake(route.key)  # then held like a request for a starting engine
         if route.state is RouteState.STOPPED:
             # Nothing will start it for this request (no load on demand yet): say so now rather
             # than hold the client for the whole queue timeout.

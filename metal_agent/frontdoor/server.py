@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -33,12 +33,15 @@ Bind = tuple[str, int]
 
 
 class FrontDoor:
-    def __init__(self, state_dir: Path, socket_path: Path, access: Access, *, grace_s: float = 30.0) -> None:
+    def __init__(self, state_dir: Path, socket_path: Path, access: Access, *, grace_s: float = 30.0,
+                 wake: Callable[[str], None] | None = None) -> None:
         self.state_dir = state_dir
         self.socket_path = socket_path
         self.grace_s = grace_s
         self.metrics = FrontDoorMetrics()
         self.proxy = Proxy(self.metrics, access)
+        if wake is not None:
+            self.proxy.wake = wake
         self._listeners: dict[Bind, tuple[str | None, asyncio.AbstractServer]] = {}
         self.listen_errors: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
@@ -120,7 +123,8 @@ class FrontDoor:
     async def _get_state(self, request: web.Request) -> web.StreamResponse:
         proxy = self.proxy
         routes: dict[str, Any] = {
-            key: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request}
+            key: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request,
+                  "last_active": g.last_active, "state": g.route.state.value}
             for key, g in proxy.gates.items()}
         return web.json_response({"version": proxy.table.version, "routes": routes,
                                   "listen_errors": self.listen_errors})

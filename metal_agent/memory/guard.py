@@ -40,6 +40,7 @@ class Waiting:
 
     blocker: Blocker
     scheduling: tuple[str, str] | None  # (schedulingStatus, schedulingMessage), LLMKube's fields
+    shortfall_bytes: int = 0  # what unloading others would have to free for it to fit (0: unknown)
 
 
 def gpu_bytes(estimate: MemoryEstimate) -> int:
@@ -112,7 +113,7 @@ class MemoryGuard:
                 verdict = Reject(INSUFFICIENT_MEMORY, why)
         if isinstance(verdict, Reject):
             self.waiting.add(key)
-            waiting = Waiting(verdict.blocker(), (verdict.reason, verdict.message))
+            waiting = Waiting(verdict.blocker(), (verdict.reason, verdict.message), verdict.shortfall_bytes)
             self._reasons[key] = waiting.blocker.message
             return waiting
         if verdict.warning:

@@ -216,14 +216,14 @@ async def test_a_field_the_agent_cannot_honour_is_refused_by_name_never_dropped(
     available = next(c for c in status["conditions"] if c["type"] == "Available")
     assert available["reason"] == "UnsupportedField" and "spec.endpoint.type" in available["message"]
 
-    await cluster.patch_isvc("lifetime", {"rolloutPolicy": {"waitForIdle": True}})
+    await cluster.patch_isvc("lifetime", {"hotCacheMaxSize": "50GB"})
 
     async def degraded():
         cond = await cluster.condition("lifetime", "Degraded")
         return cond if cond and cond["reason"] == "UnsupportedField" else None
 
     cond = await wait_for(degraded, timeout=15, what="Degraded/UnsupportedField")
-    assert "spec.rolloutPolicy.waitForIdle" in cond["message"]
+    assert "spec.hotCacheMaxSize" in cond["message"]
     assert await service_pid(agent, key) == pid
     await cluster.wait_event("lifetime", "UnsupportedField")
     assert [row["service"] for row in await agent.services()] == [key]

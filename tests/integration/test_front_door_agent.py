@@ -107,6 +107,7 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
 
     door = read_record(state / RECORD_FILE)
     assert door is not None and live_process(door)
+    version = pushed_table(state)["version"]  # before the kill: the next agent may push at once
     agent.kill()  # SIGKILL: nothing tidied up
     again = make_agent()
     await again.start()
@@ -114,7 +115,6 @@ async def test_the_slice_points_at_the_stable_port_which_survives_an_agent_resta
     assert read_record(state / RECORD_FILE).pid == door.pid and live_process(door)
     await wait_for(lambda: _took_over(again, row["pid"]), timeout=30, what="the engine taken over")
     assert stable_ports(state)[key] == port
-    version = pushed_table(state)["version"]
     await wait_for(lambda: pushed_table(state)["version"] > version, timeout=30, what="the table pushed again")
     assert serving_route(state, key)["port"] == port
     found = await read_slice(cluster, "chat")

@@ -105,10 +105,16 @@ class FakeGuard:
         self.blocked: set[str] = set()
         self.waiting: set[str] = set()
         self.committed: dict[str, int] = {}
+        self.capacity: int | None = None  # how many services fit (each counts 1 byte); None: any number
 
     async def check(self, key, workload, path, draft=None):
         if key in self.blocked:
             return Waiting(Blocker("RespawnBlocked", "evicted under memory pressure"), None)
+        others = len(set(self.committed) - {key})
+        if self.capacity is not None and others >= self.capacity:
+            self.waiting.add(key)
+            short = Blocker("InsufficientMemory", f"{others} services hold the memory", phase="Pending")
+            return Waiting(short, (short.reason, short.message), others - self.capacity + 1)
         if self.refuse is not None:
             self.waiting.add(key)
             return Waiting(self.refuse, (self.refuse.reason, self.refuse.message))

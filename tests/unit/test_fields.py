@@ -94,8 +94,6 @@ def test_rows_are_unique_and_explained():
 
 #: A value a user might set for each field the table refuses (or a value it refuses).
 REFUSED_EXAMPLES = {
-    (ISVC, "spec.rolloutPolicy.waitForIdle"): True,
-    (ISVC, "spec.maxPodLifetimeSeconds"): 86400,
     (ISVC, "spec.autoscaling"): {"minReplicas": 1, "maxReplicas": 3},
     (ISVC, "spec.turboQuantBits"): 3,
     (ISVC, "spec.pagedSSDCacheDir"): "/Volumes/ssd/omlx",

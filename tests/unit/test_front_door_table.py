@@ -57,7 +57,7 @@ def test_a_good_table_parses_with_defaults_and_round_trips():
     (["routes", 0, "upstream"], "localhost:80", "is not an IP address"),
     (["routes", 0, "upstream"], "127.0.0.1:http", "is not a number"),
     (["routes", 0, "upstream"], None, "a serving route needs an `upstream`"),
-    (["routes", 0, "state"], "sleeping", "`state` 'sleeping'"),
+    (["routes", 0, "state"], "asleep", "`state` 'asleep'"),
     (["routes", 0, "max_inflight"], 0, "`max_inflight` 0 is out of range"),
     (["routes", 0, "queue"], -1, "`queue` -1 is out of range"),
     (["routes", 0, "queue_timeout_s"], float("nan"), "queue_timeout_s"),

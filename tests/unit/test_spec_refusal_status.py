@@ -46,14 +46,14 @@ def test_an_unsupported_field_reads_as_refused_by_its_own_reason_and_names_the_f
     from metal_agent.core.claim import evaluate
     from tests.support.manifests import isvc_doc, model_doc
 
-    outcome = evaluate(isvc_doc(maxPodLifetimeSeconds=3600), model_doc())
+    outcome = evaluate(isvc_doc(hotCacheMaxSize="50GB"), model_doc())
     errors = tuple(e.describe() for e in outcome.errors)
     reason = spec_reason(e.reason for e in outcome.errors)
     status = compute_status(StatusInputs(generation=1, wants_process=True, spec_errors=errors,
                                          spec_reason=reason), None, T0)
     accepted = conds(status)["MetalSpecAccepted"]
     assert accepted[:2] == ("False", "UnsupportedField")
-    assert "refused" in accepted[2] and "spec.maxPodLifetimeSeconds" in accepted[2]
+    assert "refused" in accepted[2] and "spec.hotCacheMaxSize" in accepted[2]
     # A mistake in the same spec does not hide it, and a security refusal still comes first.
     assert spec_reason(["", "UnsupportedField"]) == "UnsupportedField"
     assert spec_reason(["UnsupportedField", "ExtraArgRefused"]) == "ExtraArgRefused"

@@ -37,6 +37,9 @@ from metal_agent.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
+STARTUP_FAST_POLL_S = 0.01  # /health while an engine starts, for its first STARTUP_FAST_FOR_S
+STARTUP_FAST_FOR_S = 2.0
+
 
 @dataclass(frozen=True)
 class LaunchPlan:
@@ -343,9 +346,12 @@ class Supervisor:
                 self.on_probe(time.monotonic() - started)
 
     async def _await_ready(self, running: _Running, base: str) -> bool:
-        """Poll /health fast at first (50 ms), backing off to 1 s; False on exit or timeout."""
+        """Poll /health every 10 ms for the first 2 s (a small model is up in a few hundred ms,
+        and a client may be waiting for it: load on demand), then back off from 50 ms to 1 s;
+        False on exit or timeout. A refused connect costs microseconds, so the fast phase is cheap."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.startup_timeout
+        began = loop.time()
+        deadline = began + self.settings.startup_timeout
         interval = 0.05
         while not running.exited.done():
             if await self._healthy(base):
@@ -353,8 +359,10 @@ class Supervisor:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            await asyncio.wait({running.exited}, timeout=min(interval, remaining))
-            interval = min(interval * 2, 1.0)
+            fast = loop.time() - began < STARTUP_FAST_FOR_S
+            await asyncio.wait({running.exited}, timeout=min(STARTUP_FAST_POLL_S if fast else interval, remaining))
+            if not fast:
+                interval = min(interval * 2, 1.0)
         return False
 
     async def _model_loaded(self, running: _Running, base: str, deadline: float) -> bool:
