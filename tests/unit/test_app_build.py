@@ -84,7 +84,7 @@ async def test_the_loops_follow_the_settings(tmp_path):
         assert set(Manager(agent).loops()) == {"watch-inferenceservices", "watch-models", "housekeeping",
                                                "memory-watchdog", "sleep-assertion", "mac-readings", "front-door",
                                                "front-door-table", "front-door-api-keys", "front-door-nodes",
-                                               "front-door-rebind"}
+                                               "front-door-rebind", "on-demand"}
     async with built(tmp_path) as agent:
         assert {"heartbeats", "metrics-endpoint"} <= set(Manager(agent).loops())
 

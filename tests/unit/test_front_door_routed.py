@@ -46,7 +46,7 @@ class ControlSocket:
 
 def _parts(pusher: TablePusher, socket: ControlSocket) -> FrontDoorParts:
     return FrontDoorParts(ports=None, client=socket, pusher=pusher, process=None, socket=None, access=None, drain=None,
-                          rebind=None)
+                          rebind=None, on_demand=None)
 
 
 async def test_routed_reads_the_last_table_the_front_door_accepted_and_asks_for_a_push():
