@@ -62,6 +62,10 @@ bench-review-flood: dev ## 2,000 made-up bearer tokens from one source and from 
 bench-front-door: dev ## Direct to llama-server vs through the front door: added latency p50/p99, streaming throughput, 64 concurrent streams; llama-swap side by side (overhead, swap time, RSS); table + bench/results/front_door.json, exit 1 on a missed goal
 	$(BIN)/python bench/front_door.py --requests 2000
 
+.PHONY: bench-on-demand
+bench-on-demand: dev ## A request to a model unloaded for being idle: cold start minus the engine's own start; table + bench/results/on_demand.json
+	$(BIN)/python bench/on_demand.py --rounds 10
+
 .PHONY: test
 test: venv ## Run the whole test suite against real parts (run `make dev` first)
 	METAL_AGENT_REQUIRE_ASSETS=1 $(BIN)/pytest
