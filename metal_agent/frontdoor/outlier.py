@@ -40,8 +40,9 @@ RECOVER_MAX_S = 1.0
 STALL_MAX_S = 5.0
 
 
-async def probe(address: tuple[str, int], path: bytes = b"/health", timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """True when the engine answers `path` with 200 within `timeout`."""
+async def probe(address: tuple[str, int], path: bytes = b"/health", timeout: float | None = None) -> bool:
+    """True when the engine answers `path` with 200 within `timeout` (PROBE_TIMEOUT_S)."""
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     writer = None
     try:
         async with asyncio.timeout(timeout):
