@@ -46,7 +46,7 @@ from metal_agent.adapters.process.records import RecordStore
 from metal_agent.app.config import AgentConfig
 from metal_agent.controller.access import AccessSource
 from metal_agent.core.access import AccessSettings
-from metal_agent.app.front_door import bind_for as front_door_bind, build_front_door
+from metal_agent.app.front_door import PowerFeed, bind_for as front_door_bind, build_front_door
 from metal_agent.app.http import HttpParts, build_http
 from metal_agent.app.readiness import ApiReachable, HeartbeatHealth, Readiness, synced_check
 from metal_agent.controller.cleanup import Sweep
@@ -367,7 +367,9 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     # Wi-Fi): follow it. An address given with --host-ip is the user's word and stays.
     watcher = AddressWatcher(host.choice, move, interval=cfg.registration.address_check_interval,
                              ) if host.choice is not None and cfg.registration.register else None
-    sampler = PowerSampler(src.registry, interval_ms=cfg.power.interval_ms) if cfg.power.enabled else None
+    feed = PowerFeed(door.client, cfg.power.interval_ms / 1000) if door is not None else None
+    sampler = PowerSampler(src.registry, interval_ms=cfg.power.interval_ms,
+                           on_sample=feed) if cfg.power.enabled else None
     return Agent(cfg, host, api, http, src.registry, src.metrics, fatal_exits, src.queue, src.intake, src.isvcs,
                  src.models, src.processes, src.model_files, src.events, watchdog, guard, fleet, registrar, address,
                  reconciler, Runner(src.queue, reconciler, src.metrics, after=door.pusher.changed if door else None),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -65,6 +66,34 @@ class FrontDoorParts:
             rows.append({"service": route["key"], "port": route["port"], "state": route["state"],
                          "upstream": route["upstream"], "inflight": now.get("inflight"), "queued": now.get("queued")})
         return rows
+
+
+class PowerFeed:
+    """Each power sample's window and energy, handed to the front door, which splits it across
+    the requests in flight during it (frontdoor/energy.py). One push per sample, and only with
+    the power sampler on (a Mac with the sudo grant). A push the front door misses is that
+    window's energy left unattributed, never retried late (it would land on the wrong requests)."""
+
+    def __init__(self, client: FrontDoorClient, interval_s: float) -> None:
+        self.client = client
+        self.interval_s = interval_s
+        self._sending: asyncio.Task | None = None
+
+    def __call__(self, sample: object) -> None:
+        from metal_agent.core.energy import sample_energy
+
+        end = time.monotonic()
+        energy = sample_energy(sample, self.interval_s)  # type: ignore[arg-type]
+        if self._sending is not None and not self._sending.done():
+            return  # the front door is slow: skip rather than queue windows up
+        self._sending = asyncio.get_running_loop().create_task(
+            self._send(end - energy.seconds, end, energy.joules["combined"]))
+
+    async def _send(self, start: float, end: float, joules: float) -> None:
+        try:
+            await self.client.put_power(start, end, joules)
+        except FrontDoorUnavailable:
+            pass  # away or restarting: this window goes unattributed
 
 
 class MetricsAppender:

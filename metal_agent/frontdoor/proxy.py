@@ -19,6 +19,7 @@ from typing import Any
 from metal_agent.core.front_door import EMPTY, Route, RouteState, Table, models_body
 from metal_agent.frontdoor.access import Access
 from metal_agent.frontdoor.cost import request_cost
+from metal_agent.frontdoor.energy import EnergySplit
 from metal_agent.frontdoor.gate import Gate, Refused
 from metal_agent.frontdoor.http1 import BadRequest, ClientConn, Request, read_request, response_bytes, upstream_request
 from metal_agent.frontdoor.metrics import FrontDoorMetrics, ServiceMetrics
@@ -45,6 +46,7 @@ class Proxy:
         self.gates: dict[str, Gate] = {}
         self.service: dict[str, ServiceMetrics] = {}
         self.outliers: dict[str, Outlier] = {}
+        self.energy = EnergySplit()
         self.draining = False
         self.active = 0
         self._idle_conns: set[ClientConn] = set()
@@ -213,6 +215,7 @@ class Proxy:
                 return self._answer(conn, request, refused.status, error_body(
                     refused.status, code, f"{gate.route.key}: {refused.reason}"), refused.retry_after)
             svc.queue_wait.observe(waited)
+            self.energy.begin(gate.route.key, time.monotonic())
             up: UpstreamConn | None = None
             try:
                 upstream = gate.route.upstream
@@ -242,6 +245,7 @@ class Proxy:
                         502, "upstream_closed", f"{gate.route.key}: the engine closed the connection"), keep=False)
             finally:
                 gate.release()
+                self.energy.end(gate.route.key, time.monotonic())
 
     async def _exchange(self, conn: ClientConn, request: Request, up: UpstreamConn, svc: ServiceMetrics,
                         arrival: float, deadline: float, outlier: Outlier) -> bool:

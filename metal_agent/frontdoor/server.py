@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,7 @@ class FrontDoor:
         app.router.add_get("/state", self._get_state)
         app.router.add_get("/metrics", self._get_metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_put("/power", self._put_power)
         return app
 
     async def _put_table(self, request: web.Request) -> web.StreamResponse:
@@ -128,6 +130,20 @@ class FrontDoor:
     async def _get_metrics(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _put_power(self, request: web.Request) -> web.StreamResponse:
+        """One power window from the agent (monotonic start and end, joules): split across the
+        requests that were in flight in it (frontdoor/energy.py says how)."""
+        try:
+            body = json.loads(await request.read())
+            start, end, joules = (float(body[k]) for k in ("start", "end", "joules"))
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "expected {\"start\", \"end\", \"joules\"} numbers"}, status=400)
+        for key, share in self.proxy.energy.split(start, end, joules, time.monotonic()).items():
+            svc = self.proxy.service.get(key)
+            if svc is not None:
+                svc.energy.inc(share)
+        return web.Response(status=204)
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")
