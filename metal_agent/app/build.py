@@ -46,7 +46,7 @@ from metal_agent.adapters.process.records import RecordStore
 from metal_agent.app.config import AgentConfig
 from metal_agent.controller.access import AccessSource
 from metal_agent.core.access import AccessSettings
-from metal_agent.app.front_door import PowerFeed, bind_for as front_door_bind, build_front_door
+from metal_agent.app.front_door import PowerFeed, bind_for as front_door_bind, build_front_door, supervision_for
 from metal_agent.app.http import HttpParts, build_http
 from metal_agent.app.readiness import ApiReachable, HeartbeatHealth, Readiness, synced_check
 from metal_agent.controller.cleanup import Sweep
@@ -272,7 +272,7 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
     models = informer(MODEL_PLURAL, intake.on_model_change)
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
-        on_change=intake.on_process_change, settings=cfg.supervisor,
+        on_change=intake.on_process_change, settings=supervision_for(cfg),
         on_probe=functools.partial(_observe_probe, metrics),
     )
     # Read when scraped: always the number supervised now, whoever started or stopped one.

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import structlog
@@ -23,6 +23,7 @@ from metal_agent.adapters.agent_socket import AgentSocket
 from metal_agent.adapters.front_door_client import FrontDoorClient, FrontDoorUnavailable
 from metal_agent.adapters.port_book_file import PortBookFile
 from metal_agent.adapters.process.front_door_process import FrontDoorProcess
+from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.app.config import AgentConfig
 from metal_agent.controller.access import AccessSource
 from metal_agent.controller.front_door_table import TablePusher, TableSettings, compute_table, gather
@@ -138,6 +139,20 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
     return FrontDoorParts(ports, client, pusher, process, AgentSocket(state / AGENT_SOCKET, access.answer), access)
+
+
+def supervision_for(cfg: AgentConfig) -> SupervisorSettings:
+    """Behind the front door, the supervisors' quick readiness probes (every 0.5 s, the bulk of
+    an idle agent's CPU with many services) give way to the front door's passive health: it
+    sees every request, takes an engine that fails one out at once and one that leaves a
+    request without an answer out within a second (frontdoor/outlier.py), and costs nothing
+    while idle. What remains is the liveness probe (restarts, and the status of an engine
+    nobody is calling); without the front door nothing changes, since the slices point at the
+    engines themselves and only the readiness probe takes a hung one out of them."""
+    s = cfg.supervisor
+    if not cfg.front_door.enabled:
+        return s
+    return replace(s, readiness_interval=max(s.readiness_interval, s.liveness_interval))
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

@@ -59,3 +59,34 @@ def test_old_segments_are_dropped_and_bad_windows_charge_nothing():
     assert len(split._segments) <= 6
     assert split.split(3.0, 3.0, 1.0, now=100.0) == {}
     assert split.split(3.0, 4.0, -1.0, now=100.0) == {}
+
+
+# -- the agent's side: probes behind the front door, and the power windows it hands over ----------
+
+def test_behind_the_front_door_only_liveness_probes_remain(tmp_path):
+    from metal_agent.app.config import AgentConfig, AgentPaths, FrontDoorSettings
+    from metal_agent.app.front_door import supervision_for
+
+    paths = AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state")
+    alone = supervision_for(AgentConfig(paths=paths))
+    assert alone.readiness_interval == 0.5  # slices point at the engines: the quick probe stays
+    behind = supervision_for(AgentConfig(paths=paths, front_door=FrontDoorSettings(enabled=True)))
+    assert behind.readiness_interval == behind.liveness_interval == 5.0
+    assert behind.liveness_timeout == alone.liveness_timeout and behind.liveness_failures == alone.liveness_failures
+
+
+async def test_each_power_sample_becomes_one_window_for_the_front_door():
+    from metal_agent.app.front_door import PowerFeed
+    from metal_agent.core.powermetrics import PowerSample
+
+    sent: list[tuple[float, float, float]] = []
+
+    class Client:
+        async def put_power(self, start: float, end: float, joules: float) -> None:
+            sent.append((start, end, joules))
+
+    feed = PowerFeed(Client(), interval_s=1.0)  # type: ignore[arg-type]
+    feed(PowerSample("t", 500.0, cpu_w=1.0, gpu_w=2.0, ane_w=0.0, combined_w=4.0))
+    await feed._sending
+    (start, end, joules), = sent
+    assert end - start == pytest.approx(0.5) and joules == pytest.approx(2.0)
