@@ -96,7 +96,7 @@ class TableClient(Protocol):
 
 
 class TablePusher:
-    def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.02,
+    def __init__(self, client: TableClient, compute: Callable[[], dict], *, debounce: float = 0.005,
                  backoff: Backoff = PUSH_BACKOFF, dirty: asyncio.Event | None = None) -> None:
         """`dirty`: set by anything the table is made of (e.g. the access sources, built before the
         pusher); `changed()` sets it too."""

@@ -70,11 +70,14 @@ class FrontDoor:
 
     async def apply(self, table: Table, *, persist: bool = True) -> None:
         async with self._lock:
-            self.proxy.access.apply(table)  # may refuse the table (TableError): before persisting
-            if persist:
-                await asyncio.to_thread(self._persist, table)
+            self.proxy.access.apply(table)  # may refuse the table (TableError): before anything else
+            # Served first, then written (still before the agent hears it was accepted): an engine
+            # that just became ready is routable without waiting on an fsync; a crash in between
+            # restarts on the previous table, and the agent sends this one again.
             self.proxy.apply(table)
             await self._sync_listeners(table)
+            if persist:
+                await asyncio.to_thread(self._persist, table)
             log.info("front door: serving table version %d (%d routes)", table.version, len(table.routes))
 
     async def _sync_listeners(self, table: Table) -> None:

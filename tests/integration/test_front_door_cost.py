@@ -148,3 +148,35 @@ async def _positive(value) -> bool:
 
 async def _queued(door, key: str) -> bool:
     return (await door.route_state(key)).get("queued", 0) >= 1
+
+
+async def test_power_windows_are_charged_to_the_requests_in_flight_and_idle_to_nobody(
+        tmp_path, llama_server_bin, tiny_model, http):
+    from metal_agent.adapters.front_door_client import FrontDoorClient
+
+    engine_port, port = free_port(), free_port()
+    argv = [str(llama_server_bin), "--model", str(tiny_model), "--host", "127.0.0.1", "--port", str(engine_port),
+            "--ctx-size", "8192", "--threads", "1", "--parallel", "1"]
+    async with running_llama_server(argv, port=engine_port) as llama, running_front_door(tmp_path) as door:
+        status, _ = await door.put_table(table(1, [route("ns/tiny", port, llama.base_url.removeprefix("http://"))]))
+        assert status == 204
+        client = FrontDoorClient(door.socket)
+        await client.put_power(0.0, 0.001, 1.0)  # the first window switches attribution on
+        sent = time.monotonic()
+        resp = await http.post(f"http://127.0.0.1:{port}{CHAT}",
+                               json={**_msg(1), "max_tokens": 8000, "ignore_eos": True, "stream": True})
+        assert (await resp.content.readline()).startswith(b"data: ")
+        first = time.monotonic()
+        await client.put_power(sent, first, 10.0)  # the request was in flight for (almost) all of it
+        charged = _sample(await door.metrics(), "energy_joules_total", "ns/tiny")
+        assert 5.0 < charged <= 10.0 + 1e-9
+        resp.close()  # the client hangs up: the request ends
+        await wait_for(lambda: _inflight_zero(door, "ns/tiny"), timeout=5, what="the request to end")
+        idle_from = time.monotonic()
+        await client.put_power(idle_from, idle_from + 0.001, 10.0)
+        await client.put_power(idle_from + 0.001, time.monotonic(), 10.0)
+        assert _sample(await door.metrics(), "energy_joules_total", "ns/tiny") == charged  # idle: nobody's
+
+
+async def _inflight_zero(door, key: str) -> bool:
+    return (await door.route_state(key)).get("inflight") == 0
