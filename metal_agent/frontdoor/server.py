@@ -125,7 +125,7 @@ class FrontDoor:
     async def _get_state(self, request: web.Request) -> web.StreamResponse:
         proxy = self.proxy
         routes: dict[str, Any] = {
-            key: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request}
+            key: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request, "ejected": g.ejected}
             for key, g in proxy.gates.items()}
         return web.json_response({"version": proxy.table.version, "routes": routes,
                                   "listen_errors": self.listen_errors})

@@ -126,6 +126,7 @@ async def test_a_hung_engine_is_out_of_rotation_within_a_second_and_back_when_it
             await wait_for(lambda: _positive(_ejections(door, "ns/tiny")), timeout=5, what="the engine ejected")
             out_after = time.monotonic() - sent
             assert out_after <= 1.5, f"out of rotation after {out_after:.2f}s"
+            assert (await door.route_state("ns/tiny"))["ejected"] is True
             # the request is held in the route's queue (not hung on the engine), then refused clearly
             await wait_for(lambda: _queued(door, "ns/tiny"), timeout=2, what="the request held in the queue")
             resp = await asyncio.wait_for(held, 10)
@@ -139,6 +140,7 @@ async def test_a_hung_engine_is_out_of_rotation_within_a_second_and_back_when_it
         assert await asyncio.wait_for(_complete(http, url, _msg(1)), 10)
         assert time.monotonic() - started < 3
         assert await _ejections(door, "ns/tiny") == 1
+        assert (await door.route_state("ns/tiny"))["ejected"] is False
         print(f"\nhung engine out of rotation after {out_after * 1000:.0f} ms")
 
 
@@ -180,3 +182,19 @@ async def test_power_windows_are_charged_to_the_requests_in_flight_and_idle_to_n
 
 async def _inflight_zero(door, key: str) -> bool:
     return (await door.route_state(key)).get("inflight") == 0
+
+
+async def test_a_request_that_waited_for_its_engine_to_start_is_a_cold_start(tmp_path, llama_server_bin,
+                                                                             tiny_model, http):
+    engine_port, port = free_port(), free_port()
+    argv = [str(llama_server_bin), "--model", str(tiny_model), "--host", "127.0.0.1", "--port", str(engine_port),
+            "--ctx-size", "1024", "--threads", "1", "--parallel", "1"]
+    async with running_llama_server(argv, port=engine_port) as llama, running_front_door(tmp_path) as door:
+        assert (await door.put_table(table(1, [route("ns/tiny", port, None, state="starting")])))[0] == 204
+        held = asyncio.ensure_future(_complete(http, f"http://127.0.0.1:{port}{CHAT}", _msg(1)))
+        await wait_for(lambda: _queued(door, "ns/tiny"), timeout=5, what="the request held while starting")
+        serving = route("ns/tiny", port, llama.base_url.removeprefix("http://"))
+        assert (await door.put_table(table(2, [serving])))[0] == 204
+        assert await asyncio.wait_for(held, 10)
+        assert (await door.put_table(table(3, [{**serving, "max_inflight": 2}])))[0] == 204  # no waiters: none
+        assert _sample(await door.metrics(), "cold_starts_total", "ns/tiny") == 1
