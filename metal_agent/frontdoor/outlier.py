@@ -71,10 +71,11 @@ class Outlier:
 
     # -- what requests report ------------------------------------------------------------------
 
-    def failed(self, why: str) -> None:
-        """A request saw the engine fail (it hung up, or a probe showed it hung): eject it now."""
+    def failed(self, address: tuple[str, int], why: str) -> None:
+        """A request saw the engine at `address` fail (it hung up, or a probe showed it hung):
+        eject it now, unless the route has moved on to another engine meanwhile."""
         upstream = self.gate.route.upstream
-        if self._closed or upstream is None or self.gate.ejected:
+        if self._closed or upstream != address or self.gate.ejected:
             return
         self.gate.eject()
         self.ejections.inc()
@@ -100,7 +101,7 @@ class Outlier:
         if self._closed or not up.awaiting_head:
             return
         if check.cancelled() or not check.result():
-            self.failed(f"no answer to /health within {PROBE_TIMEOUT_S:g}s while a request waited "
+            self.failed(up.address, f"no answer to /health within {PROBE_TIMEOUT_S:g}s while a request waited "
                         f"{waited:g}s for its response")
             up.abort_stalled()
             return

@@ -279,7 +279,7 @@ class Proxy:
             await relay_body(up, head, conn, client_head(head, keep), first_byte, cost and cost.feed)
         except UpstreamBroken as err:
             discard(up)
-            outlier.failed(f"it broke a response: {err}")
+            outlier.failed(up.address, f"it broke a response: {err}")
             svc.broken.inc()
             svc.outcome["upstream_error"].inc()
             log.info("front door: upstream %s broke: %s", up.address, err)
@@ -291,7 +291,7 @@ class Proxy:
             if conn.is_closing() or conn.eof:  # the client hung up while we wrote to it
                 svc.outcome["client_gone"].inc()
                 return False
-            outlier.failed(f"it hung up: {type(err).__name__}")
+            outlier.failed(up.address, f"it hung up: {type(err).__name__}")
             svc.broken.inc()
             svc.outcome["upstream_error"].inc()
             log.info("front door: upstream %s broke: %r", up.address, err)

@@ -80,8 +80,8 @@ async def test_probe_true_on_200_false_on_500_hung_or_closed(engine):
 
 async def test_a_failure_ejects_once_and_the_next_good_probe_brings_it_back(engine):
     outlier, gate, counter = _outlier(engine.address)
-    outlier.failed("test")
-    outlier.failed("again")  # already out: one ejection
+    outlier.failed(engine.address, "test")
+    outlier.failed(engine.address, "again")  # already out: one ejection
     assert gate.ejected and gate.holds and counter._value.get() == 1
     waiter = asyncio.ensure_future(gate.acquire(asyncio.get_running_loop().time() + 5))
     await asyncio.sleep(0.2)  # hung engine: the recovery probes fail, the request stays held
@@ -94,11 +94,13 @@ async def test_a_failure_ejects_once_and_the_next_good_probe_brings_it_back(engi
 
 async def test_a_new_engine_in_the_table_ends_an_ejection(engine):
     outlier, gate, _ = _outlier(engine.address)
-    outlier.failed("test")
+    outlier.failed(engine.address, "test")
     gate.update(Route("ns/a", "a", 1000, ("127.0.0.1", 1), RouteState.SERVING, 1, 4, 5.0))
     assert not gate.ejected
     gate.update(gate.route)  # the same engine again: no news, stays in
     assert not gate.ejected
+    outlier.failed(engine.address, "a late report about the old engine")
+    assert not gate.ejected  # the route moved on: the new engine is not blamed
     outlier.close()
 
 
