@@ -42,8 +42,8 @@ def usage_of(obj: object) -> Usage | None:
         return None
     usage = obj.get("usage")
     prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
-    if prompt is not None and completion is not None:
-        return Usage(prompt, completion)
+    if prompt is not None and (completion is not None or "completion_tokens" not in usage):
+        return Usage(prompt, completion or 0)  # embeddings state prompt tokens only
     timings = obj.get("timings")
     prompt, completion = _count(timings, "prompt_n"), _count(timings, "predicted_n")
     if prompt is not None and completion is not None:
@@ -70,6 +70,20 @@ def last_event_usage(payload: bytes) -> Usage | None:
                 if found is not None:
                     return found
     return None
+
+
+def tail_usage(tail: bytes) -> Usage | None:
+    """The last `"usage": {...}` object in the tail of a JSON body too big to keep whole
+    (a large embeddings answer: its usage comes last)."""
+    at = tail.rfind(b'"usage"')
+    start = tail.find(b"{", at) if at >= 0 else -1
+    if start < 0:
+        return None
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return usage_of({"usage": usage})
 
 
 class Dechunk:
@@ -135,15 +149,10 @@ class UsageScan:
         if not data:
             return
         self._total += len(data)
-        if not self.stream:
-            if self._total > WHOLE_JSON:  # not a completion's body: stop keeping it
-                self._kept.clear()
-            else:
-                self._kept.append(data)
-            return
         self._kept.append(data)
         self._size += len(data)
-        if self._size > 2 * TAIL:  # keep the tail bounded: one join per TAIL bytes streamed
+        if self._size > 2 * (TAIL if self.stream or self._total > WHOLE_JSON else WHOLE_JSON):
+            # keep the tail bounded: one join per TAIL bytes streamed
             joined = b"".join(self._kept)[-TAIL:]
             self._kept, self._size = [joined], len(joined)
 
@@ -151,8 +160,10 @@ class UsageScan:
         payload = b"".join(self._kept)
         if self.stream:
             return last_event_usage(payload)
-        if not payload or self._total > WHOLE_JSON:
+        if not payload:
             return None
+        if self._total > len(payload):
+            return tail_usage(payload)
         try:
             return usage_of(json.loads(payload))
         except ValueError:

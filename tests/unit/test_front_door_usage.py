@@ -15,7 +15,7 @@ import pytest
 from metal_agent.frontdoor.cost import request_cost
 from metal_agent.frontdoor.metrics import FrontDoorMetrics
 from metal_agent.frontdoor.upstream import ResponseHead
-from metal_agent.frontdoor.usage import TAIL, Dechunk, Usage, UsageScan, last_event_usage, usage_of
+from metal_agent.frontdoor.usage import TAIL, WHOLE_JSON, Dechunk, Usage, UsageScan, last_event_usage, usage_of
 
 LLAMA_JSON = {"choices": [{"finish_reason": "length", "index": 0, "message": {"content": "ab", "role": "assistant"}}],
               "created": 1, "id": "chatcmpl-x", "model": "tiny", "object": "chat.completion",
@@ -99,16 +99,26 @@ def test_an_mlx_stream_counts_only_when_it_sent_usage():
     assert with_usage.result() == Usage(7, 4)
 
 
-def test_a_json_body_split_anywhere_is_parsed_whole_and_a_huge_one_is_not_kept():
+def test_a_json_body_split_anywhere_is_parsed_whole_and_a_huge_one_by_its_tail():
     body = json.dumps(LLAMA_JSON).encode()
     scan = UsageScan(chunked=False, stream=False)
     for piece in split_every(body, 3):
         scan.feed(piece)
     assert scan.result() == Usage(9, 2)
+    # a large embeddings answer (llama-server's shape: keys sorted, usage last; prompt tokens only)
+    embeddings = json.dumps({"data": [{"embedding": [0.123456789] * 2000, "index": i, "object": "embedding"}
+                                      for i in range(40)], "model": "tiny", "object": "list",
+                             "usage": {"prompt_tokens": 321, "total_tokens": 321}}).encode()
+    assert len(embeddings) > WHOLE_JSON
     huge = UsageScan(chunked=False, stream=False)
+    for piece in split_every(embeddings, 4096):
+        huge.feed(piece)
+    assert huge._size <= 2 * TAIL + 4096
+    assert huge.result() == Usage(321, 0)
+    junk = UsageScan(chunked=False, stream=False)
     for _ in range(300):
-        huge.feed(b" " * 1024)
-    assert huge._kept == [] and huge.result() is None
+        junk.feed(b" " * 1024)
+    assert junk.result() is None
 
 
 def _head(status=200, kind=b"application/json", framing="length") -> ResponseHead:
