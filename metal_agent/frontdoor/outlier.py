@@ -31,11 +31,11 @@ from metal_agent.frontdoor.upstream import UpstreamConn
 
 log = logging.getLogger("metal_agent.frontdoor")
 
-STALL_S = 0.5
+STALL_S = 0.3
 PROBE_TIMEOUT_S = 0.5
 RECOVER_FIRST_S = 0.05
 RECOVER_MAX_S = 1.0
-#: A waiting request re-checks its engine after this, growing to STALL_MAX_S, so a long
+#: A waiting request re-checks its engine at twice the last wait, up to STALL_MAX_S, so a long
 #: non-streamed completion (no head until its last token) costs a few probes, not many.
 STALL_MAX_S = 5.0
 

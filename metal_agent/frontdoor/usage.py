@@ -8,7 +8,8 @@ parse happens once, after the last byte has gone to the client.
 
 Where the counts are, by engine (checked against their sources and real runs):
 - a JSON completion (both engines): `usage` in the body;
-- a llama-server stream: a final event carries `usage` (and `timings`);
+- a llama-server stream: the last event carries `timings` (prompt_n + cache_n, predicted_n),
+  and a `usage` event too when the client asked (`stream_options.include_usage`);
 - an mlx_lm.server stream: a final `usage` event only when the client asked for it
   (`stream_options.include_usage`); otherwise the response carries no counts and is
   counted as such (`usage_missing`), never guessed.
@@ -44,10 +45,13 @@ def usage_of(obj: object) -> Usage | None:
     prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
     if prompt is not None and (completion is not None or "completion_tokens" not in usage):
         return Usage(prompt, completion or 0)  # embeddings state prompt tokens only
+    # llama-server's own counts, in every answer and a stream's last event (its `usage` there
+    # only with stream_options.include_usage): prompt_n is what it processed, cache_n what it
+    # reused, together the prompt (as usage.prompt_tokens says, checked on build 11434).
     timings = obj.get("timings")
     prompt, completion = _count(timings, "prompt_n"), _count(timings, "predicted_n")
     if prompt is not None and completion is not None:
-        return Usage(prompt, completion)
+        return Usage(prompt + (_count(timings, "cache_n") or 0), completion)
     return None
 
 

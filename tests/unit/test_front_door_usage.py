@@ -51,6 +51,7 @@ def split_every(data: bytes, n: int) -> list[bytes]:
 def test_usage_from_openai_usage_else_llama_timings_else_nothing():
     assert usage_of(LLAMA_JSON) == Usage(9, 2)
     assert usage_of({"timings": {"prompt_n": 5, "predicted_n": 1}}) == Usage(5, 1)
+    assert usage_of({"timings": {"cache_n": 30, "prompt_n": 1, "predicted_n": 3}}) == Usage(31, 3)  # cached too
     assert usage_of({"usage": {"prompt_tokens": "5", "completion_tokens": 1}}) is None
     assert usage_of({"usage": {"prompt_tokens": True, "completion_tokens": 1}}) is None
     assert usage_of({"usage": {"prompt_tokens": -1, "completion_tokens": 1}}) is None
