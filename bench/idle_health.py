@@ -115,15 +115,26 @@ async def routable_after(agent: AgentProcess, cluster: Cluster, name: str, front
     first = asyncio.ensure_future(first_200(port, deadline))
     if front_door:
         stable = await wait_for(lambda: _stable_port(agent, name), timeout=60, what="the stable port")
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{stable}/health", timeout=aiohttp.ClientTimeout(total=60)) as r:
-                released = time.monotonic()
-                assert r.status == 200, r.status
+        released = await held_request(stable)
         t0 = await first
         return (released - t0) * 1000
     t0 = await first
     ready = await wait_for(lambda: _ready_logged(agent, name), timeout=60, what="the agent's ready line")
     return (ready - t0) * 1000
+
+
+async def held_request(port: int) -> float:
+    """GET /health on the stable port, sent while the engine loads: the monotonic time its answer
+    came (the front door held it until the route was routable). The listener opens with the
+    table that names the route: until then the connect is refused and simply tried again."""
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    assert r.status == 200, r.status
+                    return time.monotonic()
+            except aiohttp.ClientConnectorError:
+                await asyncio.sleep(0.001)  # the listener is not open yet
 
 
 async def _found(value):
@@ -160,6 +171,8 @@ async def main() -> int:
     parser.add_argument("--front-door", action="store_true")
     parser.add_argument("--starts", type=int, default=5, help="new services timed from first 200 to routable")
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--keep-logs", type=Path, help="copy the agent's logs here before clean-up")
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
     out = REPO / "bench" / "results" / f"idle_health{'-front-door' if args.front_door else ''}.json"
 
@@ -182,7 +195,7 @@ async def main() -> int:
             extra = ("--front-door", "--client-port", "0") if args.front_door else ()
             agent = ProfiledAgent(AgentOptions(kubeconfig=cp.agent_kubeconfig, llama_server=llama,
                                                workdir=tmp / "a", namespaces=(ns,), extra_args=extra,
-                                               log_level="info"), args.profile)
+                                               log_level=args.log_level), args.profile)
             await agent.start()
             for i in range(args.services):
                 await cluster.wait_phase(f"s-{i}", "Ready", timeout=180)
@@ -197,13 +210,22 @@ async def main() -> int:
             if door:
                 results["front_door_idle_cpu_percent_of_core"] = round(
                     100 * (cpu_seconds([door]) - d0) / elapsed, 3)
+            print(json.dumps(results), flush=True)
             delays = [await routable_after(agent, cluster, f"new-{i}", args.front_door) for i in range(args.starts)]
             delays.sort()
             results["first_200_to_routable_ms"] = {"n": len(delays), "p50": round(delays[len(delays) // 2], 1),
                                                    "max": round(delays[-1], 1), "all": [round(d, 1) for d in delays]}
+        except BaseException:
+            if agent is not None:
+                print(agent.process.tail() if agent.process else "", file=sys.stderr)
+            raise
         finally:
             if agent is not None and agent.process and agent.process.running:
                 await agent.stop()
+            if args.keep_logs and agent is not None:
+                import shutil
+                shutil.copytree(agent.options.workdir, args.keep_logs, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("*.sock", "models"))
             if agent is not None:
                 kill_recorded_processes(agent.options.workdir / "state")
             await admin.close()

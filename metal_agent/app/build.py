@@ -51,6 +51,7 @@ from metal_agent.app.http import HttpParts, build_http
 from metal_agent.app.readiness import ApiReachable, HeartbeatHealth, Readiness, synced_check
 from metal_agent.controller.cleanup import Sweep
 from metal_agent.controller.intake import Intake
+from metal_agent.core.process import Snapshot, SupervisorEvent
 from metal_agent.controller.publishing import AddressMove, HostAddress, Publisher
 from metal_agent.controller.gate import StaticGate
 from metal_agent.controller.reconciler import Managed, Reconciler
@@ -233,6 +234,19 @@ def _fan_out(*handlers):
     return handle
 
 
+def _process_change(intake: Intake, table_dirty: asyncio.Event | None):
+    """A process's state goes to the reconciler and, with the front door, straight to the table
+    pusher too: the route reads the supervisor's snapshot, so an engine that became ready is
+    routable without waiting for the reconcile's API writes (status, Events, slices)."""
+    if table_dirty is None:
+        return intake.on_process_change
+
+    def changed(key: str, snap: Snapshot, event: SupervisorEvent | None) -> None:
+        intake.on_process_change(key, snap, event)
+        table_dirty.set()
+    return changed
+
+
 def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
             table_dirty: asyncio.Event) -> AccessSource:
     fd, http = cfg.front_door, cfg.http
@@ -272,7 +286,7 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
     models = informer(MODEL_PLURAL, intake.on_model_change)
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
-        on_change=intake.on_process_change, settings=supervision_for(cfg),
+        on_change=_process_change(intake, table_dirty), settings=supervision_for(cfg),
         on_probe=functools.partial(_observe_probe, metrics),
     )
     # Read when scraped: always the number supervised now, whoever started or stopped one.
