@@ -61,19 +61,7 @@ def test_old_segments_are_dropped_and_bad_windows_charge_nothing():
     assert split.split(3.0, 4.0, -1.0, now=100.0) == {}
 
 
-# -- the agent's side: probes behind the front door, and the power windows it hands over ----------
-
-def test_behind_the_front_door_only_liveness_probes_remain(tmp_path):
-    from metal_agent.app.config import AgentConfig, AgentPaths, FrontDoorSettings
-    from metal_agent.app.front_door import supervision_for
-
-    paths = AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state")
-    alone = supervision_for(AgentConfig(paths=paths))
-    assert alone.readiness_interval == 0.5  # slices point at the engines: the quick probe stays
-    behind = supervision_for(AgentConfig(paths=paths, front_door=FrontDoorSettings(enabled=True)))
-    assert behind.readiness_interval == behind.liveness_interval == 5.0
-    assert behind.liveness_timeout == alone.liveness_timeout and behind.liveness_failures == alone.liveness_failures
-
+# -- the agent's side: the power windows it hands over ----------------------------------------------
 
 async def test_each_power_sample_becomes_one_window_for_the_front_door():
     from metal_agent.app.front_door import PowerFeed
