@@ -50,6 +50,8 @@ class ProfiledAgent(AgentProcess):
 
     def argv(self) -> list[str]:
         argv = super().argv()
+        if os.environ.get("IDLE_GCWRAP"):
+            return [argv[0], os.environ["IDLE_GCWRAP"], *argv[3:]]
         if self.profile is None:
             return argv
         return [argv[0], "-m", "cProfile", "-o", str(self.profile), *argv[1:]]
@@ -204,8 +206,23 @@ async def main() -> int:
             door = front_door_of(agent.process.pid)
             t0, a0 = time.monotonic(), cpu_seconds([agent_proc])
             d0 = cpu_seconds([door]) if door else 0.0
+            if os.environ.get("GCSTATS"):
+                print("gc at idle start", Path(os.environ["GCSTATS"]).read_text(), flush=True)
+            threads0 = {t.id: t.user_time + t.system_time for t in agent_proc.threads()}
+            split0, switches0 = agent_proc.cpu_times(), agent_proc.num_ctx_switches()
             await asyncio.sleep(args.idle_seconds)  # the idle window measured
             elapsed = time.monotonic() - t0
+            if os.environ.get("GCSTATS"):
+                print("gc at idle end", Path(os.environ["GCSTATS"]).read_text(), flush=True)
+            if os.environ.get("IDLE_THREADS"):
+                busy = {t.id: round(t.user_time + t.system_time - threads0.get(t.id, 0.0), 3)
+                        for t in agent_proc.threads()}
+                split1, switches1 = agent_proc.cpu_times(), agent_proc.num_ctx_switches()
+                print("agent user/system s:", round(split1.user - split0.user, 3), round(split1.system - split0.system, 3),
+                      "ctx switches vol/invol:", switches1.voluntary - switches0.voluntary,
+                      switches1.involuntary - switches0.involuntary, flush=True)
+                print("agent threads cpu s:", {k: v for k, v in busy.items() if v}, "main", agent_proc.pid,
+                      flush=True)
             results["agent_idle_cpu_percent_of_core"] = round(100 * (cpu_seconds([agent_proc]) - a0) / elapsed, 3)
             if door:
                 results["front_door_idle_cpu_percent_of_core"] = round(
