@@ -125,6 +125,17 @@ async def routable_after(agent: AgentProcess, cluster: Cluster, name: str, front
     return (ready - t0) * 1000
 
 
+async def gone(cluster: Cluster, agent: AgentProcess, name: str, before: set[int]) -> None:
+    """Delete a timed service and wait for its engine to exit (the memory budget fits 10 + 1)."""
+    await cluster.delete_isvc(name)
+
+    async def engines_back() -> bool:
+        now = {p.pid for p in psutil.Process(agent.process.pid).children(recursive=True)
+               if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+        return now <= before
+    await wait_for(engines_back, timeout=30, what=f"{name}'s engine to stop")
+
+
 async def held_request(port: int) -> float:
     """GET /health on the stable port, sent while the engine loads: the monotonic time its answer
     came (the front door held it until the route was routable). The listener opens with the
@@ -228,7 +239,11 @@ async def main() -> int:
                 results["front_door_idle_cpu_percent_of_core"] = round(
                     100 * (cpu_seconds([door]) - d0) / elapsed, 3)
             print(json.dumps(results), flush=True)
-            delays = [await routable_after(agent, cluster, f"new-{i}", args.front_door) for i in range(args.starts)]
+            delays = []
+            before = {p.pid for p in psutil.Process(agent.process.pid).children(recursive=True)}
+            for i in range(args.starts):
+                delays.append(await routable_after(agent, cluster, f"new-{i}", args.front_door))
+                await gone(cluster, agent, f"new-{i}", before)
             delays.sort()
             results["first_200_to_routable_ms"] = {"n": len(delays), "p50": round(delays[len(delays) // 2], 1),
                                                    "max": round(delays[-1], 1), "all": [round(d, 1) for d in delays]}
@@ -237,8 +252,13 @@ async def main() -> int:
                 print(agent.process.tail() if agent.process else "", file=sys.stderr)
             raise
         finally:
+            door = front_door_of(agent.process.pid) if agent is not None and agent.process and \
+                agent.process.running else None
             if agent is not None and agent.process and agent.process.running:
                 await agent.stop()
+            if door is not None:  # the agent leaves it serving on purpose (restarts drop no request)
+                door.terminate()
+                psutil.wait_procs([door], timeout=10)
             if args.keep_logs and agent is not None:
                 import shutil
                 shutil.copytree(agent.options.workdir, args.keep_logs, dirs_exist_ok=True,

@@ -76,18 +76,34 @@ def last_event_usage(payload: bytes) -> Usage | None:
     return None
 
 
-def tail_usage(tail: bytes) -> Usage | None:
-    """The last `"usage": {...}` object in the tail of a JSON body too big to keep whole
-    (a large embeddings answer: its usage comes last)."""
-    at = tail.rfind(b'"usage"')
-    start = tail.find(b"{", at) if at >= 0 else -1
-    if start < 0:
+_DECODER = json.JSONDecoder()
+
+
+def _object_after(body: bytes, key: bytes) -> object:
+    """The JSON object that follows the last `key` in `body` (None if there is none): the
+    counts are a small object, so only it is decoded, not the whole answer."""
+    at = body.rfind(key)
+    start = body.find(b"{", at + len(key)) if at >= 0 else -1
+    if start < 0 or body[at + len(key):start].strip() != b":":
         return None
     try:
-        usage, _ = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))
+        found, _ = _DECODER.raw_decode(body[start:start + 4096].decode("utf-8", "replace"))
     except ValueError:
         return None
-    return usage_of({"usage": usage})
+    return found
+
+
+def tail_usage(tail: bytes) -> Usage | None:
+    """The counts in a JSON answer, read from its `usage` (or llama-server's `timings`) object
+    alone: a whole body need not be parsed, and a body too big to keep whole (a large embeddings
+    answer) still has its usage in its tail."""
+    usage = _object_after(tail, b'"usage"')
+    if usage is not None:
+        found = usage_of({"usage": usage})
+        if found is not None:
+            return found
+    timings = _object_after(tail, b'"timings"')
+    return usage_of({"timings": timings}) if timings is not None else None
 
 
 class Dechunk:
@@ -164,11 +180,4 @@ class UsageScan:
         payload = b"".join(self._kept)
         if self.stream:
             return last_event_usage(payload)
-        if not payload:
-            return None
-        if self._total > len(payload):
-            return tail_usage(payload)
-        try:
-            return usage_of(json.loads(payload))
-        except ValueError:
-            return None
+        return tail_usage(payload) if payload else None
