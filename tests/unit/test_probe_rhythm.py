@@ -16,7 +16,7 @@ def test_behind_the_front_door_only_liveness_probes_remain(tmp_path):
     from metal_agent.app.front_door import supervision_for
 
     paths = AgentPaths(tmp_path / "models", tmp_path / "logs", tmp_path / "state")
-    alone = supervision_for(AgentConfig(paths=paths))
+    alone = supervision_for(AgentConfig(paths=paths, front_door=FrontDoorSettings(enabled=False)))
     assert alone.readiness_interval == 0.5  # slices point at the engines: the quick probe stays
     behind = supervision_for(AgentConfig(paths=paths, front_door=FrontDoorSettings(enabled=True)))
     assert behind.readiness_interval == behind.liveness_interval == 5.0
