@@ -613,7 +613,7 @@ async def main() -> int:
             # Memory readings from a file (Normal but for the eviction fault); eviction on, as a
             # Mac that should survive pressure runs it. Everything else: the agent's defaults.
             memory = MemoryFile(tmp / "memory.json")
-            flags = ["--eviction-enabled", "--memory-readings-file", str(memory.path), *shlex.split(args.agent_args)]
+            flags = ["--no-front-door", "--eviction-enabled", "--memory-readings-file", str(memory.path), *shlex.split(args.agent_args)]
             async with faulty_mac(cluster, proxy, kubeconfig, workdir, llama, agent_flags=flags,
                                   log_level="info") as mac:
                 forwarder, inner_port = await netns.forward_into(mac.ns, models.port)
