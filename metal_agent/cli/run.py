@@ -10,6 +10,7 @@ the ones we have no use for are named in one warning at start-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from types import SimpleNamespace
 from pathlib import Path
@@ -174,6 +175,13 @@ def _downloads(ctx: typer.Context) -> DownloadSettings:
                             free_margin=_bytes(o.download_free_margin, "--download-free-margin", minimum=0))
 
 
+def _warn(line: str) -> None:
+    """A start-up warning on stderr. launchd points stderr at a file on the Mac's disk: a full
+    disk must not stop the agent from starting (its logging drops lines the same way)."""
+    with contextlib.suppress(OSError):
+        typer.echo(line, err=True)
+
+
 # The front door is on by default (issue 21); its flags are documented like the rest.
 _FRONT_DOOR_HIDDEN = False
 
@@ -184,8 +192,8 @@ def _front_door(ctx: typer.Context) -> FrontDoorSettings:
         raise typer.BadParameter("expected a TCP port (0: off)", param_hint="--client-port")
     asked = getattr(ctx.get_parameter_source("client_port"), "name", "DEFAULT") != "DEFAULT"
     if not o.front_door and o.client_port and asked:
-        typer.echo(f"warning: --client-port {o.client_port} is not served with --no-front-door (the front door "
-                   "serves it)", err=True)
+        _warn(f"warning: --client-port {o.client_port} is not served with --no-front-door (the front door "
+              "serves it)")
     import shlex
 
     from metal_agent.core.access import AccessSettings
@@ -219,8 +227,8 @@ def _agent_config(ctx: typer.Context) -> AgentConfig:
     memory_check_mode = _choice(o.memory_check_mode, ("enforce", "warn"), "--memory-check-mode")
     http = _http(ctx)
     if o.api_unreachable_limit is not None:
-        typer.echo("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
-                   "through an API outage of any length (see /readyz)", err=True)
+        _warn("warning: --api-unreachable-limit is ignored: the agent keeps supervising its models "
+              "through an API outage of any length (see /readyz)")
     downloads = _downloads(ctx)
     default_runtime = _choice(o.default_runtime, ("llama-server", "mlx-lm"), "--default-runtime")
     defaults = default_paths()
