@@ -27,7 +27,7 @@ assets: venv ## Build/cache kube-apiserver, etcd, Toxiproxy, Prometheus (with Ku
 	scripts/build-llama-server.sh
 	$(BIN)/python tests/support/tiny_model.py --vocab "$$(dirname "$$(dirname "$$(scripts/build-llama-server.sh)")")/models/ggml-vocab-llama-spm.gguf"
 	$(BIN)/python tests/support/tiny_mlx_model.py
-	$(BIN)/python tests/support/tiny_mmproj.py
+	$(BIN)/python -m tests.support.tiny_mmproj
 	$(BIN)/python tests/support/old_mlx_lm.py  # mlx-lm 0.30.5 (one 370 kB wheel) for the version-dialect test
 	@# Exit 4: no vendored LLMKube source (a user's clone); the tests that need it skip.
 	scripts/build-llmkube.sh || { rc=$$?; if [ $$rc -eq 4 ]; then echo ">> skipped LLMKube's manager: no ../shared (its coexistence tests will skip)"; else exit $$rc; fi; }

@@ -50,6 +50,9 @@ class FrontDoorClient:
     async def metrics(self) -> str:
         return await self._call("GET", "/metrics", want="text")
 
+    async def put_power(self, start: float, end: float, joules: float) -> None:
+        await self._call("PUT", "/power", json={"start": start, "end": end, "joules": joules}, want="none")
+
     async def healthy(self) -> bool:
         try:
             await self._call("GET", "/healthz", want="none")

@@ -48,11 +48,12 @@ from metal_agent.adapters.process.records import RecordStore
 from metal_agent.app.config import AgentConfig
 from metal_agent.controller.access import AccessSource
 from metal_agent.core.access import AccessSettings
-from metal_agent.app.front_door import bind_for as front_door_bind, build_front_door
+from metal_agent.app.front_door import PowerFeed, bind_for as front_door_bind, build_front_door, supervision_for
 from metal_agent.app.http import HttpParts, build_http
 from metal_agent.app.readiness import ApiReachable, HeartbeatHealth, Readiness, synced_check
 from metal_agent.controller.cleanup import Sweep
 from metal_agent.controller.intake import Intake
+from metal_agent.core.process import Snapshot, SupervisorEvent
 from metal_agent.controller.publishing import AddressMove, HostAddress, Publisher
 from metal_agent.controller.gate import StaticGate
 from metal_agent.controller.reconciler import Managed, Reconciler
@@ -239,11 +240,17 @@ def _fan_out(*handlers):
     return handle
 
 
-def _process_fan_out(intake: Intake, table_dirty: asyncio.Event):
-    def on_change(key, snap, event) -> None:
+def _process_change(intake: Intake, table_dirty: asyncio.Event | None):
+    """A process's state goes to the reconciler and, with the front door, straight to the table
+    pusher too: the route reads the supervisor's snapshot, so an engine that became ready is
+    routable without waiting for the reconcile's API writes (status, Events, slices)."""
+    if table_dirty is None:
+        return intake.on_process_change
+
+    def changed(key: str, snap: Snapshot, event: SupervisorEvent | None) -> None:
         intake.on_process_change(key, snap, event)
         table_dirty.set()
-    return on_change
+    return changed
 
 
 def _access(cfg: AgentConfig, api: client.ApiClient, metrics: AgentMetrics, isvc_cache: dict,
@@ -284,12 +291,9 @@ def _sources(cfg: AgentConfig, api: client.ApiClient, http: aiohttp.ClientSessio
     on_isvc = _fan_out(intake.on_isvc_change, access.on_isvc_change) if access else intake.on_isvc_change
     isvcs = informer(ISVC_PLURAL, on_isvc, isvc_cache)
     models = informer(MODEL_PLURAL, intake.on_model_change)
-    # The front door's table is made of the engines' states too: recomputed the moment one turns
-    # ready (a request may be held for it), not after the reconcile and its status write.
-    on_process = intake.on_process_change if table_dirty is None else _process_fan_out(intake, table_dirty)
     processes = ProcessManager(
         records=RecordStore(cfg.paths.state / "processes"), log_dir=cfg.paths.logs, http=http,
-        on_change=on_process, settings=cfg.supervisor,
+        on_change=_process_change(intake, table_dirty), settings=supervision_for(cfg),
         on_probe=functools.partial(_observe_probe, metrics),
     )
     # Read when scraped: always the number supervised now, whoever started or stopped one.
@@ -406,7 +410,9 @@ def build(cfg: AgentConfig, host: Host, api: client.ApiClient, http: aiohttp.Cli
     # Wi-Fi): follow it. An address given with --host-ip is the user's word and stays.
     watcher = AddressWatcher(host.choice, move, interval=cfg.registration.address_check_interval,
                              ) if host.choice is not None and cfg.registration.register else None
-    sampler = PowerSampler(src.registry, interval_ms=cfg.power.interval_ms) if cfg.power.enabled else None
+    feed = PowerFeed(door.client, cfg.power.interval_ms / 1000) if door is not None else None
+    sampler = PowerSampler(src.registry, interval_ms=cfg.power.interval_ms,
+                           on_sample=feed) if cfg.power.enabled else None
     return Agent(cfg, host, api, http, src.registry, src.metrics, fatal_exits, src.queue, src.intake, src.isvcs,
                  src.models, src.processes, src.model_files, src.events, watchdog, guard, fleet, registrar, address,
                  reconciler, Runner(src.queue, reconciler, src.metrics, after=door.pusher.changed if door else None),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import structlog
@@ -22,6 +23,7 @@ from metal_agent.adapters.agent_socket import AgentSocket
 from metal_agent.adapters.front_door_client import FrontDoorClient, FrontDoorUnavailable
 from metal_agent.adapters.port_book_file import PortBookFile
 from metal_agent.adapters.process.front_door_process import FrontDoorProcess
+from metal_agent.adapters.process.settings import SupervisorSettings
 from metal_agent.app.config import AgentConfig
 from metal_agent.app.front_door_drain import Drainer
 from metal_agent.controller.access import AccessSource
@@ -91,6 +93,34 @@ class FrontDoorParts:
         return rows
 
 
+class PowerFeed:
+    """Each power sample's window and energy, handed to the front door, which splits it across
+    the requests in flight during it (frontdoor/energy.py). One push per sample, and only with
+    the power sampler on (a Mac with the sudo grant). A push the front door misses is that
+    window's energy left unattributed, never retried late (it would land on the wrong requests)."""
+
+    def __init__(self, client: FrontDoorClient, interval_s: float) -> None:
+        self.client = client
+        self.interval_s = interval_s
+        self._sending: asyncio.Task | None = None
+
+    def __call__(self, sample: object) -> None:
+        from metal_agent.core.energy import sample_energy
+
+        end = time.monotonic()
+        energy = sample_energy(sample, self.interval_s)  # type: ignore[arg-type]
+        if self._sending is not None and not self._sending.done():
+            return  # the front door is slow: skip rather than queue windows up
+        self._sending = asyncio.get_running_loop().create_task(
+            self._send(end - energy.seconds, end, energy.joules["combined"]))
+
+    async def _send(self, start: float, end: float, joules: float) -> None:
+        try:
+            await self.client.put_power(start, end, joules)
+        except FrontDoorUnavailable:
+            pass  # away or restarting: this window goes unattributed
+
+
 class MetricsAppender:
     """The front door's own /metrics, fetched when the agent's are scraped. A front door that
     does not answer adds nothing, and says so in the log once until it answers again."""
@@ -155,6 +185,20 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))
     socket = AgentSocket(state / AGENT_SOCKET, access.answer, on_demand.wake)
     return FrontDoorParts(ports, client, pusher, process, socket, access, drain, rebind, on_demand)
+
+
+def supervision_for(cfg: AgentConfig) -> SupervisorSettings:
+    """Behind the front door, the supervisors' quick readiness probes (every 0.5 s, the bulk of
+    an idle agent's CPU with many services) give way to the front door's passive health: it
+    sees every request, takes an engine that fails one out at once and one that leaves a
+    request without an answer out within a second (frontdoor/outlier.py), and costs nothing
+    while idle. What remains is the liveness probe (restarts, and the status of an engine
+    nobody is calling); without the front door nothing changes, since the slices point at the
+    engines themselves and only the readiness probe takes a hung one out of them."""
+    s = cfg.supervisor
+    if not cfg.front_door.enabled:
+        return s
+    return replace(s, readiness_interval=max(s.readiness_interval, s.liveness_interval))
 
 
 def bind_for(enabled: bool, bind_all: bool) -> Callable[[str], str]:

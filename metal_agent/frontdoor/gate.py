@@ -40,6 +40,7 @@ class Gate:
         self._suspended_until = 0.0
         self._backoff = BACKOFF_FIRST_S
         self._timer: asyncio.TimerHandle | None = None
+        self.ejected = False  # passive health (outlier.py) took the engine out of rotation
 
     @property
     def queued(self) -> int:
@@ -47,10 +48,13 @@ class Gate:
 
     @property
     def holds(self) -> bool:
-        return self.route.holds or time.monotonic() < self._suspended_until
+        return self.route.holds or self.ejected or time.monotonic() < self._suspended_until
 
     def update(self, route: Route) -> None:
-        """A new table: new limits, maybe a new upstream; a fresh table ends any back-off."""
+        """A new table: new limits, maybe a new upstream; a fresh table ends any back-off, and
+        a new engine (another upstream or state) ends an ejection of the old one."""
+        if (route.upstream, route.state) != (self.route.upstream, self.route.state):
+            self.ejected = False
         self.route = route
         self._suspended_until = 0.0
         self._backoff = BACKOFF_FIRST_S
@@ -110,6 +114,15 @@ class Gate:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(delay, self._pump)
+
+    def eject(self) -> None:
+        """The engine failed a request: hold everyone until it proves healthy again."""
+        self.ejected = True
+
+    def reinstate(self) -> None:
+        if self.ejected:
+            self.ejected = False
+            self._pump()
 
     def upstream_ok(self) -> None:
         self._backoff = BACKOFF_FIRST_S

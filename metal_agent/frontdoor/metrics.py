@@ -34,6 +34,25 @@ class FrontDoorMetrics:
         self.ttfb = Histogram(f"{PREFIX}_time_to_first_byte_seconds",
                               "From the request's arrival to the first response byte sent on.",
                               ["service"], buckets=BUCKETS, registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
+                              "Streams: from the request's arrival to its first event sent on.",
+                              ["service"], buckets=BUCKETS, registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens, from the responses' usage.",
+                                     ["service"], registry=r)
+        self.completion_tokens = Counter(f"{PREFIX}_completion_tokens",
+                                         "Completion tokens, from the responses' usage.", ["service"], registry=r)
+        self.usage_missing = Counter(f"{PREFIX}_usage_missing",
+                                     "Completed responses that carried no usage to count (e.g. an mlx_lm.server "
+                                     "stream without stream_options.include_usage).", ["service"], registry=r)
+        self.cold_starts = Counter(f"{PREFIX}_cold_starts",
+                                   "Times requests waited for the engine to (re)start before it served them.",
+                                   ["service"], registry=r)
+        self.ejections = Counter(f"{PREFIX}_ejections",
+                                 "Times a failed request took the engine out of rotation (passive health).",
+                                 ["service"], registry=r)
+        self.energy = Counter(f"{PREFIX}_energy_joules",
+                              "Energy attributed to the service's requests: each power sample's energy split "
+                              "across the requests in flight during it.", ["service"], registry=r)
         self.upstream_errors = Counter(f"{PREFIX}_upstream_errors", "Failures talking to the engine.",
                                        ["service", "kind"], registry=r)
         self.table_version = Gauge(f"{PREFIX}_table_version", "Version of the routing table served.",
@@ -48,11 +67,16 @@ class FrontDoorMetrics:
             queue_wait=self.queue_wait.labels(service), ttfb=self.ttfb.labels(service),
             connect_errors=self.upstream_errors.labels(service, "connect"),
             broken=self.upstream_errors.labels(service, "broken"),
-            not_ready=self.upstream_errors.labels(service, "not_ready"))
+            not_ready=self.upstream_errors.labels(service, "not_ready"),
+            ttft=self.ttft.labels(service), prompt_tokens=self.prompt_tokens.labels(service),
+            completion_tokens=self.completion_tokens.labels(service),
+            usage_missing=self.usage_missing.labels(service), cold_starts=self.cold_starts.labels(service),
+            ejections=self.ejections.labels(service), energy=self.energy.labels(service))
 
     def forget(self, service: str) -> None:
         """A route left the table: drop its series so /metrics does not grow for ever."""
-        for metric in (self.queue_depth, self.inflight, self.queue_wait, self.ttfb):
+        for metric in (self.queue_depth, self.inflight, self.queue_wait, self.ttfb, self.ttft, self.prompt_tokens,
+                       self.completion_tokens, self.usage_missing, self.cold_starts, self.ejections, self.energy):
             try:
                 metric.remove(service)
             except KeyError:
@@ -79,3 +103,10 @@ class ServiceMetrics:
     connect_errors: Counter
     broken: Counter
     not_ready: Counter
+    ttft: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    usage_missing: Counter
+    cold_starts: Counter
+    ejections: Counter
+    energy: Counter

@@ -19,11 +19,14 @@ from typing import Any
 from metal_agent.core import openai_errors
 from metal_agent.core.front_door import EMPTY, Route, RouteState, Table, models_body
 from metal_agent.frontdoor.access import Access
+from metal_agent.frontdoor.cost import request_cost
+from metal_agent.frontdoor.energy import EnergySplit
 from metal_agent.frontdoor.gate import Gate, Refused
 from metal_agent.frontdoor.http1 import BadRequest, ClientConn, Request, read_request, response_bytes, upstream_request
 from metal_agent.frontdoor.metrics import FrontDoorMetrics, ServiceMetrics
+from metal_agent.frontdoor.outlier import Outlier
 from metal_agent.frontdoor.upstream import (
-    ConnectFailed, Pool, UpstreamBroken, UpstreamConn, client_head, discard, read_response_head, relay_body,
+    ConnectFailed, Pool, Stalled, UpstreamBroken, UpstreamConn, client_head, discard, read_response_head, relay_body,
 )
 
 log = logging.getLogger("metal_agent.frontdoor")
@@ -41,6 +44,8 @@ class Proxy:
         self.table: Table = EMPTY
         self.gates: dict[str, Gate] = {}
         self.service: dict[str, ServiceMetrics] = {}
+        self.outliers: dict[str, Outlier] = {}
+        self.energy = EnergySplit()
         self.draining = False
         self.active = 0
         # Asks the agent to load a sleeping route's model (frontdoor/wake.py); set by the server.
@@ -63,6 +68,9 @@ class Proxy:
                 svc = self.service[route.key] = self.metrics.for_service(route.key)
                 svc.queue_depth.set_function(lambda g=gate: g.queued)
                 svc.inflight.set_function(lambda g=gate: g.inflight)
+                self.outliers[route.key] = Outlier(route.key, gate, svc.ejections)
+            elif gate.queued and before is not None and before.holds and not route.holds:
+                self.service[route.key].cold_starts.inc()  # requests waited for this engine to start
             self.table = table  # before the pump: released requests read the new route
             gate.update(route)
         self.table = table
@@ -70,6 +78,7 @@ class Proxy:
             gate = self.gates.pop(key)
             gate.close()
             gate.refuse_waiters(Refused(503, 5, f"{key} is no longer served here"))
+            self.outliers.pop(key).close()
             self.service.pop(key)
             self.metrics.forget(key)
             before = old.by_key(key)
@@ -210,6 +219,7 @@ class Proxy:
                 return self._answer(conn, request, refused.status, error_body(
                     refused.status, code, f"{gate.route.key}: {refused.reason}"), refused.retry_after)
             svc.queue_wait.observe(waited)
+            self.energy.begin(gate.route.key, time.monotonic())
             up: UpstreamConn | None = None
             try:
                 upstream = gate.route.upstream
@@ -225,7 +235,8 @@ class Proxy:
                     gate.upstream_failed()
                     continue
                 try:
-                    return await self._exchange(conn, request, up, svc, arrival, deadline)
+                    return await self._exchange(conn, request, up, svc, arrival, deadline,
+                                                self.outliers[gate.route.key])
                 except _NotReady:
                     svc.not_ready.inc()
                     gate.upstream_failed()  # a (re)starting engine: wait as for a refused port
@@ -252,9 +263,10 @@ class Proxy:
                         502, "upstream_closed", f"{gate.route.key}: the engine closed the connection"), keep=False)
             finally:
                 gate.release()
+                self.energy.end(gate.route.key, time.monotonic())
 
     async def _exchange(self, conn: ClientConn, request: Request, up: UpstreamConn, svc: ServiceMetrics,
-                        arrival: float, deadline: float) -> bool:
+                        arrival: float, deadline: float, outlier: Outlier) -> bool:
         loop = asyncio.get_running_loop()
         sent = False
 
@@ -265,17 +277,28 @@ class Proxy:
 
         try:
             up.write(upstream_request(request, f"{up.address[0]}:{up.address[1]}".encode()))
+            stall = outlier.watch(up)
             try:
                 head = await read_response_head(up, request.method)
             except UpstreamBroken as err:
-                raise (_StaleConnection() if up.reused else _EngineGone(str(err))) from None
+                if up.reused:
+                    raise _StaleConnection() from None
+                outlier.failed(up.address, f"it hung up before answering: {err}")
+                raise _EngineGone(str(err)) from None
+            except Stalled:
+                discard(up)
+                raise _NotReady() from None  # never answered: back to the queue until it is back
+            finally:
+                stall.cancel()
             if head.status == 503 and loop.time() < deadline:
                 discard(up)
                 raise _NotReady()
             keep = request.keep_alive and not self.draining and head.framing != "close"
-            await relay_body(up, head, conn, client_head(head, keep), first_byte)
+            cost = request_cost(request.method, head, svc, arrival, loop.time)
+            await relay_body(up, head, conn, client_head(head, keep), first_byte, cost and cost.feed)
         except UpstreamBroken as err:
             discard(up)
+            outlier.failed(up.address, f"it broke a response: {err}")
             svc.broken.inc()
             svc.outcome["upstream_error"].inc()
             log.info("front door: upstream %s broke: %s", up.address, err)
@@ -287,6 +310,7 @@ class Proxy:
             if conn.is_closing() or conn.eof:  # the client hung up while we wrote to it
                 svc.outcome["client_gone"].inc()
                 return False
+            outlier.failed(up.address, f"it hung up: {type(err).__name__}")
             svc.broken.inc()
             svc.outcome["upstream_error"].inc()
             log.info("front door: upstream %s broke: %r", up.address, err)
@@ -300,6 +324,8 @@ class Proxy:
         else:
             discard(up)
         svc.outcome["ok" if head.status < 400 else "client_error" if head.status < 500 else "upstream_error"].inc()
+        if cost is not None:
+            cost.finish()
         return keep
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,11 +73,14 @@ class FrontDoor:
 
     async def apply(self, table: Table, *, persist: bool = True) -> None:
         async with self._lock:
-            self.proxy.access.apply(table)  # may refuse the table (TableError): before persisting
-            if persist:
-                await asyncio.to_thread(self._persist, table)
+            self.proxy.access.apply(table)  # may refuse the table (TableError): before anything else
+            # Served first, then written (still before the agent hears it was accepted): an engine
+            # that just became ready is routable without waiting on an fsync; a crash in between
+            # restarts on the previous table, and the agent sends this one again.
             self.proxy.apply(table)
             await self._sync_listeners(table)
+            if persist:
+                await asyncio.to_thread(self._persist, table)
             log.info("front door: serving table version %d (%d routes)", table.version, len(table.routes))
 
     async def _sync_listeners(self, table: Table) -> None:
@@ -109,6 +113,7 @@ class FrontDoor:
         app.router.add_get("/state", self._get_state)
         app.router.add_get("/metrics", self._get_metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_put("/power", self._put_power)
         return app
 
     async def _put_table(self, request: web.Request) -> web.StreamResponse:
@@ -124,7 +129,7 @@ class FrontDoor:
         proxy = self.proxy
         routes: dict[str, Any] = {
             key: {"inflight": g.inflight, "queued": g.queued, "last_request": g.last_request,
-                  "last_active": g.last_active, "state": g.route.state.value}
+                  "last_active": g.last_active, "state": g.route.state.value, "ejected": g.ejected}
             for key, g in proxy.gates.items()}
         return web.json_response({"version": proxy.table.version, "routes": routes,
                                   "listen_errors": self.listen_errors})
@@ -132,6 +137,20 @@ class FrontDoor:
     async def _get_metrics(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _put_power(self, request: web.Request) -> web.StreamResponse:
+        """One power window from the agent (monotonic start and end, joules): split across the
+        requests that were in flight in it (frontdoor/energy.py says how)."""
+        try:
+            body = json.loads(await request.read())
+            start, end, joules = (float(body[k]) for k in ("start", "end", "joules"))
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": "expected {\"start\", \"end\", \"joules\"} numbers"}, status=400)
+        for key, share in self.proxy.energy.split(start, end, joules, time.monotonic()).items():
+            svc = self.proxy.service.get(key)
+            if svc is not None:
+                svc.energy.inc(share)
+        return web.Response(status=204)
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="ok")

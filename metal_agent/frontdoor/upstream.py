@@ -31,6 +31,10 @@ class UpstreamBroken(Exception):
     """The engine hung up or spoke nonsense mid-response."""
 
 
+class Stalled(Exception):
+    """No response head, and the engine failed a health probe meanwhile: it is hung."""
+
+
 class UpstreamConn(asyncio.Protocol):
     """One connection to an engine. The response body is forwarded from `data_received`
     straight to the client, with no coroutine wake-up per chunk: a streamed token costs
@@ -50,6 +54,7 @@ class UpstreamConn(asyncio.Protocol):
         self._scanner: ChunkedEnd | None = None
         self._pending = b""
         self._first: Callable[[], None] | None = None
+        self._tap: Callable[[bytes], None] | None = None
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,6 +94,17 @@ class UpstreamConn(asyncio.Protocol):
             else:
                 body.set_exception(UpstreamBroken(f"closed mid-body ({exc!r})"))
 
+    @property
+    def awaiting_head(self) -> bool:
+        return self._head is not None and not self._head.done()
+
+    def abort_stalled(self) -> None:
+        """Give up on a head from a hung engine: the request's reader gets `Stalled`."""
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(Stalled("the engine stopped answering"))
+        self.close()
+
     def write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
@@ -113,15 +129,16 @@ class UpstreamConn(asyncio.Protocol):
             self._head = None
 
     async def relay(self, response: "ResponseHead", client: Writer, head: bytes,
-                    first_byte: Callable[[], None]) -> None:
-        """Send `head` with the first body bytes, then the body as it arrives, until its end."""
+                    first_byte: Callable[[], None], tap: Callable[[bytes], None] | None = None) -> None:
+        """Send `head` with the first body bytes, then the body as it arrives, until its end.
+        `tap` sees each piece of the body as sent on, after it was written to the client."""
         if response.framing == "none" or (response.framing == "length" and response.length == 0):
             client.write(head)
             first_byte()
             return
         self._client, self._framing, self._left = client, response.framing, response.length
         self._scanner = ChunkedEnd() if response.framing == "chunked" else None
-        self._pending, self._first = head, first_byte
+        self._pending, self._first, self._tap = head, first_byte, tap
         body = self._body = asyncio.get_running_loop().create_future()
         try:
             if self.buf:
@@ -132,7 +149,7 @@ class UpstreamConn(asyncio.Protocol):
                 self._lost(None)
             await body
         finally:
-            self._body = self._client = self._first = None
+            self._body = self._client = self._first = self._tap = None
             if self._paused and not self.closed and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
@@ -166,6 +183,8 @@ class UpstreamConn(asyncio.Protocol):
                 self._first()
         else:
             client.write(data)
+        if self._tap is not None:
+            self._tap(data)
         if done:
             body.set_result(None)
         elif client.writing_paused() and not self._paused and self.transport is not None:
@@ -280,10 +299,11 @@ def client_head(response: ResponseHead, keep_alive: bool) -> bytes:
 
 
 async def relay_body(conn: UpstreamConn, response: ResponseHead, client: Writer,
-                     head: bytes, first_byte: Callable[[], None]) -> None:
+                     head: bytes, first_byte: Callable[[], None],
+                     tap: Callable[[bytes], None] | None = None) -> None:
     """Copy the body as it comes; the head leaves with the first piece of body, so a
     short answer is one write (one packet) instead of two."""
-    await conn.relay(response, client, head, first_byte)
+    await conn.relay(response, client, head, first_byte, tap)
 
 
 def discard(conn: UpstreamConn) -> None:

@@ -7,7 +7,7 @@ whose output width differs from the text model's). Random weights: it proves
 `--mmproj` reaches llama-server and is loaded, not that it sees anything. The
 keys and tensor names are those llama.cpp's `tools/mtmd/clip.cpp` reads.
 
-Run as a script to (re)build the cached file: `python tests/support/tiny_mmproj.py`.
+Run as a script to (re)build the cached file: `python -m tests.support.tiny_mmproj`.
 """
 
 from __future__ import annotations

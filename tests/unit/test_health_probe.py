@@ -87,3 +87,36 @@ async def test_a_server_that_stops_answering_fails_within_the_timeout_and_recove
 async def test_nothing_listening_is_unhealthy_not_an_error():
     probe = HealthProbe("127.0.0.1", 9)  # discard port: nothing listens on loopback here
     assert await probe(0.5) is False
+
+
+async def test_a_kept_connection_the_server_closed_while_idle_is_not_a_failure():
+    """llama-server closes a kept connection after 5 s idle, the liveness interval: the probe
+    that finds it closed asks again on a fresh one instead of calling the server unhealthy."""
+    from tests.support.wait import wait_for
+
+    peers: list = []
+
+    async def health(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    probe = HealthProbe("127.0.0.1", site._server.sockets[0].getsockname()[1])
+    try:
+        assert await probe(1.0)
+        reader = probe._conn[0]
+        await wait_for(lambda: _true(reader.at_eof()), timeout=5, what="the server to close the idle connection")
+        assert await probe(1.0)  # found closed, asked again on a new connection
+        assert len(set(peers)) == 2
+    finally:
+        probe.close()
+        await runner.cleanup()
+
+
+async def _true(value: bool) -> bool:
+    return value

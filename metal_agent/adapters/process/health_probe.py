@@ -32,13 +32,25 @@ class HealthProbe:
         try:
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
             # that lands as the exchange completes, and a supervisor being stopped must stop.
-            status, keep = await within(self._exchange(), timeout)
+            status, keep = await within(self._exchange_or_fresh(), timeout)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             self.close()
             return False
         if not keep:
             self.close()
         return status == 200
+
+    async def _exchange_or_fresh(self) -> tuple[int, bool]:
+        """A kept connection the server closed while idle (llama-server closes after 5 s, the
+        liveness interval) hangs up before answering: that is not the server failing, so ask
+        again once on a new connection. A fresh connection that hangs up is a failure."""
+        if self._conn is None:
+            return await self._exchange()
+        try:
+            return await self._exchange()
+        except (OSError, asyncio.IncompleteReadError):
+            self.close()
+            return await self._exchange()
 
     async def _exchange(self) -> tuple[int, bool]:
         if self._conn is None:

@@ -37,8 +37,6 @@ from metal_agent.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
-STARTUP_FAST_POLL_S = 0.01  # /health while an engine starts, for its first STARTUP_FAST_FOR_S
-STARTUP_FAST_FOR_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,13 @@ def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """
     environ = dict(os.environ if environ is None else environ)
     return {k: v for k, v in environ.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_API_KEY"}
+
+
+def ready_poll_interval(elapsed: float) -> float:
+    """Seconds between /health polls of a loading engine, `elapsed` seconds after its start:
+    20 ms for the first 5 s (small models: noticed at most 20 ms late), 50 ms to 30 s, then
+    250 ms (a big model's minutes of loading cost 4 probes a second, not 50)."""
+    return 0.02 if elapsed < 5 else 0.05 if elapsed < 30 else 0.25
 
 
 def _health_host(host: str) -> str:
@@ -318,10 +323,13 @@ class Supervisor:
                 await self._terminate(running)
         else:
             healthy_since = time.monotonic()
+            # Routable first (the slice or the front door's route follow this state at once);
+            # the log read for the Event's acceleration is a thread hop that can wait.
+            self._set(replace(self._snapshot, state=State.READY, ready_at=time.time()))
             text = await asyncio.to_thread(self.log_file.read_since, mark)
             accel = self.plan.engine.acceleration(text)
             self._set(
-                replace(self._snapshot, state=State.READY, ready_at=time.time(), acceleration=accel or self._snapshot.acceleration),
+                replace(self._snapshot, acceleration=accel or self._snapshot.acceleration),
                 SupervisorEvent("Ready", f"{self.plan.engine.display} ready on port {self._port}"
                                 + (f" ({accel.describe()})" if accel else "")),
             )
@@ -346,23 +354,18 @@ class Supervisor:
                 self.on_probe(time.monotonic() - started)
 
     async def _await_ready(self, running: _Running, base: str) -> bool:
-        """Poll /health every 10 ms for the first 2 s (a small model is up in a few hundred ms,
-        and a client may be waiting for it: load on demand), then back off from 50 ms to 1 s;
-        False on exit or timeout. A refused connect costs microseconds, so the fast phase is cheap."""
+        """Poll /health until 200; False on exit or timeout. The rhythm (`ready_poll_interval`)
+        is how late a ready engine is noticed, so it is fast while most loads finish."""
         loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadline = began + self.settings.startup_timeout
-        interval = 0.05
+        started = loop.time()
+        deadline = started + self.settings.startup_timeout
         while not running.exited.done():
             if await self._healthy(base):
                 return await self._model_loaded(running, base, deadline)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            fast = loop.time() - began < STARTUP_FAST_FOR_S
-            await asyncio.wait({running.exited}, timeout=min(STARTUP_FAST_POLL_S if fast else interval, remaining))
-            if not fast:
-                interval = min(interval * 2, 1.0)
+            await asyncio.wait({running.exited}, timeout=min(ready_poll_interval(loop.time() - started), remaining))
         return False
 
     async def _model_loaded(self, running: _Running, base: str, deadline: float) -> bool:
@@ -408,8 +411,12 @@ class Supervisor:
         quick = min(s.readiness_interval, s.liveness_interval)
         failures = 0
         last_liveness = time.monotonic()
+        loop = asyncio.get_running_loop()
         while True:
-            done, _ = await asyncio.wait({running.exited}, timeout=quick)
+            # On the loop clock's grid of `quick`: every supervisor probes in the same wake-up, so
+            # an idle agent wakes once per interval, not once per service (each wake-up of an idle
+            # Python process costs far more than the probe it runs).
+            done, _ = await asyncio.wait({running.exited}, timeout=quick - loop.time() % quick)
             if done:
                 return True
             due = time.monotonic() - last_liveness >= s.liveness_interval - 1e-3
