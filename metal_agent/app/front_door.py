@@ -178,7 +178,8 @@ def build_front_door(cfg: AgentConfig, *, address: HostAddress, isvcs: Mapping[s
     pusher = TablePusher(client, compute, dirty=dirty)
     drain = Drainer(client, pusher, supervisors)
     rebind = Rebinder(bind=lambda: address.bind, supervisors=supervisors, state=client.state,
-                      pushed=lambda: pusher.pushed, changed=pusher.changed, enqueue=enqueue, on_move=on_move)
+                      pushed=lambda: pusher.pushed, changed=pusher.changed, enqueue=enqueue, on_move=on_move,
+                      replacing=drain.replacing)
     process = FrontDoorProcess(front_door_argv(cfg), state_dir=state, log_path=cfg.paths.logs / "front-door.log",
                                healthy=client.healthy, on_start=pusher.resend,
                                backoff=Backoff(initial=0.2, factor=2.0, cap=fd.restart_backoff_cap, reset_after=60.0))

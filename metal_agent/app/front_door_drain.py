@@ -70,6 +70,11 @@ class Drainer:
         log.info("requests still in flight after the drain; stopping the engine anyway", service=key,
                  waited_s=self.timeout_s)
 
+    def replacing(self, key: str) -> bool:
+        """The key's engine was drained for a stop and no other has taken the key yet (a respawn
+        in its gap between the stop and the next start), for at most `hold_s`."""
+        return self._holds(key, self.supervisors().get(key))
+
     def _serving_pushed(self, key: str) -> bool:
         pushed = self.pusher.pushed or {}
         return any(r.get("key") == key and r.get("state") == "serving" for r in pushed.get("routes", ()))

@@ -31,10 +31,13 @@ class Rebinder:
                  state: Callable[[], Awaitable[dict]], pushed: Callable[[], dict | None],
                  changed: Callable[[], None], enqueue: Callable[[str], None],
                  on_move: Callable[[str, str], None] = lambda key, message: None,
+                 replacing: Callable[[str], bool] = lambda key: False,
                  poll: float = 0.02, quiet_wait: float = QUIET_WAIT, ready_wait: float = READY_WAIT) -> None:
         """`bind()`: where engines listen now; `state()`: the front door's /state (raises when it
         is away); `pushed()`: the last table it accepted; `changed()`: recompute the table;
-        `enqueue(key)`: reconcile the key; `on_move(key, message)`: tell the user (an Event)."""
+        `enqueue(key)`: reconcile the key; `on_move(key, message)`: tell the user (an Event);
+        `replacing(key)`: a deliberate stop of the key's engine is under way and no engine has
+        taken its place yet (the drain's hold: a respawn's gap, not a service gone)."""
         self.bind = bind
         self.supervisors = supervisors
         self.state = state
@@ -42,6 +45,7 @@ class Rebinder:
         self.changed = changed
         self.enqueue = enqueue
         self.on_move = on_move
+        self.replacing = replacing
         self.poll = poll
         self.quiet_wait = quiet_wait
         self.ready_wait = ready_wait
@@ -131,9 +135,11 @@ class Rebinder:
         return any(r.get("key") == key and r.get("state") != "serving" for r in table.get("routes", ()))
 
     async def _settled(self, key: str) -> bool:
-        """Respawned on loopback and ready, or no longer running (stopped, deleted)."""
+        """Respawned on loopback and ready, or no longer running (stopped, deleted). A respawn
+        stops the old engine before it starts the new one: in that gap there is no supervisor,
+        and taking it for a stop for good moved the next service before this one served again."""
         sup = self.supervisors().get(key)
         if sup is None:
-            return True
+            return not self.replacing(key)
         snap = getattr(sup, "snapshot", None)
         return getattr(sup.plan, "host", None) == self.bind() and bool(snap is not None and snap.ready)

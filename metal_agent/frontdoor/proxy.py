@@ -223,7 +223,10 @@ class Proxy:
             up: UpstreamConn | None = None
             try:
                 upstream = gate.route.upstream
-                assert upstream is not None
+                if upstream is None:
+                    # Granted a slot by a serving table, then a table holding the route (a drain
+                    # before a respawn) came before this task ran: wait for the next engine too.
+                    continue
                 try:
                     up = await (self.pool.get(upstream) if stale_retry else self.pool.connect(upstream))
                 except ConnectFailed as err:

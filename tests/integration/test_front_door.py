@@ -14,6 +14,9 @@ import signal
 import aiohttp
 import pytest
 
+from metal_agent.core.front_door import parse_table
+from metal_agent.frontdoor.access import Access
+from metal_agent.frontdoor.server import FrontDoor
 from tests.support.front_door import route, running_front_door, settle, start_front_door, table
 from tests.support.llama import running_llama_server
 from tests.support.ports import free_port
@@ -179,6 +182,38 @@ async def test_a_request_held_while_starting_is_released_by_the_table_with_an_up
         await door.put_table(table(2, [route("ns/tiny", port, _upstream(llama))]))
         async with await asyncio.wait_for(held, 20) as resp:
             assert resp.status == 200
+
+
+async def test_a_request_granted_a_slot_as_its_route_goes_back_to_holding_waits_for_the_next_engine(
+        tmp_path, llama, http):
+    """A held request is granted its slot by the table that gives the route an upstream, and the
+    next table (a drain before a respawn: the route holds again) arrives before the request's task
+    runs on. It must wait for the engine after that, not lose its connection: a client once saw
+    `Server disconnected` under a steady load this way. The front door runs in this process so the
+    two tables land in the same tick every time."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}{CHAT}"
+    door = FrontDoor(tmp_path, tmp_path / "front-door.sock", Access(None))
+
+    def put(version: int, upstream: str | None) -> None:
+        state = "serving" if upstream else "starting"
+        door.proxy.apply(parse_table(table(version, [route("ns/tiny", port, upstream, state=state)])))
+
+    await door.apply(parse_table(table(1, [route("ns/tiny", port, None, state="starting")])), persist=False)
+    gate = door.proxy.gates["ns/tiny"]
+    try:
+        held = asyncio.ensure_future(http.post(url, json=SHORT))
+        await wait_for(lambda: gate.queued == 1, timeout=10, what="the request to be held")
+        put(2, _upstream(llama))  # its slot granted...
+        assert gate.queued == 0 and gate.inflight == 1
+        put(3, None)  # ...and the route holding again before it went upstream
+        await wait_for(lambda: held.done() or gate.queued == 1, timeout=10, what="the request held again")
+        assert not held.done() and gate.inflight == 0
+        put(4, _upstream(llama))
+        async with await asyncio.wait_for(held, 20) as resp:
+            assert resp.status == 200
+    finally:
+        await door.shutdown()
 
 
 async def test_a_refused_connect_on_a_serving_route_waits_for_the_next_upstream(tmp_path, llama, http):

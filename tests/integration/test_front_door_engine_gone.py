@@ -58,13 +58,22 @@ async def test_a_request_in_flight_when_its_engine_is_killed_is_answered_by_the_
 
 async def test_an_engine_that_hangs_up_on_every_try_is_a_502_after_one_replay(tmp_path):
     """Which request kills llama-server cannot be arranged on purpose, so the engine here is a
-    listener that reads each request and hangs up without a word, as a crashing engine does on
-    the wire; the point is how many times the front door tries."""
+    listener that reads each completion request and hangs up without a word, as a crashing engine
+    does on the wire; the point is how many times the front door tries. It answers /health, as the
+    engine restarted after each crash does: the front door takes an engine that hung up out of
+    rotation until /health answers (frontdoor/outlier.py), so one that never did would hold the
+    request to its queue timeout (a 503) instead of showing the replay."""
     engine, port = free_port(), free_port()
     tries: list[bytes] = []
 
     async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tries.append(await reader.readuntil(b"\r\n\r\n"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /health "):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{\"status\":\"ok\"}")
+            await writer.drain()
+            writer.close()
+            return
+        tries.append(head)
         writer.transport.abort()  # a reset, as from a killed process
 
     server = await asyncio.start_server(hang_up, "127.0.0.1", engine)

@@ -54,9 +54,12 @@ async def test_a_drained_route_is_starting_until_a_new_engine_takes_it_or_the_ho
                       clock=lambda: now[0])
     await drainer("ns/a")
     assert _states(drainer, sups) == {"ns/a": "starting", "ns/b": "serving"}
+    assert drainer.replacing("ns/a") and not drainer.replacing("ns/b")
     sups.pop("ns/a")  # stopped; the respawn has not started the next engine yet
     assert _states(drainer, sups)["ns/a"] == "starting"  # held, not "stopped" (which answers 503 at once)
+    assert drainer.replacing("ns/a")  # what the rebinder asks: a respawn's gap, not a service gone
     sups["ns/a"] = NEW  # the next engine: its own readiness decides from now on
+    assert not drainer.replacing("ns/a")
     assert _states(drainer, sups)["ns/a"] == "serving"
     sups["ns/a"] = OLD
     assert _states(drainer, sups)["ns/a"] == "serving"  # the hold is gone for good
@@ -64,6 +67,7 @@ async def test_a_drained_route_is_starting_until_a_new_engine_takes_it_or_the_ho
     await drainer("ns/a")
     sups.pop("ns/a")  # a stop for good: no engine comes
     now[0] += 31.0
+    assert not drainer.replacing("ns/a")
     assert drainer.facts(_facts(), sups) == _facts()  # the hold ran out: the facts speak for themselves
 
 

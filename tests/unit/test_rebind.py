@@ -89,3 +89,42 @@ async def test_a_route_that_never_quiets_is_held_after_the_wait_and_drained_firs
         await wait_for(lambda: door.enqueued == ["ns/a"], timeout=5, what="cleared once drained")
     finally:
         await cancel_and_wait(task)
+
+
+async def test_the_next_service_waits_through_the_respawns_gap_with_no_engine():
+    """A respawn stops the old engine before the new one is supervised: no supervisor then is not
+    a service gone (the drain's hold says a replacement is coming), so the next one waits; with no
+    hold left it is a stop for good and the next one goes."""
+    supervisors = {"ns/a": sup("10.0.0.5"), "ns/b": sup("10.0.0.5")}
+    door = Door(supervisors)
+    replacing: set[str] = set()
+    looked: list[int] = []
+
+    def table() -> dict:
+        looked.append(1)
+        return supervisors
+    rebind = Rebinder(bind=lambda: "127.0.0.1", supervisors=table, state=door.state,
+                      pushed=door.pushed, changed=lambda: door.holding.__init__(rebind.holding),
+                      enqueue=door.enqueued.append, replacing=replacing.__contains__, poll=0.005,
+                      quiet_wait=30.0, ready_wait=30.0)
+    rebind.defers("ns/a")
+    rebind.defers("ns/b")
+    task = asyncio.create_task(rebind.run())
+    try:
+        await wait_for(lambda: door.enqueued == ["ns/a"], timeout=5, what="ns/a cleared to move")
+        replacing.add("ns/a")  # drained and stopped; the new engine not yet started
+        del supervisors["ns/a"]
+        mark = len(looked)
+        await wait_for(lambda: len(looked) > mark + 5, timeout=5, what="a few looks in the gap")
+        assert door.enqueued == ["ns/a"] and rebind.moved == [] and rebind.holding == {"ns/a"}
+        supervisors["ns/a"] = sup("127.0.0.1", ready=False)  # the new engine, loading
+        replacing.discard("ns/a")
+        mark = len(looked)
+        await wait_for(lambda: len(looked) > mark + 5, timeout=5, what="a few looks while it loads")
+        assert door.enqueued == ["ns/a"] and rebind.moved == []
+        supervisors["ns/a"] = sup("127.0.0.1")
+        await wait_for(lambda: door.enqueued == ["ns/a", "ns/b"], timeout=5, what="ns/b's turn")
+        del supervisors["ns/b"]  # stopped for good (deleted, scaled to zero): no hold
+        await wait_for(lambda: rebind.moved == ["ns/a", "ns/b"], timeout=5, what="ns/b settled as gone")
+    finally:
+        await cancel_and_wait(task)
