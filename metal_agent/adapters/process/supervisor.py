@@ -323,13 +323,14 @@ class Supervisor:
                 await self._terminate(running)
         else:
             healthy_since = time.monotonic()
-            # Routable first (the slice or the front door's route follow this state at once);
-            # the log read for the Event's acceleration is a thread hop that can wait.
-            self._set(replace(self._snapshot, state=State.READY, ready_at=time.time()))
+            # One change, acceleration included: the log read is a thread hop (well under a
+            # millisecond of the 50 ms to routable), while two changes would cost the service a
+            # second status write on every start (Ready, then its acceleration).
             text = await asyncio.to_thread(self.log_file.read_since, mark)
             accel = self.plan.engine.acceleration(text)
             self._set(
-                replace(self._snapshot, acceleration=accel or self._snapshot.acceleration),
+                replace(self._snapshot, state=State.READY, ready_at=time.time(),
+                        acceleration=accel or self._snapshot.acceleration),
                 SupervisorEvent("Ready", f"{self.plan.engine.display} ready on port {self._port}"
                                 + (f" ({accel.describe()})" if accel else "")),
             )
