@@ -6,6 +6,8 @@ and ends when that pid ends, which is what the holder relies on.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 
@@ -70,20 +72,24 @@ async def test_a_stale_record_is_ended_only_when_it_is_provably_that_process(tmp
     old, _ = holder(tmp_path, [1])
     await old.apply()
     left = psutil.Process(old.pid)
-    old._proc = None  # as if its agent had died without a shutdown
-    record = tmp_path / "state" / RECORD_NAME
+    try:
+        old._proc = None  # as if its agent had died without a shutdown
+        record = tmp_path / "state" / RECORD_NAME
 
-    # A record naming a live process that is not that caffeinate (another start time): not touched.
-    forged = json.loads(record.read_text())
-    record.write_text(json.dumps({**forged, "create_time": forged["create_time"] - 100}))
-    new, _ = holder(tmp_path, [1])
-    await new.end_stale()
-    assert left.is_running() and not record.exists()
+        # A record naming a live process that is not that caffeinate (another start time): not touched.
+        forged = json.loads(record.read_text())
+        record.write_text(json.dumps({**forged, "create_time": forged["create_time"] - 100}))
+        new, _ = holder(tmp_path, [1])
+        await new.end_stale()
+        assert left.is_running() and not record.exists()
 
-    record.write_text(json.dumps(forged))
-    await new.end_stale()
-    await wait_for(lambda: process_gone(left.pid), timeout=10, what="the left caffeinate ended")
-    await new.apply()
-    assert new.held
-    assert [p.pid for p in mac_stand_ins.running_caffeinates(tmp_path / "caffeinate")] == [new.pid]
-    await new.release()
+        record.write_text(json.dumps(forged))
+        await new.end_stale()
+        await wait_for(lambda: process_gone(left.pid), timeout=10, what="the left caffeinate ended")
+        await new.apply()
+        assert new.held
+        assert [p.pid for p in mac_stand_ins.running_caffeinates(tmp_path / "caffeinate")] == [new.pid]
+        await new.release()
+    finally:  # the stand-in ignores -w: never leave it behind when an assertion fails
+        with contextlib.suppress(psutil.Error):
+            left.kill()
