@@ -7,7 +7,6 @@ and ends when that pid ends, which is what the holder relies on.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 
