@@ -28,6 +28,7 @@ log = structlog.get_logger(__name__)
 
 COMMAND_TIMEOUT_S = 10.0
 DEFAULT_INTERVAL_S = 30.0
+UNREADABLE_INTERVAL_S = 600.0  # where nothing could be read: not a Mac
 
 
 async def _output(argv: Sequence[str]) -> str | None:
@@ -121,4 +122,9 @@ class MacReadings:
     async def run(self) -> None:
         while True:
             await self.refresh()
-            await asyncio.sleep(self.commands.interval)
+            # Where neither reading works (not a Mac, or one without either), the commands are
+            # only tried again now and then: each try is a fork and exec, and on an idle agent
+            # three of them every 30 s were most of its CPU.
+            nothing = self.wired is None and self.thermal is None
+            await asyncio.sleep(max(self.commands.interval, UNREADABLE_INTERVAL_S) if nothing
+                                else self.commands.interval)
