@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support import netns, tiny_model  # noqa: E402
-from tests.support.agent import AgentOptions, AgentProcess  # noqa: E402
+from tests.support.agent import AgentOptions, AgentProcess, reap_front_doors  # noqa: E402
 from tests.support.controlplane import Binaries, ControlPlane  # noqa: E402
 from tests.support.isvc import Cluster  # noqa: E402
 from tests.support.kube import api_client, install_metal_agent  # noqa: E402
@@ -137,6 +137,7 @@ async def main() -> None:
         finally:
             if agent is not None and agent.process and agent.process.running:
                 await agent.process.stop()
+            reap_front_doors()  # the front door outlives an agent by design (it keeps serving); not the demo
             await admin.close()
             await cp.stop()
     say("done: everything stopped and removed")
